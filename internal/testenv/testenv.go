@@ -1,0 +1,123 @@
+// Package testenv gives integration tests throwaway resources on the real
+// PostgreSQL and Redis of the machine: a fresh database per call, a unique
+// Redis key prefix, all removed when the test ends. Names are random, so
+// packages and tests may run in parallel.
+//
+// A missing service fails the test; it is never skipped. Addresses come from
+// SHARDGATE_TEST_PG (an admin DSN, default postgres://postgres@127.0.0.1:5432/postgres)
+// and SHARDGATE_TEST_REDIS (default 127.0.0.1:6379).
+package testenv
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"net"
+	"net/url"
+	"os"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+)
+
+const (
+	defaultPG    = "postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable"
+	defaultRedis = "127.0.0.1:6379"
+)
+
+// AdminDSN is the DSN of a superuser connection to the test Postgres.
+func AdminDSN(t testing.TB) string {
+	t.Helper()
+	dsn := os.Getenv("SHARDGATE_TEST_PG")
+	if dsn == "" {
+		dsn = defaultPG
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	conn, err := pgx.Connect(ctx, dsn)
+	if err != nil {
+		t.Fatalf("testenv: PostgreSQL is required and not reachable at %s: %v (start it: pg_ctlcluster --skip-systemctl-redirect 15 main start)", redact(dsn), err)
+	}
+	conn.Close(ctx)
+	return dsn
+}
+
+// NewDatabase creates an empty database and returns a DSN for it. The
+// database is dropped (with its connections) when the test ends.
+func NewDatabase(t testing.TB) string {
+	t.Helper()
+	admin := AdminDSN(t)
+	name := "sgtest_" + RandomHex(6)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	conn, err := pgx.Connect(ctx, admin)
+	if err != nil {
+		t.Fatalf("testenv: connect: %v", err)
+	}
+	defer conn.Close(ctx)
+	if _, err := conn.Exec(ctx, "CREATE DATABASE "+name); err != nil {
+		t.Fatalf("testenv: create database %s: %v", name, err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		conn, err := pgx.Connect(ctx, admin)
+		if err != nil {
+			t.Errorf("testenv: drop database %s: %v", name, err)
+			return
+		}
+		defer conn.Close(ctx)
+		if _, err := conn.Exec(ctx, "DROP DATABASE IF EXISTS "+name+" WITH (FORCE)"); err != nil {
+			t.Errorf("testenv: drop database %s: %v", name, err)
+		}
+	})
+	return WithDatabase(t, admin, name)
+}
+
+// WithDatabase returns dsn pointing at database name instead.
+func WithDatabase(t testing.TB, dsn, name string) string {
+	t.Helper()
+	u, err := url.Parse(dsn)
+	if err != nil {
+		t.Fatalf("testenv: SHARDGATE_TEST_PG must be a URL DSN: %v", err)
+	}
+	u.Path = "/" + name
+	return u.String()
+}
+
+// Redis returns the address of the test Redis and a key prefix unique to this
+// call. Keys under the prefix are deleted when the test ends.
+func Redis(t testing.TB) (addr, prefix string) {
+	t.Helper()
+	addr = os.Getenv("SHARDGATE_TEST_REDIS")
+	if addr == "" {
+		addr = defaultRedis
+	}
+	c, err := net.DialTimeout("tcp", addr, 2*time.Second)
+	if err != nil {
+		t.Fatalf("testenv: Redis is required and not reachable at %s: %v (start it: redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save \"\" --appendonly no)", addr, err)
+	}
+	c.Close()
+	prefix = "sgtest:" + RandomHex(6) + ":"
+	t.Cleanup(func() { deleteRedisPrefix(t, addr, prefix) })
+	return addr, prefix
+}
+
+// RandomHex returns 2n random hex characters.
+func RandomHex(n int) string {
+	b := make([]byte, n)
+	if _, err := rand.Read(b); err != nil {
+		panic(fmt.Sprintf("crypto/rand: %v", err)) // never fails on Linux
+	}
+	return hex.EncodeToString(b)
+}
+
+func redact(dsn string) string {
+	u, err := url.Parse(dsn)
+	if err != nil {
+		return "(unparsable DSN)"
+	}
+	return u.Redacted()
+}
