@@ -1,0 +1,334 @@
+package shards
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+	"unicode"
+	"unicode/utf8"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgtype"
+)
+
+// Item is one document of a user: (collection, key) → JSON value.
+type Item struct {
+	UserID     string
+	Collection string
+	Key        string
+	Partition  int32
+	Value      []byte // JSON as stored: jsonb normalizes whitespace and key order
+	Version    int64
+	CreatedAt  time.Time
+	UpdatedAt  time.Time
+}
+
+// Item writes use collection || '/' || key as the outbox key and the value
+// as the payload. Three statements for PutItem, one per kind of expectation;
+// see versions.go for the columns they return.
+
+// putItemAnySQL creates the item or replaces its value, whatever its version.
+const putItemAnySQL = `
+WITH own AS (
+    SELECT 1 FROM ownership WHERE partition = $1 AND state = 'owned' FOR SHARE
+), up AS (
+    INSERT INTO items AS i (partition, user_id, collection, key, value, version)
+    SELECT $1, $2::text, $3::text, $4::text, $5::jsonb, 1 FROM own
+    ON CONFLICT (partition, user_id, collection, key) DO UPDATE
+        SET value = EXCLUDED.value, version = i.version + 1, updated_at = now()
+    RETURNING i.version, i.value
+), ev AS (
+    INSERT INTO outbox (partition, user_id, entity, key, op, version, payload)
+    SELECT $1, $2::text, 'item', $3::text || '/' || $4::text, 'upsert', version, value FROM up
+)
+SELECT EXISTS (SELECT 1 FROM own), (SELECT version FROM up), NULL::bigint`
+
+// putItemCreateSQL creates the item only if it does not exist.
+const putItemCreateSQL = `
+WITH own AS (
+    SELECT 1 FROM ownership WHERE partition = $1 AND state = 'owned' FOR SHARE
+), up AS (
+    INSERT INTO items (partition, user_id, collection, key, value, version)
+    SELECT $1, $2::text, $3::text, $4::text, $5::jsonb, 1 FROM own
+    ON CONFLICT (partition, user_id, collection, key) DO NOTHING
+    RETURNING version, value
+), ev AS (
+    INSERT INTO outbox (partition, user_id, entity, key, op, version, payload)
+    SELECT $1, $2::text, 'item', $3::text || '/' || $4::text, 'upsert', version, value FROM up
+)
+SELECT EXISTS (SELECT 1 FROM own), (SELECT version FROM up),
+       (SELECT version FROM items
+        WHERE partition = $1 AND user_id = $2 AND collection = $3 AND key = $4)`
+
+// putItemUpdateSQL replaces the value only if the item is at version $6.
+const putItemUpdateSQL = `
+WITH own AS (
+    SELECT 1 FROM ownership WHERE partition = $1 AND state = 'owned' FOR SHARE
+), up AS (
+    UPDATE items AS i
+    SET value = $5::jsonb, version = i.version + 1, updated_at = now()
+    FROM own
+    WHERE i.partition = $1 AND i.user_id = $2 AND i.collection = $3 AND i.key = $4
+      AND i.version = $6
+    RETURNING i.version, i.value
+), ev AS (
+    INSERT INTO outbox (partition, user_id, entity, key, op, version, payload)
+    SELECT $1, $2::text, 'item', $3::text || '/' || $4::text, 'upsert', version, value FROM up
+)
+SELECT EXISTS (SELECT 1 FROM own), (SELECT version FROM up),
+       (SELECT version FROM items
+        WHERE partition = $1 AND user_id = $2 AND collection = $3 AND key = $4)`
+
+const itemVersionSQL = `
+SELECT version FROM items
+WHERE partition = $1 AND user_id = $2 AND collection = $3 AND key = $4`
+
+// PutItem writes the item's value (JSON) and returns the new version, with
+// the same expected semantics as PutUser: nil writes unconditionally, 0
+// creates only, N > 0 updates only at version N; a mismatch writes nothing
+// and returns a *ConflictError. ErrWrongShard if the partition is not owned.
+// The user need not exist. The change and its outbox event commit together.
+func (s *Shard) PutItem(ctx context.Context, partition int32, userID, collection, key string, value []byte, expected *int64) (version int64, err error) {
+	if err := checkExpected(expected); err != nil {
+		return 0, s.wrap("put item", err)
+	}
+	c, err := s.acquire(ctx)
+	if err != nil {
+		return 0, s.wrap("put item", err)
+	}
+	defer c.Release()
+
+	var row pgx.Row
+	switch {
+	case expected == nil:
+		row = c.QueryRow(ctx, putItemAnySQL, partition, userID, collection, key, value)
+	case *expected == 0:
+		row = c.QueryRow(ctx, putItemCreateSQL, partition, userID, collection, key, value)
+	default:
+		row = c.QueryRow(ctx, putItemUpdateSQL, partition, userID, collection, key, value, *expected)
+	}
+	var (
+		owned           bool
+		written, before pgtype.Int8
+	)
+	if err := row.Scan(&owned, &written, &before); err != nil {
+		return 0, s.wrap("put item", err)
+	}
+	switch {
+	case !owned:
+		return 0, s.wrap("put item", wrongShard(partition))
+	case !written.Valid:
+		return 0, s.wrap("put item", refused(ctx, c, expected, before, false, itemVersionSQL, partition, userID, collection, key))
+	}
+	return written.Int64, nil
+}
+
+const getItemSQL = `
+SELECT o.state, i.value, i.version, i.created_at, i.updated_at
+FROM ownership AS o
+LEFT JOIN items AS i
+    ON i.partition = o.partition AND i.user_id = $2 AND i.collection = $3 AND i.key = $4
+WHERE o.partition = $1`
+
+// GetItem returns the item. ErrNotFound if it does not exist; ErrWrongShard
+// unless the partition is owned or frozen.
+func (s *Shard) GetItem(ctx context.Context, partition int32, userID, collection, key string) (Item, error) {
+	c, err := s.acquire(ctx)
+	if err != nil {
+		return Item{}, s.wrap("get item", err)
+	}
+	defer c.Release()
+	var (
+		state            string
+		it               = Item{UserID: userID, Collection: collection, Key: key, Partition: partition}
+		version          pgtype.Int8
+		created, updated pgtype.Timestamptz
+	)
+	err = c.QueryRow(ctx, getItemSQL, partition, userID, collection, key).
+		Scan(&state, &it.Value, &version, &created, &updated)
+	switch {
+	case errors.Is(err, pgx.ErrNoRows):
+		return Item{}, s.wrap("get item", wrongShard(partition))
+	case err != nil:
+		return Item{}, s.wrap("get item", err)
+	case !readable(state):
+		return Item{}, s.wrap("get item", wrongShard(partition))
+	case !version.Valid:
+		return Item{}, s.wrap("get item", ErrNotFound)
+	}
+	it.Version, it.CreatedAt, it.UpdatedAt = version.Int64, created.Time, updated.Time
+	return it, nil
+}
+
+// deleteItemSQL deletes the item if $5 is NULL or its version.
+const deleteItemSQL = `
+WITH own AS (
+    SELECT 1 FROM ownership WHERE partition = $1 AND state = 'owned' FOR SHARE
+), del AS (
+    DELETE FROM items AS i USING own
+    WHERE i.partition = $1 AND i.user_id = $2 AND i.collection = $3 AND i.key = $4
+      AND ($5::bigint IS NULL OR i.version = $5)
+    RETURNING i.version
+), ev AS (
+    INSERT INTO outbox (partition, user_id, entity, key, op, version, payload)
+    SELECT $1, $2::text, 'item', $3::text || '/' || $4::text, 'delete', version + 1, NULL::jsonb FROM del
+)
+SELECT EXISTS (SELECT 1 FROM own), (SELECT version FROM del),
+       (SELECT version FROM items
+        WHERE partition = $1 AND user_id = $2 AND collection = $3 AND key = $4)`
+
+// DeleteItem deletes the item, with DeleteUser's expected semantics: nil
+// deletes whatever the version; N > 0 deletes only at version N (else a
+// *ConflictError, Current 0 if missing); 0 never deletes (a *ConflictError
+// if the item exists). ErrNotFound if there is no item (and expected is nil
+// or 0); ErrWrongShard if the partition is not owned.
+func (s *Shard) DeleteItem(ctx context.Context, partition int32, userID, collection, key string, expected *int64) error {
+	if err := checkExpected(expected); err != nil {
+		return s.wrap("delete item", err)
+	}
+	c, err := s.acquire(ctx)
+	if err != nil {
+		return s.wrap("delete item", err)
+	}
+	defer c.Release()
+	var (
+		owned           bool
+		deleted, before pgtype.Int8
+	)
+	err = c.QueryRow(ctx, deleteItemSQL, partition, userID, collection, key, expected).
+		Scan(&owned, &deleted, &before)
+	switch {
+	case err != nil:
+		return s.wrap("delete item", err)
+	case !owned:
+		return s.wrap("delete item", wrongShard(partition))
+	case !deleted.Valid:
+		return s.wrap("delete item", refused(ctx, c, expected, before, true, itemVersionSQL, partition, userID, collection, key))
+	}
+	return nil
+}
+
+// The list statements scan the primary key from key >= $4 (skipping a key
+// equal to $5, which makes the bound exclusive) and, in the first, up to
+// key < $6, so a prefix never scans past its own range even under a generic
+// plan (which cannot derive index bounds from starts_with on a parameter).
+// starts_with states the filter itself. One row per item, or a single row
+// of NULLs when there are none, so the ownership state comes back either way.
+const (
+	listItemsRangeSQL = `
+SELECT o.state, i.key, i.value, i.version, i.created_at, i.updated_at
+FROM ownership AS o
+LEFT JOIN LATERAL (
+    SELECT key, value, version, created_at, updated_at
+    FROM items
+    WHERE partition = o.partition AND user_id = $2 AND collection = $3
+      AND key >= $4::text AND key IS DISTINCT FROM $5::text AND key < $6::text
+      AND starts_with(key, $7::text)
+    ORDER BY key
+    LIMIT $8
+) AS i ON true
+WHERE o.partition = $1
+ORDER BY i.key`
+
+	listItemsOpenSQL = `
+SELECT o.state, i.key, i.value, i.version, i.created_at, i.updated_at
+FROM ownership AS o
+LEFT JOIN LATERAL (
+    SELECT key, value, version, created_at, updated_at
+    FROM items
+    WHERE partition = o.partition AND user_id = $2 AND collection = $3
+      AND key >= $4::text AND key IS DISTINCT FROM $5::text
+      AND starts_with(key, $6::text)
+    ORDER BY key
+    LIMIT $7
+) AS i ON true
+WHERE o.partition = $1
+ORDER BY i.key`
+)
+
+// ListItems returns up to limit items of the user's collection whose key
+// starts with prefix (taken literally) and, unless after is "", sorts after
+// after — in byte order, the column's collation. For the next page, pass the
+// last key returned as after. ErrWrongShard unless the partition is owned or
+// frozen.
+func (s *Shard) ListItems(ctx context.Context, partition int32, userID, collection, prefix, after string, limit int) ([]Item, error) {
+	if limit <= 0 {
+		return nil, s.wrap("list items", fmt.Errorf("limit %d is not positive", limit))
+	}
+	// The range starts at prefix, or just after after if that is later.
+	lo, skip := prefix, (*string)(nil)
+	if after != "" && after >= prefix {
+		lo, skip = after, &after
+	}
+	c, err := s.acquire(ctx)
+	if err != nil {
+		return nil, s.wrap("list items", err)
+	}
+	defer c.Release()
+	var rows pgx.Rows
+	if hi, ok := prefixEnd(prefix); ok {
+		rows, err = c.Query(ctx, listItemsRangeSQL, partition, userID, collection, lo, skip, hi, prefix, limit)
+	} else {
+		rows, err = c.Query(ctx, listItemsOpenSQL, partition, userID, collection, lo, skip, prefix, limit)
+	}
+	if err != nil {
+		return nil, s.wrap("list items", err)
+	}
+	defer rows.Close()
+	var (
+		out              []Item
+		state            string
+		seen             bool
+		key              pgtype.Text
+		version          pgtype.Int8
+		created, updated pgtype.Timestamptz
+	)
+	for rows.Next() {
+		seen = true
+		it := Item{UserID: userID, Collection: collection, Partition: partition}
+		if err := rows.Scan(&state, &key, &it.Value, &version, &created, &updated); err != nil {
+			return nil, s.wrap("list items", err)
+		}
+		if !readable(state) {
+			return nil, s.wrap("list items", wrongShard(partition))
+		}
+		if !version.Valid {
+			continue // no item matched
+		}
+		it.Key, it.Version, it.CreatedAt, it.UpdatedAt = key.String, version.Int64, created.Time, updated.Time
+		out = append(out, it)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, s.wrap("list items", err)
+	}
+	if !seen {
+		return nil, s.wrap("list items", wrongShard(partition))
+	}
+	return out, nil
+}
+
+// prefixEnd returns an exclusive upper bound, in byte order, for the strings
+// that start with prefix: prefix with its last incrementable rune
+// incremented and what follows it dropped. UTF-8 orders bytes as it orders
+// runes, so the bound is valid text. It reports false when there is no
+// bound: for "" (everything matches) and for a prefix of U+10FFFF runes
+// (nothing sorts after its matches). Invalid UTF-8 gets no bound either;
+// Postgres rejects it as text anyway.
+func prefixEnd(prefix string) (string, bool) {
+	for prefix != "" {
+		r, size := utf8.DecodeLastRuneInString(prefix)
+		prefix = prefix[:len(prefix)-size]
+		switch {
+		case r == utf8.RuneError && size == 1:
+			return "", false
+		case r == unicode.MaxRune:
+			continue
+		case r == 0xD7FF: // the next rune, U+D800, is a surrogate
+			return prefix + "\uE000", true
+		default:
+			return prefix + string(r+1), true
+		}
+	}
+	return "", false
+}

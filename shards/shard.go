@@ -1,0 +1,152 @@
+// Package shards talks to the Postgres databases that hold user data: one
+// connection pool per shard, and the SQL for users, sessions, items and the
+// ownership table.
+//
+// Every read and write is fenced: the same statement that touches the data
+// also checks the partition's row in the ownership table. Reads accept a
+// partition that is owned or frozen; writes require owned and hold FOR SHARE
+// on the ownership row until they commit, so the mover's FOR UPDATE (which
+// freezes a partition) waits for in-flight writes and then stops new ones.
+// A router with a stale map therefore gets ErrWrongShard instead of stale
+// data or a lost write.
+//
+// Every write also inserts its change events into the outbox in the same
+// statement, so an event is committed exactly when its change is.
+package shards
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+// defaultConnectTimeout bounds one connection attempt when neither
+// PoolOptions nor the DSN sets a timeout.
+const defaultConnectTimeout = 3 * time.Second
+
+// PoolOptions tunes a shard's connection pool. The zero value is usable.
+type PoolOptions struct {
+	// MaxConns caps the pool's connections. 0 keeps the DSN's pool_max_conns
+	// or, without it, the pgxpool default (the greater of 4 and the number of
+	// CPUs).
+	MaxConns int32
+	// ConnectTimeout bounds one connection attempt. 0 keeps the DSN's
+	// connect_timeout or, without it, 3s.
+	ConnectTimeout time.Duration
+}
+
+// Shard is one shard database: a name and a connection pool. It is safe for
+// concurrent use. A zero Shard is closed: every call fails with an error for
+// which IsUnavailable reports true.
+type Shard struct {
+	name string
+	pool *pgxpool.Pool
+}
+
+// Open prepares a pool for the shard database at dsn. It does not connect:
+// connections are made on first use, so a shard that is down does not stop
+// the caller from starting (its calls fail with IsUnavailable errors until it
+// is back). Open fails only on a DSN it cannot parse; the error names the
+// shard but never repeats the DSN, which may hold a password.
+func Open(ctx context.Context, name, dsn string, opts PoolOptions) (*Shard, error) {
+	cfg, err := pgxpool.ParseConfig(dsn)
+	if err != nil {
+		return nil, &dsnError{shard: name, err: err}
+	}
+	if opts.MaxConns > 0 {
+		cfg.MaxConns = opts.MaxConns
+	}
+	switch {
+	case opts.ConnectTimeout > 0:
+		cfg.ConnConfig.ConnectTimeout = opts.ConnectTimeout
+	case cfg.ConnConfig.ConnectTimeout == 0:
+		cfg.ConnConfig.ConnectTimeout = defaultConnectTimeout
+	}
+	if _, ok := cfg.ConnConfig.RuntimeParams["application_name"]; !ok {
+		cfg.ConnConfig.RuntimeParams["application_name"] = "shardgate"
+	}
+	pool, err := pgxpool.NewWithConfig(ctx, cfg)
+	if err != nil {
+		return nil, fmt.Errorf("open shard %s: %w", name, err)
+	}
+	return &Shard{name: name, pool: pool}, nil
+}
+
+// dsnError reports an unparsable DSN. Its message leaves out the parser's
+// text, which quotes the DSN; Unwrap still gives it to a caller that asks.
+type dsnError struct {
+	shard string
+	err   error
+}
+
+func (e *dsnError) Error() string {
+	return fmt.Sprintf("open shard %s: invalid DSN (parser details withheld: they may quote a password)", e.shard)
+}
+
+func (e *dsnError) Unwrap() error { return e.err }
+
+// Name returns the shard's name as given to Open.
+func (s *Shard) Name() string {
+	if s == nil {
+		return ""
+	}
+	return s.name
+}
+
+// Pool returns the shard's connection pool, for callers (the mover,
+// migrations, tests) that need SQL this package does not offer. It is nil for
+// a zero Shard.
+func (s *Shard) Pool() *pgxpool.Pool {
+	if s == nil {
+		return nil
+	}
+	return s.pool
+}
+
+// Close closes the pool, waiting for acquired connections to be released.
+// Calls after Close fail with IsUnavailable errors. Close is idempotent.
+func (s *Shard) Close() {
+	if s != nil && s.pool != nil {
+		s.pool.Close()
+	}
+}
+
+// Ping checks that the shard answers a query.
+func (s *Shard) Ping(ctx context.Context) error {
+	c, err := s.acquire(ctx)
+	if err != nil {
+		return s.wrap("ping", err)
+	}
+	defer c.Release()
+	if err := c.Ping(ctx); err != nil {
+		return s.wrap("ping", err)
+	}
+	return nil
+}
+
+var errNotOpen = errors.New("shard is not open")
+
+// acquire takes a connection from the pool. Its errors mean the shard could
+// not be reached (or not in time), so they are marked unavailable; a caller
+// that gave up (context.Canceled) is left as it is.
+func (s *Shard) acquire(ctx context.Context) (*pgxpool.Conn, error) {
+	if s == nil || s.pool == nil {
+		return nil, &unavailableError{err: errNotOpen}
+	}
+	c, err := s.pool.Acquire(ctx)
+	if err != nil {
+		if errors.Is(err, context.Canceled) {
+			return nil, err
+		}
+		return nil, &unavailableError{err: err}
+	}
+	return c, nil
+}
+
+// wrap prefixes err with the shard's name and the operation.
+func (s *Shard) wrap(op string, err error) error {
+	return fmt.Errorf("shard %s: %s: %w", s.Name(), op, err)
+}

@@ -1,0 +1,251 @@
+package shards
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgtype"
+)
+
+// User is a user's row.
+type User struct {
+	UserID    string
+	Partition int32
+	Profile   []byte // JSON as stored: jsonb normalizes whitespace and key order
+	Version   int64
+	CreatedAt time.Time
+	UpdatedAt time.Time
+}
+
+// Three statements for PutUser, one per kind of expectation; each is fenced
+// and writes its outbox row. See versions.go for the columns they return.
+
+// putUserAnySQL creates the user or replaces its profile, whatever its version.
+const putUserAnySQL = `
+WITH own AS (
+    SELECT 1 FROM ownership WHERE partition = $1 AND state = 'owned' FOR SHARE
+), up AS (
+    INSERT INTO users AS u (partition, user_id, profile, version)
+    SELECT $1, $2::text, $3::jsonb, 1 FROM own
+    ON CONFLICT (partition, user_id) DO UPDATE
+        SET profile = EXCLUDED.profile, version = u.version + 1, updated_at = now()
+    RETURNING u.version, u.profile
+), ev AS (
+    INSERT INTO outbox (partition, user_id, entity, key, op, version, payload)
+    SELECT $1, $2::text, 'user', $2::text, 'upsert', version, profile FROM up
+)
+SELECT EXISTS (SELECT 1 FROM own), (SELECT version FROM up), NULL::bigint`
+
+// putUserCreateSQL creates the user only if it does not exist.
+const putUserCreateSQL = `
+WITH own AS (
+    SELECT 1 FROM ownership WHERE partition = $1 AND state = 'owned' FOR SHARE
+), up AS (
+    INSERT INTO users (partition, user_id, profile, version)
+    SELECT $1, $2::text, $3::jsonb, 1 FROM own
+    ON CONFLICT (partition, user_id) DO NOTHING
+    RETURNING version, profile
+), ev AS (
+    INSERT INTO outbox (partition, user_id, entity, key, op, version, payload)
+    SELECT $1, $2::text, 'user', $2::text, 'upsert', version, profile FROM up
+)
+SELECT EXISTS (SELECT 1 FROM own), (SELECT version FROM up),
+       (SELECT version FROM users WHERE partition = $1 AND user_id = $2)`
+
+// putUserUpdateSQL replaces the profile only if the user is at version $4.
+const putUserUpdateSQL = `
+WITH own AS (
+    SELECT 1 FROM ownership WHERE partition = $1 AND state = 'owned' FOR SHARE
+), up AS (
+    UPDATE users AS u
+    SET profile = $3::jsonb, version = u.version + 1, updated_at = now()
+    FROM own
+    WHERE u.partition = $1 AND u.user_id = $2 AND u.version = $4
+    RETURNING u.version, u.profile
+), ev AS (
+    INSERT INTO outbox (partition, user_id, entity, key, op, version, payload)
+    SELECT $1, $2::text, 'user', $2::text, 'upsert', version, profile FROM up
+)
+SELECT EXISTS (SELECT 1 FROM own), (SELECT version FROM up),
+       (SELECT version FROM users WHERE partition = $1 AND user_id = $2)`
+
+const userVersionSQL = `SELECT version FROM users WHERE partition = $1 AND user_id = $2`
+
+// PutUser writes the user's profile (a JSON object) and returns the new
+// version. expected nil writes unconditionally (create at version 1 or bump
+// the version); *expected == 0 creates only if the user does not exist;
+// *expected == N > 0 updates only if the user is at version N. A mismatch
+// writes nothing and returns a *ConflictError. A partition not owned gives
+// ErrWrongShard. The change and its outbox event commit together.
+func (s *Shard) PutUser(ctx context.Context, partition int32, userID string, profile []byte, expected *int64) (version int64, err error) {
+	if err := checkExpected(expected); err != nil {
+		return 0, s.wrap("put user", err)
+	}
+	c, err := s.acquire(ctx)
+	if err != nil {
+		return 0, s.wrap("put user", err)
+	}
+	defer c.Release()
+
+	var row pgx.Row
+	switch {
+	case expected == nil:
+		row = c.QueryRow(ctx, putUserAnySQL, partition, userID, profile)
+	case *expected == 0:
+		row = c.QueryRow(ctx, putUserCreateSQL, partition, userID, profile)
+	default:
+		row = c.QueryRow(ctx, putUserUpdateSQL, partition, userID, profile, *expected)
+	}
+	var (
+		owned           bool
+		written, before pgtype.Int8
+	)
+	if err := row.Scan(&owned, &written, &before); err != nil {
+		return 0, s.wrap("put user", err)
+	}
+	switch {
+	case !owned:
+		return 0, s.wrap("put user", wrongShard(partition))
+	case !written.Valid:
+		return 0, s.wrap("put user", refused(ctx, c, expected, before, false, userVersionSQL, partition, userID))
+	}
+	return written.Int64, nil
+}
+
+const getUserSQL = `
+SELECT o.state, u.profile, u.version, u.created_at, u.updated_at
+FROM ownership AS o
+LEFT JOIN users AS u ON u.partition = o.partition AND u.user_id = $2
+WHERE o.partition = $1`
+
+// GetUser returns the user. It reads partitions that are owned or frozen,
+// and returns ErrWrongShard for any other, ErrNotFound if there is no such
+// user.
+func (s *Shard) GetUser(ctx context.Context, partition int32, userID string) (User, error) {
+	c, err := s.acquire(ctx)
+	if err != nil {
+		return User{}, s.wrap("get user", err)
+	}
+	defer c.Release()
+	var (
+		state            string
+		u                = User{UserID: userID, Partition: partition}
+		version          pgtype.Int8
+		created, updated pgtype.Timestamptz
+	)
+	err = c.QueryRow(ctx, getUserSQL, partition, userID).Scan(&state, &u.Profile, &version, &created, &updated)
+	switch {
+	case errors.Is(err, pgx.ErrNoRows):
+		return User{}, s.wrap("get user", wrongShard(partition))
+	case err != nil:
+		return User{}, s.wrap("get user", err)
+	case !readable(state):
+		return User{}, s.wrap("get user", wrongShard(partition))
+	case !version.Valid:
+		return User{}, s.wrap("get user", ErrNotFound)
+	}
+	u.Version, u.CreatedAt, u.UpdatedAt = version.Int64, created.Time, updated.Time
+	return u, nil
+}
+
+// DeleteUserResult counts what DeleteUser removed besides the user.
+type DeleteUserResult struct {
+	Sessions int64 // sessions removed, expired ones included
+	Items    int64 // items removed
+}
+
+// The user row is locked before deleteUserSQL takes its snapshot (see
+// DeleteUser), so the snapshot holds every session and item of the user.
+const (
+	lockOwnershipSQL = `SELECT 1 FROM ownership WHERE partition = $1 AND state = 'owned' FOR SHARE`
+	lockUserSQL      = `SELECT 1 FROM users WHERE partition = $1 AND user_id = $2 FOR UPDATE`
+)
+
+// deleteUserSQL deletes the user if $3 is NULL or its version, then its
+// sessions and items, with one delete event for each row.
+const deleteUserSQL = `
+WITH own AS (
+    SELECT 1 FROM ownership WHERE partition = $1 AND state = 'owned' FOR SHARE
+), du AS (
+    DELETE FROM users AS u USING own
+    WHERE u.partition = $1 AND u.user_id = $2 AND ($3::bigint IS NULL OR u.version = $3)
+    RETURNING u.version
+), ds AS (
+    DELETE FROM sessions AS s USING du
+    WHERE s.partition = $1 AND s.user_id = $2
+    RETURNING s.token_hash, s.version
+), di AS (
+    DELETE FROM items AS i USING du
+    WHERE i.partition = $1 AND i.user_id = $2
+    RETURNING i.collection, i.key, i.version
+), ev AS (
+    INSERT INTO outbox (partition, user_id, entity, key, op, version, payload)
+    SELECT $1, $2::text, 'user', $2::text, 'delete', version + 1, NULL::jsonb FROM du
+    UNION ALL
+    SELECT $1, $2::text, 'session', encode(token_hash, 'hex'), 'delete', version + 1, NULL::jsonb FROM ds
+    UNION ALL
+    SELECT $1, $2::text, 'item', collection || '/' || key, 'delete', version + 1, NULL::jsonb FROM di
+)
+SELECT EXISTS (SELECT 1 FROM own), (SELECT version FROM du),
+       (SELECT count(*) FROM ds), (SELECT count(*) FROM di),
+       (SELECT version FROM users WHERE partition = $1 AND user_id = $2)`
+
+// DeleteUser deletes the user with all their sessions and items, writing a
+// delete event for each, and reports how many sessions and items went.
+// expected nil deletes whatever the version; *expected == N > 0 deletes only
+// at version N (else a *ConflictError, Current 0 if the user is missing);
+// *expected == 0 ("must not exist") never deletes: a *ConflictError if the
+// user exists. ErrNotFound if there is no user (and expected is nil or 0);
+// ErrWrongShard if the partition is not owned.
+func (s *Shard) DeleteUser(ctx context.Context, partition int32, userID string, expected *int64) (DeleteUserResult, error) {
+	if err := checkExpected(expected); err != nil {
+		return DeleteUserResult{}, s.wrap("delete user", err)
+	}
+	c, err := s.acquire(ctx)
+	if err != nil {
+		return DeleteUserResult{}, s.wrap("delete user", err)
+	}
+	defer c.Release()
+
+	// One round trip, one implicit transaction (a batch runs in one unless
+	// it says otherwise). Under READ COMMITTED a statement cannot see rows
+	// committed after its snapshot, so a single statement could miss a
+	// session that CreateSession committed while the delete waited for the
+	// user row. Locking the user row first (ownership row first, the order
+	// CreateSession uses) closes that window: CreateSession holds FOR KEY
+	// SHARE on the user row until it commits, and after our lock it finds
+	// the user gone.
+	var b pgx.Batch
+	b.Queue(lockOwnershipSQL, partition)
+	b.Queue(lockUserSQL, partition, userID)
+	b.Queue(deleteUserSQL, partition, userID, expected)
+	br := c.SendBatch(ctx, &b)
+	var (
+		owned         bool
+		deleted       pgtype.Int8
+		before        pgtype.Int8
+		nSess, nItems int64
+	)
+	_, err = br.Exec()
+	if err == nil {
+		_, err = br.Exec()
+	}
+	if err == nil {
+		err = br.QueryRow().Scan(&owned, &deleted, &nSess, &nItems, &before)
+	}
+	if cerr := br.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return DeleteUserResult{}, s.wrap("delete user", err)
+	}
+	switch {
+	case !owned:
+		return DeleteUserResult{}, s.wrap("delete user", wrongShard(partition))
+	case !deleted.Valid:
+		return DeleteUserResult{}, s.wrap("delete user", refused(ctx, c, expected, before, true, userVersionSQL, partition, userID))
+	}
+	return DeleteUserResult{Sessions: nSess, Items: nItems}, nil
+}

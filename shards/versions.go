@@ -1,0 +1,62 @@
+package shards
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgtype"
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+// Conditional writes (PutUser, PutItem, DeleteUser, DeleteItem) run one
+// statement that returns three columns: whether the partition is owned,
+// the version it wrote (NULL if it wrote nothing), and the row's version in
+// the statement's snapshot (NULL if absent), which the main query reads
+// without seeing the statement's own changes. The last one is what a
+// conflict reports as Current.
+
+func checkExpected(expected *int64) error {
+	if expected != nil && *expected < 0 {
+		return fmt.Errorf("expected version %d is negative", *expected)
+	}
+	return nil
+}
+
+// refused builds the error of a fenced write that wrote nothing although the
+// partition is owned. before is the row's version in the statement's
+// snapshot. When before agrees with expected, another transaction changed
+// the row after the snapshot was taken (the write waited for its lock and
+// found a newer row); reread, run with args, fetches the version it left.
+func refused(ctx context.Context, c *pgxpool.Conn, expected *int64, before pgtype.Int8, isDelete bool, reread string, args ...any) error {
+	var cur int64
+	if before.Valid {
+		cur = before.Int64
+	}
+	switch {
+	case expected == nil:
+		// Only an unconditional delete gets here: the row is gone.
+		return ErrNotFound
+	case isDelete && *expected == 0 && cur == 0:
+		return ErrNotFound
+	}
+	if cur == *expected {
+		var v int64
+		err := c.QueryRow(ctx, reread, args...).Scan(&v)
+		switch {
+		case err == nil:
+			cur = v
+		case errors.Is(err, pgx.ErrNoRows):
+			cur = 0
+		}
+		// Any other error leaves the snapshot's version: the write was
+		// refused either way, and Current is informational.
+	}
+	return &ConflictError{Expected: *expected, Current: cur}
+}
+
+// readable reports whether a partition in state may serve reads.
+func readable(state string) bool {
+	return state == string(Owned) || state == string(Frozen)
+}
