@@ -1,0 +1,138 @@
+package catalog_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/shardgate/shardgate/catalog"
+	"github.com/shardgate/shardgate/internal/testenv"
+	"github.com/shardgate/shardgate/router"
+	"github.com/shardgate/shardgate/shards"
+)
+
+func TestCreateClusterAgreesWithShards(t *testing.T) {
+	t.Parallel()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	catDSN := testenv.NewDatabase(t)
+	var specs []catalog.ShardSpec
+	for i := range 3 {
+		specs = append(specs, catalog.ShardSpec{Name: fmt.Sprintf("s%d", i), DSN: testenv.NewDatabase(t)})
+	}
+	cfg := router.RingConfig{PartitionCount: 512}
+	if err := catalog.CreateCluster(ctx, catDSN, cfg, specs); err != nil {
+		t.Fatal(err)
+	}
+	if err := catalog.CreateCluster(ctx, catDSN, cfg, specs); !errors.Is(err, catalog.ErrClusterExists) {
+		t.Fatalf("second CreateCluster = %v, want ErrClusterExists", err)
+	}
+	cat, err := catalog.Open(ctx, catDSN)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cat.Close()
+	topo, err := cat.LoadTopology(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if topo.PartitionCount != 512 || len(topo.Shards) != 3 || topo.Table.PartitionCount() != 512 {
+		t.Fatalf("topology %+v", topo)
+	}
+	if v, err := cat.TopologyVersion(ctx); err != nil || v != topo.Version {
+		t.Fatalf("TopologyVersion = %d, %v; LoadTopology said %d", v, err, topo.Version)
+	}
+	// Fencing depends on this: each shard owns exactly what the catalog says.
+	for _, spec := range specs {
+		sh, err := shards.Open(ctx, spec.Name, spec.DSN, shards.PoolOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		own, err := sh.Ownership(ctx)
+		sh.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		want := topo.Table.Counts()[spec.Name]
+		if len(own) != want {
+			t.Fatalf("%s owns %d partitions, the catalog says %d", spec.Name, len(own), want)
+		}
+		for p, st := range own {
+			if st != shards.Owned || topo.Table.Owner(p) != spec.Name {
+				t.Fatalf("%s: partition %d is %s there, catalog owner %s", spec.Name, p, st, topo.Table.Owner(p))
+			}
+		}
+	}
+	// Migrating again applies nothing.
+	res, err := catalog.MigrateAll(ctx, catDSN)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range res {
+		if len(r.Applied) != 0 {
+			t.Fatalf("MigrateAll applied %v to %s on a current cluster", r.Applied, r.Name)
+		}
+	}
+}
+
+func TestCreateClusterRefusesBadShapes(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	catDSN := testenv.NewDatabase(t)
+	for _, tc := range []struct {
+		name  string
+		specs []catalog.ShardSpec
+		cfg   router.RingConfig
+	}{
+		{"no shards", nil, router.RingConfig{}},
+		{"bad name", []catalog.ShardSpec{{Name: "Bad Name", DSN: "x"}}, router.RingConfig{}},
+		{"too few partitions", []catalog.ShardSpec{{Name: "a", DSN: "x"}, {Name: "b", DSN: "y"}}, router.RingConfig{PartitionCount: 1}},
+	} {
+		if err := catalog.CreateCluster(ctx, catDSN, tc.cfg, tc.specs); !errors.Is(err, router.ErrInvalidRing) {
+			t.Errorf("%s: CreateCluster = %v, want ErrInvalidRing", tc.name, err)
+		}
+	}
+	cat, err := catalog.Open(ctx, catDSN)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cat.Close()
+	if _, err := cat.LoadTopology(ctx); err == nil {
+		t.Fatal("a refused cluster left a topology behind")
+	}
+}
+
+func TestLoadTopologyWithoutCluster(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	dsn := testenv.NewDatabase(t)
+	if _, err := catalog.MigrateAll(ctx, dsn); !errors.Is(err, catalog.ErrNoCluster) {
+		t.Fatalf("MigrateAll on an empty catalog = %v, want ErrNoCluster", err)
+	}
+	cat, err := catalog.Open(ctx, dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cat.Close()
+	if _, err := cat.LoadTopology(ctx); !errors.Is(err, catalog.ErrNoCluster) {
+		t.Fatalf("LoadTopology = %v, want ErrNoCluster", err)
+	}
+}
+
+func TestExpandDSN(t *testing.T) {
+	t.Setenv("SG_TEST_PW", "s3cret")
+	got, err := catalog.ExpandDSN("postgres://u:${SG_TEST_PW}@h/db")
+	if err != nil || got != "postgres://u:s3cret@h/db" {
+		t.Fatalf("ExpandDSN = %q, %v", got, err)
+	}
+	if got, err := catalog.ExpandDSN("postgres://u@h/db?x=$HOME"); err != nil || !strings.Contains(got, "$HOME") {
+		t.Fatalf("a bare $NAME must stay as it is: %q, %v", got, err)
+	}
+	_, err = catalog.ExpandDSN("postgres://u:${SG_TEST_MISSING}@h/db")
+	if err == nil || !strings.Contains(err.Error(), "SG_TEST_MISSING") {
+		t.Fatalf("missing variable: %v", err)
+	}
+}

@@ -1,0 +1,149 @@
+package catalog
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/shardgate/shardgate/shards"
+)
+
+// ConfigEntry is one global config value.
+type ConfigEntry struct {
+	Namespace string
+	Key       string
+	Value     []byte // raw JSON
+	Version   int64
+	UpdatedAt time.Time
+}
+
+// MaxConfigList bounds ListConfig: config is meant to be small.
+const MaxConfigList = 10000
+
+// GetConfig reads one value; shards.ErrNotFound if absent.
+func (c *Catalog) GetConfig(ctx context.Context, namespace, key string) (ConfigEntry, error) {
+	e := ConfigEntry{Namespace: namespace, Key: key}
+	err := c.pool.QueryRow(ctx, `SELECT value, version, updated_at FROM config WHERE namespace = $1 AND key = $2`,
+		namespace, key).Scan(&e.Value, &e.Version, &e.UpdatedAt)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return ConfigEntry{}, fmt.Errorf("config %s/%s: %w", namespace, key, shards.ErrNotFound)
+	}
+	if err != nil {
+		return ConfigEntry{}, fmt.Errorf("get config: %w", err)
+	}
+	return e, nil
+}
+
+// ListConfig lists a namespace in key order, at most MaxConfigList entries.
+func (c *Catalog) ListConfig(ctx context.Context, namespace string) ([]ConfigEntry, error) {
+	rows, err := c.pool.Query(ctx, `
+		SELECT namespace, key, value, version, updated_at FROM config
+		WHERE namespace = $1 ORDER BY key LIMIT $2`, namespace, MaxConfigList)
+	if err != nil {
+		return nil, fmt.Errorf("list config: %w", err)
+	}
+	list, err := pgx.CollectRows(rows, pgx.RowToStructByPos[ConfigEntry])
+	if err != nil {
+		return nil, fmt.Errorf("list config: %w", err)
+	}
+	return list, nil
+}
+
+// The three ways to write a value, each one statement that also writes the
+// change's outbox row. $4 is the expected version where there is one.
+const (
+	setConfigAny = `
+		WITH up AS (
+			INSERT INTO config (namespace, key, value, version) VALUES ($1, $2, $3, 1)
+			ON CONFLICT (namespace, key) DO UPDATE
+				SET value = EXCLUDED.value, version = config.version + 1, updated_at = now()
+			RETURNING version, value
+		), ev AS (
+			INSERT INTO config_outbox (namespace, key, op, version, payload)
+			SELECT $1, $2, 'upsert', version, value FROM up
+		)
+		SELECT (SELECT version FROM up), 0::bigint`
+	setConfigCreate = `
+		WITH up AS (
+			INSERT INTO config (namespace, key, value, version) VALUES ($1, $2, $3, 1)
+			ON CONFLICT (namespace, key) DO NOTHING
+			RETURNING version, value
+		), ev AS (
+			INSERT INTO config_outbox (namespace, key, op, version, payload)
+			SELECT $1, $2, 'upsert', version, value FROM up
+		)
+		SELECT (SELECT version FROM up),
+		       coalesce((SELECT version FROM config WHERE namespace = $1 AND key = $2), 0)`
+	setConfigUpdate = `
+		WITH up AS (
+			UPDATE config SET value = $3, version = version + 1, updated_at = now()
+			WHERE namespace = $1 AND key = $2 AND version = $4
+			RETURNING version, value
+		), ev AS (
+			INSERT INTO config_outbox (namespace, key, op, version, payload)
+			SELECT $1, $2, 'upsert', version, value FROM up
+		)
+		SELECT (SELECT version FROM up),
+		       coalesce((SELECT version FROM config WHERE namespace = $1 AND key = $2), 0)`
+	deleteConfig = `
+		WITH del AS (
+			DELETE FROM config WHERE namespace = $1 AND key = $2 AND ($3::bigint IS NULL OR version = $3)
+			RETURNING version
+		), ev AS (
+			INSERT INTO config_outbox (namespace, key, op, version)
+			SELECT $1, $2, 'delete', version + 1 FROM del
+		)
+		SELECT EXISTS (SELECT 1 FROM del),
+		       coalesce((SELECT version FROM config WHERE namespace = $1 AND key = $2), 0)`
+)
+
+// SetConfig writes a value. expected nil writes unconditionally; 0 creates
+// only; N updates only version N. A mismatch is a *shards.ConflictError.
+func (c *Catalog) SetConfig(ctx context.Context, namespace, key string, value []byte, expected *int64) (int64, error) {
+	var (
+		version *int64
+		current int64
+		err     error
+	)
+	switch {
+	case expected == nil:
+		err = c.pool.QueryRow(ctx, setConfigAny, namespace, key, value).Scan(&version, &current)
+	case *expected == 0:
+		err = c.pool.QueryRow(ctx, setConfigCreate, namespace, key, value).Scan(&version, &current)
+	default:
+		err = c.pool.QueryRow(ctx, setConfigUpdate, namespace, key, value, *expected).Scan(&version, &current)
+	}
+	if err != nil {
+		return 0, fmt.Errorf("set config: %w", err)
+	}
+	if version == nil {
+		if expected == nil { // an unconditional upsert always returns a row
+			return 0, fmt.Errorf("set config %s/%s: no row written", namespace, key)
+		}
+		return 0, fmt.Errorf("set config %s/%s: %w", namespace, key, &shards.ConflictError{Expected: *expected, Current: current})
+	}
+	return *version, nil
+}
+
+// DeleteConfig removes a value: shards.ErrNotFound if absent, a
+// *shards.ConflictError if expected is set and does not match.
+func (c *Catalog) DeleteConfig(ctx context.Context, namespace, key string, expected *int64) error {
+	var (
+		deleted bool
+		current int64
+	)
+	if err := c.pool.QueryRow(ctx, deleteConfig, namespace, key, expected).Scan(&deleted, &current); err != nil {
+		return fmt.Errorf("delete config: %w", err)
+	}
+	switch {
+	case deleted:
+		return nil
+	case current == 0 || expected == nil:
+		return fmt.Errorf("config %s/%s: %w", namespace, key, shards.ErrNotFound)
+	default:
+		return fmt.Errorf("delete config %s/%s: %w", namespace, key, &shards.ConflictError{Expected: *expected, Current: current})
+	}
+}

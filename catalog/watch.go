@@ -1,0 +1,142 @@
+package catalog
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"golang.org/x/sync/singleflight"
+
+	"github.com/shardgate/shardgate/router"
+)
+
+// Watcher keeps a router.Router in step with the catalog. It listens for
+// topology notifications and, as a fallback for lost ones, checks the
+// version every Interval. Request paths never wait on it, except a request
+// that was told "wrong shard" and calls Refresh.
+type Watcher struct {
+	Catalog *Catalog
+	Router  *router.Router
+	// DSN is the catalog DSN for the dedicated LISTEN connection.
+	DSN string
+	// Interval between version checks (default 5s).
+	Interval time.Duration
+	// OnLoad, if set, sees every newly loaded topology before the router
+	// switches to it (the server opens pools for new shards here). An error
+	// keeps the old table.
+	OnLoad func(context.Context, Topology) error
+	Logger *slog.Logger
+
+	sf   singleflight.Group
+	mu   sync.Mutex
+	last Topology
+}
+
+// Refresh loads the topology now and installs it if it is newer than the
+// router's. Concurrent callers share one load.
+func (w *Watcher) Refresh(ctx context.Context) error {
+	_, err, _ := w.sf.Do("load", func() (any, error) {
+		topo, err := w.Catalog.LoadTopology(ctx)
+		if err != nil {
+			return nil, err
+		}
+		return nil, w.install(ctx, topo)
+	})
+	return err
+}
+
+// Topology returns the last topology the watcher installed.
+func (w *Watcher) Topology() Topology {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.last
+}
+
+func (w *Watcher) install(ctx context.Context, topo Topology) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if cur := w.Router.Table(); cur != nil && cur.Version() >= topo.Version && w.last.Table != nil {
+		return nil
+	}
+	if w.OnLoad != nil {
+		if err := w.OnLoad(ctx, topo); err != nil {
+			return fmt.Errorf("apply topology %d: %w", topo.Version, err)
+		}
+	}
+	if w.Router.Store(topo.Table) {
+		w.last = topo
+		w.logger().Info("topology installed", "version", topo.Version, "shards", len(topo.Shards))
+	}
+	return nil
+}
+
+func (w *Watcher) check(ctx context.Context) error {
+	v, err := w.Catalog.TopologyVersion(ctx)
+	if err != nil {
+		return err
+	}
+	if cur := w.Router.Table(); cur != nil && cur.Version() >= v {
+		return nil
+	}
+	return w.Refresh(ctx)
+}
+
+// Run watches until ctx ends. It reconnects with backoff when the catalog is
+// unreachable and re-checks the version after every reconnect, since
+// notifications sent meanwhile are lost.
+func (w *Watcher) Run(ctx context.Context) error {
+	backoff := 100 * time.Millisecond
+	for {
+		err := w.listen(ctx)
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		w.logger().Warn("topology watch interrupted; retrying", "err", err, "in", backoff)
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, 5*time.Second)
+	}
+}
+
+func (w *Watcher) listen(ctx context.Context) error {
+	interval := w.Interval
+	if interval <= 0 {
+		interval = 5 * time.Second
+	}
+	conn, err := pgx.Connect(ctx, w.DSN)
+	if err != nil {
+		return err
+	}
+	defer conn.Close(context.Background())
+	if _, err := conn.Exec(ctx, "LISTEN "+TopologyChannel); err != nil {
+		return err
+	}
+	for {
+		if err := w.check(ctx); err != nil {
+			w.logger().Warn("topology check failed", "err", err)
+		}
+		wctx, cancel := context.WithTimeout(ctx, interval)
+		_, err := conn.WaitForNotification(wctx)
+		cancel()
+		if err != nil && !errors.Is(err, context.DeadlineExceeded) {
+			return err
+		}
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+	}
+}
+
+func (w *Watcher) logger() *slog.Logger {
+	if w.Logger == nil {
+		return slog.Default()
+	}
+	return w.Logger
+}
