@@ -1,0 +1,408 @@
+package server
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/base64"
+	"encoding/hex"
+	"strconv"
+	"time"
+
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	pb "github.com/shardgate/shardgate/proto/shardgate/v1"
+	"github.com/shardgate/shardgate/shards"
+)
+
+// DataService implements shardgate.v1.DataService.
+type DataService struct {
+	pb.UnimplementedDataServiceServer
+	s *Server
+}
+
+// NewDataService returns the DataService of s.
+func NewDataService(s *Server) *DataService { return &DataService{s: s} }
+
+func (d *DataService) maxJSON() int { return d.s.opts.MaxJSONBytes }
+
+// PutUser creates or replaces a user's profile.
+func (d *DataService) PutUser(ctx context.Context, req *pb.PutUserRequest) (*pb.PutUserResponse, error) {
+	if err := validateUserID("user_id", req.GetUserId()); err != nil {
+		return nil, err
+	}
+	profile, err := validateJSON("profile_json", req.GetProfileJson(), true, d.maxJSON())
+	if err != nil {
+		return nil, err
+	}
+	if err := validateExpected("expected_version", req.ExpectedVersion); err != nil {
+		return nil, err
+	}
+	var v int64
+	err = d.s.onUser(ctx, req.GetUserId(), func(sh *shards.Shard, p int32) (err error) {
+		v, err = sh.PutUser(ctx, p, req.GetUserId(), profile, req.ExpectedVersion)
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	return &pb.PutUserResponse{Version: v}, nil
+}
+
+// GetUser reads a user's profile.
+func (d *DataService) GetUser(ctx context.Context, req *pb.GetUserRequest) (*pb.GetUserResponse, error) {
+	if err := validateUserID("user_id", req.GetUserId()); err != nil {
+		return nil, err
+	}
+	var u shards.User
+	err := d.s.onUser(ctx, req.GetUserId(), func(sh *shards.Shard, p int32) (err error) {
+		u, err = sh.GetUser(ctx, p, req.GetUserId())
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	return &pb.GetUserResponse{
+		UserId:      u.UserID,
+		ProfileJson: string(u.Profile),
+		Version:     u.Version,
+		Partition:   u.Partition,
+		CreatedAt:   timestamppb.New(u.CreatedAt),
+		UpdatedAt:   timestamppb.New(u.UpdatedAt),
+	}, nil
+}
+
+// DeleteUser removes a user with all their sessions and items.
+func (d *DataService) DeleteUser(ctx context.Context, req *pb.DeleteUserRequest) (*pb.DeleteUserResponse, error) {
+	if err := validateUserID("user_id", req.GetUserId()); err != nil {
+		return nil, err
+	}
+	if err := validateExpected("expected_version", req.ExpectedVersion); err != nil {
+		return nil, err
+	}
+	var res shards.DeleteUserResult
+	err := d.s.onUser(ctx, req.GetUserId(), func(sh *shards.Shard, p int32) (err error) {
+		res, err = sh.DeleteUser(ctx, p, req.GetUserId(), req.ExpectedVersion)
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	return &pb.DeleteUserResponse{SessionsDeleted: res.Sessions, ItemsDeleted: res.Items}, nil
+}
+
+// tokenRandomBytes is the secret part of a session token: 192 bits.
+const (
+	tokenRandomBytes = 24
+	tokenRandomChars = 32 // base64url of 24 bytes, unpadded
+)
+
+// newToken returns a session token for partition p and its SHA-256.
+func newToken(p int32) (string, []byte) {
+	var b [tokenRandomBytes]byte
+	rand.Read(b[:]) // never fails: crypto/rand aborts the process instead
+	tok := strconv.Itoa(int(p)) + "." + base64.RawURLEncoding.EncodeToString(b[:])
+	return tok, hashToken(tok)
+}
+
+func hashToken(tok string) []byte {
+	h := sha256.Sum256([]byte(tok))
+	return h[:]
+}
+
+// CreateSession opens a session for an existing user.
+func (d *DataService) CreateSession(ctx context.Context, req *pb.CreateSessionRequest) (*pb.CreateSessionResponse, error) {
+	if err := validateUserID("user_id", req.GetUserId()); err != nil {
+		return nil, err
+	}
+	data, err := validateJSON("data_json", req.GetDataJson(), true, d.maxJSON())
+	if err != nil {
+		return nil, err
+	}
+	if err := validateTTL("ttl_seconds", req.GetTtlSeconds()); err != nil {
+		return nil, err
+	}
+	ttl := time.Duration(req.GetTtlSeconds()) * time.Second
+	var tok string
+	var sess shards.Session
+	err = d.s.onUser(ctx, req.GetUserId(), func(sh *shards.Shard, p int32) (err error) {
+		var hash []byte
+		tok, hash = newToken(p)
+		sess, err = sh.CreateSession(ctx, p, req.GetUserId(), hash, data, ttl)
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	return &pb.CreateSessionResponse{Token: tok, ExpiresAt: timestamppb.New(sess.ExpiresAt)}, nil
+}
+
+// onToken validates a session token and runs fn on its partition's shard.
+func (d *DataService) onToken(ctx context.Context, tok string, fn func(sh *shards.Shard, p int32, hash []byte) error) error {
+	p, err := parseToken("token", tok, d.s.partitionCount())
+	if err != nil {
+		return err
+	}
+	hash := hashToken(tok)
+	return d.s.onPartition(ctx, p, func(sh *shards.Shard) error { return fn(sh, p, hash) })
+}
+
+// GetSession reads a live session.
+func (d *DataService) GetSession(ctx context.Context, req *pb.GetSessionRequest) (*pb.GetSessionResponse, error) {
+	var sess shards.Session
+	err := d.onToken(ctx, req.GetToken(), func(sh *shards.Shard, p int32, hash []byte) (err error) {
+		sess, err = sh.GetSession(ctx, p, hash)
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	return &pb.GetSessionResponse{
+		UserId:    sess.UserID,
+		DataJson:  string(sess.Data),
+		ExpiresAt: timestamppb.New(sess.ExpiresAt),
+		Version:   sess.Version,
+	}, nil
+}
+
+// TouchSession extends a live session.
+func (d *DataService) TouchSession(ctx context.Context, req *pb.TouchSessionRequest) (*pb.TouchSessionResponse, error) {
+	if err := validateTTL("ttl_seconds", req.GetTtlSeconds()); err != nil {
+		return nil, err
+	}
+	ttl := time.Duration(req.GetTtlSeconds()) * time.Second
+	var sess shards.Session
+	err := d.onToken(ctx, req.GetToken(), func(sh *shards.Shard, p int32, hash []byte) (err error) {
+		sess, err = sh.TouchSession(ctx, p, hash, ttl)
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	return &pb.TouchSessionResponse{ExpiresAt: timestamppb.New(sess.ExpiresAt), Version: sess.Version}, nil
+}
+
+// RevokeSession ends a session.
+func (d *DataService) RevokeSession(ctx context.Context, req *pb.RevokeSessionRequest) (*pb.RevokeSessionResponse, error) {
+	err := d.onToken(ctx, req.GetToken(), func(sh *shards.Shard, p int32, hash []byte) error {
+		return sh.RevokeSession(ctx, p, hash)
+	})
+	if err != nil {
+		return nil, err
+	}
+	return &pb.RevokeSessionResponse{}, nil
+}
+
+// ListSessions lists a user's live sessions.
+func (d *DataService) ListSessions(ctx context.Context, req *pb.ListSessionsRequest) (*pb.ListSessionsResponse, error) {
+	if err := validateUserID("user_id", req.GetUserId()); err != nil {
+		return nil, err
+	}
+	var list []shards.Session
+	err := d.s.onUser(ctx, req.GetUserId(), func(sh *shards.Shard, p int32) (err error) {
+		list, err = sh.ListSessions(ctx, p, req.GetUserId())
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	resp := &pb.ListSessionsResponse{Sessions: make([]*pb.SessionInfo, len(list))}
+	for i, s := range list {
+		resp.Sessions[i] = &pb.SessionInfo{
+			SessionId: hex.EncodeToString(s.TokenHash),
+			DataJson:  string(s.Data),
+			CreatedAt: timestamppb.New(s.CreatedAt),
+			ExpiresAt: timestamppb.New(s.ExpiresAt),
+			Version:   s.Version,
+		}
+	}
+	return resp, nil
+}
+
+func validateItemAddress(userID, collection, key string) error {
+	if err := validateUserID("user_id", userID); err != nil {
+		return err
+	}
+	if err := validateName("collection", collection); err != nil {
+		return err
+	}
+	return validateKey("key", key, false)
+}
+
+func itemToPB(it shards.Item) *pb.Item {
+	return &pb.Item{
+		UserId:     it.UserID,
+		Collection: it.Collection,
+		Key:        it.Key,
+		ValueJson:  string(it.Value),
+		Version:    it.Version,
+		UpdatedAt:  timestamppb.New(it.UpdatedAt),
+	}
+}
+
+// PutItem creates or replaces one document.
+func (d *DataService) PutItem(ctx context.Context, req *pb.PutItemRequest) (*pb.PutItemResponse, error) {
+	if err := validateItemAddress(req.GetUserId(), req.GetCollection(), req.GetKey()); err != nil {
+		return nil, err
+	}
+	value, err := validateJSON("value_json", req.GetValueJson(), false, d.maxJSON())
+	if err != nil {
+		return nil, err
+	}
+	if err := validateExpected("expected_version", req.ExpectedVersion); err != nil {
+		return nil, err
+	}
+	var v int64
+	err = d.s.onUser(ctx, req.GetUserId(), func(sh *shards.Shard, p int32) (err error) {
+		v, err = sh.PutItem(ctx, p, req.GetUserId(), req.GetCollection(), req.GetKey(), value, req.ExpectedVersion)
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	return &pb.PutItemResponse{Version: v}, nil
+}
+
+// GetItem reads one document.
+func (d *DataService) GetItem(ctx context.Context, req *pb.GetItemRequest) (*pb.GetItemResponse, error) {
+	if err := validateItemAddress(req.GetUserId(), req.GetCollection(), req.GetKey()); err != nil {
+		return nil, err
+	}
+	var it shards.Item
+	err := d.s.onUser(ctx, req.GetUserId(), func(sh *shards.Shard, p int32) (err error) {
+		it, err = sh.GetItem(ctx, p, req.GetUserId(), req.GetCollection(), req.GetKey())
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	return &pb.GetItemResponse{Item: itemToPB(it)}, nil
+}
+
+// DeleteItem removes one document.
+func (d *DataService) DeleteItem(ctx context.Context, req *pb.DeleteItemRequest) (*pb.DeleteItemResponse, error) {
+	if err := validateItemAddress(req.GetUserId(), req.GetCollection(), req.GetKey()); err != nil {
+		return nil, err
+	}
+	if err := validateExpected("expected_version", req.ExpectedVersion); err != nil {
+		return nil, err
+	}
+	err := d.s.onUser(ctx, req.GetUserId(), func(sh *shards.Shard, p int32) error {
+		return sh.DeleteItem(ctx, p, req.GetUserId(), req.GetCollection(), req.GetKey(), req.ExpectedVersion)
+	})
+	if err != nil {
+		return nil, err
+	}
+	return &pb.DeleteItemResponse{}, nil
+}
+
+// ListItems pages through one collection of a user in key order.
+func (d *DataService) ListItems(ctx context.Context, req *pb.ListItemsRequest) (*pb.ListItemsResponse, error) {
+	if err := validateUserID("user_id", req.GetUserId()); err != nil {
+		return nil, err
+	}
+	if err := validateName("collection", req.GetCollection()); err != nil {
+		return nil, err
+	}
+	if err := validateKey("prefix", req.GetPrefix(), true); err != nil {
+		return nil, err
+	}
+	size, err := validatePageSize("page_size", req.GetPageSize())
+	if err != nil {
+		return nil, err
+	}
+	after, err := decodePageToken("page_token", req.GetPageToken())
+	if err != nil {
+		return nil, err
+	}
+	var list []shards.Item
+	err = d.s.onUser(ctx, req.GetUserId(), func(sh *shards.Shard, p int32) (err error) {
+		// One extra row says whether another page follows.
+		list, err = sh.ListItems(ctx, p, req.GetUserId(), req.GetCollection(), req.GetPrefix(), after, size+1)
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	resp := &pb.ListItemsResponse{}
+	if len(list) > size {
+		list = list[:size]
+		resp.NextPageToken = encodePageToken(list[size-1].Key)
+	}
+	resp.Items = make([]*pb.Item, len(list))
+	for i, it := range list {
+		resp.Items[i] = itemToPB(it)
+	}
+	return resp, nil
+}
+
+func validateConfigAddress(namespace, key string) error {
+	if err := validateName("namespace", namespace); err != nil {
+		return err
+	}
+	return validateKey("key", key, false)
+}
+
+// GetConfig reads one global config value.
+func (d *DataService) GetConfig(ctx context.Context, req *pb.GetConfigRequest) (*pb.GetConfigResponse, error) {
+	if err := validateConfigAddress(req.GetNamespace(), req.GetKey()); err != nil {
+		return nil, err
+	}
+	e, err := d.s.catalog.GetConfig(ctx, req.GetNamespace(), req.GetKey())
+	if err != nil {
+		return nil, err
+	}
+	return &pb.GetConfigResponse{ValueJson: string(e.Value), Version: e.Version, UpdatedAt: timestamppb.New(e.UpdatedAt)}, nil
+}
+
+// SetConfig creates or replaces one global config value.
+func (d *DataService) SetConfig(ctx context.Context, req *pb.SetConfigRequest) (*pb.SetConfigResponse, error) {
+	if err := validateConfigAddress(req.GetNamespace(), req.GetKey()); err != nil {
+		return nil, err
+	}
+	value, err := validateJSON("value_json", req.GetValueJson(), false, d.maxJSON())
+	if err != nil {
+		return nil, err
+	}
+	if err := validateExpected("expected_version", req.ExpectedVersion); err != nil {
+		return nil, err
+	}
+	v, err := d.s.catalog.SetConfig(ctx, req.GetNamespace(), req.GetKey(), value, req.ExpectedVersion)
+	if err != nil {
+		return nil, err
+	}
+	return &pb.SetConfigResponse{Version: v}, nil
+}
+
+// DeleteConfig removes one global config value.
+func (d *DataService) DeleteConfig(ctx context.Context, req *pb.DeleteConfigRequest) (*pb.DeleteConfigResponse, error) {
+	if err := validateConfigAddress(req.GetNamespace(), req.GetKey()); err != nil {
+		return nil, err
+	}
+	if err := validateExpected("expected_version", req.ExpectedVersion); err != nil {
+		return nil, err
+	}
+	if err := d.s.catalog.DeleteConfig(ctx, req.GetNamespace(), req.GetKey(), req.ExpectedVersion); err != nil {
+		return nil, err
+	}
+	return &pb.DeleteConfigResponse{}, nil
+}
+
+// ListConfig lists a namespace.
+func (d *DataService) ListConfig(ctx context.Context, req *pb.ListConfigRequest) (*pb.ListConfigResponse, error) {
+	if err := validateName("namespace", req.GetNamespace()); err != nil {
+		return nil, err
+	}
+	list, err := d.s.catalog.ListConfig(ctx, req.GetNamespace())
+	if err != nil {
+		return nil, err
+	}
+	resp := &pb.ListConfigResponse{Entries: make([]*pb.ConfigEntry, len(list))}
+	for i, e := range list {
+		resp.Entries[i] = &pb.ConfigEntry{
+			Namespace: e.Namespace, Key: e.Key, ValueJson: string(e.Value),
+			Version: e.Version, UpdatedAt: timestamppb.New(e.UpdatedAt),
+		}
+	}
+	return resp, nil
+}

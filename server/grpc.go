@@ -1,0 +1,146 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"net"
+	"time"
+
+	"github.com/grpc-ecosystem/go-grpc-middleware/v2/interceptors/logging"
+	"github.com/grpc-ecosystem/go-grpc-middleware/v2/interceptors/recovery"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/keepalive"
+	"google.golang.org/grpc/reflection"
+	"google.golang.org/grpc/status"
+
+	pb "github.com/shardgate/shardgate/proto/shardgate/v1"
+)
+
+// GRPCOptions shape the gRPC server. The zero value of a field means its default.
+type GRPCOptions struct {
+	// MaxRecvMsgBytes caps a request message (default 1 MiB); larger ones
+	// are refused with ResourceExhausted before any handler runs.
+	MaxRecvMsgBytes int
+	// DefaultTimeout is the deadline given to calls that arrive without one
+	// (default 10s).
+	DefaultTimeout time.Duration
+	// MaxConcurrentStreams per connection (default 1024).
+	MaxConcurrentStreams uint32
+	Extra                []grpc.ServerOption
+}
+
+// NewGRPCServer returns a gRPC server with DataService, AdminService, the
+// standard health service and reflection registered. The returned health
+// server starts SERVING; Serve flips it on shutdown.
+func NewGRPCServer(s *Server, o GRPCOptions) (*grpc.Server, *health.Server) {
+	if o.MaxRecvMsgBytes <= 0 {
+		o.MaxRecvMsgBytes = 1 << 20
+	}
+	if o.DefaultTimeout <= 0 {
+		o.DefaultTimeout = 10 * time.Second
+	}
+	if o.MaxConcurrentStreams == 0 {
+		o.MaxConcurrentStreams = 1024
+	}
+	log := s.opts.Logger
+	logger := logging.LoggerFunc(func(ctx context.Context, lvl logging.Level, msg string, fields ...any) {
+		log.Log(ctx, slog.Level(lvl), msg, fields...)
+	})
+	// Only the outcome of each call is logged, never its payload: requests
+	// carry session tokens and user data.
+	logOpts := []logging.Option{logging.WithLogOnEvents(logging.FinishCall), logging.WithLevels(codeToLevel)}
+	onPanic := recovery.WithRecoveryHandlerContext(func(ctx context.Context, p any) error {
+		log.Error("panic in handler", "panic", p)
+		return status.Error(codes.Internal, "internal error")
+	})
+	opts := append([]grpc.ServerOption{
+		grpc.MaxRecvMsgSize(o.MaxRecvMsgBytes),
+		grpc.MaxConcurrentStreams(o.MaxConcurrentStreams),
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
+		grpc.ChainUnaryInterceptor(
+			logging.UnaryServerInterceptor(logger, logOpts...),
+			recovery.UnaryServerInterceptor(onPanic),
+			defaultDeadline(o.DefaultTimeout),
+			errorCodes(log),
+		),
+		grpc.ChainStreamInterceptor(
+			logging.StreamServerInterceptor(logger, logOpts...),
+			recovery.StreamServerInterceptor(onPanic),
+		),
+	}, o.Extra...)
+	g := grpc.NewServer(opts...)
+	pb.RegisterDataServiceServer(g, NewDataService(s))
+	pb.RegisterAdminServiceServer(g, NewAdminService(s))
+	hs := health.NewServer()
+	healthpb.RegisterHealthServer(g, hs)
+	for _, name := range []string{"", pb.DataService_ServiceDesc.ServiceName, pb.AdminService_ServiceDesc.ServiceName} {
+		hs.SetServingStatus(name, healthpb.HealthCheckResponse_SERVING)
+	}
+	reflection.Register(g)
+	return g, hs
+}
+
+// codeToLevel logs successes and the caller's own mistakes at debug level,
+// and what an operator should look at (timeouts, shards down, bugs) higher.
+func codeToLevel(c codes.Code) logging.Level {
+	switch c {
+	case codes.DeadlineExceeded, codes.Unavailable, codes.ResourceExhausted:
+		return logging.LevelWarn
+	case codes.Internal, codes.Unknown, codes.DataLoss, codes.Unimplemented:
+		return logging.LevelError
+	}
+	return logging.LevelDebug
+}
+
+// defaultDeadline gives a call without a deadline one, so no request can
+// hold a connection forever.
+func defaultDeadline(d time.Duration) grpc.UnaryServerInterceptor {
+	return func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+		if _, ok := ctx.Deadline(); !ok {
+			var cancel context.CancelFunc
+			ctx, cancel = context.WithTimeout(ctx, d)
+			defer cancel()
+		}
+		return h(ctx, req)
+	}
+}
+
+// errorCodes turns handler errors into gRPC statuses (see toStatus).
+func errorCodes(log *slog.Logger) grpc.UnaryServerInterceptor {
+	return func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+		resp, err := h(ctx, req)
+		if err != nil {
+			return nil, toStatus(log, info.FullMethod, err)
+		}
+		return resp, nil
+	}
+}
+
+// Serve serves g on lis until ctx ends, then stops gracefully: health turns
+// NOT_SERVING, new calls are refused, in-flight calls get up to grace to
+// finish, and whatever is left is cut off.
+func Serve(ctx context.Context, g *grpc.Server, hs *health.Server, lis net.Listener, grace time.Duration) error {
+	errc := make(chan error, 1)
+	go func() { errc <- g.Serve(lis) }()
+	select {
+	case err := <-errc:
+		return err
+	case <-ctx.Done():
+	}
+	hs.Shutdown()
+	done := make(chan struct{})
+	go func() { g.GracefulStop(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(grace):
+		g.Stop()
+	}
+	if err := <-errc; err != nil && !errors.Is(err, grpc.ErrServerStopped) {
+		return err
+	}
+	return nil
+}

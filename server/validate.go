@@ -1,0 +1,214 @@
+package server
+
+import (
+	"encoding/base64"
+	"encoding/json"
+	"fmt"
+	"strconv"
+	"strings"
+	"unicode"
+	"unicode/utf8"
+)
+
+// fieldError is bad input in one request field; it becomes InvalidArgument
+// with a message that starts with the field's name.
+type fieldError struct {
+	field string
+	msg   string
+}
+
+func (e *fieldError) Error() string { return e.field + ": " + e.msg }
+
+func invalid(field, format string, args ...any) error {
+	return &fieldError{field: field, msg: fmt.Sprintf(format, args...)}
+}
+
+// Limits on identifiers, from the API contract.
+const (
+	maxUserID     = 128
+	maxName       = 64  // collections and config namespaces
+	maxKey        = 256 // item and config keys
+	maxTTLSeconds = 365 * 24 * 3600
+	maxPageSize   = 1000
+	defPageSize   = 100
+	maxToken      = 128
+)
+
+func isIDByte(c byte) bool {
+	return c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' ||
+		c == '.' || c == '_' || c == ':' || c == '@' || c == '-'
+}
+
+// validateUserID checks 1-128 bytes of [A-Za-z0-9._:@-].
+func validateUserID(field, id string) error {
+	if id == "" {
+		return invalid(field, "required")
+	}
+	if len(id) > maxUserID {
+		return invalid(field, "%d bytes exceeds the limit of %d", len(id), maxUserID)
+	}
+	for i := 0; i < len(id); i++ {
+		if !isIDByte(id[i]) {
+			return invalid(field, "byte %d (%q) is not one of [A-Za-z0-9._:@-]", i, id[i])
+		}
+	}
+	return nil
+}
+
+// validateName checks a collection or namespace: 1-64 bytes of [A-Za-z0-9._-].
+func validateName(field, name string) error {
+	if name == "" {
+		return invalid(field, "required")
+	}
+	if len(name) > maxName {
+		return invalid(field, "%d bytes exceeds the limit of %d", len(name), maxName)
+	}
+	for i := 0; i < len(name); i++ {
+		c := name[i]
+		if !(isIDByte(c) && c != ':' && c != '@') {
+			return invalid(field, "byte %d (%q) is not one of [A-Za-z0-9._-]", i, c)
+		}
+	}
+	return nil
+}
+
+// validateKey checks an item or config key: 1-256 bytes of UTF-8 without
+// control characters (Postgres text cannot hold NUL; the rest would only
+// make logs and terminals lie).
+func validateKey(field, key string, allowEmpty bool) error {
+	if key == "" {
+		if allowEmpty {
+			return nil
+		}
+		return invalid(field, "required")
+	}
+	if len(key) > maxKey {
+		return invalid(field, "%d bytes exceeds the limit of %d", len(key), maxKey)
+	}
+	if !utf8.ValidString(key) {
+		return invalid(field, "not valid UTF-8")
+	}
+	for i, r := range key {
+		if unicode.IsControl(r) {
+			return invalid(field, "control character %U at byte %d", r, i)
+		}
+	}
+	return nil
+}
+
+// validateJSON checks a JSON field and returns it as bytes. object requires
+// a JSON object; empty input is then read as {}. Values Postgres jsonb
+// cannot store (a \u0000 escape) are refused here rather than by the shard.
+func validateJSON(field, s string, object bool, maxBytes int) ([]byte, error) {
+	if s == "" {
+		if object {
+			return []byte("{}"), nil
+		}
+		return nil, invalid(field, "required (any JSON value)")
+	}
+	if len(s) > maxBytes {
+		return nil, invalid(field, "%d bytes exceeds the limit of %d", len(s), maxBytes)
+	}
+	b := []byte(s)
+	if !utf8.Valid(b) {
+		return nil, invalid(field, "not valid UTF-8")
+	}
+	if !json.Valid(b) {
+		var v any
+		err := json.Unmarshal(b, &v) // for the position of the error
+		return nil, invalid(field, "not valid JSON: %v", err)
+	}
+	if object && strings.TrimLeft(s, " \t\r\n")[0] != '{' {
+		return nil, invalid(field, "must be a JSON object")
+	}
+	if hasNULEscape(s) {
+		return nil, invalid(field, `contains \u0000, which cannot be stored`)
+	}
+	return b, nil
+}
+
+// hasNULEscape reports whether valid JSON s has a \u0000 escape (one that is
+// not itself an escaped backslash followed by "u0000").
+func hasNULEscape(s string) bool {
+	for i := 0; ; {
+		j := strings.Index(s[i:], `\u0000`)
+		if j < 0 {
+			return false
+		}
+		j += i
+		n := 0
+		for k := j - 1; k >= 0 && s[k] == '\\'; k-- {
+			n++
+		}
+		if n%2 == 0 {
+			return true
+		}
+		i = j + 1
+	}
+}
+
+func validateTTL(field string, ttl int64) error {
+	if ttl < 1 || ttl > maxTTLSeconds {
+		return invalid(field, "%d is outside 1..%d seconds", ttl, maxTTLSeconds)
+	}
+	return nil
+}
+
+func validateExpected(field string, v *int64) error {
+	if v != nil && *v < 0 {
+		return invalid(field, "%d is negative", *v)
+	}
+	return nil
+}
+
+func validatePageSize(field string, n int32) (int, error) {
+	switch {
+	case n == 0:
+		return defPageSize, nil
+	case n < 0 || n > maxPageSize:
+		return 0, invalid(field, "%d is outside 1..%d", n, maxPageSize)
+	}
+	return int(n), nil
+}
+
+// Page tokens carry the last key returned, base64url-encoded.
+func encodePageToken(lastKey string) string {
+	return base64.RawURLEncoding.EncodeToString([]byte(lastKey))
+}
+
+func decodePageToken(field, tok string) (string, error) {
+	if tok == "" {
+		return "", nil
+	}
+	b, err := base64.RawURLEncoding.DecodeString(tok)
+	if err != nil || len(b) == 0 {
+		return "", invalid(field, "not a token from a previous ListItems response")
+	}
+	if err := validateKey(field, string(b), false); err != nil {
+		return "", invalid(field, "not a token from a previous ListItems response")
+	}
+	return string(b), nil
+}
+
+// parseToken splits a session token "<partition>.<random>" and checks its
+// shape. The random part is 32 base64url characters (192 bits).
+func parseToken(field, tok string, partitions int) (int32, error) {
+	if tok == "" {
+		return 0, invalid(field, "required")
+	}
+	if len(tok) > maxToken {
+		return 0, invalid(field, "%d bytes exceeds the limit of %d", len(tok), maxToken)
+	}
+	head, rest, ok := strings.Cut(tok, ".")
+	if !ok || head == "" || len(head) > 7 || len(rest) != tokenRandomChars {
+		return 0, invalid(field, "not a session token")
+	}
+	p, err := strconv.ParseUint(head, 10, 31)
+	if err != nil || int(p) >= partitions || (len(head) > 1 && head[0] == '0') {
+		return 0, invalid(field, "not a session token")
+	}
+	if _, err := base64.RawURLEncoding.DecodeString(rest); err != nil {
+		return 0, invalid(field, "not a session token")
+	}
+	return int32(p), nil
+}
