@@ -87,7 +87,8 @@ func withProvider(dsn string, kind Kind, fn func(*goose.Provider) error) error {
 	db := stdlib.OpenDB(*cfg)
 	defer db.Close()
 	db.SetMaxOpenConns(2)
-	locker, err := lock.NewPostgresSessionLocker()
+	// Waiters retry every second (goose's default is 5s) for up to 5 minutes.
+	locker, err := lock.NewPostgresSessionLocker(lock.WithLockTimeout(1, 300))
 	if err != nil {
 		return err
 	}

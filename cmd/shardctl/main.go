@@ -1,0 +1,197 @@
+// Command shardctl administers a Shardgate cluster.
+//
+//	shardctl topology                 shards and the partitions they own
+//	shardctl locate USER              a user's partition and shard
+//	shardctl migrate status           schema version of the catalog and each shard
+//	shardctl migrate up --catalog DSN apply pending migrations everywhere
+//
+// Output is a table for people; --json prints one JSON document for scripts.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/alecthomas/kong"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/shardgate/shardgate/catalog"
+	pb "github.com/shardgate/shardgate/proto/shardgate/v1"
+)
+
+type globals struct {
+	Addr    string        `help:"Shardgate gRPC address." default:"127.0.0.1:7070" env:"SHARDGATE_ADDR"`
+	JSON    bool          `help:"Print JSON instead of a table."`
+	Timeout time.Duration `help:"Deadline of each call." default:"10s"`
+
+	out io.Writer
+}
+
+type cli struct {
+	globals
+	Topology topologyCmd `cmd:"" help:"Show the shards and how many partitions each owns."`
+	Locate   locateCmd   `cmd:"" help:"Show which partition and shard hold a user."`
+	Migrate  struct {
+		Status migrateStatusCmd `cmd:"" help:"Show the schema version of the catalog and every shard."`
+		Up     migrateUpCmd     `cmd:"" help:"Apply pending migrations to the catalog and every shard (talks to the databases directly)."`
+	} `cmd:"" help:"Schema migrations."`
+}
+
+func main() {
+	var c cli
+	c.out = os.Stdout
+	kctx := kong.Parse(&c, kong.Name("shardctl"), kong.Description("Administer a Shardgate cluster."), kong.UsageOnError())
+	if err := kctx.Run(&c.globals); err != nil {
+		fmt.Fprintln(os.Stderr, "shardctl:", err)
+		os.Exit(1)
+	}
+}
+
+// call dials the server and runs fn with a deadline.
+func (g *globals) call(fn func(context.Context, *grpc.ClientConn) error) error {
+	conn, err := grpc.NewClient(g.Addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), g.Timeout)
+	defer cancel()
+	return fn(ctx, conn)
+}
+
+func (g *globals) printJSON(m proto.Message) error {
+	b, err := protojson.MarshalOptions{Multiline: true, EmitUnpopulated: true}.Marshal(m)
+	if err != nil {
+		return err
+	}
+	_, err = fmt.Fprintln(g.out, string(b))
+	return err
+}
+
+func (g *globals) table(header ...string) *tabwriter.Writer {
+	w := tabwriter.NewWriter(g.out, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(w, strings.Join(header, "\t"))
+	return w
+}
+
+type topologyCmd struct{}
+
+func (topologyCmd) Run(g *globals) error {
+	return g.call(func(ctx context.Context, conn *grpc.ClientConn) error {
+		resp, err := pb.NewAdminServiceClient(conn).GetTopology(ctx, &pb.GetTopologyRequest{})
+		if err != nil {
+			return err
+		}
+		if g.JSON {
+			return g.printJSON(resp)
+		}
+		fmt.Fprintf(g.out, "topology version %d, %d partitions\n\n", resp.GetVersion(), resp.GetPartitionCount())
+		w := g.table("SHARD", "STATE", "PARTITIONS", "SHARE")
+		for _, s := range resp.GetShards() {
+			share := 100 * float64(s.GetPartitionCount()) / float64(max(resp.GetPartitionCount(), 1))
+			state := strings.ToLower(strings.TrimPrefix(s.GetState().String(), "SHARD_STATE_"))
+			fmt.Fprintf(w, "%s\t%s\t%d\t%.1f%%\n", s.GetName(), state, s.GetPartitionCount(), share)
+		}
+		return w.Flush()
+	})
+}
+
+type locateCmd struct {
+	User string `arg:"" help:"User ID."`
+}
+
+func (c locateCmd) Run(g *globals) error {
+	return g.call(func(ctx context.Context, conn *grpc.ClientConn) error {
+		resp, err := pb.NewAdminServiceClient(conn).LocateUser(ctx, &pb.LocateUserRequest{UserId: c.User})
+		if err != nil {
+			return err
+		}
+		if g.JSON {
+			return g.printJSON(resp)
+		}
+		w := g.table("USER", "PARTITION", "SHARD")
+		fmt.Fprintf(w, "%s\t%d\t%s\n", c.User, resp.GetPartition(), resp.GetShard())
+		return w.Flush()
+	})
+}
+
+type migrateStatusCmd struct{}
+
+func (migrateStatusCmd) Run(g *globals) error {
+	return g.call(func(ctx context.Context, conn *grpc.ClientConn) error {
+		resp, err := pb.NewAdminServiceClient(conn).MigrationStatus(ctx, &pb.MigrationStatusRequest{})
+		if err != nil {
+			return err
+		}
+		if g.JSON {
+			return g.printJSON(resp)
+		}
+		w := g.table("DATABASE", "APPLIED", "LATEST", "PENDING", "ERROR")
+		for _, d := range append([]*pb.DatabaseMigration{resp.GetCatalog()}, resp.GetShards()...) {
+			pending := fmt.Sprint(d.GetPendingVersions())
+			if len(d.GetPendingVersions()) == 0 {
+				pending = "-"
+			}
+			errText := d.GetError()
+			if errText == "" {
+				errText = "-"
+			}
+			fmt.Fprintf(w, "%s\t%d\t%d\t%s\t%s\n", d.GetName(), d.GetAppliedVersion(), d.GetLatestVersion(), pending, errText)
+		}
+		return w.Flush()
+	})
+}
+
+type migrateUpCmd struct {
+	Catalog string `help:"Catalog database DSN." required:"" env:"SHARDGATE_CATALOG"`
+}
+
+func (c migrateUpCmd) Run(g *globals) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	results, err := catalog.MigrateAll(ctx, c.Catalog)
+	if g.JSON {
+		type row struct {
+			Database string  `json:"database"`
+			Applied  []int64 `json:"applied"`
+			Error    string  `json:"error,omitempty"`
+		}
+		rows := make([]row, len(results))
+		for i, r := range results {
+			rows[i] = row{Database: r.Name, Applied: append([]int64{}, r.Applied...)}
+			if r.Err != nil {
+				rows[i].Error = r.Err.Error()
+			}
+		}
+		enc := json.NewEncoder(g.out)
+		enc.SetIndent("", "  ")
+		if e := enc.Encode(rows); e != nil {
+			return e
+		}
+		return err
+	}
+	w := g.table("DATABASE", "APPLIED NOW", "ERROR")
+	for _, r := range results {
+		applied, errText := "-", "-"
+		if len(r.Applied) > 0 {
+			applied = fmt.Sprint(r.Applied)
+		}
+		if r.Err != nil {
+			errText = r.Err.Error()
+		}
+		fmt.Fprintf(w, "%s\t%s\t%s\n", r.Name, applied, errText)
+	}
+	if e := w.Flush(); e != nil {
+		return e
+	}
+	return err
+}

@@ -1,0 +1,117 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/shardgate/shardgate/catalog"
+	"github.com/shardgate/shardgate/internal/testenv"
+	"github.com/shardgate/shardgate/router"
+	"github.com/shardgate/shardgate/server"
+)
+
+// startCluster serves a fresh 4-shard cluster on loopback and returns its
+// address and catalog DSN.
+func startCluster(t *testing.T) (addr, catalogDSN string) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	catalogDSN = testenv.NewDatabase(t)
+	var specs []catalog.ShardSpec
+	for i := range 4 {
+		specs = append(specs, catalog.ShardSpec{Name: fmt.Sprintf("shard-%d", i), DSN: testenv.NewDatabase(t)})
+	}
+	if err := catalog.CreateCluster(ctx, catalogDSN, router.RingConfig{}, specs); err != nil {
+		t.Fatal(err)
+	}
+	s, err := server.New(ctx, catalogDSN, server.Options{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	g, hs := server.NewGRPCServer(s, server.GRPCOptions{})
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- server.Serve(ctx, g, hs, lis, time.Second) }()
+	t.Cleanup(func() { cancel(); <-done; s.Close() })
+	return lis.Addr().String(), catalogDSN
+}
+
+func run(t *testing.T, g globals, cmd interface{ Run(*globals) error }) string {
+	t.Helper()
+	var out bytes.Buffer
+	g.out = &out
+	g.Timeout = 10 * time.Second
+	if err := cmd.Run(&g); err != nil {
+		t.Fatal(err)
+	}
+	return out.String()
+}
+
+func TestCommands(t *testing.T) {
+	addr, catalogDSN := startCluster(t)
+	g := globals{Addr: addr}
+
+	out := run(t, g, topologyCmd{})
+	if !strings.Contains(out, "4096 partitions") || strings.Count(out, "shard-") != 4 {
+		t.Fatalf("topology:\n%s", out)
+	}
+	gj := g
+	gj.JSON = true
+	var topo struct {
+		PartitionCount int `json:"partitionCount"`
+		Shards         []struct {
+			Name           string `json:"name"`
+			PartitionCount int    `json:"partitionCount"`
+		} `json:"shards"`
+	}
+	if err := json.Unmarshal([]byte(run(t, gj, topologyCmd{})), &topo); err != nil {
+		t.Fatal(err)
+	}
+	total := 0
+	for _, s := range topo.Shards {
+		total += s.PartitionCount
+	}
+	if len(topo.Shards) != 4 || total != 4096 {
+		t.Fatalf("topology --json: %+v", topo)
+	}
+
+	if out := run(t, g, locateCmd{User: "alice"}); !strings.Contains(out, "alice") || !strings.Contains(out, "shard-") {
+		t.Fatalf("locate:\n%s", out)
+	}
+	if out := run(t, g, migrateStatusCmd{}); strings.Count(out, "shard-") != 4 || !strings.Contains(out, "catalog") {
+		t.Fatalf("migrate status:\n%s", out)
+	}
+	out = run(t, gj, migrateUpCmd{Catalog: catalogDSN})
+	var rows []struct {
+		Database string  `json:"database"`
+		Applied  []int64 `json:"applied"`
+	}
+	if err := json.Unmarshal([]byte(out), &rows); err != nil || len(rows) != 5 {
+		t.Fatalf("migrate up --json: %s (%v)", out, err)
+	}
+	for _, r := range rows {
+		if len(r.Applied) != 0 {
+			t.Fatalf("migrate up on a current cluster applied %v to %s", r.Applied, r.Database)
+		}
+	}
+}
+
+func TestBadInputIsAnError(t *testing.T) {
+	addr, _ := startCluster(t)
+	g := globals{Addr: addr, Timeout: 5 * time.Second, out: io.Discard}
+	err := locateCmd{User: "not valid"}.Run(&g)
+	if err == nil || !strings.Contains(err.Error(), "user_id") {
+		t.Fatalf("locate with a bad ID: %v", err)
+	}
+}

@@ -1,0 +1,117 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/url"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/shardgate/shardgate/catalog"
+	"github.com/shardgate/shardgate/router"
+)
+
+type devCmd struct {
+	Listen    string `help:"Loopback address to serve gRPC on." default:"127.0.0.1:7070" env:"SHARDGATE_LISTEN"`
+	PGAdmin   string `name:"pg-admin" help:"Superuser DSN of the local PostgreSQL." default:"postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable" env:"SHARDGATE_DEV_PG"`
+	Redis     string `help:"Local Redis address." default:"127.0.0.1:6379" env:"SHARDGATE_REDIS"`
+	Shards    int    `help:"Number of shard databases." default:"4"`
+	DBPrefix  string `name:"db-prefix" help:"Prefix of the databases dev mode creates." default:"shardgate_dev"`
+	NoInstall bool   `name:"no-install" help:"Never install PostgreSQL or Redis; only start them."`
+	serveFlags
+}
+
+func (c *devCmd) Run(ctx context.Context, log *slog.Logger) error {
+	loopback, err := isLoopback(c.Listen)
+	if err != nil {
+		return err
+	}
+	if !loopback {
+		return fmt.Errorf("dev mode serves on loopback only; %s is not", c.Listen)
+	}
+	if c.Shards < 1 || c.Shards > 64 {
+		return fmt.Errorf("--shards %d: want 1..64", c.Shards)
+	}
+	env := devEnv{log: log, install: !c.NoInstall}
+	if err := env.ensurePostgres(ctx, c.PGAdmin); err != nil {
+		return err
+	}
+	if err := env.ensureRedis(ctx, c.Redis); err != nil {
+		return err
+	}
+	catalogDSN, specs, err := c.createDatabases(ctx)
+	if err != nil {
+		return err
+	}
+	err = catalog.CreateCluster(ctx, catalogDSN, router.RingConfig{}, specs)
+	switch {
+	case err == nil:
+		log.Info("dev cluster created", "shards", len(specs), "partitions", router.DefaultPartitions)
+	case errors.Is(err, catalog.ErrClusterExists):
+		// Keep the data of an earlier run; bring its schemas up to date.
+		if _, err := catalog.MigrateAll(ctx, catalogDSN); err != nil {
+			return err
+		}
+		log.Info("dev cluster exists; reusing it", "catalog", redactDSN(catalogDSN))
+	default:
+		return err
+	}
+	log.Warn("dev mode: no TLS, no auth, loopback only", "listen", c.Listen)
+	return run(ctx, log, c.Listen, catalogDSN, c.serveFlags)
+}
+
+// createDatabases creates the catalog and shard databases if missing and
+// returns their DSNs.
+func (c *devCmd) createDatabases(ctx context.Context) (string, []catalog.ShardSpec, error) {
+	ctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	conn, err := pgx.Connect(ctx, c.PGAdmin)
+	if err != nil {
+		return "", nil, fmt.Errorf("connect to PostgreSQL: %w", err)
+	}
+	defer conn.Close(context.Background())
+	names := []string{c.DBPrefix + "_catalog"}
+	for i := range c.Shards {
+		names = append(names, fmt.Sprintf("%s_shard_%d", c.DBPrefix, i))
+	}
+	dsns := make([]string, len(names))
+	for i, name := range names {
+		var exists bool
+		if err := conn.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)`, name).Scan(&exists); err != nil {
+			return "", nil, err
+		}
+		if !exists {
+			if _, err := conn.Exec(ctx, "CREATE DATABASE "+pgx.Identifier{name}.Sanitize()); err != nil {
+				return "", nil, fmt.Errorf("create database %s: %w", name, err)
+			}
+		}
+		if dsns[i], err = withDatabase(c.PGAdmin, name); err != nil {
+			return "", nil, err
+		}
+	}
+	specs := make([]catalog.ShardSpec, c.Shards)
+	for i := range specs {
+		specs[i] = catalog.ShardSpec{Name: fmt.Sprintf("shard-%d", i), DSN: dsns[i+1]}
+	}
+	return dsns[0], specs, nil
+}
+
+func withDatabase(dsn, name string) (string, error) {
+	u, err := url.Parse(dsn)
+	if err != nil || u.Scheme == "" {
+		return "", fmt.Errorf("--pg-admin must be a postgres:// URL")
+	}
+	u.Path = "/" + name
+	return u.String(), nil
+}
+
+func redactDSN(dsn string) string {
+	u, err := url.Parse(dsn)
+	if err != nil {
+		return "(DSN)"
+	}
+	return u.Redacted()
+}

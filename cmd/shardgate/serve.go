@@ -1,0 +1,81 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net"
+	"time"
+
+	"github.com/shardgate/shardgate/server"
+	"github.com/shardgate/shardgate/shards"
+)
+
+// serveFlags are shared by serve and dev.
+type serveFlags struct {
+	MaxJSONBytes     int           `help:"Largest accepted *_json field, in bytes." default:"65536" env:"SHARDGATE_MAX_JSON_BYTES"`
+	MaxRecvBytes     int           `help:"Largest accepted request message, in bytes." default:"1048576" env:"SHARDGATE_MAX_RECV_BYTES"`
+	DefaultTimeout   time.Duration `help:"Deadline for calls that arrive without one." default:"10s" env:"SHARDGATE_DEFAULT_TIMEOUT"`
+	ShardMaxConns    int32         `help:"Connections per shard pool (0: pgxpool's default, max(4, CPUs))." default:"0" env:"SHARDGATE_SHARD_MAX_CONNS"`
+	TopologyInterval time.Duration `help:"How often to check the topology version besides LISTEN/NOTIFY." default:"5s" env:"SHARDGATE_TOPOLOGY_INTERVAL"`
+	Grace            time.Duration `help:"How long in-flight calls may run after SIGTERM." default:"15s" env:"SHARDGATE_GRACE"`
+}
+
+type serveCmd struct {
+	Listen   string `help:"Address to serve gRPC on." default:"127.0.0.1:7070" env:"SHARDGATE_LISTEN"`
+	Catalog  string `help:"Catalog database DSN." required:"" env:"SHARDGATE_CATALOG"`
+	Insecure bool   `help:"Allow a non-loopback listen address without TLS and auth (never in production)." env:"SHARDGATE_INSECURE"`
+	serveFlags
+}
+
+func (c *serveCmd) Run(ctx context.Context, log *slog.Logger) error {
+	loopback, err := isLoopback(c.Listen)
+	if err != nil {
+		return err
+	}
+	if !loopback {
+		if !c.Insecure {
+			return fmt.Errorf("refusing to listen on %s: not loopback, and this build serves without TLS or auth; use a loopback address or pass --insecure", c.Listen)
+		}
+		log.Warn("INSECURE: serving without TLS or auth on a non-loopback address", "listen", c.Listen)
+	}
+	return run(ctx, log, c.Listen, c.Catalog, c.serveFlags)
+}
+
+func run(ctx context.Context, log *slog.Logger, listen, catalogDSN string, f serveFlags) error {
+	s, err := server.New(ctx, catalogDSN, server.Options{
+		MaxJSONBytes:     f.MaxJSONBytes,
+		ShardPool:        shards.PoolOptions{MaxConns: f.ShardMaxConns},
+		TopologyInterval: f.TopologyInterval,
+		Logger:           log,
+	})
+	if err != nil {
+		return err
+	}
+	defer s.Close()
+	go s.Watch(ctx)
+	g, hs := server.NewGRPCServer(s, server.GRPCOptions{MaxRecvMsgBytes: f.MaxRecvBytes, DefaultTimeout: f.DefaultTimeout})
+	lis, err := net.Listen("tcp", listen)
+	if err != nil {
+		return err
+	}
+	t := s.Router().Table()
+	log.Info("serving", "addr", lis.Addr().String(), "topology_version", t.Version(), "partitions", t.PartitionCount(), "shards", len(t.Shards()))
+	err = server.Serve(ctx, g, hs, lis, f.Grace)
+	log.Info("stopped")
+	return err
+}
+
+// isLoopback reports whether a listen address binds only loopback
+// interfaces. An empty host binds every interface.
+func isLoopback(addr string) (bool, error) {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return false, fmt.Errorf("listen address %q: %w", addr, err)
+	}
+	if host == "localhost" {
+		return true, nil
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback(), nil
+}
