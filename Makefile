@@ -1,0 +1,31 @@
+# Quick start: `make run` brings up a local cluster and serves on
+# 127.0.0.1:7070; `make test` runs every check CI runs.
+GO ?= go
+FUZZTIME ?= 10s
+
+.PHONY: run test build proto bench fuzz
+
+run:
+	$(GO) run ./cmd/shardgate dev
+
+test:
+	$(GO) vet ./...
+	$(GO) test -race -count=1 ./...
+
+build:
+	$(GO) build -o bin/ ./cmd/...
+
+# Regenerates proto/shardgate/v1/*.pb.go with the tools pinned in proto/tools.mod.
+proto:
+	cd proto && $(GO) tool -modfile=tools.mod buf lint
+	cd proto && $(GO) tool -modfile=tools.mod buf generate
+
+bench:
+	$(GO) test -run '^$$' -bench . -benchmem ./router ./shards ./server
+
+# Runs each fuzz target for FUZZTIME; the seeds in testdata/fuzz also run in `make test`.
+fuzz:
+	$(GO) test ./server -run '^$$' -fuzz '^FuzzValidateJSON$$' -fuzztime $(FUZZTIME)
+	$(GO) test ./server -run '^$$' -fuzz '^FuzzParseToken$$' -fuzztime $(FUZZTIME)
+	$(GO) test ./server -run '^$$' -fuzz '^FuzzValidateIdentifiers$$' -fuzztime $(FUZZTIME)
+	$(GO) test ./server -run '^$$' -fuzz '^FuzzPageToken$$' -fuzztime $(FUZZTIME)
