@@ -130,6 +130,11 @@ func TestItems(t *testing.T) {
 	t.Parallel()
 	ts := newTestCluster(t, 2).start(t, false)
 	ctx := ctxT(t)
+	_, err := ts.data.PutItem(ctx, &pb.PutItemRequest{UserId: "carol", Collection: "notes", Key: "n00", ValueJson: "0"})
+	wantCode(t, err, codes.NotFound) // items belong to an existing user
+	if _, err := ts.data.PutUser(ctx, &pb.PutUserRequest{UserId: "carol"}); err != nil {
+		t.Fatal(err)
+	}
 	for i := range 25 {
 		_, err := ts.data.PutItem(ctx, &pb.PutItemRequest{UserId: "carol", Collection: "notes", Key: fmt.Sprintf("n%02d", i), ValueJson: fmt.Sprint(i)})
 		if err != nil {

@@ -139,3 +139,13 @@ func wantErr(t testing.TB, err, target error) {
 		t.Fatalf("err = %v, want %v", err, target)
 	}
 }
+
+// putUsers creates users in partition p, as items need their user to exist.
+func putUsers(t testing.TB, s *Shard, p int32, ids ...string) {
+	t.Helper()
+	for _, id := range ids {
+		if _, err := s.PutUser(testCtx(t), p, id, []byte(`{}`), nil); err != nil {
+			t.Fatalf("put user %s: %v", id, err)
+		}
+	}
+}

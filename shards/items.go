@@ -26,15 +26,21 @@ type Item struct {
 
 // Item writes use collection || '/' || key as the outbox key and the value
 // as the payload. Three statements for PutItem, one per kind of expectation;
-// see versions.go for the columns they return.
+// see versions.go for the columns they return, plus a second column saying
+// whether the user exists. Items belong to an existing user: FOR KEY SHARE
+// on the user's row keeps a concurrent DeleteUser from leaving them behind.
 
 // putItemAnySQL creates the item or replaces its value, whatever its version.
 const putItemAnySQL = `
 WITH own AS (
     SELECT 1 FROM ownership WHERE partition = $1 AND state = 'owned' FOR SHARE
+), usr AS (
+    SELECT 1 FROM users AS u, own
+    WHERE u.partition = $1 AND u.user_id = $2
+    FOR KEY SHARE OF u
 ), up AS (
     INSERT INTO items AS i (partition, user_id, collection, key, value, version)
-    SELECT $1, $2::text, $3::text, $4::text, $5::jsonb, 1 FROM own
+    SELECT $1, $2::text, $3::text, $4::text, $5::jsonb, 1 FROM usr
     ON CONFLICT (partition, user_id, collection, key) DO UPDATE
         SET value = EXCLUDED.value, version = i.version + 1, updated_at = now()
     RETURNING i.version, i.value
@@ -42,22 +48,26 @@ WITH own AS (
     INSERT INTO outbox (partition, user_id, entity, key, op, version, payload)
     SELECT $1, $2::text, 'item', $3::text || '/' || $4::text, 'upsert', version, value FROM up
 )
-SELECT EXISTS (SELECT 1 FROM own), (SELECT version FROM up), NULL::bigint`
+SELECT EXISTS (SELECT 1 FROM own), EXISTS (SELECT 1 FROM usr), (SELECT version FROM up), NULL::bigint`
 
 // putItemCreateSQL creates the item only if it does not exist.
 const putItemCreateSQL = `
 WITH own AS (
     SELECT 1 FROM ownership WHERE partition = $1 AND state = 'owned' FOR SHARE
+), usr AS (
+    SELECT 1 FROM users AS u, own
+    WHERE u.partition = $1 AND u.user_id = $2
+    FOR KEY SHARE OF u
 ), up AS (
     INSERT INTO items (partition, user_id, collection, key, value, version)
-    SELECT $1, $2::text, $3::text, $4::text, $5::jsonb, 1 FROM own
+    SELECT $1, $2::text, $3::text, $4::text, $5::jsonb, 1 FROM usr
     ON CONFLICT (partition, user_id, collection, key) DO NOTHING
     RETURNING version, value
 ), ev AS (
     INSERT INTO outbox (partition, user_id, entity, key, op, version, payload)
     SELECT $1, $2::text, 'item', $3::text || '/' || $4::text, 'upsert', version, value FROM up
 )
-SELECT EXISTS (SELECT 1 FROM own), (SELECT version FROM up),
+SELECT EXISTS (SELECT 1 FROM own), EXISTS (SELECT 1 FROM usr), (SELECT version FROM up),
        (SELECT version FROM items
         WHERE partition = $1 AND user_id = $2 AND collection = $3 AND key = $4)`
 
@@ -65,10 +75,14 @@ SELECT EXISTS (SELECT 1 FROM own), (SELECT version FROM up),
 const putItemUpdateSQL = `
 WITH own AS (
     SELECT 1 FROM ownership WHERE partition = $1 AND state = 'owned' FOR SHARE
+), usr AS (
+    SELECT 1 FROM users AS u, own
+    WHERE u.partition = $1 AND u.user_id = $2
+    FOR KEY SHARE OF u
 ), up AS (
     UPDATE items AS i
     SET value = $5::jsonb, version = i.version + 1, updated_at = now()
-    FROM own
+    FROM usr
     WHERE i.partition = $1 AND i.user_id = $2 AND i.collection = $3 AND i.key = $4
       AND i.version = $6
     RETURNING i.version, i.value
@@ -76,7 +90,7 @@ WITH own AS (
     INSERT INTO outbox (partition, user_id, entity, key, op, version, payload)
     SELECT $1, $2::text, 'item', $3::text || '/' || $4::text, 'upsert', version, value FROM up
 )
-SELECT EXISTS (SELECT 1 FROM own), (SELECT version FROM up),
+SELECT EXISTS (SELECT 1 FROM own), EXISTS (SELECT 1 FROM usr), (SELECT version FROM up),
        (SELECT version FROM items
         WHERE partition = $1 AND user_id = $2 AND collection = $3 AND key = $4)`
 
@@ -88,7 +102,8 @@ WHERE partition = $1 AND user_id = $2 AND collection = $3 AND key = $4`
 // the same expected semantics as PutUser: nil writes unconditionally, 0
 // creates only, N > 0 updates only at version N; a mismatch writes nothing
 // and returns a *ConflictError. ErrWrongShard if the partition is not owned.
-// The user need not exist. The change and its outbox event commit together.
+// ErrUserNotFound, with nothing written, if the user does not exist. The
+// change and its outbox event commit together.
 func (s *Shard) PutItem(ctx context.Context, partition int32, userID, collection, key string, value []byte, expected *int64) (version int64, err error) {
 	if err := checkExpected(expected); err != nil {
 		return 0, s.wrap("put item", err)
@@ -109,15 +124,17 @@ func (s *Shard) PutItem(ctx context.Context, partition int32, userID, collection
 		row = c.QueryRow(ctx, putItemUpdateSQL, partition, userID, collection, key, value, *expected)
 	}
 	var (
-		owned           bool
-		written, before pgtype.Int8
+		owned, userExists bool
+		written, before   pgtype.Int8
 	)
-	if err := row.Scan(&owned, &written, &before); err != nil {
+	if err := row.Scan(&owned, &userExists, &written, &before); err != nil {
 		return 0, s.wrap("put item", err)
 	}
 	switch {
 	case !owned:
 		return 0, s.wrap("put item", wrongShard(partition))
+	case !userExists:
+		return 0, s.wrap("put item", ErrUserNotFound)
 	case !written.Valid:
 		return 0, s.wrap("put item", refused(ctx, c, expected, before, false, itemVersionSQL, partition, userID, collection, key))
 	}

@@ -11,6 +11,7 @@ func TestItemRoundTrip(t *testing.T) {
 	t.Parallel()
 	s := newShard(t, 9)
 	ctx := testCtx(t)
+	putUsers(t, s, 9, "alice")
 
 	values := []struct{ name, json string }{
 		{"object", `{ "title" : "x",  "n": [1,2] }`},
@@ -64,6 +65,7 @@ func TestItemExpected(t *testing.T) {
 	t.Parallel()
 	s := newShard(t, 9)
 	ctx := testCtx(t)
+	putUsers(t, s, 9, "alice")
 	const (
 		put = iota
 		del
@@ -154,6 +156,7 @@ func TestListItems(t *testing.T) {
 	t.Parallel()
 	s := newShard(t, 9)
 	ctx := testCtx(t)
+	putUsers(t, s, 9, "alice", "bob", "alic")
 	// In byte order ("B" < "X" < "_" < "a" < "é" < U+10FFFF), as Go sorts strings.
 	keys := []string{"", "%", "B", "_", "a", "a%", "a%b", "aXc", "a_", "a_c", "ab", "abc", "abd", "b", "é", "éa", "\U0010FFFF", "\U0010FFFFz"}
 	if !slices.IsSorted(keys) {
@@ -295,5 +298,19 @@ func TestPrefixEnd(t *testing.T) {
 				t.Errorf("prefixEnd(%q) = %q, but %q is not below it", tc.prefix, got, k)
 			}
 		}
+	}
+}
+
+// Items belong to an existing user; a put for anyone else writes nothing.
+func TestPutItemNeedsUser(t *testing.T) {
+	t.Parallel()
+	s := newShard(t, 9)
+	ctx := testCtx(t)
+	for _, expected := range []*int64{nil, ver(0), ver(1)} {
+		_, err := s.PutItem(ctx, 9, "ghost", "c", "k", []byte(`1`), expected)
+		wantErr(t, err, ErrUserNotFound)
+	}
+	if n := countRows(t, s); n != (rowCounts{}) {
+		t.Fatalf("rows after refused puts: %+v", n)
 	}
 }

@@ -209,10 +209,10 @@ func TestListSessionsOrder(t *testing.T) {
 	}
 }
 
-// TestDeleteUserRacesCreateSession checks that a session created while its
-// user is being deleted is either refused or deleted with the user (and its
-// delete event written): never left behind.
-func TestDeleteUserRacesCreateSession(t *testing.T) {
+// TestDeleteUserRacesCreateSessionAndPutItem checks that a session or item
+// created while its user is being deleted is either refused or deleted with
+// the user (and its delete event written): never left behind.
+func TestDeleteUserRacesCreateSessionAndPutItem(t *testing.T) {
 	t.Parallel()
 	s := newShard(t, 5)
 	ctx := testCtx(t)
@@ -225,8 +225,13 @@ func TestDeleteUserRacesCreateSession(t *testing.T) {
 		for w := range 4 {
 			wg.Go(func() {
 				for i := 0; ; i++ {
-					th := tokenHash(fmt.Sprintf("%s-%d-%d", user, w, i))
-					_, err := s.CreateSession(ctx, 5, user, th, []byte(`{}`), time.Hour)
+					var err error
+					if w%2 == 0 {
+						th := tokenHash(fmt.Sprintf("%s-%d-%d", user, w, i))
+						_, err = s.CreateSession(ctx, 5, user, th, []byte(`{}`), time.Hour)
+					} else {
+						_, err = s.PutItem(ctx, 5, user, "c", fmt.Sprintf("%d-%d", w, i), []byte(`1`), nil)
+					}
 					if errors.Is(err, ErrUserNotFound) {
 						return
 					}
@@ -243,16 +248,16 @@ func TestDeleteUserRacesCreateSession(t *testing.T) {
 		}
 		wg.Wait()
 	}
-	if c := countRows(t, s); c.Sessions != 0 || c.Users != 0 {
+	if c := countRows(t, s); c.Sessions != 0 || c.Items != 0 || c.Users != 0 {
 		t.Fatalf("left behind: %+v", c)
 	}
 	var unmatched int
 	err := s.Pool().QueryRow(ctx, `
 SELECT count(*) FROM (
-    SELECT key FROM outbox WHERE entity = 'session'
-    GROUP BY key HAVING count(*) FILTER (WHERE op = 'upsert') <> count(*) FILTER (WHERE op = 'delete')
+    SELECT key FROM outbox WHERE entity IN ('session', 'item')
+    GROUP BY user_id, key HAVING count(*) FILTER (WHERE op = 'upsert') <> count(*) FILTER (WHERE op = 'delete')
 ) AS k`).Scan(&unmatched)
 	if err != nil || unmatched != 0 {
-		t.Fatalf("%d sessions without exactly one create and one delete event (err %v)", unmatched, err)
+		t.Fatalf("%d sessions or items without exactly one create and one delete event (err %v)", unmatched, err)
 	}
 }

@@ -70,7 +70,8 @@ type DataServiceClient interface {
 	RevokeSession(ctx context.Context, in *RevokeSessionRequest, opts ...grpc.CallOption) (*RevokeSessionResponse, error)
 	// ListSessions lists a user's live sessions (without their tokens).
 	ListSessions(ctx context.Context, in *ListSessionsRequest, opts ...grpc.CallOption) (*ListSessionsResponse, error)
-	// PutItem creates or replaces one document of a user.
+	// PutItem creates or replaces one document of an existing user
+	// (NOT_FOUND if the user does not exist).
 	PutItem(ctx context.Context, in *PutItemRequest, opts ...grpc.CallOption) (*PutItemResponse, error)
 	// GetItem reads one document. NOT_FOUND if it does not exist.
 	GetItem(ctx context.Context, in *GetItemRequest, opts ...grpc.CallOption) (*GetItemResponse, error)
@@ -289,7 +290,8 @@ type DataServiceServer interface {
 	RevokeSession(context.Context, *RevokeSessionRequest) (*RevokeSessionResponse, error)
 	// ListSessions lists a user's live sessions (without their tokens).
 	ListSessions(context.Context, *ListSessionsRequest) (*ListSessionsResponse, error)
-	// PutItem creates or replaces one document of a user.
+	// PutItem creates or replaces one document of an existing user
+	// (NOT_FOUND if the user does not exist).
 	PutItem(context.Context, *PutItemRequest) (*PutItemResponse, error)
 	// GetItem reads one document. NOT_FOUND if it does not exist.
 	GetItem(context.Context, *GetItemRequest) (*GetItemResponse, error)
