@@ -123,9 +123,25 @@ func (c *Catalog) SetConfig(ctx context.Context, namespace, key string, value []
 		if expected == nil { // an unconditional upsert always returns a row
 			return 0, fmt.Errorf("set config %s/%s: no row written", namespace, key)
 		}
+		current = c.currentIfRaced(ctx, namespace, key, *expected, current)
 		return 0, fmt.Errorf("set config %s/%s: %w", namespace, key, &shards.ConflictError{Expected: *expected, Current: current})
 	}
 	return *version, nil
+}
+
+// currentIfRaced returns the value's version for a conflict report. The
+// statement's snapshot says current; if that equals expected, a concurrent
+// write committed after the snapshot was taken, so read it again.
+func (c *Catalog) currentIfRaced(ctx context.Context, namespace, key string, expected, current int64) int64 {
+	if current != expected {
+		return current
+	}
+	var v int64
+	if err := c.pool.QueryRow(ctx, `SELECT coalesce((SELECT version FROM config WHERE namespace = $1 AND key = $2), 0)`,
+		namespace, key).Scan(&v); err != nil {
+		return current // the write was refused either way; Current is informational
+	}
+	return v
 }
 
 // DeleteConfig removes a value: shards.ErrNotFound if absent, a
@@ -144,6 +160,7 @@ func (c *Catalog) DeleteConfig(ctx context.Context, namespace, key string, expec
 	case current == 0 || expected == nil:
 		return fmt.Errorf("config %s/%s: %w", namespace, key, shards.ErrNotFound)
 	default:
+		current = c.currentIfRaced(ctx, namespace, key, *expected, current)
 		return fmt.Errorf("delete config %s/%s: %w", namespace, key, &shards.ConflictError{Expected: *expected, Current: current})
 	}
 }

@@ -1,0 +1,114 @@
+package catalog_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"testing"
+
+	"github.com/shardgate/shardgate/catalog"
+	"github.com/shardgate/shardgate/internal/testenv"
+	"github.com/shardgate/shardgate/migrations"
+	"github.com/shardgate/shardgate/shards"
+)
+
+func openConfigCatalog(t *testing.T) *catalog.Catalog {
+	t.Helper()
+	dsn := testenv.NewDatabase(t)
+	if _, err := migrations.Up(context.Background(), dsn, migrations.Catalog); err != nil {
+		t.Fatal(err)
+	}
+	cat, err := catalog.Open(context.Background(), dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(cat.Close)
+	return cat
+}
+
+// Concurrent compare-and-set writers: each version is won exactly once, no
+// update is lost, and a refused writer is told a version other than the one
+// it expected.
+func TestConfigCompareAndSetUnderContention(t *testing.T) {
+	t.Parallel()
+	cat := openConfigCatalog(t)
+	ctx := context.Background()
+	if _, err := cat.SetConfig(ctx, "ns", "counter", []byte(`0`), nil); err != nil {
+		t.Fatal(err)
+	}
+	const writers, rounds = 8, 15
+	var mu sync.Mutex
+	won := map[int64]int{}
+	var wg sync.WaitGroup
+	for w := range writers {
+		wg.Go(func() {
+			for range rounds {
+				e, err := cat.GetConfig(ctx, "ns", "counter")
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				v, err := cat.SetConfig(ctx, "ns", "counter", []byte(fmt.Sprint(w)), &e.Version)
+				var ce *shards.ConflictError
+				switch {
+				case err == nil:
+					mu.Lock()
+					won[v]++
+					mu.Unlock()
+				case errors.As(err, &ce):
+					if ce.Current == ce.Expected {
+						t.Errorf("conflict reports current == expected == %d", ce.Current)
+					}
+				default:
+					t.Error(err)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	final, err := cat.GetConfig(ctx, "ns", "counter")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if int(final.Version) != len(won)+1 {
+		t.Fatalf("final version %d after %d successful updates", final.Version, len(won))
+	}
+	for v, n := range won {
+		if n != 1 {
+			t.Fatalf("version %d won %d times", v, n)
+		}
+	}
+}
+
+func TestConfigExpectedSemantics(t *testing.T) {
+	t.Parallel()
+	cat := openConfigCatalog(t)
+	ctx := context.Background()
+	v0, v1, v5 := int64(0), int64(1), int64(5)
+	if _, err := cat.SetConfig(ctx, "n", "k", []byte(`1`), &v1); !errors.Is(err, shards.ErrConflict) {
+		t.Fatalf("update of a missing value = %v, want conflict", err)
+	}
+	if v, err := cat.SetConfig(ctx, "n", "k", []byte(`1`), &v0); err != nil || v != 1 {
+		t.Fatalf("create = %d, %v", v, err)
+	}
+	if _, err := cat.SetConfig(ctx, "n", "k", []byte(`2`), &v0); !errors.Is(err, shards.ErrConflict) {
+		t.Fatalf("second create = %v, want conflict", err)
+	}
+	if err := cat.DeleteConfig(ctx, "n", "k", &v5); !errors.Is(err, shards.ErrConflict) {
+		t.Fatalf("delete at the wrong version = %v, want conflict", err)
+	}
+	if err := cat.DeleteConfig(ctx, "n", "k", &v0); !errors.Is(err, shards.ErrConflict) {
+		t.Fatalf("delete with expected 0 of an existing value = %v, want conflict", err)
+	}
+	if err := cat.DeleteConfig(ctx, "n", "k", &v1); err != nil {
+		t.Fatal(err)
+	}
+	if err := cat.DeleteConfig(ctx, "n", "k", nil); !errors.Is(err, shards.ErrNotFound) {
+		t.Fatalf("delete of a missing value = %v, want not found", err)
+	}
+	if _, err := cat.GetConfig(ctx, "n", "k"); !errors.Is(err, shards.ErrNotFound) {
+		t.Fatalf("get of a deleted value = %v", err)
+	}
+}
