@@ -14,6 +14,10 @@ import (
 	"github.com/shardgate/shardgate/router"
 )
 
+// WatchApplicationName names the watcher's LISTEN connection in
+// pg_stat_activity.
+const WatchApplicationName = "shardgate-topology-watch"
+
 // Watcher keeps a router.Router in step with the catalog. It listens for
 // topology notifications and, as a fallback for lost ones, checks the
 // version every Interval. Request paths never wait on it, except a request
@@ -110,7 +114,12 @@ func (w *Watcher) listen(ctx context.Context) error {
 	if interval <= 0 {
 		interval = 5 * time.Second
 	}
-	conn, err := pgx.Connect(ctx, w.DSN)
+	cfg, err := pgx.ParseConfig(w.DSN)
+	if err != nil {
+		return err
+	}
+	cfg.RuntimeParams["application_name"] = WatchApplicationName
+	conn, err := pgx.ConnectConfig(ctx, cfg)
 	if err != nil {
 		return err
 	}

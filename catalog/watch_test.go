@@ -1,0 +1,102 @@
+package catalog_test
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/shardgate/shardgate/catalog"
+	"github.com/shardgate/shardgate/internal/testenv"
+	"github.com/shardgate/shardgate/router"
+)
+
+// The watcher survives losing its LISTEN connection: it reconnects, and the
+// version check after reconnecting picks up a change made while it was gone.
+func TestWatcherReconnectsAndCatchesUp(t *testing.T) {
+	t.Parallel()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	catDSN := testenv.NewDatabase(t)
+	specs := []catalog.ShardSpec{{Name: "a", DSN: testenv.NewDatabase(t)}, {Name: "b", DSN: testenv.NewDatabase(t)}}
+	if err := catalog.CreateCluster(ctx, catDSN, router.RingConfig{PartitionCount: 64}, specs); err != nil {
+		t.Fatal(err)
+	}
+	cat, err := catalog.Open(ctx, catDSN)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cat.Close()
+	w := &catalog.Watcher{
+		Catalog: cat, Router: &router.Router{}, DSN: catDSN,
+		Interval: time.Hour, // only notifications and reconnects can bring news
+		Logger:   slog.New(slog.NewTextHandler(io.Discard, nil)),
+	}
+	wctx, stop := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- w.Run(wctx) }()
+	defer func() { stop(); <-done }()
+
+	admin, err := pgx.Connect(ctx, catDSN)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer admin.Close(ctx)
+	waitVersion := func(want int64) {
+		t.Helper()
+		deadline := time.Now().Add(20 * time.Second)
+		for {
+			if tb := w.Router.Table(); tb != nil && tb.Version() >= want {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("router never reached topology version %d", want)
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	version := func() int64 {
+		v, err := cat.TopologyVersion(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return v
+	}
+	waitVersion(version())
+	listening := func() int {
+		var n int
+		if err := admin.QueryRow(ctx, `SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND datname = current_database()`,
+			catalog.WatchApplicationName).Scan(&n); err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+	for listening() == 0 {
+		time.Sleep(10 * time.Millisecond)
+	}
+
+	// A change while listening arrives by notification.
+	move := func(p int) {
+		if _, err := admin.Exec(ctx, `UPDATE partitions SET shard = CASE shard WHEN 'a' THEN 'b' ELSE 'a' END WHERE partition = $1`, p); err != nil {
+			t.Fatal(err)
+		}
+	}
+	move(1)
+	waitVersion(version())
+
+	// Kill the LISTEN connection, change the map while the watcher is away,
+	// and expect it back and current.
+	if _, err := admin.Exec(ctx, `SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1 AND datname = current_database()`,
+		catalog.WatchApplicationName); err != nil {
+		t.Fatal(err)
+	}
+	move(2)
+	want := version()
+	waitVersion(want)
+	if got := w.Topology().Table.Owner(2); got != w.Router.Table().Owner(2) {
+		t.Fatalf("watcher topology and router disagree on partition 2: %s vs %s", got, w.Router.Table().Owner(2))
+	}
+}
