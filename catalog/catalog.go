@@ -84,19 +84,25 @@ type Topology struct {
 func (c *Catalog) LoadTopology(ctx context.Context) (Topology, error) {
 	var topo Topology
 	err := pgx.BeginTxFunc(ctx, c.pool, pgx.TxOptions{IsoLevel: pgx.RepeatableRead, AccessMode: pgx.ReadOnly}, func(tx pgx.Tx) error {
-		var owners []string
+		var (
+			owners      []string
+			lowP, highP *int32
+		)
 		err := tx.QueryRow(ctx, `
 			SELECT t.version, c.partition_count,
-			       (SELECT array_agg(shard ORDER BY partition) FROM partitions)
-			FROM topology t CROSS JOIN cluster c`).Scan(&topo.Version, &topo.PartitionCount, &owners)
+			       (SELECT array_agg(shard ORDER BY partition) FROM partitions),
+			       (SELECT min(partition) FROM partitions), (SELECT max(partition) FROM partitions)
+			FROM topology t CROSS JOIN cluster c`).Scan(&topo.Version, &topo.PartitionCount, &owners, &lowP, &highP)
 		if errors.Is(err, pgx.ErrNoRows) {
 			return ErrNoCluster
 		}
 		if err != nil {
 			return err
 		}
-		if len(owners) != topo.PartitionCount {
-			return fmt.Errorf("partition map has %d rows, cluster has %d partitions", len(owners), topo.PartitionCount)
+		// Partitions are unique (primary key), so count and bounds together
+		// say the map is exactly 0..P-1 with nothing missing.
+		if len(owners) != topo.PartitionCount || lowP == nil || *lowP != 0 || int(*highP) != topo.PartitionCount-1 {
+			return fmt.Errorf("partition map is not exactly partitions 0..%d (%d rows)", topo.PartitionCount-1, len(owners))
 		}
 		rows, err := tx.Query(ctx, `SELECT name, dsn, state FROM shards ORDER BY name`)
 		if err != nil {

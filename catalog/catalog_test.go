@@ -136,3 +136,69 @@ func TestExpandDSN(t *testing.T) {
 		t.Fatalf("missing variable: %v", err)
 	}
 }
+
+// A map with a hole and a stray partition has the right row count but must
+// not load: it would shift every partition after the hole.
+func TestLoadTopologyRefusesAMapWithHoles(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	catDSN := testenv.NewDatabase(t)
+	if err := catalog.CreateCluster(ctx, catDSN, router.RingConfig{PartitionCount: 8}, []catalog.ShardSpec{{Name: "a", DSN: testenv.NewDatabase(t)}}); err != nil {
+		t.Fatal(err)
+	}
+	cat, err := catalog.Open(ctx, catDSN)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cat.Close()
+	if _, err := cat.Pool().Exec(ctx, `UPDATE partitions SET partition = 8 WHERE partition = 3`); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := cat.LoadTopology(ctx); err == nil || !strings.Contains(err.Error(), "0..7") {
+		t.Fatalf("LoadTopology of a map with a hole = %v", err)
+	}
+}
+
+// Two creators at once: one wins, the other finds the cluster, and the
+// shards agree with the catalog.
+func TestConcurrentCreateCluster(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	catDSN := testenv.NewDatabase(t)
+	a, b, c := testenv.NewDatabase(t), testenv.NewDatabase(t), testenv.NewDatabase(t)
+	sets := [][]catalog.ShardSpec{
+		{{Name: "a", DSN: a}, {Name: "b", DSN: b}},
+		{{Name: "b", DSN: b}, {Name: "c", DSN: c}},
+	}
+	errs := make(chan error, 2)
+	for _, set := range sets {
+		go func() { errs <- catalog.CreateCluster(ctx, catDSN, router.RingConfig{PartitionCount: 64}, set) }()
+	}
+	e1, e2 := <-errs, <-errs
+	if (e1 == nil) == (e2 == nil) || !(errors.Is(e1, catalog.ErrClusterExists) || errors.Is(e2, catalog.ErrClusterExists)) {
+		t.Fatalf("CreateCluster results %v and %v: want one success and one ErrClusterExists", e1, e2)
+	}
+	cat, err := catalog.Open(ctx, catDSN)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cat.Close()
+	topo, err := cat.LoadTopology(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, rec := range topo.Shards {
+		sh, err := shards.Open(ctx, rec.Name, rec.DSN, shards.PoolOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		own, err := sh.Ownership(ctx)
+		sh.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(own) != topo.Table.Counts()[rec.Name] {
+			t.Fatalf("%s owns %d partitions, the catalog gives it %d", rec.Name, len(own), topo.Table.Counts()[rec.Name])
+		}
+	}
+}

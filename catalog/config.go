@@ -144,8 +144,11 @@ func (c *Catalog) currentIfRaced(ctx context.Context, namespace, key string, exp
 	return v
 }
 
-// DeleteConfig removes a value: shards.ErrNotFound if absent, a
-// *shards.ConflictError if expected is set and does not match.
+// DeleteConfig removes a value, with the shards' delete semantics: expected
+// nil deletes whatever the version; N > 0 only version N (a
+// *shards.ConflictError otherwise, Current 0 if absent); 0 never deletes (a
+// conflict if the value exists). shards.ErrNotFound if absent and expected
+// is nil or 0.
 func (c *Catalog) DeleteConfig(ctx context.Context, namespace, key string, expected *int64) error {
 	var (
 		deleted bool
@@ -157,7 +160,7 @@ func (c *Catalog) DeleteConfig(ctx context.Context, namespace, key string, expec
 	switch {
 	case deleted:
 		return nil
-	case current == 0 || expected == nil:
+	case expected == nil || (current == 0 && *expected == 0):
 		return fmt.Errorf("config %s/%s: %w", namespace, key, shards.ErrNotFound)
 	default:
 		current = c.currentIfRaced(ctx, namespace, key, *expected, current)

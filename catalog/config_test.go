@@ -108,6 +108,13 @@ func TestConfigExpectedSemantics(t *testing.T) {
 	if err := cat.DeleteConfig(ctx, "n", "k", nil); !errors.Is(err, shards.ErrNotFound) {
 		t.Fatalf("delete of a missing value = %v, want not found", err)
 	}
+	if err := cat.DeleteConfig(ctx, "n", "k", &v0); !errors.Is(err, shards.ErrNotFound) {
+		t.Fatalf("delete with expected 0 of a missing value = %v, want not found", err)
+	}
+	var ce *shards.ConflictError
+	if err := cat.DeleteConfig(ctx, "n", "k", &v5); !errors.As(err, &ce) || ce.Current != 0 {
+		t.Fatalf("delete at a version of a missing value = %v, want a conflict with current 0", err)
+	}
 	if _, err := cat.GetConfig(ctx, "n", "k"); !errors.Is(err, shards.ErrNotFound) {
 		t.Fatalf("get of a deleted value = %v", err)
 	}

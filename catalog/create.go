@@ -15,6 +15,9 @@ import (
 // ErrClusterExists means CreateCluster found a cluster already in the catalog.
 var ErrClusterExists = errors.New("the catalog already holds a cluster")
 
+// createLockID is the advisory lock CreateCluster holds on the catalog.
+const createLockID = 0x5368617264676174 // "Shardgat"
+
 // ShardSpec names a shard and where it lives.
 type ShardSpec struct {
 	Name string
@@ -36,6 +39,16 @@ func CreateCluster(ctx context.Context, catalogDSN string, cfg router.RingConfig
 	ring, err := router.NewRing(names, cfg)
 	if err != nil {
 		return fmt.Errorf("create cluster: %w", err)
+	}
+	// One creator at a time: two inits with different shard sets would
+	// otherwise both pass the exists check and fight over the shards.
+	lock, err := pgx.Connect(ctx, catalogDSN)
+	if err != nil {
+		return fmt.Errorf("create cluster: %w", err)
+	}
+	defer lock.Close(context.Background())
+	if _, err := lock.Exec(ctx, `SELECT pg_advisory_lock($1)`, createLockID); err != nil {
+		return fmt.Errorf("create cluster: lock: %w", err)
 	}
 	if _, err := migrations.Up(ctx, catalogDSN, migrations.Catalog); err != nil {
 		return fmt.Errorf("create cluster: %w", err)

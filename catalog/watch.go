@@ -40,17 +40,41 @@ type Watcher struct {
 	last Topology
 }
 
-// Refresh loads the topology now and installs it if it is newer than the
-// router's. Concurrent callers share one load.
+// refreshTimeout bounds one shared topology reload.
+const refreshTimeout = 10 * time.Second
+
+// Refresh brings the router up to the catalog: it reads the topology version
+// and loads the whole topology only when that is newer than the router's.
+// Concurrent callers share one attempt, which runs on a context of its own so
+// that one caller's short deadline cannot fail the others; each caller waits
+// only as long as its own ctx allows.
 func (w *Watcher) Refresh(ctx context.Context) error {
-	_, err, _ := w.sf.Do("load", func() (any, error) {
-		topo, err := w.Catalog.LoadTopology(ctx)
-		if err != nil {
-			return nil, err
-		}
-		return nil, w.install(ctx, topo)
+	ch := w.sf.DoChan("refresh", func() (any, error) {
+		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), refreshTimeout)
+		defer cancel()
+		return nil, w.refresh(rctx)
 	})
-	return err
+	select {
+	case r := <-ch:
+		return r.Err
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+func (w *Watcher) refresh(ctx context.Context) error {
+	v, err := w.Catalog.TopologyVersion(ctx)
+	if err != nil {
+		return err
+	}
+	if cur := w.Router.Table(); cur != nil && cur.Version() >= v {
+		return nil
+	}
+	topo, err := w.Catalog.LoadTopology(ctx)
+	if err != nil {
+		return err
+	}
+	return w.install(ctx, topo)
 }
 
 // Topology returns the last topology the watcher installed.
@@ -63,7 +87,7 @@ func (w *Watcher) Topology() Topology {
 func (w *Watcher) install(ctx context.Context, topo Topology) error {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	if cur := w.Router.Table(); cur != nil && cur.Version() >= topo.Version && w.last.Table != nil {
+	if cur := w.Router.Table(); cur != nil && cur.Version() >= topo.Version {
 		return nil
 	}
 	if w.OnLoad != nil {
@@ -78,26 +102,19 @@ func (w *Watcher) install(ctx context.Context, topo Topology) error {
 	return nil
 }
 
-func (w *Watcher) check(ctx context.Context) error {
-	v, err := w.Catalog.TopologyVersion(ctx)
-	if err != nil {
-		return err
-	}
-	if cur := w.Router.Table(); cur != nil && cur.Version() >= v {
-		return nil
-	}
-	return w.Refresh(ctx)
-}
-
 // Run watches until ctx ends. It reconnects with backoff when the catalog is
 // unreachable and re-checks the version after every reconnect, since
 // notifications sent meanwhile are lost.
 func (w *Watcher) Run(ctx context.Context) error {
-	backoff := 100 * time.Millisecond
+	const firstBackoff = 100 * time.Millisecond
+	backoff := firstBackoff
 	for {
-		err := w.listen(ctx)
+		connected, err := w.listen(ctx)
 		if ctx.Err() != nil {
 			return ctx.Err()
+		}
+		if connected {
+			backoff = firstBackoff // a blip after a good run starts the backoff over
 		}
 		w.logger().Warn("topology watch interrupted; retrying", "err", err, "in", backoff)
 		select {
@@ -109,36 +126,39 @@ func (w *Watcher) Run(ctx context.Context) error {
 	}
 }
 
-func (w *Watcher) listen(ctx context.Context) error {
+// listen holds a LISTEN connection and refreshes on every notification and
+// every Interval. It reports whether it got as far as listening.
+func (w *Watcher) listen(ctx context.Context) (connected bool, err error) {
 	interval := w.Interval
 	if interval <= 0 {
 		interval = 5 * time.Second
 	}
 	cfg, err := pgx.ParseConfig(w.DSN)
 	if err != nil {
-		return err
+		return false, err
 	}
 	cfg.RuntimeParams["application_name"] = WatchApplicationName
 	conn, err := pgx.ConnectConfig(ctx, cfg)
 	if err != nil {
-		return err
+		return false, err
 	}
 	defer conn.Close(context.Background())
 	if _, err := conn.Exec(ctx, "LISTEN "+TopologyChannel); err != nil {
-		return err
+		return false, err
 	}
 	for {
-		if err := w.check(ctx); err != nil {
-			w.logger().Warn("topology check failed", "err", err)
+		// After (re)connecting too: notifications sent meanwhile are lost.
+		if err := w.Refresh(ctx); err != nil && ctx.Err() == nil {
+			w.logger().Warn("topology refresh failed", "err", err)
 		}
 		wctx, cancel := context.WithTimeout(ctx, interval)
 		_, err := conn.WaitForNotification(wctx)
 		cancel()
 		if err != nil && !errors.Is(err, context.DeadlineExceeded) {
-			return err
+			return true, err
 		}
 		if ctx.Err() != nil {
-			return ctx.Err()
+			return true, ctx.Err()
 		}
 	}
 }
