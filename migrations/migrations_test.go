@@ -2,6 +2,7 @@ package migrations_test
 
 import (
 	"context"
+	"strings"
 	"sync"
 	"testing"
 
@@ -54,16 +55,7 @@ func TestConcurrentUpAppliesOnce(t *testing.T) {
 func TestBadDSN(t *testing.T) {
 	if _, err := migrations.Up(context.Background(), "postgres://u:topsecret@127.0.0.1:1/x?connect_timeout=1", migrations.Shard); err == nil {
 		t.Fatal("Up on an unreachable database succeeded")
-	} else if containsSecret(err.Error()) {
+	} else if strings.Contains(err.Error(), "topsecret") {
 		t.Fatalf("error leaks the password: %v", err)
 	}
-}
-
-func containsSecret(s string) bool {
-	for i := 0; i+len("topsecret") <= len(s); i++ {
-		if s[i:i+len("topsecret")] == "topsecret" {
-			return true
-		}
-	}
-	return false
 }

@@ -117,7 +117,7 @@ func (c *testCluster) start(t testing.TB, watch bool, opts ...serverOption) *tes
 		t.Fatal(err)
 	}
 	ts := &testServer{srv: srv, stop: cancel, done: make(chan error, 1)}
-	go func() { ts.done <- Serve(ctx, g, hs, lis, 5*time.Second) }()
+	go func() { ts.done <- Serve(ctx, g, hs, lis, 5*time.Second, 0) }()
 	ts.conn, err = grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		t.Fatal(err)

@@ -91,6 +91,9 @@ func (d *DataService) DeleteUser(ctx context.Context, req *pb.DeleteUserRequest)
 	return &pb.DeleteUserResponse{SessionsDeleted: res.Sessions, ItemsDeleted: res.Items}, nil
 }
 
+// listPageBytes bounds the values in one ListItems page.
+const listPageBytes = 1 << 20
+
 // tokenRandomBytes is the secret part of a session token: 192 bits.
 const (
 	tokenRandomBytes = 24
@@ -324,14 +327,18 @@ func (d *DataService) ListItems(ctx context.Context, req *pb.ListItemsRequest) (
 	if err != nil {
 		return nil, err
 	}
+	// A page ends at page_size items or, past the first item, at about
+	// listPageBytes, so a page always fits a default gRPC client.
 	resp := &pb.ListItemsResponse{}
-	if len(list) > size {
-		list = list[:size]
-		resp.NextPageToken = encodePageToken(list[size-1].Key)
-	}
-	resp.Items = make([]*pb.Item, len(list))
+	total := 0
 	for i, it := range list {
-		resp.Items[i] = itemToPB(it)
+		n := len(it.Key) + len(it.Value)
+		if i == size || (i > 0 && total+n > listPageBytes) {
+			resp.NextPageToken = encodePageToken(list[i-1].Key)
+			break
+		}
+		total += n
+		resp.Items = append(resp.Items, itemToPB(it))
 	}
 	return resp, nil
 }

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"reflect"
+	"strings"
 	"testing"
 
 	"google.golang.org/grpc/codes"
@@ -217,5 +218,40 @@ func TestConfig(t *testing.T) {
 	// Four committed changes, four events: beta twice, alpha, beta deleted.
 	if n := c.count(t, "catalog", `SELECT count(*) FROM config_outbox`); n != 4 {
 		t.Fatalf("config_outbox has %d rows, want 4", n)
+	}
+}
+
+// A page of large values ends before about 1 MiB, whatever page_size says,
+// and paging still returns every item once.
+func TestListItemsPageByteBudget(t *testing.T) {
+	t.Parallel()
+	ts := newTestCluster(t, 1).start(t, false)
+	ctx := ctxT(t)
+	if _, err := ts.data.PutUser(ctx, &pb.PutUserRequest{UserId: "ivan"}); err != nil {
+		t.Fatal(err)
+	}
+	big := `"` + strings.Repeat("x", 60<<10) + `"`
+	for i := range 20 {
+		if _, err := ts.data.PutItem(ctx, &pb.PutItemRequest{UserId: "ivan", Collection: "blobs", Key: fmt.Sprintf("b%02d", i), ValueJson: big}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	seen, pages, token := 0, 0, ""
+	for {
+		resp, err := ts.data.ListItems(ctx, &pb.ListItemsRequest{UserId: "ivan", Collection: "blobs", PageSize: 1000, PageToken: token})
+		if err != nil {
+			t.Fatal(err)
+		}
+		pages++
+		if pages == 1 && (len(resp.Items) == 20 || resp.NextPageToken == "") {
+			t.Fatalf("the first page holds %d items of 60 KiB", len(resp.Items))
+		}
+		seen += len(resp.Items)
+		if token = resp.NextPageToken; token == "" {
+			break
+		}
+	}
+	if seen != 20 || pages != 2 {
+		t.Fatalf("paged %d items in %d pages, want 20 in 2", seen, pages)
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"strings"
 
 	"github.com/jackc/pgx/v5/pgconn"
 	"google.golang.org/grpc/codes"
@@ -13,10 +14,16 @@ import (
 	"github.com/shardgate/shardgate/shards"
 )
 
+// errShardNotOpen means the topology names a shard this server could not
+// open a pool for (e.g. its DSN references an unset variable).
+var errShardNotOpen = errors.New("shard has no connection pool")
+
 // toStatus maps an error from the layers below to its gRPC status: the one
-// place where errors become codes. Unknown errors are logged and answered
-// as Internal without their text, which may name hosts or SQL.
-func toStatus(log *slog.Logger, method string, err error) error {
+// place where errors become codes. Messages sent to callers are fixed texts
+// or validation messages; details that name hosts, databases or SQL are only
+// logged. ctx is the request's: its own deadline or cancellation decides
+// DeadlineExceeded and Canceled, not a timeout met deeper down.
+func toStatus(ctx context.Context, log *slog.Logger, method string, err error) error {
 	if err == nil {
 		return nil
 	}
@@ -30,26 +37,51 @@ func toStatus(log *slog.Logger, method string, err error) error {
 	case errors.As(err, &fe):
 		return status.Error(codes.InvalidArgument, fe.Error())
 	case errors.As(err, &conflict):
-		return status.Error(codes.Aborted, err.Error())
-	case errors.Is(err, shards.ErrUserNotFound), errors.Is(err, shards.ErrNotFound):
-		return status.Error(codes.NotFound, err.Error())
-	case errors.Is(err, context.DeadlineExceeded):
+		return status.Error(codes.Aborted, conflict.Error())
+	case errors.Is(err, shards.ErrUserNotFound):
+		return status.Error(codes.NotFound, "user not found")
+	case errors.Is(err, shards.ErrNotFound):
+		return status.Error(codes.NotFound, entity(method)+" not found")
+	case errors.Is(ctx.Err(), context.DeadlineExceeded):
 		return status.Error(codes.DeadlineExceeded, "deadline exceeded")
-	case errors.Is(err, context.Canceled):
+	case errors.Is(ctx.Err(), context.Canceled):
 		return status.Error(codes.Canceled, "canceled")
 	case errors.Is(err, shards.ErrWrongShard):
-		// Retries ran out: the partition is mid-move. Safe to retry.
-		return status.Error(codes.Unavailable, err.Error()+"; the partition is moving, retry shortly")
-	case shards.IsUnavailable(err):
+		log.Info("partition still moving after retries", "method", method, "err", err)
+		return status.Error(codes.Unavailable, "the partition is moving; retry shortly")
+	case shards.IsUnavailable(err), errors.Is(err, errShardNotOpen), errors.Is(err, context.DeadlineExceeded):
+		// A timeout below the request's own deadline (connecting, a lock)
+		// means the shard did not answer in time.
 		log.Warn("shard unavailable", "method", method, "err", err)
-		return status.Error(codes.Unavailable, "shard unavailable; retry later")
-	case errors.Is(err, catalog.ErrNoCluster), errors.Is(err, errNoTable):
-		return status.Error(codes.FailedPrecondition, err.Error())
+		return status.Error(codes.Unavailable, "shard unavailable")
+	case errors.Is(err, catalog.ErrNoCluster):
+		return status.Error(codes.FailedPrecondition, catalog.ErrNoCluster.Error())
+	case errors.Is(err, errNoTable):
+		return status.Error(codes.FailedPrecondition, errNoTable.Error())
 	case errors.As(err, &pgErr) && len(pgErr.Code) == 5 && pgErr.Code[:2] == "22":
-		// Data exception: a value Postgres cannot hold (e.g. a number
-		// beyond jsonb's range) that validation let through.
+		// Data exception: a value Postgres cannot hold that validation let
+		// through.
 		return status.Error(codes.InvalidArgument, "value rejected by the database: "+pgErr.Message)
 	}
 	log.Error("internal error", "method", method, "err", err)
 	return status.Error(codes.Internal, "internal error")
+}
+
+// entity names what a DataService method reads or writes, for messages:
+// "/shardgate.v1.DataService/GetSession" → "session".
+func entity(method string) string {
+	name := method[strings.LastIndexByte(method, '/')+1:]
+	for _, verb := range []string{"Get", "Put", "Delete", "Create", "Touch", "Revoke", "List", "Set"} {
+		if rest, ok := strings.CutPrefix(name, verb); ok {
+			name = rest
+			break
+		}
+	}
+	switch name {
+	case "User", "Session", "Sessions", "Item", "Items":
+		return strings.ToLower(strings.TrimSuffix(name, "s"))
+	case "Config":
+		return "config value"
+	}
+	return "resource"
 }

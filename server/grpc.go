@@ -114,16 +114,17 @@ func errorCodes(log *slog.Logger) grpc.UnaryServerInterceptor {
 	return func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
 		resp, err := h(ctx, req)
 		if err != nil {
-			return nil, toStatus(log, info.FullMethod, err)
+			return nil, toStatus(ctx, log, info.FullMethod, err)
 		}
 		return resp, nil
 	}
 }
 
 // Serve serves g on lis until ctx ends, then stops gracefully: health turns
-// NOT_SERVING, new calls are refused, in-flight calls get up to grace to
-// finish, and whatever is left is cut off.
-func Serve(ctx context.Context, g *grpc.Server, hs *health.Server, lis net.Listener, grace time.Duration) error {
+// NOT_SERVING and calls are still taken for drain (so load balancers that
+// poll health move away first), then new calls are refused, in-flight calls
+// get up to grace to finish, and whatever is left is cut off.
+func Serve(ctx context.Context, g *grpc.Server, hs *health.Server, lis net.Listener, grace, drain time.Duration) error {
 	errc := make(chan error, 1)
 	go func() { errc <- g.Serve(lis) }()
 	select {
@@ -132,6 +133,9 @@ func Serve(ctx context.Context, g *grpc.Server, hs *health.Server, lis net.Liste
 	case <-ctx.Done():
 	}
 	hs.Shutdown()
+	if drain > 0 {
+		time.Sleep(drain)
+	}
 	done := make(chan struct{})
 	go func() { g.GracefulStop(); close(done) }()
 	select {

@@ -77,8 +77,8 @@ func TestUsersLandOnTheirShardEvenly(t *testing.T) {
 }
 
 // movePartition does by hand what the mover will: freeze on the source,
-// copy the partition's rows, own it on the target, flip the catalog, and
-// mark the source moved.
+// copy the partition's rows, mark the source moved, own it on the target,
+// then flip the catalog (see shards.OwnershipState for why in that order).
 func (c *testCluster) movePartition(t *testing.T, p int32, from, to string) {
 	t.Helper()
 	c.exec(t, from, `UPDATE ownership SET state = 'frozen' WHERE partition = $1`, p)
@@ -107,10 +107,10 @@ func (c *testCluster) movePartition(t *testing.T, p int32, from, to string) {
 	for _, u := range us {
 		c.exec(t, to, `INSERT INTO users (partition, user_id, profile, version) VALUES ($1, $2, $3, $4)`, p, u.id, u.profile, u.version)
 	}
+	c.exec(t, from, `UPDATE ownership SET state = 'moved' WHERE partition = $1`, p)
 	c.exec(t, to, `INSERT INTO ownership (partition, state) VALUES ($1, 'owned')
 		ON CONFLICT (partition) DO UPDATE SET state = 'owned'`, p)
 	c.exec(t, "catalog", `UPDATE partitions SET shard = $2 WHERE partition = $1`, p, to)
-	c.exec(t, from, `UPDATE ownership SET state = 'moved' WHERE partition = $1`, p)
 }
 
 // A router holding a stale map is fenced by the shard that gave the
@@ -165,7 +165,8 @@ func TestStaleRouterIsFencedAndRetried(t *testing.T) {
 func TestWriteDuringFreezeCompletesAfterFlip(t *testing.T) {
 	t.Parallel()
 	c := newTestCluster(t, 2)
-	ts := c.start(t, true)
+	// The hand-made move below is slow under -race; the real one takes ms.
+	ts := c.start(t, true, func(o *Options) { o.MoveWait = 20 * time.Second })
 	ctx := ctxT(t)
 	const id = "erin"
 	if _, err := ts.data.PutUser(ctx, &pb.PutUserRequest{UserId: id}); err != nil {
@@ -187,7 +188,13 @@ func TestWriteDuringFreezeCompletesAfterFlip(t *testing.T) {
 		_, err := ts.data.PutUser(ctx, &pb.PutUserRequest{UserId: id, ProfileJson: `{"after":"move"}`})
 		done <- err
 	}()
-	time.Sleep(20 * time.Millisecond) // let the write hit the frozen partition first
+	// Move only once the write has met the frozen partition and is retrying.
+	for deadline := time.Now().Add(10 * time.Second); ts.srv.wrongShardRetries.Load() == 0; {
+		if time.Now().After(deadline) {
+			t.Fatal("the write never met the frozen partition")
+		}
+		time.Sleep(time.Millisecond)
+	}
 	c.movePartition(t, loc.Partition, from, to)
 	if err := <-done; err != nil {
 		t.Fatalf("write across the move: %v", err)

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"log/slog"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/shardgate/shardgate/catalog"
@@ -59,7 +60,16 @@ type Server struct {
 	watcher    *catalog.Watcher
 
 	mu     sync.RWMutex
-	shards map[string]*shards.Shard
+	shards map[string]shardPool
+
+	// wrongShardRetries counts calls retried after a "wrong shard" answer.
+	wrongShardRetries atomic.Int64
+}
+
+// shardPool is an open shard and the catalog DSN it was opened from.
+type shardPool struct {
+	dsn string
+	sh  *shards.Shard
 }
 
 // New opens the catalog at catalogDSN, loads the topology and opens a pool
@@ -76,14 +86,14 @@ func New(ctx context.Context, catalogDSN string, opts Options) (*Server, error) 
 		catalog:    cat,
 		catalogDSN: catalogDSN,
 		router:     &router.Router{},
-		shards:     make(map[string]*shards.Shard),
+		shards:     make(map[string]shardPool),
 	}
 	s.watcher = &catalog.Watcher{
 		Catalog:  cat,
 		Router:   s.router,
 		DSN:      catalogDSN,
 		Interval: opts.TopologyInterval,
-		OnLoad:   s.openShards,
+		OnLoad:   s.syncPools,
 		Logger:   opts.Logger,
 	}
 	if err := s.watcher.Refresh(ctx); err != nil {
@@ -103,32 +113,50 @@ func (s *Server) Router() *router.Router { return s.router }
 func (s *Server) Close() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	for name, sh := range s.shards {
-		sh.Close()
+	for name, p := range s.shards {
+		p.sh.Close()
 		delete(s.shards, name)
 	}
 	s.catalog.Close()
 }
 
-// openShards opens a pool for every shard in topo that has none yet. Pools
-// are opened before the router switches tables, so every shard a lookup can
-// return has one.
-func (s *Server) openShards(ctx context.Context, topo catalog.Topology) error {
+// syncPools makes the pools match topo before the router switches to it:
+// it opens a pool for each new shard, reopens one whose DSN changed (a
+// failover to a new primary) and closes those of shards that left. A shard
+// whose pool cannot be opened (its DSN references an unset variable) is
+// logged and left out: its partitions answer Unavailable, the rest of the
+// new map still takes effect.
+func (s *Server) syncPools(ctx context.Context, topo catalog.Topology) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	keep := make(map[string]bool, len(topo.Shards))
 	for _, rec := range topo.Shards {
-		if _, ok := s.shards[rec.Name]; ok {
+		keep[rec.Name] = true
+		old, ok := s.shards[rec.Name]
+		if ok && old.dsn == rec.DSN {
 			continue
 		}
 		dsn, err := catalog.ExpandDSN(rec.DSN)
-		if err != nil {
-			return fmt.Errorf("shard %s: %w", rec.Name, err)
+		var sh *shards.Shard
+		if err == nil {
+			sh, err = shards.Open(ctx, rec.Name, dsn, s.opts.ShardPool)
 		}
-		sh, err := shards.Open(ctx, rec.Name, dsn, s.opts.ShardPool)
 		if err != nil {
-			return err
+			// With an old pool, keep it rather than none.
+			s.opts.Logger.Error("cannot open shard pool", "shard", rec.Name, "kept_old_pool", ok, "err", err)
+			continue
 		}
-		s.shards[rec.Name] = sh
+		s.shards[rec.Name] = shardPool{dsn: rec.DSN, sh: sh}
+		if ok {
+			s.opts.Logger.Info("shard DSN changed; pool reopened", "shard", rec.Name)
+			go old.sh.Close() // waits for in-flight calls to release their connections
+		}
+	}
+	for name, p := range s.shards {
+		if !keep[name] {
+			delete(s.shards, name)
+			go p.sh.Close()
+		}
 	}
 	return nil
 }
@@ -136,8 +164,8 @@ func (s *Server) openShards(ctx context.Context, topo catalog.Topology) error {
 func (s *Server) shard(name string) (*shards.Shard, bool) {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
-	sh, ok := s.shards[name]
-	return sh, ok
+	p, ok := s.shards[name]
+	return p.sh, ok
 }
 
 // errNoTable is returned before the first topology load (never after New).
@@ -151,23 +179,24 @@ func (s *Server) onPartition(ctx context.Context, p int32, fn func(*shards.Shard
 	backoff := time.Millisecond
 	giveUp := time.Now().Add(s.opts.MoveWait)
 	for {
-		name, ok := s.router.ShardOf(p)
-		if !ok {
+		t := s.router.Table()
+		if t == nil {
 			return errNoTable
 		}
+		name := t.Owner(p)
 		sh, ok := s.shard(name)
 		if !ok {
-			return fmt.Errorf("shard %s has no pool", name)
+			return fmt.Errorf("shard %s: %w", name, errShardNotOpen)
 		}
 		err := fn(sh)
 		if !errors.Is(err, shards.ErrWrongShard) || time.Now().After(giveUp) {
 			return err
 		}
-		before := s.router.Table().Version()
+		s.wrongShardRetries.Add(1)
 		if rerr := s.watcher.Refresh(ctx); rerr != nil {
 			return fmt.Errorf("%w (reloading the map: %v)", err, rerr)
 		}
-		if s.router.Table().Version() != before {
+		if s.router.Table().Version() != t.Version() {
 			continue // the map changed: retry on the new owner now
 		}
 		// Same map: the partition is frozen for a move that has not flipped

@@ -36,7 +36,15 @@ func TestGracefulShutdownFinishesInFlightCalls(t *testing.T) {
 		inFlight <- err
 	}()
 	// Wait until the write is blocked on the lock.
-	for c.count(t, c.names[0], `SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()`) == 0 {
+	for deadline := time.Now().Add(10 * time.Second); c.count(t, c.names[0], `SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()`) == 0; {
+		select {
+		case err := <-inFlight:
+			t.Fatalf("the write finished without waiting for the lock: %v", err)
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the write never blocked on the lock")
+		}
 		time.Sleep(5 * time.Millisecond)
 	}
 	ts.stop() // what SIGTERM does in cmd/shardgate

@@ -1,9 +1,11 @@
 package server
 
 import (
+	"bytes"
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
+	"math"
 	"strconv"
 	"strings"
 	"unicode"
@@ -124,7 +126,66 @@ func validateJSON(field, s string, object bool, maxBytes int) ([]byte, error) {
 	if hasNULEscape(s) {
 		return nil, invalid(field, `contains \u0000, which cannot be stored`)
 	}
+	printed, depth := jsonShape(b)
+	if depth > maxJSONDepth {
+		return nil, invalid(field, "nested %d levels deep; the limit is %d", depth, maxJSONDepth)
+	}
+	if printed > maxBytes {
+		return nil, invalid(field, "numbers expand to %d bytes as stored (no exponent form); the limit is %d", printed, maxBytes)
+	}
 	return b, nil
+}
+
+// maxJSONDepth bounds nesting: Postgres parses JSON recursively and fails
+// (stack depth) somewhere past a few thousand levels.
+const maxJSONDepth = 64
+
+// jsonShape returns, for valid JSON b, an upper bound on the length of b as
+// Postgres prints it back, and its nesting depth. jsonb stores numbers as
+// numeric and prints them without an exponent, so "1e100000" would come
+// back as a hundred thousand digits: each number counts its exponent too.
+func jsonShape(b []byte) (printed, depth int) {
+	printed = len(b)
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.UseNumber()
+	level := 0
+	for {
+		tok, err := dec.Token()
+		if err != nil { // io.EOF: b was validated already
+			return printed, depth
+		}
+		switch t := tok.(type) {
+		case json.Delim:
+			if t == '[' || t == '{' {
+				level++
+				depth = max(depth, level)
+			} else {
+				level--
+			}
+		case json.Number:
+			printed += exponent(string(t))
+		}
+	}
+}
+
+// exponent returns |e| of a JSON number's exponent part, or a huge value if
+// it does not fit an int.
+func exponent(num string) int {
+	i := strings.IndexAny(num, "eE")
+	if i < 0 {
+		return 0
+	}
+	e, err := strconv.Atoi(strings.TrimPrefix(num[i+1:], "+"))
+	if err != nil {
+		return math.MaxInt32
+	}
+	if e < 0 {
+		e = -e
+	}
+	if e < 0 { // -MinInt
+		return math.MaxInt32
+	}
+	return e
 }
 
 // hasNULEscape reports whether valid JSON s has a \u0000 escape (one that is
@@ -207,8 +268,12 @@ func parseToken(field, tok string, partitions int) (int32, error) {
 	if err != nil || int(p) >= partitions || (len(head) > 1 && head[0] == '0') {
 		return 0, invalid(field, "not a session token")
 	}
-	if _, err := base64.RawURLEncoding.DecodeString(rest); err != nil {
-		return 0, invalid(field, "not a session token")
+	// Exactly the base64url alphabet: the decoder would skip CR and LF.
+	for i := 0; i < len(rest); i++ {
+		c := rest[i]
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '_') {
+			return 0, invalid(field, "not a session token")
+		}
 	}
 	return int32(p), nil
 }

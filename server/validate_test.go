@@ -56,6 +56,13 @@ func TestValidateJSON(t *testing.T) {
 		{`{"a":"\\\u0000"}`, true, false},
 		{"{\"a\":\"\xff\"}", true, false},
 		{`{"big":"` + strings.Repeat("x", 100) + `"}`, true, false}, // over the test limit of 64
+		{`[1e3]`, false, true},
+		{`[1e60]`, false, false},  // 5 bytes that Postgres prints as 61
+		{`[1E-60]`, false, false}, // and as 0.000…1
+		{`[1e-9223372036854775808]`, false, false},
+		{`[1e99999999999999999999]`, false, false},
+		{strings.Repeat("[", 30) + strings.Repeat("]", 30), false, true},
+		{strings.Repeat("[", 65) + strings.Repeat("]", 65), false, false}, // deeper than 64 levels
 	} {
 		_, err := validateJSON("f", tc.in, tc.object, 64)
 		if (err == nil) != tc.ok {
@@ -73,6 +80,7 @@ func TestParseToken(t *testing.T) {
 	for _, bad := range []string{
 		"", "17", "17.", ".abc", "x." + rnd, "-1." + rnd, "4096." + rnd, "017." + rnd,
 		"17." + rnd + "A", "17." + rnd[:31] + "!", strings.Repeat("9", 200),
+		"17." + rnd[:30] + "\r\n", "17." + rnd[:31] + "=",
 	} {
 		if _, err := parseToken("token", bad, 4096); err == nil {
 			t.Errorf("parseToken(%q) accepted", bad)
@@ -110,7 +118,8 @@ func TestPageTokenRoundTrip(t *testing.T) {
 // accept is safe for the layers below. Seeds live in testdata/fuzz.
 
 func FuzzValidateJSON(f *testing.F) {
-	for _, s := range []string{`{}`, `{"a":[1,{"b":null}]}`, `"\u0000"`, `[`, "\xff", `{"a":"\\u0000"}`, `1e999999`} {
+	for _, s := range []string{`{}`, `{"a":[1,{"b":null}]}`, `"\u0000"`, `[`, "\xff", `{"a":"\\u0000"}`, `1e999999`,
+		`[1e131071]`, `{"a":1E-16383}`, strings.Repeat("[", 100) + strings.Repeat("]", 100)} {
 		f.Add(s, true)
 		f.Add(s, false)
 	}
@@ -128,6 +137,9 @@ func FuzzValidateJSON(f *testing.F) {
 		}
 		if object && strings.TrimSpace(string(b))[0] != '{' {
 			t.Fatalf("accepted non-object %q", b)
+		}
+		if printed, depth := jsonShape(b); printed > 1<<16 || depth > maxJSONDepth {
+			t.Fatalf("accepted %q: prints as %d bytes, %d levels deep", b, printed, depth)
 		}
 	})
 }

@@ -7,6 +7,12 @@ import (
 
 // OwnershipState is a partition's state on a shard. A partition moves
 // owned → frozen → moved on its source shard.
+//
+// The mover must mark the source moved before the target becomes owned. A
+// frozen source still serves reads, so a target that takes writes while its
+// source is frozen would let a router with a stale map read a value older
+// than an acknowledged write. In the gap between the two steps both shards
+// answer ErrWrongShard and callers retry for a moment.
 type OwnershipState string
 
 const (

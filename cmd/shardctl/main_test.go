@@ -42,7 +42,7 @@ func startCluster(t *testing.T) (addr, catalogDSN string) {
 		t.Fatal(err)
 	}
 	done := make(chan error, 1)
-	go func() { done <- server.Serve(ctx, g, hs, lis, time.Second) }()
+	go func() { done <- server.Serve(ctx, g, hs, lis, time.Second, 0) }()
 	t.Cleanup(func() { cancel(); <-done; s.Close() })
 	return lis.Addr().String(), catalogDSN
 }

@@ -112,10 +112,10 @@ func (*GetTopologyRequest) Descriptor() ([]byte, []int) {
 type GetTopologyResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Increases with every change to shards or the partition map.
-	Version int64 `protobuf:"varint,1,opt,name=version,proto3" json:"version,omitempty"`
+	Version int64 `protobuf:"varint,1,opt,name=version" json:"version,omitempty"`
 	// Fixed when the cluster was created.
-	PartitionCount int32        `protobuf:"varint,2,opt,name=partition_count,json=partitionCount,proto3" json:"partition_count,omitempty"`
-	Shards         []*ShardInfo `protobuf:"bytes,3,rep,name=shards,proto3" json:"shards,omitempty"`
+	PartitionCount int32        `protobuf:"varint,2,opt,name=partition_count,json=partitionCount" json:"partition_count,omitempty"`
+	Shards         []*ShardInfo `protobuf:"bytes,3,rep,name=shards" json:"shards,omitempty"`
 	unknownFields  protoimpl.UnknownFields
 	sizeCache      protoimpl.SizeCache
 }
@@ -174,9 +174,9 @@ func (x *GetTopologyResponse) GetShards() []*ShardInfo {
 // ShardInfo describes one shard. Its DSN is never shown: it may hold a password.
 type ShardInfo struct {
 	state          protoimpl.MessageState `protogen:"open.v1"`
-	Name           string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
-	State          ShardState             `protobuf:"varint,2,opt,name=state,proto3,enum=shardgate.v1.ShardState" json:"state,omitempty"`
-	PartitionCount int32                  `protobuf:"varint,3,opt,name=partition_count,json=partitionCount,proto3" json:"partition_count,omitempty"`
+	Name           string                 `protobuf:"bytes,1,opt,name=name" json:"name,omitempty"`
+	State          ShardState             `protobuf:"varint,2,opt,name=state,enum=shardgate.v1.ShardState" json:"state,omitempty"`
+	PartitionCount int32                  `protobuf:"varint,3,opt,name=partition_count,json=partitionCount" json:"partition_count,omitempty"`
 	unknownFields  protoimpl.UnknownFields
 	sizeCache      protoimpl.SizeCache
 }
@@ -234,7 +234,7 @@ func (x *ShardInfo) GetPartitionCount() int32 {
 
 type LocateUserRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
-	UserId        string                 `protobuf:"bytes,1,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
+	UserId        string                 `protobuf:"bytes,1,opt,name=user_id,json=userId" json:"user_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -278,9 +278,9 @@ func (x *LocateUserRequest) GetUserId() string {
 
 type LocateUserResponse struct {
 	state           protoimpl.MessageState `protogen:"open.v1"`
-	Partition       int32                  `protobuf:"varint,1,opt,name=partition,proto3" json:"partition,omitempty"`
-	Shard           string                 `protobuf:"bytes,2,opt,name=shard,proto3" json:"shard,omitempty"`
-	TopologyVersion int64                  `protobuf:"varint,3,opt,name=topology_version,json=topologyVersion,proto3" json:"topology_version,omitempty"`
+	Partition       int32                  `protobuf:"varint,1,opt,name=partition" json:"partition,omitempty"`
+	Shard           string                 `protobuf:"bytes,2,opt,name=shard" json:"shard,omitempty"`
+	TopologyVersion int64                  `protobuf:"varint,3,opt,name=topology_version,json=topologyVersion" json:"topology_version,omitempty"`
 	unknownFields   protoimpl.UnknownFields
 	sizeCache       protoimpl.SizeCache
 }
@@ -375,9 +375,9 @@ func (*MigrationStatusRequest) Descriptor() ([]byte, []int) {
 type MigrationStatusResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The catalog database.
-	Catalog *DatabaseMigration `protobuf:"bytes,1,opt,name=catalog,proto3" json:"catalog,omitempty"`
+	Catalog *DatabaseMigration `protobuf:"bytes,1,opt,name=catalog" json:"catalog,omitempty"`
 	// One entry per shard, in name order.
-	Shards        []*DatabaseMigration `protobuf:"bytes,2,rep,name=shards,proto3" json:"shards,omitempty"`
+	Shards        []*DatabaseMigration `protobuf:"bytes,2,rep,name=shards" json:"shards,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -430,15 +430,15 @@ func (x *MigrationStatusResponse) GetShards() []*DatabaseMigration {
 type DatabaseMigration struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// "catalog" or the shard's name.
-	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Name string `protobuf:"bytes,1,opt,name=name" json:"name,omitempty"`
 	// The highest applied migration version (0 if none).
-	AppliedVersion int64 `protobuf:"varint,2,opt,name=applied_version,json=appliedVersion,proto3" json:"applied_version,omitempty"`
+	AppliedVersion int64 `protobuf:"varint,2,opt,name=applied_version,json=appliedVersion" json:"applied_version,omitempty"`
 	// The highest migration version this binary carries.
-	LatestVersion int64 `protobuf:"varint,3,opt,name=latest_version,json=latestVersion,proto3" json:"latest_version,omitempty"`
+	LatestVersion int64 `protobuf:"varint,3,opt,name=latest_version,json=latestVersion" json:"latest_version,omitempty"`
 	// Versions this binary carries that are not applied yet.
-	PendingVersions []int64 `protobuf:"varint,4,rep,packed,name=pending_versions,json=pendingVersions,proto3" json:"pending_versions,omitempty"`
+	PendingVersions []int64 `protobuf:"varint,4,rep,packed,name=pending_versions,json=pendingVersions" json:"pending_versions,omitempty"`
 	// Set when the database could not be reached; the other fields are then 0.
-	Error         string `protobuf:"bytes,5,opt,name=error,proto3" json:"error,omitempty"`
+	Error         string `protobuf:"bytes,5,opt,name=error" json:"error,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -547,7 +547,7 @@ const file_shardgate_v1_admin_proto_rawDesc = "" +
 	"\vGetTopology\x12 .shardgate.v1.GetTopologyRequest\x1a!.shardgate.v1.GetTopologyResponse\x12O\n" +
 	"\n" +
 	"LocateUser\x12\x1f.shardgate.v1.LocateUserRequest\x1a .shardgate.v1.LocateUserResponse\x12^\n" +
-	"\x0fMigrationStatus\x12$.shardgate.v1.MigrationStatusRequest\x1a%.shardgate.v1.MigrationStatusResponseB?Z=github.com/shardgate/shardgate/proto/shardgate/v1;shardgatev1b\x06proto3"
+	"\x0fMigrationStatus\x12$.shardgate.v1.MigrationStatusRequest\x1a%.shardgate.v1.MigrationStatusResponseBFZ=github.com/shardgate/shardgate/proto/shardgate/v1;shardgatev1\x92\x03\x04\b\x02 \x03b\beditionsp\xe8\a"
 
 var (
 	file_shardgate_v1_admin_proto_rawDescOnce sync.Once

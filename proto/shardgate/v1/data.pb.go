@@ -24,10 +24,10 @@ const (
 
 type PutUserRequest struct {
 	state  protoimpl.MessageState `protogen:"open.v1"`
-	UserId string                 `protobuf:"bytes,1,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
+	UserId string                 `protobuf:"bytes,1,opt,name=user_id,json=userId" json:"user_id,omitempty"`
 	// A JSON object.
-	ProfileJson     string `protobuf:"bytes,2,opt,name=profile_json,json=profileJson,proto3" json:"profile_json,omitempty"`
-	ExpectedVersion *int64 `protobuf:"varint,3,opt,name=expected_version,json=expectedVersion,proto3,oneof" json:"expected_version,omitempty"`
+	ProfileJson     string `protobuf:"bytes,2,opt,name=profile_json,json=profileJson" json:"profile_json,omitempty"`
+	ExpectedVersion *int64 `protobuf:"varint,3,opt,name=expected_version,json=expectedVersion" json:"expected_version,omitempty"`
 	unknownFields   protoimpl.UnknownFields
 	sizeCache       protoimpl.SizeCache
 }
@@ -85,7 +85,7 @@ func (x *PutUserRequest) GetExpectedVersion() int64 {
 
 type PutUserResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
-	Version       int64                  `protobuf:"varint,1,opt,name=version,proto3" json:"version,omitempty"`
+	Version       int64                  `protobuf:"varint,1,opt,name=version" json:"version,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -129,7 +129,7 @@ func (x *PutUserResponse) GetVersion() int64 {
 
 type GetUserRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
-	UserId        string                 `protobuf:"bytes,1,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
+	UserId        string                 `protobuf:"bytes,1,opt,name=user_id,json=userId" json:"user_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -173,13 +173,13 @@ func (x *GetUserRequest) GetUserId() string {
 
 type GetUserResponse struct {
 	state       protoimpl.MessageState `protogen:"open.v1"`
-	UserId      string                 `protobuf:"bytes,1,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
-	ProfileJson string                 `protobuf:"bytes,2,opt,name=profile_json,json=profileJson,proto3" json:"profile_json,omitempty"`
-	Version     int64                  `protobuf:"varint,3,opt,name=version,proto3" json:"version,omitempty"`
+	UserId      string                 `protobuf:"bytes,1,opt,name=user_id,json=userId" json:"user_id,omitempty"`
+	ProfileJson string                 `protobuf:"bytes,2,opt,name=profile_json,json=profileJson" json:"profile_json,omitempty"`
+	Version     int64                  `protobuf:"varint,3,opt,name=version" json:"version,omitempty"`
 	// The partition the user hashes to (xxhash64(user_id) mod partition count).
-	Partition     int32                  `protobuf:"varint,4,opt,name=partition,proto3" json:"partition,omitempty"`
-	CreatedAt     *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
-	UpdatedAt     *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=updated_at,json=updatedAt,proto3" json:"updated_at,omitempty"`
+	Partition     int32                  `protobuf:"varint,4,opt,name=partition" json:"partition,omitempty"`
+	CreatedAt     *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=created_at,json=createdAt" json:"created_at,omitempty"`
+	UpdatedAt     *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=updated_at,json=updatedAt" json:"updated_at,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -258,8 +258,8 @@ func (x *GetUserResponse) GetUpdatedAt() *timestamppb.Timestamp {
 
 type DeleteUserRequest struct {
 	state           protoimpl.MessageState `protogen:"open.v1"`
-	UserId          string                 `protobuf:"bytes,1,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
-	ExpectedVersion *int64                 `protobuf:"varint,2,opt,name=expected_version,json=expectedVersion,proto3,oneof" json:"expected_version,omitempty"`
+	UserId          string                 `protobuf:"bytes,1,opt,name=user_id,json=userId" json:"user_id,omitempty"`
+	ExpectedVersion *int64                 `protobuf:"varint,2,opt,name=expected_version,json=expectedVersion" json:"expected_version,omitempty"`
 	unknownFields   protoimpl.UnknownFields
 	sizeCache       protoimpl.SizeCache
 }
@@ -310,8 +310,8 @@ func (x *DeleteUserRequest) GetExpectedVersion() int64 {
 
 type DeleteUserResponse struct {
 	state           protoimpl.MessageState `protogen:"open.v1"`
-	SessionsDeleted int64                  `protobuf:"varint,1,opt,name=sessions_deleted,json=sessionsDeleted,proto3" json:"sessions_deleted,omitempty"`
-	ItemsDeleted    int64                  `protobuf:"varint,2,opt,name=items_deleted,json=itemsDeleted,proto3" json:"items_deleted,omitempty"`
+	SessionsDeleted int64                  `protobuf:"varint,1,opt,name=sessions_deleted,json=sessionsDeleted" json:"sessions_deleted,omitempty"`
+	ItemsDeleted    int64                  `protobuf:"varint,2,opt,name=items_deleted,json=itemsDeleted" json:"items_deleted,omitempty"`
 	unknownFields   protoimpl.UnknownFields
 	sizeCache       protoimpl.SizeCache
 }
@@ -362,11 +362,11 @@ func (x *DeleteUserResponse) GetItemsDeleted() int64 {
 
 type CreateSessionRequest struct {
 	state  protoimpl.MessageState `protogen:"open.v1"`
-	UserId string                 `protobuf:"bytes,1,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
+	UserId string                 `protobuf:"bytes,1,opt,name=user_id,json=userId" json:"user_id,omitempty"`
 	// A JSON object; empty means {}.
-	DataJson string `protobuf:"bytes,2,opt,name=data_json,json=dataJson,proto3" json:"data_json,omitempty"`
+	DataJson string `protobuf:"bytes,2,opt,name=data_json,json=dataJson" json:"data_json,omitempty"`
 	// Lifetime in seconds, 1 to 31536000 (one year).
-	TtlSeconds    int64 `protobuf:"varint,3,opt,name=ttl_seconds,json=ttlSeconds,proto3" json:"ttl_seconds,omitempty"`
+	TtlSeconds    int64 `protobuf:"varint,3,opt,name=ttl_seconds,json=ttlSeconds" json:"ttl_seconds,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -426,8 +426,8 @@ type CreateSessionResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// "<partition>.<random>": the partition lets any router find the session's
 	// shard without a lookup table. Treat it as a secret.
-	Token         string                 `protobuf:"bytes,1,opt,name=token,proto3" json:"token,omitempty"`
-	ExpiresAt     *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=expires_at,json=expiresAt,proto3" json:"expires_at,omitempty"`
+	Token         string                 `protobuf:"bytes,1,opt,name=token" json:"token,omitempty"`
+	ExpiresAt     *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=expires_at,json=expiresAt" json:"expires_at,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -478,7 +478,7 @@ func (x *CreateSessionResponse) GetExpiresAt() *timestamppb.Timestamp {
 
 type GetSessionRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
-	Token         string                 `protobuf:"bytes,1,opt,name=token,proto3" json:"token,omitempty"`
+	Token         string                 `protobuf:"bytes,1,opt,name=token" json:"token,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -522,10 +522,10 @@ func (x *GetSessionRequest) GetToken() string {
 
 type GetSessionResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
-	UserId        string                 `protobuf:"bytes,1,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
-	DataJson      string                 `protobuf:"bytes,2,opt,name=data_json,json=dataJson,proto3" json:"data_json,omitempty"`
-	ExpiresAt     *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=expires_at,json=expiresAt,proto3" json:"expires_at,omitempty"`
-	Version       int64                  `protobuf:"varint,4,opt,name=version,proto3" json:"version,omitempty"`
+	UserId        string                 `protobuf:"bytes,1,opt,name=user_id,json=userId" json:"user_id,omitempty"`
+	DataJson      string                 `protobuf:"bytes,2,opt,name=data_json,json=dataJson" json:"data_json,omitempty"`
+	ExpiresAt     *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=expires_at,json=expiresAt" json:"expires_at,omitempty"`
+	Version       int64                  `protobuf:"varint,4,opt,name=version" json:"version,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -590,8 +590,8 @@ func (x *GetSessionResponse) GetVersion() int64 {
 
 type TouchSessionRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
-	Token         string                 `protobuf:"bytes,1,opt,name=token,proto3" json:"token,omitempty"`
-	TtlSeconds    int64                  `protobuf:"varint,2,opt,name=ttl_seconds,json=ttlSeconds,proto3" json:"ttl_seconds,omitempty"`
+	Token         string                 `protobuf:"bytes,1,opt,name=token" json:"token,omitempty"`
+	TtlSeconds    int64                  `protobuf:"varint,2,opt,name=ttl_seconds,json=ttlSeconds" json:"ttl_seconds,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -642,8 +642,8 @@ func (x *TouchSessionRequest) GetTtlSeconds() int64 {
 
 type TouchSessionResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
-	ExpiresAt     *timestamppb.Timestamp `protobuf:"bytes,1,opt,name=expires_at,json=expiresAt,proto3" json:"expires_at,omitempty"`
-	Version       int64                  `protobuf:"varint,2,opt,name=version,proto3" json:"version,omitempty"`
+	ExpiresAt     *timestamppb.Timestamp `protobuf:"bytes,1,opt,name=expires_at,json=expiresAt" json:"expires_at,omitempty"`
+	Version       int64                  `protobuf:"varint,2,opt,name=version" json:"version,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -694,7 +694,7 @@ func (x *TouchSessionResponse) GetVersion() int64 {
 
 type RevokeSessionRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
-	Token         string                 `protobuf:"bytes,1,opt,name=token,proto3" json:"token,omitempty"`
+	Token         string                 `protobuf:"bytes,1,opt,name=token" json:"token,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -774,7 +774,7 @@ func (*RevokeSessionResponse) Descriptor() ([]byte, []int) {
 
 type ListSessionsRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
-	UserId        string                 `protobuf:"bytes,1,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
+	UserId        string                 `protobuf:"bytes,1,opt,name=user_id,json=userId" json:"user_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -818,7 +818,7 @@ func (x *ListSessionsRequest) GetUserId() string {
 
 type ListSessionsResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
-	Sessions      []*SessionInfo         `protobuf:"bytes,1,rep,name=sessions,proto3" json:"sessions,omitempty"`
+	Sessions      []*SessionInfo         `protobuf:"bytes,1,rep,name=sessions" json:"sessions,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -864,11 +864,11 @@ func (x *ListSessionsResponse) GetSessions() []*SessionInfo {
 type SessionInfo struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Hex SHA-256 of the token: stable and safe to show, useless to log in with.
-	SessionId     string                 `protobuf:"bytes,1,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
-	DataJson      string                 `protobuf:"bytes,2,opt,name=data_json,json=dataJson,proto3" json:"data_json,omitempty"`
-	CreatedAt     *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
-	ExpiresAt     *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=expires_at,json=expiresAt,proto3" json:"expires_at,omitempty"`
-	Version       int64                  `protobuf:"varint,5,opt,name=version,proto3" json:"version,omitempty"`
+	SessionId     string                 `protobuf:"bytes,1,opt,name=session_id,json=sessionId" json:"session_id,omitempty"`
+	DataJson      string                 `protobuf:"bytes,2,opt,name=data_json,json=dataJson" json:"data_json,omitempty"`
+	CreatedAt     *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=created_at,json=createdAt" json:"created_at,omitempty"`
+	ExpiresAt     *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=expires_at,json=expiresAt" json:"expires_at,omitempty"`
+	Version       int64                  `protobuf:"varint,5,opt,name=version" json:"version,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -941,12 +941,12 @@ func (x *SessionInfo) GetVersion() int64 {
 // Item is one per-user document, addressed by (user_id, collection, key).
 type Item struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
-	UserId        string                 `protobuf:"bytes,1,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
-	Collection    string                 `protobuf:"bytes,2,opt,name=collection,proto3" json:"collection,omitempty"`
-	Key           string                 `protobuf:"bytes,3,opt,name=key,proto3" json:"key,omitempty"`
-	ValueJson     string                 `protobuf:"bytes,4,opt,name=value_json,json=valueJson,proto3" json:"value_json,omitempty"`
-	Version       int64                  `protobuf:"varint,5,opt,name=version,proto3" json:"version,omitempty"`
-	UpdatedAt     *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=updated_at,json=updatedAt,proto3" json:"updated_at,omitempty"`
+	UserId        string                 `protobuf:"bytes,1,opt,name=user_id,json=userId" json:"user_id,omitempty"`
+	Collection    string                 `protobuf:"bytes,2,opt,name=collection" json:"collection,omitempty"`
+	Key           string                 `protobuf:"bytes,3,opt,name=key" json:"key,omitempty"`
+	ValueJson     string                 `protobuf:"bytes,4,opt,name=value_json,json=valueJson" json:"value_json,omitempty"`
+	Version       int64                  `protobuf:"varint,5,opt,name=version" json:"version,omitempty"`
+	UpdatedAt     *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=updated_at,json=updatedAt" json:"updated_at,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1025,14 +1025,14 @@ func (x *Item) GetUpdatedAt() *timestamppb.Timestamp {
 
 type PutItemRequest struct {
 	state  protoimpl.MessageState `protogen:"open.v1"`
-	UserId string                 `protobuf:"bytes,1,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
+	UserId string                 `protobuf:"bytes,1,opt,name=user_id,json=userId" json:"user_id,omitempty"`
 	// 1-64 bytes of [A-Za-z0-9._-].
-	Collection string `protobuf:"bytes,2,opt,name=collection,proto3" json:"collection,omitempty"`
+	Collection string `protobuf:"bytes,2,opt,name=collection" json:"collection,omitempty"`
 	// 1-256 bytes of UTF-8 without control characters.
-	Key string `protobuf:"bytes,3,opt,name=key,proto3" json:"key,omitempty"`
+	Key string `protobuf:"bytes,3,opt,name=key" json:"key,omitempty"`
 	// Any JSON value.
-	ValueJson       string `protobuf:"bytes,4,opt,name=value_json,json=valueJson,proto3" json:"value_json,omitempty"`
-	ExpectedVersion *int64 `protobuf:"varint,5,opt,name=expected_version,json=expectedVersion,proto3,oneof" json:"expected_version,omitempty"`
+	ValueJson       string `protobuf:"bytes,4,opt,name=value_json,json=valueJson" json:"value_json,omitempty"`
+	ExpectedVersion *int64 `protobuf:"varint,5,opt,name=expected_version,json=expectedVersion" json:"expected_version,omitempty"`
 	unknownFields   protoimpl.UnknownFields
 	sizeCache       protoimpl.SizeCache
 }
@@ -1104,7 +1104,7 @@ func (x *PutItemRequest) GetExpectedVersion() int64 {
 
 type PutItemResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
-	Version       int64                  `protobuf:"varint,1,opt,name=version,proto3" json:"version,omitempty"`
+	Version       int64                  `protobuf:"varint,1,opt,name=version" json:"version,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1148,9 +1148,9 @@ func (x *PutItemResponse) GetVersion() int64 {
 
 type GetItemRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
-	UserId        string                 `protobuf:"bytes,1,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
-	Collection    string                 `protobuf:"bytes,2,opt,name=collection,proto3" json:"collection,omitempty"`
-	Key           string                 `protobuf:"bytes,3,opt,name=key,proto3" json:"key,omitempty"`
+	UserId        string                 `protobuf:"bytes,1,opt,name=user_id,json=userId" json:"user_id,omitempty"`
+	Collection    string                 `protobuf:"bytes,2,opt,name=collection" json:"collection,omitempty"`
+	Key           string                 `protobuf:"bytes,3,opt,name=key" json:"key,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1208,7 +1208,7 @@ func (x *GetItemRequest) GetKey() string {
 
 type GetItemResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
-	Item          *Item                  `protobuf:"bytes,1,opt,name=item,proto3" json:"item,omitempty"`
+	Item          *Item                  `protobuf:"bytes,1,opt,name=item" json:"item,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1252,10 +1252,10 @@ func (x *GetItemResponse) GetItem() *Item {
 
 type DeleteItemRequest struct {
 	state           protoimpl.MessageState `protogen:"open.v1"`
-	UserId          string                 `protobuf:"bytes,1,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
-	Collection      string                 `protobuf:"bytes,2,opt,name=collection,proto3" json:"collection,omitempty"`
-	Key             string                 `protobuf:"bytes,3,opt,name=key,proto3" json:"key,omitempty"`
-	ExpectedVersion *int64                 `protobuf:"varint,4,opt,name=expected_version,json=expectedVersion,proto3,oneof" json:"expected_version,omitempty"`
+	UserId          string                 `protobuf:"bytes,1,opt,name=user_id,json=userId" json:"user_id,omitempty"`
+	Collection      string                 `protobuf:"bytes,2,opt,name=collection" json:"collection,omitempty"`
+	Key             string                 `protobuf:"bytes,3,opt,name=key" json:"key,omitempty"`
+	ExpectedVersion *int64                 `protobuf:"varint,4,opt,name=expected_version,json=expectedVersion" json:"expected_version,omitempty"`
 	unknownFields   protoimpl.UnknownFields
 	sizeCache       protoimpl.SizeCache
 }
@@ -1356,14 +1356,14 @@ func (*DeleteItemResponse) Descriptor() ([]byte, []int) {
 
 type ListItemsRequest struct {
 	state      protoimpl.MessageState `protogen:"open.v1"`
-	UserId     string                 `protobuf:"bytes,1,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
-	Collection string                 `protobuf:"bytes,2,opt,name=collection,proto3" json:"collection,omitempty"`
+	UserId     string                 `protobuf:"bytes,1,opt,name=user_id,json=userId" json:"user_id,omitempty"`
+	Collection string                 `protobuf:"bytes,2,opt,name=collection" json:"collection,omitempty"`
 	// Only keys starting with this prefix (optional).
-	Prefix string `protobuf:"bytes,3,opt,name=prefix,proto3" json:"prefix,omitempty"`
+	Prefix string `protobuf:"bytes,3,opt,name=prefix" json:"prefix,omitempty"`
 	// 1-1000; 0 means the default of 100.
-	PageSize int32 `protobuf:"varint,4,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
+	PageSize int32 `protobuf:"varint,4,opt,name=page_size,json=pageSize" json:"page_size,omitempty"`
 	// From a previous response's next_page_token; empty for the first page.
-	PageToken     string `protobuf:"bytes,5,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
+	PageToken     string `protobuf:"bytes,5,opt,name=page_token,json=pageToken" json:"page_token,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1435,9 +1435,11 @@ func (x *ListItemsRequest) GetPageToken() string {
 
 type ListItemsResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	Items []*Item                `protobuf:"bytes,1,rep,name=items,proto3" json:"items,omitempty"`
+	// At most page_size items, and fewer when their values pass about 1 MiB:
+	// keep paging while next_page_token is set.
+	Items []*Item `protobuf:"bytes,1,rep,name=items" json:"items,omitempty"`
 	// Empty when there are no more items.
-	NextPageToken string `protobuf:"bytes,2,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"`
+	NextPageToken string `protobuf:"bytes,2,opt,name=next_page_token,json=nextPageToken" json:"next_page_token,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1489,9 +1491,9 @@ func (x *ListItemsResponse) GetNextPageToken() string {
 type GetConfigRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// 1-64 bytes of [A-Za-z0-9._-].
-	Namespace string `protobuf:"bytes,1,opt,name=namespace,proto3" json:"namespace,omitempty"`
+	Namespace string `protobuf:"bytes,1,opt,name=namespace" json:"namespace,omitempty"`
 	// 1-256 bytes of UTF-8 without control characters.
-	Key           string `protobuf:"bytes,2,opt,name=key,proto3" json:"key,omitempty"`
+	Key           string `protobuf:"bytes,2,opt,name=key" json:"key,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1542,9 +1544,9 @@ func (x *GetConfigRequest) GetKey() string {
 
 type GetConfigResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
-	ValueJson     string                 `protobuf:"bytes,1,opt,name=value_json,json=valueJson,proto3" json:"value_json,omitempty"`
-	Version       int64                  `protobuf:"varint,2,opt,name=version,proto3" json:"version,omitempty"`
-	UpdatedAt     *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=updated_at,json=updatedAt,proto3" json:"updated_at,omitempty"`
+	ValueJson     string                 `protobuf:"bytes,1,opt,name=value_json,json=valueJson" json:"value_json,omitempty"`
+	Version       int64                  `protobuf:"varint,2,opt,name=version" json:"version,omitempty"`
+	UpdatedAt     *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=updated_at,json=updatedAt" json:"updated_at,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1602,11 +1604,11 @@ func (x *GetConfigResponse) GetUpdatedAt() *timestamppb.Timestamp {
 
 type SetConfigRequest struct {
 	state     protoimpl.MessageState `protogen:"open.v1"`
-	Namespace string                 `protobuf:"bytes,1,opt,name=namespace,proto3" json:"namespace,omitempty"`
-	Key       string                 `protobuf:"bytes,2,opt,name=key,proto3" json:"key,omitempty"`
+	Namespace string                 `protobuf:"bytes,1,opt,name=namespace" json:"namespace,omitempty"`
+	Key       string                 `protobuf:"bytes,2,opt,name=key" json:"key,omitempty"`
 	// Any JSON value.
-	ValueJson       string `protobuf:"bytes,3,opt,name=value_json,json=valueJson,proto3" json:"value_json,omitempty"`
-	ExpectedVersion *int64 `protobuf:"varint,4,opt,name=expected_version,json=expectedVersion,proto3,oneof" json:"expected_version,omitempty"`
+	ValueJson       string `protobuf:"bytes,3,opt,name=value_json,json=valueJson" json:"value_json,omitempty"`
+	ExpectedVersion *int64 `protobuf:"varint,4,opt,name=expected_version,json=expectedVersion" json:"expected_version,omitempty"`
 	unknownFields   protoimpl.UnknownFields
 	sizeCache       protoimpl.SizeCache
 }
@@ -1671,7 +1673,7 @@ func (x *SetConfigRequest) GetExpectedVersion() int64 {
 
 type SetConfigResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
-	Version       int64                  `protobuf:"varint,1,opt,name=version,proto3" json:"version,omitempty"`
+	Version       int64                  `protobuf:"varint,1,opt,name=version" json:"version,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1715,9 +1717,9 @@ func (x *SetConfigResponse) GetVersion() int64 {
 
 type DeleteConfigRequest struct {
 	state           protoimpl.MessageState `protogen:"open.v1"`
-	Namespace       string                 `protobuf:"bytes,1,opt,name=namespace,proto3" json:"namespace,omitempty"`
-	Key             string                 `protobuf:"bytes,2,opt,name=key,proto3" json:"key,omitempty"`
-	ExpectedVersion *int64                 `protobuf:"varint,3,opt,name=expected_version,json=expectedVersion,proto3,oneof" json:"expected_version,omitempty"`
+	Namespace       string                 `protobuf:"bytes,1,opt,name=namespace" json:"namespace,omitempty"`
+	Key             string                 `protobuf:"bytes,2,opt,name=key" json:"key,omitempty"`
+	ExpectedVersion *int64                 `protobuf:"varint,3,opt,name=expected_version,json=expectedVersion" json:"expected_version,omitempty"`
 	unknownFields   protoimpl.UnknownFields
 	sizeCache       protoimpl.SizeCache
 }
@@ -1811,7 +1813,7 @@ func (*DeleteConfigResponse) Descriptor() ([]byte, []int) {
 
 type ListConfigRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
-	Namespace     string                 `protobuf:"bytes,1,opt,name=namespace,proto3" json:"namespace,omitempty"`
+	Namespace     string                 `protobuf:"bytes,1,opt,name=namespace" json:"namespace,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1855,7 +1857,7 @@ func (x *ListConfigRequest) GetNamespace() string {
 
 type ListConfigResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
-	Entries       []*ConfigEntry         `protobuf:"bytes,1,rep,name=entries,proto3" json:"entries,omitempty"`
+	Entries       []*ConfigEntry         `protobuf:"bytes,1,rep,name=entries" json:"entries,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1900,11 +1902,11 @@ func (x *ListConfigResponse) GetEntries() []*ConfigEntry {
 // ConfigEntry is one global config value.
 type ConfigEntry struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
-	Namespace     string                 `protobuf:"bytes,1,opt,name=namespace,proto3" json:"namespace,omitempty"`
-	Key           string                 `protobuf:"bytes,2,opt,name=key,proto3" json:"key,omitempty"`
-	ValueJson     string                 `protobuf:"bytes,3,opt,name=value_json,json=valueJson,proto3" json:"value_json,omitempty"`
-	Version       int64                  `protobuf:"varint,4,opt,name=version,proto3" json:"version,omitempty"`
-	UpdatedAt     *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=updated_at,json=updatedAt,proto3" json:"updated_at,omitempty"`
+	Namespace     string                 `protobuf:"bytes,1,opt,name=namespace" json:"namespace,omitempty"`
+	Key           string                 `protobuf:"bytes,2,opt,name=key" json:"key,omitempty"`
+	ValueJson     string                 `protobuf:"bytes,3,opt,name=value_json,json=valueJson" json:"value_json,omitempty"`
+	Version       int64                  `protobuf:"varint,4,opt,name=version" json:"version,omitempty"`
+	UpdatedAt     *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=updated_at,json=updatedAt" json:"updated_at,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1978,12 +1980,11 @@ var File_shardgate_v1_data_proto protoreflect.FileDescriptor
 
 const file_shardgate_v1_data_proto_rawDesc = "" +
 	"\n" +
-	"\x17shardgate/v1/data.proto\x12\fshardgate.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x91\x01\n" +
+	"\x17shardgate/v1/data.proto\x12\fshardgate.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"~\n" +
 	"\x0ePutUserRequest\x12\x17\n" +
 	"\auser_id\x18\x01 \x01(\tR\x06userId\x12!\n" +
-	"\fprofile_json\x18\x02 \x01(\tR\vprofileJson\x12.\n" +
-	"\x10expected_version\x18\x03 \x01(\x03H\x00R\x0fexpectedVersion\x88\x01\x01B\x13\n" +
-	"\x11_expected_version\"+\n" +
+	"\fprofile_json\x18\x02 \x01(\tR\vprofileJson\x120\n" +
+	"\x10expected_version\x18\x03 \x01(\x03B\x05\xaa\x01\x02\b\x01R\x0fexpectedVersion\"+\n" +
 	"\x0fPutUserResponse\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\x03R\aversion\")\n" +
 	"\x0eGetUserRequest\x12\x17\n" +
@@ -1996,11 +1997,10 @@ const file_shardgate_v1_data_proto_rawDesc = "" +
 	"\n" +
 	"created_at\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\x129\n" +
 	"\n" +
-	"updated_at\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\tupdatedAt\"q\n" +
+	"updated_at\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\tupdatedAt\"^\n" +
 	"\x11DeleteUserRequest\x12\x17\n" +
-	"\auser_id\x18\x01 \x01(\tR\x06userId\x12.\n" +
-	"\x10expected_version\x18\x02 \x01(\x03H\x00R\x0fexpectedVersion\x88\x01\x01B\x13\n" +
-	"\x11_expected_version\"d\n" +
+	"\auser_id\x18\x01 \x01(\tR\x06userId\x120\n" +
+	"\x10expected_version\x18\x02 \x01(\x03B\x05\xaa\x01\x02\b\x01R\x0fexpectedVersion\"d\n" +
 	"\x12DeleteUserResponse\x12)\n" +
 	"\x10sessions_deleted\x18\x01 \x01(\x03R\x0fsessionsDeleted\x12#\n" +
 	"\ritems_deleted\x18\x02 \x01(\x03R\fitemsDeleted\"m\n" +
@@ -2055,7 +2055,7 @@ const file_shardgate_v1_data_proto_rawDesc = "" +
 	"value_json\x18\x04 \x01(\tR\tvalueJson\x12\x18\n" +
 	"\aversion\x18\x05 \x01(\x03R\aversion\x129\n" +
 	"\n" +
-	"updated_at\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\tupdatedAt\"\xbf\x01\n" +
+	"updated_at\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\tupdatedAt\"\xac\x01\n" +
 	"\x0ePutItemRequest\x12\x17\n" +
 	"\auser_id\x18\x01 \x01(\tR\x06userId\x12\x1e\n" +
 	"\n" +
@@ -2063,9 +2063,8 @@ const file_shardgate_v1_data_proto_rawDesc = "" +
 	"collection\x12\x10\n" +
 	"\x03key\x18\x03 \x01(\tR\x03key\x12\x1d\n" +
 	"\n" +
-	"value_json\x18\x04 \x01(\tR\tvalueJson\x12.\n" +
-	"\x10expected_version\x18\x05 \x01(\x03H\x00R\x0fexpectedVersion\x88\x01\x01B\x13\n" +
-	"\x11_expected_version\"+\n" +
+	"value_json\x18\x04 \x01(\tR\tvalueJson\x120\n" +
+	"\x10expected_version\x18\x05 \x01(\x03B\x05\xaa\x01\x02\b\x01R\x0fexpectedVersion\"+\n" +
 	"\x0fPutItemResponse\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\x03R\aversion\"[\n" +
 	"\x0eGetItemRequest\x12\x17\n" +
@@ -2075,15 +2074,14 @@ const file_shardgate_v1_data_proto_rawDesc = "" +
 	"collection\x12\x10\n" +
 	"\x03key\x18\x03 \x01(\tR\x03key\"9\n" +
 	"\x0fGetItemResponse\x12&\n" +
-	"\x04item\x18\x01 \x01(\v2\x12.shardgate.v1.ItemR\x04item\"\xa3\x01\n" +
+	"\x04item\x18\x01 \x01(\v2\x12.shardgate.v1.ItemR\x04item\"\x90\x01\n" +
 	"\x11DeleteItemRequest\x12\x17\n" +
 	"\auser_id\x18\x01 \x01(\tR\x06userId\x12\x1e\n" +
 	"\n" +
 	"collection\x18\x02 \x01(\tR\n" +
 	"collection\x12\x10\n" +
-	"\x03key\x18\x03 \x01(\tR\x03key\x12.\n" +
-	"\x10expected_version\x18\x04 \x01(\x03H\x00R\x0fexpectedVersion\x88\x01\x01B\x13\n" +
-	"\x11_expected_version\"\x14\n" +
+	"\x03key\x18\x03 \x01(\tR\x03key\x120\n" +
+	"\x10expected_version\x18\x04 \x01(\x03B\x05\xaa\x01\x02\b\x01R\x0fexpectedVersion\"\x14\n" +
 	"\x12DeleteItemResponse\"\x9f\x01\n" +
 	"\x10ListItemsRequest\x12\x17\n" +
 	"\auser_id\x18\x01 \x01(\tR\x06userId\x12\x1e\n" +
@@ -2105,21 +2103,19 @@ const file_shardgate_v1_data_proto_rawDesc = "" +
 	"value_json\x18\x01 \x01(\tR\tvalueJson\x12\x18\n" +
 	"\aversion\x18\x02 \x01(\x03R\aversion\x129\n" +
 	"\n" +
-	"updated_at\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\tupdatedAt\"\xa6\x01\n" +
+	"updated_at\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\tupdatedAt\"\x93\x01\n" +
 	"\x10SetConfigRequest\x12\x1c\n" +
 	"\tnamespace\x18\x01 \x01(\tR\tnamespace\x12\x10\n" +
 	"\x03key\x18\x02 \x01(\tR\x03key\x12\x1d\n" +
 	"\n" +
-	"value_json\x18\x03 \x01(\tR\tvalueJson\x12.\n" +
-	"\x10expected_version\x18\x04 \x01(\x03H\x00R\x0fexpectedVersion\x88\x01\x01B\x13\n" +
-	"\x11_expected_version\"-\n" +
+	"value_json\x18\x03 \x01(\tR\tvalueJson\x120\n" +
+	"\x10expected_version\x18\x04 \x01(\x03B\x05\xaa\x01\x02\b\x01R\x0fexpectedVersion\"-\n" +
 	"\x11SetConfigResponse\x12\x18\n" +
-	"\aversion\x18\x01 \x01(\x03R\aversion\"\x8a\x01\n" +
+	"\aversion\x18\x01 \x01(\x03R\aversion\"w\n" +
 	"\x13DeleteConfigRequest\x12\x1c\n" +
 	"\tnamespace\x18\x01 \x01(\tR\tnamespace\x12\x10\n" +
-	"\x03key\x18\x02 \x01(\tR\x03key\x12.\n" +
-	"\x10expected_version\x18\x03 \x01(\x03H\x00R\x0fexpectedVersion\x88\x01\x01B\x13\n" +
-	"\x11_expected_version\"\x16\n" +
+	"\x03key\x18\x02 \x01(\tR\x03key\x120\n" +
+	"\x10expected_version\x18\x03 \x01(\x03B\x05\xaa\x01\x02\b\x01R\x0fexpectedVersion\"\x16\n" +
 	"\x14DeleteConfigResponse\"1\n" +
 	"\x11ListConfigRequest\x12\x1c\n" +
 	"\tnamespace\x18\x01 \x01(\tR\tnamespace\"I\n" +
@@ -2154,7 +2150,7 @@ const file_shardgate_v1_data_proto_rawDesc = "" +
 	"\tSetConfig\x12\x1e.shardgate.v1.SetConfigRequest\x1a\x1f.shardgate.v1.SetConfigResponse\x12U\n" +
 	"\fDeleteConfig\x12!.shardgate.v1.DeleteConfigRequest\x1a\".shardgate.v1.DeleteConfigResponse\x12O\n" +
 	"\n" +
-	"ListConfig\x12\x1f.shardgate.v1.ListConfigRequest\x1a .shardgate.v1.ListConfigResponseB?Z=github.com/shardgate/shardgate/proto/shardgate/v1;shardgatev1b\x06proto3"
+	"ListConfig\x12\x1f.shardgate.v1.ListConfigRequest\x1a .shardgate.v1.ListConfigResponseBFZ=github.com/shardgate/shardgate/proto/shardgate/v1;shardgatev1\x92\x03\x04\b\x02 \x03b\beditionsp\xe8\a"
 
 var (
 	file_shardgate_v1_data_proto_rawDescOnce sync.Once
@@ -2266,12 +2262,6 @@ func file_shardgate_v1_data_proto_init() {
 	if File_shardgate_v1_data_proto != nil {
 		return
 	}
-	file_shardgate_v1_data_proto_msgTypes[0].OneofWrappers = []any{}
-	file_shardgate_v1_data_proto_msgTypes[4].OneofWrappers = []any{}
-	file_shardgate_v1_data_proto_msgTypes[18].OneofWrappers = []any{}
-	file_shardgate_v1_data_proto_msgTypes[22].OneofWrappers = []any{}
-	file_shardgate_v1_data_proto_msgTypes[28].OneofWrappers = []any{}
-	file_shardgate_v1_data_proto_msgTypes[30].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
