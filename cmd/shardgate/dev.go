@@ -15,12 +15,13 @@ import (
 )
 
 type devCmd struct {
-	Listen    string `help:"Loopback address to serve gRPC on." default:"127.0.0.1:7070" env:"SHARDGATE_LISTEN"`
-	PGAdmin   string `name:"pg-admin" help:"Superuser DSN of the local PostgreSQL." default:"postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable" env:"SHARDGATE_DEV_PG"`
-	Redis     string `help:"Local Redis address." default:"127.0.0.1:6379" env:"SHARDGATE_REDIS"`
-	Shards    int    `help:"Number of shard databases." default:"4"`
-	DBPrefix  string `name:"db-prefix" help:"Prefix of the databases dev mode creates." default:"shardgate_dev"`
-	NoInstall bool   `name:"no-install" help:"Never install PostgreSQL or Redis; only start them."`
+	Listen    string        `help:"Loopback address to serve gRPC on." default:"127.0.0.1:7070" env:"SHARDGATE_LISTEN"`
+	PGAdmin   string        `name:"pg-admin" help:"Superuser DSN of the local PostgreSQL." default:"postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable" env:"SHARDGATE_DEV_PG"`
+	Redis     string        `help:"Local Redis address." default:"127.0.0.1:6379" env:"SHARDGATE_REDIS"`
+	Shards    int           `help:"Number of shard databases." default:"4"`
+	DBPrefix  string        `name:"db-prefix" help:"Prefix of the databases dev mode creates." default:"shardgate_dev"`
+	NoInstall bool          `name:"no-install" help:"Never install PostgreSQL or Redis; only start them."`
+	Drain     time.Duration `help:"How long health reports NOT_SERVING after SIGTERM before the server stops taking calls." default:"0s" env:"SHARDGATE_DRAIN"`
 	serveFlags
 }
 
@@ -60,7 +61,8 @@ func (c *devCmd) Run(ctx context.Context, log *slog.Logger) error {
 		return err
 	}
 	log.Warn("dev mode: no TLS, no auth, loopback only", "listen", c.Listen)
-	return run(ctx, log, c.Listen, catalogDSN, c.serveFlags)
+	log.Info("try it", "list", "grpcurl -plaintext "+c.Listen+" list", "topology", "go run ./cmd/shardctl --addr "+c.Listen+" topology")
+	return run(ctx, log, c.Listen, catalogDSN, c.serveFlags, c.Drain)
 }
 
 // createDatabases creates the catalog and shard databases if missing and
@@ -79,14 +81,19 @@ func (c *devCmd) createDatabases(ctx context.Context) (string, []catalog.ShardSp
 	}
 	dsns := make([]string, len(names))
 	for i, name := range names {
-		var exists bool
-		if err := conn.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)`, name).Scan(&exists); err != nil {
-			return "", nil, err
-		}
-		if !exists {
-			if _, err := conn.Exec(ctx, "CREATE DATABASE "+pgx.Identifier{name}.Sanitize()); err != nil {
+		var encoding string
+		err := conn.QueryRow(ctx, `SELECT pg_encoding_to_char(encoding) FROM pg_database WHERE datname = $1`, name).Scan(&encoding)
+		switch {
+		case errors.Is(err, pgx.ErrNoRows):
+			// template0, not template1: template1 may be SQL_ASCII, which
+			// rejects non-ASCII characters in JSON.
+			if _, err := conn.Exec(ctx, "CREATE DATABASE "+pgx.Identifier{name}.Sanitize()+" ENCODING 'UTF8' TEMPLATE template0"); err != nil {
 				return "", nil, fmt.Errorf("create database %s: %w", name, err)
 			}
+		case err != nil:
+			return "", nil, err
+		case encoding != "UTF8":
+			return "", nil, fmt.Errorf("database %s exists with encoding %s, and Shardgate needs UTF8; drop the %s_* databases (they hold only dev data) or pass another --db-prefix", name, encoding, c.DBPrefix)
 		}
 		if dsns[i], err = withDatabase(c.PGAdmin, name); err != nil {
 			return "", nil, err
@@ -108,10 +115,17 @@ func withDatabase(dsn, name string) (string, error) {
 	return u.String(), nil
 }
 
+// redactDSN returns a postgres:// URL without its password, for logs and
+// errors; anything else it hides whole, since it cannot tell where a
+// password would be.
 func redactDSN(dsn string) string {
 	u, err := url.Parse(dsn)
-	if err != nil {
-		return "(DSN)"
+	if err != nil || (u.Scheme != "postgres" && u.Scheme != "postgresql") || u.Opaque != "" {
+		return "(DSN not shown)"
+	}
+	if q := u.Query(); q.Has("password") {
+		q.Set("password", "xxxxx")
+		u.RawQuery = q.Encode()
 	}
 	return u.Redacted()
 }

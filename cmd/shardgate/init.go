@@ -31,15 +31,21 @@ func (c *initCmd) Run(ctx context.Context, log *slog.Logger) error {
 	return nil
 }
 
+// parseShardSpecs parses --shard NAME=DSN arguments. Its errors never quote
+// an argument: the DSN may hold a password, and without "NAME=" the part
+// before the first '=' may be a DSN too.
 func parseShardSpecs(list []string) ([]catalog.ShardSpec, error) {
 	specs := make([]catalog.ShardSpec, 0, len(list))
-	for _, s := range list {
+	for i, s := range list {
+		arg := fmt.Sprintf("--shard argument %d (of %d)", i+1, len(list))
 		name, dsn, ok := strings.Cut(s, "=")
-		if !ok || name == "" || dsn == "" {
-			return nil, fmt.Errorf("--shard %q: want NAME=DSN", name)
-		}
-		if err := router.ValidateShardName(name); err != nil {
-			return nil, fmt.Errorf("--shard: %w", err)
+		switch {
+		case strings.Contains(name, "://"):
+			return nil, fmt.Errorf("%s: want NAME=DSN; it starts with a DSN, not a NAME", arg)
+		case !ok || name == "" || dsn == "":
+			return nil, fmt.Errorf("%s: want NAME=DSN, both non-empty", arg)
+		case router.ValidateShardName(name) != nil:
+			return nil, fmt.Errorf("%s: the NAME before '=' is not a shard name: want 1-63 characters of [a-z0-9_-] starting with a letter or digit", arg)
 		}
 		specs = append(specs, catalog.ShardSpec{Name: name, DSN: dsn})
 	}

@@ -40,7 +40,6 @@ func main() {
 	defer stop()
 	kctx.BindTo(ctx, (*context.Context)(nil))
 	if err := kctx.Run(logger); err != nil {
-		logger.Error("shardgate failed", "err", err)
 		fmt.Fprintln(os.Stderr, "shardgate:", err)
 		os.Exit(1)
 	}

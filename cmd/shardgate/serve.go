@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"sync"
 	"time"
 
 	"github.com/shardgate/shardgate/server"
@@ -22,9 +23,10 @@ type serveFlags struct {
 }
 
 type serveCmd struct {
-	Listen   string `help:"Address to serve gRPC on." default:"127.0.0.1:7070" env:"SHARDGATE_LISTEN"`
-	Catalog  string `help:"Catalog database DSN." required:"" env:"SHARDGATE_CATALOG"`
-	Insecure bool   `help:"Allow a non-loopback listen address without TLS and auth (never in production)." env:"SHARDGATE_INSECURE"`
+	Listen   string        `help:"Address to serve gRPC on." default:"127.0.0.1:7070" env:"SHARDGATE_LISTEN"`
+	Catalog  string        `help:"Catalog database DSN." required:"" env:"SHARDGATE_CATALOG"`
+	Insecure bool          `help:"Allow a non-loopback listen address without TLS and auth (never in production)." env:"SHARDGATE_INSECURE"`
+	Drain    time.Duration `help:"How long health reports NOT_SERVING after SIGTERM before the server stops taking calls, so load balancers move away first." default:"2s" env:"SHARDGATE_DRAIN"`
 	serveFlags
 }
 
@@ -39,10 +41,12 @@ func (c *serveCmd) Run(ctx context.Context, log *slog.Logger) error {
 		}
 		log.Warn("INSECURE: serving without TLS or auth on a non-loopback address", "listen", c.Listen)
 	}
-	return run(ctx, log, c.Listen, c.Catalog, c.serveFlags)
+	return run(ctx, log, c.Listen, c.Catalog, c.serveFlags, c.Drain)
 }
 
-func run(ctx context.Context, log *slog.Logger, listen, catalogDSN string, f serveFlags) error {
+// run serves until ctx ends: health turns NOT_SERVING, calls are still
+// taken for drain, then in-flight calls get up to f.Grace.
+func run(ctx context.Context, log *slog.Logger, listen, catalogDSN string, f serveFlags, drain time.Duration) error {
 	s, err := server.New(ctx, catalogDSN, server.Options{
 		MaxJSONBytes:     f.MaxJSONBytes,
 		ShardPool:        shards.PoolOptions{MaxConns: f.ShardMaxConns},
@@ -53,7 +57,13 @@ func run(ctx context.Context, log *slog.Logger, listen, catalogDSN string, f ser
 		return err
 	}
 	defer s.Close()
-	go s.Watch(ctx)
+	// The watcher keeps the map current through drain and grace, so it
+	// outlives ctx; it must be gone before Close closes what it uses.
+	watchCtx, stopWatch := context.WithCancel(context.WithoutCancel(ctx))
+	var watch sync.WaitGroup
+	watch.Go(func() { s.Watch(watchCtx) })
+	defer watch.Wait()
+	defer stopWatch()
 	g, hs := server.NewGRPCServer(s, server.GRPCOptions{MaxRecvMsgBytes: f.MaxRecvBytes, DefaultTimeout: f.DefaultTimeout})
 	lis, err := net.Listen("tcp", listen)
 	if err != nil {
@@ -61,7 +71,7 @@ func run(ctx context.Context, log *slog.Logger, listen, catalogDSN string, f ser
 	}
 	t := s.Router().Table()
 	log.Info("serving", "addr", lis.Addr().String(), "topology_version", t.Version(), "partitions", t.PartitionCount(), "shards", len(t.Shards()))
-	err = server.Serve(ctx, g, hs, lis, f.Grace)
+	err = server.Serve(ctx, g, hs, lis, f.Grace, drain)
 	log.Info("stopped")
 	return err
 }

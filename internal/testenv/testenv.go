@@ -44,7 +44,7 @@ func AdminDSN(t testing.TB) string {
 	return dsn
 }
 
-// NewDatabase creates an empty database and returns a DSN for it. The
+// NewDatabase creates an empty UTF8 database and returns a DSN for it. The
 // database is dropped (with its connections) when the test ends.
 func NewDatabase(t testing.TB) string {
 	t.Helper()
@@ -57,7 +57,8 @@ func NewDatabase(t testing.TB) string {
 		t.Fatalf("testenv: connect: %v", err)
 	}
 	defer conn.Close(ctx)
-	if _, err := conn.Exec(ctx, "CREATE DATABASE "+name); err != nil {
+	// template0: template1 may be SQL_ASCII, which rejects non-ASCII JSON.
+	if _, err := conn.Exec(ctx, "CREATE DATABASE "+name+" ENCODING 'UTF8' TEMPLATE template0"); err != nil {
 		t.Fatalf("testenv: create database %s: %v", name, err)
 	}
 	// Tests need no durability; skipping the commit flush makes write-heavy
