@@ -2,7 +2,6 @@ package shards
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"time"
 	"unicode"
@@ -164,15 +163,8 @@ func (s *Shard) GetItem(ctx context.Context, partition int32, userID, collection
 	)
 	err = c.QueryRow(ctx, getItemSQL, partition, userID, collection, key).
 		Scan(&state, &it.Value, &version, &created, &updated)
-	switch {
-	case errors.Is(err, pgx.ErrNoRows):
-		return Item{}, s.wrap("get item", wrongShard(partition))
-	case err != nil:
-		return Item{}, s.wrap("get item", err)
-	case !readable(state):
-		return Item{}, s.wrap("get item", wrongShard(partition))
-	case !version.Valid:
-		return Item{}, s.wrap("get item", ErrNotFound)
+	if err := s.fencedRead("get item", partition, err, state, version.Valid); err != nil {
+		return Item{}, err
 	}
 	it.Version, it.CreatedAt, it.UpdatedAt = version.Int64, created.Time, updated.Time
 	return it, nil

@@ -4,11 +4,9 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
-	"errors"
 	"fmt"
 	"time"
 
-	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgtype"
 )
 
@@ -111,15 +109,8 @@ func (s *Shard) GetSession(ctx context.Context, partition int32, tokenHash []byt
 	)
 	err = c.QueryRow(ctx, getSessionSQL, partition, tokenHash).
 		Scan(&state, &userID, &sess.Data, &created, &expires, &version)
-	switch {
-	case errors.Is(err, pgx.ErrNoRows):
-		return Session{}, s.wrap("get session", wrongShard(partition))
-	case err != nil:
-		return Session{}, s.wrap("get session", err)
-	case !readable(state):
-		return Session{}, s.wrap("get session", wrongShard(partition))
-	case !version.Valid:
-		return Session{}, s.wrap("get session", ErrNotFound)
+	if err := s.fencedRead("get session", partition, err, state, version.Valid); err != nil {
+		return Session{}, err
 	}
 	sess.UserID, sess.CreatedAt, sess.ExpiresAt, sess.Version = userID.String, created.Time, expires.Time, version.Int64
 	return sess, nil

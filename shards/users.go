@@ -2,7 +2,6 @@ package shards
 
 import (
 	"context"
-	"errors"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -136,15 +135,8 @@ func (s *Shard) GetUser(ctx context.Context, partition int32, userID string) (Us
 		created, updated pgtype.Timestamptz
 	)
 	err = c.QueryRow(ctx, getUserSQL, partition, userID).Scan(&state, &u.Profile, &version, &created, &updated)
-	switch {
-	case errors.Is(err, pgx.ErrNoRows):
-		return User{}, s.wrap("get user", wrongShard(partition))
-	case err != nil:
-		return User{}, s.wrap("get user", err)
-	case !readable(state):
-		return User{}, s.wrap("get user", wrongShard(partition))
-	case !version.Valid:
-		return User{}, s.wrap("get user", ErrNotFound)
+	if err := s.fencedRead("get user", partition, err, state, version.Valid); err != nil {
+		return User{}, err
 	}
 	u.Version, u.CreatedAt, u.UpdatedAt = version.Int64, created.Time, updated.Time
 	return u, nil

@@ -60,3 +60,18 @@ func refused(ctx context.Context, c *pgxpool.Conn, expected *int64, before pgtyp
 func readable(state string) bool {
 	return state == string(Owned) || state == string(Frozen)
 }
+
+// fencedRead turns the outcome of a fenced read (ownership row LEFT JOIN the
+// data row) into its error: no ownership row or an unreadable state is
+// ErrWrongShard, checked before a missing data row (ErrNotFound).
+func (s *Shard) fencedRead(op string, partition int32, err error, state string, found bool) error {
+	switch {
+	case errors.Is(err, pgx.ErrNoRows), err == nil && !readable(state):
+		return s.wrap(op, wrongShard(partition))
+	case err != nil:
+		return s.wrap(op, err)
+	case !found:
+		return s.wrap(op, ErrNotFound)
+	}
+	return nil
+}
