@@ -12,6 +12,9 @@ import (
 	"sync/atomic"
 	"time"
 
+	grpcprom "github.com/grpc-ecosystem/go-grpc-middleware/providers/prometheus"
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/shardgate/shardgate/catalog"
 	"github.com/shardgate/shardgate/router"
 	"github.com/shardgate/shardgate/shards"
@@ -64,6 +67,9 @@ type Server struct {
 
 	// wrongShardRetries counts calls retried after a "wrong shard" answer.
 	wrongShardRetries atomic.Int64
+
+	metrics     *prometheus.Registry
+	grpcMetrics *grpcprom.ServerMetrics
 }
 
 // shardPool is an open shard and the catalog DSN it was opened from.
@@ -88,6 +94,7 @@ func New(ctx context.Context, catalogDSN string, opts Options) (*Server, error) 
 		router:     &router.Router{},
 		shards:     make(map[string]shardPool),
 	}
+	s.metrics = s.newRegistry()
 	s.watcher = &catalog.Watcher{
 		Catalog:  cat,
 		Router:   s.router,

@@ -2,9 +2,11 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
+	"net/http"
 	"sync"
 	"time"
 
@@ -20,6 +22,7 @@ type serveFlags struct {
 	ShardMaxConns    int32         `help:"Connections per shard pool (0: pgxpool's default, max(4, CPUs))." default:"0" env:"SHARDGATE_SHARD_MAX_CONNS"`
 	TopologyInterval time.Duration `help:"How often to check the topology version besides LISTEN/NOTIFY." default:"5s" env:"SHARDGATE_TOPOLOGY_INTERVAL"`
 	Grace            time.Duration `help:"How long in-flight calls may run after SIGTERM." default:"15s" env:"SHARDGATE_GRACE"`
+	MetricsListen    string        `help:"Address to serve Prometheus metrics on (HTTP, /metrics); empty turns them off." default:"127.0.0.1:9464" env:"SHARDGATE_METRICS_LISTEN"`
 }
 
 type serveCmd struct {
@@ -69,11 +72,37 @@ func run(ctx context.Context, log *slog.Logger, listen, catalogDSN string, f ser
 	if err != nil {
 		return err
 	}
+	if f.MetricsListen != "" {
+		stop, err := serveMetrics(f.MetricsListen, s.MetricsHandler(), log)
+		if err != nil {
+			lis.Close()
+			return err
+		}
+		defer stop()
+	}
 	t := s.Router().Table()
 	log.Info("serving", "addr", lis.Addr().String(), "topology_version", t.Version(), "partitions", t.PartitionCount(), "shards", len(t.Shards()))
 	err = server.Serve(ctx, g, hs, lis, f.Grace, drain)
 	log.Info("stopped")
 	return err
+}
+
+// serveMetrics serves /metrics on addr until stop is called.
+func serveMetrics(addr string, h http.Handler, log *slog.Logger) (stop func(), err error) {
+	lis, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("metrics listener (--metrics-listen, empty to turn off): %w", err)
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", h)
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	go func() {
+		if err := srv.Serve(lis); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			log.Error("metrics server failed", "err", err)
+		}
+	}()
+	log.Info("metrics", "url", "http://"+lis.Addr().String()+"/metrics")
+	return func() { srv.Close() }, nil
 }
 
 // isLoopback reports whether a listen address binds only loopback
