@@ -20,7 +20,7 @@ type ConfigEntry struct {
 	UpdatedAt time.Time
 }
 
-// MaxConfigList bounds ListConfig: config is meant to be small.
+// MaxConfigList bounds one ListConfig query.
 const MaxConfigList = 10000
 
 // GetConfig reads one value; shards.ErrNotFound if absent.
@@ -37,11 +37,15 @@ func (c *Catalog) GetConfig(ctx context.Context, namespace, key string) (ConfigE
 	return e, nil
 }
 
-// ListConfig lists a namespace in key order, at most MaxConfigList entries.
-func (c *Catalog) ListConfig(ctx context.Context, namespace string) ([]ConfigEntry, error) {
+// ListConfig lists up to limit (at most MaxConfigList) values of a
+// namespace with keys after after ("" for the start), in key order.
+func (c *Catalog) ListConfig(ctx context.Context, namespace, after string, limit int) ([]ConfigEntry, error) {
+	if limit <= 0 || limit > MaxConfigList {
+		return nil, fmt.Errorf("list config: limit %d outside 1..%d", limit, MaxConfigList)
+	}
 	rows, err := c.pool.Query(ctx, `
 		SELECT namespace, key, value, version, updated_at FROM config
-		WHERE namespace = $1 ORDER BY key LIMIT $2`, namespace, MaxConfigList)
+		WHERE namespace = $1 AND key > $2 ORDER BY key LIMIT $3`, namespace, after, limit)
 	if err != nil {
 		return nil, fmt.Errorf("list config: %w", err)
 	}

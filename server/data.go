@@ -91,8 +91,25 @@ func (d *DataService) DeleteUser(ctx context.Context, req *pb.DeleteUserRequest)
 	return &pb.DeleteUserResponse{SessionsDeleted: res.Sessions, ItemsDeleted: res.Items}, nil
 }
 
-// listPageBytes bounds the values in one ListItems page.
+// listPageBytes bounds the data in one page of a List call, so a page
+// always fits a default gRPC client (4 MiB).
 const listPageBytes = 1 << 20
+
+// pageEnd says how many of the n rows fetched (page size + 1, to learn
+// whether more follow) go into this page: at most size, and past the first
+// row no more than listPageBytes of rowBytes in total. more reports whether
+// a next page exists.
+func pageEnd(n, size int, rowBytes func(i int) int) (end int, more bool) {
+	total := 0
+	for end = 0; end < n; end++ {
+		b := rowBytes(end)
+		if end == size || (end > 0 && total+b > listPageBytes) {
+			return end, true
+		}
+		total += b
+	}
+	return end, false
+}
 
 // tokenRandomBytes is the secret part of a session token: 192 bits.
 const (
@@ -196,21 +213,30 @@ func (d *DataService) RevokeSession(ctx context.Context, req *pb.RevokeSessionRe
 	return &pb.RevokeSessionResponse{}, nil
 }
 
-// ListSessions lists a user's live sessions.
+// ListSessions pages through a user's live sessions.
 func (d *DataService) ListSessions(ctx context.Context, req *pb.ListSessionsRequest) (*pb.ListSessionsResponse, error) {
 	if err := validateUserID("user_id", req.GetUserId()); err != nil {
 		return nil, err
 	}
+	size, err := validatePageSize("page_size", req.GetPageSize())
+	if err != nil {
+		return nil, err
+	}
+	after, err := decodeSessionPageToken("page_token", req.GetPageToken())
+	if err != nil {
+		return nil, err
+	}
 	var list []shards.Session
-	err := d.s.onUser(ctx, req.GetUserId(), func(sh *shards.Shard, p int32) (err error) {
-		list, err = sh.ListSessions(ctx, p, req.GetUserId())
+	err = d.s.onUser(ctx, req.GetUserId(), func(sh *shards.Shard, p int32) (err error) {
+		list, err = sh.ListSessions(ctx, p, req.GetUserId(), after, size+1)
 		return err
 	})
 	if err != nil {
 		return nil, err
 	}
-	resp := &pb.ListSessionsResponse{Sessions: make([]*pb.SessionInfo, len(list))}
-	for i, s := range list {
+	end, more := pageEnd(len(list), size, func(i int) int { return len(list[i].Data) })
+	resp := &pb.ListSessionsResponse{Sessions: make([]*pb.SessionInfo, end)}
+	for i, s := range list[:end] {
 		resp.Sessions[i] = &pb.SessionInfo{
 			SessionId: hex.EncodeToString(s.TokenHash),
 			DataJson:  string(s.Data),
@@ -218,6 +244,10 @@ func (d *DataService) ListSessions(ctx context.Context, req *pb.ListSessionsRequ
 			ExpiresAt: timestamppb.New(s.ExpiresAt),
 			Version:   s.Version,
 		}
+	}
+	if more {
+		last := list[end-1]
+		resp.NextPageToken = encodeSessionPageToken(shards.SessionKey{CreatedAt: last.CreatedAt, TokenHash: last.TokenHash})
 	}
 	return resp, nil
 }
@@ -327,18 +357,13 @@ func (d *DataService) ListItems(ctx context.Context, req *pb.ListItemsRequest) (
 	if err != nil {
 		return nil, err
 	}
-	// A page ends at page_size items or, past the first item, at about
-	// listPageBytes, so a page always fits a default gRPC client.
-	resp := &pb.ListItemsResponse{}
-	total := 0
-	for i, it := range list {
-		n := len(it.Key) + len(it.Value)
-		if i == size || (i > 0 && total+n > listPageBytes) {
-			resp.NextPageToken = encodePageToken(list[i-1].Key)
-			break
-		}
-		total += n
-		resp.Items = append(resp.Items, itemToPB(it))
+	end, more := pageEnd(len(list), size, func(i int) int { return len(list[i].Key) + len(list[i].Value) })
+	resp := &pb.ListItemsResponse{Items: make([]*pb.Item, end)}
+	for i, it := range list[:end] {
+		resp.Items[i] = itemToPB(it)
+	}
+	if more {
+		resp.NextPageToken = encodePageToken(list[end-1].Key)
 	}
 	return resp, nil
 }
@@ -395,21 +420,33 @@ func (d *DataService) DeleteConfig(ctx context.Context, req *pb.DeleteConfigRequ
 	return &pb.DeleteConfigResponse{}, nil
 }
 
-// ListConfig lists a namespace.
+// ListConfig pages through a namespace.
 func (d *DataService) ListConfig(ctx context.Context, req *pb.ListConfigRequest) (*pb.ListConfigResponse, error) {
 	if err := validateName("namespace", req.GetNamespace()); err != nil {
 		return nil, err
 	}
-	list, err := d.s.catalog.ListConfig(ctx, req.GetNamespace())
+	size, err := validatePageSize("page_size", req.GetPageSize())
 	if err != nil {
 		return nil, err
 	}
-	resp := &pb.ListConfigResponse{Entries: make([]*pb.ConfigEntry, len(list))}
-	for i, e := range list {
+	after, err := decodePageToken("page_token", req.GetPageToken())
+	if err != nil {
+		return nil, err
+	}
+	list, err := d.s.catalog.ListConfig(ctx, req.GetNamespace(), after, size+1)
+	if err != nil {
+		return nil, err
+	}
+	end, more := pageEnd(len(list), size, func(i int) int { return len(list[i].Key) + len(list[i].Value) })
+	resp := &pb.ListConfigResponse{Entries: make([]*pb.ConfigEntry, end)}
+	for i, e := range list[:end] {
 		resp.Entries[i] = &pb.ConfigEntry{
 			Namespace: e.Namespace, Key: e.Key, ValueJson: string(e.Value),
 			Version: e.Version, UpdatedAt: timestamppb.New(e.UpdatedAt),
 		}
+	}
+	if more {
+		resp.NextPageToken = encodePageToken(list[end-1].Key)
 	}
 	return resp, nil
 }

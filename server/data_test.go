@@ -255,3 +255,61 @@ func TestListItemsPageByteBudget(t *testing.T) {
 		t.Fatalf("paged %d items in %d pages, want 20 in 2", seen, pages)
 	}
 }
+
+// ListSessions and ListConfig page like ListItems: every entry once, in
+// order, across pages of page_size.
+func TestListSessionsAndConfigPaging(t *testing.T) {
+	t.Parallel()
+	ts := newTestCluster(t, 1).start(t, false)
+	ctx := ctxT(t)
+	if _, err := ts.data.PutUser(ctx, &pb.PutUserRequest{UserId: "judy"}); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 7 {
+		if _, err := ts.data.CreateSession(ctx, &pb.CreateSessionRequest{UserId: "judy", TtlSeconds: 60}); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := ts.data.SetConfig(ctx, &pb.SetConfigRequest{Namespace: "flags", Key: fmt.Sprintf("k%d", i), ValueJson: "1"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	seen := map[string]bool{}
+	token, pages := "", 0
+	for {
+		resp, err := ts.data.ListSessions(ctx, &pb.ListSessionsRequest{UserId: "judy", PageSize: 3, PageToken: token})
+		if err != nil {
+			t.Fatal(err)
+		}
+		pages++
+		for _, s := range resp.Sessions {
+			if seen[s.SessionId] {
+				t.Fatalf("session %s listed twice", s.SessionId)
+			}
+			seen[s.SessionId] = true
+		}
+		if token = resp.NextPageToken; token == "" {
+			break
+		}
+	}
+	if len(seen) != 7 || pages != 3 {
+		t.Fatalf("%d sessions in %d pages, want 7 in 3", len(seen), pages)
+	}
+
+	var keys []string
+	token = ""
+	for {
+		resp, err := ts.data.ListConfig(ctx, &pb.ListConfigRequest{Namespace: "flags", PageSize: 2, PageToken: token})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, e := range resp.Entries {
+			keys = append(keys, e.Key)
+		}
+		if token = resp.NextPageToken; token == "" {
+			break
+		}
+	}
+	if strings.Join(keys, ",") != "k0,k1,k2,k3,k4,k5,k6" {
+		t.Fatalf("config paged as %v", keys)
+	}
+}

@@ -175,6 +175,22 @@ func TestBadInputIsRejectedAndNothingWritten(t *testing.T) {
 			_, err := d.DeleteConfig(ctx, &pb.DeleteConfigRequest{Namespace: "n", Key: "k", ExpectedVersion: proto.Int64(-2)})
 			return err
 		}},
+		{"ListSessions page token", "page_token", func(ctx context.Context) error {
+			_, err := d.ListSessions(ctx, &pb.ListSessionsRequest{UserId: "u", PageToken: "c2hvcnQ"})
+			return err
+		}},
+		{"ListSessions page size", "page_size", func(ctx context.Context) error {
+			_, err := d.ListSessions(ctx, &pb.ListSessionsRequest{UserId: "u", PageSize: 1001})
+			return err
+		}},
+		{"ListConfig page size", "page_size", func(ctx context.Context) error {
+			_, err := d.ListConfig(ctx, &pb.ListConfigRequest{Namespace: "n", PageSize: -3})
+			return err
+		}},
+		{"ListConfig page token", "page_token", func(ctx context.Context) error {
+			_, err := d.ListConfig(ctx, &pb.ListConfigRequest{Namespace: "n", PageToken: "@@"})
+			return err
+		}},
 		{"ListConfig empty namespace", "namespace", func(ctx context.Context) error {
 			_, err := d.ListConfig(ctx, &pb.ListConfigRequest{})
 			return err

@@ -2,14 +2,19 @@ package server
 
 import (
 	"bytes"
+	"crypto/sha256"
 	"encoding/base64"
+	"encoding/binary"
 	"encoding/json"
 	"fmt"
 	"math"
 	"strconv"
 	"strings"
+	"time"
 	"unicode"
 	"unicode/utf8"
+
+	"github.com/shardgate/shardgate/shards"
 )
 
 // fieldError is bad input in one request field; it becomes InvalidArgument
@@ -249,6 +254,27 @@ func decodePageToken(field, tok string) (string, error) {
 		return "", invalid(field, "not a token from a previous ListItems response")
 	}
 	return string(b), nil
+}
+
+// Session page tokens carry the last session's creation time (µs, as
+// Postgres keeps it) and token hash.
+func encodeSessionPageToken(k shards.SessionKey) string {
+	b := binary.BigEndian.AppendUint64(nil, uint64(k.CreatedAt.UnixMicro()))
+	return base64.RawURLEncoding.EncodeToString(append(b, k.TokenHash...))
+}
+
+func decodeSessionPageToken(field, tok string) (shards.SessionKey, error) {
+	if tok == "" {
+		return shards.SessionKey{}, nil
+	}
+	b, err := base64.RawURLEncoding.DecodeString(tok)
+	if err != nil || len(b) != 8+sha256.Size {
+		return shards.SessionKey{}, invalid(field, "not a token from a previous ListSessions response")
+	}
+	return shards.SessionKey{
+		CreatedAt: time.UnixMicro(int64(binary.BigEndian.Uint64(b))),
+		TokenHash: b[8:],
+	}, nil
 }
 
 // parseToken splits a session token "<partition>.<random>" and checks its

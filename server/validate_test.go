@@ -102,6 +102,29 @@ func TestTokensAreUniqueAndHashed(t *testing.T) {
 	}
 }
 
+func TestPageEnd(t *testing.T) {
+	small := func(int) int { return 10 }
+	big := func(int) int { return listPageBytes/2 + 1 }
+	for _, tc := range []struct {
+		n, size  int
+		rowBytes func(int) int
+		end      int
+		more     bool
+	}{
+		{0, 10, small, 0, false},
+		{5, 10, small, 5, false},
+		{11, 10, small, 10, true}, // the extra row says more follow
+		{10, 10, small, 10, false},
+		{5, 10, big, 1, true}, // two rows would pass the byte budget
+		{1, 10, func(int) int { return 3 * listPageBytes }, 1, false}, // one row always fits
+	} {
+		end, more := pageEnd(tc.n, tc.size, tc.rowBytes)
+		if end != tc.end || more != tc.more {
+			t.Errorf("pageEnd(%d, %d) = %d, %v; want %d, %v", tc.n, tc.size, end, more, tc.end, tc.more)
+		}
+	}
+}
+
 func TestPageTokenRoundTrip(t *testing.T) {
 	for _, k := range []string{"a", "ключ", "with space/and:colon"} {
 		got, err := decodePageToken("page_token", encodePageToken(k))
@@ -184,6 +207,9 @@ func FuzzPageToken(f *testing.F) {
 		k, err := decodePageToken("page_token", s)
 		if err == nil && s != "" && validateKey("key", k, false) != nil {
 			t.Fatalf("page token %q decodes to invalid key %q", s, k)
+		}
+		if sk, err := decodeSessionPageToken("page_token", s); err == nil && s != "" && len(sk.TokenHash) != 32 {
+			t.Fatalf("session page token %q decodes to a %d-byte hash", s, len(sk.TokenHash))
 		}
 	})
 }

@@ -25,7 +25,7 @@ var fencedOps = []fencedOp{
 		return err
 	}},
 	{"ListSessions", false, func(ctx context.Context, s *Shard) error {
-		_, err := s.ListSessions(ctx, 7, "alice")
+		_, err := s.ListSessions(ctx, 7, "alice", SessionKey{}, MaxListSessions)
 		return err
 	}},
 	{"GetItem", false, func(ctx context.Context, s *Shard) error {

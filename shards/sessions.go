@@ -10,8 +10,16 @@ import (
 	"github.com/jackc/pgx/v5/pgtype"
 )
 
-// maxListSessions caps ListSessions.
-const maxListSessions = 1000
+// MaxListSessions caps one ListSessions query.
+const MaxListSessions = 10000
+
+// SessionKey is where a ListSessions page starts: sessions come in
+// (CreatedAt, TokenHash) order, and a page holds those after the key. The
+// zero key starts at the beginning.
+type SessionKey struct {
+	CreatedAt time.Time
+	TokenHash []byte
+}
 
 // Session is a session's row. Only live sessions (ExpiresAt in the future)
 // are ever returned.
@@ -209,21 +217,30 @@ LEFT JOIN LATERAL (
     SELECT token_hash, data, created_at, expires_at, version
     FROM sessions
     WHERE partition = o.partition AND user_id = $2 AND expires_at > now()
+      AND ($4::timestamptz IS NULL OR (created_at, token_hash) > ($4, $5::bytea))
     ORDER BY created_at, token_hash
     LIMIT $3
 ) AS s ON true
 WHERE o.partition = $1
 ORDER BY s.created_at, s.token_hash`
 
-// ListSessions returns the user's live sessions, oldest first (ties by token
-// hash), at most 1000. ErrWrongShard unless the partition is owned or frozen.
-func (s *Shard) ListSessions(ctx context.Context, partition int32, userID string) ([]Session, error) {
+// ListSessions returns up to limit (at most MaxListSessions) of the user's
+// live sessions after key, oldest first (ties by token hash).
+// ErrWrongShard unless the partition is owned or frozen.
+func (s *Shard) ListSessions(ctx context.Context, partition int32, userID string, after SessionKey, limit int) ([]Session, error) {
+	if limit <= 0 || limit > MaxListSessions {
+		return nil, s.wrap("list sessions", fmt.Errorf("limit %d outside 1..%d", limit, MaxListSessions))
+	}
+	var afterTime *time.Time
+	if !after.CreatedAt.IsZero() {
+		afterTime = &after.CreatedAt
+	}
 	c, err := s.acquire(ctx)
 	if err != nil {
 		return nil, s.wrap("list sessions", err)
 	}
 	defer c.Release()
-	rows, err := c.Query(ctx, listSessionsSQL, partition, userID, maxListSessions)
+	rows, err := c.Query(ctx, listSessionsSQL, partition, userID, limit, afterTime, after.TokenHash)
 	if err != nil {
 		return nil, s.wrap("list sessions", err)
 	}

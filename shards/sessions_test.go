@@ -54,7 +54,7 @@ func TestSessionLifecycle(t *testing.T) {
 		t.Fatalf("GetSession after touch = %+v, %v", got, err)
 	}
 
-	list, err := s.ListSessions(ctx, 3, "alice")
+	list, err := s.ListSessions(ctx, 3, "alice", SessionKey{}, MaxListSessions)
 	if err != nil || len(list) != 1 || !bytes.Equal(list[0].TokenHash, th) || list[0].Version != 2 {
 		t.Fatalf("ListSessions = %+v, %v", list, err)
 	}
@@ -67,7 +67,7 @@ func TestSessionLifecycle(t *testing.T) {
 	wantErr(t, err, ErrNotFound)
 	_, err = s.TouchSession(ctx, 3, th, time.Hour)
 	wantErr(t, err, ErrNotFound)
-	if list, err := s.ListSessions(ctx, 3, "alice"); err != nil || len(list) != 0 {
+	if list, err := s.ListSessions(ctx, 3, "alice", SessionKey{}, MaxListSessions); err != nil || len(list) != 0 {
 		t.Fatalf("ListSessions after revoke = %+v, %v", list, err)
 	}
 }
@@ -94,7 +94,7 @@ func TestSessionExpired(t *testing.T) {
 	_, err = s.TouchSession(ctx, 3, dead, time.Hour)
 	wantErr(t, err, ErrNotFound)
 	wantErr(t, s.RevokeSession(ctx, 3, dead), ErrNotFound)
-	list, err := s.ListSessions(ctx, 3, "alice")
+	list, err := s.ListSessions(ctx, 3, "alice", SessionKey{}, MaxListSessions)
 	if err != nil || len(list) != 1 || !bytes.Equal(list[0].TokenHash, live) {
 		t.Fatalf("ListSessions = %+v, %v; want only the live one", list, err)
 	}
@@ -192,7 +192,7 @@ func TestListSessionsOrder(t *testing.T) {
 	}
 	want := append(first, hashes[4], hashes[3])
 
-	list, err := s.ListSessions(ctx, 3, "alice")
+	list, err := s.ListSessions(ctx, 3, "alice", SessionKey{}, MaxListSessions)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -204,8 +204,37 @@ func TestListSessionsOrder(t *testing.T) {
 			t.Fatalf("session %d = %x (%s), want %x", i, list[i].TokenHash, list[i].UserID, want[i])
 		}
 	}
-	if list, err := s.ListSessions(ctx, 3, "nobody"); err != nil || len(list) != 0 {
+	if list, err := s.ListSessions(ctx, 3, "nobody", SessionKey{}, MaxListSessions); err != nil || len(list) != 0 {
 		t.Fatalf("ListSessions(nobody) = %+v, %v", list, err)
+	}
+
+	// Paging two at a time walks the same order, ties included, once each.
+	var paged [][]byte
+	var key SessionKey
+	for range 4 {
+		page, err := s.ListSessions(ctx, 3, "alice", key, 2)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, p := range page {
+			paged = append(paged, p.TokenHash)
+		}
+		if len(page) < 2 {
+			break
+		}
+		last := page[len(page)-1]
+		key = SessionKey{CreatedAt: last.CreatedAt, TokenHash: last.TokenHash}
+	}
+	if len(paged) != len(want) {
+		t.Fatalf("paging gave %d sessions, want %d", len(paged), len(want))
+	}
+	for i := range want {
+		if !bytes.Equal(paged[i], want[i]) {
+			t.Fatalf("paged session %d = %x, want %x", i, paged[i], want[i])
+		}
+	}
+	if _, err := s.ListSessions(ctx, 3, "alice", SessionKey{}, 0); err == nil {
+		t.Fatal("limit 0 accepted")
 	}
 }
 

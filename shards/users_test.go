@@ -206,7 +206,7 @@ func TestDeleteUser(t *testing.T) {
 				p  int32
 				id string
 			}{{1, "bob"}, {2, "alice"}} {
-				ss, err := s.ListSessions(ctx, u.p, u.id)
+				ss, err := s.ListSessions(ctx, u.p, u.id, SessionKey{}, MaxListSessions)
 				if err != nil || len(ss) != 3 {
 					t.Fatalf("%d/%s sessions = %d, %v; want 3", u.p, u.id, len(ss), err)
 				}

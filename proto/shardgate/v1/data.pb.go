@@ -773,8 +773,12 @@ func (*RevokeSessionResponse) Descriptor() ([]byte, []int) {
 }
 
 type ListSessionsRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	UserId        string                 `protobuf:"bytes,1,opt,name=user_id,json=userId" json:"user_id,omitempty"`
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	UserId string                 `protobuf:"bytes,1,opt,name=user_id,json=userId" json:"user_id,omitempty"`
+	// 1-1000; 0 means the default of 100.
+	PageSize int32 `protobuf:"varint,2,opt,name=page_size,json=pageSize" json:"page_size,omitempty"`
+	// From a previous response's next_page_token; empty for the first page.
+	PageToken     string `protobuf:"bytes,3,opt,name=page_token,json=pageToken" json:"page_token,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -816,9 +820,27 @@ func (x *ListSessionsRequest) GetUserId() string {
 	return ""
 }
 
+func (x *ListSessionsRequest) GetPageSize() int32 {
+	if x != nil {
+		return x.PageSize
+	}
+	return 0
+}
+
+func (x *ListSessionsRequest) GetPageToken() string {
+	if x != nil {
+		return x.PageToken
+	}
+	return ""
+}
+
 type ListSessionsResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Sessions      []*SessionInfo         `protobuf:"bytes,1,rep,name=sessions" json:"sessions,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Oldest first. At most page_size sessions, and fewer when their data
+	// passes about 1 MiB: keep paging while next_page_token is set.
+	Sessions []*SessionInfo `protobuf:"bytes,1,rep,name=sessions" json:"sessions,omitempty"`
+	// Empty when there are no more sessions.
+	NextPageToken string `protobuf:"bytes,2,opt,name=next_page_token,json=nextPageToken" json:"next_page_token,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -858,6 +880,13 @@ func (x *ListSessionsResponse) GetSessions() []*SessionInfo {
 		return x.Sessions
 	}
 	return nil
+}
+
+func (x *ListSessionsResponse) GetNextPageToken() string {
+	if x != nil {
+		return x.NextPageToken
+	}
+	return ""
 }
 
 // SessionInfo describes a live session without revealing its token.
@@ -1812,8 +1841,12 @@ func (*DeleteConfigResponse) Descriptor() ([]byte, []int) {
 }
 
 type ListConfigRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Namespace     string                 `protobuf:"bytes,1,opt,name=namespace" json:"namespace,omitempty"`
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Namespace string                 `protobuf:"bytes,1,opt,name=namespace" json:"namespace,omitempty"`
+	// 1-1000; 0 means the default of 100.
+	PageSize int32 `protobuf:"varint,2,opt,name=page_size,json=pageSize" json:"page_size,omitempty"`
+	// From a previous response's next_page_token; empty for the first page.
+	PageToken     string `protobuf:"bytes,3,opt,name=page_token,json=pageToken" json:"page_token,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1855,9 +1888,27 @@ func (x *ListConfigRequest) GetNamespace() string {
 	return ""
 }
 
+func (x *ListConfigRequest) GetPageSize() int32 {
+	if x != nil {
+		return x.PageSize
+	}
+	return 0
+}
+
+func (x *ListConfigRequest) GetPageToken() string {
+	if x != nil {
+		return x.PageToken
+	}
+	return ""
+}
+
 type ListConfigResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Entries       []*ConfigEntry         `protobuf:"bytes,1,rep,name=entries" json:"entries,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// In key order. At most page_size entries, and fewer when their values
+	// pass about 1 MiB: keep paging while next_page_token is set.
+	Entries []*ConfigEntry `protobuf:"bytes,1,rep,name=entries" json:"entries,omitempty"`
+	// Empty when there are no more entries.
+	NextPageToken string `protobuf:"bytes,2,opt,name=next_page_token,json=nextPageToken" json:"next_page_token,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1897,6 +1948,13 @@ func (x *ListConfigResponse) GetEntries() []*ConfigEntry {
 		return x.Entries
 	}
 	return nil
+}
+
+func (x *ListConfigResponse) GetNextPageToken() string {
+	if x != nil {
+		return x.NextPageToken
+	}
+	return ""
 }
 
 // ConfigEntry is one global config value.
@@ -2031,11 +2089,15 @@ const file_shardgate_v1_data_proto_rawDesc = "" +
 	"\aversion\x18\x02 \x01(\x03R\aversion\",\n" +
 	"\x14RevokeSessionRequest\x12\x14\n" +
 	"\x05token\x18\x01 \x01(\tR\x05token\"\x17\n" +
-	"\x15RevokeSessionResponse\".\n" +
+	"\x15RevokeSessionResponse\"j\n" +
 	"\x13ListSessionsRequest\x12\x17\n" +
-	"\auser_id\x18\x01 \x01(\tR\x06userId\"M\n" +
+	"\auser_id\x18\x01 \x01(\tR\x06userId\x12\x1b\n" +
+	"\tpage_size\x18\x02 \x01(\x05R\bpageSize\x12\x1d\n" +
+	"\n" +
+	"page_token\x18\x03 \x01(\tR\tpageToken\"u\n" +
 	"\x14ListSessionsResponse\x125\n" +
-	"\bsessions\x18\x01 \x03(\v2\x19.shardgate.v1.SessionInfoR\bsessions\"\xd9\x01\n" +
+	"\bsessions\x18\x01 \x03(\v2\x19.shardgate.v1.SessionInfoR\bsessions\x12&\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"\xd9\x01\n" +
 	"\vSessionInfo\x12\x1d\n" +
 	"\n" +
 	"session_id\x18\x01 \x01(\tR\tsessionId\x12\x1b\n" +
@@ -2116,11 +2178,15 @@ const file_shardgate_v1_data_proto_rawDesc = "" +
 	"\tnamespace\x18\x01 \x01(\tR\tnamespace\x12\x10\n" +
 	"\x03key\x18\x02 \x01(\tR\x03key\x120\n" +
 	"\x10expected_version\x18\x03 \x01(\x03B\x05\xaa\x01\x02\b\x01R\x0fexpectedVersion\"\x16\n" +
-	"\x14DeleteConfigResponse\"1\n" +
+	"\x14DeleteConfigResponse\"m\n" +
 	"\x11ListConfigRequest\x12\x1c\n" +
-	"\tnamespace\x18\x01 \x01(\tR\tnamespace\"I\n" +
+	"\tnamespace\x18\x01 \x01(\tR\tnamespace\x12\x1b\n" +
+	"\tpage_size\x18\x02 \x01(\x05R\bpageSize\x12\x1d\n" +
+	"\n" +
+	"page_token\x18\x03 \x01(\tR\tpageToken\"q\n" +
 	"\x12ListConfigResponse\x123\n" +
-	"\aentries\x18\x01 \x03(\v2\x19.shardgate.v1.ConfigEntryR\aentries\"\xb1\x01\n" +
+	"\aentries\x18\x01 \x03(\v2\x19.shardgate.v1.ConfigEntryR\aentries\x12&\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"\xb1\x01\n" +
 	"\vConfigEntry\x12\x1c\n" +
 	"\tnamespace\x18\x01 \x01(\tR\tnamespace\x12\x10\n" +
 	"\x03key\x18\x02 \x01(\tR\x03key\x12\x1d\n" +

@@ -68,7 +68,7 @@ type DataServiceClient interface {
 	TouchSession(ctx context.Context, in *TouchSessionRequest, opts ...grpc.CallOption) (*TouchSessionResponse, error)
 	// RevokeSession ends a session. NOT_FOUND if it was not live.
 	RevokeSession(ctx context.Context, in *RevokeSessionRequest, opts ...grpc.CallOption) (*RevokeSessionResponse, error)
-	// ListSessions lists a user's live sessions (without their tokens).
+	// ListSessions pages through a user's live sessions (without their tokens).
 	ListSessions(ctx context.Context, in *ListSessionsRequest, opts ...grpc.CallOption) (*ListSessionsResponse, error)
 	// PutItem creates or replaces one document of an existing user
 	// (NOT_FOUND if the user does not exist).
@@ -85,7 +85,7 @@ type DataServiceClient interface {
 	SetConfig(ctx context.Context, in *SetConfigRequest, opts ...grpc.CallOption) (*SetConfigResponse, error)
 	// DeleteConfig removes one global config value.
 	DeleteConfig(ctx context.Context, in *DeleteConfigRequest, opts ...grpc.CallOption) (*DeleteConfigResponse, error)
-	// ListConfig lists every value of a namespace, in key order.
+	// ListConfig pages through a namespace's values, in key order.
 	ListConfig(ctx context.Context, in *ListConfigRequest, opts ...grpc.CallOption) (*ListConfigResponse, error)
 }
 
@@ -288,7 +288,7 @@ type DataServiceServer interface {
 	TouchSession(context.Context, *TouchSessionRequest) (*TouchSessionResponse, error)
 	// RevokeSession ends a session. NOT_FOUND if it was not live.
 	RevokeSession(context.Context, *RevokeSessionRequest) (*RevokeSessionResponse, error)
-	// ListSessions lists a user's live sessions (without their tokens).
+	// ListSessions pages through a user's live sessions (without their tokens).
 	ListSessions(context.Context, *ListSessionsRequest) (*ListSessionsResponse, error)
 	// PutItem creates or replaces one document of an existing user
 	// (NOT_FOUND if the user does not exist).
@@ -305,7 +305,7 @@ type DataServiceServer interface {
 	SetConfig(context.Context, *SetConfigRequest) (*SetConfigResponse, error)
 	// DeleteConfig removes one global config value.
 	DeleteConfig(context.Context, *DeleteConfigRequest) (*DeleteConfigResponse, error)
-	// ListConfig lists every value of a namespace, in key order.
+	// ListConfig pages through a namespace's values, in key order.
 	ListConfig(context.Context, *ListConfigRequest) (*ListConfigResponse, error)
 	mustEmbedUnimplementedDataServiceServer()
 }
