@@ -1,13 +1,11 @@
 package server
 
 import (
-	"bytes"
 	"crypto/sha256"
 	"encoding/base64"
 	"encoding/binary"
 	"encoding/json"
 	"fmt"
-	"math"
 	"strconv"
 	"strings"
 	"time"
@@ -131,12 +129,14 @@ func validateJSON(field, s string, object bool, maxBytes int) ([]byte, error) {
 	if hasNULEscape(s) {
 		return nil, invalid(field, `contains \u0000, which cannot be stored`)
 	}
-	printed, depth := jsonShape(b)
-	if depth > maxJSONDepth {
+	printed, depth, bad := jsonShape(b)
+	switch {
+	case bad != "":
+		return nil, invalid(field, "%s, which cannot be stored", bad)
+	case depth > maxJSONDepth:
 		return nil, invalid(field, "nested %d levels deep; the limit is %d", depth, maxJSONDepth)
-	}
-	if printed > maxBytes {
-		return nil, invalid(field, "numbers expand to %d bytes as stored (no exponent form); the limit is %d", printed, maxBytes)
+	case printed > maxBytes:
+		return nil, invalid(field, "%d bytes as stored and read back (numbers lose their exponent, separators gain a space); the limit is %d", printed, maxBytes)
 	}
 	return b, nil
 }
@@ -145,52 +145,145 @@ func validateJSON(field, s string, object bool, maxBytes int) ([]byte, error) {
 // (stack depth) somewhere past a few thousand levels.
 const maxJSONDepth = 64
 
-// jsonShape returns, for valid JSON b, an upper bound on the length of b as
-// Postgres prints it back, and its nesting depth. jsonb stores numbers as
-// numeric and prints them without an exponent, so "1e100000" would come
-// back as a hundred thousand digits: each number counts its exponent too.
-func jsonShape(b []byte) (printed, depth int) {
+// Postgres numeric holds at most this many digits before and after the point.
+const (
+	maxNumericIntDigits  = 131072
+	maxNumericFracDigits = 16383
+)
+
+// jsonShape scans valid JSON b once. It returns an upper bound on the length
+// of b as Postgres prints it back from jsonb (a space after every ',' and
+// ':', numbers without an exponent: "1e100000" comes back as a hundred
+// thousand digits), the nesting depth, and, if b holds something jsonb
+// refuses (an unpaired UTF-16 surrogate escape, a number beyond numeric's
+// range), what it is.
+func jsonShape(b []byte) (printed, depth int, bad string) {
 	printed = len(b)
-	dec := json.NewDecoder(bytes.NewReader(b))
-	dec.UseNumber()
 	level := 0
-	for {
-		tok, err := dec.Token()
-		if err != nil { // io.EOF: b was validated already
-			return printed, depth
-		}
-		switch t := tok.(type) {
-		case json.Delim:
-			if t == '[' || t == '{' {
-				level++
-				depth = max(depth, level)
-			} else {
-				level--
+	for i := 0; i < len(b); i++ {
+		switch c := b[i]; {
+		case c == '"':
+			end, ok := scanString(b, i+1)
+			if !ok {
+				return printed, depth, "an unpaired UTF-16 surrogate escape"
 			}
-		case json.Number:
-			printed += exponent(string(t))
+			i = end
+		case c == '[' || c == '{':
+			level++
+			depth = max(depth, level)
+		case c == ']' || c == '}':
+			level--
+		case c == ',' || c == ':':
+			printed++
+		case c == '-' || c >= '0' && c <= '9':
+			end, intDigits, fracDigits, exp := scanNumber(b, i)
+			i = end - 1
+			scale := max(0, fracDigits-exp)
+			switch {
+			case scale > maxNumericFracDigits:
+				return printed, depth, "a number with more than 16383 digits after the point"
+			case intDigits+exp > maxNumericIntDigits:
+				return printed, depth, "a number with more than 131072 digits before the point"
+			}
+			if exp != 0 {
+				printed += abs(exp) + 1 // zeros and a point the exponent turns into
+			}
 		}
 	}
+	return printed, depth, ""
 }
 
-// exponent returns |e| of a JSON number's exponent part, or a huge value if
-// it does not fit an int.
-func exponent(num string) int {
-	i := strings.IndexAny(num, "eE")
-	if i < 0 {
-		return 0
+// scanString returns the index of the closing quote of the string whose
+// contents start at i, and false if it has a surrogate escape that is not
+// a high one followed by a low one.
+func scanString(b []byte, i int) (int, bool) {
+	for ; b[i] != '"'; i++ {
+		if b[i] != '\\' {
+			continue
+		}
+		i++
+		if b[i] != 'u' {
+			continue
+		}
+		r := hex4(b[i+1 : i+5])
+		i += 4
+		switch {
+		case r >= 0xDC00 && r <= 0xDFFF:
+			return i, false
+		case r >= 0xD800 && r <= 0xDBFF:
+			if i+6 >= len(b) || b[i+1] != '\\' || b[i+2] != 'u' {
+				return i, false
+			}
+			if lo := hex4(b[i+3 : i+7]); lo < 0xDC00 || lo > 0xDFFF {
+				return i, false
+			}
+			i += 6
+		}
 	}
-	e, err := strconv.Atoi(strings.TrimPrefix(num[i+1:], "+"))
-	if err != nil {
-		return math.MaxInt32
+	return i, true
+}
+
+func hex4(h []byte) rune {
+	var r rune
+	for _, c := range h {
+		r <<= 4
+		switch {
+		case c >= '0' && c <= '9':
+			r |= rune(c - '0')
+		case c >= 'a' && c <= 'f':
+			r |= rune(c - 'a' + 10)
+		default:
+			r |= rune(c - 'A' + 10)
+		}
 	}
-	if e < 0 {
-		e = -e
+	return r
+}
+
+// scanNumber reads the valid JSON number at b[i:] and returns where it ends,
+// its digits before and after the point, and its exponent (clamped to
+// ±1e9, far past anything numeric holds).
+func scanNumber(b []byte, i int) (end, intDigits, fracDigits, exp int) {
+	if b[i] == '-' {
+		i++
 	}
-	if e < 0 { // -MinInt
-		return math.MaxInt32
+	start := i
+	for i < len(b) && b[i] >= '0' && b[i] <= '9' {
+		i++
 	}
-	return e
+	intDigits = i - start
+	if i < len(b) && b[i] == '.' {
+		i++
+		start = i
+		for i < len(b) && b[i] >= '0' && b[i] <= '9' {
+			i++
+		}
+		fracDigits = i - start
+	}
+	if i < len(b) && (b[i] == 'e' || b[i] == 'E') {
+		i++
+		neg := false
+		if b[i] == '-' || b[i] == '+' {
+			neg = b[i] == '-'
+			i++
+		}
+		for i < len(b) && b[i] >= '0' && b[i] <= '9' {
+			if exp < 1e9 {
+				exp = exp*10 + int(b[i]-'0')
+			}
+			i++
+		}
+		if neg {
+			exp = -exp
+		}
+	}
+	return i, intDigits, fracDigits, exp
+}
+
+func abs(n int) int {
+	if n < 0 {
+		return -n
+	}
+	return n
 }
 
 // hasNULEscape reports whether valid JSON s has a \u0000 escape (one that is
