@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"slices"
 	"strings"
 
 	"github.com/jackc/pgx/v5/pgconn"
@@ -49,22 +50,32 @@ func toStatus(ctx context.Context, log *slog.Logger, method string, err error) e
 	case errors.Is(err, shards.ErrWrongShard):
 		log.Info("partition still moving after retries", "method", method, "err", err)
 		return status.Error(codes.Unavailable, "the partition is moving; retry shortly")
-	case shards.IsUnavailable(err), errors.Is(err, errShardNotOpen), errors.Is(err, context.DeadlineExceeded):
-		// A timeout below the request's own deadline (connecting, a lock)
-		// means the shard did not answer in time.
-		log.Warn("shard unavailable", "method", method, "err", err)
-		return status.Error(codes.Unavailable, "shard unavailable")
+	case shards.IsUnavailable(err), errors.Is(err, errShardNotOpen), errors.Is(err, context.DeadlineExceeded),
+		isPgCode(err, "57014", "55P03"):
+		// A timeout below the request's own deadline (connecting, a lock, a
+		// statement timeout) means the database did not answer in time.
+		log.Warn("database unavailable", "method", method, "err", err)
+		return status.Error(codes.Unavailable, "database unavailable; retry later")
+	case isPgCode(err, "40001", "40P01"):
+		log.Info("transaction aborted by the database", "method", method, "err", err)
+		return status.Error(codes.Aborted, "conflict with a concurrent write; retry")
 	case errors.Is(err, catalog.ErrNoCluster):
 		return status.Error(codes.FailedPrecondition, catalog.ErrNoCluster.Error())
 	case errors.Is(err, errNoTable):
 		return status.Error(codes.FailedPrecondition, errNoTable.Error())
 	case errors.As(err, &pgErr) && len(pgErr.Code) == 5 && pgErr.Code[:2] == "22":
 		// Data exception: a value Postgres cannot hold that validation let
-		// through.
+		// through. Logged: it may as well be a bug of ours.
+		log.Warn("data exception", "method", method, "err", err)
 		return status.Error(codes.InvalidArgument, "value rejected by the database: "+pgErr.Message)
 	}
 	log.Error("internal error", "method", method, "err", err)
 	return status.Error(codes.Internal, "internal error")
+}
+
+func isPgCode(err error, codes ...string) bool {
+	var pgErr *pgconn.PgError
+	return errors.As(err, &pgErr) && slices.Contains(codes, pgErr.Code)
 }
 
 // entity names what a DataService method reads or writes, for messages:

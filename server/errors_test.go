@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgconn"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -37,9 +38,12 @@ func TestToStatus(t *testing.T) {
 		{"config not found", live, "/shardgate.v1.DataService/GetConfig", shards.ErrNotFound, codes.NotFound, "config value not found"},
 		{"user not found", live, "/shardgate.v1.DataService/PutItem", shards.ErrUserNotFound, codes.NotFound, "user not found"},
 		{"caller's deadline", expired, "/x/GetUser", fmt.Errorf("acquire: %w", context.DeadlineExceeded), codes.DeadlineExceeded, ""},
-		{"a timeout below the caller's deadline", live, "/x/GetUser", fmt.Errorf("connect: %w", context.DeadlineExceeded), codes.Unavailable, "shard unavailable"},
+		{"a timeout below the caller's deadline", live, "/x/GetUser", fmt.Errorf("connect: %w", context.DeadlineExceeded), codes.Unavailable, "database unavailable; retry later"},
 		{"moving", live, "/x/PutUser", fmt.Errorf("%w (reloading the map: %v)", shards.ErrWrongShard, secret), codes.Unavailable, "the partition is moving; retry shortly"},
-		{"no pool", live, "/x/PutUser", fmt.Errorf("shard s9: %w", errShardNotOpen), codes.Unavailable, "shard unavailable"},
+		{"no pool", live, "/x/PutUser", fmt.Errorf("shard s9: %w", errShardNotOpen), codes.Unavailable, "database unavailable; retry later"},
+		{"statement timeout", live, "/x/PutUser", &pgconn.PgError{Code: "57014"}, codes.Unavailable, "database unavailable; retry later"},
+		{"deadlock", live, "/x/PutUser", &pgconn.PgError{Code: "40P01"}, codes.Aborted, ""},
+		{"data exception", live, "/x/PutUser", &pgconn.PgError{Code: "22003", Message: "numeric field overflow"}, codes.InvalidArgument, "value rejected by the database: numeric field overflow"},
 		{"unknown", live, "/x/PutUser", secret, codes.Internal, "internal error"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

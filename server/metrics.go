@@ -7,6 +7,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/shardgate/shardgate/shards"
 )
 
 // newRegistry holds the server's Prometheus metrics: a registry of its
@@ -67,10 +69,16 @@ func (c poolCollector) Describe(ch chan<- *prometheus.Desc) {
 }
 
 func (c poolCollector) Collect(ch chan<- prometheus.Metric) {
+	// Copy first: sending may block on the scraper, and the request path
+	// must not wait behind it for s.mu.
 	c.s.mu.RLock()
-	defer c.s.mu.RUnlock()
+	pools := make(map[string]*shards.Shard, len(c.s.shards))
 	for name, p := range c.s.shards {
-		st := p.sh.Pool().Stat()
+		pools[name] = p.sh
+	}
+	c.s.mu.RUnlock()
+	for name, sh := range pools {
+		st := sh.Pool().Stat()
 		ch <- prometheus.MustNewConstMetric(poolConnsDesc, prometheus.GaugeValue, float64(st.AcquiredConns()), name, "acquired")
 		ch <- prometheus.MustNewConstMetric(poolConnsDesc, prometheus.GaugeValue, float64(st.IdleConns()), name, "idle")
 		ch <- prometheus.MustNewConstMetric(poolConnsDesc, prometheus.GaugeValue, float64(st.ConstructingConns()), name, "constructing")

@@ -286,3 +286,58 @@ func TestShardDownDegradesOnlyItsUsers(t *testing.T) {
 		t.Fatalf("catalog migration status %v", st.Catalog)
 	}
 }
+
+// Changing a shard's DSN in the catalog (a failover, a rotated password)
+// reopens its pool without a single failed call.
+func TestDSNChangeIsSeamless(t *testing.T) {
+	t.Parallel()
+	c := newTestCluster(t, 2)
+	ts := c.start(t, true)
+	ctx := ctxT(t)
+	ids := []string{"olga", "pete", "quin", "rosa", "sam", "tess"}
+	for _, id := range ids {
+		if _, err := ts.data.PutUser(ctx, &pb.PutUserRequest{UserId: id}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	before, _ := ts.srv.shard("shard-0")
+	stop := make(chan struct{})
+	errs := make(chan error, 8)
+	var wg sync.WaitGroup
+	for w := range 8 {
+		wg.Go(func() {
+			for i := w; ; i++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				if _, err := ts.data.GetUser(ctx, &pb.GetUserRequest{UserId: ids[i%len(ids)]}); err != nil {
+					errs <- err
+					return
+				}
+			}
+		})
+	}
+	for i := range 5 {
+		for _, name := range c.names {
+			c.exec(t, "catalog", `UPDATE shards SET dsn = $2 WHERE name = $1`, name, fmt.Sprintf("%s&application_name=rotation-%d", c.shardDSN[name], i))
+		}
+		v, _ := ts.srv.catalog.TopologyVersion(ctx)
+		for deadline := time.Now().Add(10 * time.Second); ts.srv.router.Table().Version() < v; {
+			if time.Now().After(deadline) {
+				t.Fatal("the server never saw the DSN change")
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+	close(stop)
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatalf("a call failed while DSNs changed: %v", err)
+	}
+	if after, _ := ts.srv.shard("shard-0"); after == before {
+		t.Fatal("the pool was never reopened")
+	}
+}

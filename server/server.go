@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -62,8 +63,10 @@ type Server struct {
 	router     *router.Router
 	watcher    *catalog.Watcher
 
-	mu     sync.RWMutex
-	shards map[string]shardPool
+	mu       sync.RWMutex
+	shards   map[string]shardPool
+	retiring []*shards.Shard // replaced or removed pools, closing soon
+	closed   bool
 
 	// wrongShardRetries counts calls retried after a "wrong shard" answer.
 	wrongShardRetries atomic.Int64
@@ -116,15 +119,36 @@ func (s *Server) Watch(ctx context.Context) error { return s.watcher.Run(ctx) }
 // Router returns the server's router.
 func (s *Server) Router() *router.Router { return s.router }
 
-// Close closes every pool.
+// Close closes every pool. A topology reload still in flight then opens
+// none.
 func (s *Server) Close() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	s.closed = true
 	for name, p := range s.shards {
 		p.sh.Close()
 		delete(s.shards, name)
 	}
+	for _, sh := range s.retiring {
+		sh.Close()
+	}
+	s.retiring = nil
 	s.catalog.Close()
+}
+
+// poolRetireDelay is how long a replaced or removed pool stays open, so
+// calls that picked it just before the switch still finish on it.
+const poolRetireDelay = 30 * time.Second
+
+// retire closes sh after poolRetireDelay. Called with s.mu held.
+func (s *Server) retire(sh *shards.Shard) {
+	s.retiring = append(s.retiring, sh)
+	time.AfterFunc(poolRetireDelay, func() {
+		sh.Close()
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		s.retiring = slices.DeleteFunc(s.retiring, func(r *shards.Shard) bool { return r == sh })
+	})
 }
 
 // syncPools makes the pools match topo before the router switches to it:
@@ -136,6 +160,9 @@ func (s *Server) Close() {
 func (s *Server) syncPools(ctx context.Context, topo catalog.Topology) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.closed {
+		return errors.New("server is closed")
+	}
 	keep := make(map[string]bool, len(topo.Shards))
 	for _, rec := range topo.Shards {
 		keep[rec.Name] = true
@@ -156,13 +183,13 @@ func (s *Server) syncPools(ctx context.Context, topo catalog.Topology) error {
 		s.shards[rec.Name] = shardPool{dsn: rec.DSN, sh: sh}
 		if ok {
 			s.opts.Logger.Info("shard DSN changed; pool reopened", "shard", rec.Name)
-			go old.sh.Close() // waits for in-flight calls to release their connections
+			s.retire(old.sh)
 		}
 	}
 	for name, p := range s.shards {
 		if !keep[name] {
 			delete(s.shards, name)
-			go p.sh.Close()
+			s.retire(p.sh)
 		}
 	}
 	return nil
@@ -193,9 +220,17 @@ func (s *Server) onPartition(ctx context.Context, p int32, fn func(*shards.Shard
 		name := t.Owner(p)
 		sh, ok := s.shard(name)
 		if !ok {
+			if s.router.Table() != t {
+				continue // the map changed under us
+			}
 			return fmt.Errorf("shard %s: %w", name, errShardNotOpen)
 		}
 		err := fn(sh)
+		if shards.IsClosed(err) && time.Now().Before(giveUp) {
+			if cur, ok := s.shard(name); ok && cur != sh {
+				continue // its pool was replaced under us; nothing was sent
+			}
+		}
 		if !errors.Is(err, shards.ErrWrongShard) || time.Now().After(giveUp) {
 			return err
 		}

@@ -104,6 +104,13 @@ func IsUnavailable(err error) bool {
 	return false
 }
 
+// IsClosed reports whether err came from a Shard that was closed (or never
+// opened) before the call took a connection: nothing was sent, so the call
+// is safe to retry on a replacement.
+func IsClosed(err error) bool {
+	return errors.Is(err, puddle.ErrClosedPool) || errors.Is(err, errNotOpen)
+}
+
 // wrongShard is the error for a partition this shard will not serve.
 func wrongShard(partition int32) error {
 	return fmt.Errorf("partition %d: %w", partition, ErrWrongShard)
