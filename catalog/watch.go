@@ -116,6 +116,10 @@ func (w *Watcher) Run(ctx context.Context) error {
 		if connected {
 			backoff = firstBackoff // a blip after a good run starts the backoff over
 		}
+		// Without a LISTEN connection, keep polling through the pool.
+		if err := w.Refresh(ctx); err != nil && ctx.Err() == nil {
+			w.logger().Warn("topology refresh failed", "err", err)
+		}
 		w.logger().Warn("topology watch interrupted; retrying", "err", err, "in", backoff)
 		select {
 		case <-ctx.Done():
@@ -138,6 +142,9 @@ func (w *Watcher) listen(ctx context.Context) (connected bool, err error) {
 		return false, err
 	}
 	cfg.RuntimeParams["application_name"] = WatchApplicationName
+	if cfg.ConnectTimeout == 0 {
+		cfg.ConnectTimeout = 5 * time.Second
+	}
 	conn, err := pgx.ConnectConfig(ctx, cfg)
 	if err != nil {
 		return false, err
@@ -154,11 +161,18 @@ func (w *Watcher) listen(ctx context.Context) (connected bool, err error) {
 		wctx, cancel := context.WithTimeout(ctx, interval)
 		_, err := conn.WaitForNotification(wctx)
 		cancel()
-		if err != nil && !errors.Is(err, context.DeadlineExceeded) {
-			return true, err
-		}
 		if ctx.Err() != nil {
 			return true, ctx.Err()
+		}
+		if errors.Is(err, context.DeadlineExceeded) {
+			// Quiet for a whole interval: make sure the connection is
+			// still alive, or notifications would silently stop.
+			pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			err = conn.Ping(pctx)
+			cancel()
+		}
+		if err != nil {
+			return true, err
 		}
 	}
 }

@@ -102,3 +102,45 @@ func TestWatcherReconnectsAndCatchesUp(t *testing.T) {
 		t.Fatalf("watcher topology and router disagree on partition 2: %s vs %s", got, w.Router.Table().Owner(2))
 	}
 }
+
+// With no LISTEN connection at all (say a pooler refuses LISTEN), the
+// watcher still polls the version through the catalog pool.
+func TestWatcherPollsWithoutListen(t *testing.T) {
+	t.Parallel()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	catDSN := testenv.NewDatabase(t)
+	if err := catalog.CreateCluster(ctx, catDSN, router.RingConfig{PartitionCount: 16}, []catalog.ShardSpec{{Name: "a", DSN: testenv.NewDatabase(t)}, {Name: "b", DSN: testenv.NewDatabase(t)}}); err != nil {
+		t.Fatal(err)
+	}
+	cat, err := catalog.Open(ctx, catDSN)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cat.Close()
+	w := &catalog.Watcher{
+		Catalog: cat, Router: &router.Router{},
+		DSN:      "postgres://postgres@127.0.0.1:1/none?connect_timeout=1", // LISTEN can never connect
+		Interval: time.Hour,
+		Logger:   slog.New(slog.NewTextHandler(io.Discard, nil)),
+	}
+	wctx, stop := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- w.Run(wctx) }()
+	defer func() { stop(); <-done }()
+	if _, err := cat.Pool().Exec(ctx, `UPDATE partitions SET shard = 'b' WHERE partition = 0`); err != nil {
+		t.Fatal(err)
+	}
+	want, err := cat.TopologyVersion(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		if tb := w.Router.Table(); tb != nil && tb.Version() >= want {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the watcher never polled the new version without LISTEN")
+		}
+	}
+}
