@@ -54,9 +54,9 @@ func (e devEnv) ensurePostgres(ctx context.Context, adminDSN string) error {
 	}
 	err = waitForPostgres(ctx, adminDSN)
 	if isAuthError(err) && touched != nil {
-		// A cluster dev mode just installed, created or started has
-		// Debian's default scram-sha-256 for TCP; make it match the
-		// documented dev setup.
+		// A cluster dev mode just installed or created has Debian's default
+		// scram-sha-256 for TCP; make it match the documented dev setup.
+		// Clusters it merely started keep the auth their owner chose.
 		if ferr := e.trustLoopback(ctx, *touched); ferr != nil {
 			e.log.Warn("cannot configure loopback trust auth", "cluster", touched.id(), "err", ferr)
 		} else {
@@ -122,7 +122,7 @@ func isLocalHost(host string) bool {
 
 // startPostgres makes sure the local Debian cluster on port runs, installing
 // the server or creating a cluster first if needed. It returns that cluster
-// if it installed, created or started it, nil if it was already running.
+// if it installed or created it (so its auth is ours to set), nil otherwise.
 func (e devEnv) startPostgres(ctx context.Context, port string) (*pgCluster, error) {
 	installed := false
 	if _, err := exec.LookPath("pg_lsclusters"); err != nil {
@@ -157,7 +157,10 @@ func (e devEnv) startPostgres(ctx context.Context, port string) (*pgCluster, err
 	if err := e.runCmd(ctx, "pg_ctlcluster", "--skip-systemctl-redirect", c.version, c.name, "start"); err != nil {
 		return nil, fmt.Errorf("start PostgreSQL %s: %w", c.id(), err)
 	}
-	return &c, nil
+	if installed {
+		return &c, nil
+	}
+	return nil, nil // someone else's cluster: started, but its auth is theirs
 }
 
 // createCluster creates and starts cluster "main" of the newest installed

@@ -38,6 +38,9 @@ func main() {
 	slog.SetDefault(logger)
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	// The first signal starts a graceful stop; restoring the default
+	// handling lets a second one end the process at once.
+	go func() { <-ctx.Done(); stop() }()
 	kctx.BindTo(ctx, (*context.Context)(nil))
 	if err := kctx.Run(logger); err != nil {
 		fmt.Fprintln(os.Stderr, "shardgate:", err)

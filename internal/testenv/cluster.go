@@ -55,15 +55,13 @@ func NewPGCluster(t testing.TB) *PGCluster {
 		c.run = []string{"runuser", "-u", "postgres", "--"}
 		uid, _ := strconv.Atoi(u.Uid)
 		gid, _ := strconv.Atoi(u.Gid)
-		parent = filepath.Join(os.TempDir(), "shardgate-testenv")
-		if err := os.MkdirAll(parent, 0o755); err != nil {
-			t.Fatal(err)
-		}
-		dir, err := os.MkdirTemp(parent, "pg-")
+		// A fresh, unpredictable directory straight in the sticky temp
+		// dir: nothing another user made can be followed into.
+		dir, err := os.MkdirTemp(parent, "shardgate-pg-")
 		if err != nil {
 			t.Fatal(err)
 		}
-		if err := os.Chown(dir, uid, gid); err != nil {
+		if err := os.Lchown(dir, uid, gid); err != nil {
 			t.Fatal(err)
 		}
 		c.dir = dir
