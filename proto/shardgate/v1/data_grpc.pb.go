@@ -47,7 +47,8 @@ const (
 // Conventions for every RPC:
 //   - user_id is 1-128 bytes of [A-Za-z0-9._:@-]; anything else is INVALID_ARGUMENT.
 //   - *_json fields hold a JSON object (profiles, session data) or any JSON
-//     value (items, config), capped in size by the server (default 64 KiB).
+//     value (items, config), capped in size by the server (default 64 KiB,
+//     counted as stored and read back), nested at most 64 levels.
 //   - expected_version, when set, makes a write conditional: 0 means "must not
 //     exist yet", N means "must currently be at version N". A mismatch is
 //     ABORTED; nothing is overwritten silently.
@@ -267,7 +268,8 @@ func (c *dataServiceClient) ListConfig(ctx context.Context, in *ListConfigReques
 // Conventions for every RPC:
 //   - user_id is 1-128 bytes of [A-Za-z0-9._:@-]; anything else is INVALID_ARGUMENT.
 //   - *_json fields hold a JSON object (profiles, session data) or any JSON
-//     value (items, config), capped in size by the server (default 64 KiB).
+//     value (items, config), capped in size by the server (default 64 KiB,
+//     counted as stored and read back), nested at most 64 levels.
 //   - expected_version, when set, makes a write conditional: 0 means "must not
 //     exist yet", N means "must currently be at version N". A mismatch is
 //     ABORTED; nothing is overwritten silently.
