@@ -11,7 +11,6 @@ import (
 	"github.com/shardgate/shardgate/catalog"
 	"github.com/shardgate/shardgate/internal/testenv"
 	"github.com/shardgate/shardgate/router"
-	"github.com/shardgate/shardgate/shards"
 )
 
 func TestCreateClusterAgreesWithShards(t *testing.T) {
@@ -30,11 +29,7 @@ func TestCreateClusterAgreesWithShards(t *testing.T) {
 	if err := catalog.CreateCluster(ctx, catDSN, cfg, specs); !errors.Is(err, catalog.ErrClusterExists) {
 		t.Fatalf("second CreateCluster = %v, want ErrClusterExists", err)
 	}
-	cat, err := catalog.Open(ctx, catDSN)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cat.Close()
+	cat := openCatalog(t, ctx, catDSN)
 	topo, err := cat.LoadTopology(ctx)
 	if err != nil {
 		t.Fatal(err)
@@ -45,27 +40,7 @@ func TestCreateClusterAgreesWithShards(t *testing.T) {
 	if v, err := cat.TopologyVersion(ctx); err != nil || v != topo.Version {
 		t.Fatalf("TopologyVersion = %d, %v; LoadTopology said %d", v, err, topo.Version)
 	}
-	// Fencing depends on this: each shard owns exactly what the catalog says.
-	for _, spec := range specs {
-		sh, err := shards.Open(ctx, spec.Name, spec.DSN, shards.PoolOptions{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		own, err := sh.Ownership(ctx)
-		sh.Close()
-		if err != nil {
-			t.Fatal(err)
-		}
-		want := topo.Table.Counts()[spec.Name]
-		if len(own) != want {
-			t.Fatalf("%s owns %d partitions, the catalog says %d", spec.Name, len(own), want)
-		}
-		for p, st := range own {
-			if st != shards.Owned || topo.Table.Owner(p) != spec.Name {
-				t.Fatalf("%s: partition %d is %s there, catalog owner %s", spec.Name, p, st, topo.Table.Owner(p))
-			}
-		}
-	}
+	checkShardsAgree(t, ctx, topo)
 	// Migrating again applies nothing.
 	res, err := catalog.MigrateAll(ctx, catDSN)
 	if err != nil {
@@ -95,12 +70,7 @@ func TestCreateClusterRefusesBadShapes(t *testing.T) {
 			t.Errorf("%s: CreateCluster = %v, want ErrInvalidRing", tc.name, err)
 		}
 	}
-	cat, err := catalog.Open(ctx, catDSN)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cat.Close()
-	if _, err := cat.LoadTopology(ctx); err == nil {
+	if _, err := openCatalog(t, ctx, catDSN).LoadTopology(ctx); err == nil {
 		t.Fatal("a refused cluster left a topology behind")
 	}
 }
@@ -112,12 +82,7 @@ func TestLoadTopologyWithoutCluster(t *testing.T) {
 	if _, err := catalog.MigrateAll(ctx, dsn); !errors.Is(err, catalog.ErrNoCluster) {
 		t.Fatalf("MigrateAll on an empty catalog = %v, want ErrNoCluster", err)
 	}
-	cat, err := catalog.Open(ctx, dsn)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cat.Close()
-	if _, err := cat.LoadTopology(ctx); !errors.Is(err, catalog.ErrNoCluster) {
+	if _, err := openCatalog(t, ctx, dsn).LoadTopology(ctx); !errors.Is(err, catalog.ErrNoCluster) {
 		t.Fatalf("LoadTopology = %v, want ErrNoCluster", err)
 	}
 }
@@ -142,15 +107,7 @@ func TestExpandDSN(t *testing.T) {
 func TestLoadTopologyRefusesAMapWithHoles(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
-	catDSN := testenv.NewDatabase(t)
-	if err := catalog.CreateCluster(ctx, catDSN, router.RingConfig{PartitionCount: 8}, []catalog.ShardSpec{{Name: "a", DSN: testenv.NewDatabase(t)}}); err != nil {
-		t.Fatal(err)
-	}
-	cat, err := catalog.Open(ctx, catDSN)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cat.Close()
+	_, cat := newCluster(t, ctx, 8, "a")
 	if _, err := cat.Pool().Exec(ctx, `UPDATE partitions SET partition = 8 WHERE partition = 3`); err != nil {
 		t.Fatal(err)
 	}
@@ -178,27 +135,9 @@ func TestConcurrentCreateCluster(t *testing.T) {
 	if (e1 == nil) == (e2 == nil) || !(errors.Is(e1, catalog.ErrClusterExists) || errors.Is(e2, catalog.ErrClusterExists)) {
 		t.Fatalf("CreateCluster results %v and %v: want one success and one ErrClusterExists", e1, e2)
 	}
-	cat, err := catalog.Open(ctx, catDSN)
+	topo, err := openCatalog(t, ctx, catDSN).LoadTopology(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer cat.Close()
-	topo, err := cat.LoadTopology(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, rec := range topo.Shards {
-		sh, err := shards.Open(ctx, rec.Name, rec.DSN, shards.PoolOptions{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		own, err := sh.Ownership(ctx)
-		sh.Close()
-		if err != nil {
-			t.Fatal(err)
-		}
-		if len(own) != topo.Table.Counts()[rec.Name] {
-			t.Fatalf("%s owns %d partitions, the catalog gives it %d", rec.Name, len(own), topo.Table.Counts()[rec.Name])
-		}
-	}
+	checkShardsAgree(t, ctx, topo)
 }

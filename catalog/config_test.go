@@ -19,12 +19,7 @@ func openConfigCatalog(t *testing.T) *catalog.Catalog {
 	if _, err := migrations.Up(context.Background(), dsn, migrations.Catalog); err != nil {
 		t.Fatal(err)
 	}
-	cat, err := catalog.Open(context.Background(), dsn)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(cat.Close)
-	return cat
+	return openCatalog(t, context.Background(), dsn)
 }
 
 // Concurrent compare-and-set writers: each version is won exactly once, no

@@ -10,7 +10,6 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/shardgate/shardgate/catalog"
-	"github.com/shardgate/shardgate/internal/testenv"
 	"github.com/shardgate/shardgate/router"
 )
 
@@ -20,16 +19,7 @@ func TestWatcherReconnectsAndCatchesUp(t *testing.T) {
 	t.Parallel()
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	catDSN := testenv.NewDatabase(t)
-	specs := []catalog.ShardSpec{{Name: "a", DSN: testenv.NewDatabase(t)}, {Name: "b", DSN: testenv.NewDatabase(t)}}
-	if err := catalog.CreateCluster(ctx, catDSN, router.RingConfig{PartitionCount: 64}, specs); err != nil {
-		t.Fatal(err)
-	}
-	cat, err := catalog.Open(ctx, catDSN)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cat.Close()
+	catDSN, cat := newCluster(t, ctx, 64, "a", "b")
 	w := &catalog.Watcher{
 		Catalog: cat, Router: &router.Router{}, DSN: catDSN,
 		Interval: time.Hour, // only notifications and reconnects can bring news
@@ -109,15 +99,7 @@ func TestWatcherPollsWithoutListen(t *testing.T) {
 	t.Parallel()
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	catDSN := testenv.NewDatabase(t)
-	if err := catalog.CreateCluster(ctx, catDSN, router.RingConfig{PartitionCount: 16}, []catalog.ShardSpec{{Name: "a", DSN: testenv.NewDatabase(t)}, {Name: "b", DSN: testenv.NewDatabase(t)}}); err != nil {
-		t.Fatal(err)
-	}
-	cat, err := catalog.Open(ctx, catDSN)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cat.Close()
+	_, cat := newCluster(t, ctx, 16, "a", "b")
 	w := &catalog.Watcher{
 		Catalog: cat, Router: &router.Router{},
 		DSN:      "postgres://postgres@127.0.0.1:1/none?connect_timeout=1", // LISTEN can never connect
