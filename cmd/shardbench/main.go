@@ -1,0 +1,192 @@
+// Command shardbench drives a Shardgate server with one named scenario at a
+// fixed concurrency for a fixed time, then prints throughput, latency
+// percentiles and errors.
+//
+//	shardbench -addr 127.0.0.1:7070 -scenario get-session -c 32 -duration 10s [-json]
+//
+// It creates its own users, sessions and config keys before measuring and
+// deletes them afterwards (-keep leaves them). Compare scenarios run on the
+// same machine in the same session: `noop` (the gRPC health check) is the
+// ceiling of the transport there.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"sort"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+)
+
+// config is what the flags set.
+type config struct {
+	Addr        string
+	Scenario    string
+	Concurrency int
+	Duration    time.Duration
+	Warmup      time.Duration
+	JSON        bool
+	Users       int
+	Conns       int
+	Timeout     time.Duration
+	Token       string
+	Keep        bool
+}
+
+func parseFlags(args []string, stderr io.Writer) (config, error) {
+	var c config
+	fs := flag.NewFlagSet("shardbench", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.StringVar(&c.Addr, "addr", "127.0.0.1:7070", "Shardgate gRPC address")
+	fs.StringVar(&c.Scenario, "scenario", "", "scenario to run: "+strings.Join(scenarioNames(), ", "))
+	fs.IntVar(&c.Concurrency, "c", 32, "concurrent callers")
+	fs.DurationVar(&c.Duration, "duration", 10*time.Second, "how long to measure")
+	fs.DurationVar(&c.Warmup, "warmup", time.Second, "load before measuring starts (not counted)")
+	fs.BoolVar(&c.JSON, "json", false, "print one JSON object instead of a table")
+	fs.IntVar(&c.Users, "users", 1000, "users (each with one session and one item) created for the run")
+	fs.IntVar(&c.Conns, "conns", 1, "gRPC connections the callers share, round robin")
+	fs.DurationVar(&c.Timeout, "timeout", 5*time.Second, "deadline of each call")
+	fs.StringVar(&c.Token, "token", os.Getenv("SHARDGATE_TOKEN"), "bearer token sent with every call (default $SHARDGATE_TOKEN)")
+	fs.BoolVar(&c.Keep, "keep", false, "keep the data the run created")
+	fs.Usage = func() {
+		fmt.Fprintf(stderr, "usage: shardbench -scenario NAME [flags]\n\nscenarios:\n")
+		w := tabwriter.NewWriter(stderr, 0, 4, 2, ' ', 0)
+		for _, s := range scenarios {
+			fmt.Fprintf(w, "  %s\t%s\n", s.name, s.help)
+		}
+		w.Flush()
+		fmt.Fprintf(stderr, "\nflags:\n")
+		fs.PrintDefaults()
+	}
+	if err := fs.Parse(args); err != nil {
+		return c, err
+	}
+	switch {
+	case fs.NArg() > 0:
+		return c, fmt.Errorf("unexpected argument %q (flags only)", fs.Arg(0))
+	case c.Scenario == "":
+		return c, fmt.Errorf("-scenario is required: one of %s", strings.Join(scenarioNames(), ", "))
+	case findScenario(c.Scenario) == nil:
+		return c, fmt.Errorf("-scenario %q is unknown: one of %s", c.Scenario, strings.Join(scenarioNames(), ", "))
+	case c.Concurrency < 1 || c.Concurrency > 10000:
+		return c, fmt.Errorf("-c %d is out of range 1-10000", c.Concurrency)
+	case c.Duration <= 0:
+		return c, fmt.Errorf("-duration %s must be positive", c.Duration)
+	case c.Warmup < 0:
+		return c, fmt.Errorf("-warmup %s must not be negative", c.Warmup)
+	case c.Users < 1 || c.Users > 1_000_000:
+		return c, fmt.Errorf("-users %d is out of range 1-1000000", c.Users)
+	case c.Conns < 1 || c.Conns > 256:
+		return c, fmt.Errorf("-conns %d is out of range 1-256", c.Conns)
+	case c.Timeout <= 0:
+		return c, fmt.Errorf("-timeout %s must be positive", c.Timeout)
+	}
+	return c, nil
+}
+
+func main() {
+	c, err := parseFlags(os.Args[1:], os.Stderr)
+	if errors.Is(err, flag.ErrHelp) {
+		os.Exit(0)
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "shardbench:", err)
+		os.Exit(2)
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
+	defer stop()
+	r, err := run(ctx, c, os.Stderr)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "shardbench:", err)
+		os.Exit(1)
+	}
+	if err := r.print(os.Stdout, c.JSON); err != nil {
+		fmt.Fprintln(os.Stderr, "shardbench:", err)
+		os.Exit(1)
+	}
+	if r.Ops == 0 || r.Errors == r.Ops {
+		os.Exit(1)
+	}
+}
+
+// run prepares the scenario's data, measures, cleans up and returns the
+// result. Progress goes to logw.
+func run(ctx context.Context, c config, logw io.Writer) (*result, error) {
+	conns := make([]*grpc.ClientConn, c.Conns)
+	for i := range conns {
+		conn, err := grpc.NewClient(c.Addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+		if err != nil {
+			return nil, fmt.Errorf("dial %s: %w", c.Addr, err)
+		}
+		defer conn.Close()
+		conns[i] = conn
+	}
+	e := newEnv(c, conns)
+	sc := findScenario(c.Scenario)
+	fmt.Fprintf(logw, "shardbench: preparing %s (run %s)\n", sc.name, e.runID)
+	op, err := sc.setup(ctx, e)
+	// Clean up whatever setup created, even when it failed half way.
+	if !c.Keep {
+		defer func() {
+			cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Minute)
+			defer cancel()
+			if err := e.cleanup(cctx); err != nil {
+				fmt.Fprintln(logw, "shardbench: cleanup:", err)
+			}
+		}()
+	}
+	if err != nil {
+		return nil, fmt.Errorf("prepare %s: %w", sc.name, err)
+	}
+	fmt.Fprintf(logw, "shardbench: %s, %d callers, %s warmup, %s measured\n", sc.name, c.Concurrency, c.Warmup, c.Duration)
+	r := measure(ctx, e, op)
+	r.Scenario = sc.name
+	return r, nil
+}
+
+// result is one run's outcome; its JSON form is the -json output.
+type result struct {
+	Scenario    string           `json:"scenario"`
+	Concurrency int              `json:"concurrency"`
+	Ops         int64            `json:"ops"`
+	Errors      int64            `json:"errors"`
+	RPS         float64          `json:"rps"`
+	P50ms       float64          `json:"p50_ms"`
+	P95ms       float64          `json:"p95_ms"`
+	P99ms       float64          `json:"p99_ms"`
+	MaxMs       float64          `json:"max_ms"`
+	ErrorCodes  map[string]int64 `json:"errors_by_code,omitempty"`
+	elapsed     time.Duration
+}
+
+func (r *result) print(w io.Writer, asJSON bool) error {
+	if asJSON {
+		return json.NewEncoder(w).Encode(r)
+	}
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "SCENARIO\tCALLERS\tOPS\tERRORS\tOPS/S\tP50 ms\tP95 ms\tP99 ms\tMAX ms")
+	fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%.0f\t%.3f\t%.3f\t%.3f\t%.3f\n",
+		r.Scenario, r.Concurrency, r.Ops, r.Errors, r.RPS, r.P50ms, r.P95ms, r.P99ms, r.MaxMs)
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	codes := make([]string, 0, len(r.ErrorCodes))
+	for c := range r.ErrorCodes {
+		codes = append(codes, c)
+	}
+	sort.Strings(codes)
+	for _, c := range codes {
+		fmt.Fprintf(w, "errors %s: %d\n", c, r.ErrorCodes[c])
+	}
+	return nil
+}
