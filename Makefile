@@ -5,7 +5,7 @@ GO ?= go
 # and fail the run with "context deadline exceeded").
 FUZZTIME ?= 50000x
 
-.PHONY: run test build proto bench fuzz
+.PHONY: run test build proto bench load fuzz
 
 run:
 	$(GO) run ./cmd/shardgate dev
@@ -24,6 +24,14 @@ proto:
 
 bench:
 	$(GO) test -run '^$$' -bench . -benchmem ./router ./shards ./server
+
+# Load test against a running server (`make run` in another terminal): every
+# scenario in turn on the same data, throughput shown relative to noop.
+LOAD_ADDR ?= 127.0.0.1:7070
+LOAD_DURATION ?= 10s
+load:
+	$(GO) run ./cmd/shardbench -addr $(LOAD_ADDR) -c 32 -duration $(LOAD_DURATION) \
+		-scenario noop,get-session,get-session-nocache,get-config,get-user,put-item,mixed
 
 # Runs each fuzz target for FUZZTIME; the seeds in testdata/fuzz also run in `make test`.
 fuzz:

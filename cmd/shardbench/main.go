@@ -3,6 +3,7 @@
 // percentiles and errors.
 //
 //	shardbench -addr 127.0.0.1:7070 -scenario get-session -c 32 -duration 10s [-json]
+//	shardbench -scenario noop,get-session,get-user      several in turn, with ratios to noop
 //
 // It creates its own users, sessions and config keys before measuring and
 // deletes them afterwards (-keep leaves them). Compare scenarios run on the
@@ -48,7 +49,7 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	fs := flag.NewFlagSet("shardbench", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	fs.StringVar(&c.Addr, "addr", "127.0.0.1:7070", "Shardgate gRPC address")
-	fs.StringVar(&c.Scenario, "scenario", "", "scenario to run: "+strings.Join(scenarioNames(), ", "))
+	fs.StringVar(&c.Scenario, "scenario", "", "scenario to run, or several separated by commas (run in turn on the same data): "+strings.Join(scenarioNames(), ", "))
 	fs.IntVar(&c.Concurrency, "c", 32, "concurrent callers")
 	fs.DurationVar(&c.Duration, "duration", 10*time.Second, "how long to measure")
 	fs.DurationVar(&c.Warmup, "warmup", time.Second, "load before measuring starts (not counted)")
@@ -76,8 +77,11 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 		return c, fmt.Errorf("unexpected argument %q (flags only)", fs.Arg(0))
 	case c.Scenario == "":
 		return c, fmt.Errorf("-scenario is required: one of %s", strings.Join(scenarioNames(), ", "))
-	case findScenario(c.Scenario) == nil:
-		return c, fmt.Errorf("-scenario %q is unknown: one of %s", c.Scenario, strings.Join(scenarioNames(), ", "))
+	}
+	if name, ok := c.unknownScenario(); ok {
+		return c, fmt.Errorf("-scenario %q is unknown: one of %s", name, strings.Join(scenarioNames(), ", "))
+	}
+	switch {
 	case c.Concurrency < 1 || c.Concurrency > 10000:
 		return c, fmt.Errorf("-c %d is out of range 1-10000", c.Concurrency)
 	case c.Duration <= 0:
@@ -94,6 +98,19 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	return c, nil
 }
 
+// scenarios lists the scenario names -scenario gave.
+func (c config) scenarios() []string { return strings.Split(c.Scenario, ",") }
+
+// unknownScenario returns the first name in -scenario that is no scenario.
+func (c config) unknownScenario() (string, bool) {
+	for _, name := range c.scenarios() {
+		if findScenario(name) == nil {
+			return name, true
+		}
+	}
+	return "", false
+}
+
 func main() {
 	c, err := parseFlags(os.Args[1:], os.Stderr)
 	if errors.Is(err, flag.ErrHelp) {
@@ -105,23 +122,25 @@ func main() {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
 	defer stop()
-	r, err := run(ctx, c, os.Stderr)
+	results, err := run(ctx, c, os.Stderr)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "shardbench:", err)
 		os.Exit(1)
 	}
-	if err := r.print(os.Stdout, c.JSON); err != nil {
+	if err := printResults(os.Stdout, results, c.JSON); err != nil {
 		fmt.Fprintln(os.Stderr, "shardbench:", err)
 		os.Exit(1)
 	}
-	if r.Ops == 0 || r.Errors == r.Ops {
-		os.Exit(1)
+	for _, r := range results {
+		if r.Ops == 0 || r.Errors == r.Ops {
+			os.Exit(1)
+		}
 	}
 }
 
-// run prepares the scenario's data, measures, cleans up and returns the
-// result. Progress goes to logw.
-func run(ctx context.Context, c config, logw io.Writer) (*result, error) {
+// run prepares the data of the scenarios, measures each in turn, cleans up
+// and returns one result per scenario. Progress goes to logw.
+func run(ctx context.Context, c config, logw io.Writer) ([]*result, error) {
 	conns := make([]*grpc.ClientConn, c.Conns)
 	for i := range conns {
 		conn, err := grpc.NewClient(c.Addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
@@ -132,9 +151,6 @@ func run(ctx context.Context, c config, logw io.Writer) (*result, error) {
 		conns[i] = conn
 	}
 	e := newEnv(c, conns)
-	sc := findScenario(c.Scenario)
-	fmt.Fprintf(logw, "shardbench: preparing %s (run %s)\n", sc.name, e.runID)
-	op, err := sc.setup(ctx, e)
 	// Clean up whatever setup created, even when it failed half way.
 	if !c.Keep {
 		defer func() {
@@ -145,13 +161,23 @@ func run(ctx context.Context, c config, logw io.Writer) (*result, error) {
 			}
 		}()
 	}
-	if err != nil {
-		return nil, fmt.Errorf("prepare %s: %w", sc.name, err)
+	var results []*result
+	for _, name := range c.scenarios() {
+		sc := findScenario(name)
+		fmt.Fprintf(logw, "shardbench: preparing %s (run %s)\n", sc.name, e.runID)
+		op, err := sc.setup(ctx, e)
+		if err != nil {
+			return nil, fmt.Errorf("prepare %s: %w", sc.name, err)
+		}
+		fmt.Fprintf(logw, "shardbench: %s, %d callers, %s warmup, %s measured\n", sc.name, c.Concurrency, c.Warmup, c.Duration)
+		r := measure(ctx, e, op)
+		r.Scenario = sc.name
+		results = append(results, r)
+		if ctx.Err() != nil {
+			break
+		}
 	}
-	fmt.Fprintf(logw, "shardbench: %s, %d callers, %s warmup, %s measured\n", sc.name, c.Concurrency, c.Warmup, c.Duration)
-	r := measure(ctx, e, op)
-	r.Scenario = sc.name
-	return r, nil
+	return results, nil
 }
 
 // result is one run's outcome; its JSON form is the -json output.
@@ -169,24 +195,51 @@ type result struct {
 	elapsed     time.Duration
 }
 
-func (r *result) print(w io.Writer, asJSON bool) error {
+// printResults writes one JSON object per line, or a table. When noop ran,
+// the table's last column is each scenario's throughput relative to it: the
+// figure that stays comparable on a shared, noisy machine.
+func printResults(w io.Writer, results []*result, asJSON bool) error {
 	if asJSON {
-		return json.NewEncoder(w).Encode(r)
+		enc := json.NewEncoder(w)
+		for _, r := range results {
+			if err := enc.Encode(r); err != nil {
+				return err
+			}
+		}
+		return nil
 	}
-	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "SCENARIO\tCALLERS\tOPS\tERRORS\tOPS/S\tP50 ms\tP95 ms\tP99 ms\tMAX ms")
-	fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%.0f\t%.3f\t%.3f\t%.3f\t%.3f\n",
-		r.Scenario, r.Concurrency, r.Ops, r.Errors, r.RPS, r.P50ms, r.P95ms, r.P99ms, r.MaxMs)
+	var base *result
+	for _, r := range results {
+		if r.Scenario == "noop" && r.RPS > 0 {
+			base = r
+		}
+	}
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', tabwriter.AlignRight)
+	header := "SCENARIO\tCALLERS\tOPS\tERRORS\tOPS/S\tP50 ms\tP95 ms\tP99 ms\tMAX ms\t"
+	if base != nil {
+		header += "VS NOOP\t"
+	}
+	fmt.Fprintln(tw, header)
+	for _, r := range results {
+		fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%.0f\t%.3f\t%.3f\t%.3f\t%.3f\t",
+			r.Scenario, r.Concurrency, r.Ops, r.Errors, r.RPS, r.P50ms, r.P95ms, r.P99ms, r.MaxMs)
+		if base != nil {
+			fmt.Fprintf(tw, "%.2fx\t", r.RPS/base.RPS)
+		}
+		fmt.Fprintln(tw)
+	}
 	if err := tw.Flush(); err != nil {
 		return err
 	}
-	codes := make([]string, 0, len(r.ErrorCodes))
-	for c := range r.ErrorCodes {
-		codes = append(codes, c)
-	}
-	sort.Strings(codes)
-	for _, c := range codes {
-		fmt.Fprintf(w, "errors %s: %d\n", c, r.ErrorCodes[c])
+	for _, r := range results {
+		codes := make([]string, 0, len(r.ErrorCodes))
+		for c := range r.ErrorCodes {
+			codes = append(codes, c)
+		}
+		sort.Strings(codes)
+		for _, c := range codes {
+			fmt.Fprintf(w, "%s errors %s: %d\n", r.Scenario, c, r.ErrorCodes[c])
+		}
 	}
 	return nil
 }

@@ -33,6 +33,7 @@ func TestParseFlags(t *testing.T) {
 	}{
 		{nil, "-scenario is required"},
 		{[]string{"-scenario", "nope"}, `-scenario "nope" is unknown`},
+		{[]string{"-scenario", "noop,,get-user"}, `-scenario "" is unknown`},
 		{[]string{"-scenario", "noop", "-c", "0"}, "-c 0 is out of range"},
 		{[]string{"-scenario", "noop", "-duration", "0s"}, "-duration 0s must be positive"},
 		{[]string{"-scenario", "noop", "-users", "0"}, "-users 0 is out of range"},
@@ -76,12 +77,13 @@ func TestScenarios(t *testing.T) {
 				t.Fatal(err)
 			}
 			var progress bytes.Buffer
-			r, err := run(context.Background(), c, &progress)
+			results, err := run(context.Background(), c, &progress)
 			if err != nil {
 				t.Fatal(err)
 			}
+			r := results[0]
 			var out bytes.Buffer
-			if err := r.print(&out, true); err != nil {
+			if err := printResults(&out, results, true); err != nil {
 				t.Fatal(err)
 			}
 			var got map[string]any
@@ -124,6 +126,32 @@ func assertCleanedUp(t *testing.T, addr, runID string) {
 		if strings.HasPrefix(e.GetKey(), runID) {
 			t.Errorf("config key %s left behind", e.GetKey())
 		}
+	}
+}
+
+// TestScenarioList runs several scenarios on the same data and prints the
+// table with each one's throughput relative to noop.
+func TestScenarioList(t *testing.T) {
+	cl := testcluster.Start(t, 2, server.Options{})
+	c, err := parseFlags([]string{"-addr", cl.Addr, "-scenario", "noop,get-user,mixed", "-c", "2",
+		"-duration", "200ms", "-warmup", "0s", "-users", "10"}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	results, err := run(context.Background(), c, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(results) != 3 || results[2].Scenario != "mixed" || results[2].Errors != 0 {
+		t.Fatalf("results %+v", results)
+	}
+	var out bytes.Buffer
+	if err := printResults(&out, results, false); err != nil {
+		t.Fatal(err)
+	}
+	if lines := strings.Split(strings.TrimSpace(out.String()), "\n"); len(lines) != 4 ||
+		!strings.Contains(lines[0], "VS NOOP") || !strings.HasSuffix(strings.TrimSpace(lines[1]), "1.00x") {
+		t.Fatalf("table:\n%s", out.String())
 	}
 }
 
