@@ -23,9 +23,12 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
+	"net"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/redis/rueidis"
@@ -47,9 +50,12 @@ type Options struct {
 	// LocalTTL bounds how long a process keeps its own copy of a key
 	// (default 1m). Redis invalidates it earlier when the key changes.
 	LocalTTL time.Duration
-	// RedisTimeout bounds every Redis call on the request path; past it
-	// the read goes to the database (default 50ms).
+	// RedisTimeout bounds every Redis call of a read; past it the read
+	// goes to the database (default 50ms).
 	RedisTimeout time.Duration
+	// InvalidateTimeout bounds a write's invalidation (default 250ms);
+	// past it the write still succeeds and the invalidation is retried.
+	InvalidateTimeout time.Duration
 	// LeaseTTL is how long a loader may hold a key before another may
 	// take over (default 2s); LeaseWait is how long a reader waits for
 	// another process's loader before loading itself without storing
@@ -97,6 +103,7 @@ func (o Options) withDefaults() Options {
 	def(&o.NotFoundTTL, 5*time.Second)
 	def(&o.LocalTTL, time.Minute)
 	def(&o.RedisTimeout, 50*time.Millisecond)
+	def(&o.InvalidateTimeout, 250*time.Millisecond)
 	def(&o.LeaseTTL, 2*time.Second)
 	def(&o.LeaseWait, 200*time.Millisecond)
 	def(&o.BreakerCooldown, time.Second)
@@ -124,7 +131,9 @@ type Loader func(ctx context.Context) (Entry, error)
 // Cache is a read-through cache over one rueidis client. Safe for
 // concurrent use.
 type Cache struct {
+	// client is set once; ready says it is (Dial may connect late).
 	client rueidis.Client
+	ready  atomic.Bool
 	opts   Options
 	owns   bool // Close closes the client (Dial made it)
 	br     breaker
@@ -155,9 +164,16 @@ type Cache struct {
 // Close stops the cache's retry loop only. Build the client with
 // opts.Invalidations as its OnInvalidations to count what Redis pushes.
 func New(client rueidis.Client, opts Options) *Cache {
+	c := newCache(opts)
+	c.client = client
+	c.ready.Store(true)
+	go c.retryLoop()
+	return c
+}
+
+func newCache(opts Options) *Cache {
 	opts = opts.withDefaults()
 	c := &Cache{
-		client:  client,
 		opts:    opts,
 		br:      breaker{threshold: opts.BreakerThreshold, cooldown: opts.BreakerCooldown},
 		flights: make(map[string]*flight),
@@ -169,28 +185,62 @@ func New(client rueidis.Client, opts Options) *Cache {
 	if opts.Invalidations != nil {
 		opts.Invalidations.c.Store(c)
 	}
-	go c.retryLoop()
 	return c
 }
 
-// Dial connects to the Redis at addr with client-side caching on and
-// returns a cache that owns the client. It fails if Redis is unreachable.
+// Dial returns a cache over a new client, with client-side caching on, for
+// the Redis at addr; the cache owns the client. If Redis cannot be reached
+// now, Dial still returns a cache: until a connection succeeds (retried
+// every second) every read goes to the database and every invalidation is
+// queued, so a server can start during a Redis outage. The error is only
+// for options rueidis refuses.
 func Dial(addr string, opts Options) (*Cache, error) {
-	inv := opts.Invalidations
-	if inv == nil {
-		inv = new(Invalidations)
+	if opts.Invalidations == nil {
+		opts.Invalidations = new(Invalidations)
 	}
-	client, err := rueidis.NewClient(rueidis.ClientOption{
-		InitAddress:     []string{addr},
-		OnInvalidations: inv.receive,
-	})
-	if err != nil {
+	c := newCache(opts)
+	c.owns = true
+	opt := rueidis.ClientOption{InitAddress: []string{addr}, OnInvalidations: opts.Invalidations.receive}
+	client, err := rueidis.NewClient(opt)
+	if err == nil {
+		c.client = client
+		c.ready.Store(true)
+		go c.retryLoop()
+		return c, nil
+	}
+	if !isConnError(err) {
 		return nil, fmt.Errorf("redis %s: %w", addr, err)
 	}
-	opts.Invalidations = inv
-	c := New(client, opts)
-	c.owns = true
+	c.opts.Logger.Warn("cache: Redis unreachable; serving from the database until it answers", "addr", addr, "err", err)
+	go func() {
+		t := time.NewTicker(time.Second)
+		defer t.Stop()
+		for {
+			select {
+			case <-c.stop:
+				close(c.done)
+				return
+			case <-t.C:
+			}
+			client, err := rueidis.NewClient(opt)
+			if err != nil {
+				continue
+			}
+			c.client = client
+			c.ready.Store(true)
+			c.opts.Logger.Info("cache: connected to Redis", "addr", addr)
+			c.retryLoop()
+			return
+		}
+	}()
 	return c, nil
+}
+
+// isConnError tells an unreachable Redis from a refused configuration.
+func isConnError(err error) bool {
+	var ne net.Error
+	var oe *net.OpError
+	return errors.As(err, &ne) || errors.As(err, &oe) || errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, io.EOF)
 }
 
 // Close stops the retry loop (and closes the client if Dial made it).
@@ -201,7 +251,7 @@ func (c *Cache) Close() {
 	if n := c.npending.Load(); n > 0 {
 		c.opts.Logger.Warn("cache closed with invalidations pending; those keys expire by TTL", "keys", n)
 	}
-	if c.owns {
+	if c.owns && c.ready.Load() {
 		c.client.Close()
 	}
 }
@@ -300,7 +350,7 @@ func (c *Cache) MaxListEntries() int { return c.opts.MaxListEntries }
 // Errors from load are returned and not cached. When Redis fails or is
 // slow the entry comes from load; Get never fails because of Redis.
 func (c *Cache) Get(ctx context.Context, key string, ttl time.Duration, load Loader) (Entry, error) {
-	if c.isPending(key) {
+	if !c.ready.Load() || c.isPending(key) {
 		c.stats.bypassed.Add(1)
 		return c.loadDirect(ctx, load)
 	}
@@ -614,13 +664,14 @@ func (c *Cache) Invalidate(ctx context.Context, keys ...string) error {
 	}
 	c.stats.invalidations.Add(int64(len(keys)))
 	c.markFloors(keys)
+	// Even with the breaker open: the breaker spares reads a slow Redis,
+	// but other processes may hold the keys, and only this delete (or its
+	// retry) tells them.
 	var err error
-	if c.br.allow(time.Now()) {
-		_, err = c.redis(context.WithoutCancel(ctx), func(ctx context.Context) (string, error) {
-			return "", c.del(ctx, keys)
-		})
+	if c.ready.Load() {
+		err = c.invalidateNow(ctx, keys)
 	} else {
-		err = errors.New("breaker open")
+		err = errors.New("not connected to Redis yet")
 	}
 	// Flights and local copies from before the delete are now distrusted.
 	c.markFloors(keys)
@@ -629,6 +680,17 @@ func (c *Cache) Invalidate(ctx context.Context, keys ...string) error {
 		c.distrustLocal(c.opts.FloorWindow)
 		return fmt.Errorf("%w: %v", ErrInvalidationQueued, err)
 	}
+	return nil
+}
+
+func (c *Cache) invalidateNow(ctx context.Context, keys []string) error {
+	ictx, cancel := context.WithTimeout(context.WithoutCancel(ctx), c.opts.InvalidateTimeout)
+	defer cancel()
+	if err := c.del(ictx, keys); err != nil {
+		c.redisFailed(err)
+		return err
+	}
+	c.redisOK()
 	return nil
 }
 
@@ -692,7 +754,7 @@ func (c *Cache) retryLoop() {
 			return
 		case <-t.C:
 		}
-		if c.npending.Load() == 0 || !c.br.allow(time.Now()) {
+		if c.npending.Load() == 0 {
 			continue
 		}
 		c.pendingMu.Lock()
@@ -701,10 +763,7 @@ func (c *Cache) retryLoop() {
 			keys = append(keys, k)
 		}
 		c.pendingMu.Unlock()
-		_, err := c.redis(context.Background(), func(ctx context.Context) (string, error) {
-			return "", c.del(ctx, keys)
-		})
-		if err != nil {
+		if err := c.invalidateNow(context.Background(), keys); err != nil {
 			continue
 		}
 		c.markFloors(keys)

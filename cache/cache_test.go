@@ -545,3 +545,30 @@ func BenchmarkGetSessionHit(b *testing.B) {
 	st := c.Stats()
 	b.ReportMetric(float64(st.LocalHits)/float64(st.LocalHits+st.RedisHits+st.Misses), "local-hit-ratio")
 }
+
+// TestDialWhileRedisDown: a cache made while Redis is down reads the
+// database, queues invalidations, and starts caching once Redis answers.
+func TestDialWhileRedisDown(t *testing.T) {
+	t.Parallel()
+	rs := testenv.NewRedisServer(t)
+	rs.Kill()
+	c := newTestCache(t, rs.Addr(), "t:", Options{RetryInterval: 20 * time.Millisecond})
+	s := newSource()
+	k := c.ConfigKey("ns", "k")
+	s.set(k, "1")
+	if e := mustGet(t, c, k, s); e.Value != "1" {
+		t.Fatalf("read = %+v", e)
+	}
+	if err := c.Invalidate(context.Background(), k); !errors.Is(err, ErrInvalidationQueued) {
+		t.Fatalf("Invalidate before connecting = %v", err)
+	}
+	rs.Start()
+	deadline := time.Now().Add(20 * time.Second)
+	for c.Stats().LocalHits == 0 || c.Stats().Pending > 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("never connected: %+v", c.Stats())
+		}
+		mustGet(t, c, k, s)
+		time.Sleep(20 * time.Millisecond)
+	}
+}
