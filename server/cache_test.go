@@ -383,3 +383,71 @@ func TestCacheMetrics(t *testing.T) {
 		}
 	}
 }
+
+// TestInvalidationDelay measures δ end to end: from B's TouchSession reply
+// (the write's ack, as its caller sees it) to A having dropped its copy.
+// Logged with -v; not asserted.
+func TestInvalidationDelay(t *testing.T) {
+	c := newTestCluster(t, 1)
+	addr, prefix := testenv.Redis(t)
+	var (
+		mu   sync.Mutex
+		seen = map[string]time.Time{}
+	)
+	a := c.start(t, false, withCache(t, addr, prefix, cache.Options{OnInvalidation: func(k string) {
+		now := time.Now()
+		mu.Lock()
+		seen[k] = now
+		mu.Unlock()
+	}}))
+	b := c.start(t, false, withCache(t, addr, prefix, cache.Options{}))
+	ctx := ctxT(t)
+	if _, err := b.data.PutUser(ctx, &pb.PutUserRequest{UserId: "d"}); err != nil {
+		t.Fatal(err)
+	}
+	s, err := b.data.CreateSession(ctx, &pb.CreateSessionRequest{UserId: "d", TtlSeconds: 3600})
+	if err != nil {
+		t.Fatal(err)
+	}
+	key := a.srv.Cache().SessionKey(hashToken(s.Token))
+	const n = 500
+	var deltas []time.Duration
+	before := 0
+	for i := range n {
+		for j := 0; ; j++ { // until A answers from memory
+			hits := a.srv.Cache().Stats().LocalHits
+			if _, err := a.data.GetSession(ctx, &pb.GetSessionRequest{Token: s.Token}); err != nil {
+				t.Fatal(err)
+			}
+			if a.srv.Cache().Stats().LocalHits > hits {
+				break
+			}
+			if j == 100 {
+				t.Fatalf("write %d: never a local hit", i)
+			}
+		}
+		mu.Lock()
+		delete(seen, key)
+		mu.Unlock()
+		if _, err := b.data.TouchSession(ctx, &pb.TouchSessionRequest{Token: s.Token, TtlSeconds: 3600}); err != nil {
+			t.Fatal(err)
+		}
+		ack := time.Now()
+		for {
+			mu.Lock()
+			at, ok := seen[key]
+			mu.Unlock()
+			if ok {
+				if at.Before(ack) {
+					before++
+				}
+				deltas = append(deltas, max(0, at.Sub(ack)))
+				break
+			}
+			time.Sleep(20 * time.Microsecond)
+		}
+	}
+	slices.Sort(deltas)
+	t.Logf("δ (B's TouchSession reply → A's copy dropped), %d writes: p50 %v, p99 %v, max %v; %d of them dropped before the reply reached the caller",
+		n, deltas[n/2], deltas[n*99/100], deltas[n-1], before)
+}
