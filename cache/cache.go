@@ -79,6 +79,12 @@ type Options struct {
 	// (default 1 MiB).
 	MaxListEntries int
 	MaxListBytes   int
+	// ConnTimeout (Dial only) is how long a Redis connection may leave a
+	// command or its idle PING unanswered before rueidis closes it, which
+	// drops this process's memory copy (rueidis ConnWriteTimeout; default
+	// 1s). It bounds how long a process cut off from Redis without a
+	// connection reset keeps answering from memory.
+	ConnTimeout time.Duration
 	// Invalidations, if set, is the receiver given to the rueidis client
 	// as ClientOption.OnInvalidations; the cache then counts the
 	// invalidations it receives. Dial sets it up.
@@ -109,6 +115,7 @@ func (o Options) withDefaults() Options {
 	def(&o.BreakerCooldown, time.Second)
 	def(&o.FloorWindow, time.Second)
 	def(&o.RetryInterval, 100*time.Millisecond)
+	def(&o.ConnTimeout, time.Second)
 	if o.BreakerThreshold <= 0 {
 		o.BreakerThreshold = 5
 	}
@@ -200,7 +207,12 @@ func Dial(addr string, opts Options) (*Cache, error) {
 	}
 	c := newCache(opts)
 	c.owns = true
-	opt := rueidis.ClientOption{InitAddress: []string{addr}, OnInvalidations: opts.Invalidations.receive}
+	opt := rueidis.ClientOption{
+		InitAddress:      []string{addr},
+		OnInvalidations:  opts.Invalidations.receive,
+		ConnWriteTimeout: c.opts.ConnTimeout,
+		Dialer:           net.Dialer{Timeout: c.opts.ConnTimeout, KeepAlive: c.opts.ConnTimeout / 2},
+	}
 	client, err := rueidis.NewClient(opt)
 	if err == nil {
 		c.client = client
@@ -402,7 +414,9 @@ func (c *Cache) lookup(ctx context.Context, key string, now time.Time) (Entry, l
 		return Entry{}, stateMiss, nil
 	}
 	if err != nil {
-		c.redisFailed(err)
+		if ctx.Err() == nil { // the caller giving up says nothing about Redis
+			c.redisFailed(err)
+		}
 		return Entry{}, stateMiss, err
 	}
 	c.redisOK()
