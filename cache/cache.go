@@ -85,6 +85,10 @@ type Options struct {
 	// 1s). It bounds how long a process cut off from Redis without a
 	// connection reset keeps answering from memory.
 	ConnTimeout time.Duration
+	// LocalCacheBytes (Dial only) caps the memory for local copies per
+	// Redis connection (default rueidis's, 128 MiB); least recently used
+	// copies go first.
+	LocalCacheBytes int
 	// Invalidations, if set, is the receiver given to the rueidis client
 	// as ClientOption.OnInvalidations; the cache then counts the
 	// invalidations it receives. Dial sets it up.
@@ -163,6 +167,8 @@ type Cache struct {
 
 	stats stats
 
+	acquire, store, release *rueidis.Lua
+
 	stop chan struct{}
 	done chan struct{}
 }
@@ -187,6 +193,9 @@ func newCache(opts Options) *Cache {
 		pending: make(map[string]struct{}),
 		stop:    make(chan struct{}),
 		done:    make(chan struct{}),
+		acquire: rueidis.NewLuaScript(acquireLua),
+		store:   rueidis.NewLuaScript(storeLua),
+		release: rueidis.NewLuaScript(releaseLua),
 	}
 	c.floors.m = make(map[string]floor)
 	if opts.Invalidations != nil {
@@ -208,10 +217,11 @@ func Dial(addr string, opts Options) (*Cache, error) {
 	c := newCache(opts)
 	c.owns = true
 	opt := rueidis.ClientOption{
-		InitAddress:      []string{addr},
-		OnInvalidations:  opts.Invalidations.receive,
-		ConnWriteTimeout: c.opts.ConnTimeout,
-		Dialer:           net.Dialer{Timeout: c.opts.ConnTimeout, KeepAlive: c.opts.ConnTimeout / 2},
+		InitAddress:       []string{addr},
+		OnInvalidations:   opts.Invalidations.receive,
+		ConnWriteTimeout:  c.opts.ConnTimeout,
+		CacheSizeEachConn: c.opts.LocalCacheBytes,
+		Dialer:            net.Dialer{Timeout: c.opts.ConnTimeout, KeepAlive: c.opts.ConnTimeout / 2},
 	}
 	client, err := rueidis.NewClient(opt)
 	if err == nil {
@@ -541,26 +551,27 @@ func (c *Cache) fill(ctx context.Context, key string, ttl time.Duration, load Lo
 	return f.res, true
 }
 
-var (
-	// acquireScript returns the key's value if it has one; otherwise it
+// The Lua that makes a load safe across processes.
+const (
+	// acquireLua returns the key's value if it has one; otherwise it
 	// stores the caller's lease (ARGV[1]) for ARGV[2] ms and returns it.
-	acquireScript = rueidis.NewLuaScript(`
+	acquireLua = `
 local v = redis.call('GET', KEYS[1])
 if v then return v end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return ARGV[1]`)
-	// storeScript replaces the caller's lease with the value; if the lease
+return ARGV[1]`
+	// storeLua replaces the caller's lease with the value; if the lease
 	// is gone (a write deleted the key) it stores nothing and returns 0.
-	storeScript = rueidis.NewLuaScript(`
+	storeLua = `
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
   return 1
 end
-return 0`)
-	// releaseScript deletes the caller's lease if it is still there.
-	releaseScript = rueidis.NewLuaScript(`
+return 0`
+	// releaseLua deletes the caller's lease if it is still there.
+	releaseLua = `
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0`)
+return 0`
 )
 
 // fillLeased takes the key's lease (or waits for the process holding it),
@@ -571,7 +582,7 @@ func (c *Cache) fillLeased(ctx context.Context, key string, ttl time.Duration, l
 	backoff := 500 * time.Microsecond
 	for {
 		v, err := c.redis(ctx, func(ctx context.Context) (string, error) {
-			return acquireScript.Exec(ctx, c.client, []string{key},
+			return c.acquire.Exec(ctx, c.client, []string{key},
 				[]string{lease, fmt.Sprint(c.opts.LeaseTTL.Milliseconds())}).ToString()
 		})
 		if err != nil {
@@ -605,7 +616,7 @@ func (c *Cache) fillLeased(ctx context.Context, key string, ttl time.Duration, l
 	e, err := load(ctx)
 	if err != nil {
 		c.redis(ctx, func(ctx context.Context) (string, error) {
-			return "", releaseScript.Exec(ctx, c.client, []string{key}, []string{lease}).Error()
+			return "", c.release.Exec(ctx, c.client, []string{key}, []string{lease}).Error()
 		})
 		return fillResult{err: err}
 	}
@@ -620,13 +631,13 @@ func (c *Cache) fillLeased(ctx context.Context, key string, ttl time.Duration, l
 	stored := false
 	if ttl >= time.Millisecond {
 		n, err := c.redisInt(ctx, func(ctx context.Context) (int64, error) {
-			return storeScript.Exec(ctx, c.client, []string{key},
+			return c.store.Exec(ctx, c.client, []string{key},
 				[]string{lease, encode(e), fmt.Sprint(ttl.Milliseconds())}).AsInt64()
 		})
 		stored = err == nil && n == 1
 	} else {
 		c.redis(ctx, func(ctx context.Context) (string, error) {
-			return "", releaseScript.Exec(ctx, c.client, []string{key}, []string{lease}).Error()
+			return "", c.release.Exec(ctx, c.client, []string{key}, []string{lease}).Error()
 		})
 	}
 	return fillResult{e: e, confirmed: stored}
