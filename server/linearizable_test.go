@@ -118,8 +118,8 @@ func (h *history) shifted(d time.Duration) []porcupine.Operation {
 }
 
 // stress runs workers on each server against a few hot keys: config values
-// ns/k0..k2 and two sessions, 80% reads.
-func stress(t *testing.T, servers []*testServer, workers, opsPerWorker int) *history {
+// ns/k0..k2 and two sessions; readPermille of the operations are reads.
+func stress(t *testing.T, servers []*testServer, workers, opsPerWorker, readPermille int) *history {
 	ctx := ctxT(t)
 	h := &history{t0: time.Now()}
 	w := servers[0]
@@ -143,7 +143,7 @@ func stress(t *testing.T, servers []*testServer, workers, opsPerWorker int) *his
 			rng := rand.New(rand.NewPCG(uint64(client), 7))
 			wg.Go(func() {
 				for n := range opsPerWorker {
-					if err := stressOp(ctx, ts, h, client, rng, tokens, n); err != nil {
+					if err := stressOp(ctx, ts, h, client, rng, tokens, n, opsPerWorker, readPermille); err != nil {
 						t.Error(err)
 						return
 					}
@@ -155,8 +155,9 @@ func stress(t *testing.T, servers []*testServer, workers, opsPerWorker int) *his
 	return h
 }
 
-func stressOp(ctx context.Context, ts *testServer, h *history, client int, rng *rand.Rand, tokens []string, n int) error {
-	r := rng.IntN(100)
+func stressOp(ctx context.Context, ts *testServer, h *history, client int, rng *rand.Rand, tokens []string, n, ops, readPermille int) error {
+	r := rng.IntN(1000)
+	deletes := readPermille + (1000-readPermille)*3/4 // from here on, writes delete
 	if rng.IntN(2) == 0 { // a session
 		i := rng.IntN(len(tokens))
 		in := regInput{key: fmt.Sprint("s", i)}
@@ -164,22 +165,19 @@ func stressOp(ctx context.Context, ts *testServer, h *history, client int, rng *
 		var out regOutput
 		var err error
 		switch {
-		case r < 80:
+		case r < readPermille:
 			in.op = "sget"
 			var resp *pb.GetSessionResponse
 			if resp, err = ts.data.GetSession(ctx, &pb.GetSessionRequest{Token: tokens[i]}); err == nil {
 				out = regOutput{found: true, version: resp.Version}
 			}
-		case r < 99:
+		case r < 999 || n < ops/2: // revoke rarely, late in the run
 			in.op = "touch"
 			var resp *pb.TouchSessionResponse
 			if resp, err = ts.data.TouchSession(ctx, &pb.TouchSessionRequest{Token: tokens[i], TtlSeconds: 3600}); err == nil {
 				out = regOutput{found: true, version: resp.Version}
 			}
 		default:
-			if n < 100 { // keep the sessions alive for most of the run
-				return nil
-			}
 			in.op = "revoke"
 			if _, err = ts.data.RevokeSession(ctx, &pb.RevokeSessionRequest{Token: tokens[i]}); err == nil {
 				out = regOutput{found: true}
@@ -197,13 +195,13 @@ func stressOp(ctx context.Context, ts *testServer, h *history, client int, rng *
 	var out regOutput
 	var err error
 	switch {
-	case r < 80:
+	case r < readPermille:
 		in.op = "get"
 		var resp *pb.GetConfigResponse
 		if resp, err = ts.data.GetConfig(ctx, &pb.GetConfigRequest{Namespace: "ns", Key: k}); err == nil {
 			out = regOutput{found: true, version: resp.Version, value: resp.ValueJson}
 		}
-	case r < 95:
+	case r < deletes:
 		in.op, in.value = "set", fmt.Sprintf(`"c%d-%d"`, client, n)
 		var resp *pb.SetConfigResponse
 		if resp, err = ts.data.SetConfig(ctx, &pb.SetConfigRequest{Namespace: "ns", Key: k, ValueJson: in.value}); err == nil {
@@ -248,7 +246,7 @@ func TestLinearizableThroughOneInstance(t *testing.T) {
 	c := newTestCluster(t, 2)
 	addr, prefix := testenv.Redis(t)
 	ts := c.start(t, false, withCache(t, addr, prefix, cache.Options{}))
-	h := stress(t, []*testServer{ts}, 8, 150)
+	h := stress(t, []*testServer{ts}, 8, 150, 800)
 	if t.Failed() {
 		return
 	}
@@ -260,15 +258,28 @@ func TestLinearizableThroughOneInstance(t *testing.T) {
 }
 
 // TestLinearizableAcrossInstancesWithinDelta: the same on two instances,
-// each with its own client. Linearizable once each read may start
-// claimedDelta earlier; the smallest shift that passes is logged (-v).
+// each with its own client, once write-heavy (20% writes: reads mostly
+// follow a write and come from Redis) and once read-mostly (2% writes:
+// most reads come from memory, so this exercises invalidation pushes).
+// Linearizable once each read may start claimedDelta earlier; the smallest
+// shift that passes is logged (-v).
 func TestLinearizableAcrossInstancesWithinDelta(t *testing.T) {
 	t.Parallel()
+	for _, mix := range []struct {
+		name         string
+		ops          int
+		readPermille int
+	}{{"write-heavy", 150, 800}, {"read-mostly", 300, 980}} {
+		t.Run(mix.name, func(t *testing.T) { acrossInstances(t, mix.ops, mix.readPermille) })
+	}
+}
+
+func acrossInstances(t *testing.T, ops, readPermille int) {
 	c := newTestCluster(t, 2)
 	addr, prefix := testenv.Redis(t)
 	a := c.start(t, false, withCache(t, addr, prefix, cache.Options{}))
 	b := c.start(t, false, withCache(t, addr, prefix, cache.Options{}))
-	h := stress(t, []*testServer{a, b}, 8, 150)
+	h := stress(t, []*testServer{a, b}, 8, ops, readPermille)
 	if t.Failed() {
 		return
 	}
@@ -285,10 +296,13 @@ func TestLinearizableAcrossInstancesWithinDelta(t *testing.T) {
 			break
 		}
 	}
-	sa, sb := a.srv.Cache().Stats(), b.srv.Cache().Stats()
 	t.Logf("%d operations linearizable with reads moved %v earlier; smallest shift that passes: %s", len(h.ops), claimedDelta, smallest)
-	t.Logf("a: %+v", sa)
-	t.Logf("b: %+v", sb)
+	for name, ts := range map[string]*testServer{"a": a, "b": b} {
+		st := ts.srv.Cache().Stats()
+		reads := st.LocalHits + st.RedisHits + st.Misses
+		t.Logf("%s: reads from memory %.0f%%, from Redis %.0f%%, missed %.0f%%; %+v", name,
+			100*float64(st.LocalHits)/float64(reads), 100*float64(st.RedisHits)/float64(reads), 100*float64(st.Misses)/float64(reads), st)
+	}
 }
 
 // logStaleReads logs reads whose value had been overwritten (or deleted)
