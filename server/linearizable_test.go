@@ -157,7 +157,8 @@ func stress(t *testing.T, servers []*testServer, workers, opsPerWorker, readPerm
 
 func stressOp(ctx context.Context, ts *testServer, h *history, client int, rng *rand.Rand, tokens []string, n, ops, readPermille int) error {
 	r := rng.IntN(1000)
-	deletes := readPermille + (1000-readPermille)*3/4 // from here on, writes delete
+	// Past readPermille, writes; past deletes, the writes delete.
+	deletes := readPermille + (1000-readPermille)*3/4
 	if rng.IntN(2) == 0 { // a session
 		i := rng.IntN(len(tokens))
 		in := regInput{key: fmt.Sprint("s", i)}
