@@ -451,3 +451,33 @@ func TestInvalidationDelay(t *testing.T) {
 	t.Logf("δ (B's TouchSession reply → A's copy dropped), %d writes: p50 %v, p99 %v, max %v; %d of them dropped before the reply reached the caller",
 		n, deltas[n/2], deltas[n*99/100], deltas[n-1], before)
 }
+
+// TestExpiredSessionNeverServed: a session cached on two instances reads
+// as NotFound on both from the moment it expires, memory copies included.
+func TestExpiredSessionNeverServed(t *testing.T) {
+	t.Parallel()
+	c := newTestCluster(t, 1)
+	addr, prefix := testenv.Redis(t)
+	a := c.start(t, false, withCache(t, addr, prefix, cache.Options{}))
+	b := c.start(t, false, withCache(t, addr, prefix, cache.Options{}))
+	ctx := ctxT(t)
+	if _, err := a.data.PutUser(ctx, &pb.PutUserRequest{UserId: "eve"}); err != nil {
+		t.Fatal(err)
+	}
+	s, err := a.data.CreateSession(ctx, &pb.CreateSessionRequest{UserId: "eve", TtlSeconds: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, ts := range []*testServer{a, b} {
+		for range 3 {
+			if _, err := ts.data.GetSession(ctx, &pb.GetSessionRequest{Token: s.Token}); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	time.Sleep(time.Until(s.ExpiresAt.AsTime()))
+	for _, ts := range []*testServer{a, b} {
+		_, err := ts.data.GetSession(ctx, &pb.GetSessionRequest{Token: s.Token})
+		wantCode(t, err, codes.NotFound)
+	}
+}
