@@ -23,7 +23,7 @@ proto:
 	cd proto && $(GO) tool -modfile=tools.mod buf generate
 
 bench:
-	$(GO) test -run '^$$' -bench . -benchmem ./router ./shards ./server
+	$(GO) test -run '^$$' -bench . -benchmem ./router ./shards ./server ./cache
 
 # Load test against a running server (`make run` in another terminal): every
 # scenario in turn on the same data, throughput shown relative to noop.
@@ -39,3 +39,4 @@ fuzz:
 	$(GO) test ./server -run '^$$' -fuzz '^FuzzParseToken$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./server -run '^$$' -fuzz '^FuzzValidateIdentifiers$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./server -run '^$$' -fuzz '^FuzzPageToken$$' -fuzztime $(FUZZTIME)
+	$(GO) test ./cache -run '^$$' -fuzz '^FuzzDecode$$' -fuzztime $(FUZZTIME)

@@ -16,6 +16,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 
+	"github.com/shardgate/shardgate/cache"
 	"github.com/shardgate/shardgate/catalog"
 	"github.com/shardgate/shardgate/internal/testenv"
 	pb "github.com/shardgate/shardgate/proto/shardgate/v1"
@@ -93,6 +94,24 @@ type testServer struct {
 }
 
 type serverOption func(*Options)
+
+// withCache gives the server a cache of its own (its own rueidis client)
+// on the Redis at addr under prefix; servers given the same prefix share
+// cached keys, as routers sharing one Redis do.
+func withCache(t testing.TB, addr, prefix string, o cache.Options) serverOption {
+	return func(opts *Options) {
+		o.Prefix = prefix
+		if o.Logger == nil {
+			o.Logger = opts.Logger
+		}
+		c, err := cache.Dial(addr, o)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(c.Close) // registered before start's cleanup, so runs after it
+		opts.Cache = c
+	}
+}
 
 // start serves the cluster. The topology watcher runs only if watch is set,
 // so a test can hold a router on a stale map.

@@ -11,6 +11,8 @@ import (
 
 	"google.golang.org/protobuf/types/known/timestamppb"
 
+	"github.com/shardgate/shardgate/cache"
+	"github.com/shardgate/shardgate/catalog"
 	pb "github.com/shardgate/shardgate/proto/shardgate/v1"
 	"github.com/shardgate/shardgate/shards"
 )
@@ -85,6 +87,13 @@ func (d *DataService) DeleteUser(ctx context.Context, req *pb.DeleteUserRequest)
 		res, err = sh.DeleteUser(ctx, p, req.GetUserId(), req.ExpectedVersion)
 		return err
 	})
+	if c := d.s.opts.Cache; c != nil && len(res.SessionHashes) > 0 {
+		keys := make([]string, len(res.SessionHashes))
+		for i, h := range res.SessionHashes {
+			keys[i] = c.SessionKey(h)
+		}
+		d.s.invalidated(ctx, c.Invalidate(ctx, keys...))
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -143,14 +152,21 @@ func (d *DataService) CreateSession(ctx context.Context, req *pb.CreateSessionRe
 		return nil, err
 	}
 	ttl := time.Duration(req.GetTtlSeconds()) * time.Second
-	var tok string
-	var sess shards.Session
+	var (
+		tok  string
+		hash []byte
+		sess shards.Session
+	)
 	err = d.s.onUser(ctx, req.GetUserId(), func(sh *shards.Shard, p int32) (err error) {
-		var hash []byte
 		tok, hash = newToken(p)
 		sess, err = sh.CreateSession(ctx, p, req.GetUserId(), hash, data, ttl)
 		return err
 	})
+	if c := d.s.opts.Cache; c != nil && hash != nil {
+		// Nobody can have read the new token yet; this only matters for
+		// a "not found" cached by someone who guessed it.
+		d.s.invalidated(ctx, c.InvalidateSession(ctx, hash))
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -169,6 +185,9 @@ func (d *DataService) onToken(ctx context.Context, tok string, fn func(sh *shard
 
 // GetSession reads a live session.
 func (d *DataService) GetSession(ctx context.Context, req *pb.GetSessionRequest) (*pb.GetSessionResponse, error) {
+	if c := d.s.readCache(ctx); c != nil {
+		return d.getSessionCached(ctx, c, req.GetToken())
+	}
 	var sess shards.Session
 	err := d.onToken(ctx, req.GetToken(), func(sh *shards.Shard, p int32, hash []byte) (err error) {
 		sess, err = sh.GetSession(ctx, p, hash)
@@ -185,6 +204,46 @@ func (d *DataService) GetSession(ctx context.Context, req *pb.GetSessionRequest)
 	}, nil
 }
 
+// getSessionCached answers GetSession from the cache, loading a miss from
+// the session's shard.
+func (d *DataService) getSessionCached(ctx context.Context, c *cache.Cache, tok string) (*pb.GetSessionResponse, error) {
+	p, err := parseToken("token", tok, d.s.partitionCount())
+	if err != nil {
+		return nil, err
+	}
+	hash := hashToken(tok)
+	e, err := c.GetSession(ctx, hash, func(ctx context.Context) (cache.Entry, error) {
+		var sess shards.Session
+		err := d.s.onPartition(ctx, p, func(sh *shards.Shard) (err error) {
+			sess, err = sh.GetSession(ctx, p, hash)
+			return err
+		})
+		if err != nil {
+			return notFoundEntry(err)
+		}
+		return sessionEntry(sess), nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	if !e.Found {
+		return nil, errSessionNotFound()
+	}
+	return &pb.GetSessionResponse{
+		UserId:    e.Owner,
+		DataJson:  e.Value,
+		ExpiresAt: timestamppb.New(e.ExpiresAt),
+		Version:   e.Version,
+	}, nil
+}
+
+// invalidateToken drops a session from the cache after a write to it.
+func (d *DataService) invalidateToken(ctx context.Context, tok string) {
+	if c := d.s.opts.Cache; c != nil {
+		d.s.invalidated(ctx, c.InvalidateSession(ctx, hashToken(tok)))
+	}
+}
+
 // TouchSession extends a live session.
 func (d *DataService) TouchSession(ctx context.Context, req *pb.TouchSessionRequest) (*pb.TouchSessionResponse, error) {
 	if err := validateTTL("ttl_seconds", req.GetTtlSeconds()); err != nil {
@@ -196,6 +255,9 @@ func (d *DataService) TouchSession(ctx context.Context, req *pb.TouchSessionRequ
 		sess, err = sh.TouchSession(ctx, p, hash, ttl)
 		return err
 	})
+	if !isInvalid(err) {
+		d.invalidateToken(ctx, req.GetToken())
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -207,6 +269,9 @@ func (d *DataService) RevokeSession(ctx context.Context, req *pb.RevokeSessionRe
 	err := d.onToken(ctx, req.GetToken(), func(sh *shards.Shard, p int32, hash []byte) error {
 		return sh.RevokeSession(ctx, p, hash)
 	})
+	if !isInvalid(err) {
+		d.invalidateToken(ctx, req.GetToken())
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -380,7 +445,24 @@ func (d *DataService) GetConfig(ctx context.Context, req *pb.GetConfigRequest) (
 	if err := validateConfigAddress(req.GetNamespace(), req.GetKey()); err != nil {
 		return nil, err
 	}
-	e, err := d.s.catalog.GetConfig(ctx, req.GetNamespace(), req.GetKey())
+	ns, key := req.GetNamespace(), req.GetKey()
+	if c := d.s.readCache(ctx); c != nil {
+		e, err := c.GetConfig(ctx, ns, key, func(ctx context.Context) (cache.Entry, error) {
+			ce, err := d.s.catalog.GetConfig(ctx, ns, key)
+			if err != nil {
+				return notFoundEntry(err)
+			}
+			return configEntry(ce), nil
+		})
+		if err != nil {
+			return nil, err
+		}
+		if !e.Found {
+			return nil, errConfigNotFound(ns, key)
+		}
+		return &pb.GetConfigResponse{ValueJson: e.Value, Version: e.Version, UpdatedAt: timestamppb.New(e.UpdatedAt)}, nil
+	}
+	e, err := d.s.catalog.GetConfig(ctx, ns, key)
 	if err != nil {
 		return nil, err
 	}
@@ -400,6 +482,7 @@ func (d *DataService) SetConfig(ctx context.Context, req *pb.SetConfigRequest) (
 		return nil, err
 	}
 	v, err := d.s.catalog.SetConfig(ctx, req.GetNamespace(), req.GetKey(), value, req.ExpectedVersion)
+	d.invalidateConfig(ctx, req.GetNamespace(), req.GetKey())
 	if err != nil {
 		return nil, err
 	}
@@ -414,10 +497,20 @@ func (d *DataService) DeleteConfig(ctx context.Context, req *pb.DeleteConfigRequ
 	if err := validateExpected("expected_version", req.ExpectedVersion); err != nil {
 		return nil, err
 	}
-	if err := d.s.catalog.DeleteConfig(ctx, req.GetNamespace(), req.GetKey(), req.ExpectedVersion); err != nil {
+	err := d.s.catalog.DeleteConfig(ctx, req.GetNamespace(), req.GetKey(), req.ExpectedVersion)
+	d.invalidateConfig(ctx, req.GetNamespace(), req.GetKey())
+	if err != nil {
 		return nil, err
 	}
 	return &pb.DeleteConfigResponse{}, nil
+}
+
+// invalidateConfig drops a config value and its namespace's list from the
+// cache after a write to it.
+func (d *DataService) invalidateConfig(ctx context.Context, namespace, key string) {
+	if c := d.s.opts.Cache; c != nil {
+		d.s.invalidated(ctx, c.InvalidateConfig(ctx, namespace, key))
+	}
 }
 
 // ListConfig pages through a namespace.
@@ -433,9 +526,15 @@ func (d *DataService) ListConfig(ctx context.Context, req *pb.ListConfigRequest)
 	if err != nil {
 		return nil, err
 	}
-	list, err := d.s.catalog.ListConfig(ctx, req.GetNamespace(), after, size+1)
+	list, cached, err := d.listConfigCached(ctx, req.GetNamespace(), after, size+1)
 	if err != nil {
 		return nil, err
+	}
+	if !cached {
+		list, err = d.s.catalog.ListConfig(ctx, req.GetNamespace(), after, size+1)
+		if err != nil {
+			return nil, err
+		}
 	}
 	end, more := pageEnd(len(list), size, func(i int) int { return len(list[i].Key) + len(list[i].Value) })
 	resp := &pb.ListConfigResponse{Entries: make([]*pb.ConfigEntry, end)}
@@ -449,4 +548,31 @@ func (d *DataService) ListConfig(ctx context.Context, req *pb.ListConfigRequest)
 		resp.NextPageToken = encodePageToken(list[end-1].Key)
 	}
 	return resp, nil
+}
+
+// listConfigCached returns a ListConfig page from the cached namespace;
+// cached is false when the cache cannot answer (none, no-cache, a
+// namespace too large to cache, or a page token it cannot place).
+func (d *DataService) listConfigCached(ctx context.Context, namespace, after string, limit int) (list []catalog.ConfigEntry, cached bool, err error) {
+	c := d.s.readCache(ctx)
+	if c == nil {
+		return nil, false, nil
+	}
+	e, err := c.ListConfig(ctx, namespace, func(ctx context.Context) (cache.Entry, error) {
+		// One more than the cache keeps tells it the namespace is too large.
+		all, err := d.s.catalog.ListConfig(ctx, namespace, "", c.MaxListEntries()+1)
+		if err != nil {
+			return cache.Entry{}, err
+		}
+		e := cache.Entry{List: make([]cache.Entry, len(all))}
+		for i, ce := range all {
+			e.List[i] = configEntry(ce)
+		}
+		return e, nil
+	})
+	if err != nil {
+		return nil, false, err
+	}
+	list, ok := cachedConfigPage(e, namespace, after, limit)
+	return list, ok, nil
 }

@@ -8,6 +8,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/shardgate/shardgate/cache"
 	"github.com/shardgate/shardgate/shards"
 )
 
@@ -38,6 +39,9 @@ func (s *Server) newRegistry() *prometheus.Registry {
 		}, func() float64 { return float64(s.wrongShardRetries.Load()) }),
 		poolCollector{s},
 	)
+	if s.opts.Cache != nil {
+		reg.MustRegister(cacheCollector{s.opts.Cache})
+	}
 	return reg
 }
 
@@ -87,4 +91,44 @@ func (c poolCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(poolWaitsDesc, prometheus.CounterValue, float64(st.EmptyAcquireCount()), name)
 		ch <- prometheus.MustNewConstMetric(poolWaitSecondsDesc, prometheus.CounterValue, st.EmptyAcquireWaitTime().Seconds(), name)
 	}
+}
+
+// cacheCollector reports the cache's counters at scrape time.
+type cacheCollector struct{ c *cache.Cache }
+
+var (
+	cacheReadsDesc = prometheus.NewDesc("shardgate_cache_reads_total",
+		"Cached reads (GetSession, GetConfig, ListConfig) by outcome: local (this process's memory), redis, miss.", []string{"outcome"}, nil)
+	cacheLoadsDesc = prometheus.NewDesc("shardgate_cache_loads_total",
+		"Database reads made by the cache (misses and bypasses).", nil, nil)
+	cacheBypassedDesc = prometheus.NewDesc("shardgate_cache_bypassed_total",
+		"Reads sent straight to the database because the breaker was open or the key's invalidation was pending.", nil, nil)
+	cacheInvalidationsDesc = prometheus.NewDesc("shardgate_cache_invalidations_total",
+		"Cache keys invalidated, by direction: sent (by this server's writes) or received (pushed by Redis).", []string{"direction"}, nil)
+	cacheRedisErrorsDesc = prometheus.NewDesc("shardgate_cache_redis_errors_total",
+		"Redis calls that failed or timed out.", nil, nil)
+	cachePendingDesc = prometheus.NewDesc("shardgate_cache_pending_invalidations",
+		"Keys whose invalidation failed and awaits a retry.", nil, nil)
+	cacheBreakerDesc = prometheus.NewDesc("shardgate_cache_breaker_state",
+		"Redis circuit breaker: 0 closed, 1 open, 2 half-open.", nil, nil)
+)
+
+func (c cacheCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{cacheReadsDesc, cacheLoadsDesc, cacheBypassedDesc, cacheInvalidationsDesc, cacheRedisErrorsDesc, cachePendingDesc, cacheBreakerDesc} {
+		ch <- d
+	}
+}
+
+func (c cacheCollector) Collect(ch chan<- prometheus.Metric) {
+	st := c.c.Stats()
+	ch <- prometheus.MustNewConstMetric(cacheReadsDesc, prometheus.CounterValue, float64(st.LocalHits), "local")
+	ch <- prometheus.MustNewConstMetric(cacheReadsDesc, prometheus.CounterValue, float64(st.RedisHits), "redis")
+	ch <- prometheus.MustNewConstMetric(cacheReadsDesc, prometheus.CounterValue, float64(st.Misses), "miss")
+	ch <- prometheus.MustNewConstMetric(cacheLoadsDesc, prometheus.CounterValue, float64(st.Loads))
+	ch <- prometheus.MustNewConstMetric(cacheBypassedDesc, prometheus.CounterValue, float64(st.Bypassed))
+	ch <- prometheus.MustNewConstMetric(cacheInvalidationsDesc, prometheus.CounterValue, float64(st.Invalidations), "sent")
+	ch <- prometheus.MustNewConstMetric(cacheInvalidationsDesc, prometheus.CounterValue, float64(st.InvalidationsReceived), "received")
+	ch <- prometheus.MustNewConstMetric(cacheRedisErrorsDesc, prometheus.CounterValue, float64(st.RedisErrors))
+	ch <- prometheus.MustNewConstMetric(cachePendingDesc, prometheus.GaugeValue, float64(st.Pending))
+	ch <- prometheus.MustNewConstMetric(cacheBreakerDesc, prometheus.GaugeValue, float64(st.Breaker))
 }

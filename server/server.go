@@ -16,6 +16,7 @@ import (
 	grpcprom "github.com/grpc-ecosystem/go-grpc-middleware/providers/prometheus"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/shardgate/shardgate/cache"
 	"github.com/shardgate/shardgate/catalog"
 	"github.com/shardgate/shardgate/router"
 	"github.com/shardgate/shardgate/shards"
@@ -35,7 +36,10 @@ type Options struct {
 	// Each retry reloads the map; while the map stays the same the partition
 	// is frozen mid-move, and the retries back off up to 50ms apart.
 	MoveWait time.Duration
-	Logger   *slog.Logger
+	// Cache, if set, answers GetSession, GetConfig and ListConfig and is
+	// invalidated by every write to them; nil reads the databases always.
+	Cache  *cache.Cache
+	Logger *slog.Logger
 }
 
 func (o Options) withDefaults() Options {

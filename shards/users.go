@@ -146,6 +146,9 @@ func (s *Shard) GetUser(ctx context.Context, partition int32, userID string) (Us
 type DeleteUserResult struct {
 	Sessions int64 // sessions removed, expired ones included
 	Items    int64 // items removed
+	// SessionHashes are the token hashes of the sessions removed, so
+	// their cache entries can be invalidated.
+	SessionHashes [][]byte
 }
 
 // The user row is locked before deleteUserSQL takes its snapshot (see
@@ -182,7 +185,8 @@ WITH own AS (
 )
 SELECT EXISTS (SELECT 1 FROM own), (SELECT version FROM du),
        (SELECT count(*) FROM ds), (SELECT count(*) FROM di),
-       (SELECT version FROM users WHERE partition = $1 AND user_id = $2)`
+       (SELECT version FROM users WHERE partition = $1 AND user_id = $2),
+       (SELECT array_agg(token_hash) FROM ds)`
 
 // DeleteUser deletes the user with all their sessions and items, writing a
 // delete event for each, and reports how many sessions and items went.
@@ -219,13 +223,14 @@ func (s *Shard) DeleteUser(ctx context.Context, partition int32, userID string, 
 		deleted       pgtype.Int8
 		before        pgtype.Int8
 		nSess, nItems int64
+		hashes        [][]byte
 	)
 	_, err = br.Exec()
 	if err == nil {
 		_, err = br.Exec()
 	}
 	if err == nil {
-		err = br.QueryRow().Scan(&owned, &deleted, &nSess, &nItems, &before)
+		err = br.QueryRow().Scan(&owned, &deleted, &nSess, &nItems, &before, &hashes)
 	}
 	if cerr := br.Close(); err == nil {
 		err = cerr
@@ -239,5 +244,5 @@ func (s *Shard) DeleteUser(ctx context.Context, partition int32, userID string, 
 	case !deleted.Valid:
 		return DeleteUserResult{}, s.wrap("delete user", refused(ctx, c, expected, before, true, userVersionSQL, partition, userID))
 	}
-	return DeleteUserResult{Sessions: nSess, Items: nItems}, nil
+	return DeleteUserResult{Sessions: nSess, Items: nItems, SessionHashes: hashes}, nil
 }

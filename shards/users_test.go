@@ -3,6 +3,7 @@ package shards
 import (
 	"errors"
 	"fmt"
+	"slices"
 	"sync"
 	"testing"
 )
@@ -190,8 +191,21 @@ func TestDeleteUser(t *testing.T) {
 			if err != nil {
 				t.Fatalf("DeleteUser: %v", err)
 			}
-			if res != (DeleteUserResult{Sessions: 3, Items: 4}) {
+			if res.Sessions != 3 || res.Items != 4 {
 				t.Fatalf("DeleteUser = %+v, want 3 sessions, 4 items", res)
+			}
+			var hashes []string
+			for _, h := range res.SessionHashes {
+				hashes = append(hashes, string(h))
+			}
+			slices.Sort(hashes)
+			var wantHashes []string
+			for i := range 3 {
+				wantHashes = append(wantHashes, string(tokenHash(fmt.Sprintf("1-alice-%d", i))))
+			}
+			slices.Sort(wantHashes)
+			if !slices.Equal(hashes, wantHashes) {
+				t.Fatalf("DeleteUser session hashes = %x, want alice's three in partition 1", res.SessionHashes)
 			}
 			after := countRows(t, s)
 			want := rowCounts{Users: before.Users - 1, Sessions: before.Sessions - 3, Items: before.Items - 4, Outbox: before.Outbox + 8}

@@ -17,7 +17,6 @@ import (
 type devCmd struct {
 	Listen    string        `help:"Loopback address to serve gRPC on." default:"127.0.0.1:7070" env:"SHARDGATE_LISTEN"`
 	PGAdmin   string        `name:"pg-admin" help:"Superuser DSN of the local PostgreSQL." default:"postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable" env:"SHARDGATE_DEV_PG"`
-	Redis     string        `help:"Local Redis address." default:"127.0.0.1:6379" env:"SHARDGATE_REDIS"`
 	Shards    int           `help:"Number of shard databases." default:"4"`
 	DBPrefix  string        `name:"db-prefix" help:"Prefix of the databases dev mode creates." default:"shardgate_dev"`
 	NoInstall bool          `name:"no-install" help:"Never install PostgreSQL or Redis; only start them."`
@@ -40,8 +39,10 @@ func (c *devCmd) Run(ctx context.Context, log *slog.Logger) error {
 	if err := env.ensurePostgres(ctx, c.PGAdmin); err != nil {
 		return err
 	}
-	if err := env.ensureRedis(ctx, c.Redis); err != nil {
-		return err
+	if c.Redis != "" { // --redis '' runs without the cache
+		if err := env.ensureRedis(ctx, c.Redis); err != nil {
+			return err
+		}
 	}
 	catalogDSN, specs, err := c.createDatabases(ctx)
 	if err != nil {

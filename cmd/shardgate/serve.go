@@ -10,6 +10,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/shardgate/shardgate/cache"
 	"github.com/shardgate/shardgate/server"
 	"github.com/shardgate/shardgate/shards"
 )
@@ -23,6 +24,7 @@ type serveFlags struct {
 	TopologyInterval time.Duration `help:"How often to check the topology version besides LISTEN/NOTIFY." default:"5s" env:"SHARDGATE_TOPOLOGY_INTERVAL"`
 	Grace            time.Duration `help:"How long in-flight calls may run after SIGTERM." default:"15s" env:"SHARDGATE_GRACE"`
 	MetricsListen    string        `help:"Address to serve Prometheus metrics on (HTTP, /metrics); empty turns them off." default:"127.0.0.1:9464" env:"SHARDGATE_METRICS_LISTEN"`
+	Redis            string        `help:"Redis address for the session and config cache; empty turns the cache off." default:"127.0.0.1:6379" env:"SHARDGATE_REDIS"`
 }
 
 type serveCmd struct {
@@ -50,10 +52,22 @@ func (c *serveCmd) Run(ctx context.Context, log *slog.Logger) error {
 // run serves until ctx ends: health turns NOT_SERVING, calls are still
 // taken for drain, then in-flight calls get up to f.Grace.
 func run(ctx context.Context, log *slog.Logger, listen, catalogDSN string, f serveFlags, drain time.Duration) error {
+	var c *cache.Cache
+	if f.Redis != "" {
+		var err error
+		if c, err = cache.Dial(f.Redis, cache.Options{Logger: log}); err != nil {
+			return fmt.Errorf("cache (--redis; empty turns it off): %w", err)
+		}
+		defer c.Close() // after the server: its last writes still invalidate
+		log.Info("cache on", "redis", f.Redis)
+	} else {
+		log.Warn("cache off (--redis is empty): every read goes to PostgreSQL")
+	}
 	s, err := server.New(ctx, catalogDSN, server.Options{
 		MaxJSONBytes:     f.MaxJSONBytes,
 		ShardPool:        shards.PoolOptions{MaxConns: f.ShardMaxConns},
 		TopologyInterval: f.TopologyInterval,
+		Cache:            c,
 		Logger:           log,
 	})
 	if err != nil {

@@ -1,0 +1,575 @@
+package cache
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"slices"
+	"sort"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/redis/rueidis"
+
+	"github.com/shardgate/shardgate/internal/testenv"
+)
+
+var quiet = slog.New(slog.NewTextHandler(io.Discard, nil))
+
+// newTestCache returns a cache over a client of its own on addr.
+func newTestCache(t testing.TB, addr, prefix string, o Options) *Cache {
+	t.Helper()
+	o.Prefix = prefix
+	if o.Logger == nil {
+		o.Logger = quiet
+	}
+	c, err := Dial(addr, o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(c.Close)
+	return c
+}
+
+// source is a fake database: one value per key, with a version.
+type source struct {
+	mu    sync.Mutex
+	vals  map[string]Entry
+	loads atomic.Int64
+	gate  chan struct{} // if set, loads wait on it
+}
+
+func newSource() *source { return &source{vals: map[string]Entry{}} }
+
+func (s *source) set(k, v string) int64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	e := s.vals[k]
+	e.Found, e.Value, e.Version = true, v, e.Version+1
+	s.vals[k] = e
+	return e.Version
+}
+
+func (s *source) loader(k string) Loader {
+	return func(ctx context.Context) (Entry, error) {
+		s.loads.Add(1)
+		s.mu.Lock()
+		e := s.vals[k]
+		s.mu.Unlock()
+		if s.gate != nil {
+			<-s.gate
+		}
+		return e, nil
+	}
+}
+
+func mustGet(t testing.TB, c *Cache, k string, s *source) Entry {
+	t.Helper()
+	e, err := c.Get(context.Background(), k, time.Minute, s.loader(k))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return e
+}
+
+func TestReadThroughLocalHitAndPrefix(t *testing.T) {
+	t.Parallel()
+	addr, prefix := testenv.Redis(t)
+	c := newTestCache(t, addr, prefix, Options{})
+	s := newSource()
+	k := c.ConfigKey("ns", "a")
+	s.set(k, `1`)
+	if e := mustGet(t, c, k, s); !e.Found || e.Value != `1` || e.Version != 1 {
+		t.Fatalf("first read = %+v", e)
+	}
+	for range 5 {
+		if e := mustGet(t, c, k, s); e.Value != `1` {
+			t.Fatalf("read = %+v", e)
+		}
+	}
+	st := c.Stats()
+	if s.loads.Load() != 1 || st.Loads != 1 {
+		t.Fatalf("loads: source %d, stats %+v; want 1", s.loads.Load(), st)
+	}
+	if st.LocalHits < 4 {
+		t.Fatalf("local hits %d, want ≥ 4 (%+v)", st.LocalHits, st)
+	}
+	// Every key the cache wrote carries the prefix, and the session key
+	// names the hash, never a token.
+	raw := rawClient(t, addr)
+	keys, err := raw.Do(context.Background(), raw.B().Keys().Pattern(prefix+"*").Build()).AsStrSlice()
+	if err != nil || !slices.Equal(keys, []string{prefix + "c:ns:a"}) {
+		t.Fatalf("keys under prefix = %v, %v", keys, err)
+	}
+	if got, want := c.SessionKey([]byte{0xab, 0x01}), prefix+"s:ab01"; got != want {
+		t.Fatalf("SessionKey = %q, want %q", got, want)
+	}
+}
+
+func rawClient(t testing.TB, addr string) rueidis.Client {
+	t.Helper()
+	c, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{addr}, DisableCache: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(c.Close)
+	return c
+}
+
+func TestNotFoundIsCached(t *testing.T) {
+	t.Parallel()
+	addr, prefix := testenv.Redis(t)
+	c := newTestCache(t, addr, prefix, Options{})
+	s := newSource()
+	k := c.ConfigKey("ns", "missing")
+	for range 3 {
+		if e := mustGet(t, c, k, s); e.Found {
+			t.Fatalf("read = %+v", e)
+		}
+	}
+	if n := s.loads.Load(); n != 1 {
+		t.Fatalf("%d loads, want 1", n)
+	}
+	raw := rawClient(t, addr)
+	pttl, err := raw.Do(context.Background(), raw.B().Pttl().Key(k).Build()).AsInt64()
+	if err != nil || pttl <= 0 || pttl > (5*time.Second).Milliseconds() {
+		t.Fatalf("not-found entry PTTL = %d ms, %v; want ≤ 5 s", pttl, err)
+	}
+}
+
+func TestSessionTTLNeverPastExpiry(t *testing.T) {
+	t.Parallel()
+	addr, prefix := testenv.Redis(t)
+	c := newTestCache(t, addr, prefix, Options{})
+	hash := []byte("0123456789abcdef0123456789abcdef")
+	expires := time.Now().Add(300 * time.Millisecond)
+	load := func(context.Context) (Entry, error) {
+		// A database that would still hand out the expired row: the
+		// cache must hide it anyway.
+		return Entry{Found: true, Owner: "bob", Value: `{}`, Version: 1, ExpiresAt: expires}, nil
+	}
+	e, err := c.GetSession(context.Background(), hash, load)
+	if err != nil || !e.Found {
+		t.Fatalf("GetSession = %+v, %v", e, err)
+	}
+	raw := rawClient(t, addr)
+	pttl, err := raw.Do(context.Background(), raw.B().Pttl().Key(c.SessionKey(hash)).Build()).AsInt64()
+	if err != nil || pttl > 300 {
+		t.Fatalf("session PTTL = %d ms, %v; want ≤ 300", pttl, err)
+	}
+	time.Sleep(time.Until(expires))
+	for range 3 {
+		if e, err := c.GetSession(context.Background(), hash, load); err != nil || e.Found {
+			t.Fatalf("expired session served: %+v, %v", e, err)
+		}
+	}
+}
+
+func TestSingleLoaderPerKey(t *testing.T) {
+	t.Parallel()
+	addr, prefix := testenv.Redis(t)
+	// Two processes, eight readers each, one key.
+	a := newTestCache(t, addr, prefix, Options{})
+	b := newTestCache(t, addr, prefix, Options{})
+	s := newSource()
+	k := a.ConfigKey("ns", "hot")
+	s.set(k, `"v"`)
+	s.gate = make(chan struct{})
+	var wg sync.WaitGroup
+	for i := range 16 {
+		c := a
+		if i%2 == 1 {
+			c = b
+		}
+		wg.Go(func() {
+			if e := mustGet(t, c, k, s); e.Value != `"v"` {
+				t.Errorf("read = %+v", e)
+			}
+		})
+	}
+	time.Sleep(50 * time.Millisecond) // let every reader arrive
+	close(s.gate)
+	wg.Wait()
+	if n := s.loads.Load(); n != 1 {
+		t.Fatalf("%d loads for 16 concurrent readers in 2 processes, want 1", n)
+	}
+}
+
+func TestStaleSetIsRefused(t *testing.T) {
+	t.Parallel()
+	addr, prefix := testenv.Redis(t)
+	a := newTestCache(t, addr, prefix, Options{})
+	b := newTestCache(t, addr, prefix, Options{})
+	s := newSource()
+	k := a.ConfigKey("ns", "k")
+	s.set(k, `"old"`)
+	s.gate = make(chan struct{})
+	got := make(chan Entry)
+	go func() {
+		e, _ := a.Get(context.Background(), k, time.Minute, s.loader(k))
+		got <- e
+	}()
+	for s.loads.Load() == 0 { // a has read "old" and waits
+		time.Sleep(time.Millisecond)
+	}
+	s.set(k, `"new"`)
+	if err := b.Invalidate(context.Background(), k); err != nil {
+		t.Fatal(err)
+	}
+	close(s.gate)
+	if e := <-got; e.Value != `"old"` {
+		t.Fatalf("the slow reader got %+v", e) // it started before the write
+	}
+	s.gate = nil
+	raw := rawClient(t, addr)
+	if err := raw.Do(context.Background(), raw.B().Get().Key(k).Build()).Error(); !rueidis.IsRedisNil(err) {
+		t.Fatalf("Redis holds the slow reader's value: %v", err)
+	}
+	for _, c := range []*Cache{a, b} {
+		if e := mustGet(t, c, k, s); e.Value != `"new"` {
+			t.Fatalf("after the write: %+v", e)
+		}
+	}
+}
+
+// TestInvalidationReachesOtherProcess: read on A (now in A's memory),
+// write on B, and A reads the new value once Redis's push arrived.
+func TestInvalidationReachesOtherProcess(t *testing.T) {
+	t.Parallel()
+	addr, prefix := testenv.Redis(t)
+	pushed := make(chan string, 16)
+	a := newTestCache(t, addr, prefix, Options{OnInvalidation: func(k string) { pushed <- k }})
+	b := newTestCache(t, addr, prefix, Options{})
+	s := newSource()
+	k := a.ConfigKey("ns", "k")
+	s.set(k, `1`)
+	mustGet(t, a, k, s) // loads, stores under a lease
+	mustGet(t, a, k, s) // from Redis, kept in memory
+	if e := mustGet(t, a, k, s); e.Value != `1` || a.Stats().LocalHits != 1 {
+		t.Fatalf("not a local hit: %+v %+v", e, a.Stats())
+	}
+	for len(pushed) > 0 { // the pushes of the lease and the store
+		<-pushed
+	}
+	s.set(k, `2`)
+	if err := b.Invalidate(context.Background(), k); err != nil {
+		t.Fatal(err)
+	}
+	for got := range pushed {
+		if got == k {
+			break
+		}
+	}
+	if e := mustGet(t, a, k, s); e.Value != `2` || e.Version != 2 {
+		t.Fatalf("after the push A reads %+v", e)
+	}
+}
+
+// TestWriterReadsItsWrite: right after Invalidate returns, the writing
+// process never answers from its memory with the old value, even before
+// its own invalidation arrives.
+func TestWriterReadsItsWrite(t *testing.T) {
+	t.Parallel()
+	addr, prefix := testenv.Redis(t)
+	c := newTestCache(t, addr, prefix, Options{})
+	s := newSource()
+	for i := range 200 {
+		k := c.ConfigKey("ns", fmt.Sprint(i%4))
+		mustGet(t, c, k, s)
+		mustGet(t, c, k, s) // in memory now
+		v := s.set(k, fmt.Sprint(i))
+		if err := c.Invalidate(context.Background(), k); err != nil {
+			t.Fatal(err)
+		}
+		if e := mustGet(t, c, k, s); e.Version != v {
+			t.Fatalf("write %d: read version %d after acknowledging %d", i, e.Version, v)
+		}
+	}
+}
+
+// TestRedisRestart kills the cache's Redis mid-test: reads keep working
+// from the database, writes' invalidations queue, and after Redis is back
+// values are current and hits return.
+func TestRedisRestart(t *testing.T) {
+	t.Parallel()
+	rs := testenv.NewRedisServer(t)
+	opts := Options{BreakerCooldown: 50 * time.Millisecond, RetryInterval: 20 * time.Millisecond}
+	a := newTestCache(t, rs.Addr(), "t:", opts)
+	b := newTestCache(t, rs.Addr(), "t:", opts)
+	s := newSource()
+	keys := []string{a.ConfigKey("ns", "x"), a.ConfigKey("ns", "y")}
+	for _, k := range keys {
+		s.set(k, `"before"`)
+		mustGet(t, a, k, s)
+		mustGet(t, b, k, s)
+	}
+	rs.Kill()
+	for i := range 50 {
+		k := keys[i%2]
+		v := s.set(k, fmt.Sprintf(`"during %d"`, i))
+		if err := b.Invalidate(context.Background(), k); !errors.Is(err, ErrInvalidationQueued) {
+			t.Fatalf("invalidate with Redis down: %v", err)
+		}
+		for _, c := range []*Cache{a, b} {
+			e := mustGet(t, c, k, s)
+			if e.Version != v {
+				t.Fatalf("Redis down, read %d: version %d, want %d", i, e.Version, v)
+			}
+		}
+	}
+	if st := b.Stats(); st.Breaker != BreakerOpen || st.Pending != 2 {
+		t.Fatalf("with Redis down: %+v", st)
+	}
+	rs.Start()
+	// Caching resumes by itself: wait for the retry queue to drain and
+	// for a local hit on both processes.
+	deadline := time.Now().Add(20 * time.Second)
+	for _, c := range []*Cache{a, b} {
+		before := c.Stats().LocalHits
+		for c.Stats().LocalHits == before || c.Stats().Pending > 0 {
+			if time.Now().After(deadline) {
+				t.Fatalf("caching did not resume: %+v", c.Stats())
+			}
+			for _, k := range keys {
+				if e := mustGet(t, c, k, s); e.Version != s.vals[k].Version {
+					t.Fatalf("after restart: version %d, want %d", e.Version, s.vals[k].Version)
+				}
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	t.Logf("a: %+v", a.Stats())
+	t.Logf("b: %+v", b.Stats())
+}
+
+// TestInvalidationDelay measures δ: from the writer's Invalidate returning
+// to the other process having dropped its copy. Run with -v to see it.
+func TestInvalidationDelay(t *testing.T) {
+	addr, prefix := testenv.Redis(t)
+	var (
+		mu   sync.Mutex
+		seen = map[string]time.Time{}
+	)
+	a := newTestCache(t, addr, prefix, Options{OnInvalidation: func(k string) {
+		now := time.Now()
+		mu.Lock()
+		seen[k] = now
+		mu.Unlock()
+	}})
+	b := newTestCache(t, addr, prefix, Options{})
+	s := newSource()
+	const n = 2000
+	deltas := make([]time.Duration, 0, n)
+	for i := range n {
+		k := a.ConfigKey("d", fmt.Sprint(i%16))
+		s.set(k, fmt.Sprint(i))
+		// Read until A answers from memory (the first read loads, the
+		// second usually fetches from Redis).
+		for j := 0; ; j++ {
+			hits := a.Stats().LocalHits
+			mustGet(t, a, k, s)
+			if a.Stats().LocalHits > hits {
+				break
+			}
+			if j == 100 {
+				t.Fatalf("write %d: never in A's memory: %+v", i, a.Stats())
+			}
+		}
+		mu.Lock()
+		delete(seen, k)
+		mu.Unlock()
+		if err := b.Invalidate(context.Background(), k); err != nil {
+			t.Fatal(err)
+		}
+		ack := time.Now()
+		for {
+			mu.Lock()
+			at, ok := seen[k]
+			delete(seen, k)
+			mu.Unlock()
+			if ok {
+				deltas = append(deltas, max(0, at.Sub(ack)))
+				break
+			}
+			time.Sleep(20 * time.Microsecond)
+		}
+	}
+	p50, p99, pmax := percentiles(deltas)
+	t.Logf("δ (write ack → other process's copy dropped), %d writes: p50 %v, p99 %v, max %v", n, p50, p99, pmax)
+}
+
+func percentiles(d []time.Duration) (p50, p99, pmax time.Duration) {
+	sort.Slice(d, func(i, j int) bool { return d[i] < d[j] })
+	return d[len(d)/2], d[len(d)*99/100], d[len(d)-1]
+}
+
+func TestListConfigTooLarge(t *testing.T) {
+	t.Parallel()
+	addr, prefix := testenv.Redis(t)
+	c := newTestCache(t, addr, prefix, Options{MaxListEntries: 2})
+	list := []Entry{{Key: "a", Value: "1"}, {Key: "b", Value: "2"}}
+	e, err := c.ListConfig(context.Background(), "ns", func(context.Context) (Entry, error) { return Entry{List: list}, nil })
+	if err != nil || !e.Found || len(e.List) != 2 || e.List[1].Key != "b" {
+		t.Fatalf("ListConfig = %+v, %v", e, err)
+	}
+	list = append(list, Entry{Key: "c", Value: "3"})
+	e, err = c.ListConfig(context.Background(), "big", func(context.Context) (Entry, error) { return Entry{List: list}, nil })
+	if err != nil || !e.TooLarge {
+		t.Fatalf("ListConfig of 3 = %+v, %v", e, err)
+	}
+}
+
+func TestBreaker(t *testing.T) {
+	b := breaker{threshold: 2, cooldown: time.Second}
+	t0 := time.Unix(1000, 0)
+	steps := []struct {
+		do    string
+		at    time.Duration
+		allow bool
+		want  BreakerState
+	}{
+		{"allow", 0, true, BreakerClosed},
+		{"fail", 0, false, BreakerClosed},
+		{"fail", 0, false, BreakerOpen},
+		{"allow", 500 * time.Millisecond, false, BreakerOpen},
+		{"allow", 1100 * time.Millisecond, true, BreakerHalfOpen},
+		{"allow", 1100 * time.Millisecond, false, BreakerHalfOpen}, // one probe at a time
+		{"fail", 1200 * time.Millisecond, false, BreakerOpen},
+		{"allow", 2300 * time.Millisecond, true, BreakerHalfOpen},
+		{"ok", 2300 * time.Millisecond, false, BreakerClosed},
+		{"allow", 2300 * time.Millisecond, true, BreakerClosed},
+	}
+	for i, s := range steps {
+		now := t0.Add(s.at)
+		switch s.do {
+		case "allow":
+			if got := b.allow(now); got != s.allow {
+				t.Fatalf("step %d: allow = %v", i, got)
+			}
+		case "fail":
+			b.failure(now)
+		case "ok":
+			b.success()
+		}
+		if got := b.current(); got != s.want {
+			t.Fatalf("step %d (%s): state %v, want %v", i, s.do, got, s.want)
+		}
+	}
+}
+
+func TestEncodeRoundTrip(t *testing.T) {
+	at := time.Unix(1700000000, 123456789)
+	for _, e := range []Entry{
+		{},
+		{TooLarge: true},
+		{Found: true, Owner: "bob", Value: `{"ip":"10.0.0.1"}`, Version: 7, UpdatedAt: at, ExpiresAt: at.Add(time.Hour)},
+		{Found: true, Value: `"x"`, Version: 1 << 40},
+		{Found: true, List: []Entry{{Found: true, Key: "a", Value: "1", Version: 1, UpdatedAt: at}, {Found: true, Key: "b", Value: "[]", Version: 2}}},
+	} {
+		got, err := decode(encode(e))
+		if err != nil || !entryEqual(got, e) {
+			t.Fatalf("round trip of %+v = %+v, %v", e, got, err)
+		}
+	}
+	for _, bad := range []string{"", "\x01", "\x02N", "\x01N?", "\x01Z", "\x01V", "\x01V\x02\x00\x00\x05ab", "\x00lease"} {
+		if _, err := decode(bad); err == nil {
+			t.Fatalf("decode(%q) accepted", bad)
+		}
+	}
+}
+
+func entryEqual(a, b Entry) bool {
+	if a.Found != b.Found || a.TooLarge != b.TooLarge || a.Key != b.Key || a.Owner != b.Owner || a.Value != b.Value ||
+		a.Version != b.Version || !a.UpdatedAt.Equal(b.UpdatedAt) || !a.ExpiresAt.Equal(b.ExpiresAt) || len(a.List) != len(b.List) {
+		return false
+	}
+	for i := range a.List {
+		if !entryEqual(a.List[i], b.List[i]) {
+			return false
+		}
+	}
+	return true
+}
+
+// FuzzDecode: no input panics the decoder; what it accepts re-encodes to
+// an equal entry (and, but for varint spellings, to the same bytes). Seeds
+// are also in testdata/fuzz/FuzzDecode.
+func FuzzDecode(f *testing.F) {
+	at := time.Unix(1700000000, 5)
+	f.Add(encode(Entry{}))
+	f.Add(encode(Entry{TooLarge: true}))
+	f.Add(encode(Entry{Found: true, Owner: "u", Value: `{}`, Version: 3, UpdatedAt: at, ExpiresAt: at}))
+	f.Add(encode(Entry{Found: true, List: []Entry{{Key: "k", Value: "1", Version: 1}}}))
+	f.Add("\x00lease")
+	f.Fuzz(func(t *testing.T, s string) {
+		e, err := decode(s)
+		if err != nil {
+			return
+		}
+		if got := encode(e); got != s && !strings.HasPrefix(s, "\x01V") {
+			t.Fatalf("decode(%q) = %+v encodes to %q", s, e, got)
+		}
+		if e2, err := decode(encode(e)); err != nil || !entryEqual(e, e2) {
+			t.Fatalf("re-encoding %+v decodes to %+v, %v", e, e2, err)
+		}
+	})
+}
+
+// BenchmarkGetSessionHit is the in-process hit path: a session already in
+// this process's memory.
+func BenchmarkGetSessionHit(b *testing.B) {
+	addr, prefix := testenv.Redis(b)
+	c := newTestCache(b, addr, prefix, Options{})
+	hash := []byte("0123456789abcdef0123456789abcdef")
+	sess := Entry{Found: true, Owner: "bench-user", Value: `{"ip":"10.0.0.7","ua":"bench"}`, Version: 3, ExpiresAt: time.Now().Add(time.Hour)}
+	load := func(context.Context) (Entry, error) { return sess, nil }
+	ctx := context.Background()
+	for range 2 {
+		if _, err := c.GetSession(ctx, hash, load); err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.ReportAllocs()
+	b.ResetTimer()
+	for b.Loop() {
+		e, err := c.GetSession(ctx, hash, load)
+		if err != nil || !e.Found {
+			b.Fatal(e, err)
+		}
+	}
+	b.StopTimer()
+	st := c.Stats()
+	b.ReportMetric(float64(st.LocalHits)/float64(st.LocalHits+st.RedisHits+st.Misses), "local-hit-ratio")
+}
+
+// TestDialWhileRedisDown: a cache made while Redis is down reads the
+// database, queues invalidations, and starts caching once Redis answers.
+func TestDialWhileRedisDown(t *testing.T) {
+	t.Parallel()
+	rs := testenv.NewRedisServer(t)
+	rs.Kill()
+	c := newTestCache(t, rs.Addr(), "t:", Options{RetryInterval: 20 * time.Millisecond})
+	s := newSource()
+	k := c.ConfigKey("ns", "k")
+	s.set(k, "1")
+	if e := mustGet(t, c, k, s); e.Value != "1" {
+		t.Fatalf("read = %+v", e)
+	}
+	if err := c.Invalidate(context.Background(), k); !errors.Is(err, ErrInvalidationQueued) {
+		t.Fatalf("Invalidate before connecting = %v", err)
+	}
+	rs.Start()
+	deadline := time.Now().Add(20 * time.Second)
+	for c.Stats().LocalHits == 0 || c.Stats().Pending > 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("never connected: %+v", c.Stats())
+		}
+		mustGet(t, c, k, s)
+		time.Sleep(20 * time.Millisecond)
+	}
+}

@@ -1,0 +1,47 @@
+package cache
+
+import "sync/atomic"
+
+// Stats are the cache's counters since New.
+type Stats struct {
+	LocalHits   int64 // answered from this process's memory
+	RedisHits   int64 // answered by Redis
+	Misses      int64 // neither had the key (or a loader held it)
+	Loads       int64 // database reads made for the cache (including bypasses)
+	Bypassed    int64 // reads sent to the database because of the breaker or a pending invalidation
+	RedisErrors int64 // Redis calls that failed or timed out
+	// Invalidations counts keys this process invalidated;
+	// InvalidationsReceived those Redis pushed to it; Flushes the times
+	// rueidis dropped its local cache with a connection.
+	Invalidations         int64
+	InvalidationsReceived int64
+	Flushes               int64
+	// Pending is the number of keys whose invalidation awaits a retry;
+	// Retried those delivered by a retry.
+	Pending int64
+	Retried int64
+	Breaker BreakerState
+}
+
+type stats struct {
+	localHits, redisHits, misses, loads, bypassed, redisErrors atomic.Int64
+	invalidations, invalidationsReceived, flushes, retried     atomic.Int64
+}
+
+// Stats returns the counters.
+func (c *Cache) Stats() Stats {
+	return Stats{
+		LocalHits:             c.stats.localHits.Load(),
+		RedisHits:             c.stats.redisHits.Load(),
+		Misses:                c.stats.misses.Load(),
+		Loads:                 c.stats.loads.Load(),
+		Bypassed:              c.stats.bypassed.Load(),
+		RedisErrors:           c.stats.redisErrors.Load(),
+		Invalidations:         c.stats.invalidations.Load(),
+		InvalidationsReceived: c.stats.invalidationsReceived.Load(),
+		Flushes:               c.stats.flushes.Load(),
+		Pending:               c.npending.Load(),
+		Retried:               c.stats.retried.Load(),
+		Breaker:               c.br.current(),
+	}
+}
