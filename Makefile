@@ -23,7 +23,7 @@ proto:
 	cd proto && $(GO) tool -modfile=tools.mod buf generate
 
 bench:
-	$(GO) test -run '^$$' -bench . -benchmem ./router ./shards ./server
+	$(GO) test -run '^$$' -bench . -benchmem ./router ./shards ./server ./events
 
 # Runs each fuzz target for FUZZTIME; the seeds in testdata/fuzz also run in `make test`.
 fuzz:
@@ -31,3 +31,4 @@ fuzz:
 	$(GO) test ./server -run '^$$' -fuzz '^FuzzParseToken$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./server -run '^$$' -fuzz '^FuzzValidateIdentifiers$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./server -run '^$$' -fuzz '^FuzzPageToken$$' -fuzztime $(FUZZTIME)
+	$(GO) test ./events -run '^$$' -fuzz '^FuzzParseCursor$$' -fuzztime $(FUZZTIME)

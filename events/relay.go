@@ -1,0 +1,322 @@
+package events
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgtype"
+	"github.com/redis/rueidis"
+)
+
+// RelayOptions tune a relay. The zero value of a field means its default;
+// Redis is required.
+type RelayOptions struct {
+	Redis rueidis.Client
+	// Prefix starts every Redis key (default DefaultPrefix).
+	Prefix string
+	// MaxLen is the approximate number of entries each stream keeps
+	// (XADD MAXLEN ~; default 100000). Older entries are trimmed: a cursor
+	// behind them gets ErrCursorExpired.
+	MaxLen int64
+	// BatchSize is the most outbox rows read, published and deleted at once
+	// (default 500).
+	BatchSize int
+	// PollInterval is how often the outbox is read without a notification
+	// (default 1s); notifications wake the relay at once.
+	PollInterval time.Duration
+	// ElectInterval is how often a relay that lost the election tries again
+	// (default 1s, with jitter): the longest a dead relay goes unreplaced,
+	// once Postgres has noticed its connection is gone.
+	ElectInterval time.Duration
+	// MaxPayloadBytes caps the payload copied into a stream entry (default
+	// 64 KiB); a larger one is left out and the entry says so. Negative:
+	// never copy payloads.
+	MaxPayloadBytes int
+	// Invalidate, if set, is called with each batch after it is in Redis
+	// and before its outbox rows are deleted, so the caller can drop cache
+	// entries the changes made stale. An error keeps the rows; the batch is
+	// published (deduplicated by Redis) and handed over again after a pause.
+	Invalidate func(ctx context.Context, evs []Event) error
+	Logger     *slog.Logger
+}
+
+func (o RelayOptions) withDefaults() RelayOptions {
+	if o.Prefix == "" {
+		o.Prefix = DefaultPrefix
+	}
+	if o.MaxLen <= 0 {
+		o.MaxLen = 100000
+	}
+	if o.BatchSize <= 0 {
+		o.BatchSize = 500
+	}
+	if o.PollInterval <= 0 {
+		o.PollInterval = time.Second
+	}
+	if o.ElectInterval <= 0 {
+		o.ElectInterval = time.Second
+	}
+	if o.MaxPayloadBytes == 0 {
+		o.MaxPayloadBytes = 64 << 10
+	}
+	if o.Logger == nil {
+		o.Logger = slog.Default()
+	}
+	return o
+}
+
+// RelayApplicationName names a relay's connection in pg_stat_activity.
+const RelayApplicationName = "shardgate-relay"
+
+// The relay's advisory lock. Advisory locks belong to one database, so the
+// same key elects one relay per shard database and one for the catalog.
+const (
+	lockClass = 0x53470001 // "SG" + 1: apart from goose's single-key lock
+	lockShard = 1
+	lockCatal = 2
+)
+
+// source is what differs between a shard's outbox and the config outbox.
+type source struct {
+	what    string // for logs and errors
+	lockKey int32
+	channel string
+	fetch   string // $1, $2: start after (partition, tick); $3: limit; $4: payload cap
+	delete  string // $1: partitions, $2: ticks
+}
+
+var shardSource = source{
+	what:    "shard outbox",
+	lockKey: lockShard,
+	channel: "shardgate_outbox",
+	fetch: `
+SELECT partition, tick, event_id::text, user_id, entity, key, op, version,
+       CASE WHEN octet_length(payload::text) <= $4 THEN payload END,
+       payload IS NOT NULL AND octet_length(payload::text) > $4,
+       committed_at
+FROM outbox
+WHERE (partition, tick) > ($1::integer, $2::bigint)
+ORDER BY partition, tick
+LIMIT $3`,
+	delete: `DELETE FROM outbox WHERE (partition, tick) IN (SELECT * FROM unnest($1::integer[], $2::bigint[]))`,
+}
+
+var configSource = source{
+	what:    "config outbox",
+	lockKey: lockCatal,
+	channel: "shardgate_config_outbox",
+	fetch: `
+SELECT -1, tick, event_id::text, '', 'config', namespace || '/' || key, op, version,
+       CASE WHEN octet_length(payload::text) <= $4 THEN payload END,
+       payload IS NOT NULL AND octet_length(payload::text) > $4,
+       committed_at
+FROM config_outbox
+WHERE $1::integer IS NOT NULL AND tick > $2::bigint
+ORDER BY tick
+LIMIT $3`,
+	delete: `DELETE FROM config_outbox WHERE $1::integer[] IS NOT NULL AND tick = ANY ($2::bigint[])`,
+}
+
+// Relay publishes one database's outbox to Redis Streams. Run it on every
+// instance: an advisory lock, held on the relay's own connection, makes
+// exactly one of them active per database, and another takes over within
+// ElectInterval of the holder's connection ending.
+type Relay struct {
+	name string
+	dsn  string
+	src  source
+	opts RelayOptions
+	keys Keys
+}
+
+// NewShardRelay returns a relay for the outbox of the shard database at dsn.
+func NewShardRelay(name, dsn string, opts RelayOptions) *Relay {
+	opts = opts.withDefaults()
+	return &Relay{name: name, dsn: dsn, src: shardSource, opts: opts, keys: Keys{opts.Prefix}}
+}
+
+// NewConfigRelay returns a relay for the config outbox of the catalog
+// database at dsn.
+func NewConfigRelay(dsn string, opts RelayOptions) *Relay {
+	opts = opts.withDefaults()
+	return &Relay{name: "catalog", dsn: dsn, src: configSource, opts: opts, keys: Keys{opts.Prefix}}
+}
+
+// Run relays until ctx ends: it competes for the lock and, while it holds
+// it, publishes. Errors (a lost connection, Redis down) are logged and
+// retried; Run returns only ctx's error.
+func (r *Relay) Run(ctx context.Context) error {
+	log := r.opts.Logger.With("relay", r.name)
+	for {
+		leader, err := r.runOnce(ctx)
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		if err != nil {
+			log.Warn("event relay interrupted", "leader", leader, "err", err)
+		}
+		// Jitter spreads instances that lost together.
+		wait := r.opts.ElectInterval/2 + rand.N(r.opts.ElectInterval)
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(wait):
+		}
+	}
+}
+
+// runOnce connects, tries the lock and, if it gets it, relays until an
+// error. It reports whether it was the leader.
+func (r *Relay) runOnce(ctx context.Context) (bool, error) {
+	cfg, err := pgx.ParseConfig(r.dsn)
+	if err != nil {
+		return false, fmt.Errorf("%s DSN: invalid", r.src.what) // never repeat a DSN
+	}
+	cfg.RuntimeParams["application_name"] = RelayApplicationName
+	if cfg.ConnectTimeout == 0 {
+		cfg.ConnectTimeout = 5 * time.Second
+	}
+	conn, err := pgx.ConnectConfig(ctx, cfg)
+	if err != nil {
+		return false, err
+	}
+	defer conn.Close(context.Background())
+	var got bool
+	if err := conn.QueryRow(ctx, `SELECT pg_try_advisory_lock($1, $2)`, int32(lockClass), r.src.lockKey).Scan(&got); err != nil {
+		return false, err
+	}
+	if !got {
+		return false, nil
+	}
+	if _, err := conn.Exec(ctx, "LISTEN "+r.src.channel); err != nil {
+		return true, err
+	}
+	r.opts.Logger.Info("event relay elected", "relay", r.name)
+	return true, r.relay(ctx, conn)
+}
+
+// relay publishes until an error. It pages through the outbox in
+// (partition, tick) order, going round from the start whenever a page comes
+// back short, so a busy partition cannot starve the others; it waits for a
+// notification (or PollInterval) only after a full pass from the start found
+// less than a page.
+func (r *Relay) relay(ctx context.Context, conn *pgx.Conn) error {
+	start := Position{Stream: -2}
+	pos := start
+	for {
+		evs, err := r.fetch(ctx, conn, pos)
+		if err != nil {
+			return err
+		}
+		if len(evs) > 0 {
+			if err := r.deliver(ctx, conn, evs); err != nil {
+				return err
+			}
+		}
+		if len(evs) == r.opts.BatchSize {
+			last := evs[len(evs)-1]
+			pos = Position{Stream: last.Partition, Tick: last.Tick}
+			continue
+		}
+		if pos != start {
+			pos = start
+			continue
+		}
+		wctx, cancel := context.WithTimeout(ctx, r.opts.PollInterval)
+		_, err = conn.WaitForNotification(wctx)
+		cancel()
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		if err != nil && !errors.Is(err, context.DeadlineExceeded) {
+			return err
+		}
+	}
+}
+
+func (r *Relay) fetch(ctx context.Context, conn *pgx.Conn, after Position) ([]Event, error) {
+	rows, err := conn.Query(ctx, r.src.fetch, after.Stream, after.Tick, r.opts.BatchSize, r.opts.MaxPayloadBytes)
+	if err != nil {
+		return nil, fmt.Errorf("read %s: %w", r.src.what, err)
+	}
+	evs := make([]Event, 0, r.opts.BatchSize)
+	for rows.Next() {
+		var (
+			e       Event
+			payload pgtype.Text
+		)
+		if err := rows.Scan(&e.Partition, &e.Tick, &e.ID, &e.UserID, &e.Entity, &e.Key, &e.Op, &e.Version,
+			&payload, &e.Omitted, &e.CommittedAt); err != nil {
+			rows.Close()
+			return nil, fmt.Errorf("read %s: %w", r.src.what, err)
+		}
+		if payload.Valid && r.opts.MaxPayloadBytes >= 0 {
+			e.Payload = []byte(payload.String)
+		}
+		e.Omitted = e.Omitted || (payload.Valid && r.opts.MaxPayloadBytes < 0)
+		evs = append(evs, e)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("read %s: %w", r.src.what, err)
+	}
+	return evs, nil
+}
+
+// deliver puts evs into their streams, hands them to Invalidate, then
+// deletes them from the outbox: an event leaves the outbox only once it is
+// in Redis.
+func (r *Relay) deliver(ctx context.Context, conn *pgx.Conn, evs []Event) error {
+	if err := r.publish(ctx, evs); err != nil {
+		return err
+	}
+	if r.opts.Invalidate != nil {
+		if err := r.opts.Invalidate(ctx, evs); err != nil {
+			return fmt.Errorf("invalidate: %w", err)
+		}
+	}
+	parts := make([]int32, len(evs))
+	ticks := make([]int64, len(evs))
+	for i, e := range evs {
+		parts[i], ticks[i] = e.Partition, e.Tick
+	}
+	if _, err := conn.Exec(ctx, r.src.delete, parts, ticks); err != nil {
+		return fmt.Errorf("trim %s: %w", r.src.what, err)
+	}
+	return nil
+}
+
+// publish XADDs evs in one pipeline, in order. An entry whose ID is at or
+// below its stream's last is already there (ticks have no gaps and a
+// stream only ever gets them in order), so that refusal counts as success.
+func (r *Relay) publish(ctx context.Context, evs []Event) error {
+	c := r.opts.Redis
+	maxLen := strconv.FormatInt(r.opts.MaxLen, 10)
+	cmds := make(rueidis.Commands, len(evs))
+	for i := range evs {
+		e := &evs[i]
+		fv := c.B().Xadd().Key(r.keys.Stream(e.Partition)).Maxlen().Almost().Threshold(maxLen).Id(entryID(e.Tick)).FieldValue()
+		f := e.fields()
+		for j := 0; j < len(f); j += 2 {
+			fv = fv.FieldValue(f[j], f[j+1])
+		}
+		cmds[i] = fv.Build()
+	}
+	for i, res := range c.DoMulti(ctx, cmds...) {
+		if err := res.Error(); err != nil && !isDuplicate(err) {
+			return fmt.Errorf("publish to %s: %w", r.keys.Stream(evs[i].Partition), err)
+		}
+	}
+	return nil
+}
+
+func isDuplicate(err error) bool {
+	var re *rueidis.RedisError
+	return errors.As(err, &re) && strings.Contains(re.Error(), "equal or smaller than the target stream top item")
+}
