@@ -15,8 +15,10 @@ import (
 
 	grpcprom "github.com/grpc-ecosystem/go-grpc-middleware/providers/prometheus"
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/redis/rueidis"
 
 	"github.com/shardgate/shardgate/catalog"
+	"github.com/shardgate/shardgate/events"
 	"github.com/shardgate/shardgate/router"
 	"github.com/shardgate/shardgate/shards"
 )
@@ -36,6 +38,26 @@ type Options struct {
 	// is frozen mid-move, and the retries back off up to 50ms apart.
 	MoveWait time.Duration
 	Logger   *slog.Logger
+
+	// Redis, if set, is where change events are published and read (Watch).
+	// Without it Watch answers FAILED_PRECONDITION and no relay runs.
+	Redis rueidis.Client
+	// EventsPrefix starts every Redis key of the event streams (default
+	// events.DefaultPrefix).
+	EventsPrefix string
+	// StreamMaxLen is the approximate number of events each stream keeps
+	// (default 100000); a Watch cursor older than that is OUT_OF_RANGE.
+	StreamMaxLen int64
+	// RunRelays runs the outbox relays (one per shard, following the
+	// topology, and one for config). Every instance may run them: one per
+	// database is active at a time.
+	RunRelays bool
+	// Invalidate, if set, is called by the relays with each batch of
+	// published events (see events.RelayOptions.Invalidate).
+	Invalidate func(ctx context.Context, evs []events.Event) error
+	// WatchHeartbeat is how long a Watch stream may stay silent before it
+	// gets a heartbeat (default 5s).
+	WatchHeartbeat time.Duration
 }
 
 func (o Options) withDefaults() Options {
@@ -73,6 +95,9 @@ type Server struct {
 
 	metrics     *prometheus.Registry
 	grpcMetrics *grpcprom.ServerMetrics
+
+	relays   *events.Manager  // nil unless Options.RunRelays
+	follower *events.Follower // nil without Options.Redis
 }
 
 // shardPool is an open shard and the catalog DSN it was opened from.
@@ -98,6 +123,19 @@ func New(ctx context.Context, catalogDSN string, opts Options) (*Server, error) 
 		shards:     make(map[string]shardPool),
 	}
 	s.metrics = s.newRegistry()
+	if opts.Redis != nil {
+		s.follower = &events.Follower{Redis: opts.Redis, Prefix: opts.EventsPrefix, Heartbeat: opts.WatchHeartbeat}
+		if opts.RunRelays {
+			s.relays = events.NewManager(events.RelayOptions{
+				Redis:      opts.Redis,
+				Prefix:     opts.EventsPrefix,
+				MaxLen:     opts.StreamMaxLen,
+				Invalidate: opts.Invalidate,
+				Logger:     opts.Logger,
+			})
+			s.relays.StartConfig(catalogDSN)
+		}
+	}
 	s.watcher = &catalog.Watcher{
 		Catalog:  cat,
 		Router:   s.router,
@@ -122,6 +160,9 @@ func (s *Server) Router() *router.Router { return s.router }
 // Close closes every pool. A topology reload still in flight then opens
 // none.
 func (s *Server) Close() {
+	if s.relays != nil {
+		s.relays.Close()
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.closed = true
@@ -164,13 +205,22 @@ func (s *Server) syncPools(ctx context.Context, topo catalog.Topology) error {
 		return errors.New("server is closed")
 	}
 	keep := make(map[string]bool, len(topo.Shards))
+	relayDSNs := make(map[string]string, len(topo.Shards))
+	defer func() {
+		if s.relays != nil {
+			s.relays.Sync(relayDSNs)
+		}
+	}()
 	for _, rec := range topo.Shards {
 		keep[rec.Name] = true
+		dsn, err := catalog.ExpandDSN(rec.DSN)
+		if err == nil {
+			relayDSNs[rec.Name] = dsn
+		}
 		old, ok := s.shards[rec.Name]
 		if ok && old.dsn == rec.DSN {
 			continue
 		}
-		dsn, err := catalog.ExpandDSN(rec.DSN)
 		var sh *shards.Shard
 		if err == nil {
 			sh, err = shards.Open(ctx, rec.Name, dsn, s.opts.ShardPool)

@@ -62,7 +62,7 @@ func (c *devCmd) Run(ctx context.Context, log *slog.Logger) error {
 	}
 	log.Warn("dev mode: no TLS, no auth, loopback only", "listen", c.Listen)
 	log.Info("try it", "list", "grpcurl -plaintext "+c.Listen+" list", "topology", "go run ./cmd/shardctl --addr "+c.Listen+" topology")
-	return run(ctx, log, c.Listen, catalogDSN, c.serveFlags, c.Drain)
+	return run(ctx, log, c.Listen, catalogDSN, c.Redis, c.serveFlags, c.Drain)
 }
 
 // createDatabases creates the catalog and shard databases if missing and

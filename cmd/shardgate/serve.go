@@ -10,6 +10,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/redis/rueidis"
+
 	"github.com/shardgate/shardgate/server"
 	"github.com/shardgate/shardgate/shards"
 )
@@ -23,6 +25,10 @@ type serveFlags struct {
 	TopologyInterval time.Duration `help:"How often to check the topology version besides LISTEN/NOTIFY." default:"5s" env:"SHARDGATE_TOPOLOGY_INTERVAL"`
 	Grace            time.Duration `help:"How long in-flight calls may run after SIGTERM." default:"15s" env:"SHARDGATE_GRACE"`
 	MetricsListen    string        `help:"Address to serve Prometheus metrics on (HTTP, /metrics); empty turns them off." default:"127.0.0.1:9464" env:"SHARDGATE_METRICS_LISTEN"`
+	Events           bool          `help:"Publish change events to Redis Streams (outbox relays) and serve Watch; --no-events runs without Redis." default:"true" negatable:"" env:"SHARDGATE_EVENTS"`
+	EventsPrefix     string        `name:"events-prefix" help:"Prefix of the event streams' Redis keys." default:"shardgate:" env:"SHARDGATE_EVENTS_PREFIX"`
+	StreamMaxLen     int64         `name:"stream-maxlen" help:"Events each stream keeps, approximately (XADD MAXLEN ~); older Watch cursors are OUT_OF_RANGE." default:"100000" env:"SHARDGATE_STREAM_MAXLEN"`
+	WatchHeartbeat   time.Duration `name:"watch-heartbeat" help:"Longest a Watch stream stays silent before a heartbeat." default:"5s" env:"SHARDGATE_WATCH_HEARTBEAT"`
 }
 
 type serveCmd struct {
@@ -30,6 +36,7 @@ type serveCmd struct {
 	Catalog  string        `help:"Catalog database DSN." required:"" env:"SHARDGATE_CATALOG"`
 	Insecure bool          `help:"Allow a non-loopback listen address without TLS and auth (never in production)." env:"SHARDGATE_INSECURE"`
 	Drain    time.Duration `help:"How long health reports NOT_SERVING after SIGTERM before the server stops taking calls, so load balancers move away first." default:"2s" env:"SHARDGATE_DRAIN"`
+	Redis    string        `help:"Redis address (host:port) for change events." default:"127.0.0.1:6379" env:"SHARDGATE_REDIS"`
 	serveFlags
 }
 
@@ -44,18 +51,31 @@ func (c *serveCmd) Run(ctx context.Context, log *slog.Logger) error {
 		}
 		log.Warn("INSECURE: serving without TLS or auth on a non-loopback address", "listen", c.Listen)
 	}
-	return run(ctx, log, c.Listen, c.Catalog, c.serveFlags, c.Drain)
+	return run(ctx, log, c.Listen, c.Catalog, c.Redis, c.serveFlags, c.Drain)
 }
 
 // run serves until ctx ends: health turns NOT_SERVING, calls are still
 // taken for drain, then in-flight calls get up to f.Grace.
-func run(ctx context.Context, log *slog.Logger, listen, catalogDSN string, f serveFlags, drain time.Duration) error {
-	s, err := server.New(ctx, catalogDSN, server.Options{
+func run(ctx context.Context, log *slog.Logger, listen, catalogDSN, redisAddr string, f serveFlags, drain time.Duration) error {
+	opts := server.Options{
 		MaxJSONBytes:     f.MaxJSONBytes,
 		ShardPool:        shards.PoolOptions{MaxConns: f.ShardMaxConns},
 		TopologyInterval: f.TopologyInterval,
 		Logger:           log,
-	})
+		EventsPrefix:     f.EventsPrefix,
+		StreamMaxLen:     f.StreamMaxLen,
+		WatchHeartbeat:   f.WatchHeartbeat,
+	}
+	if f.Events {
+		rc, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{redisAddr}, DisableCache: true})
+		if err != nil {
+			return fmt.Errorf("connect to Redis at %s for change events (--redis; --no-events runs without them): %w", redisAddr, err)
+		}
+		defer rc.Close()
+		opts.Redis, opts.RunRelays = rc, true
+		log.Info("change events on", "redis", redisAddr, "prefix", f.EventsPrefix, "stream_maxlen", f.StreamMaxLen)
+	}
+	s, err := server.New(ctx, catalogDSN, opts)
 	if err != nil {
 		return err
 	}
