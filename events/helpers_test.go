@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -13,6 +14,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/redis/rueidis"
 
+	"github.com/shardgate/shardgate/catalog"
 	"github.com/shardgate/shardgate/internal/testenv"
 	"github.com/shardgate/shardgate/migrations"
 	"github.com/shardgate/shardgate/shards"
@@ -121,3 +123,25 @@ func eventKey(e Event) string { return fmt.Sprintf("%s/%s/%s", e.UserID, e.Entit
 
 func isConflict(err error) bool { return errors.Is(err, shards.ErrConflict) }
 func isNotFound(err error) bool { return errors.Is(err, shards.ErrNotFound) }
+
+func itoa(n int64) string { return strconv.FormatInt(n, 10) }
+
+// testenvCatalog returns a migrated catalog database.
+func testenvCatalog(t testing.TB) string {
+	t.Helper()
+	dsn := testenv.NewDatabase(t)
+	if _, err := migrations.Up(context.Background(), dsn, migrations.Catalog); err != nil {
+		t.Fatal(err)
+	}
+	return dsn
+}
+
+func openCatalog(t testing.TB, dsn string) *catalog.Catalog {
+	t.Helper()
+	c, err := catalog.Open(context.Background(), dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(c.Close)
+	return c
+}

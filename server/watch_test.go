@@ -14,6 +14,7 @@ import (
 
 	"github.com/shardgate/shardgate/events"
 	"github.com/shardgate/shardgate/internal/testenv"
+	"github.com/shardgate/shardgate/migrations"
 	pb "github.com/shardgate/shardgate/proto/shardgate/v1"
 	"github.com/shardgate/shardgate/router"
 )
@@ -271,5 +272,41 @@ func TestWatchErrors(t *testing.T) {
 	w := openWatch(t, on, &pb.WatchRequest{Partitions: []uint32{7}, Cursor: events.Cursor{{Stream: 7, Tick: 290}}.String()})
 	if e := w.next(t); e.GetEventId() != "291" {
 		t.Fatalf("first event after cursor 290: %v", e)
+	}
+}
+
+// Relays follow the topology: a shard added to the catalog gets one, a shard
+// removed loses it.
+func TestRelaysFollowTopology(t *testing.T) {
+	t.Parallel()
+	c := newTestCluster(t, 1)
+	ts := c.start(t, true, withEvents(t, 0))
+	ctx := ctxT(t)
+	dsn := testenv.NewDatabase(t)
+	if _, err := migrations.Up(ctx, dsn, migrations.Shard); err != nil {
+		t.Fatal(err)
+	}
+	c.shardDSN["extra"] = dsn
+	relays := func() int {
+		return c.count(t, "extra", `SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND application_name = $1`, events.RelayApplicationName)
+	}
+	c.exec(t, "catalog", `INSERT INTO shards (name, dsn) VALUES ('extra', $1)`, dsn)
+	c.exec(t, "extra", `INSERT INTO outbox (partition, user_id, entity, key, op, version) VALUES (9, 'zed', 'user', 'zed', 'upsert', 1)`)
+	rc, keys := ts.srv.opts.Redis, events.Keys{Prefix: ts.srv.opts.EventsPrefix}
+	waitUntil(t, "the new shard's event to be published", func() bool {
+		n, err := rc.Do(ctx, rc.B().Xlen().Key(keys.Stream(9)).Build()).AsInt64()
+		return err == nil && n == 1
+	})
+	c.exec(t, "catalog", `DELETE FROM shards WHERE name = 'extra'`)
+	waitUntil(t, "the removed shard's relay to stop", func() bool { return relays() == 0 })
+}
+
+func waitUntil(t testing.TB, what string, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(20 * time.Second); !cond(); {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }
