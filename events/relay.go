@@ -308,9 +308,45 @@ func (r *Relay) publish(ctx context.Context, evs []Event) error {
 		}
 		cmds[i] = fv.Build()
 	}
+	var dups []int
 	for i, res := range c.DoMulti(ctx, cmds...) {
-		if err := res.Error(); err != nil && !isDuplicate(err) {
+		switch err := res.Error(); {
+		case err == nil:
+		case isDuplicate(err):
+			dups = append(dups, i)
+		default:
 			return fmt.Errorf("publish to %s: %w", r.keys.Stream(evs[i].Partition), err)
+		}
+	}
+	return r.checkDuplicates(ctx, evs, dups)
+}
+
+// checkDuplicates makes sure that the entries Redis refused as duplicates
+// (rare: only after a crash or a leader overlap) hold the same events. A
+// different event at the same tick means the outbox clock went backwards
+// (a shard restored from a backup, a partition moved without its clock
+// row); the relay stops rather than drop events as duplicates. An entry
+// already trimmed cannot be checked and counts as delivered.
+func (r *Relay) checkDuplicates(ctx context.Context, evs []Event, dups []int) error {
+	if len(dups) == 0 {
+		return nil
+	}
+	c := r.opts.Redis
+	cmds := make(rueidis.Commands, len(dups))
+	for j, i := range dups {
+		id := entryID(evs[i].Tick)
+		cmds[j] = c.B().Xrange().Key(r.keys.Stream(evs[i].Partition)).Start(id).End(id).Build()
+	}
+	for j, res := range c.DoMulti(ctx, cmds...) {
+		e := evs[dups[j]]
+		entries, err := res.AsXRange()
+		if err != nil {
+			return fmt.Errorf("check %s: %w", r.keys.Stream(e.Partition), err)
+		}
+		if len(entries) > 0 && entries[0].FieldValues[fieldID] != e.ID {
+			return fmt.Errorf("stream %s holds another event at tick %d than the outbox (event %s): "+
+				"the outbox clock went backwards (restored shard? partition moved without its outbox_clock row?); not publishing",
+				r.keys.Stream(e.Partition), e.Tick, e.ID)
 		}
 	}
 	return nil
