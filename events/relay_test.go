@@ -136,6 +136,7 @@ func TestRelaySurvivesKillsWithoutLossOrDisorder(t *testing.T) {
 	var (
 		mu       sync.Mutex
 		acked    = map[string][]int64{}
+		deletes  = map[string]int{} // acknowledged deletes per key
 		done     atomic.Int64
 		rollback atomic.Int64
 	)
@@ -169,8 +170,13 @@ func TestRelaySurvivesKillsWithoutLossOrDisorder(t *testing.T) {
 					key = user + "/user/" + user
 					v, err = s.sh.PutUser(ctx, p, user, []byte(`{"i":1}`), nil)
 				case r < 17:
-					if _, err = s.sh.PutUser(ctx, p, user, []byte(`{}`), ptr(0)); err != nil && !isConflict(err) {
+					var uv int64
+					if uv, err = s.sh.PutUser(ctx, p, user, []byte(`{}`), ptr(0)); err != nil && !isConflict(err) {
 						break
+					} else if err == nil {
+						mu.Lock()
+						acked[user+"/user/"+user] = append(acked[user+"/user/"+user], uv)
+						mu.Unlock()
 					}
 					key = user + "/item/c/" + fmt.Sprint(i%7)
 					v, err = s.sh.PutItem(ctx, p, user, "c", fmt.Sprint(i%7), []byte(`1`), nil)
@@ -189,11 +195,13 @@ func TestRelaySurvivesKillsWithoutLossOrDisorder(t *testing.T) {
 					continue
 				}
 				done.Add(1)
+				mu.Lock()
 				if v > 0 {
-					mu.Lock()
 					acked[key] = append(acked[key], v)
-					mu.Unlock()
+				} else {
+					deletes[key]++
 				}
+				mu.Unlock()
 			}
 		})
 	}
@@ -224,6 +232,8 @@ func TestRelaySurvivesKillsWithoutLossOrDisorder(t *testing.T) {
 
 	seen := map[string]bool{}
 	published := map[string]map[int64]bool{}
+	deleted := map[string]int{}
+	upserts := 0
 	for p := range int32(nShards * perShard) {
 		last := map[string]int64{}
 		var prevTick int64
@@ -244,17 +254,32 @@ func TestRelaySurvivesKillsWithoutLossOrDisorder(t *testing.T) {
 				t.Fatalf("partition %d, %s: version %d after %d", p, k, e.Version, last[k])
 			}
 			last[k] = e.Version
+			if e.Op == OpDelete {
+				deleted[k]++
+				continue
+			}
+			upserts++
 			if published[k] == nil {
 				published[k] = map[int64]bool{}
 			}
 			published[k][e.Version] = true
 		}
 	}
+	nAcked := 0
 	for k, vs := range acked {
+		nAcked += len(vs)
 		for _, v := range vs {
 			if !published[k][v] {
 				t.Fatalf("acknowledged write %s v%d has no event", k, v)
 			}
+		}
+	}
+	if upserts != nAcked {
+		t.Fatalf("%d upsert events for %d acknowledged upserts", upserts, nAcked)
+	}
+	for k, n := range deletes {
+		if deleted[k] != n {
+			t.Fatalf("%s: %d delete events for %d acknowledged deletes", k, deleted[k], n)
 		}
 	}
 }
