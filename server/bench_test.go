@@ -8,8 +8,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/redis/rueidis"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
+	"github.com/shardgate/shardgate/events"
 	pb "github.com/shardgate/shardgate/proto/shardgate/v1"
 )
 
@@ -72,13 +74,34 @@ func BenchmarkRPC(b *testing.B) {
 // the time from the write's acknowledgement to the event's arrival
 // ("ack→watch", what a client that wrote sees) and from committed_at, the
 // database clock at the write's start on the same host ("commit→watch",
-// which also holds the write's own statement time).
+// which also holds the write's own statement time), and the relay's share,
+// from the acknowledgement to the end of the batch's XADD ("ack→xadd").
 func BenchmarkWatchLatency(b *testing.B) {
 	const (
 		users = 64
 		rate  = 500 // writes/s
 	)
-	ts := newTestCluster(b, 4).start(b, true, withEvents(b, 0))
+	type key struct {
+		user    string
+		version int64
+	}
+	var (
+		mu        sync.Mutex
+		acked     = map[key]time.Time{}
+		published = map[key]time.Time{}
+	)
+	// The invalidation hook runs right after a batch's XADD: it timestamps
+	// the relay's part of the way.
+	hook := func(_ context.Context, evs []events.Event) error {
+		now := time.Now()
+		mu.Lock()
+		defer mu.Unlock()
+		for _, e := range evs {
+			published[key{e.UserID, e.Version}] = now
+		}
+		return nil
+	}
+	ts := newTestCluster(b, 4).start(b, true, withEvents(b, 0), func(o *Options) { o.Invalidate = hook })
 	ctx := context.Background()
 	var ids []string
 	for i := range users {
@@ -87,17 +110,9 @@ func BenchmarkWatchLatency(b *testing.B) {
 	w := openWatch(b, ts, &pb.WatchRequest{UserIds: ids})
 	w.live(b)
 
-	type key struct {
-		user    string
-		version int64
-	}
-	var (
-		mu    sync.Mutex
-		acked = map[key]time.Time{}
-	)
 	arrived := make(chan []time.Duration, 1)
 	go func() {
-		var fromAck, fromCommit []time.Duration
+		var fromAck, fromCommit, toPublish []time.Duration
 		pending := map[key]time.Time{}
 		for range b.N {
 			r, err := w.stream.Recv()
@@ -117,11 +132,15 @@ func BenchmarkWatchLatency(b *testing.B) {
 		for k, at := range pending {
 			if t0, ok := acked[k]; ok {
 				fromAck = append(fromAck, max(0, at.Sub(t0)))
+				if p, ok := published[k]; ok {
+					toPublish = append(toPublish, max(0, p.Sub(t0)))
+				}
 			}
 		}
 		mu.Unlock()
 		arrived <- fromAck
 		arrived <- fromCommit
+		arrived <- toPublish
 	}()
 	b.ResetTimer()
 	tick := time.NewTicker(time.Second / rate)
@@ -142,12 +161,12 @@ func BenchmarkWatchLatency(b *testing.B) {
 		})
 	}
 	wg.Wait()
-	fromAck, fromCommit := <-arrived, <-arrived
+	fromAck, fromCommit, toPublish := <-arrived, <-arrived, <-arrived
 	b.StopTimer()
 	for _, m := range []struct {
 		name string
 		d    []time.Duration
-	}{{"ack→watch", fromAck}, {"commit→watch", fromCommit}} {
+	}{{"ack→watch", fromAck}, {"commit→watch", fromCommit}, {"ack→xadd", toPublish}} {
 		slices.Sort(m.d)
 		if len(m.d) == 0 {
 			continue
@@ -155,5 +174,53 @@ func BenchmarkWatchLatency(b *testing.B) {
 		pct := func(p float64) float64 { return float64(m.d[int(p*float64(len(m.d)-1))].Microseconds()) / 1000 }
 		b.ReportMetric(pct(0.50), m.name+"-p50-ms")
 		b.ReportMetric(pct(0.99), m.name+"-p99-ms")
+	}
+}
+
+// BenchmarkStreamLatencyBaseline is the floor under BenchmarkWatchLatency
+// on the same machine and load: b.N XADDs paced at 500/s, each carrying its
+// send time, read back by one blocking XREAD loop; no Postgres, relay or
+// gRPC in between.
+func BenchmarkStreamLatencyBaseline(b *testing.B) {
+	const rate = 500
+	var o Options
+	withEvents(b, 0)(&o)
+	rc, key := o.Redis, o.EventsPrefix+"baseline"
+	ctx := context.Background()
+	lat := make(chan []time.Duration, 1)
+	go func() {
+		var d []time.Duration
+		last := "0-0"
+		for len(d) < b.N {
+			res, err := rc.Do(ctx, rc.B().Xread().Count(100).Block(1000).Streams().Key(key).Id(last).Build()).AsXRead()
+			if err != nil && !rueidis.IsRedisNil(err) {
+				b.Error(err)
+				break
+			}
+			now := time.Now()
+			for _, e := range res[key] {
+				sent, _ := time.Parse(time.RFC3339Nano, e.FieldValues["t"])
+				d = append(d, now.Sub(sent))
+				last = e.ID
+			}
+		}
+		lat <- d
+	}()
+	b.ResetTimer()
+	tick := time.NewTicker(time.Second / rate)
+	defer tick.Stop()
+	for range b.N {
+		<-tick.C
+		if err := rc.Do(ctx, rc.B().Xadd().Key(key).Id("*").FieldValue().FieldValue("t", time.Now().Format(time.RFC3339Nano)).Build()).Error(); err != nil {
+			b.Fatal(err)
+		}
+	}
+	d := <-lat
+	b.StopTimer()
+	slices.Sort(d)
+	if len(d) > 0 {
+		pct := func(p float64) float64 { return float64(d[int(p*float64(len(d)-1))].Microseconds()) / 1000 }
+		b.ReportMetric(pct(0.50), "xadd→xread-p50-ms")
+		b.ReportMetric(pct(0.99), "xadd→xread-p99-ms")
 	}
 }
