@@ -76,6 +76,13 @@ func (f *Follower) Follow(ctx context.Context, sub Subscription, emit func(*Even
 	if err != nil {
 		return err
 	}
+	// A stream followed from now that was empty (or missing) then may start
+	// at any tick: nothing before it was asked for.
+	anyFirst := make([]bool, len(streams))
+	for i, p := range cur {
+		_, given := sub.From.Tick(p.Stream)
+		anyFirst[i] = !given && p.Tick == 0
+	}
 	names := make([]string, len(streams))
 	for i, s := range streams {
 		names[i] = keys.Stream(s)
@@ -103,10 +110,10 @@ func (f *Follower) Follow(ctx context.Context, sub Subscription, emit func(*Even
 				if err != nil {
 					return err
 				}
-				if j == 0 && e.Tick != cur[i].Tick+1 {
+				if j == 0 && e.Tick != cur[i].Tick+1 && !anyFirst[i] {
 					return fmt.Errorf("%w: stream %s went from tick %d to %d", ErrFellBehind, name, cur[i].Tick, e.Tick)
 				}
-				cur[i].Tick = e.Tick
+				cur[i].Tick, anyFirst[i] = e.Tick, false
 				if e.Entity != EntityConfig && sub.Users != nil && !sub.Users[e.UserID] {
 					continue
 				}
