@@ -58,6 +58,11 @@ type Options struct {
 	// WatchHeartbeat is how long a Watch stream may stay silent before it
 	// gets a heartbeat (default 5s).
 	WatchHeartbeat time.Duration
+	// MaxWatchers caps concurrent Watch streams on this instance (default
+	// 1000); more get RESOURCE_EXHAUSTED. Each waits on a Redis connection
+	// of its own (a blocking XREAD), and the client's blocking pool should
+	// be at least this large (rueidis: BlockingPoolSize, default 1024).
+	MaxWatchers int
 }
 
 func (o Options) withDefaults() Options {
@@ -72,6 +77,9 @@ func (o Options) withDefaults() Options {
 	}
 	if o.Logger == nil {
 		o.Logger = slog.Default()
+	}
+	if o.MaxWatchers <= 0 {
+		o.MaxWatchers = 1000
 	}
 	return o
 }
@@ -98,6 +106,7 @@ type Server struct {
 
 	relays   *events.Manager  // nil unless Options.RunRelays
 	follower *events.Follower // nil without Options.Redis
+	watchers atomic.Int64     // open Watch streams
 }
 
 // shardPool is an open shard and the catalog DSN it was opened from.

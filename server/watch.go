@@ -31,6 +31,11 @@ func (d *DataService) Watch(req *pb.WatchRequest, stream pb.DataService_WatchSer
 	if d.s.follower == nil {
 		return status.Error(codes.FailedPrecondition, "change events are off on this server (it runs without Redis)")
 	}
+	if n := d.s.watchers.Add(1); n > int64(d.s.opts.MaxWatchers) {
+		d.s.watchers.Add(-1)
+		return status.Errorf(codes.ResourceExhausted, "this server already serves %d watches; retry on another instance or later", d.s.opts.MaxWatchers)
+	}
+	defer d.s.watchers.Add(-1)
 	emit := func(e *events.Event, cur events.Cursor) error {
 		return stream.Send(&pb.WatchResponse{Kind: &pb.WatchResponse_Event{Event: changeEvent(e, cur)}})
 	}

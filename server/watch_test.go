@@ -247,6 +247,19 @@ func TestWatchErrors(t *testing.T) {
 	}
 	wantCode(t, err, codes.FailedPrecondition)
 
+	// Past MaxWatchers, a watch is refused; one ending frees its place.
+	one := c.start(t, false, withEvents(t, 0), func(o *Options) { o.MaxWatchers = 1 })
+	first := openWatch(t, one, &pb.WatchRequest{Partitions: []uint32{1}})
+	first.live(t)
+	st, err = one.data.Watch(ctxT(t), &pb.WatchRequest{Partitions: []uint32{2}})
+	if err == nil {
+		_, err = st.Recv()
+	}
+	wantCode(t, err, codes.ResourceExhausted)
+	first.cancel()
+	waitUntil(t, "the ended watch to free its place", func() bool { return one.srv.watchers.Load() == 0 })
+	openWatch(t, one, &pb.WatchRequest{Partitions: []uint32{2}}).live(t)
+
 	// A stream whose oldest entry is tick 291: a cursor at 289 is too old,
 	// one at 290 is just in time.
 	rc, keys := on.srv.opts.Redis, events.Keys{Prefix: on.srv.opts.EventsPrefix}

@@ -29,6 +29,7 @@ type serveFlags struct {
 	EventsPrefix     string        `name:"events-prefix" help:"Prefix of the event streams' Redis keys." default:"shardgate:" env:"SHARDGATE_EVENTS_PREFIX"`
 	StreamMaxLen     int64         `name:"stream-maxlen" help:"Events each stream keeps, approximately (XADD MAXLEN ~); older Watch cursors are OUT_OF_RANGE." default:"100000" env:"SHARDGATE_STREAM_MAXLEN"`
 	WatchHeartbeat   time.Duration `name:"watch-heartbeat" help:"Longest a Watch stream stays silent before a heartbeat." default:"5s" env:"SHARDGATE_WATCH_HEARTBEAT"`
+	MaxWatchers      int           `name:"max-watchers" help:"Concurrent Watch streams this instance serves; more get RESOURCE_EXHAUSTED. Each holds a Redis connection." default:"1000" env:"SHARDGATE_MAX_WATCHERS"`
 }
 
 type serveCmd struct {
@@ -65,9 +66,14 @@ func run(ctx context.Context, log *slog.Logger, listen, catalogDSN, redisAddr st
 		EventsPrefix:     f.EventsPrefix,
 		StreamMaxLen:     f.StreamMaxLen,
 		WatchHeartbeat:   f.WatchHeartbeat,
+		MaxWatchers:      f.MaxWatchers,
 	}
 	if f.Events {
-		rc, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{redisAddr}, DisableCache: true})
+		rc, err := rueidis.NewClient(rueidis.ClientOption{
+			InitAddress: []string{redisAddr}, DisableCache: true,
+			// One blocking XREAD per watcher, plus room for the relays' pipelines.
+			BlockingPoolSize: max(rueidis.DefaultPoolSize, f.MaxWatchers+16),
+		})
 		if err != nil {
 			return fmt.Errorf("connect to Redis at %s for change events (--redis; --no-events runs without them): %w", redisAddr, err)
 		}
