@@ -2,12 +2,13 @@ package events
 
 import (
 	"context"
+	"crypto/sha1"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
 	"strconv"
-	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -296,30 +297,88 @@ func (r *Relay) deliver(ctx context.Context, conn *pgx.Conn, evs []Event) error 
 	return nil
 }
 
-// publish XADDs evs in one pipeline, in order. An entry whose ID is at or
-// below its stream's last is already there (ticks have no gaps and a
-// stream only ever gets them in order), so that refusal counts as success.
+// publishScript XADDs a batch of entries to one stream (KEYS[1]) in order
+// and stops at the first failure, so a stream never gets a later event
+// without the ones before it: a failed XADD (out of memory, say) followed
+// by a successful one would leave a hole that no retry could fill, since an
+// ID below the top is refused. An ID at or below the top is an entry
+// already there; the script returns those IDs for checking. ARGV: MAXLEN,
+// then per entry its ID, its number of fields and the field-value pairs.
+const publishScript = `
+local dups = {}
+local i = 2
+while i <= #ARGV do
+  local id, nf = ARGV[i], tonumber(ARGV[i + 1])
+  local args = {'XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], id}
+  for j = i + 2, i + 1 + 2 * nf do
+    args[#args + 1] = ARGV[j]
+  end
+  local res = redis.pcall(unpack(args))
+  if type(res) == 'table' and res.err then
+    if string.find(res.err, 'equal or smaller than the target stream top item', 1, true) then
+      dups[#dups + 1] = id
+    else
+      return redis.error_reply(res.err)
+    end
+  end
+  i = i + 2 + 2 * nf
+end
+return dups`
+
+var publishSHA = func() string {
+	h := sha1.Sum([]byte(publishScript))
+	return hex.EncodeToString(h[:])
+}()
+
+// publish appends evs to their streams: one script call per stream, all
+// in one pipeline. Entries Redis already holds are checked, not re-added.
 func (r *Relay) publish(ctx context.Context, evs []Event) error {
 	c := r.opts.Redis
 	maxLen := strconv.FormatInt(r.opts.MaxLen, 10)
-	cmds := make(rueidis.Commands, len(evs))
-	for i := range evs {
-		e := &evs[i]
-		fv := c.B().Xadd().Key(r.keys.Stream(e.Partition)).Maxlen().Almost().Threshold(maxLen).Id(entryID(e.Tick)).FieldValue()
-		f := e.fields()
-		for j := 0; j < len(f); j += 2 {
-			fv = fv.FieldValue(f[j], f[j+1])
+	var (
+		order  []int32
+		groups = map[int32][]int{}
+	)
+	for i, e := range evs {
+		if _, ok := groups[e.Partition]; !ok {
+			order = append(order, e.Partition)
 		}
-		cmds[i] = fv.Build()
+		groups[e.Partition] = append(groups[e.Partition], i)
+	}
+	cmds := make(rueidis.Commands, len(order))
+	for g, p := range order {
+		args := []string{maxLen}
+		for _, i := range groups[p] {
+			f := evs[i].fields()
+			args = append(args, entryID(evs[i].Tick), strconv.Itoa(len(f)/2))
+			args = append(args, f...)
+		}
+		cmds[g] = c.B().Evalsha().Sha1(publishSHA).Numkeys(1).Key(r.keys.Stream(p)).Arg(args...).Build()
+	}
+	results := c.DoMulti(ctx, cmds...)
+	for _, res := range results {
+		if re, ok := rueidis.IsRedisErr(res.Error()); ok && re.IsNoScript() {
+			// First use on this Redis (or after a restart): load and redo.
+			// Streams that did get their entries report them as duplicates.
+			if err := c.Do(ctx, c.B().ScriptLoad().Script(publishScript).Build()).Error(); err != nil {
+				return fmt.Errorf("load publish script: %w", err)
+			}
+			results = c.DoMulti(ctx, cmds...)
+			break
+		}
 	}
 	var dups []int
-	for i, res := range c.DoMulti(ctx, cmds...) {
-		switch err := res.Error(); {
-		case err == nil:
-		case isDuplicate(err):
-			dups = append(dups, i)
-		default:
-			return fmt.Errorf("publish to %s: %w", r.keys.Stream(evs[i].Partition), err)
+	for g, res := range results {
+		ids, err := res.AsStrSlice()
+		if err != nil {
+			return fmt.Errorf("publish to %s: %w", r.keys.Stream(order[g]), err)
+		}
+		byID := make(map[string]int, len(groups[order[g]]))
+		for _, i := range groups[order[g]] {
+			byID[entryID(evs[i].Tick)] = i
+		}
+		for _, id := range ids {
+			dups = append(dups, byID[id])
 		}
 	}
 	return r.checkDuplicates(ctx, evs, dups)
@@ -354,9 +413,4 @@ func (r *Relay) checkDuplicates(ctx context.Context, evs []Event, dups []int) er
 		}
 	}
 	return nil
-}
-
-func isDuplicate(err error) bool {
-	var re *rueidis.RedisError
-	return errors.As(err, &re) && strings.Contains(re.Error(), "equal or smaller than the target stream top item")
 }
