@@ -22,9 +22,12 @@
 // stream is in tick order and Redis itself refuses a second copy of an entry
 // (XADD with an ID at or below the stream's last): a relay that crashed
 // after XADD and before deleting its outbox rows, or two relays briefly
-// overlapping, publish nothing twice. Consumers still deduplicate by
-// event_id, since an entry trimmed away and published again is possible in
-// principle (see README).
+// overlapping, publish nothing twice. A refused entry is checked to hold the
+// same event_id (else the relay stops: the clock went backwards). Each
+// stream's share of a batch is added by one script that stops at the first
+// failure, so a stream is always a gap-free run of ticks. Consumers still
+// deduplicate by event_id: a watch resumed from an older cursor sees events
+// again.
 package events
 
 import (
