@@ -3,6 +3,7 @@ package events
 import (
 	"context"
 	"errors"
+	"fmt"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -129,5 +130,30 @@ func TestRelayRefusesAClockThatWentBackwards(t *testing.T) {
 	}
 	if n := outboxCount(t, s); n != 1 {
 		t.Fatalf("outbox holds %d rows, want the undelivered one kept", n)
+	}
+}
+
+// A Redis that does not know the publish script yet (first use, a restart,
+// SCRIPT FLUSH) gets it loaded, and the batch goes through once.
+func TestRelayLoadsItsScript(t *testing.T) {
+	t.Parallel()
+	s := newTestShard(t, "s", 5)
+	rc, prefix := newRedis(t)
+	ctx := testCtx(t, time.Minute)
+	for i := range 3 {
+		if _, err := s.pool().Exec(ctx, insertEvent, 5, fmt.Sprint("u", i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	r := NewShardRelay("s", s.dsn, RelayOptions{Redis: rc, Prefix: prefix, BatchSize: 2, Logger: quietLogger()})
+	// A script body no Redis has seen: its first EVALSHA is NOSCRIPT.
+	r.script = newScript(publishScript + "\n-- " + prefix)
+	rctx, stop := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() { r.Run(rctx); close(done) }()
+	defer func() { stop(); <-done }()
+	waitFor(t, "the outbox to drain", func() bool { return outboxCount(t, s) == 0 })
+	if evs := readStream(t, rc, Keys{prefix}, 5); len(evs) != 3 || evs[2].Tick != 3 {
+		t.Fatalf("stream: %+v", evs)
 	}
 }

@@ -130,24 +130,25 @@ LIMIT $3`,
 // exactly one of them active per database, and another takes over within
 // ElectInterval of the holder's connection ending.
 type Relay struct {
-	name string
-	dsn  string
-	src  source
-	opts RelayOptions
-	keys Keys
+	name   string
+	dsn    string
+	src    source
+	opts   RelayOptions
+	keys   Keys
+	script script
 }
 
 // NewShardRelay returns a relay for the outbox of the shard database at dsn.
 func NewShardRelay(name, dsn string, opts RelayOptions) *Relay {
 	opts = opts.withDefaults()
-	return &Relay{name: name, dsn: dsn, src: shardSource, opts: opts, keys: Keys{opts.Prefix}}
+	return &Relay{name: name, dsn: dsn, src: shardSource, opts: opts, keys: Keys{opts.Prefix}, script: publishLua}
 }
 
 // NewConfigRelay returns a relay for the config outbox of the catalog
 // database at dsn.
 func NewConfigRelay(dsn string, opts RelayOptions) *Relay {
 	opts = opts.withDefaults()
-	return &Relay{name: "catalog", dsn: dsn, src: configSource, opts: opts, keys: Keys{opts.Prefix}}
+	return &Relay{name: "catalog", dsn: dsn, src: configSource, opts: opts, keys: Keys{opts.Prefix}, script: publishLua}
 }
 
 // Run relays until ctx ends: it competes for the lock and, while it holds
@@ -325,10 +326,15 @@ while i <= #ARGV do
 end
 return dups`
 
-var publishSHA = func() string {
-	h := sha1.Sum([]byte(publishScript))
-	return hex.EncodeToString(h[:])
-}()
+// script is a Lua script and its SHA-1, for EVALSHA.
+type script struct{ body, sha string }
+
+func newScript(body string) script {
+	h := sha1.Sum([]byte(body))
+	return script{body: body, sha: hex.EncodeToString(h[:])}
+}
+
+var publishLua = newScript(publishScript)
 
 // publish appends evs to their streams: one script call per stream, all
 // in one pipeline. Entries Redis already holds are checked, not re-added.
@@ -345,25 +351,32 @@ func (r *Relay) publish(ctx context.Context, evs []Event) error {
 		}
 		groups[e.Partition] = append(groups[e.Partition], i)
 	}
-	cmds := make(rueidis.Commands, len(order))
+	args := make([][]string, len(order))
 	for g, p := range order {
-		args := []string{maxLen}
+		args[g] = []string{maxLen}
 		for _, i := range groups[p] {
 			f := evs[i].fields()
-			args = append(args, entryID(evs[i].Tick), strconv.Itoa(len(f)/2))
-			args = append(args, f...)
+			args[g] = append(args[g], entryID(evs[i].Tick), strconv.Itoa(len(f)/2))
+			args[g] = append(args[g], f...)
 		}
-		cmds[g] = c.B().Evalsha().Sha1(publishSHA).Numkeys(1).Key(r.keys.Stream(p)).Arg(args...).Build()
 	}
-	results := c.DoMulti(ctx, cmds...)
+	// Commands are built per send: rueidis recycles a command once sent.
+	send := func() []rueidis.RedisResult {
+		cmds := make(rueidis.Commands, len(order))
+		for g, p := range order {
+			cmds[g] = c.B().Evalsha().Sha1(r.script.sha).Numkeys(1).Key(r.keys.Stream(p)).Arg(args[g]...).Build()
+		}
+		return c.DoMulti(ctx, cmds...)
+	}
+	results := send()
 	for _, res := range results {
 		if re, ok := rueidis.IsRedisErr(res.Error()); ok && re.IsNoScript() {
 			// First use on this Redis (or after a restart): load and redo.
 			// Streams that did get their entries report them as duplicates.
-			if err := c.Do(ctx, c.B().ScriptLoad().Script(publishScript).Build()).Error(); err != nil {
+			if err := c.Do(ctx, c.B().ScriptLoad().Script(r.script.body).Build()).Error(); err != nil {
 				return fmt.Errorf("load publish script: %w", err)
 			}
-			results = c.DoMulti(ctx, cmds...)
+			results = send()
 			break
 		}
 	}
