@@ -23,7 +23,7 @@ proto:
 	cd proto && $(GO) tool -modfile=tools.mod buf generate
 
 bench:
-	$(GO) test -run '^$$' -bench . -benchmem ./router ./shards ./server ./cache
+	$(GO) test -run '^$$' -bench . -benchmem ./router ./shards ./server ./cache ./events
 
 # Load test against a running server (`make run` in another terminal): every
 # scenario in turn on the same data, throughput shown relative to noop.
@@ -40,3 +40,4 @@ fuzz:
 	$(GO) test ./server -run '^$$' -fuzz '^FuzzValidateIdentifiers$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./server -run '^$$' -fuzz '^FuzzPageToken$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./cache -run '^$$' -fuzz '^FuzzDecode$$' -fuzztime $(FUZZTIME)
+	$(GO) test ./events -run '^$$' -fuzz '^FuzzParseCursor$$' -fuzztime $(FUZZTIME)

@@ -57,11 +57,14 @@ func (c *Catalog) ListConfig(ctx context.Context, namespace, after string, limit
 }
 
 // The three ways to write a value, each one statement that also writes the
-// change's outbox row. $4 is the expected version where there is one.
+// change's outbox row. $4 is the expected version where there is one. A
+// value created again after a delete continues after the delete's version
+// (kept in config_tombstones).
 const (
 	setConfigAny = `
 		WITH up AS (
-			INSERT INTO config (namespace, key, value, version) VALUES ($1, $2, $3, 1)
+			INSERT INTO config (namespace, key, value, version)
+			VALUES ($1, $2, $3, coalesce((SELECT version FROM config_tombstones WHERE namespace = $1 AND key = $2), 0) + 1)
 			ON CONFLICT (namespace, key) DO UPDATE
 				SET value = EXCLUDED.value, version = config.version + 1, updated_at = now()
 			RETURNING version, value
@@ -72,7 +75,8 @@ const (
 		SELECT (SELECT version FROM up), 0::bigint`
 	setConfigCreate = `
 		WITH up AS (
-			INSERT INTO config (namespace, key, value, version) VALUES ($1, $2, $3, 1)
+			INSERT INTO config (namespace, key, value, version)
+			VALUES ($1, $2, $3, coalesce((SELECT version FROM config_tombstones WHERE namespace = $1 AND key = $2), 0) + 1)
 			ON CONFLICT (namespace, key) DO NOTHING
 			RETURNING version, value
 		), ev AS (
@@ -96,6 +100,11 @@ const (
 		WITH del AS (
 			DELETE FROM config WHERE namespace = $1 AND key = $2 AND ($3::bigint IS NULL OR version = $3)
 			RETURNING version
+		), tomb AS (
+			INSERT INTO config_tombstones AS t (namespace, key, version)
+			SELECT $1, $2, version + 1 FROM del
+			ON CONFLICT (namespace, key) DO UPDATE
+				SET version = greatest(t.version, EXCLUDED.version), deleted_at = now()
 		), ev AS (
 			INSERT INTO config_outbox (namespace, key, op, version)
 			SELECT $1, $2, 'delete', version + 1 FROM del

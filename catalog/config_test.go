@@ -114,3 +114,31 @@ func TestConfigExpectedSemantics(t *testing.T) {
 		t.Fatalf("get of a deleted value = %v", err)
 	}
 }
+
+// A config value deleted and set again continues after the delete's
+// version.
+func TestConfigVersionsRiseAcrossDelete(t *testing.T) {
+	t.Parallel()
+	cat := openConfigCatalog(t)
+	ctx := context.Background()
+	for range 2 {
+		if _, err := cat.SetConfig(ctx, "ns", "k", []byte(`1`), nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := cat.DeleteConfig(ctx, "ns", "k", nil); err != nil {
+		t.Fatal(err)
+	}
+	v, err := cat.SetConfig(ctx, "ns", "k", []byte(`2`), ptr(0))
+	if err != nil || v != 4 {
+		t.Fatalf("recreate (create-only): version %d, %v; want 4", v, err)
+	}
+	if err := cat.DeleteConfig(ctx, "ns", "k", ptr(4)); err != nil {
+		t.Fatal(err)
+	}
+	if v, err := cat.SetConfig(ctx, "ns", "k", []byte(`3`), nil); err != nil || v != 6 {
+		t.Fatalf("recreate: version %d, %v; want 6", v, err)
+	}
+}
+
+func ptr(v int64) *int64 { return &v }

@@ -3,13 +3,17 @@ package server
 import (
 	"context"
 	"fmt"
+	"slices"
+	"sync"
 	"testing"
 	"time"
 
+	"github.com/redis/rueidis"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/metadata"
 
 	"github.com/shardgate/shardgate/cache"
+	"github.com/shardgate/shardgate/events"
 	"github.com/shardgate/shardgate/internal/testenv"
 	pb "github.com/shardgate/shardgate/proto/shardgate/v1"
 )
@@ -110,4 +114,161 @@ func BenchmarkGetSessionHit(b *testing.B) {
 			}
 		}
 	})
+}
+
+// BenchmarkWatchLatency measures commit → Watch delivery under a steady
+// write load: b.N PutUser calls paced at 500/s over 64 users on 4 shards,
+// one watcher following all 64 users over gRPC. It reports percentiles of
+// the time from the write's acknowledgement to the event's arrival
+// ("ack→watch", what a client that wrote sees) and from committed_at, the
+// database clock at the write's start on the same host ("commit→watch",
+// which also holds the write's own statement time), and the relay's share,
+// from the acknowledgement to the end of the batch's XADD ("ack→xadd").
+func BenchmarkWatchLatency(b *testing.B) {
+	const (
+		users = 64
+		rate  = 500 // writes/s
+	)
+	type key struct {
+		user    string
+		version int64
+	}
+	var (
+		mu        sync.Mutex
+		acked     = map[key]time.Time{}
+		published = map[key]time.Time{}
+	)
+	// The invalidation hook runs right after a batch's XADD: it timestamps
+	// the relay's part of the way.
+	hook := func(_ context.Context, evs []events.Event) error {
+		now := time.Now()
+		mu.Lock()
+		defer mu.Unlock()
+		for _, e := range evs {
+			published[key{e.UserID, e.Version}] = now
+		}
+		return nil
+	}
+	ts := newTestCluster(b, 4).start(b, true, withEvents(b, 0), func(o *Options) { o.Invalidate = hook })
+	ctx := context.Background()
+	var ids []string
+	for i := range users {
+		ids = append(ids, fmt.Sprintf("lat-%d", i))
+	}
+	w := openWatch(b, ts, &pb.WatchRequest{UserIds: ids})
+	w.live(b)
+
+	arrived := make(chan []time.Duration, 1)
+	go func() {
+		var fromAck, fromCommit, toPublish []time.Duration
+		pending := map[key]time.Time{}
+		for range b.N {
+			r, err := w.stream.Recv()
+			for err == nil && r.GetEvent() == nil {
+				r, err = w.stream.Recv()
+			}
+			if err != nil {
+				b.Error(err)
+				break
+			}
+			now := time.Now()
+			e := r.GetEvent()
+			fromCommit = append(fromCommit, now.Sub(e.GetCommittedAt().AsTime()))
+			pending[key{e.GetUserId(), e.GetVersion()}] = now
+		}
+		mu.Lock()
+		for k, at := range pending {
+			if t0, ok := acked[k]; ok {
+				fromAck = append(fromAck, max(0, at.Sub(t0)))
+				if p, ok := published[k]; ok {
+					toPublish = append(toPublish, max(0, p.Sub(t0)))
+				}
+			}
+		}
+		mu.Unlock()
+		arrived <- fromAck
+		arrived <- fromCommit
+		arrived <- toPublish
+	}()
+	b.ResetTimer()
+	tick := time.NewTicker(time.Second / rate)
+	defer tick.Stop()
+	var wg sync.WaitGroup
+	for i := range b.N {
+		<-tick.C
+		wg.Go(func() {
+			u := ids[i%users]
+			r, err := ts.data.PutUser(ctx, &pb.PutUserRequest{UserId: u, ProfileJson: `{"n":1}`})
+			if err != nil {
+				b.Error(err)
+				return
+			}
+			mu.Lock()
+			acked[key{u, r.GetVersion()}] = time.Now()
+			mu.Unlock()
+		})
+	}
+	wg.Wait()
+	fromAck, fromCommit, toPublish := <-arrived, <-arrived, <-arrived
+	b.StopTimer()
+	for _, m := range []struct {
+		name string
+		d    []time.Duration
+	}{{"ack→watch", fromAck}, {"commit→watch", fromCommit}, {"ack→xadd", toPublish}} {
+		slices.Sort(m.d)
+		if len(m.d) == 0 {
+			continue
+		}
+		pct := func(p float64) float64 { return float64(m.d[int(p*float64(len(m.d)-1))].Microseconds()) / 1000 }
+		b.ReportMetric(pct(0.50), m.name+"-p50-ms")
+		b.ReportMetric(pct(0.99), m.name+"-p99-ms")
+	}
+}
+
+// BenchmarkStreamLatencyBaseline is the floor under BenchmarkWatchLatency
+// on the same machine and load: b.N XADDs paced at 500/s, each carrying its
+// send time, read back by one blocking XREAD loop; no Postgres, relay or
+// gRPC in between.
+func BenchmarkStreamLatencyBaseline(b *testing.B) {
+	const rate = 500
+	var o Options
+	withEvents(b, 0)(&o)
+	rc, key := o.Redis, o.EventsPrefix+"baseline"
+	ctx := context.Background()
+	lat := make(chan []time.Duration, 1)
+	go func() {
+		var d []time.Duration
+		last := "0-0"
+		for len(d) < b.N {
+			res, err := rc.Do(ctx, rc.B().Xread().Count(100).Block(1000).Streams().Key(key).Id(last).Build()).AsXRead()
+			if err != nil && !rueidis.IsRedisNil(err) {
+				b.Error(err)
+				break
+			}
+			now := time.Now()
+			for _, e := range res[key] {
+				sent, _ := time.Parse(time.RFC3339Nano, e.FieldValues["t"])
+				d = append(d, now.Sub(sent))
+				last = e.ID
+			}
+		}
+		lat <- d
+	}()
+	b.ResetTimer()
+	tick := time.NewTicker(time.Second / rate)
+	defer tick.Stop()
+	for range b.N {
+		<-tick.C
+		if err := rc.Do(ctx, rc.B().Xadd().Key(key).Id("*").FieldValue().FieldValue("t", time.Now().Format(time.RFC3339Nano)).Build()).Error(); err != nil {
+			b.Fatal(err)
+		}
+	}
+	d := <-lat
+	b.StopTimer()
+	slices.Sort(d)
+	if len(d) > 0 {
+		pct := func(p float64) float64 { return float64(d[int(p*float64(len(d)-1))].Microseconds()) / 1000 }
+		b.ReportMetric(pct(0.50), "xadd→xread-p50-ms")
+		b.ReportMetric(pct(0.99), "xadd→xread-p99-ms")
+	}
 }

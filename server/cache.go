@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"strings"
@@ -10,6 +11,7 @@ import (
 
 	"github.com/shardgate/shardgate/cache"
 	"github.com/shardgate/shardgate/catalog"
+	"github.com/shardgate/shardgate/events"
 	"github.com/shardgate/shardgate/shards"
 )
 
@@ -36,21 +38,41 @@ func (s *Server) readCache(ctx context.Context) *cache.Cache {
 // Cache returns the server's cache, nil if it has none.
 func (s *Server) Cache() *cache.Cache { return s.opts.Cache }
 
-// InvalidateSession drops the cached session whose token hashes to
-// tokenHash (the events relay calls it for each session change).
-func (s *Server) InvalidateSession(ctx context.Context, tokenHash []byte) error {
-	if s.opts.Cache == nil {
-		return nil
+// invalidateEvents is the relays' hook: after a batch of events is in
+// Redis it drops the cache keys they touched. This second invalidation heals
+// one a write lost (Redis unreachable at the time, or the process died before
+// it ran), so such a key is stale at most until its event is relayed. A
+// failure the cache queued for retry is not the relay's to retry.
+func (s *Server) invalidateEvents(ctx context.Context, evs []events.Event) error {
+	var errs []error
+	if s.opts.Invalidate != nil {
+		errs = append(errs, s.opts.Invalidate(ctx, evs))
 	}
-	return s.opts.Cache.InvalidateSession(ctx, tokenHash)
-}
-
-// InvalidateConfig drops a cached config value and its namespace's list.
-func (s *Server) InvalidateConfig(ctx context.Context, namespace, key string) error {
-	if s.opts.Cache == nil {
-		return nil
+	c := s.opts.Cache
+	if c == nil {
+		return errors.Join(errs...)
 	}
-	return s.opts.Cache.InvalidateConfig(ctx, namespace, key)
+	var keys []string
+	for i := range evs {
+		switch ev := &evs[i]; ev.Entity {
+		case events.EntitySession:
+			hash, err := hex.DecodeString(ev.Key)
+			if err != nil {
+				s.opts.Logger.Warn("session event with a malformed key; not invalidated", "event_id", ev.ID)
+				continue
+			}
+			keys = append(keys, c.SessionKey(hash))
+		case events.EntityConfig:
+			ns, key := ev.ConfigKey()
+			keys = append(keys, c.ConfigKey(ns, key), c.ConfigListKey(ns))
+		}
+	}
+	if len(keys) > 0 {
+		if err := c.Invalidate(ctx, keys...); !errors.Is(err, cache.ErrInvalidationQueued) {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // invalidated runs after a write reached the database (whether or not it

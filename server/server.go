@@ -15,9 +15,11 @@ import (
 
 	grpcprom "github.com/grpc-ecosystem/go-grpc-middleware/providers/prometheus"
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/redis/rueidis"
 
 	"github.com/shardgate/shardgate/cache"
 	"github.com/shardgate/shardgate/catalog"
+	"github.com/shardgate/shardgate/events"
 	"github.com/shardgate/shardgate/router"
 	"github.com/shardgate/shardgate/shards"
 )
@@ -38,8 +40,34 @@ type Options struct {
 	MoveWait time.Duration
 	// Cache, if set, answers GetSession, GetConfig and ListConfig and is
 	// invalidated by every write to them; nil reads the databases always.
+	// The relays invalidate it again for every session and config event.
 	Cache  *cache.Cache
 	Logger *slog.Logger
+
+	// Redis, if set, is where change events are published and read (Watch).
+	// Without it Watch answers FAILED_PRECONDITION and no relay runs.
+	Redis rueidis.Client
+	// EventsPrefix starts every Redis key of the event streams (default
+	// events.DefaultPrefix).
+	EventsPrefix string
+	// StreamMaxLen is the approximate number of events each stream keeps
+	// (default 100000); a Watch cursor older than that is OUT_OF_RANGE.
+	StreamMaxLen int64
+	// RunRelays runs the outbox relays (one per shard, following the
+	// topology, and one for config). Every instance may run them: one per
+	// database is active at a time.
+	RunRelays bool
+	// Invalidate, if set, is called by the relays with each batch of
+	// published events (see events.RelayOptions.Invalidate).
+	Invalidate func(ctx context.Context, evs []events.Event) error
+	// WatchHeartbeat is how long a Watch stream may stay silent before it
+	// gets a heartbeat (default 5s).
+	WatchHeartbeat time.Duration
+	// MaxWatchers caps concurrent Watch streams on this instance (default
+	// 1000); more get RESOURCE_EXHAUSTED. Each waits on a Redis connection
+	// of its own (a blocking XREAD), and the client's blocking pool should
+	// be at least this large (rueidis: BlockingPoolSize, default 1024).
+	MaxWatchers int
 }
 
 func (o Options) withDefaults() Options {
@@ -54,6 +82,9 @@ func (o Options) withDefaults() Options {
 	}
 	if o.Logger == nil {
 		o.Logger = slog.Default()
+	}
+	if o.MaxWatchers <= 0 {
+		o.MaxWatchers = 1000
 	}
 	return o
 }
@@ -77,6 +108,10 @@ type Server struct {
 
 	metrics     *prometheus.Registry
 	grpcMetrics *grpcprom.ServerMetrics
+
+	relays   *events.Manager  // nil unless Options.RunRelays
+	follower *events.Follower // nil without Options.Redis
+	watchers atomic.Int64     // open Watch streams
 }
 
 // shardPool is an open shard and the catalog DSN it was opened from.
@@ -102,6 +137,19 @@ func New(ctx context.Context, catalogDSN string, opts Options) (*Server, error) 
 		shards:     make(map[string]shardPool),
 	}
 	s.metrics = s.newRegistry()
+	if opts.Redis != nil {
+		s.follower = &events.Follower{Redis: opts.Redis, Prefix: opts.EventsPrefix, Heartbeat: opts.WatchHeartbeat}
+		if opts.RunRelays {
+			s.relays = events.NewManager(events.RelayOptions{
+				Redis:      opts.Redis,
+				Prefix:     opts.EventsPrefix,
+				MaxLen:     opts.StreamMaxLen,
+				Invalidate: s.invalidateEvents,
+				Logger:     opts.Logger,
+			})
+			s.relays.StartConfig(catalogDSN)
+		}
+	}
 	s.watcher = &catalog.Watcher{
 		Catalog:  cat,
 		Router:   s.router,
@@ -126,6 +174,9 @@ func (s *Server) Router() *router.Router { return s.router }
 // Close closes every pool. A topology reload still in flight then opens
 // none.
 func (s *Server) Close() {
+	if s.relays != nil {
+		s.relays.Close()
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.closed = true
@@ -168,13 +219,22 @@ func (s *Server) syncPools(ctx context.Context, topo catalog.Topology) error {
 		return errors.New("server is closed")
 	}
 	keep := make(map[string]bool, len(topo.Shards))
+	relayDSNs := make(map[string]string, len(topo.Shards))
+	defer func() {
+		if s.relays != nil {
+			s.relays.Sync(relayDSNs)
+		}
+	}()
 	for _, rec := range topo.Shards {
 		keep[rec.Name] = true
+		dsn, err := catalog.ExpandDSN(rec.DSN)
+		if err == nil {
+			relayDSNs[rec.Name] = dsn
+		}
 		old, ok := s.shards[rec.Name]
 		if ok && old.dsn == rec.DSN {
 			continue
 		}
-		dsn, err := catalog.ExpandDSN(rec.DSN)
 		var sh *shards.Shard
 		if err == nil {
 			sh, err = shards.Open(ctx, rec.Name, dsn, s.opts.ShardPool)

@@ -28,6 +28,8 @@ type Item struct {
 // see versions.go for the columns they return, plus a second column saying
 // whether the user exists. Items belong to an existing user: FOR KEY SHARE
 // on the user's row keeps a concurrent DeleteUser from leaving them behind.
+// An item created again after a delete continues after the delete's version
+// (kept in item_tombstones).
 
 // putItemAnySQL creates the item or replaces its value, whatever its version.
 const putItemAnySQL = `
@@ -39,7 +41,8 @@ WITH own AS (
     FOR KEY SHARE OF u
 ), up AS (
     INSERT INTO items AS i (partition, user_id, collection, key, value, version)
-    SELECT $1, $2::text, $3::text, $4::text, $5::jsonb, 1 FROM usr
+    SELECT $1, $2::text, $3::text, $4::text, $5::jsonb, coalesce((SELECT version FROM item_tombstones
+        WHERE partition = $1 AND user_id = $2 AND collection = $3 AND key = $4), 0) + 1 FROM usr
     ON CONFLICT (partition, user_id, collection, key) DO UPDATE
         SET value = EXCLUDED.value, version = i.version + 1, updated_at = now()
     RETURNING i.version, i.value
@@ -59,7 +62,8 @@ WITH own AS (
     FOR KEY SHARE OF u
 ), up AS (
     INSERT INTO items (partition, user_id, collection, key, value, version)
-    SELECT $1, $2::text, $3::text, $4::text, $5::jsonb, 1 FROM usr
+    SELECT $1, $2::text, $3::text, $4::text, $5::jsonb, coalesce((SELECT version FROM item_tombstones
+        WHERE partition = $1 AND user_id = $2 AND collection = $3 AND key = $4), 0) + 1 FROM usr
     ON CONFLICT (partition, user_id, collection, key) DO NOTHING
     RETURNING version, value
 ), ev AS (
@@ -179,6 +183,11 @@ WITH own AS (
     WHERE i.partition = $1 AND i.user_id = $2 AND i.collection = $3 AND i.key = $4
       AND ($5::bigint IS NULL OR i.version = $5)
     RETURNING i.version
+), tomb AS (
+    INSERT INTO item_tombstones AS t (partition, user_id, collection, key, version)
+    SELECT $1, $2::text, $3::text, $4::text, version + 1 FROM del
+    ON CONFLICT (partition, user_id, collection, key) DO UPDATE
+        SET version = greatest(t.version, EXCLUDED.version), deleted_at = now()
 ), ev AS (
     INSERT INTO outbox (partition, user_id, entity, key, op, version, payload)
     SELECT $1, $2::text, 'item', $3::text || '/' || $4::text, 'delete', version + 1, NULL::jsonb FROM del

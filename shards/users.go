@@ -20,6 +20,8 @@ type User struct {
 
 // Three statements for PutUser, one per kind of expectation; each is fenced
 // and writes its outbox row. See versions.go for the columns they return.
+// A user created again after a delete continues after the delete's version
+// (kept in user_tombstones), so versions rise per key for good.
 
 // putUserAnySQL creates the user or replaces its profile, whatever its version.
 const putUserAnySQL = `
@@ -27,7 +29,8 @@ WITH own AS (
     SELECT 1 FROM ownership WHERE partition = $1 AND state = 'owned' FOR SHARE
 ), up AS (
     INSERT INTO users AS u (partition, user_id, profile, version)
-    SELECT $1, $2::text, $3::jsonb, 1 FROM own
+    SELECT $1, $2::text, $3::jsonb, coalesce((SELECT version FROM user_tombstones
+        WHERE partition = $1 AND user_id = $2), 0) + 1 FROM own
     ON CONFLICT (partition, user_id) DO UPDATE
         SET profile = EXCLUDED.profile, version = u.version + 1, updated_at = now()
     RETURNING u.version, u.profile
@@ -43,7 +46,8 @@ WITH own AS (
     SELECT 1 FROM ownership WHERE partition = $1 AND state = 'owned' FOR SHARE
 ), up AS (
     INSERT INTO users (partition, user_id, profile, version)
-    SELECT $1, $2::text, $3::jsonb, 1 FROM own
+    SELECT $1, $2::text, $3::jsonb, coalesce((SELECT version FROM user_tombstones
+        WHERE partition = $1 AND user_id = $2), 0) + 1 FROM own
     ON CONFLICT (partition, user_id) DO NOTHING
     RETURNING version, profile
 ), ev AS (
@@ -175,13 +179,27 @@ WITH own AS (
     DELETE FROM items AS i USING du
     WHERE i.partition = $1 AND i.user_id = $2
     RETURNING i.collection, i.key, i.version
+), tu AS (
+    INSERT INTO user_tombstones AS t (partition, user_id, version)
+    SELECT $1, $2::text, version + 1 FROM du
+    ON CONFLICT (partition, user_id) DO UPDATE SET version = greatest(t.version, EXCLUDED.version), deleted_at = now()
+), ti AS (
+    INSERT INTO item_tombstones AS t (partition, user_id, collection, key, version)
+    SELECT $1, $2::text, collection, key, version + 1 FROM di
+    ON CONFLICT (partition, user_id, collection, key) DO UPDATE
+        SET version = greatest(t.version, EXCLUDED.version), deleted_at = now()
 ), ev AS (
+    -- The sort reads every delete before the first outbox row is inserted:
+    -- that insert takes the partition's outbox clock lock (see migration
+    -- 00002), which must be the last lock a write takes.
     INSERT INTO outbox (partition, user_id, entity, key, op, version, payload)
-    SELECT $1, $2::text, 'user', $2::text, 'delete', version + 1, NULL::jsonb FROM du
-    UNION ALL
-    SELECT $1, $2::text, 'session', encode(token_hash, 'hex'), 'delete', version + 1, NULL::jsonb FROM ds
-    UNION ALL
-    SELECT $1, $2::text, 'item', collection || '/' || key, 'delete', version + 1, NULL::jsonb FROM di
+    SELECT $1, $2::text, entity, key, 'delete', version, NULL::jsonb FROM (
+        SELECT 1 AS ord, 'session' AS entity, encode(token_hash, 'hex') AS key, version + 1 AS version FROM ds
+        UNION ALL
+        SELECT 2, 'item', collection || '/' || key, version + 1 FROM di
+        UNION ALL
+        SELECT 3, 'user', $2::text, version + 1 FROM du
+    ) AS e ORDER BY ord, key
 )
 SELECT EXISTS (SELECT 1 FROM own), (SELECT version FROM du),
        (SELECT count(*) FROM ds), (SELECT count(*) FROM di),

@@ -89,7 +89,8 @@ func TestPutUserExpected(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			exec(t, s, `TRUNCATE users, outbox`)
+			// Tombstones go too: each case starts from keys that never existed.
+			exec(t, s, `TRUNCATE users, outbox, user_tombstones`)
 			for range 3 {
 				if _, err := s.PutUser(ctx, 1, "existing", profile, nil); err != nil {
 					t.Fatal(err)
@@ -134,7 +135,8 @@ func TestDeleteUser(t *testing.T) {
 	// alice and bob share partition 1; carol has the same user ID in
 	// partition 2 and must be untouched.
 	setup := func(t *testing.T) {
-		exec(t, s, `TRUNCATE users, sessions, items, outbox`)
+		// Tombstones go too: each case starts from keys that never existed.
+		exec(t, s, `TRUNCATE users, sessions, items, outbox, user_tombstones, item_tombstones`)
 		for _, u := range []struct {
 			p  int32
 			id string

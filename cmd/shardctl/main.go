@@ -4,8 +4,10 @@
 //	shardctl locate USER              a user's partition and shard
 //	shardctl migrate status           schema version of the catalog and each shard
 //	shardctl migrate up --catalog DSN apply pending migrations everywhere
+//	shardctl events tail --user U     follow change events live (--partition P, --config)
 //
-// Output is a table for people; --json prints one JSON document for scripts.
+// Output is a table for people; --json prints one JSON document for scripts
+// (events tail: one JSON object per line).
 package main
 
 import (
@@ -14,7 +16,9 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"os/signal"
 	"strings"
+	"syscall"
 	"text/tabwriter"
 	"time"
 
@@ -44,6 +48,9 @@ type cli struct {
 		Status migrateStatusCmd `cmd:"" help:"Show the schema version of the catalog and every shard."`
 		Up     migrateUpCmd     `cmd:"" help:"Apply pending migrations to the catalog and every shard (talks to the databases directly)."`
 	} `cmd:"" help:"Schema migrations."`
+	Events struct {
+		Tail eventsTailCmd `cmd:"" help:"Follow change events live (Watch), one line each."`
+	} `cmd:"" help:"Change events."`
 }
 
 func main() {
@@ -194,4 +201,71 @@ func (c migrateUpCmd) Run(g *globals) error {
 		return e
 	}
 	return err
+}
+
+type eventsTailCmd struct {
+	User       []string `help:"User ID to follow (repeatable, up to 1000)." placeholder:"USER"`
+	Partition  []uint32 `help:"Partition to follow (repeatable)." placeholder:"P"`
+	Config     bool     `help:"Follow global config changes too."`
+	Cursor     string   `help:"Resume exactly after this cursor (from an earlier event or heartbeat)."`
+	Heartbeats bool     `help:"Print heartbeats (with the current cursor) too."`
+	Count      int      `help:"Exit after this many events (0: until interrupted)." default:"0"`
+}
+
+// Run follows until interrupted (or Count events): each event is one line,
+// human-readable or (--json) a WatchResponse in JSON.
+func (c eventsTailCmd) Run(g *globals) error {
+	conn, err := grpc.NewClient(g.Addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	st, err := pb.NewDataServiceClient(conn).Watch(ctx, &pb.WatchRequest{
+		UserIds: c.User, Partitions: c.Partition, Config: c.Config, Cursor: c.Cursor,
+	})
+	if err != nil {
+		return err
+	}
+	line := protojson.MarshalOptions{}
+	for n := 0; c.Count == 0 || n < c.Count; {
+		r, err := st.Recv()
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil // interrupted
+			}
+			return err
+		}
+		e, hb := r.GetEvent(), r.GetHeartbeat()
+		if e != nil {
+			n++
+		} else if !c.Heartbeats {
+			continue
+		}
+		if g.JSON {
+			b, err := line.Marshal(r)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintln(g.out, string(b))
+			continue
+		}
+		if hb != nil {
+			fmt.Fprintf(g.out, "%s  heartbeat  cursor=%s\n", hb.GetTime().AsTime().UTC().Format(time.RFC3339Nano), hb.GetCursor())
+			continue
+		}
+		who := e.GetUserId()
+		if e.GetEntity() == "config" {
+			who = "-"
+		}
+		payload := e.GetPayloadJson()
+		if e.GetPayloadOmitted() {
+			payload = "(payload omitted: too large)"
+		}
+		fmt.Fprintf(g.out, "%s  p%-4d %-20s %-7s %-6s %s v%d  %s\n",
+			e.GetCommittedAt().AsTime().UTC().Format(time.RFC3339Nano), e.GetPartition(), who,
+			e.GetEntity(), e.GetOp(), e.GetKey(), e.GetVersion(), payload)
+	}
+	return nil
 }

@@ -22,6 +22,12 @@ import (
 // address and catalog DSN.
 func startCluster(t *testing.T) (addr, catalogDSN string) {
 	t.Helper()
+	return startClusterWith(t, server.Options{})
+}
+
+// startClusterWith is startCluster with server options (its logger is quiet).
+func startClusterWith(t *testing.T, opts server.Options) (addr, catalogDSN string) {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
 	catalogDSN = testenv.NewDatabase(t)
@@ -32,7 +38,8 @@ func startCluster(t *testing.T) (addr, catalogDSN string) {
 	if err := catalog.CreateCluster(ctx, catalogDSN, router.RingConfig{}, specs); err != nil {
 		t.Fatal(err)
 	}
-	s, err := server.New(ctx, catalogDSN, server.Options{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	opts.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
+	s, err := server.New(ctx, catalogDSN, opts)
 	if err != nil {
 		t.Fatal(err)
 	}

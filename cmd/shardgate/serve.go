@@ -10,6 +10,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/redis/rueidis"
+
 	"github.com/shardgate/shardgate/cache"
 	"github.com/shardgate/shardgate/server"
 	"github.com/shardgate/shardgate/shards"
@@ -24,7 +26,12 @@ type serveFlags struct {
 	TopologyInterval time.Duration `help:"How often to check the topology version besides LISTEN/NOTIFY." default:"5s" env:"SHARDGATE_TOPOLOGY_INTERVAL"`
 	Grace            time.Duration `help:"How long in-flight calls may run after SIGTERM." default:"15s" env:"SHARDGATE_GRACE"`
 	MetricsListen    string        `help:"Address to serve Prometheus metrics on (HTTP, /metrics); empty turns them off." default:"127.0.0.1:9464" env:"SHARDGATE_METRICS_LISTEN"`
-	Redis            string        `help:"Redis address for the session and config cache; empty turns the cache off." default:"127.0.0.1:6379" env:"SHARDGATE_REDIS"`
+	Redis            string        `help:"Redis address (host:port) for the session and config cache and the change events; empty turns both off." default:"127.0.0.1:6379" env:"SHARDGATE_REDIS"`
+	Events           bool          `help:"Publish change events to Redis Streams (outbox relays) and serve Watch; --no-events runs without Redis." default:"true" negatable:"" env:"SHARDGATE_EVENTS"`
+	EventsPrefix     string        `name:"events-prefix" help:"Prefix of the event streams' Redis keys." default:"shardgate:" env:"SHARDGATE_EVENTS_PREFIX"`
+	StreamMaxLen     int64         `name:"stream-maxlen" help:"Events each stream keeps, approximately (XADD MAXLEN ~); older Watch cursors are OUT_OF_RANGE." default:"100000" env:"SHARDGATE_STREAM_MAXLEN"`
+	WatchHeartbeat   time.Duration `name:"watch-heartbeat" help:"Longest a Watch stream stays silent before a heartbeat." default:"5s" env:"SHARDGATE_WATCH_HEARTBEAT"`
+	MaxWatchers      int           `name:"max-watchers" help:"Concurrent Watch streams this instance serves; more get RESOURCE_EXHAUSTED. Each holds a Redis connection." default:"1000" env:"SHARDGATE_MAX_WATCHERS"`
 }
 
 type serveCmd struct {
@@ -63,13 +70,34 @@ func run(ctx context.Context, log *slog.Logger, listen, catalogDSN string, f ser
 	} else {
 		log.Warn("cache off (--redis is empty): every read goes to PostgreSQL")
 	}
-	s, err := server.New(ctx, catalogDSN, server.Options{
+	opts := server.Options{
 		MaxJSONBytes:     f.MaxJSONBytes,
 		ShardPool:        shards.PoolOptions{MaxConns: f.ShardMaxConns},
 		TopologyInterval: f.TopologyInterval,
 		Cache:            c,
 		Logger:           log,
-	})
+		EventsPrefix:     f.EventsPrefix,
+		StreamMaxLen:     f.StreamMaxLen,
+		WatchHeartbeat:   f.WatchHeartbeat,
+		MaxWatchers:      f.MaxWatchers,
+	}
+	switch {
+	case f.Events && f.Redis == "":
+		log.Warn("change events off (--redis is empty): no relay runs and Watch answers FAILED_PRECONDITION")
+	case f.Events:
+		rc, err := rueidis.NewClient(rueidis.ClientOption{
+			InitAddress: []string{f.Redis}, DisableCache: true,
+			// One blocking XREAD per watcher, plus room for the relays' pipelines.
+			BlockingPoolSize: max(rueidis.DefaultPoolSize, f.MaxWatchers+16),
+		})
+		if err != nil {
+			return fmt.Errorf("connect to Redis at %s for change events (--redis; --no-events runs without them): %w", f.Redis, err)
+		}
+		defer rc.Close()
+		opts.Redis, opts.RunRelays = rc, true
+		log.Info("change events on", "redis", f.Redis, "prefix", f.EventsPrefix, "stream_maxlen", f.StreamMaxLen)
+	}
+	s, err := server.New(ctx, catalogDSN, opts)
 	if err != nil {
 		return err
 	}

@@ -2034,6 +2034,355 @@ func (x *ConfigEntry) GetUpdatedAt() *timestamppb.Timestamp {
 	return nil
 }
 
+type WatchRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Users to follow (at most 1000): the events of their partitions,
+	// filtered to them. Set user_ids, partitions or config.
+	UserIds []string `protobuf:"bytes,1,rep,name=user_ids,json=userIds" json:"user_ids,omitempty"`
+	// Partitions to follow, every user in them. Each below the cluster's
+	// partition count.
+	Partitions []uint32 `protobuf:"varint,2,rep,packed,name=partitions" json:"partitions,omitempty"`
+	// Where to resume, from a previous ChangeEvent or heartbeat of a watch of
+	// the same users/partitions; empty for "from now". Opaque. Streams the
+	// cursor does not cover start from now.
+	Cursor string `protobuf:"bytes,3,opt,name=cursor" json:"cursor,omitempty"`
+	// Follow global config changes too (or only them).
+	Config        bool `protobuf:"varint,4,opt,name=config" json:"config,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WatchRequest) Reset() {
+	*x = WatchRequest{}
+	mi := &file_shardgate_v1_data_proto_msgTypes[35]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WatchRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WatchRequest) ProtoMessage() {}
+
+func (x *WatchRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_shardgate_v1_data_proto_msgTypes[35]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WatchRequest.ProtoReflect.Descriptor instead.
+func (*WatchRequest) Descriptor() ([]byte, []int) {
+	return file_shardgate_v1_data_proto_rawDescGZIP(), []int{35}
+}
+
+func (x *WatchRequest) GetUserIds() []string {
+	if x != nil {
+		return x.UserIds
+	}
+	return nil
+}
+
+func (x *WatchRequest) GetPartitions() []uint32 {
+	if x != nil {
+		return x.Partitions
+	}
+	return nil
+}
+
+func (x *WatchRequest) GetCursor() string {
+	if x != nil {
+		return x.Cursor
+	}
+	return ""
+}
+
+func (x *WatchRequest) GetConfig() bool {
+	if x != nil {
+		return x.Config
+	}
+	return false
+}
+
+type WatchResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Types that are valid to be assigned to Kind:
+	//
+	//	*WatchResponse_Event
+	//	*WatchResponse_Heartbeat
+	Kind          isWatchResponse_Kind `protobuf_oneof:"kind"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WatchResponse) Reset() {
+	*x = WatchResponse{}
+	mi := &file_shardgate_v1_data_proto_msgTypes[36]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WatchResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WatchResponse) ProtoMessage() {}
+
+func (x *WatchResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_shardgate_v1_data_proto_msgTypes[36]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WatchResponse.ProtoReflect.Descriptor instead.
+func (*WatchResponse) Descriptor() ([]byte, []int) {
+	return file_shardgate_v1_data_proto_rawDescGZIP(), []int{36}
+}
+
+func (x *WatchResponse) GetKind() isWatchResponse_Kind {
+	if x != nil {
+		return x.Kind
+	}
+	return nil
+}
+
+func (x *WatchResponse) GetEvent() *ChangeEvent {
+	if x != nil {
+		if x, ok := x.Kind.(*WatchResponse_Event); ok {
+			return x.Event
+		}
+	}
+	return nil
+}
+
+func (x *WatchResponse) GetHeartbeat() *Heartbeat {
+	if x != nil {
+		if x, ok := x.Kind.(*WatchResponse_Heartbeat); ok {
+			return x.Heartbeat
+		}
+	}
+	return nil
+}
+
+type isWatchResponse_Kind interface {
+	isWatchResponse_Kind()
+}
+
+type WatchResponse_Event struct {
+	Event *ChangeEvent `protobuf:"bytes,1,opt,name=event,oneof"`
+}
+
+type WatchResponse_Heartbeat struct {
+	Heartbeat *Heartbeat `protobuf:"bytes,2,opt,name=heartbeat,oneof"`
+}
+
+func (*WatchResponse_Event) isWatchResponse_Kind() {}
+
+func (*WatchResponse_Heartbeat) isWatchResponse_Kind() {}
+
+// ChangeEvent is one committed change.
+type ChangeEvent struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Unique per change: a redelivery carries the same ID.
+	EventId string `protobuf:"bytes,1,opt,name=event_id,json=eventId" json:"event_id,omitempty"`
+	// Resume here to get the events after this one.
+	Cursor string `protobuf:"bytes,2,opt,name=cursor" json:"cursor,omitempty"`
+	// Empty for config events.
+	UserId string `protobuf:"bytes,3,opt,name=user_id,json=userId" json:"user_id,omitempty"`
+	// The user's partition; 0 for config events.
+	Partition uint32 `protobuf:"varint,4,opt,name=partition" json:"partition,omitempty"`
+	// "user", "session", "item" or "config".
+	Entity string `protobuf:"bytes,5,opt,name=entity" json:"entity,omitempty"`
+	// user: the user ID; session: hex SHA-256 of the token; item:
+	// "collection/key"; config: "namespace/key".
+	Key string `protobuf:"bytes,6,opt,name=key" json:"key,omitempty"`
+	// "upsert" or "delete".
+	Op string `protobuf:"bytes,7,opt,name=op" json:"op,omitempty"`
+	// The key's version after the change (a delete's is one past the last
+	// write). Strictly rises per key, across deletes and re-creates.
+	Version int64 `protobuf:"varint,8,opt,name=version" json:"version,omitempty"`
+	// The new value (user profile, item or config value) as stored; empty
+	// for deletes, sessions (their data may be secret) and values over the
+	// server's payload cap (payload_omitted then says so).
+	PayloadJson    string                 `protobuf:"bytes,9,opt,name=payload_json,json=payloadJson" json:"payload_json,omitempty"`
+	CommittedAt    *timestamppb.Timestamp `protobuf:"bytes,10,opt,name=committed_at,json=committedAt" json:"committed_at,omitempty"`
+	PayloadOmitted bool                   `protobuf:"varint,11,opt,name=payload_omitted,json=payloadOmitted" json:"payload_omitted,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *ChangeEvent) Reset() {
+	*x = ChangeEvent{}
+	mi := &file_shardgate_v1_data_proto_msgTypes[37]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ChangeEvent) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ChangeEvent) ProtoMessage() {}
+
+func (x *ChangeEvent) ProtoReflect() protoreflect.Message {
+	mi := &file_shardgate_v1_data_proto_msgTypes[37]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ChangeEvent.ProtoReflect.Descriptor instead.
+func (*ChangeEvent) Descriptor() ([]byte, []int) {
+	return file_shardgate_v1_data_proto_rawDescGZIP(), []int{37}
+}
+
+func (x *ChangeEvent) GetEventId() string {
+	if x != nil {
+		return x.EventId
+	}
+	return ""
+}
+
+func (x *ChangeEvent) GetCursor() string {
+	if x != nil {
+		return x.Cursor
+	}
+	return ""
+}
+
+func (x *ChangeEvent) GetUserId() string {
+	if x != nil {
+		return x.UserId
+	}
+	return ""
+}
+
+func (x *ChangeEvent) GetPartition() uint32 {
+	if x != nil {
+		return x.Partition
+	}
+	return 0
+}
+
+func (x *ChangeEvent) GetEntity() string {
+	if x != nil {
+		return x.Entity
+	}
+	return ""
+}
+
+func (x *ChangeEvent) GetKey() string {
+	if x != nil {
+		return x.Key
+	}
+	return ""
+}
+
+func (x *ChangeEvent) GetOp() string {
+	if x != nil {
+		return x.Op
+	}
+	return ""
+}
+
+func (x *ChangeEvent) GetVersion() int64 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+func (x *ChangeEvent) GetPayloadJson() string {
+	if x != nil {
+		return x.PayloadJson
+	}
+	return ""
+}
+
+func (x *ChangeEvent) GetCommittedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.CommittedAt
+	}
+	return nil
+}
+
+func (x *ChangeEvent) GetPayloadOmitted() bool {
+	if x != nil {
+		return x.PayloadOmitted
+	}
+	return false
+}
+
+// Heartbeat says the watch is alive and where it stands.
+type Heartbeat struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Cursor        string                 `protobuf:"bytes,1,opt,name=cursor" json:"cursor,omitempty"`
+	Time          *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=time" json:"time,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Heartbeat) Reset() {
+	*x = Heartbeat{}
+	mi := &file_shardgate_v1_data_proto_msgTypes[38]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Heartbeat) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Heartbeat) ProtoMessage() {}
+
+func (x *Heartbeat) ProtoReflect() protoreflect.Message {
+	mi := &file_shardgate_v1_data_proto_msgTypes[38]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Heartbeat.ProtoReflect.Descriptor instead.
+func (*Heartbeat) Descriptor() ([]byte, []int) {
+	return file_shardgate_v1_data_proto_rawDescGZIP(), []int{38}
+}
+
+func (x *Heartbeat) GetCursor() string {
+	if x != nil {
+		return x.Cursor
+	}
+	return ""
+}
+
+func (x *Heartbeat) GetTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Time
+	}
+	return nil
+}
+
 var File_shardgate_v1_data_proto protoreflect.FileDescriptor
 
 const file_shardgate_v1_data_proto_rawDesc = "" +
@@ -2194,7 +2543,34 @@ const file_shardgate_v1_data_proto_rawDesc = "" +
 	"value_json\x18\x03 \x01(\tR\tvalueJson\x12\x18\n" +
 	"\aversion\x18\x04 \x01(\x03R\aversion\x129\n" +
 	"\n" +
-	"updated_at\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\tupdatedAt2\x94\n" +
+	"updated_at\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\tupdatedAt\"y\n" +
+	"\fWatchRequest\x12\x19\n" +
+	"\buser_ids\x18\x01 \x03(\tR\auserIds\x12\x1e\n" +
+	"\n" +
+	"partitions\x18\x02 \x03(\rR\n" +
+	"partitions\x12\x16\n" +
+	"\x06cursor\x18\x03 \x01(\tR\x06cursor\x12\x16\n" +
+	"\x06config\x18\x04 \x01(\bR\x06config\"\x83\x01\n" +
+	"\rWatchResponse\x121\n" +
+	"\x05event\x18\x01 \x01(\v2\x19.shardgate.v1.ChangeEventH\x00R\x05event\x127\n" +
+	"\theartbeat\x18\x02 \x01(\v2\x17.shardgate.v1.HeartbeatH\x00R\theartbeatB\x06\n" +
+	"\x04kind\"\xd6\x02\n" +
+	"\vChangeEvent\x12\x19\n" +
+	"\bevent_id\x18\x01 \x01(\tR\aeventId\x12\x16\n" +
+	"\x06cursor\x18\x02 \x01(\tR\x06cursor\x12\x17\n" +
+	"\auser_id\x18\x03 \x01(\tR\x06userId\x12\x1c\n" +
+	"\tpartition\x18\x04 \x01(\rR\tpartition\x12\x16\n" +
+	"\x06entity\x18\x05 \x01(\tR\x06entity\x12\x10\n" +
+	"\x03key\x18\x06 \x01(\tR\x03key\x12\x0e\n" +
+	"\x02op\x18\a \x01(\tR\x02op\x12\x18\n" +
+	"\aversion\x18\b \x01(\x03R\aversion\x12!\n" +
+	"\fpayload_json\x18\t \x01(\tR\vpayloadJson\x12=\n" +
+	"\fcommitted_at\x18\n" +
+	" \x01(\v2\x1a.google.protobuf.TimestampR\vcommittedAt\x12'\n" +
+	"\x0fpayload_omitted\x18\v \x01(\bR\x0epayloadOmitted\"S\n" +
+	"\tHeartbeat\x12\x16\n" +
+	"\x06cursor\x18\x01 \x01(\tR\x06cursor\x12.\n" +
+	"\x04time\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\x04time2\xd8\n" +
 	"\n" +
 	"\vDataService\x12F\n" +
 	"\aPutUser\x12\x1c.shardgate.v1.PutUserRequest\x1a\x1d.shardgate.v1.PutUserResponse\x12F\n" +
@@ -2216,7 +2592,8 @@ const file_shardgate_v1_data_proto_rawDesc = "" +
 	"\tSetConfig\x12\x1e.shardgate.v1.SetConfigRequest\x1a\x1f.shardgate.v1.SetConfigResponse\x12U\n" +
 	"\fDeleteConfig\x12!.shardgate.v1.DeleteConfigRequest\x1a\".shardgate.v1.DeleteConfigResponse\x12O\n" +
 	"\n" +
-	"ListConfig\x12\x1f.shardgate.v1.ListConfigRequest\x1a .shardgate.v1.ListConfigResponseBFZ=github.com/shardgate/shardgate/proto/shardgate/v1;shardgatev1\x92\x03\x04\b\x02 \x03b\beditionsp\xe8\a"
+	"ListConfig\x12\x1f.shardgate.v1.ListConfigRequest\x1a .shardgate.v1.ListConfigResponse\x12B\n" +
+	"\x05Watch\x12\x1a.shardgate.v1.WatchRequest\x1a\x1b.shardgate.v1.WatchResponse0\x01BFZ=github.com/shardgate/shardgate/proto/shardgate/v1;shardgatev1\x92\x03\x04\b\x02 \x03b\beditionsp\xe8\a"
 
 var (
 	file_shardgate_v1_data_proto_rawDescOnce sync.Once
@@ -2230,7 +2607,7 @@ func file_shardgate_v1_data_proto_rawDescGZIP() []byte {
 	return file_shardgate_v1_data_proto_rawDescData
 }
 
-var file_shardgate_v1_data_proto_msgTypes = make([]protoimpl.MessageInfo, 35)
+var file_shardgate_v1_data_proto_msgTypes = make([]protoimpl.MessageInfo, 39)
 var file_shardgate_v1_data_proto_goTypes = []any{
 	(*PutUserRequest)(nil),        // 0: shardgate.v1.PutUserRequest
 	(*PutUserResponse)(nil),       // 1: shardgate.v1.PutUserResponse
@@ -2267,60 +2644,70 @@ var file_shardgate_v1_data_proto_goTypes = []any{
 	(*ListConfigRequest)(nil),     // 32: shardgate.v1.ListConfigRequest
 	(*ListConfigResponse)(nil),    // 33: shardgate.v1.ListConfigResponse
 	(*ConfigEntry)(nil),           // 34: shardgate.v1.ConfigEntry
-	(*timestamppb.Timestamp)(nil), // 35: google.protobuf.Timestamp
+	(*WatchRequest)(nil),          // 35: shardgate.v1.WatchRequest
+	(*WatchResponse)(nil),         // 36: shardgate.v1.WatchResponse
+	(*ChangeEvent)(nil),           // 37: shardgate.v1.ChangeEvent
+	(*Heartbeat)(nil),             // 38: shardgate.v1.Heartbeat
+	(*timestamppb.Timestamp)(nil), // 39: google.protobuf.Timestamp
 }
 var file_shardgate_v1_data_proto_depIdxs = []int32{
-	35, // 0: shardgate.v1.GetUserResponse.created_at:type_name -> google.protobuf.Timestamp
-	35, // 1: shardgate.v1.GetUserResponse.updated_at:type_name -> google.protobuf.Timestamp
-	35, // 2: shardgate.v1.CreateSessionResponse.expires_at:type_name -> google.protobuf.Timestamp
-	35, // 3: shardgate.v1.GetSessionResponse.expires_at:type_name -> google.protobuf.Timestamp
-	35, // 4: shardgate.v1.TouchSessionResponse.expires_at:type_name -> google.protobuf.Timestamp
+	39, // 0: shardgate.v1.GetUserResponse.created_at:type_name -> google.protobuf.Timestamp
+	39, // 1: shardgate.v1.GetUserResponse.updated_at:type_name -> google.protobuf.Timestamp
+	39, // 2: shardgate.v1.CreateSessionResponse.expires_at:type_name -> google.protobuf.Timestamp
+	39, // 3: shardgate.v1.GetSessionResponse.expires_at:type_name -> google.protobuf.Timestamp
+	39, // 4: shardgate.v1.TouchSessionResponse.expires_at:type_name -> google.protobuf.Timestamp
 	16, // 5: shardgate.v1.ListSessionsResponse.sessions:type_name -> shardgate.v1.SessionInfo
-	35, // 6: shardgate.v1.SessionInfo.created_at:type_name -> google.protobuf.Timestamp
-	35, // 7: shardgate.v1.SessionInfo.expires_at:type_name -> google.protobuf.Timestamp
-	35, // 8: shardgate.v1.Item.updated_at:type_name -> google.protobuf.Timestamp
+	39, // 6: shardgate.v1.SessionInfo.created_at:type_name -> google.protobuf.Timestamp
+	39, // 7: shardgate.v1.SessionInfo.expires_at:type_name -> google.protobuf.Timestamp
+	39, // 8: shardgate.v1.Item.updated_at:type_name -> google.protobuf.Timestamp
 	17, // 9: shardgate.v1.GetItemResponse.item:type_name -> shardgate.v1.Item
 	17, // 10: shardgate.v1.ListItemsResponse.items:type_name -> shardgate.v1.Item
-	35, // 11: shardgate.v1.GetConfigResponse.updated_at:type_name -> google.protobuf.Timestamp
+	39, // 11: shardgate.v1.GetConfigResponse.updated_at:type_name -> google.protobuf.Timestamp
 	34, // 12: shardgate.v1.ListConfigResponse.entries:type_name -> shardgate.v1.ConfigEntry
-	35, // 13: shardgate.v1.ConfigEntry.updated_at:type_name -> google.protobuf.Timestamp
-	0,  // 14: shardgate.v1.DataService.PutUser:input_type -> shardgate.v1.PutUserRequest
-	2,  // 15: shardgate.v1.DataService.GetUser:input_type -> shardgate.v1.GetUserRequest
-	4,  // 16: shardgate.v1.DataService.DeleteUser:input_type -> shardgate.v1.DeleteUserRequest
-	6,  // 17: shardgate.v1.DataService.CreateSession:input_type -> shardgate.v1.CreateSessionRequest
-	8,  // 18: shardgate.v1.DataService.GetSession:input_type -> shardgate.v1.GetSessionRequest
-	10, // 19: shardgate.v1.DataService.TouchSession:input_type -> shardgate.v1.TouchSessionRequest
-	12, // 20: shardgate.v1.DataService.RevokeSession:input_type -> shardgate.v1.RevokeSessionRequest
-	14, // 21: shardgate.v1.DataService.ListSessions:input_type -> shardgate.v1.ListSessionsRequest
-	18, // 22: shardgate.v1.DataService.PutItem:input_type -> shardgate.v1.PutItemRequest
-	20, // 23: shardgate.v1.DataService.GetItem:input_type -> shardgate.v1.GetItemRequest
-	22, // 24: shardgate.v1.DataService.DeleteItem:input_type -> shardgate.v1.DeleteItemRequest
-	24, // 25: shardgate.v1.DataService.ListItems:input_type -> shardgate.v1.ListItemsRequest
-	26, // 26: shardgate.v1.DataService.GetConfig:input_type -> shardgate.v1.GetConfigRequest
-	28, // 27: shardgate.v1.DataService.SetConfig:input_type -> shardgate.v1.SetConfigRequest
-	30, // 28: shardgate.v1.DataService.DeleteConfig:input_type -> shardgate.v1.DeleteConfigRequest
-	32, // 29: shardgate.v1.DataService.ListConfig:input_type -> shardgate.v1.ListConfigRequest
-	1,  // 30: shardgate.v1.DataService.PutUser:output_type -> shardgate.v1.PutUserResponse
-	3,  // 31: shardgate.v1.DataService.GetUser:output_type -> shardgate.v1.GetUserResponse
-	5,  // 32: shardgate.v1.DataService.DeleteUser:output_type -> shardgate.v1.DeleteUserResponse
-	7,  // 33: shardgate.v1.DataService.CreateSession:output_type -> shardgate.v1.CreateSessionResponse
-	9,  // 34: shardgate.v1.DataService.GetSession:output_type -> shardgate.v1.GetSessionResponse
-	11, // 35: shardgate.v1.DataService.TouchSession:output_type -> shardgate.v1.TouchSessionResponse
-	13, // 36: shardgate.v1.DataService.RevokeSession:output_type -> shardgate.v1.RevokeSessionResponse
-	15, // 37: shardgate.v1.DataService.ListSessions:output_type -> shardgate.v1.ListSessionsResponse
-	19, // 38: shardgate.v1.DataService.PutItem:output_type -> shardgate.v1.PutItemResponse
-	21, // 39: shardgate.v1.DataService.GetItem:output_type -> shardgate.v1.GetItemResponse
-	23, // 40: shardgate.v1.DataService.DeleteItem:output_type -> shardgate.v1.DeleteItemResponse
-	25, // 41: shardgate.v1.DataService.ListItems:output_type -> shardgate.v1.ListItemsResponse
-	27, // 42: shardgate.v1.DataService.GetConfig:output_type -> shardgate.v1.GetConfigResponse
-	29, // 43: shardgate.v1.DataService.SetConfig:output_type -> shardgate.v1.SetConfigResponse
-	31, // 44: shardgate.v1.DataService.DeleteConfig:output_type -> shardgate.v1.DeleteConfigResponse
-	33, // 45: shardgate.v1.DataService.ListConfig:output_type -> shardgate.v1.ListConfigResponse
-	30, // [30:46] is the sub-list for method output_type
-	14, // [14:30] is the sub-list for method input_type
-	14, // [14:14] is the sub-list for extension type_name
-	14, // [14:14] is the sub-list for extension extendee
-	0,  // [0:14] is the sub-list for field type_name
+	39, // 13: shardgate.v1.ConfigEntry.updated_at:type_name -> google.protobuf.Timestamp
+	37, // 14: shardgate.v1.WatchResponse.event:type_name -> shardgate.v1.ChangeEvent
+	38, // 15: shardgate.v1.WatchResponse.heartbeat:type_name -> shardgate.v1.Heartbeat
+	39, // 16: shardgate.v1.ChangeEvent.committed_at:type_name -> google.protobuf.Timestamp
+	39, // 17: shardgate.v1.Heartbeat.time:type_name -> google.protobuf.Timestamp
+	0,  // 18: shardgate.v1.DataService.PutUser:input_type -> shardgate.v1.PutUserRequest
+	2,  // 19: shardgate.v1.DataService.GetUser:input_type -> shardgate.v1.GetUserRequest
+	4,  // 20: shardgate.v1.DataService.DeleteUser:input_type -> shardgate.v1.DeleteUserRequest
+	6,  // 21: shardgate.v1.DataService.CreateSession:input_type -> shardgate.v1.CreateSessionRequest
+	8,  // 22: shardgate.v1.DataService.GetSession:input_type -> shardgate.v1.GetSessionRequest
+	10, // 23: shardgate.v1.DataService.TouchSession:input_type -> shardgate.v1.TouchSessionRequest
+	12, // 24: shardgate.v1.DataService.RevokeSession:input_type -> shardgate.v1.RevokeSessionRequest
+	14, // 25: shardgate.v1.DataService.ListSessions:input_type -> shardgate.v1.ListSessionsRequest
+	18, // 26: shardgate.v1.DataService.PutItem:input_type -> shardgate.v1.PutItemRequest
+	20, // 27: shardgate.v1.DataService.GetItem:input_type -> shardgate.v1.GetItemRequest
+	22, // 28: shardgate.v1.DataService.DeleteItem:input_type -> shardgate.v1.DeleteItemRequest
+	24, // 29: shardgate.v1.DataService.ListItems:input_type -> shardgate.v1.ListItemsRequest
+	26, // 30: shardgate.v1.DataService.GetConfig:input_type -> shardgate.v1.GetConfigRequest
+	28, // 31: shardgate.v1.DataService.SetConfig:input_type -> shardgate.v1.SetConfigRequest
+	30, // 32: shardgate.v1.DataService.DeleteConfig:input_type -> shardgate.v1.DeleteConfigRequest
+	32, // 33: shardgate.v1.DataService.ListConfig:input_type -> shardgate.v1.ListConfigRequest
+	35, // 34: shardgate.v1.DataService.Watch:input_type -> shardgate.v1.WatchRequest
+	1,  // 35: shardgate.v1.DataService.PutUser:output_type -> shardgate.v1.PutUserResponse
+	3,  // 36: shardgate.v1.DataService.GetUser:output_type -> shardgate.v1.GetUserResponse
+	5,  // 37: shardgate.v1.DataService.DeleteUser:output_type -> shardgate.v1.DeleteUserResponse
+	7,  // 38: shardgate.v1.DataService.CreateSession:output_type -> shardgate.v1.CreateSessionResponse
+	9,  // 39: shardgate.v1.DataService.GetSession:output_type -> shardgate.v1.GetSessionResponse
+	11, // 40: shardgate.v1.DataService.TouchSession:output_type -> shardgate.v1.TouchSessionResponse
+	13, // 41: shardgate.v1.DataService.RevokeSession:output_type -> shardgate.v1.RevokeSessionResponse
+	15, // 42: shardgate.v1.DataService.ListSessions:output_type -> shardgate.v1.ListSessionsResponse
+	19, // 43: shardgate.v1.DataService.PutItem:output_type -> shardgate.v1.PutItemResponse
+	21, // 44: shardgate.v1.DataService.GetItem:output_type -> shardgate.v1.GetItemResponse
+	23, // 45: shardgate.v1.DataService.DeleteItem:output_type -> shardgate.v1.DeleteItemResponse
+	25, // 46: shardgate.v1.DataService.ListItems:output_type -> shardgate.v1.ListItemsResponse
+	27, // 47: shardgate.v1.DataService.GetConfig:output_type -> shardgate.v1.GetConfigResponse
+	29, // 48: shardgate.v1.DataService.SetConfig:output_type -> shardgate.v1.SetConfigResponse
+	31, // 49: shardgate.v1.DataService.DeleteConfig:output_type -> shardgate.v1.DeleteConfigResponse
+	33, // 50: shardgate.v1.DataService.ListConfig:output_type -> shardgate.v1.ListConfigResponse
+	36, // 51: shardgate.v1.DataService.Watch:output_type -> shardgate.v1.WatchResponse
+	35, // [35:52] is the sub-list for method output_type
+	18, // [18:35] is the sub-list for method input_type
+	18, // [18:18] is the sub-list for extension type_name
+	18, // [18:18] is the sub-list for extension extendee
+	0,  // [0:18] is the sub-list for field type_name
 }
 
 func init() { file_shardgate_v1_data_proto_init() }
@@ -2328,13 +2715,17 @@ func file_shardgate_v1_data_proto_init() {
 	if File_shardgate_v1_data_proto != nil {
 		return
 	}
+	file_shardgate_v1_data_proto_msgTypes[36].OneofWrappers = []any{
+		(*WatchResponse_Event)(nil),
+		(*WatchResponse_Heartbeat)(nil),
+	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_shardgate_v1_data_proto_rawDesc), len(file_shardgate_v1_data_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   35,
+			NumMessages:   39,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

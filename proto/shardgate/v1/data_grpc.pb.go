@@ -35,6 +35,7 @@ const (
 	DataService_SetConfig_FullMethodName     = "/shardgate.v1.DataService/SetConfig"
 	DataService_DeleteConfig_FullMethodName  = "/shardgate.v1.DataService/DeleteConfig"
 	DataService_ListConfig_FullMethodName    = "/shardgate.v1.DataService/ListConfig"
+	DataService_Watch_FullMethodName         = "/shardgate.v1.DataService/Watch"
 )
 
 // DataServiceClient is the client API for DataService service.
@@ -88,6 +89,15 @@ type DataServiceClient interface {
 	DeleteConfig(ctx context.Context, in *DeleteConfigRequest, opts ...grpc.CallOption) (*DeleteConfigResponse, error)
 	// ListConfig pages through a namespace's values, in key order.
 	ListConfig(ctx context.Context, in *ListConfigRequest, opts ...grpc.CallOption) (*ListConfigResponse, error)
+	// Watch follows the changes of up to 1000 users, of a set of partitions,
+	// or of global config, live, from a cursor or from now. Delivery is
+	// at-least-once (deduplicate by event_id); per key, versions only rise.
+	// Heartbeats carry the current cursor when nothing else is sent. Resume
+	// after a disconnect by passing the last cursor received: the stream goes
+	// on exactly after it. A cursor older than the stream retention, or a
+	// watcher that falls that far behind, ends with OUT_OF_RANGE: reread the
+	// state (Get/List calls) and watch again without a cursor.
+	Watch(ctx context.Context, in *WatchRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchResponse], error)
 }
 
 type dataServiceClient struct {
@@ -258,6 +268,25 @@ func (c *dataServiceClient) ListConfig(ctx context.Context, in *ListConfigReques
 	return out, nil
 }
 
+func (c *dataServiceClient) Watch(ctx context.Context, in *WatchRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &DataService_ServiceDesc.Streams[0], DataService_Watch_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[WatchRequest, WatchResponse]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type DataService_WatchClient = grpc.ServerStreamingClient[WatchResponse]
+
 // DataServiceServer is the server API for DataService service.
 // All implementations must embed UnimplementedDataServiceServer
 // for forward compatibility.
@@ -309,6 +338,15 @@ type DataServiceServer interface {
 	DeleteConfig(context.Context, *DeleteConfigRequest) (*DeleteConfigResponse, error)
 	// ListConfig pages through a namespace's values, in key order.
 	ListConfig(context.Context, *ListConfigRequest) (*ListConfigResponse, error)
+	// Watch follows the changes of up to 1000 users, of a set of partitions,
+	// or of global config, live, from a cursor or from now. Delivery is
+	// at-least-once (deduplicate by event_id); per key, versions only rise.
+	// Heartbeats carry the current cursor when nothing else is sent. Resume
+	// after a disconnect by passing the last cursor received: the stream goes
+	// on exactly after it. A cursor older than the stream retention, or a
+	// watcher that falls that far behind, ends with OUT_OF_RANGE: reread the
+	// state (Get/List calls) and watch again without a cursor.
+	Watch(*WatchRequest, grpc.ServerStreamingServer[WatchResponse]) error
 	mustEmbedUnimplementedDataServiceServer()
 }
 
@@ -366,6 +404,9 @@ func (UnimplementedDataServiceServer) DeleteConfig(context.Context, *DeleteConfi
 }
 func (UnimplementedDataServiceServer) ListConfig(context.Context, *ListConfigRequest) (*ListConfigResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ListConfig not implemented")
+}
+func (UnimplementedDataServiceServer) Watch(*WatchRequest, grpc.ServerStreamingServer[WatchResponse]) error {
+	return status.Error(codes.Unimplemented, "method Watch not implemented")
 }
 func (UnimplementedDataServiceServer) mustEmbedUnimplementedDataServiceServer() {}
 func (UnimplementedDataServiceServer) testEmbeddedByValue()                     {}
@@ -676,6 +717,17 @@ func _DataService_ListConfig_Handler(srv interface{}, ctx context.Context, dec f
 	return interceptor(ctx, in, info, handler)
 }
 
+func _DataService_Watch_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(WatchRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(DataServiceServer).Watch(m, &grpc.GenericServerStream[WatchRequest, WatchResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type DataService_WatchServer = grpc.ServerStreamingServer[WatchResponse]
+
 // DataService_ServiceDesc is the grpc.ServiceDesc for DataService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -748,6 +800,12 @@ var DataService_ServiceDesc = grpc.ServiceDesc{
 			Handler:    _DataService_ListConfig_Handler,
 		},
 	},
-	Streams:  []grpc.StreamDesc{},
+	Streams: []grpc.StreamDesc{
+		{
+			StreamName:    "Watch",
+			Handler:       _DataService_Watch_Handler,
+			ServerStreams: true,
+		},
+	},
 	Metadata: "shardgate/v1/data.proto",
 }

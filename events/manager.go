@@ -1,0 +1,73 @@
+package events
+
+import (
+	"context"
+	"sync"
+)
+
+// Manager runs a relay per shard and one for the catalog, and follows the
+// topology: Sync starts relays for new shards, restarts those whose DSN
+// changed and stops those of shards that left.
+type Manager struct {
+	opts   RelayOptions
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+
+	mu     sync.Mutex
+	relays map[string]running // shard name → relay; "" is the catalog's
+}
+
+type running struct {
+	dsn  string
+	stop context.CancelFunc
+}
+
+// NewManager returns a manager whose relays use opts. Nothing runs until
+// Sync or StartConfig.
+func NewManager(opts RelayOptions) *Manager {
+	ctx, cancel := context.WithCancel(context.Background())
+	return &Manager{opts: opts, ctx: ctx, cancel: cancel, relays: map[string]running{}}
+}
+
+// StartConfig runs the relay of the catalog's config outbox.
+func (m *Manager) StartConfig(catalogDSN string) {
+	m.start("", catalogDSN, NewConfigRelay(catalogDSN, m.opts))
+}
+
+// Sync makes the running shard relays match shards (name → DSN). It does
+// not block.
+func (m *Manager) Sync(shards map[string]string) {
+	m.mu.Lock()
+	for name, r := range m.relays {
+		if name == "" {
+			continue
+		}
+		if dsn, ok := shards[name]; !ok || dsn != r.dsn {
+			r.stop()
+			delete(m.relays, name)
+		}
+	}
+	m.mu.Unlock()
+	for name, dsn := range shards {
+		m.start(name, dsn, NewShardRelay(name, dsn, m.opts))
+	}
+}
+
+func (m *Manager) start(name, dsn string, r *Relay) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if _, ok := m.relays[name]; ok || m.ctx.Err() != nil {
+		return
+	}
+	ctx, stop := context.WithCancel(m.ctx)
+	m.relays[name] = running{dsn: dsn, stop: stop}
+	m.wg.Go(func() { r.Run(ctx) })
+}
+
+// Close stops every relay and waits for them to end; their locks go with
+// their connections.
+func (m *Manager) Close() {
+	m.cancel()
+	m.wg.Wait()
+}

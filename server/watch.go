@@ -1,0 +1,135 @@
+package server
+
+import (
+	"errors"
+	"slices"
+	"strconv"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	"github.com/shardgate/shardgate/events"
+	pb "github.com/shardgate/shardgate/proto/shardgate/v1"
+	"github.com/shardgate/shardgate/router"
+)
+
+// maxWatchUsers caps the users one Watch follows.
+const maxWatchUsers = 1000
+
+// resyncAdvice ends every OUT_OF_RANGE message of Watch.
+const resyncAdvice = "; resync: reread the watched state (Get/List calls), then watch again without a cursor"
+
+// Watch streams the changes of users, partitions or config (see the proto).
+func (d *DataService) Watch(req *pb.WatchRequest, stream pb.DataService_WatchServer) error {
+	ctx := stream.Context()
+	method := "/shardgate.v1.DataService/Watch"
+	sub, err := d.watchSubscription(req)
+	if err != nil {
+		return toStatus(ctx, d.s.opts.Logger, method, err)
+	}
+	if d.s.follower == nil {
+		return status.Error(codes.FailedPrecondition, "change events are off on this server (it runs without Redis)")
+	}
+	if n := d.s.watchers.Add(1); n > int64(d.s.opts.MaxWatchers) {
+		d.s.watchers.Add(-1)
+		return status.Errorf(codes.ResourceExhausted, "this server already serves %d watches; retry on another instance or later", d.s.opts.MaxWatchers)
+	}
+	defer d.s.watchers.Add(-1)
+	emit := func(e *events.Event, cur events.Cursor) error {
+		return stream.Send(&pb.WatchResponse{Kind: &pb.WatchResponse_Event{Event: changeEvent(e, cur)}})
+	}
+	heartbeat := func(cur events.Cursor) error {
+		return stream.Send(&pb.WatchResponse{Kind: &pb.WatchResponse_Heartbeat{Heartbeat: &pb.Heartbeat{
+			Cursor: cur.String(), Time: timestamppb.Now(),
+		}}})
+	}
+	err = d.s.follower.Follow(ctx, sub, emit, heartbeat)
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, events.ErrCursorExpired):
+		return status.Error(codes.OutOfRange, "cursor: the events right after it are no longer retained"+resyncAdvice)
+	case errors.Is(err, events.ErrFellBehind):
+		return status.Error(codes.OutOfRange, "the watch fell behind the stream retention"+resyncAdvice)
+	case ctx.Err() != nil:
+		return status.FromContextError(ctx.Err()).Err()
+	}
+	if _, ok := status.FromError(err); ok {
+		return err // from Send
+	}
+	d.s.opts.Logger.Warn("watch failed", "err", err)
+	return status.Error(codes.Unavailable, "event streams unavailable; retry with the last cursor")
+}
+
+// watchSubscription validates a WatchRequest, touching nothing but the
+// routing table.
+func (d *DataService) watchSubscription(req *pb.WatchRequest) (events.Subscription, error) {
+	var sub events.Subscription
+	users, parts := req.GetUserIds(), req.GetPartitions()
+	switch {
+	case len(users) > 0 && len(parts) > 0:
+		return sub, invalid("partitions", "set user_ids or partitions, not both")
+	case len(users) == 0 && len(parts) == 0 && !req.GetConfig():
+		return sub, invalid("user_ids", "set user_ids, partitions or config")
+	case len(users) > maxWatchUsers:
+		return sub, invalid("user_ids", "%d users exceeds the limit of %d", len(users), maxWatchUsers)
+	}
+	n := d.s.partitionCount()
+	if n == 0 {
+		return sub, errNoTable
+	}
+	if len(parts) > n {
+		return sub, invalid("partitions", "%d partitions, more than the %d there are", len(parts), n)
+	}
+	for i, id := range users {
+		if err := validateUserID(fieldIndex("user_ids", i), id); err != nil {
+			return sub, err
+		}
+		if sub.Users == nil {
+			sub.Users = make(map[string]bool, len(users))
+		}
+		sub.Users[id] = true
+		sub.Partitions = append(sub.Partitions, router.Partition(id, n))
+	}
+	for i, p := range parts {
+		if int64(p) >= int64(n) {
+			return sub, invalid(fieldIndex("partitions", i), "%d is not below the partition count %d", p, n)
+		}
+		sub.Partitions = append(sub.Partitions, int32(p))
+	}
+	slices.Sort(sub.Partitions)
+	sub.Partitions = slices.Compact(sub.Partitions)
+	sub.Config = req.GetConfig()
+	if c := req.GetCursor(); c != "" {
+		cur, err := events.ParseCursor(c)
+		if err != nil {
+			return sub, invalid("cursor", "not a cursor from this API (pass one from a ChangeEvent or heartbeat, or none to start from now)")
+		}
+		sub.From = cur
+	}
+	return sub, nil
+}
+
+func fieldIndex(field string, i int) string {
+	return field + "[" + strconv.Itoa(i) + "]"
+}
+
+func changeEvent(e *events.Event, cur events.Cursor) *pb.ChangeEvent {
+	ce := &pb.ChangeEvent{
+		EventId:        e.ID,
+		Cursor:         cur.String(),
+		UserId:         e.UserID,
+		Entity:         e.Entity,
+		Key:            e.Key,
+		Op:             e.Op,
+		Version:        e.Version,
+		PayloadJson:    string(e.Payload),
+		CommittedAt:    timestamppb.New(e.CommittedAt),
+		PayloadOmitted: e.Omitted,
+	}
+	if e.Partition >= 0 {
+		ce.Partition = uint32(e.Partition)
+	}
+	return ce
+}
