@@ -399,7 +399,7 @@ func (d *DataService) SetConfig(ctx context.Context, req *pb.SetConfigRequest) (
 	if err := validateExpected("expected_version", req.ExpectedVersion); err != nil {
 		return nil, err
 	}
-	v, err := d.s.catalog.SetConfig(ctx, req.GetNamespace(), req.GetKey(), value, req.ExpectedVersion)
+	v, err := d.s.setConfig(ctx, req.GetNamespace(), req.GetKey(), value, req.ExpectedVersion)
 	if err != nil {
 		return nil, err
 	}

@@ -73,6 +73,8 @@ type Server struct {
 
 	metrics     *prometheus.Registry
 	grpcMetrics *grpcprom.ServerMetrics
+
+	schemas schemaCache // compiled config schemas
 }
 
 // shardPool is an open shard and the catalog DSN it was opened from.
