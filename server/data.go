@@ -167,6 +167,19 @@ func (d *DataService) onToken(ctx context.Context, tok string, fn func(sh *shard
 	return d.s.onPartition(ctx, p, func(sh *shards.Shard) error { return fn(sh, p, hash) })
 }
 
+// userOwnsSession checks, for a user principal, that the session is its
+// own before a session-token call changes it (one extra read, users only).
+func userOwnsSession(ctx context.Context, sh *shards.Shard, p int32, hash []byte) error {
+	if pr, ok := PrincipalFrom(ctx); !ok || pr.Role != RoleUser {
+		return nil
+	}
+	sess, err := sh.GetSession(ctx, p, hash)
+	if err != nil {
+		return err
+	}
+	return ownSession(ctx, sess.UserID)
+}
+
 // GetSession reads a live session.
 func (d *DataService) GetSession(ctx context.Context, req *pb.GetSessionRequest) (*pb.GetSessionResponse, error) {
 	var sess shards.Session
@@ -175,6 +188,9 @@ func (d *DataService) GetSession(ctx context.Context, req *pb.GetSessionRequest)
 		return err
 	})
 	if err != nil {
+		return nil, err
+	}
+	if err := ownSession(ctx, sess.UserID); err != nil {
 		return nil, err
 	}
 	return &pb.GetSessionResponse{
@@ -193,6 +209,9 @@ func (d *DataService) TouchSession(ctx context.Context, req *pb.TouchSessionRequ
 	ttl := time.Duration(req.GetTtlSeconds()) * time.Second
 	var sess shards.Session
 	err := d.onToken(ctx, req.GetToken(), func(sh *shards.Shard, p int32, hash []byte) (err error) {
+		if err := userOwnsSession(ctx, sh, p, hash); err != nil {
+			return err
+		}
 		sess, err = sh.TouchSession(ctx, p, hash, ttl)
 		return err
 	})
@@ -205,6 +224,9 @@ func (d *DataService) TouchSession(ctx context.Context, req *pb.TouchSessionRequ
 // RevokeSession ends a session.
 func (d *DataService) RevokeSession(ctx context.Context, req *pb.RevokeSessionRequest) (*pb.RevokeSessionResponse, error) {
 	err := d.onToken(ctx, req.GetToken(), func(sh *shards.Shard, p int32, hash []byte) error {
+		if err := userOwnsSession(ctx, sh, p, hash); err != nil {
+			return err
+		}
 		return sh.RevokeSession(ctx, p, hash)
 	})
 	if err != nil {

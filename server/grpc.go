@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"log/slog"
 	"net"
@@ -11,6 +12,7 @@ import (
 	"github.com/grpc-ecosystem/go-grpc-middleware/v2/interceptors/recovery"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/keepalive"
@@ -28,9 +30,20 @@ type GRPCOptions struct {
 	// DefaultTimeout is the deadline given to calls that arrive without one
 	// (default 10s).
 	DefaultTimeout time.Duration
+	// MaxTimeout caps the deadline of unary calls (default 60s): a longer
+	// one is shortened to it.
+	MaxTimeout time.Duration
 	// MaxConcurrentStreams per connection (default 1024).
 	MaxConcurrentStreams uint32
-	Extra                []grpc.ServerOption
+	// TLS, when set, serves TLS (see NewTLSConfig); nil serves plaintext.
+	TLS *tls.Config
+	// Auth verifies bearer tokens; nil lets every call through as an
+	// anonymous admin (loopback and dev without auth).
+	Auth *Verifier
+	// Limiter rate-limits calls per principal and method class; nil: no
+	// limits.
+	Limiter *Limiter
+	Extra   []grpc.ServerOption
 }
 
 // NewGRPCServer returns a gRPC server with DataService, AdminService, the
@@ -46,6 +59,9 @@ func NewGRPCServer(s *Server, o GRPCOptions) (*grpc.Server, *health.Server) {
 	if o.MaxConcurrentStreams == 0 {
 		o.MaxConcurrentStreams = 1024
 	}
+	if o.MaxTimeout <= 0 {
+		o.MaxTimeout = 60 * time.Second
+	}
 	log := s.opts.Logger
 	logger := logging.LoggerFunc(func(ctx context.Context, lvl logging.Level, msg string, fields ...any) {
 		log.Log(ctx, slog.Level(lvl), msg, fields...)
@@ -57,23 +73,43 @@ func NewGRPCServer(s *Server, o GRPCOptions) (*grpc.Server, *health.Server) {
 		log.Error("panic in handler", "panic", p)
 		return status.Error(codes.Internal, "internal error")
 	})
-	opts := append([]grpc.ServerOption{
+	// Security runs before any handler: who is calling (auth), how often
+	// (limits), then what they sent (validation, inside errorCodes so a
+	// bad field becomes InvalidArgument).
+	v := &validator{maxJSON: s.opts.MaxJSONBytes, partitions: s.partitionCount}
+	unary := []grpc.UnaryServerInterceptor{
+		s.grpcMetrics.UnaryServerInterceptor(),
+		logging.UnaryServerInterceptor(logger, logOpts...),
+		recovery.UnaryServerInterceptor(onPanic),
+		defaultDeadline(o.DefaultTimeout, o.MaxTimeout),
+		authUnary(o.Auth),
+	}
+	stream := []grpc.StreamServerInterceptor{
+		s.grpcMetrics.StreamServerInterceptor(),
+		logging.StreamServerInterceptor(logger, logOpts...),
+		recovery.StreamServerInterceptor(onPanic),
+		authStream(o.Auth),
+	}
+	if o.Limiter != nil {
+		unary = append(unary, limitUnary(o.Limiter))
+		stream = append(stream, limitStream(o.Limiter))
+		for _, c := range o.Limiter.Collectors() {
+			s.metrics.MustRegister(c)
+		}
+	}
+	unary = append(unary, errorCodes(log), validateUnary(v))
+	stream = append(stream, validateStream(v))
+	opts := []grpc.ServerOption{
 		grpc.MaxRecvMsgSize(o.MaxRecvMsgBytes),
 		grpc.MaxConcurrentStreams(o.MaxConcurrentStreams),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
-		grpc.ChainUnaryInterceptor(
-			s.grpcMetrics.UnaryServerInterceptor(),
-			logging.UnaryServerInterceptor(logger, logOpts...),
-			recovery.UnaryServerInterceptor(onPanic),
-			defaultDeadline(o.DefaultTimeout),
-			errorCodes(log),
-		),
-		grpc.ChainStreamInterceptor(
-			s.grpcMetrics.StreamServerInterceptor(),
-			logging.StreamServerInterceptor(logger, logOpts...),
-			recovery.StreamServerInterceptor(onPanic),
-		),
-	}, o.Extra...)
+		grpc.ChainUnaryInterceptor(unary...),
+		grpc.ChainStreamInterceptor(stream...),
+	}
+	if o.TLS != nil {
+		opts = append(opts, grpc.Creds(credentials.NewTLS(o.TLS)))
+	}
+	opts = append(opts, o.Extra...)
 	g := grpc.NewServer(opts...)
 	pb.RegisterDataServiceServer(g, NewDataService(s))
 	pb.RegisterAdminServiceServer(g, NewAdminService(s))
@@ -99,13 +135,20 @@ func codeToLevel(c codes.Code) logging.Level {
 	return logging.LevelDebug
 }
 
-// defaultDeadline gives a call without a deadline one, so no request can
-// hold a connection forever.
-func defaultDeadline(d time.Duration) grpc.UnaryServerInterceptor {
+// defaultDeadline gives a call without a deadline one, and shortens one
+// past maxTimeout, so no request can hold a connection (or a database
+// connection) for long.
+func defaultDeadline(d, maxTimeout time.Duration) grpc.UnaryServerInterceptor {
 	return func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
-		if _, ok := ctx.Deadline(); !ok {
+		dl, ok := ctx.Deadline()
+		switch {
+		case !ok:
 			var cancel context.CancelFunc
-			ctx, cancel = context.WithTimeout(ctx, d)
+			ctx, cancel = context.WithTimeout(ctx, min(d, maxTimeout))
+			defer cancel()
+		case time.Until(dl) > maxTimeout:
+			var cancel context.CancelFunc
+			ctx, cancel = context.WithTimeout(ctx, maxTimeout)
 			defer cancel()
 		}
 		return h(ctx, req)
