@@ -4,6 +4,10 @@
 //	shardctl locate USER              a user's partition and shard
 //	shardctl migrate status           schema version of the catalog and each shard
 //	shardctl migrate up --catalog DSN apply pending migrations everywhere
+//	shardctl token mint --role R --sub S --key FILE   sign a token
+//
+// --token (or SHARDGATE_TOKEN) is sent as "authorization: Bearer …" on
+// every call; it needs TLS (--tls, --ca-file) unless the address is loopback.
 //
 // Output is a table for people; --json prints one JSON document for scripts.
 package main
@@ -20,7 +24,6 @@ import (
 
 	"github.com/alecthomas/kong"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
 
@@ -29,9 +32,15 @@ import (
 )
 
 type globals struct {
-	Addr    string        `help:"Shardgate gRPC address." default:"127.0.0.1:7070" env:"SHARDGATE_ADDR"`
-	JSON    bool          `help:"Print JSON instead of a table."`
-	Timeout time.Duration `help:"Deadline of each call." default:"10s"`
+	Addr       string        `help:"Shardgate gRPC address." default:"127.0.0.1:7070" env:"SHARDGATE_ADDR"`
+	JSON       bool          `help:"Print JSON instead of a table."`
+	Timeout    time.Duration `help:"Deadline of each call." default:"10s"`
+	Token      string        `help:"Bearer token (JWT) sent with every call; needs TLS unless the address is loopback." env:"SHARDGATE_TOKEN"`
+	TLS        bool          `help:"Connect with TLS 1.3 (implied by --ca-file and --cert)." env:"SHARDGATE_TLS"`
+	CAFile     string        `name:"ca-file" help:"PEM CA certificates to verify the server with (default: the system's)." env:"SHARDGATE_CA_FILE"`
+	ServerName string        `name:"server-name" help:"Server name to verify instead of the address's host."`
+	Cert       string        `help:"PEM client certificate, for mutual TLS." env:"SHARDGATE_CERT"`
+	Key        string        `help:"PEM private key of --cert." env:"SHARDGATE_KEY"`
 
 	out io.Writer
 }
@@ -44,6 +53,9 @@ type cli struct {
 		Status migrateStatusCmd `cmd:"" help:"Show the schema version of the catalog and every shard."`
 		Up     migrateUpCmd     `cmd:"" help:"Apply pending migrations to the catalog and every shard (talks to the databases directly)."`
 	} `cmd:"" help:"Schema migrations."`
+	Token struct {
+		Mint tokenMintCmd `cmd:"" help:"Sign a token with a private key (e.g. dev mode's key) and print it."`
+	} `cmd:"" help:"Tokens."`
 }
 
 func main() {
@@ -58,7 +70,11 @@ func main() {
 
 // call dials the server and runs fn with a deadline.
 func (g *globals) call(fn func(context.Context, *grpc.ClientConn) error) error {
-	conn, err := grpc.NewClient(g.Addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	opts, err := g.dialOptions()
+	if err != nil {
+		return err
+	}
+	conn, err := grpc.NewClient(g.Addr, opts...)
 	if err != nil {
 		return err
 	}
