@@ -127,7 +127,8 @@ type AuthOptions struct {
 	// admin (dev mode on loopback). A token that is present is still
 	// verified and enforced.
 	AllowAnonymous bool
-	// CacheSize bounds the verified-token cache (default 10000 entries).
+	// CacheSize bounds the verified-token cache (default 10000 entries;
+	// negative: no cache, every call verifies its signature).
 	CacheSize int
 }
 
@@ -155,7 +156,7 @@ func NewVerifier(o AuthOptions) (*Verifier, error) {
 	if o.Leeway <= 0 {
 		o.Leeway = 30 * time.Second
 	}
-	if o.CacheSize <= 0 {
+	if o.CacheSize == 0 {
 		o.CacheSize = 10000
 	}
 	popts := []jwt.ParserOption{
@@ -211,6 +212,9 @@ func (v *Verifier) Verify(ctx context.Context, raw string) (*Principal, error) {
 	exp := claims.ExpiresAt.Time
 	if nbf := claims.NotBefore; nbf != nil && nbf.After(now) {
 		// Valid only thanks to leeway: do not cache.
+		return p, nil
+	}
+	if v.opts.CacheSize < 0 {
 		return p, nil
 	}
 	v.mu.Lock()

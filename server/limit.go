@@ -79,7 +79,7 @@ type LimiterOptions struct {
 	Prefix string
 	// Rates per class; a class without one is not limited.
 	Rates map[MethodClass]Rate
-	// RedisTimeout bounds one check in Redis (default 50ms); a slower or
+	// RedisTimeout bounds one check in Redis (default 100ms); a slower or
 	// failed check falls back to memory.
 	RedisTimeout time.Duration
 	// Retry is how long after a Redis failure checks stay in memory before
@@ -89,7 +89,9 @@ type LimiterOptions struct {
 }
 
 // Limiter rate-limits calls per principal and method class with GCRA (a
-// token bucket kept as one timestamp per key). Buckets live in Redis; when
+// token bucket kept as one timestamp per key). Buckets live in Redis, one
+// Lua script call per check; a busy key takes a few tokens per call and
+// spends them locally (see leaseSize). When
 // Redis fails the limiter degrades to per-instance buckets in memory,
 // logging each switch and exporting shardgate_ratelimit_degraded.
 type Limiter struct {
@@ -98,6 +100,7 @@ type Limiter struct {
 	retryAt   atomic.Int64 // unix nanos: until then, use memory
 	mu        sync.Mutex
 	mem       map[string]int64 // key → theoretical arrival time (unix µs)
+	leases    map[string]lease // key → tokens taken from Redis ahead of time
 	lastSweep time.Time
 
 	fallbacks prometheus.Counter
@@ -110,7 +113,7 @@ func NewLimiter(o LimiterOptions) *Limiter {
 		o.Prefix = "shardgate:rl:"
 	}
 	if o.RedisTimeout <= 0 {
-		o.RedisTimeout = 50 * time.Millisecond
+		o.RedisTimeout = 100 * time.Millisecond
 	}
 	if o.Retry <= 0 {
 		o.Retry = time.Second
@@ -118,7 +121,7 @@ func NewLimiter(o LimiterOptions) *Limiter {
 	if o.Logger == nil {
 		o.Logger = slog.Default()
 	}
-	l := &Limiter{o: o, mem: map[string]int64{}}
+	l := &Limiter{o: o, mem: map[string]int64{}, leases: map[string]lease{}}
 	l.fallbacks = prometheus.NewCounter(prometheus.CounterOpts{
 		Name: "shardgate_ratelimit_memory_checks_total",
 		Help: "Rate-limit checks answered by the in-memory fallback because Redis failed.",
@@ -149,30 +152,49 @@ func (l *Limiter) Collectors() []prometheus.Collector {
 	}
 }
 
-// gcraScript checks and takes one token. KEYS[1] is the bucket; ARGV[1]
-// the emission interval and ARGV[2] the burst tolerance, in µs. It returns
-// {allowed, retry after in µs}. Redis's clock is the one clock all
-// instances share.
+// gcraScript takes up to ARGV[3] tokens from the bucket KEYS[1]; ARGV[1]
+// is the emission interval and ARGV[2] the burst tolerance, in µs. It
+// returns {tokens granted, retry after in µs when none}. Redis's clock is
+// the one clock all instances share.
 var gcraScript = rueidis.NewLuaScript(`
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1])
 local tolerance = tonumber(ARGV[2])
+local want = tonumber(ARGV[3])
 local tat = tonumber(redis.call('GET', KEYS[1]) or now)
 if tat < now then tat = now end
-local new_tat = tat + interval
-local allow_at = new_tat - tolerance
-if now < allow_at then
-  return {0, allow_at - now}
+local avail = math.floor((now + tolerance - tat) / interval)
+if avail < 1 then
+  return {0, tat + interval - tolerance - now}
 end
+local n = math.min(want, avail)
+local new_tat = tat + n * interval
 redis.call('SET', KEYS[1], new_tat, 'PX', math.ceil((new_tat - now) / 1000) + 1)
-return {1, 0}
+return {n, 0}
 `)
 
 // gcraParams returns the emission interval and burst tolerance of r in µs.
 func gcraParams(r Rate) (interval, tolerance int64) {
 	interval = max(1, int64(1e6/r.PerSecond))
 	return interval, interval * int64(r.Burst)
+}
+
+// leaseTTL is how long tokens taken from Redis ahead of time stay usable.
+const leaseTTL = 100 * time.Millisecond
+
+// leaseSize is how many tokens one Redis round trip takes for a busy key:
+// about 50ms worth of the rate, at most a tenth of the burst and 64, at
+// least 1 (then every call asks Redis). Tokens are taken from the shared
+// bucket when leased, so leasing never lets more calls through than the
+// bucket allows; unused ones expire, which can only refuse a little early.
+func leaseSize(r Rate) int64 {
+	return max(1, min(int64(r.PerSecond*0.05), int64(r.Burst/10), 64))
+}
+
+type lease struct {
+	n     int64
+	until time.Time
 }
 
 // Allow takes a token for key in class. It returns whether the call may
@@ -185,17 +207,31 @@ func (l *Limiter) Allow(ctx context.Context, class MethodClass, key string) (boo
 	k := l.o.Prefix + string(class) + ":" + key
 	interval, tolerance := gcraParams(r)
 	if l.o.Redis != nil && time.Now().UnixNano() >= l.retryAt.Load() {
+		want := leaseSize(r)
+		if want > 1 && l.takeLeased(k) {
+			return true, 0
+		}
 		rctx, cancel := context.WithTimeout(ctx, l.o.RedisTimeout)
-		res, err := gcraScript.Exec(rctx, l.o.Redis, []string{k},
-			[]string{strconv.FormatInt(interval, 10), strconv.FormatInt(tolerance, 10)}).ToArray()
+		res, err := gcraScript.Exec(rctx, l.o.Redis, []string{k}, []string{
+			strconv.FormatInt(interval, 10), strconv.FormatInt(tolerance, 10), strconv.FormatInt(want, 10)}).ToArray()
 		cancel()
 		if err == nil && len(res) == 2 {
-			allowed, _ := res[0].AsInt64()
+			granted, _ := res[0].AsInt64()
 			wait, _ := res[1].AsInt64()
 			if l.degraded.CompareAndSwap(true, false) {
 				l.o.Logger.Info("rate limiter: Redis is back; buckets are shared again")
 			}
-			return allowed == 1, time.Duration(wait) * time.Microsecond
+			if granted > 1 {
+				// Concurrent misses each lease; keep what is left of the others.
+				l.mu.Lock()
+				ls := l.leases[k]
+				if time.Now().After(ls.until) {
+					ls.n = 0
+				}
+				l.leases[k] = lease{n: ls.n + granted - 1, until: time.Now().Add(leaseTTL)}
+				l.mu.Unlock()
+			}
+			return granted >= 1, time.Duration(wait) * time.Microsecond
 		}
 		if ctx.Err() != nil {
 			return true, 0 // the call is over anyway
@@ -211,6 +247,19 @@ func (l *Limiter) Allow(ctx context.Context, class MethodClass, key string) (boo
 	return l.allowMemory(k, interval, tolerance)
 }
 
+// takeLeased uses a token leased earlier for key, if one is left.
+func (l *Limiter) takeLeased(key string) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	ls, ok := l.leases[key]
+	if !ok || ls.n <= 0 || time.Now().After(ls.until) {
+		return false
+	}
+	ls.n--
+	l.leases[key] = ls
+	return true
+}
+
 // allowMemory is gcraScript against this instance's memory.
 func (l *Limiter) allowMemory(key string, interval, tolerance int64) (bool, time.Duration) {
 	now := time.Now()
@@ -221,6 +270,11 @@ func (l *Limiter) allowMemory(key string, interval, tolerance int64) (bool, time
 		for k, tat := range l.mem {
 			if tat < nowUS {
 				delete(l.mem, k)
+			}
+		}
+		for k, ls := range l.leases {
+			if now.After(ls.until) {
+				delete(l.leases, k)
 			}
 		}
 		l.lastSweep = now

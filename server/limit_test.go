@@ -168,7 +168,7 @@ func TestLimiterFallsBackPerCheck(t *testing.T) {
 	addr, kill := startRedis(t)
 	client := newRedisClient(t, addr)
 	lim := NewLimiter(LimiterOptions{Redis: client, Prefix: "sgtest:" + testenv.RandomHex(6) + ":",
-		Rates: map[MethodClass]Rate{ClassWrite: {PerSecond: 1000, Burst: 1000}}, Retry: time.Millisecond,
+		Rates: map[MethodClass]Rate{ClassWrite: {PerSecond: 10, Burst: 10}}, Retry: time.Millisecond,
 		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
 	ctx := context.Background()
 	if ok, _ := lim.Allow(ctx, ClassWrite, "p"); !ok || lim.degraded.Load() {
