@@ -70,7 +70,7 @@ func (g *globals) dialOptions() ([]grpc.DialOption, error) {
 		if g.Cert != "" {
 			c, err := tls.LoadX509KeyPair(g.Cert, g.Key)
 			if err != nil {
-				return nil, fmt.Errorf("--cert/--key: %w", err)
+				return nil, fmt.Errorf("--client-cert/--client-key: %w", err)
 			}
 			conf.Certificates = []tls.Certificate{c}
 		}

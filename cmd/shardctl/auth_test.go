@@ -15,6 +15,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/alecthomas/kong"
+
 	"github.com/shardgate/shardgate/catalog"
 	"github.com/shardgate/shardgate/internal/testenv"
 	"github.com/shardgate/shardgate/router"
@@ -112,5 +114,17 @@ func TestMintRefusesBadInput(t *testing.T) {
 	tok, err := mintToken(b, "user", "a", "iss", "aud", time.Minute, time.Now())
 	if err != nil || strings.Count(tok, ".") != 2 {
 		t.Fatalf("mint: %q %v", tok, err)
+	}
+}
+
+// The command line parses: kong panics at start on a clash of flag names.
+func TestCLIParses(t *testing.T) {
+	var c cli
+	p, err := kong.New(&c, kong.Name("shardctl"), kong.Exit(func(int) {}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.Parse([]string{"token", "mint", "--role", "user", "--sub", "a", "--key", "/dev/null", "--client-cert", "c", "--client-key", "k"}); err != nil {
+		t.Fatal(err)
 	}
 }

@@ -36,11 +36,11 @@ type globals struct {
 	JSON       bool          `help:"Print JSON instead of a table."`
 	Timeout    time.Duration `help:"Deadline of each call." default:"10s"`
 	Token      string        `help:"Bearer token (JWT) sent with every call; needs TLS unless the address is loopback." env:"SHARDGATE_TOKEN"`
-	TLS        bool          `help:"Connect with TLS 1.3 (implied by --ca-file and --cert)." env:"SHARDGATE_TLS"`
+	TLS        bool          `help:"Connect with TLS 1.3 (implied by --ca-file and --client-cert)." env:"SHARDGATE_TLS"`
 	CAFile     string        `name:"ca-file" help:"PEM CA certificates to verify the server with (default: the system's)." env:"SHARDGATE_CA_FILE"`
 	ServerName string        `name:"server-name" help:"Server name to verify instead of the address's host."`
-	Cert       string        `help:"PEM client certificate, for mutual TLS." env:"SHARDGATE_CERT"`
-	Key        string        `help:"PEM private key of --cert." env:"SHARDGATE_KEY"`
+	Cert       string        `name:"client-cert" help:"PEM client certificate, for mutual TLS." env:"SHARDGATE_CLIENT_CERT"`
+	Key        string        `name:"client-key" help:"PEM private key of --client-cert." env:"SHARDGATE_CLIENT_KEY"`
 
 	out io.Writer
 }

@@ -7,6 +7,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/alecthomas/kong"
+
 	"github.com/shardgate/shardgate/server"
 )
 
@@ -119,6 +121,21 @@ func TestDevKey(t *testing.T) {
 		t.Fatalf("second run made another key: %v", err)
 	}
 	if _, err := devVerifier(k1); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// The command line parses: kong panics at start on a clash of flag names.
+func TestCLIParses(t *testing.T) {
+	var c cli
+	p, err := kong.New(&c, kong.Name("shardgate"), kong.Exit(func(int) {}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.Parse([]string{"serve", "--catalog", "x", "--tls-cert", "c", "--tls-key", "k", "--jwt-keys", "j", "--limit-redis", "r"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.Parse([]string{"dev", "--dev-key", "k", "--limit-redis", "r"}); err != nil {
 		t.Fatal(err)
 	}
 }
