@@ -139,3 +139,18 @@ func TestCLIParses(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+func TestCheckJWKSURL(t *testing.T) {
+	for url, ok := range map[string]bool{
+		"https://issuer.example/.well-known/jwks.json": true,
+		"http://127.0.0.1:8080/jwks":                   true,
+		"http://localhost/jwks":                        true,
+		"http://issuer.example/jwks":                   false,
+		"ftp://issuer.example/jwks":                    false,
+		"issuer.example/jwks":                          false,
+	} {
+		if err := checkJWKSURL(url); (err == nil) != ok {
+			t.Errorf("%s: %v", url, err)
+		}
+	}
+}

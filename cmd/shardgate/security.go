@@ -10,6 +10,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
+	"net/url"
 	"os"
 	"path/filepath"
 	"strings"
@@ -71,6 +73,9 @@ func (f securityFlags) build(ctx context.Context, log *slog.Logger) (security, e
 		keys, n = k, n+1
 	}
 	if f.JWKSURL != "" {
+		if err := checkJWKSURL(f.JWKSURL); err != nil {
+			return sec, err
+		}
 		j := &server.JWKSKeys{URL: f.JWKSURL}
 		if err := j.Fetch(ctx); err != nil {
 			return sec, fmt.Errorf("--jwt-jwks-url: %w", err)
@@ -99,6 +104,25 @@ func (f securityFlags) build(ctx context.Context, log *slog.Logger) (security, e
 		sec.auth = v
 	}
 	return sec, nil
+}
+
+// checkJWKSURL wants https: keys fetched in the clear could be swapped by
+// anyone on the path. Plain http is allowed to a loopback host only.
+func checkJWKSURL(raw string) error {
+	u, err := url.Parse(raw)
+	if err != nil || u.Host == "" {
+		return fmt.Errorf("--jwt-jwks-url %q is not a URL", raw)
+	}
+	switch u.Scheme {
+	case "https":
+		return nil
+	case "http":
+		host := u.Hostname()
+		if ip := net.ParseIP(host); host == "localhost" || (ip != nil && ip.IsLoopback()) {
+			return nil
+		}
+	}
+	return fmt.Errorf("--jwt-jwks-url must be https (http only to a loopback host): %s", u.Redacted())
 }
 
 // limiter builds the rate limiter, or nil when --limit-redis is empty. A
