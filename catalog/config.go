@@ -116,6 +116,15 @@ const (
 // SetConfig writes a value. expected nil writes unconditionally; 0 creates
 // only; N updates only version N. A mismatch is a *shards.ConflictError.
 func (c *Catalog) SetConfig(ctx context.Context, namespace, key string, value []byte, expected *int64) (int64, error) {
+	return c.setConfig(ctx, c.pool, namespace, key, value, expected)
+}
+
+// rowQuerier is a pool or a transaction.
+type rowQuerier interface {
+	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
+}
+
+func (c *Catalog) setConfig(ctx context.Context, q rowQuerier, namespace, key string, value []byte, expected *int64) (int64, error) {
 	var (
 		version *int64
 		current int64
@@ -123,11 +132,11 @@ func (c *Catalog) SetConfig(ctx context.Context, namespace, key string, value []
 	)
 	switch {
 	case expected == nil:
-		err = c.pool.QueryRow(ctx, setConfigAny, namespace, key, value).Scan(&version, &current)
+		err = q.QueryRow(ctx, setConfigAny, namespace, key, value).Scan(&version, &current)
 	case *expected == 0:
-		err = c.pool.QueryRow(ctx, setConfigCreate, namespace, key, value).Scan(&version, &current)
+		err = q.QueryRow(ctx, setConfigCreate, namespace, key, value).Scan(&version, &current)
 	default:
-		err = c.pool.QueryRow(ctx, setConfigUpdate, namespace, key, value, *expected).Scan(&version, &current)
+		err = q.QueryRow(ctx, setConfigUpdate, namespace, key, value, *expected).Scan(&version, &current)
 	}
 	if err != nil {
 		return 0, fmt.Errorf("set config: %w", err)

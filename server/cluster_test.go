@@ -91,6 +91,7 @@ type testServer struct {
 	admin pb.AdminServiceClient
 	stop  context.CancelFunc
 	done  chan error
+	addr  string
 }
 
 type serverOption func(*Options)
@@ -117,6 +118,13 @@ func withCache(t testing.TB, addr, prefix string, o cache.Options) serverOption 
 // so a test can hold a router on a stale map.
 func (c *testCluster) start(t testing.TB, watch bool, opts ...serverOption) *testServer {
 	t.Helper()
+	return c.startWith(t, watch, GRPCOptions{}, nil, opts...)
+}
+
+// startWith is start with gRPC server options and client dial options
+// (plaintext when dial is nil).
+func (c *testCluster) startWith(t testing.TB, watch bool, gopts GRPCOptions, dial []grpc.DialOption, opts ...serverOption) *testServer {
+	t.Helper()
 	o := Options{Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), TopologyInterval: 200 * time.Millisecond}
 	for _, f := range opts {
 		f(&o)
@@ -130,14 +138,18 @@ func (c *testCluster) start(t testing.TB, watch bool, opts ...serverOption) *tes
 	if watch {
 		go srv.Watch(ctx)
 	}
-	g, hs := NewGRPCServer(srv, GRPCOptions{})
+	g, hs := NewGRPCServer(srv, gopts)
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
 	ts := &testServer{srv: srv, stop: cancel, done: make(chan error, 1)}
 	go func() { ts.done <- Serve(ctx, g, hs, lis, 5*time.Second, 0) }()
-	ts.conn, err = grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	ts.addr = lis.Addr().String()
+	if dial == nil {
+		dial = []grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials())}
+	}
+	ts.conn, err = grpc.NewClient(ts.addr, dial...)
 	if err != nil {
 		t.Fatal(err)
 	}

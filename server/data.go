@@ -183,6 +183,19 @@ func (d *DataService) onToken(ctx context.Context, tok string, fn func(sh *shard
 	return d.s.onPartition(ctx, p, func(sh *shards.Shard) error { return fn(sh, p, hash) })
 }
 
+// userOwnsSession checks, for a user principal, that the session is its
+// own before a session-token call changes it (one extra read, users only).
+func userOwnsSession(ctx context.Context, sh *shards.Shard, p int32, hash []byte) error {
+	if pr, ok := PrincipalFrom(ctx); !ok || pr.Role != RoleUser {
+		return nil
+	}
+	sess, err := sh.GetSession(ctx, p, hash)
+	if err != nil {
+		return err
+	}
+	return ownSession(ctx, sess.UserID)
+}
+
 // GetSession reads a live session.
 func (d *DataService) GetSession(ctx context.Context, req *pb.GetSessionRequest) (*pb.GetSessionResponse, error) {
 	if c := d.s.readCache(ctx); c != nil {
@@ -194,6 +207,9 @@ func (d *DataService) GetSession(ctx context.Context, req *pb.GetSessionRequest)
 		return err
 	})
 	if err != nil {
+		return nil, err
+	}
+	if err := ownSession(ctx, sess.UserID); err != nil {
 		return nil, err
 	}
 	return &pb.GetSessionResponse{
@@ -229,6 +245,10 @@ func (d *DataService) getSessionCached(ctx context.Context, c *cache.Cache, tok 
 	if !e.Found {
 		return nil, errSessionNotFound()
 	}
+	// A user principal sees only its own sessions, cached or not.
+	if err := ownSession(ctx, e.Owner); err != nil {
+		return nil, err
+	}
 	return &pb.GetSessionResponse{
 		UserId:    e.Owner,
 		DataJson:  e.Value,
@@ -252,6 +272,9 @@ func (d *DataService) TouchSession(ctx context.Context, req *pb.TouchSessionRequ
 	ttl := time.Duration(req.GetTtlSeconds()) * time.Second
 	var sess shards.Session
 	err := d.onToken(ctx, req.GetToken(), func(sh *shards.Shard, p int32, hash []byte) (err error) {
+		if err := userOwnsSession(ctx, sh, p, hash); err != nil {
+			return err
+		}
 		sess, err = sh.TouchSession(ctx, p, hash, ttl)
 		return err
 	})
@@ -267,6 +290,9 @@ func (d *DataService) TouchSession(ctx context.Context, req *pb.TouchSessionRequ
 // RevokeSession ends a session.
 func (d *DataService) RevokeSession(ctx context.Context, req *pb.RevokeSessionRequest) (*pb.RevokeSessionResponse, error) {
 	err := d.onToken(ctx, req.GetToken(), func(sh *shards.Shard, p int32, hash []byte) error {
+		if err := userOwnsSession(ctx, sh, p, hash); err != nil {
+			return err
+		}
 		return sh.RevokeSession(ctx, p, hash)
 	})
 	if !isInvalid(err) {
@@ -481,7 +507,7 @@ func (d *DataService) SetConfig(ctx context.Context, req *pb.SetConfigRequest) (
 	if err := validateExpected("expected_version", req.ExpectedVersion); err != nil {
 		return nil, err
 	}
-	v, err := d.s.catalog.SetConfig(ctx, req.GetNamespace(), req.GetKey(), value, req.ExpectedVersion)
+	v, err := d.s.setConfig(ctx, req.GetNamespace(), req.GetKey(), value, req.ExpectedVersion)
 	d.invalidateConfig(ctx, req.GetNamespace(), req.GetKey())
 	if err != nil {
 		return nil, err

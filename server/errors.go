@@ -93,6 +93,8 @@ func entity(method string) string {
 		return strings.ToLower(strings.TrimSuffix(name, "s"))
 	case "Config":
 		return "config value"
+	case "ConfigSchema":
+		return "config schema"
 	}
 	return "resource"
 }

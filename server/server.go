@@ -112,6 +112,7 @@ type Server struct {
 	relays   *events.Manager  // nil unless Options.RunRelays
 	follower *events.Follower // nil without Options.Redis
 	watchers atomic.Int64     // open Watch streams
+	schemas  schemaCache      // compiled config schemas
 }
 
 // shardPool is an open shard and the catalog DSN it was opened from.

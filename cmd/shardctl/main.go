@@ -5,6 +5,10 @@
 //	shardctl migrate status           schema version of the catalog and each shard
 //	shardctl migrate up --catalog DSN apply pending migrations everywhere
 //	shardctl events tail --user U     follow change events live (--partition P, --config)
+//	shardctl token mint --role R --sub S --key FILE   sign a token
+//
+// --token (or SHARDGATE_TOKEN) is sent as "authorization: Bearer …" on
+// every call; it needs TLS (--tls, --ca-file) unless the address is loopback.
 //
 // Output is a table for people; --json prints one JSON document for scripts
 // (events tail: one JSON object per line).
@@ -24,7 +28,6 @@ import (
 
 	"github.com/alecthomas/kong"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
 
@@ -33,9 +36,15 @@ import (
 )
 
 type globals struct {
-	Addr    string        `help:"Shardgate gRPC address." default:"127.0.0.1:7070" env:"SHARDGATE_ADDR"`
-	JSON    bool          `help:"Print JSON instead of a table."`
-	Timeout time.Duration `help:"Deadline of each call." default:"10s"`
+	Addr       string        `help:"Shardgate gRPC address." default:"127.0.0.1:7070" env:"SHARDGATE_ADDR"`
+	JSON       bool          `help:"Print JSON instead of a table."`
+	Timeout    time.Duration `help:"Deadline of each call." default:"10s"`
+	Token      string        `help:"Bearer token (JWT) sent with every call; needs TLS unless the address is loopback." env:"SHARDGATE_TOKEN"`
+	TLS        bool          `help:"Connect with TLS 1.3 (implied by --ca-file and --client-cert)." env:"SHARDGATE_TLS"`
+	CAFile     string        `name:"ca-file" help:"PEM CA certificates to verify the server with (default: the system's)." env:"SHARDGATE_CA_FILE"`
+	ServerName string        `name:"server-name" help:"Server name to verify instead of the address's host."`
+	Cert       string        `name:"client-cert" help:"PEM client certificate, for mutual TLS." env:"SHARDGATE_CLIENT_CERT"`
+	Key        string        `name:"client-key" help:"PEM private key of --client-cert." env:"SHARDGATE_CLIENT_KEY"`
 
 	out io.Writer
 }
@@ -51,6 +60,9 @@ type cli struct {
 	Events struct {
 		Tail eventsTailCmd `cmd:"" help:"Follow change events live (Watch), one line each."`
 	} `cmd:"" help:"Change events."`
+	Token struct {
+		Mint tokenMintCmd `cmd:"" help:"Sign a token with a private key (e.g. dev mode's key) and print it."`
+	} `cmd:"" help:"Tokens."`
 }
 
 func main() {
@@ -65,7 +77,11 @@ func main() {
 
 // call dials the server and runs fn with a deadline.
 func (g *globals) call(fn func(context.Context, *grpc.ClientConn) error) error {
-	conn, err := grpc.NewClient(g.Addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	opts, err := g.dialOptions()
+	if err != nil {
+		return err
+	}
+	conn, err := grpc.NewClient(g.Addr, opts...)
 	if err != nil {
 		return err
 	}
@@ -215,7 +231,11 @@ type eventsTailCmd struct {
 // Run follows until interrupted (or Count events): each event is one line,
 // human-readable or (--json) a WatchResponse in JSON.
 func (c eventsTailCmd) Run(g *globals) error {
-	conn, err := grpc.NewClient(g.Addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	opts, err := g.dialOptions()
+	if err != nil {
+		return err
+	}
+	conn, err := grpc.NewClient(g.Addr, opts...)
 	if err != nil {
 		return err
 	}

@@ -20,6 +20,7 @@ type devCmd struct {
 	Shards    int           `help:"Number of shard databases." default:"4"`
 	DBPrefix  string        `name:"db-prefix" help:"Prefix of the databases dev mode creates." default:"shardgate_dev"`
 	NoInstall bool          `name:"no-install" help:"Never install PostgreSQL or Redis; only start them."`
+	DevKey    string        `name:"dev-key" help:"Ed25519 key dev mode signs and verifies tokens with; created if missing (default: <user config dir>/shardgate/dev-signing-key.pem)." env:"SHARDGATE_DEV_KEY"`
 	Drain     time.Duration `help:"How long health reports NOT_SERVING after SIGTERM before the server stops taking calls." default:"0s" env:"SHARDGATE_DRAIN"`
 	serveFlags
 }
@@ -61,9 +62,24 @@ func (c *devCmd) Run(ctx context.Context, log *slog.Logger) error {
 	default:
 		return err
 	}
-	log.Warn("dev mode: no TLS, no auth, loopback only", "listen", c.Listen)
+	if c.DevKey == "" {
+		c.DevKey = devKeyPath()
+	}
+	key, err := ensureDevKey(c.DevKey)
+	if err != nil {
+		return fmt.Errorf("dev signing key: %w", err)
+	}
+	auth, err := devVerifier(key)
+	if err != nil {
+		return err
+	}
+	// Rate limits stay off unless --limit-redis is given: load tests run
+	// against dev mode, and anonymous calls share one bucket per IP.
+	log.Warn("dev mode: loopback only, no TLS; calls without a token act as admin, tokens that are sent are verified and enforced", "listen", c.Listen)
 	log.Info("try it", "list", "grpcurl -plaintext "+c.Listen+" list", "topology", "go run ./cmd/shardctl --addr "+c.Listen+" topology")
-	return run(ctx, log, c.Listen, catalogDSN, c.serveFlags, c.Drain)
+	log.Info("mint a token", "user", "go run ./cmd/shardctl token mint --key "+c.DevKey+" --role user --sub alice",
+		"use", "SHARDGATE_TOKEN=<token> go run ./cmd/shardctl topology")
+	return run(ctx, log, c.Listen, catalogDSN, c.serveFlags, security{auth: auth}, c.Drain)
 }
 
 // createDatabases creates the catalog and shard databases if missing and

@@ -24,7 +24,7 @@ type cli struct {
 
 	Serve serveCmd `cmd:"" help:"Serve the gRPC API for an existing cluster."`
 	Init  initCmd  `cmd:"" help:"Create a cluster: migrate the catalog and shards and place the partitions."`
-	Dev   devCmd   `cmd:"" help:"Run a local cluster on this machine's PostgreSQL and Redis (loopback only, no TLS, no auth)."`
+	Dev   devCmd   `cmd:"" help:"Run a local cluster on this machine's PostgreSQL and Redis (loopback only, no TLS; tokens optional)."`
 }
 
 func main() {

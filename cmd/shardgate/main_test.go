@@ -1,8 +1,15 @@
 package main
 
 import (
+	"crypto/tls"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/alecthomas/kong"
+
+	"github.com/shardgate/shardgate/server"
 )
 
 func TestIsLoopback(t *testing.T) {
@@ -73,5 +80,77 @@ func TestWithDatabase(t *testing.T) {
 	}
 	if _, err := withDatabase("host=localhost dbname=x", "y"); err == nil {
 		t.Fatal("a keyword/value DSN was accepted")
+	}
+}
+
+func TestCheckExposure(t *testing.T) {
+	full := security{tls: &tls.Config{}, auth: &server.Verifier{}}
+	for _, c := range []struct {
+		name     string
+		loopback bool
+		sec      security
+		insecure bool
+		ok       bool
+	}{
+		{"loopback, nothing", true, security{}, false, true},
+		{"remote, TLS and auth", false, full, false, true},
+		{"remote, nothing", false, security{}, false, false},
+		{"remote, TLS only", false, security{tls: full.tls}, false, false},
+		{"remote, auth only", false, security{auth: full.auth}, false, false},
+		{"remote, nothing, --insecure", false, security{}, true, true},
+	} {
+		err := checkExposure("10.0.0.1:7070", c.loopback, c.sec, c.insecure)
+		if (err == nil) != c.ok {
+			t.Errorf("%s: %v", c.name, err)
+		}
+	}
+}
+
+func TestDevKey(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "sub", "dev.pem")
+	k1, err := ensureDevKey(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fi, err := os.Stat(path)
+	if err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("dev key file: %v %v", fi.Mode(), err)
+	}
+	k2, err := ensureDevKey(path)
+	if err != nil || !k1.Equal(k2) {
+		t.Fatalf("second run made another key: %v", err)
+	}
+	if _, err := devVerifier(k1); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// The command line parses: kong panics at start on a clash of flag names.
+func TestCLIParses(t *testing.T) {
+	var c cli
+	p, err := kong.New(&c, kong.Name("shardgate"), kong.Exit(func(int) {}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.Parse([]string{"serve", "--catalog", "x", "--tls-cert", "c", "--tls-key", "k", "--jwt-keys", "j", "--limit-redis", "r"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.Parse([]string{"dev", "--dev-key", "k", "--limit-redis", "r"}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestCheckJWKSURL(t *testing.T) {
+	for url, ok := range map[string]bool{
+		"https://issuer.example/.well-known/jwks.json": true,
+		"http://127.0.0.1:8080/jwks":                   true,
+		"http://localhost/jwks":                        true,
+		"http://issuer.example/jwks":                   false,
+		"ftp://issuer.example/jwks":                    false,
+		"issuer.example/jwks":                          false,
+	} {
+		if err := checkJWKSURL(url); (err == nil) != ok {
+			t.Errorf("%s: %v", url, err)
+		}
 	}
 }

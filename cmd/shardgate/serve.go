@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"strings"
 	"sync"
 	"time"
 
@@ -32,14 +33,16 @@ type serveFlags struct {
 	StreamMaxLen     int64         `name:"stream-maxlen" help:"Events each stream keeps, approximately (XADD MAXLEN ~); older Watch cursors are OUT_OF_RANGE." default:"100000" env:"SHARDGATE_STREAM_MAXLEN"`
 	WatchHeartbeat   time.Duration `name:"watch-heartbeat" help:"Longest a Watch stream stays silent before a heartbeat." default:"5s" env:"SHARDGATE_WATCH_HEARTBEAT"`
 	MaxWatchers      int           `name:"max-watchers" help:"Concurrent Watch streams this instance serves; more get RESOURCE_EXHAUSTED. Each holds a Redis connection." default:"1000" env:"SHARDGATE_MAX_WATCHERS"`
+	guardFlags
 }
 
 type serveCmd struct {
 	Listen   string        `help:"Address to serve gRPC on." default:"127.0.0.1:7070" env:"SHARDGATE_LISTEN"`
 	Catalog  string        `help:"Catalog database DSN." required:"" env:"SHARDGATE_CATALOG"`
-	Insecure bool          `help:"Allow a non-loopback listen address without TLS and auth (never in production)." env:"SHARDGATE_INSECURE"`
+	Insecure bool          `help:"Allow a non-loopback listen address without TLS or without auth (never in production)." env:"SHARDGATE_INSECURE"`
 	Drain    time.Duration `help:"How long health reports NOT_SERVING after SIGTERM before the server stops taking calls, so load balancers move away first." default:"2s" env:"SHARDGATE_DRAIN"`
 	serveFlags
+	securityFlags
 }
 
 func (c *serveCmd) Run(ctx context.Context, log *slog.Logger) error {
@@ -47,18 +50,39 @@ func (c *serveCmd) Run(ctx context.Context, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
-	if !loopback {
-		if !c.Insecure {
-			return fmt.Errorf("refusing to listen on %s: not loopback, and this build serves without TLS or auth; use a loopback address or pass --insecure", c.Listen)
-		}
-		log.Warn("INSECURE: serving without TLS or auth on a non-loopback address", "listen", c.Listen)
+	sec, err := c.securityFlags.build(ctx, log)
+	if err != nil {
+		return err
 	}
-	return run(ctx, log, c.Listen, c.Catalog, c.serveFlags, c.Drain)
+	if err := checkExposure(c.Listen, loopback, sec, c.Insecure); err != nil {
+		return err
+	}
+	if !loopback && (sec.tls == nil || sec.auth == nil) {
+		log.Warn("INSECURE: serving on a non-loopback address without TLS or without auth (--insecure)",
+			"listen", c.Listen, "tls", sec.tls != nil, "auth", sec.auth != nil)
+	}
+	return run(ctx, log, c.Listen, c.Catalog, c.serveFlags, sec, c.Drain)
+}
+
+// checkExposure refuses a non-loopback address unless both TLS and auth
+// are configured, or insecure says to serve anyway.
+func checkExposure(listen string, loopback bool, sec security, insecure bool) error {
+	if loopback || insecure || (sec.tls != nil && sec.auth != nil) {
+		return nil
+	}
+	var missing []string
+	if sec.tls == nil {
+		missing = append(missing, "TLS (--tls-cert, --tls-key)")
+	}
+	if sec.auth == nil {
+		missing = append(missing, "auth (--jwt-keys, --jwt-jwks-url or --jwt-hs256-secret-file)")
+	}
+	return fmt.Errorf("refusing to listen on %s: not loopback, and no %s; configure them, use a loopback address, or pass --insecure", listen, strings.Join(missing, " and no "))
 }
 
 // run serves until ctx ends: health turns NOT_SERVING, calls are still
 // taken for drain, then in-flight calls get up to f.Grace.
-func run(ctx context.Context, log *slog.Logger, listen, catalogDSN string, f serveFlags, drain time.Duration) error {
+func run(ctx context.Context, log *slog.Logger, listen, catalogDSN string, f serveFlags, sec security, drain time.Duration) error {
 	var c *cache.Cache
 	if f.Redis != "" {
 		var err error
@@ -109,7 +133,19 @@ func run(ctx context.Context, log *slog.Logger, listen, catalogDSN string, f ser
 	watch.Go(func() { s.Watch(watchCtx) })
 	defer watch.Wait()
 	defer stopWatch()
-	g, hs := server.NewGRPCServer(s, server.GRPCOptions{MaxRecvMsgBytes: f.MaxRecvBytes, DefaultTimeout: f.DefaultTimeout})
+	lim, closeLimiter, err := f.limiter(log)
+	if err != nil {
+		return err
+	}
+	defer closeLimiter()
+	g, hs := server.NewGRPCServer(s, server.GRPCOptions{
+		MaxRecvMsgBytes: f.MaxRecvBytes,
+		DefaultTimeout:  f.DefaultTimeout,
+		MaxTimeout:      f.MaxTimeout,
+		TLS:             sec.tls,
+		Auth:            sec.auth,
+		Limiter:         lim,
+	})
 	lis, err := net.Listen("tcp", listen)
 	if err != nil {
 		return err
@@ -123,7 +159,7 @@ func run(ctx context.Context, log *slog.Logger, listen, catalogDSN string, f ser
 		defer stop()
 	}
 	t := s.Router().Table()
-	log.Info("serving", "addr", lis.Addr().String(), "topology_version", t.Version(), "partitions", t.PartitionCount(), "shards", len(t.Shards()))
+	log.Info("serving", "addr", lis.Addr().String(), "tls", sec.tls != nil, "auth", sec.auth != nil, "topology_version", t.Version(), "partitions", t.PartitionCount(), "shards", len(t.Shards()))
 	err = server.Serve(ctx, g, hs, lis, f.Grace, drain)
 	log.Info("stopped")
 	return err

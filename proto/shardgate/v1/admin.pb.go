@@ -9,6 +9,7 @@ package shardgatev1
 import (
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
+	timestamppb "google.golang.org/protobuf/types/known/timestamppb"
 	reflect "reflect"
 	sync "sync"
 	unsafe "unsafe"
@@ -508,11 +509,197 @@ func (x *DatabaseMigration) GetError() string {
 	return ""
 }
 
+type SetConfigSchemaRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// 1-64 bytes of [A-Za-z0-9._-].
+	Namespace string `protobuf:"bytes,1,opt,name=namespace" json:"namespace,omitempty"`
+	// A JSON Schema, at most --max-json-bytes; empty removes the schema.
+	SchemaJson    string `protobuf:"bytes,2,opt,name=schema_json,json=schemaJson" json:"schema_json,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetConfigSchemaRequest) Reset() {
+	*x = SetConfigSchemaRequest{}
+	mi := &file_shardgate_v1_admin_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetConfigSchemaRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetConfigSchemaRequest) ProtoMessage() {}
+
+func (x *SetConfigSchemaRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_shardgate_v1_admin_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetConfigSchemaRequest.ProtoReflect.Descriptor instead.
+func (*SetConfigSchemaRequest) Descriptor() ([]byte, []int) {
+	return file_shardgate_v1_admin_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *SetConfigSchemaRequest) GetNamespace() string {
+	if x != nil {
+		return x.Namespace
+	}
+	return ""
+}
+
+func (x *SetConfigSchemaRequest) GetSchemaJson() string {
+	if x != nil {
+		return x.SchemaJson
+	}
+	return ""
+}
+
+type SetConfigSchemaResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetConfigSchemaResponse) Reset() {
+	*x = SetConfigSchemaResponse{}
+	mi := &file_shardgate_v1_admin_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetConfigSchemaResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetConfigSchemaResponse) ProtoMessage() {}
+
+func (x *SetConfigSchemaResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_shardgate_v1_admin_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetConfigSchemaResponse.ProtoReflect.Descriptor instead.
+func (*SetConfigSchemaResponse) Descriptor() ([]byte, []int) {
+	return file_shardgate_v1_admin_proto_rawDescGZIP(), []int{9}
+}
+
+type GetConfigSchemaRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Namespace     string                 `protobuf:"bytes,1,opt,name=namespace" json:"namespace,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetConfigSchemaRequest) Reset() {
+	*x = GetConfigSchemaRequest{}
+	mi := &file_shardgate_v1_admin_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetConfigSchemaRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetConfigSchemaRequest) ProtoMessage() {}
+
+func (x *GetConfigSchemaRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_shardgate_v1_admin_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetConfigSchemaRequest.ProtoReflect.Descriptor instead.
+func (*GetConfigSchemaRequest) Descriptor() ([]byte, []int) {
+	return file_shardgate_v1_admin_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *GetConfigSchemaRequest) GetNamespace() string {
+	if x != nil {
+		return x.Namespace
+	}
+	return ""
+}
+
+type GetConfigSchemaResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	SchemaJson    string                 `protobuf:"bytes,1,opt,name=schema_json,json=schemaJson" json:"schema_json,omitempty"`
+	UpdatedAt     *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=updated_at,json=updatedAt" json:"updated_at,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetConfigSchemaResponse) Reset() {
+	*x = GetConfigSchemaResponse{}
+	mi := &file_shardgate_v1_admin_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetConfigSchemaResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetConfigSchemaResponse) ProtoMessage() {}
+
+func (x *GetConfigSchemaResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_shardgate_v1_admin_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetConfigSchemaResponse.ProtoReflect.Descriptor instead.
+func (*GetConfigSchemaResponse) Descriptor() ([]byte, []int) {
+	return file_shardgate_v1_admin_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *GetConfigSchemaResponse) GetSchemaJson() string {
+	if x != nil {
+		return x.SchemaJson
+	}
+	return ""
+}
+
+func (x *GetConfigSchemaResponse) GetUpdatedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.UpdatedAt
+	}
+	return nil
+}
+
 var File_shardgate_v1_admin_proto protoreflect.FileDescriptor
 
 const file_shardgate_v1_admin_proto_rawDesc = "" +
 	"\n" +
-	"\x18shardgate/v1/admin.proto\x12\fshardgate.v1\"\x14\n" +
+	"\x18shardgate/v1/admin.proto\x12\fshardgate.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x14\n" +
 	"\x12GetTopologyRequest\"\x89\x01\n" +
 	"\x13GetTopologyResponse\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\x03R\aversion\x12'\n" +
@@ -537,17 +724,31 @@ const file_shardgate_v1_admin_proto_rawDesc = "" +
 	"\x0fapplied_version\x18\x02 \x01(\x03R\x0eappliedVersion\x12%\n" +
 	"\x0elatest_version\x18\x03 \x01(\x03R\rlatestVersion\x12)\n" +
 	"\x10pending_versions\x18\x04 \x03(\x03R\x0fpendingVersions\x12\x14\n" +
-	"\x05error\x18\x05 \x01(\tR\x05error*[\n" +
+	"\x05error\x18\x05 \x01(\tR\x05error\"W\n" +
+	"\x16SetConfigSchemaRequest\x12\x1c\n" +
+	"\tnamespace\x18\x01 \x01(\tR\tnamespace\x12\x1f\n" +
+	"\vschema_json\x18\x02 \x01(\tR\n" +
+	"schemaJson\"\x19\n" +
+	"\x17SetConfigSchemaResponse\"6\n" +
+	"\x16GetConfigSchemaRequest\x12\x1c\n" +
+	"\tnamespace\x18\x01 \x01(\tR\tnamespace\"u\n" +
+	"\x17GetConfigSchemaResponse\x12\x1f\n" +
+	"\vschema_json\x18\x01 \x01(\tR\n" +
+	"schemaJson\x129\n" +
+	"\n" +
+	"updated_at\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\tupdatedAt*[\n" +
 	"\n" +
 	"ShardState\x12\x1b\n" +
 	"\x17SHARD_STATE_UNSPECIFIED\x10\x00\x12\x16\n" +
 	"\x12SHARD_STATE_ACTIVE\x10\x01\x12\x18\n" +
-	"\x14SHARD_STATE_DRAINING\x10\x022\x93\x02\n" +
+	"\x14SHARD_STATE_DRAINING\x10\x022\xd3\x03\n" +
 	"\fAdminService\x12R\n" +
 	"\vGetTopology\x12 .shardgate.v1.GetTopologyRequest\x1a!.shardgate.v1.GetTopologyResponse\x12O\n" +
 	"\n" +
 	"LocateUser\x12\x1f.shardgate.v1.LocateUserRequest\x1a .shardgate.v1.LocateUserResponse\x12^\n" +
-	"\x0fMigrationStatus\x12$.shardgate.v1.MigrationStatusRequest\x1a%.shardgate.v1.MigrationStatusResponseBFZ=github.com/shardgate/shardgate/proto/shardgate/v1;shardgatev1\x92\x03\x04\b\x02 \x03b\beditionsp\xe8\a"
+	"\x0fMigrationStatus\x12$.shardgate.v1.MigrationStatusRequest\x1a%.shardgate.v1.MigrationStatusResponse\x12^\n" +
+	"\x0fSetConfigSchema\x12$.shardgate.v1.SetConfigSchemaRequest\x1a%.shardgate.v1.SetConfigSchemaResponse\x12^\n" +
+	"\x0fGetConfigSchema\x12$.shardgate.v1.GetConfigSchemaRequest\x1a%.shardgate.v1.GetConfigSchemaResponseBFZ=github.com/shardgate/shardgate/proto/shardgate/v1;shardgatev1\x92\x03\x04\b\x02 \x03b\beditionsp\xe8\a"
 
 var (
 	file_shardgate_v1_admin_proto_rawDescOnce sync.Once
@@ -562,7 +763,7 @@ func file_shardgate_v1_admin_proto_rawDescGZIP() []byte {
 }
 
 var file_shardgate_v1_admin_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_shardgate_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 8)
+var file_shardgate_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 12)
 var file_shardgate_v1_admin_proto_goTypes = []any{
 	(ShardState)(0),                 // 0: shardgate.v1.ShardState
 	(*GetTopologyRequest)(nil),      // 1: shardgate.v1.GetTopologyRequest
@@ -573,23 +774,33 @@ var file_shardgate_v1_admin_proto_goTypes = []any{
 	(*MigrationStatusRequest)(nil),  // 6: shardgate.v1.MigrationStatusRequest
 	(*MigrationStatusResponse)(nil), // 7: shardgate.v1.MigrationStatusResponse
 	(*DatabaseMigration)(nil),       // 8: shardgate.v1.DatabaseMigration
+	(*SetConfigSchemaRequest)(nil),  // 9: shardgate.v1.SetConfigSchemaRequest
+	(*SetConfigSchemaResponse)(nil), // 10: shardgate.v1.SetConfigSchemaResponse
+	(*GetConfigSchemaRequest)(nil),  // 11: shardgate.v1.GetConfigSchemaRequest
+	(*GetConfigSchemaResponse)(nil), // 12: shardgate.v1.GetConfigSchemaResponse
+	(*timestamppb.Timestamp)(nil),   // 13: google.protobuf.Timestamp
 }
 var file_shardgate_v1_admin_proto_depIdxs = []int32{
-	3, // 0: shardgate.v1.GetTopologyResponse.shards:type_name -> shardgate.v1.ShardInfo
-	0, // 1: shardgate.v1.ShardInfo.state:type_name -> shardgate.v1.ShardState
-	8, // 2: shardgate.v1.MigrationStatusResponse.catalog:type_name -> shardgate.v1.DatabaseMigration
-	8, // 3: shardgate.v1.MigrationStatusResponse.shards:type_name -> shardgate.v1.DatabaseMigration
-	1, // 4: shardgate.v1.AdminService.GetTopology:input_type -> shardgate.v1.GetTopologyRequest
-	4, // 5: shardgate.v1.AdminService.LocateUser:input_type -> shardgate.v1.LocateUserRequest
-	6, // 6: shardgate.v1.AdminService.MigrationStatus:input_type -> shardgate.v1.MigrationStatusRequest
-	2, // 7: shardgate.v1.AdminService.GetTopology:output_type -> shardgate.v1.GetTopologyResponse
-	5, // 8: shardgate.v1.AdminService.LocateUser:output_type -> shardgate.v1.LocateUserResponse
-	7, // 9: shardgate.v1.AdminService.MigrationStatus:output_type -> shardgate.v1.MigrationStatusResponse
-	7, // [7:10] is the sub-list for method output_type
-	4, // [4:7] is the sub-list for method input_type
-	4, // [4:4] is the sub-list for extension type_name
-	4, // [4:4] is the sub-list for extension extendee
-	0, // [0:4] is the sub-list for field type_name
+	3,  // 0: shardgate.v1.GetTopologyResponse.shards:type_name -> shardgate.v1.ShardInfo
+	0,  // 1: shardgate.v1.ShardInfo.state:type_name -> shardgate.v1.ShardState
+	8,  // 2: shardgate.v1.MigrationStatusResponse.catalog:type_name -> shardgate.v1.DatabaseMigration
+	8,  // 3: shardgate.v1.MigrationStatusResponse.shards:type_name -> shardgate.v1.DatabaseMigration
+	13, // 4: shardgate.v1.GetConfigSchemaResponse.updated_at:type_name -> google.protobuf.Timestamp
+	1,  // 5: shardgate.v1.AdminService.GetTopology:input_type -> shardgate.v1.GetTopologyRequest
+	4,  // 6: shardgate.v1.AdminService.LocateUser:input_type -> shardgate.v1.LocateUserRequest
+	6,  // 7: shardgate.v1.AdminService.MigrationStatus:input_type -> shardgate.v1.MigrationStatusRequest
+	9,  // 8: shardgate.v1.AdminService.SetConfigSchema:input_type -> shardgate.v1.SetConfigSchemaRequest
+	11, // 9: shardgate.v1.AdminService.GetConfigSchema:input_type -> shardgate.v1.GetConfigSchemaRequest
+	2,  // 10: shardgate.v1.AdminService.GetTopology:output_type -> shardgate.v1.GetTopologyResponse
+	5,  // 11: shardgate.v1.AdminService.LocateUser:output_type -> shardgate.v1.LocateUserResponse
+	7,  // 12: shardgate.v1.AdminService.MigrationStatus:output_type -> shardgate.v1.MigrationStatusResponse
+	10, // 13: shardgate.v1.AdminService.SetConfigSchema:output_type -> shardgate.v1.SetConfigSchemaResponse
+	12, // 14: shardgate.v1.AdminService.GetConfigSchema:output_type -> shardgate.v1.GetConfigSchemaResponse
+	10, // [10:15] is the sub-list for method output_type
+	5,  // [5:10] is the sub-list for method input_type
+	5,  // [5:5] is the sub-list for extension type_name
+	5,  // [5:5] is the sub-list for extension extendee
+	0,  // [0:5] is the sub-list for field type_name
 }
 
 func init() { file_shardgate_v1_admin_proto_init() }
@@ -603,7 +814,7 @@ func file_shardgate_v1_admin_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_shardgate_v1_admin_proto_rawDesc), len(file_shardgate_v1_admin_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   8,
+			NumMessages:   12,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

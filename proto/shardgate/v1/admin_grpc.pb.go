@@ -22,6 +22,8 @@ const (
 	AdminService_GetTopology_FullMethodName     = "/shardgate.v1.AdminService/GetTopology"
 	AdminService_LocateUser_FullMethodName      = "/shardgate.v1.AdminService/LocateUser"
 	AdminService_MigrationStatus_FullMethodName = "/shardgate.v1.AdminService/MigrationStatus"
+	AdminService_SetConfigSchema_FullMethodName = "/shardgate.v1.AdminService/SetConfigSchema"
+	AdminService_GetConfigSchema_FullMethodName = "/shardgate.v1.AdminService/GetConfigSchema"
 )
 
 // AdminServiceClient is the client API for AdminService service.
@@ -38,6 +40,16 @@ type AdminServiceClient interface {
 	// MigrationStatus reports the applied schema version of the catalog and of
 	// every shard, against the latest version this binary carries.
 	MigrationStatus(ctx context.Context, in *MigrationStatusRequest, opts ...grpc.CallOption) (*MigrationStatusResponse, error)
+	// SetConfigSchema sets the JSON Schema (draft 2020-12 unless "$schema"
+	// says otherwise) that every value of a config namespace must satisfy;
+	// an empty schema_json removes it. Values already in the namespace are
+	// checked first, under a lock that holds off concurrent SetConfig calls:
+	// if one does not conform, the schema is refused with INVALID_ARGUMENT
+	// naming its key and the JSON path. A schema may not reference other
+	// documents ($ref to anything outside itself is refused).
+	SetConfigSchema(ctx context.Context, in *SetConfigSchemaRequest, opts ...grpc.CallOption) (*SetConfigSchemaResponse, error)
+	// GetConfigSchema returns a namespace's schema (NOT_FOUND without one).
+	GetConfigSchema(ctx context.Context, in *GetConfigSchemaRequest, opts ...grpc.CallOption) (*GetConfigSchemaResponse, error)
 }
 
 type adminServiceClient struct {
@@ -78,6 +90,26 @@ func (c *adminServiceClient) MigrationStatus(ctx context.Context, in *MigrationS
 	return out, nil
 }
 
+func (c *adminServiceClient) SetConfigSchema(ctx context.Context, in *SetConfigSchemaRequest, opts ...grpc.CallOption) (*SetConfigSchemaResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(SetConfigSchemaResponse)
+	err := c.cc.Invoke(ctx, AdminService_SetConfigSchema_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminServiceClient) GetConfigSchema(ctx context.Context, in *GetConfigSchemaRequest, opts ...grpc.CallOption) (*GetConfigSchemaResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(GetConfigSchemaResponse)
+	err := c.cc.Invoke(ctx, AdminService_GetConfigSchema_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AdminServiceServer is the server API for AdminService service.
 // All implementations must embed UnimplementedAdminServiceServer
 // for forward compatibility.
@@ -92,6 +124,16 @@ type AdminServiceServer interface {
 	// MigrationStatus reports the applied schema version of the catalog and of
 	// every shard, against the latest version this binary carries.
 	MigrationStatus(context.Context, *MigrationStatusRequest) (*MigrationStatusResponse, error)
+	// SetConfigSchema sets the JSON Schema (draft 2020-12 unless "$schema"
+	// says otherwise) that every value of a config namespace must satisfy;
+	// an empty schema_json removes it. Values already in the namespace are
+	// checked first, under a lock that holds off concurrent SetConfig calls:
+	// if one does not conform, the schema is refused with INVALID_ARGUMENT
+	// naming its key and the JSON path. A schema may not reference other
+	// documents ($ref to anything outside itself is refused).
+	SetConfigSchema(context.Context, *SetConfigSchemaRequest) (*SetConfigSchemaResponse, error)
+	// GetConfigSchema returns a namespace's schema (NOT_FOUND without one).
+	GetConfigSchema(context.Context, *GetConfigSchemaRequest) (*GetConfigSchemaResponse, error)
 	mustEmbedUnimplementedAdminServiceServer()
 }
 
@@ -110,6 +152,12 @@ func (UnimplementedAdminServiceServer) LocateUser(context.Context, *LocateUserRe
 }
 func (UnimplementedAdminServiceServer) MigrationStatus(context.Context, *MigrationStatusRequest) (*MigrationStatusResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method MigrationStatus not implemented")
+}
+func (UnimplementedAdminServiceServer) SetConfigSchema(context.Context, *SetConfigSchemaRequest) (*SetConfigSchemaResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method SetConfigSchema not implemented")
+}
+func (UnimplementedAdminServiceServer) GetConfigSchema(context.Context, *GetConfigSchemaRequest) (*GetConfigSchemaResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetConfigSchema not implemented")
 }
 func (UnimplementedAdminServiceServer) mustEmbedUnimplementedAdminServiceServer() {}
 func (UnimplementedAdminServiceServer) testEmbeddedByValue()                      {}
@@ -186,6 +234,42 @@ func _AdminService_MigrationStatus_Handler(srv interface{}, ctx context.Context,
 	return interceptor(ctx, in, info, handler)
 }
 
+func _AdminService_SetConfigSchema_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SetConfigSchemaRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServiceServer).SetConfigSchema(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AdminService_SetConfigSchema_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServiceServer).SetConfigSchema(ctx, req.(*SetConfigSchemaRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AdminService_GetConfigSchema_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetConfigSchemaRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServiceServer).GetConfigSchema(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AdminService_GetConfigSchema_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServiceServer).GetConfigSchema(ctx, req.(*GetConfigSchemaRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // AdminService_ServiceDesc is the grpc.ServiceDesc for AdminService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -204,6 +288,14 @@ var AdminService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "MigrationStatus",
 			Handler:    _AdminService_MigrationStatus_Handler,
+		},
+		{
+			MethodName: "SetConfigSchema",
+			Handler:    _AdminService_SetConfigSchema_Handler,
+		},
+		{
+			MethodName: "GetConfigSchema",
+			Handler:    _AdminService_GetConfigSchema_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

@@ -1,0 +1,212 @@
+package main
+
+import (
+	"context"
+	"crypto/ed25519"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/redis/rueidis"
+
+	"github.com/shardgate/shardgate/server"
+)
+
+// securityFlags configure TLS and token authentication (serve only: dev
+// makes its own).
+type securityFlags struct {
+	TLSCert     string `name:"tls-cert" help:"PEM certificate chain to serve TLS 1.3 with; reloaded when the file changes." env:"SHARDGATE_TLS_CERT"`
+	TLSKey      string `name:"tls-key" help:"PEM private key of --tls-cert." env:"SHARDGATE_TLS_KEY"`
+	TLSClientCA string `name:"tls-client-ca" help:"PEM CA certificates; when set, clients must present a certificate they signed (mutual TLS)." env:"SHARDGATE_TLS_CLIENT_CA"`
+
+	JWTKeys      string        `name:"jwt-keys" help:"File of JWT verification keys: PEM public keys/certificates or a JWK set (EdDSA, RS256, ES256)." env:"SHARDGATE_JWT_KEYS"`
+	JWKSURL      string        `name:"jwt-jwks-url" help:"URL of a JWK set to verify JWTs with; cached, refreshed every 10 minutes and when a token names an unknown kid." env:"SHARDGATE_JWT_JWKS_URL"`
+	JWTHS256File string        `name:"jwt-hs256-secret-file" help:"File holding an HS256 shared secret (at least 32 bytes). Only if you must: anyone who can verify can also mint." env:"SHARDGATE_JWT_HS256_SECRET_FILE"`
+	JWTIssuer    string        `name:"jwt-issuer" help:"Required \"iss\" of tokens." env:"SHARDGATE_JWT_ISSUER"`
+	JWTAudience  string        `name:"jwt-audience" help:"Required \"aud\" of tokens." env:"SHARDGATE_JWT_AUDIENCE"`
+	JWTLeeway    time.Duration `name:"jwt-leeway" help:"Clock skew forgiven on exp, nbf and iat." default:"30s" env:"SHARDGATE_JWT_LEEWAY"`
+}
+
+// guardFlags configure rate limits and deadlines (serve and dev).
+type guardFlags struct {
+	LimitRedis  string        `name:"limit-redis" help:"Redis address (host:port) holding rate-limit buckets, shared by all instances; empty turns rate limits off." env:"SHARDGATE_LIMIT_REDIS"`
+	Limits      string        `name:"limits" help:"Rate per principal and method class: class=per-second[/burst], comma-separated; classes read, write, admin, watch." default:"read=1000/2000,write=200/400,admin=20/40,watch=10/20" env:"SHARDGATE_LIMITS"`
+	LimitPrefix string        `name:"limit-prefix" help:"Prefix of rate-limit keys in Redis." default:"shardgate:rl:" env:"SHARDGATE_LIMIT_PREFIX"`
+	MaxTimeout  time.Duration `name:"max-timeout" help:"Longest deadline a unary call may have; longer ones are shortened." default:"60s" env:"SHARDGATE_MAX_TIMEOUT"`
+}
+
+// security is what the flags build.
+type security struct {
+	tls  *tls.Config
+	auth *server.Verifier
+}
+
+func (f securityFlags) build(ctx context.Context, log *slog.Logger) (security, error) {
+	var sec security
+	switch {
+	case f.TLSCert != "" || f.TLSKey != "":
+		conf, err := server.NewTLSConfig(server.TLSFiles{CertFile: f.TLSCert, KeyFile: f.TLSKey, ClientCAFile: f.TLSClientCA}, log)
+		if err != nil {
+			return sec, err
+		}
+		sec.tls = conf
+	case f.TLSClientCA != "":
+		return sec, errors.New("--tls-client-ca needs --tls-cert and --tls-key")
+	}
+	var keys server.KeySource
+	n := 0
+	if f.JWTKeys != "" {
+		k, err := server.LoadKeyFile(f.JWTKeys)
+		if err != nil {
+			return sec, fmt.Errorf("--jwt-keys: %w", err)
+		}
+		keys, n = k, n+1
+	}
+	if f.JWKSURL != "" {
+		if err := checkJWKSURL(f.JWKSURL); err != nil {
+			return sec, err
+		}
+		j := &server.JWKSKeys{URL: f.JWKSURL}
+		if err := j.Fetch(ctx); err != nil {
+			return sec, fmt.Errorf("--jwt-jwks-url: %w", err)
+		}
+		keys, n = j, n+1
+	}
+	if f.JWTHS256File != "" {
+		b, err := os.ReadFile(f.JWTHS256File)
+		if err != nil {
+			return sec, fmt.Errorf("--jwt-hs256-secret-file: %w", err)
+		}
+		k, err := server.HMACKey([]byte(strings.TrimRight(string(b), "\r\n")))
+		if err != nil {
+			return sec, fmt.Errorf("--jwt-hs256-secret-file: %w", err)
+		}
+		keys, n = k, n+1
+	}
+	if n > 1 {
+		return sec, errors.New("give one of --jwt-keys, --jwt-jwks-url and --jwt-hs256-secret-file")
+	}
+	if keys != nil {
+		v, err := server.NewVerifier(server.AuthOptions{Keys: keys, Issuer: f.JWTIssuer, Audience: f.JWTAudience, Leeway: f.JWTLeeway})
+		if err != nil {
+			return sec, err
+		}
+		sec.auth = v
+	}
+	return sec, nil
+}
+
+// checkJWKSURL wants https: keys fetched in the clear could be swapped by
+// anyone on the path. Plain http is allowed to a loopback host only.
+func checkJWKSURL(raw string) error {
+	u, err := url.Parse(raw)
+	if err != nil || u.Host == "" {
+		return fmt.Errorf("--jwt-jwks-url %q is not a URL", raw)
+	}
+	switch u.Scheme {
+	case "https":
+		return nil
+	case "http":
+		host := u.Hostname()
+		if ip := net.ParseIP(host); host == "localhost" || (ip != nil && ip.IsLoopback()) {
+			return nil
+		}
+	}
+	return fmt.Errorf("--jwt-jwks-url must be https (http only to a loopback host): %s", u.Redacted())
+}
+
+// limiter builds the rate limiter, or nil when --limit-redis is empty. A
+// Redis that is down at start is not fatal: the limiter starts in memory.
+func (f guardFlags) limiter(log *slog.Logger) (*server.Limiter, func(), error) {
+	if f.LimitRedis == "" {
+		log.Info("rate limits off (no --limit-redis)")
+		return nil, func() {}, nil
+	}
+	rates, err := server.ParseRates(f.Limits)
+	if err != nil {
+		return nil, nil, fmt.Errorf("--limits: %w", err)
+	}
+	var client rueidis.Client
+	client, err = rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{f.LimitRedis}, DisableCache: true})
+	if err != nil {
+		log.Warn("rate limiter: Redis unreachable at start; limiting in this instance's memory only", "err", err)
+		client = nil
+	}
+	lim := server.NewLimiter(server.LimiterOptions{Redis: client, Prefix: f.LimitPrefix, Rates: rates, Logger: log})
+	log.Info("rate limits on", "limits", f.Limits, "redis", f.LimitRedis)
+	return lim, func() {
+		if client != nil {
+			client.Close()
+		}
+	}, nil
+}
+
+// devKeyPath is where dev mode keeps its token signing key unless told.
+func devKeyPath() string {
+	dir, err := os.UserConfigDir()
+	if err != nil {
+		dir = os.TempDir()
+	}
+	return filepath.Join(dir, "shardgate", "dev-signing-key.pem")
+}
+
+// ensureDevKey returns the Ed25519 dev signing key at path, creating it
+// (0600) on first use.
+func ensureDevKey(path string) (ed25519.PrivateKey, error) {
+	if b, err := os.ReadFile(path); err == nil {
+		block, _ := pem.Decode(b)
+		if block == nil {
+			return nil, fmt.Errorf("%s: not PEM", path)
+		}
+		k, err := x509.ParsePKCS8PrivateKey(block.Bytes)
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", path, err)
+		}
+		ek, ok := k.(ed25519.PrivateKey)
+		if !ok {
+			return nil, fmt.Errorf("%s: not an Ed25519 key", path)
+		}
+		return ek, nil
+	} else if !errors.Is(err, os.ErrNotExist) {
+		return nil, err
+	}
+	_, key, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		return nil, err
+	}
+	der, err := x509.MarshalPKCS8PrivateKey(key)
+	if err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return nil, err
+	}
+	if err := os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), 0o600); err != nil {
+		return nil, err
+	}
+	return key, nil
+}
+
+// devVerifier verifies tokens signed with the dev key, and lets calls
+// without a token through (dev stays usable with plain grpcurl).
+func devVerifier(key ed25519.PrivateKey) (*server.Verifier, error) {
+	pub := key.Public()
+	kid, err := server.KeyID(pub)
+	if err != nil {
+		return nil, err
+	}
+	return server.NewVerifier(server.AuthOptions{
+		Keys:           server.StaticKeys{kid: {Alg: "EdDSA", Verify: pub}},
+		AllowAnonymous: true,
+	})
+}

@@ -1,0 +1,448 @@
+package server
+
+import (
+	"context"
+	"crypto/sha256"
+	"errors"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/golang-jwt/jwt/v5"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/peer"
+	"google.golang.org/grpc/status"
+
+	pb "github.com/shardgate/shardgate/proto/shardgate/v1"
+)
+
+// Role is what a principal may do.
+type Role string
+
+// The roles a token's "role" claim may carry.
+const (
+	// RoleService acts for any user: the backends that call Shardgate.
+	RoleService Role = "service"
+	// RoleUser acts only for the user named by the token's subject.
+	RoleUser Role = "user"
+	// RoleAdmin may call everything, AdminService included.
+	RoleAdmin Role = "admin"
+)
+
+// Principal is the authenticated caller of a request.
+type Principal struct {
+	Role Role
+	// Subject is the token's "sub": for RoleUser, the only user_id it may
+	// touch.
+	Subject string
+	// Anonymous is set on calls without a token where the server allows
+	// them (no verifier, or dev mode); such calls act as RoleAdmin.
+	Anonymous bool
+	// key names the principal in rate-limit keys.
+	key string
+}
+
+type principalKey struct{}
+
+// PrincipalFrom returns the caller of the request ctx belongs to.
+func PrincipalFrom(ctx context.Context) (*Principal, bool) {
+	p, ok := ctx.Value(principalKey{}).(*Principal)
+	return p, ok
+}
+
+func withPrincipal(ctx context.Context, p *Principal) context.Context {
+	return context.WithValue(ctx, principalKey{}, p)
+}
+
+// Claims are the JWT claims Shardgate reads.
+type Claims struct {
+	jwt.RegisteredClaims
+	Role string `json:"role"`
+}
+
+// maxSubject bounds "sub": for users it is a user_id (128 bytes); services
+// and admins get the same bound so limiter keys stay small.
+const maxSubject = maxUserID
+
+// principalFromClaims turns verified claims into a principal. A user's
+// subject must be a valid user_id; every role needs a subject.
+func principalFromClaims(c *Claims) (*Principal, error) {
+	role := Role(c.Role)
+	switch role {
+	case RoleService, RoleUser, RoleAdmin:
+	case "":
+		return nil, errors.New("no role claim")
+	default:
+		return nil, errors.New("unknown role")
+	}
+	if c.Subject == "" {
+		return nil, errors.New("no sub claim")
+	}
+	if err := validateUserID("sub", c.Subject); err != nil {
+		// Non-user subjects follow the same alphabet: they end up in
+		// Redis keys and logs.
+		return nil, errors.New("sub is not 1-128 bytes of [A-Za-z0-9._:@-]")
+	}
+	return &Principal{Role: role, Subject: c.Subject, key: string(role) + ":" + c.Subject}, nil
+}
+
+// maxBearer bounds the authorization header Shardgate reads.
+const maxBearer = 8 << 10
+
+// parseBearer returns the token of an "authorization: Bearer <token>"
+// value. The scheme is case-insensitive (RFC 7235); the token must be
+// non-empty and printable ASCII without spaces.
+func parseBearer(h string) (string, bool) {
+	if len(h) > maxBearer {
+		return "", false
+	}
+	scheme, tok, ok := strings.Cut(h, " ")
+	if !ok || !strings.EqualFold(scheme, "bearer") {
+		return "", false
+	}
+	tok = strings.TrimLeft(tok, " ")
+	if tok == "" {
+		return "", false
+	}
+	for i := 0; i < len(tok); i++ {
+		if tok[i] <= ' ' || tok[i] >= 0x7f {
+			return "", false
+		}
+	}
+	return tok, true
+}
+
+// AuthOptions configure a Verifier.
+type AuthOptions struct {
+	// Keys resolves a token's key by its "kid" and pins its algorithm.
+	Keys KeySource
+	// Issuer and Audience, when set, must match "iss" and one of "aud".
+	Issuer   string
+	Audience string
+	// Leeway forgives clock skew on exp/nbf/iat (default 30s).
+	Leeway time.Duration
+	// AllowAnonymous lets calls without a token through as an anonymous
+	// admin (dev mode on loopback). A token that is present is still
+	// verified and enforced.
+	AllowAnonymous bool
+	// CacheSize bounds the verified-token cache (default 10000 entries;
+	// negative: no cache, every call verifies its signature).
+	CacheSize int
+}
+
+// Verifier checks bearer tokens and caches the ones it verified until they
+// expire, so a client reusing its token pays one signature check.
+type Verifier struct {
+	opts   AuthOptions
+	parser *jwt.Parser
+	now    func() time.Time
+
+	mu    sync.Mutex
+	cache map[[32]byte]cachedPrincipal
+}
+
+type cachedPrincipal struct {
+	p   *Principal
+	exp time.Time
+}
+
+// NewVerifier returns a Verifier. Tokens must carry exp.
+func NewVerifier(o AuthOptions) (*Verifier, error) {
+	if o.Keys == nil {
+		return nil, errors.New("auth: no keys")
+	}
+	if o.Leeway <= 0 {
+		o.Leeway = 30 * time.Second
+	}
+	if o.CacheSize == 0 {
+		o.CacheSize = 10000
+	}
+	popts := []jwt.ParserOption{
+		jwt.WithValidMethods(o.Keys.Algorithms()),
+		jwt.WithLeeway(o.Leeway),
+		jwt.WithExpirationRequired(),
+		jwt.WithIssuedAt(),
+	}
+	if o.Issuer != "" {
+		popts = append(popts, jwt.WithIssuer(o.Issuer))
+	}
+	if o.Audience != "" {
+		popts = append(popts, jwt.WithAudience(o.Audience))
+	}
+	return &Verifier{opts: o, parser: jwt.NewParser(popts...), now: time.Now, cache: map[[32]byte]cachedPrincipal{}}, nil
+}
+
+// errBadToken is what callers learn about a token that fails: never the
+// token, never which check failed beyond a short reason.
+var errBadToken = errors.New("invalid token")
+
+// Verify checks a raw JWT and returns its principal.
+func (v *Verifier) Verify(ctx context.Context, raw string) (*Principal, error) {
+	sum := sha256.Sum256([]byte(raw))
+	now := v.now()
+	v.mu.Lock()
+	c, ok := v.cache[sum]
+	v.mu.Unlock()
+	if ok && now.Before(c.exp) {
+		return c.p, nil
+	}
+	var claims Claims
+	_, err := v.parser.ParseWithClaims(raw, &claims, func(t *jwt.Token) (any, error) {
+		kid, _ := t.Header["kid"].(string)
+		k, err := v.opts.Keys.Key(ctx, kid)
+		if err != nil {
+			return nil, err
+		}
+		// Pin the algorithm to the key: an RSA public key offered as an
+		// HMAC secret, or "none", never verifies.
+		if t.Method.Alg() != k.Alg {
+			return nil, errors.New("algorithm does not match the key")
+		}
+		return k.Verify, nil
+	})
+	if err != nil {
+		return nil, reasonOf(err)
+	}
+	p, err := principalFromClaims(&claims)
+	if err != nil {
+		return nil, err
+	}
+	exp := claims.ExpiresAt.Time
+	if nbf := claims.NotBefore; nbf != nil && nbf.After(now) {
+		// Valid only thanks to leeway: do not cache.
+		return p, nil
+	}
+	if v.opts.CacheSize < 0 {
+		return p, nil
+	}
+	v.mu.Lock()
+	if len(v.cache) >= v.opts.CacheSize {
+		for k, e := range v.cache {
+			if !now.Before(e.exp) || len(v.cache) >= v.opts.CacheSize {
+				delete(v.cache, k)
+			}
+		}
+	}
+	v.cache[sum] = cachedPrincipal{p: p, exp: exp}
+	v.mu.Unlock()
+	return p, nil
+}
+
+// reasonOf keeps a short, secret-free reason for a failed parse.
+func reasonOf(err error) error {
+	switch {
+	case errors.Is(err, jwt.ErrTokenExpired):
+		return errors.New("token expired")
+	case errors.Is(err, jwt.ErrTokenNotValidYet), errors.Is(err, jwt.ErrTokenUsedBeforeIssued):
+		return errors.New("token not valid yet")
+	case errors.Is(err, jwt.ErrTokenInvalidAudience):
+		return errors.New("wrong audience")
+	case errors.Is(err, jwt.ErrTokenInvalidIssuer):
+		return errors.New("wrong issuer")
+	case errors.Is(err, jwt.ErrTokenSignatureInvalid), errors.Is(err, jwt.ErrTokenUnverifiable):
+		return errors.New("bad signature or unknown key")
+	}
+	return errBadToken
+}
+
+// authenticate finds the principal of a call. With no verifier every call
+// is an anonymous admin (dev and loopback without auth, as before).
+func (v *Verifier) authenticate(ctx context.Context) (*Principal, error) {
+	if v == nil {
+		return anonymous(ctx), nil
+	}
+	md, _ := metadata.FromIncomingContext(ctx)
+	vals := md.Get("authorization")
+	if len(vals) == 0 {
+		if v.opts.AllowAnonymous {
+			return anonymous(ctx), nil
+		}
+		return nil, status.Error(codes.Unauthenticated, "missing bearer token")
+	}
+	if len(vals) > 1 {
+		return nil, status.Error(codes.Unauthenticated, "more than one authorization header")
+	}
+	raw, ok := parseBearer(vals[0])
+	if !ok {
+		return nil, status.Error(codes.Unauthenticated, "authorization is not \"Bearer <token>\"")
+	}
+	p, err := v.Verify(ctx, raw)
+	if err != nil {
+		return nil, status.Error(codes.Unauthenticated, "invalid token: "+err.Error())
+	}
+	return p, nil
+}
+
+// anonymous is the principal of a call without a token where that is
+// allowed; its rate-limit key is the peer's IP.
+func anonymous(ctx context.Context) *Principal {
+	key := "anon"
+	if pr, ok := peer.FromContext(ctx); ok && pr.Addr != nil {
+		host := pr.Addr.String()
+		if i := strings.LastIndexByte(host, ':'); i > 0 {
+			host = host[:i]
+		}
+		key = "anon:" + host
+	}
+	return &Principal{Role: RoleAdmin, Anonymous: true, Subject: "", key: key}
+}
+
+// Methods reachable without any principal: load balancers probe health.
+func publicMethod(method string) bool {
+	return strings.HasPrefix(method, "/grpc.health.v1.Health/")
+}
+
+const (
+	dataPrefix  = "/" + "shardgate.v1.DataService" + "/"
+	adminPrefix = "/" + "shardgate.v1.AdminService" + "/"
+)
+
+// Session-token methods: the handler checks that the session is the user's.
+var sessionTokenMethods = map[string]bool{
+	pb.DataService_GetSession_FullMethodName:    true,
+	pb.DataService_TouchSession_FullMethodName:  true,
+	pb.DataService_RevokeSession_FullMethodName: true,
+}
+
+// Config methods a user may call: config is global and read by clients.
+var userConfigReads = map[string]bool{
+	pb.DataService_GetConfig_FullMethodName:  true,
+	pb.DataService_ListConfig_FullMethodName: true,
+}
+
+// Config methods of DataService that change global state: service or admin.
+var configWrites = map[string]bool{
+	pb.DataService_SetConfig_FullMethodName:    true,
+	pb.DataService_DeleteConfig_FullMethodName: true,
+}
+
+var errDenied = status.Error(codes.PermissionDenied, "permission denied")
+
+// authorize decides whether p may call method with req (nil for a stream
+// before its first message).
+//
+//   - admin: everything.
+//   - service: all of DataService and reflection; AdminService's read-only
+//     GetConfigSchema; nothing else of AdminService.
+//   - user: DataService calls whose request names its own user_id
+//     (GetUserId() == sub), the session-token calls (the handler checks
+//     the session's owner), GetConfig and ListConfig; nothing else.
+func authorize(p *Principal, method string, req any) error {
+	switch p.Role {
+	case RoleAdmin:
+		return nil
+	case RoleService:
+		if strings.HasPrefix(method, adminPrefix) {
+			if method == pb.AdminService_GetConfigSchema_FullMethodName {
+				return nil
+			}
+			return errDenied
+		}
+		return nil
+	case RoleUser:
+		if !strings.HasPrefix(method, dataPrefix) || configWrites[method] {
+			return errDenied
+		}
+		if sessionTokenMethods[method] || userConfigReads[method] {
+			return nil
+		}
+		if r, ok := req.(interface{ GetUserId() string }); ok {
+			if r.GetUserId() != p.Subject {
+				return errDenied
+			}
+			return nil
+		}
+		return errDenied
+	}
+	return errDenied
+}
+
+// authUnary authenticates and authorizes each unary call.
+func authUnary(v *Verifier) grpc.UnaryServerInterceptor {
+	return func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+		if publicMethod(info.FullMethod) {
+			return h(ctx, req)
+		}
+		p, err := v.authenticate(ctx)
+		if err != nil {
+			return nil, err
+		}
+		if err := authorize(p, info.FullMethod, req); err != nil {
+			return nil, err
+		}
+		return h(withPrincipal(ctx, p), req)
+	}
+}
+
+// watchRequest is what a Watch-like stream request offers for scoping.
+type watchRequest interface {
+	GetUserIds() []string
+	GetPartitions() []uint32
+}
+
+// authStream authenticates each stream, and for user principals checks
+// its requests: a stream whose request names users (Watch) may only
+// follow the caller's own user_id, and never whole partitions; any other
+// request must pass authorize like a unary call.
+func authStream(v *Verifier) grpc.StreamServerInterceptor {
+	return func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) error {
+		if publicMethod(info.FullMethod) {
+			return h(srv, ss)
+		}
+		p, err := v.authenticate(ss.Context())
+		if err != nil {
+			return err
+		}
+		if p.Role != RoleUser {
+			if err := authorize(p, info.FullMethod, nil); err != nil {
+				return err
+			}
+			return h(srv, &principalStream{ServerStream: ss, ctx: withPrincipal(ss.Context(), p)})
+		}
+		if !strings.HasPrefix(info.FullMethod, dataPrefix) {
+			return errDenied
+		}
+		return h(srv, &principalStream{ServerStream: ss, ctx: withPrincipal(ss.Context(), p), method: info.FullMethod, user: p})
+	}
+}
+
+// principalStream carries the principal, and for users checks every
+// received message.
+type principalStream struct {
+	grpc.ServerStream
+	ctx    context.Context
+	method string
+	user   *Principal // set for user principals
+}
+
+func (s *principalStream) Context() context.Context { return s.ctx }
+
+func (s *principalStream) RecvMsg(m any) error {
+	if err := s.ServerStream.RecvMsg(m); err != nil {
+		return err
+	}
+	if s.user == nil {
+		return nil
+	}
+	if w, ok := m.(watchRequest); ok {
+		ids := w.GetUserIds()
+		if len(w.GetPartitions()) > 0 || len(ids) != 1 || ids[0] != s.user.Subject {
+			return errDenied
+		}
+		return nil
+	}
+	return authorize(s.user, s.method, m)
+}
+
+// ownSession is called by the session-token handlers with the session's
+// owner: a user may only see its own sessions, and another user's session
+// looks exactly like one that does not exist.
+func ownSession(ctx context.Context, owner string) error {
+	p, ok := PrincipalFrom(ctx)
+	if !ok || p.Role != RoleUser || p.Subject == owner {
+		return nil
+	}
+	return status.Error(codes.NotFound, "session not found")
+}
