@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"strings"
 	"sync"
 	"time"
@@ -27,6 +28,7 @@ type serveFlags struct {
 	TopologyInterval time.Duration `help:"How often to check the topology version besides LISTEN/NOTIFY." default:"5s" env:"SHARDGATE_TOPOLOGY_INTERVAL"`
 	Grace            time.Duration `help:"How long in-flight calls may run after SIGTERM." default:"15s" env:"SHARDGATE_GRACE"`
 	MetricsListen    string        `help:"Address to serve Prometheus metrics on (HTTP, /metrics); empty turns them off." default:"127.0.0.1:9464" env:"SHARDGATE_METRICS_LISTEN"`
+	Pprof            bool          `help:"Also serve Go's profiler (/debug/pprof/) on the metrics address; keep that address private." env:"SHARDGATE_PPROF"`
 	Redis            string        `help:"Redis address (host:port) for the session and config cache and the change events; empty turns both off." default:"127.0.0.1:6379" env:"SHARDGATE_REDIS"`
 	Events           bool          `help:"Publish change events to Redis Streams (outbox relays) and serve Watch; --no-events runs without Redis." default:"true" negatable:"" env:"SHARDGATE_EVENTS"`
 	EventsPrefix     string        `name:"events-prefix" help:"Prefix of the event streams' Redis keys." default:"shardgate:" env:"SHARDGATE_EVENTS_PREFIX"`
@@ -151,7 +153,7 @@ func run(ctx context.Context, log *slog.Logger, listen, catalogDSN string, f ser
 		return err
 	}
 	if f.MetricsListen != "" {
-		stop, err := serveMetrics(f.MetricsListen, s.MetricsHandler(), log)
+		stop, err := serveMetrics(f.MetricsListen, s.MetricsHandler(), f.Pprof, log)
 		if err != nil {
 			lis.Close()
 			return err
@@ -166,13 +168,20 @@ func run(ctx context.Context, log *slog.Logger, listen, catalogDSN string, f ser
 }
 
 // serveMetrics serves /metrics on addr until stop is called.
-func serveMetrics(addr string, h http.Handler, log *slog.Logger) (stop func(), err error) {
+func serveMetrics(addr string, h http.Handler, withPprof bool, log *slog.Logger) (stop func(), err error) {
 	lis, err := net.Listen("tcp", addr)
 	if err != nil {
 		return nil, fmt.Errorf("metrics listener (--metrics-listen, empty to turn off): %w", err)
 	}
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", h)
+	if withPprof {
+		mux.HandleFunc("/debug/pprof/", pprof.Index)
+		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+		mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+		mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+	}
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 	go func() {
 		if err := srv.Serve(lis); err != nil && !errors.Is(err, http.ErrServerClosed) {
