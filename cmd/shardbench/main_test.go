@@ -68,7 +68,7 @@ func TestSummarize(t *testing.T) {
 // TestScenarios runs every scenario briefly against a real cluster and
 // checks the JSON report and that the run's data is gone afterwards.
 func TestScenarios(t *testing.T) {
-	cl := testcluster.Start(t, 2, server.Options{})
+	cl := testcluster.Start(t, 2, server.Options{}, server.GRPCOptions{})
 	for _, sc := range scenarios {
 		t.Run(sc.name, func(t *testing.T) {
 			c, err := parseFlags([]string{"-addr", cl.Addr, "-scenario", sc.name, "-c", "4",
@@ -132,7 +132,7 @@ func assertCleanedUp(t *testing.T, addr, runID string) {
 // TestScenarioList runs several scenarios on the same data and prints the
 // table with each one's throughput relative to noop.
 func TestScenarioList(t *testing.T) {
-	cl := testcluster.Start(t, 2, server.Options{})
+	cl := testcluster.Start(t, 2, server.Options{}, server.GRPCOptions{})
 	c, err := parseFlags([]string{"-addr", cl.Addr, "-scenario", "noop,get-user,mixed", "-c", "2",
 		"-duration", "200ms", "-warmup", "0s", "-users", "10"}, io.Discard)
 	if err != nil {

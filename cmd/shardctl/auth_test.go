@@ -1,14 +1,11 @@
 package main
 
 import (
-	"context"
 	"crypto/ed25519"
 	"crypto/rand"
 	"crypto/x509"
 	"encoding/pem"
 	"io"
-	"log/slog"
-	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -17,9 +14,7 @@ import (
 
 	"github.com/alecthomas/kong"
 
-	"github.com/shardgate/shardgate/catalog"
-	"github.com/shardgate/shardgate/internal/testenv"
-	"github.com/shardgate/shardgate/router"
+	"github.com/shardgate/shardgate/internal/testcluster"
 	"github.com/shardgate/shardgate/server"
 )
 
@@ -39,31 +34,12 @@ func writeKey(t *testing.T) (string, ed25519.PublicKey) {
 // with pub.
 func startAuthCluster(t *testing.T, pub ed25519.PublicKey) string {
 	t.Helper()
-	ctx, cancel := context.WithCancel(context.Background())
-	t.Cleanup(cancel)
-	catalogDSN := testenv.NewDatabase(t)
-	specs := []catalog.ShardSpec{{Name: "shard-0", DSN: testenv.NewDatabase(t)}}
-	if err := catalog.CreateCluster(ctx, catalogDSN, router.RingConfig{}, specs); err != nil {
-		t.Fatal(err)
-	}
-	s, err := server.New(ctx, catalogDSN, server.Options{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
-	if err != nil {
-		t.Fatal(err)
-	}
 	kid, _ := server.KeyID(pub)
 	v, err := server.NewVerifier(server.AuthOptions{Keys: server.StaticKeys{kid: {Alg: "EdDSA", Verify: pub}}})
 	if err != nil {
 		t.Fatal(err)
 	}
-	g, hs := server.NewGRPCServer(s, server.GRPCOptions{Auth: v})
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- server.Serve(ctx, g, hs, lis, time.Second, 0) }()
-	t.Cleanup(func() { cancel(); <-done; s.Close() })
-	return lis.Addr().String()
+	return testcluster.Start(t, 1, server.Options{}, server.GRPCOptions{Auth: v}).Addr
 }
 
 func TestTokenMintAndUse(t *testing.T) {

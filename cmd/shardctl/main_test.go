@@ -2,19 +2,13 @@ package main
 
 import (
 	"bytes"
-	"context"
 	"encoding/json"
-	"fmt"
 	"io"
-	"log/slog"
-	"net"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/shardgate/shardgate/catalog"
-	"github.com/shardgate/shardgate/internal/testenv"
-	"github.com/shardgate/shardgate/router"
+	"github.com/shardgate/shardgate/internal/testcluster"
 	"github.com/shardgate/shardgate/server"
 )
 
@@ -28,30 +22,8 @@ func startCluster(t *testing.T) (addr, catalogDSN string) {
 // startClusterWith is startCluster with server options (its logger is quiet).
 func startClusterWith(t *testing.T, opts server.Options) (addr, catalogDSN string) {
 	t.Helper()
-	ctx, cancel := context.WithCancel(context.Background())
-	t.Cleanup(cancel)
-	catalogDSN = testenv.NewDatabase(t)
-	var specs []catalog.ShardSpec
-	for i := range 4 {
-		specs = append(specs, catalog.ShardSpec{Name: fmt.Sprintf("shard-%d", i), DSN: testenv.NewDatabase(t)})
-	}
-	if err := catalog.CreateCluster(ctx, catalogDSN, router.RingConfig{}, specs); err != nil {
-		t.Fatal(err)
-	}
-	opts.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
-	s, err := server.New(ctx, catalogDSN, opts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	g, hs := server.NewGRPCServer(s, server.GRPCOptions{})
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- server.Serve(ctx, g, hs, lis, time.Second, 0) }()
-	t.Cleanup(func() { cancel(); <-done; s.Close() })
-	return lis.Addr().String(), catalogDSN
+	c := testcluster.Start(t, 4, opts, server.GRPCOptions{})
+	return c.Addr, c.CatalogDSN
 }
 
 func run(t *testing.T, g globals, cmd interface{ Run(*globals) error }) string {

@@ -27,7 +27,7 @@ type Cluster struct {
 
 // Start creates a catalog and shardCount shard databases, and serves them on a
 // free loopback port until the test ends. A nil Logger in opts discards logs.
-func Start(t testing.TB, shardCount int, opts server.Options) *Cluster {
+func Start(t testing.TB, shardCount int, opts server.Options, gopts server.GRPCOptions) *Cluster {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
@@ -46,7 +46,7 @@ func Start(t testing.TB, shardCount int, opts server.Options) *Cluster {
 	if err != nil {
 		t.Fatal(err)
 	}
-	g, hs := server.NewGRPCServer(s, server.GRPCOptions{})
+	g, hs := server.NewGRPCServer(s, gopts)
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
