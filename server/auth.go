@@ -40,6 +40,9 @@ type Principal struct {
 	// Anonymous is set on calls without a token where the server allows
 	// them (no verifier, or dev mode); such calls act as RoleAdmin.
 	Anonymous bool
+	// Expires is the token's exp (zero for anonymous calls): a stream
+	// opened with the token ends then.
+	Expires time.Time
 	// key names the principal in rate-limit keys.
 	key string
 }
@@ -210,6 +213,7 @@ func (v *Verifier) Verify(ctx context.Context, raw string) (*Principal, error) {
 		return nil, err
 	}
 	exp := claims.ExpiresAt.Time
+	p.Expires = exp
 	if nbf := claims.NotBefore; nbf != nil && nbf.After(now) {
 		// Valid only thanks to leeway: do not cache.
 		return p, nil
@@ -395,6 +399,13 @@ func authStream(v *Verifier) grpc.StreamServerInterceptor {
 		if err != nil {
 			return err
 		}
+		// A stream lives no longer than its token: past exp the caller must
+		// come back with a fresh one (Watch resumes from its cursor).
+		if !p.Expires.IsZero() {
+			ctx, cancel := context.WithDeadlineCause(ss.Context(), p.Expires, errStreamTokenExpired)
+			defer cancel()
+			ss = &contextStream{ServerStream: ss, ctx: ctx}
+		}
 		if p.Role != RoleUser {
 			if err := authorize(p, info.FullMethod, nil); err != nil {
 				return err
@@ -407,6 +418,17 @@ func authStream(v *Verifier) grpc.StreamServerInterceptor {
 		return h(srv, &principalStream{ServerStream: ss, ctx: withPrincipal(ss.Context(), p), method: info.FullMethod, user: p})
 	}
 }
+
+// errStreamTokenExpired ends a stream whose token expired while it ran.
+var errStreamTokenExpired = status.Error(codes.Unauthenticated, "token expired during the stream; reconnect with a fresh token (Watch: resume from the last cursor)")
+
+// contextStream is a server stream with another context.
+type contextStream struct {
+	grpc.ServerStream
+	ctx context.Context
+}
+
+func (s *contextStream) Context() context.Context { return s.ctx }
 
 // principalStream carries the principal, and for users checks every
 // received message.

@@ -402,3 +402,22 @@ func TestDevAllowsAnonymousButChecksTokens(t *testing.T) {
 	_, err = ts.admin.GetTopology(bearer(ctx, sign(t, jwt.SigningMethodEdDSA, "ed", keys.ed, claims("user", "alice"))), &pb.GetTopologyRequest{})
 	wantCode(t, err, codes.PermissionDenied)
 }
+
+// A stream lives no longer than its token: at exp its context ends with
+// Unauthenticated as the cause (Watch returns it).
+func TestStreamEndsWhenTokenExpires(t *testing.T) {
+	keys := newTestKeys(t)
+	intercept := authStream(keys.verifier(t))
+	info := &grpc.StreamServerInfo{FullMethod: "/shardgate.v1.DataService/Watch", IsServerStream: true}
+	c := claims("service", "pusher")
+	c["exp"] = time.Now().Add(1500 * time.Millisecond).Unix()
+	md := metadata.Pairs("authorization", "Bearer "+sign(t, jwt.SigningMethodEdDSA, "ed", keys.ed, c))
+	ss := &fakeStream{ctx: metadata.NewIncomingContext(ctxT(t), md), msg: &pb.WatchRequest{Partitions: []uint32{1}}}
+	err := intercept(nil, ss, info, func(srv any, ss grpc.ServerStream) error {
+		<-ss.Context().Done()
+		return watchEnded(ss.Context())
+	})
+	if status.Code(err) != codes.Unauthenticated {
+		t.Fatalf("stream past its token's exp: %v, want Unauthenticated", err)
+	}
+}

@@ -2,12 +2,15 @@ package server
 
 import (
 	"context"
+	"encoding/base64"
 	"fmt"
 	"sync"
 
 	"google.golang.org/grpc"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/reflect/protoreflect"
+
+	"github.com/shardgate/shardgate/events"
 )
 
 // Declarative request validation: one table of field rules per request
@@ -36,15 +39,17 @@ const (
 	ruleSessionToken                  // "<partition>.<random>"
 	rulePartition                     // 0 ≤ p < partition count
 	ruleUserIDList                    // up to maxListed valid user IDs
-	rulePartitionList                 // up to maxListed partitions < partition count
+	rulePartitionList                 // partitions < partition count, at most one per partition
 	ruleCursor                        // up to maxCursor bytes of printable ASCII
 	ruleMaxParallel                   // 0 (default) or 1-64
 )
 
-const (
-	maxListed = 1000
-	maxCursor = 256
-)
+const maxListed = 1000
+
+// maxCursor is the longest Watch cursor: one position per followed stream,
+// so a watch of every partition has a long one (events.ParseCursor checks
+// the rest).
+var maxCursor = base64.RawURLEncoding.EncodedLen(events.MaxCursorBytes)
 
 type fieldRule struct {
 	field string
@@ -54,8 +59,8 @@ type fieldRule struct {
 // requestRules lists, per request message, the rules of its fields. Every
 // request message of DataService and AdminService has an entry (a test
 // checks), so a new RPC cannot skip validation by accident. Messages of
-// RPCs not on this branch yet (Watch, rebalancing) are listed by name and
-// apply once they exist.
+// RPCs that do not exist yet (rebalancing) are listed by name and apply
+// once they exist.
 var requestRules = map[protoreflect.FullName][]fieldRule{
 	"shardgate.v1.PutUserRequest":       {{"user_id", ruleUserID}, {"profile_json", ruleJSONObject}, {"expected_version", ruleExpected}},
 	"shardgate.v1.GetUserRequest":       {{"user_id", ruleUserID}},
@@ -193,10 +198,10 @@ func (v *validator) checkField(msg protoreflect.Message, r compiledRule) error {
 		}
 	case rulePartitionList:
 		l := val.List()
-		if l.Len() > maxListed {
-			return invalid(name, "%d entries exceed the limit of %d", l.Len(), maxListed)
-		}
 		n := uint64(v.partitions())
+		if uint64(l.Len()) > n {
+			return invalid(name, "%d entries exceed the partition count %d", l.Len(), n)
+		}
 		for i := range l.Len() {
 			if p := l.Get(i).Uint(); p >= n {
 				return invalid(fmt.Sprintf("%s[%d]", name, i), "%d is outside 0..%d", p, n-1)

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -109,10 +110,14 @@ type Server struct {
 	metrics     *prometheus.Registry
 	grpcMetrics *grpcprom.ServerMetrics
 
-	relays   *events.Manager  // nil unless Options.RunRelays
-	follower *events.Follower // nil without Options.Redis
-	watchers atomic.Int64     // open Watch streams
-	schemas  schemaCache      // compiled config schemas
+	relays    *events.Manager                 // under mu; nil until events are attached, or without Options.RunRelays
+	relayDSNs map[string]string               // under mu; the expanded DSN each shard's relay uses
+	follower  atomic.Pointer[events.Follower] // nil until events are attached
+	watchers  atomic.Int64                    // open Watch streams
+	// endWatches ends every Watch stream (shutdown), with its cause.
+	watchesCtx context.Context
+	endWatches context.CancelCauseFunc
+	schemas    schemaCache // compiled config schemas
 }
 
 // shardPool is an open shard and the catalog DSN it was opened from.
@@ -138,18 +143,9 @@ func New(ctx context.Context, catalogDSN string, opts Options) (*Server, error) 
 		shards:     make(map[string]shardPool),
 	}
 	s.metrics = s.newRegistry()
+	s.watchesCtx, s.endWatches = context.WithCancelCause(context.Background())
 	if opts.Redis != nil {
-		s.follower = &events.Follower{Redis: opts.Redis, Prefix: opts.EventsPrefix, Heartbeat: opts.WatchHeartbeat}
-		if opts.RunRelays {
-			s.relays = events.NewManager(events.RelayOptions{
-				Redis:      opts.Redis,
-				Prefix:     opts.EventsPrefix,
-				MaxLen:     opts.StreamMaxLen,
-				Invalidate: s.invalidateEvents,
-				Logger:     opts.Logger,
-			})
-			s.relays.StartConfig(catalogDSN)
-		}
+		s.AttachRedis(opts.Redis)
 	}
 	s.watcher = &catalog.Watcher{
 		Catalog:  cat,
@@ -166,6 +162,38 @@ func New(ctx context.Context, catalogDSN string, opts Options) (*Server, error) 
 	return s, nil
 }
 
+// AttachRedis turns change events on with rc: Watch is served and, with
+// Options.RunRelays, the relays start and follow the topology. New calls it
+// for Options.Redis; a caller whose Redis was unreachable at start calls it
+// once a client connects. It reports false, and uses nothing, if events are
+// already on or the server is closed.
+func (s *Server) AttachRedis(rc rueidis.Client) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed || s.follower.Load() != nil {
+		return false
+	}
+	if s.opts.RunRelays {
+		s.relays = events.NewManager(events.RelayOptions{
+			Redis:      rc,
+			Prefix:     s.opts.EventsPrefix,
+			MaxLen:     s.opts.StreamMaxLen,
+			Invalidate: s.invalidateEvents,
+			Logger:     s.opts.Logger,
+		})
+		s.relays.StartConfig(s.catalogDSN)
+		s.relays.Sync(maps.Clone(s.relayDSNs))
+	}
+	s.follower.Store(&events.Follower{Redis: rc, Prefix: s.opts.EventsPrefix, Heartbeat: s.opts.WatchHeartbeat})
+	return true
+}
+
+// EndWatches ends every open Watch stream with Unavailable, telling the
+// client to resume from its cursor elsewhere, and refuses new ones. Call it
+// when shutdown starts: watches never end by themselves, so they would
+// otherwise hold a graceful stop for its whole grace period.
+func (s *Server) EndWatches() { s.endWatches(errShuttingDown) }
+
 // Watch keeps the routing table current until ctx ends.
 func (s *Server) Watch(ctx context.Context) error { return s.watcher.Run(ctx) }
 
@@ -175,12 +203,16 @@ func (s *Server) Router() *router.Router { return s.router }
 // Close closes every pool. A topology reload still in flight then opens
 // none.
 func (s *Server) Close() {
-	if s.relays != nil {
-		s.relays.Close()
+	s.endWatches(errShuttingDown)
+	s.mu.Lock()
+	s.closed = true
+	relays := s.relays
+	s.mu.Unlock()
+	if relays != nil {
+		relays.Close()
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.closed = true
 	for name, p := range s.shards {
 		p.sh.Close()
 		delete(s.shards, name)
@@ -222,8 +254,9 @@ func (s *Server) syncPools(ctx context.Context, topo catalog.Topology) error {
 	keep := make(map[string]bool, len(topo.Shards))
 	relayDSNs := make(map[string]string, len(topo.Shards))
 	defer func() {
+		s.relayDSNs = relayDSNs
 		if s.relays != nil {
-			s.relays.Sync(relayDSNs)
+			s.relays.Sync(maps.Clone(relayDSNs))
 		}
 	}()
 	for _, rec := range topo.Shards {
@@ -231,6 +264,10 @@ func (s *Server) syncPools(ctx context.Context, topo catalog.Topology) error {
 		dsn, err := catalog.ExpandDSN(rec.DSN)
 		if err == nil {
 			relayDSNs[rec.Name] = dsn
+		} else if prev, ok := s.relayDSNs[rec.Name]; ok {
+			// Like the pool below, the relay keeps the DSN that worked:
+			// stopping it would leave the outbox filling unpublished.
+			relayDSNs[rec.Name] = prev
 		}
 		old, ok := s.shards[rec.Name]
 		if ok && old.dsn == rec.DSN {

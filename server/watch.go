@@ -1,6 +1,7 @@
 package server
 
 import (
+	"context"
 	"errors"
 	"slices"
 	"strconv"
@@ -20,15 +21,36 @@ const maxWatchUsers = 1000
 // resyncAdvice ends every OUT_OF_RANGE message of Watch.
 const resyncAdvice = "; resync: reread the watched state (Get/List calls), then watch again without a cursor"
 
+// errShuttingDown ends the watches of a server that is stopping.
+var errShuttingDown = status.Error(codes.Unavailable, "server shutting down; resume from your last cursor on another instance")
+
+// watchEnded is the status of a watch whose context ended: the cause when
+// it is one (shutdown, token expiry), else the context's own error.
+func watchEnded(ctx context.Context) error {
+	if st, ok := status.FromError(context.Cause(ctx)); ok && st.Code() != codes.Unknown && st.Code() != codes.OK {
+		return st.Err()
+	}
+	return status.FromContextError(ctx.Err()).Err()
+}
+
 // Watch streams the changes of users, partitions or config (see the proto).
 func (d *DataService) Watch(req *pb.WatchRequest, stream pb.DataService_WatchServer) error {
-	ctx := stream.Context()
+	// Shutdown (EndWatches) ends the stream too, with its own cause.
+	ctx, cancel := context.WithCancelCause(stream.Context())
+	defer cancel(nil)
+	defer context.AfterFunc(d.s.watchesCtx, func() { cancel(context.Cause(d.s.watchesCtx)) })()
 	method := "/shardgate.v1.DataService/Watch"
 	sub, err := d.watchSubscription(req)
 	if err != nil {
 		return toStatus(ctx, d.s.opts.Logger, method, err)
 	}
-	if d.s.follower == nil {
+	follower := d.s.follower.Load()
+	switch {
+	case ctx.Err() != nil:
+		return watchEnded(ctx)
+	case follower == nil && d.s.opts.RunRelays:
+		return status.Error(codes.Unavailable, "change events are not available yet on this server: its Redis is unreachable; retry")
+	case follower == nil:
 		return status.Error(codes.FailedPrecondition, "change events are off on this server (it runs without Redis)")
 	}
 	if n := d.s.watchers.Add(1); n > int64(d.s.opts.MaxWatchers) {
@@ -44,7 +66,7 @@ func (d *DataService) Watch(req *pb.WatchRequest, stream pb.DataService_WatchSer
 			Cursor: cur.String(), Time: timestamppb.Now(),
 		}}})
 	}
-	err = d.s.follower.Follow(ctx, sub, emit, heartbeat)
+	err = follower.Follow(ctx, sub, emit, heartbeat)
 	switch {
 	case err == nil:
 		return nil
@@ -53,7 +75,7 @@ func (d *DataService) Watch(req *pb.WatchRequest, stream pb.DataService_WatchSer
 	case errors.Is(err, events.ErrFellBehind):
 		return status.Error(codes.OutOfRange, "the watch fell behind the stream retention"+resyncAdvice)
 	case ctx.Err() != nil:
-		return status.FromContextError(ctx.Err()).Err()
+		return watchEnded(ctx)
 	}
 	if _, ok := status.FromError(err); ok {
 		return err // from Send

@@ -323,3 +323,58 @@ func waitUntil(t testing.TB, what string, cond func() bool) {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+// A watch of every partition has a cursor far longer than a user watch's;
+// it must still be accepted back, through the whole interceptor chain.
+func TestWatchAllPartitionsResumesFromLongCursor(t *testing.T) {
+	t.Parallel()
+	c := newTestCluster(t, 2)
+	ts := c.start(t, true, withEvents(t, 0))
+	n := ts.srv.Router().Table().PartitionCount()
+	all := make([]uint32, n)
+	for i := range all {
+		all[i] = uint32(i)
+	}
+	w := openWatch(t, ts, &pb.WatchRequest{Partitions: all})
+	w.live(t)
+	putUser(t, ts, "alice", `{"n":1}`)
+	first := w.next(t)
+	w.cancel()
+	if len(first.GetCursor()) <= 256 {
+		t.Fatalf("cursor of a %d-partition watch is only %d bytes; the test wants a long one", n, len(first.GetCursor()))
+	}
+	putUser(t, ts, "bob", `{"n":1}`)
+	resumed := openWatch(t, ts, &pb.WatchRequest{Partitions: all, Cursor: first.GetCursor()})
+	if e := resumed.next(t); e.GetUserId() != "bob" {
+		t.Fatalf("resumed from alice's event, got %s's", e.GetUserId())
+	}
+}
+
+// Shutting down ends open watches with Unavailable (resume elsewhere)
+// instead of holding the graceful stop for its whole grace period.
+func TestEndWatchesOnShutdown(t *testing.T) {
+	t.Parallel()
+	c := newTestCluster(t, 1)
+	ts := c.start(t, true, withEvents(t, 0))
+	w := openWatch(t, ts, &pb.WatchRequest{UserIds: []string{"alice"}})
+	w.live(t)
+	ts.srv.EndWatches()
+	for {
+		_, err := w.stream.Recv()
+		if err == nil {
+			continue // a heartbeat already in flight
+		}
+		if status.Code(err) != codes.Unavailable {
+			t.Fatalf("watch after EndWatches: %v, want Unavailable", err)
+		}
+		break
+	}
+	_, err := ts.data.Watch(ctxT(t), &pb.WatchRequest{UserIds: []string{"alice"}})
+	if err == nil {
+		st, _ := ts.data.Watch(ctxT(t), &pb.WatchRequest{UserIds: []string{"alice"}})
+		_, err = st.Recv()
+	}
+	if status.Code(err) != codes.Unavailable {
+		t.Fatalf("new watch after EndWatches: %v, want Unavailable", err)
+	}
+}

@@ -32,6 +32,7 @@ type serveFlags struct {
 	Redis            string        `help:"Redis address (host:port) for the session and config cache and the change events; empty turns both off." default:"127.0.0.1:6379" env:"SHARDGATE_REDIS"`
 	Events           bool          `help:"Publish change events to Redis Streams (outbox relays) and serve Watch; --no-events runs without Redis." default:"true" negatable:"" env:"SHARDGATE_EVENTS"`
 	EventsPrefix     string        `name:"events-prefix" help:"Prefix of the event streams' Redis keys." default:"shardgate:" env:"SHARDGATE_EVENTS_PREFIX"`
+	CachePrefix      string        `name:"cache-prefix" help:"Prefix of the cache's Redis keys; clusters sharing one Redis need different ones." default:"shardgate:" env:"SHARDGATE_CACHE_PREFIX"`
 	StreamMaxLen     int64         `name:"stream-maxlen" help:"Events each stream keeps, approximately (XADD MAXLEN ~); older Watch cursors are OUT_OF_RANGE." default:"100000" env:"SHARDGATE_STREAM_MAXLEN"`
 	WatchHeartbeat   time.Duration `name:"watch-heartbeat" help:"Longest a Watch stream stays silent before a heartbeat." default:"5s" env:"SHARDGATE_WATCH_HEARTBEAT"`
 	MaxWatchers      int           `name:"max-watchers" help:"Concurrent Watch streams this instance serves; more get RESOURCE_EXHAUSTED. Each holds a Redis connection." default:"1000" env:"SHARDGATE_MAX_WATCHERS"`
@@ -82,13 +83,67 @@ func checkExposure(listen string, loopback bool, sec security, insecure bool) er
 	return fmt.Errorf("refusing to listen on %s: not loopback, and no %s; configure them, use a loopback address, or pass --insecure", listen, strings.Join(missing, " and no "))
 }
 
+// eventsClient connects to Redis for the change events.
+func (f serveFlags) eventsClient() (rueidis.Client, error) {
+	return rueidis.NewClient(rueidis.ClientOption{
+		InitAddress: []string{f.Redis}, DisableCache: true,
+		// One blocking XREAD per watcher, plus room for the relays' pipelines.
+		BlockingPoolSize: max(rueidis.DefaultPoolSize, f.MaxWatchers+16),
+	})
+}
+
+// lateClient is a Redis client that may connect after the server started.
+type lateClient struct {
+	mu sync.Mutex
+	rc rueidis.Client
+}
+
+func (l *lateClient) set(rc rueidis.Client) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.rc = rc
+}
+
+func (l *lateClient) close() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.rc != nil {
+		l.rc.Close()
+	}
+}
+
+// connect retries every second until Redis answers, then hands the client
+// to the server, or until ctx ends.
+func (l *lateClient) connect(ctx context.Context, f serveFlags, s *server.Server, log *slog.Logger) {
+	t := time.NewTicker(time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		rc, err := f.eventsClient()
+		if err != nil {
+			continue
+		}
+		if !s.AttachRedis(rc) {
+			rc.Close()
+			return
+		}
+		l.set(rc)
+		log.Info("change events on: Redis answered", "redis", f.Redis, "prefix", f.EventsPrefix, "stream_maxlen", f.StreamMaxLen)
+		return
+	}
+}
+
 // run serves until ctx ends: health turns NOT_SERVING, calls are still
 // taken for drain, then in-flight calls get up to f.Grace.
 func run(ctx context.Context, log *slog.Logger, listen, catalogDSN string, f serveFlags, sec security, drain time.Duration) error {
 	var c *cache.Cache
 	if f.Redis != "" {
 		var err error
-		if c, err = cache.Dial(f.Redis, cache.Options{Logger: log}); err != nil {
+		if c, err = cache.Dial(f.Redis, cache.Options{Prefix: f.CachePrefix, Logger: log}); err != nil {
 			return fmt.Errorf("cache (--redis; empty turns it off): %w", err)
 		}
 		defer c.Close() // after the server: its last writes still invalidate
@@ -107,20 +162,25 @@ func run(ctx context.Context, log *slog.Logger, listen, catalogDSN string, f ser
 		WatchHeartbeat:   f.WatchHeartbeat,
 		MaxWatchers:      f.MaxWatchers,
 	}
+	// The events' Redis client: connected now or, if Redis does not answer
+	// yet, by a loop that attaches it once it does; the server serves
+	// meanwhile (Watch answers UNAVAILABLE).
+	var evRedis lateClient
+	defer evRedis.close() // after the server's relays are gone
+	connectLater := false
 	switch {
 	case f.Events && f.Redis == "":
 		log.Warn("change events off (--redis is empty): no relay runs and Watch answers FAILED_PRECONDITION")
 	case f.Events:
-		rc, err := rueidis.NewClient(rueidis.ClientOption{
-			InitAddress: []string{f.Redis}, DisableCache: true,
-			// One blocking XREAD per watcher, plus room for the relays' pipelines.
-			BlockingPoolSize: max(rueidis.DefaultPoolSize, f.MaxWatchers+16),
-		})
+		opts.RunRelays = true
+		rc, err := f.eventsClient()
 		if err != nil {
-			return fmt.Errorf("connect to Redis at %s for change events (--redis; --no-events runs without them): %w", f.Redis, err)
+			log.Warn("change events wait for Redis: relays start and Watch opens once it answers", "redis", f.Redis, "err", err)
+			connectLater = true
+			break
 		}
-		defer rc.Close()
-		opts.Redis, opts.RunRelays = rc, true
+		opts.Redis = rc
+		evRedis.set(rc)
 		log.Info("change events on", "redis", f.Redis, "prefix", f.EventsPrefix, "stream_maxlen", f.StreamMaxLen)
 	}
 	s, err := server.New(ctx, catalogDSN, opts)
@@ -128,6 +188,16 @@ func run(ctx context.Context, log *slog.Logger, listen, catalogDSN string, f ser
 		return err
 	}
 	defer s.Close()
+	if connectLater {
+		loopCtx, stopLoop := context.WithCancel(ctx)
+		var loop sync.WaitGroup
+		loop.Go(func() { evRedis.connect(loopCtx, f, s, log) })
+		defer loop.Wait()
+		defer stopLoop()
+	}
+	// Watches never end by themselves: end them when shutdown starts, so
+	// their clients resume elsewhere during the drain.
+	defer context.AfterFunc(ctx, s.EndWatches)()
 	// The watcher keeps the map current through drain and grace, so it
 	// outlives ctx; it must be gone before Close closes what it uses.
 	watchCtx, stopWatch := context.WithCancel(context.WithoutCancel(ctx))
@@ -180,7 +250,7 @@ func serveMetrics(addr string, h http.Handler, withPprof bool, log *slog.Logger)
 		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
 		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
 		mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
-		mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+		// Not /debug/pprof/cmdline: flags may hold a DSN with a password.
 	}
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 	go func() {

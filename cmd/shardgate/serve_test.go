@@ -1,0 +1,110 @@
+package main
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"net"
+	"testing"
+	"time"
+
+	"github.com/alecthomas/kong"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
+
+	"github.com/shardgate/shardgate/catalog"
+	"github.com/shardgate/shardgate/internal/testenv"
+	pb "github.com/shardgate/shardgate/proto/shardgate/v1"
+	"github.com/shardgate/shardgate/router"
+)
+
+// serve starts `shardgate serve` with args on a free loopback port and
+// returns a client of it; the server stops when the test ends.
+func serve(t *testing.T, args ...string) pb.DataServiceClient {
+	t.Helper()
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := lis.Addr().String()
+	lis.Close()
+	var c cli
+	p, err := kong.New(&c, kong.Name("shardgate"), kong.Exit(func(int) { t.Fatal("kong exited") }))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.Parse(append([]string{"serve", "--listen", addr, "--metrics-listen", "", "--grace", "1s", "--drain", "0s"}, args...)); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- c.Serve.Run(ctx, slog.New(slog.NewTextHandler(io.Discard, nil))) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("serve: %v", err)
+		}
+	})
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	return pb.NewDataServiceClient(conn)
+}
+
+// With Redis down at start, serve still serves (reads and writes go to
+// PostgreSQL; Watch answers Unavailable), and change events start by
+// themselves once Redis answers.
+func TestServeStartsWhileRedisIsDown(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	catalogDSN := testenv.NewDatabase(t)
+	if err := catalog.CreateCluster(ctx, catalogDSN, router.RingConfig{},
+		[]catalog.ShardSpec{{Name: "shard-0", DSN: testenv.NewDatabase(t)}}); err != nil {
+		t.Fatal(err)
+	}
+	rs := testenv.NewRedisServer(t)
+	rs.Kill()
+	client := serve(t, "--catalog", catalogDSN, "--redis", rs.Addr())
+
+	// Serving: wait for the listener, then a write and a read work.
+	for {
+		_, err := client.PutUser(ctx, &pb.PutUserRequest{UserId: "alice"})
+		if err == nil {
+			break
+		}
+		if status.Code(err) != codes.Unavailable || ctx.Err() != nil {
+			t.Fatalf("PutUser with Redis down: %v", err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if _, err := client.GetUser(ctx, &pb.GetUserRequest{UserId: "alice"}); err != nil {
+		t.Fatal(err)
+	}
+	watch := func() error {
+		st, err := client.Watch(ctx, &pb.WatchRequest{UserIds: []string{"alice"}})
+		if err != nil {
+			return err
+		}
+		_, err = st.Recv() // a heartbeat or an event once events are on
+		return err
+	}
+	if err := watch(); status.Code(err) != codes.Unavailable {
+		t.Fatalf("Watch with Redis down: %v, want Unavailable", err)
+	}
+
+	rs.Start()
+	for {
+		err := watch()
+		if err == nil {
+			break
+		}
+		if status.Code(err) != codes.Unavailable || ctx.Err() != nil {
+			t.Fatalf("Watch after Redis came back: %v", err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
