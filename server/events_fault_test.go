@@ -6,10 +6,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/shardgate/shardgate/catalog"
-	"github.com/shardgate/shardgate/internal/testenv"
 	pb "github.com/shardgate/shardgate/proto/shardgate/v1"
-	"github.com/shardgate/shardgate/router"
 )
 
 // Two instances run relays; a shard's Postgres crashes and comes back, then
@@ -17,17 +14,9 @@ import (
 // acknowledged write, per user in version order.
 func TestEventsSurviveShardCrashAndInstanceLoss(t *testing.T) {
 	t.Parallel()
-	pg := testenv.NewPGCluster(t)
-	c := &testCluster{catalogDSN: testenv.NewDatabase(t), shardDSN: map[string]string{
-		"shard-0": testenv.NewDatabase(t),
-		"shard-1": pg.CreateDatabase("shard1"),
-	}, names: []string{"shard-0", "shard-1"}}
-	specs := []catalog.ShardSpec{{Name: "shard-0", DSN: c.shardDSN["shard-0"]}, {Name: "shard-1", DSN: c.shardDSN["shard-1"]}}
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	if err := catalog.CreateCluster(ctx, c.catalogDSN, router.RingConfig{PartitionCount: 256}, specs); err != nil {
-		t.Fatal(err)
-	}
+	c, pg := newCrashableCluster(t, ctx)
 	ev := withEvents(t, 0) // one Redis prefix for both instances
 	a := c.start(t, true, ev)
 	b := c.start(t, true, ev)

@@ -15,22 +15,31 @@ import (
 	"github.com/shardgate/shardgate/router"
 )
 
-// A shard's Postgres crashes mid-run: only that shard's users get
-// Unavailable, the others never notice; when it comes back the same server
-// serves it again, with every acknowledged write intact.
-func TestShardCrashAndRecovery(t *testing.T) {
-	t.Parallel()
+// newCrashableCluster creates a 2-shard cluster (256 partitions) whose
+// shard-1 lives on a PostgreSQL server of its own, which the test may crash
+// (pg.Stop) and restart (pg.Start).
+func newCrashableCluster(t *testing.T, ctx context.Context) (*testCluster, *testenv.PGCluster) {
+	t.Helper()
 	pg := testenv.NewPGCluster(t)
 	c := &testCluster{catalogDSN: testenv.NewDatabase(t), shardDSN: map[string]string{
 		"shard-0": testenv.NewDatabase(t),
 		"shard-1": pg.CreateDatabase("shard1"),
 	}, names: []string{"shard-0", "shard-1"}}
 	specs := []catalog.ShardSpec{{Name: "shard-0", DSN: c.shardDSN["shard-0"]}, {Name: "shard-1", DSN: c.shardDSN["shard-1"]}}
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer cancel()
 	if err := catalog.CreateCluster(ctx, c.catalogDSN, router.RingConfig{PartitionCount: 256}, specs); err != nil {
 		t.Fatal(err)
 	}
+	return c, pg
+}
+
+// A shard's Postgres crashes mid-run: only that shard's users get
+// Unavailable, the others never notice; when it comes back the same server
+// serves it again, with every acknowledged write intact.
+func TestShardCrashAndRecovery(t *testing.T) {
+	t.Parallel()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	c, pg := newCrashableCluster(t, ctx)
 	ts := c.start(t, true)
 
 	home := map[string]string{}
