@@ -421,3 +421,47 @@ func TestStreamEndsWhenTokenExpires(t *testing.T) {
 		t.Fatalf("stream past its token's exp: %v, want Unauthenticated", err)
 	}
 }
+
+// A user token holds at most maxWatchesPerUser watches on an instance, so it
+// cannot take the slots pushers need; another user is unaffected.
+func TestUserWatchCap(t *testing.T) {
+	keys := newTestKeys(t)
+	ts := newTestCluster(t, 1).startWith(t, false, GRPCOptions{Auth: keys.verifier(t)}, nil, withEvents(t, 0))
+	open := func(user string) (context.CancelFunc, error) {
+		ctx, cancel := context.WithCancel(bearer(ctxT(t), keys.token(t, "user", user)))
+		st, err := ts.data.Watch(ctx, &pb.WatchRequest{UserIds: []string{user}})
+		if err == nil {
+			_, err = st.Recv() // the first heartbeat: the watch is open
+		}
+		return cancel, err
+	}
+	var cancels []context.CancelFunc
+	defer func() {
+		for _, c := range cancels {
+			c()
+		}
+	}()
+	for i := range maxWatchesPerUser {
+		cancel, err := open("alice")
+		cancels = append(cancels, cancel)
+		if err != nil {
+			t.Fatalf("alice's watch %d: %v", i+1, err)
+		}
+	}
+	cancel, err := open("alice")
+	cancel()
+	if status.Code(err) != codes.ResourceExhausted {
+		t.Fatalf("alice's watch %d: %v, want ResourceExhausted", maxWatchesPerUser+1, err)
+	}
+	cancel, err = open("bob")
+	cancel()
+	if err != nil {
+		t.Fatalf("bob's first watch: %v", err)
+	}
+	cancels[0]()
+	waitUntil(t, "alice's closed watch to release its slot", func() bool {
+		cancel, err := open("alice")
+		cancel()
+		return err == nil
+	})
+}

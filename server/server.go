@@ -114,6 +114,8 @@ type Server struct {
 	relayDSNs map[string]string               // under mu; the expanded DSN each shard's relay uses
 	follower  atomic.Pointer[events.Follower] // nil until events are attached
 	watchers  atomic.Int64                    // open Watch streams
+	// userWatches counts open Watch streams per user principal.
+	userWatches watchCounts
 	// endWatches ends every Watch stream (shutdown), with its cause.
 	watchesCtx context.Context
 	endWatches context.CancelCauseFunc

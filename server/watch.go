@@ -5,6 +5,7 @@ import (
 	"errors"
 	"slices"
 	"strconv"
+	"sync"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -20,6 +21,38 @@ const maxWatchUsers = 1000
 
 // resyncAdvice ends every OUT_OF_RANGE message of Watch.
 const resyncAdvice = "; resync: reread the watched state (Get/List calls), then watch again without a cursor"
+
+// maxWatchesPerUser caps the concurrent watches of one user principal on an
+// instance, so a user token cannot take the slots (--max-watchers) that
+// pushers need. Services and admins are trusted infrastructure: a gateway
+// may hold a watch per connected client.
+const maxWatchesPerUser = 8
+
+// watchCounts counts open watches per user.
+type watchCounts struct {
+	mu sync.Mutex
+	n  map[string]int
+}
+
+// acquire takes a slot for user, or reports false when it has them all.
+func (w *watchCounts) acquire(user string) (release func(), ok bool) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.n[user] >= maxWatchesPerUser {
+		return nil, false
+	}
+	if w.n == nil {
+		w.n = map[string]int{}
+	}
+	w.n[user]++
+	return func() {
+		w.mu.Lock()
+		defer w.mu.Unlock()
+		if w.n[user]--; w.n[user] == 0 {
+			delete(w.n, user)
+		}
+	}, true
+}
 
 // errShuttingDown ends the watches of a server that is stopping.
 var errShuttingDown = status.Error(codes.Unavailable, "server shutting down; resume from your last cursor on another instance")
@@ -58,6 +91,13 @@ func (d *DataService) Watch(req *pb.WatchRequest, stream pb.DataService_WatchSer
 		return status.Errorf(codes.ResourceExhausted, "this server already serves %d watches; retry on another instance or later", d.s.opts.MaxWatchers)
 	}
 	defer d.s.watchers.Add(-1)
+	if p, ok := PrincipalFrom(ctx); ok && p.Role == RoleUser {
+		release, ok := d.s.userWatches.acquire(p.Subject)
+		if !ok {
+			return status.Errorf(codes.ResourceExhausted, "user %s already has %d open watches on this server; close one first", p.Subject, maxWatchesPerUser)
+		}
+		defer release()
+	}
 	emit := func(e *events.Event, cur events.Cursor) error {
 		return stream.Send(&pb.WatchResponse{Kind: &pb.WatchResponse_Event{Event: changeEvent(e, cur)}})
 	}
