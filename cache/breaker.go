@@ -111,4 +111,15 @@ func (b *breaker) failure(now time.Time) {
 	}
 }
 
+// abandon records a call given up by its caller before Redis answered: it
+// says nothing of Redis, but frees the half-open probe slot it may hold.
+func (b *breaker) abandon() {
+	if BreakerState(b.st.Load()) == BreakerClosed {
+		return
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.probing = false
+}
+
 func (b *breaker) current() BreakerState { return BreakerState(b.st.Load()) }

@@ -158,7 +158,7 @@ type Cache struct {
 	// pending holds keys whose invalidation failed; they are read from
 	// the database until a retry deletes them in Redis.
 	pendingMu sync.Mutex
-	pending   map[string]struct{}
+	pending   map[string]uint64 // key → generation of its last failure
 	npending  atomic.Int64
 
 	// uncachedUntil (Unix ns): until then every read skips this
@@ -190,7 +190,7 @@ func newCache(opts Options) *Cache {
 		opts:    opts,
 		br:      breaker{threshold: opts.BreakerThreshold, cooldown: opts.BreakerCooldown},
 		flights: make(map[string]*flight),
-		pending: make(map[string]struct{}),
+		pending: make(map[string]uint64),
 		stop:    make(chan struct{}),
 		done:    make(chan struct{}),
 		acquire: rueidis.NewLuaScript(acquireLua),
@@ -426,10 +426,14 @@ func (c *Cache) lookup(ctx context.Context, key string, now time.Time) (Entry, l
 	if err != nil {
 		if ctx.Err() == nil { // the caller giving up says nothing about Redis
 			c.redisFailed(err)
+		} else {
+			c.br.abandon() // but frees the probe slot it may hold
 		}
 		return Entry{}, stateMiss, err
 	}
-	c.redisOK()
+	if !res.IsCacheHit() { // a local hit says nothing about Redis either
+		c.redisOK()
+	}
 	if len(s) > 0 && s[0] == leaseByte {
 		c.stats.misses.Add(1)
 		return Entry{}, stateMiss, nil
@@ -553,11 +557,16 @@ func (c *Cache) fill(ctx context.Context, key string, ttl time.Duration, load Lo
 
 // The Lua that makes a load safe across processes.
 const (
-	// acquireLua returns the key's value if it has one; otherwise it
+	// acquireLua returns the key's value if it holds an entry or a lease;
+	// anything else (not ours, or from an incompatible version) is
+	// overwritten like an empty key, so it cannot stall readers. Otherwise it
 	// stores the caller's lease (ARGV[1]) for ARGV[2] ms and returns it.
 	acquireLua = `
 local v = redis.call('GET', KEYS[1])
-if v then return v end
+if v then
+  local b = string.byte(v, 1)
+  if b == 1 or (b == 0 and string.len(v) == string.len(ARGV[1])) then return v end
+end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return ARGV[1]`
 	// storeLua replaces the caller's lease with the value; if the lease
@@ -597,7 +606,7 @@ func (c *Cache) fillLeased(ctx context.Context, key string, ttl time.Duration, l
 				c.stats.redisHits.Add(1)
 				return fillResult{e: live(e, time.Now()), confirmed: true}
 			}
-			// Undecodable: treat like a lease that never ends.
+			// A corrupt entry of our format: wait it out like a lease.
 		}
 		// Another process is loading: wait for its value.
 		if time.Now().After(giveUp) {
@@ -749,11 +758,13 @@ func (c *Cache) markFloors(keys []string) {
 	}
 }
 
+// queue records keys whose delete failed. Each gets a new generation, so a
+// retry already under way for an older failure does not drop it.
 func (c *Cache) queue(keys []string) {
 	c.pendingMu.Lock()
 	defer c.pendingMu.Unlock()
 	for _, k := range keys {
-		c.pending[k] = struct{}{}
+		c.pending[k] = c.seq.Add(1)
 	}
 	c.npending.Store(int64(len(c.pending)))
 }
@@ -767,6 +778,9 @@ func (c *Cache) isPending(key string) bool {
 	_, ok := c.pending[key]
 	return ok
 }
+
+// retryBatch is how many queued keys one retry deletes.
+const retryBatch = 4096
 
 // retryLoop deletes queued keys in Redis until none are left.
 func (c *Cache) retryLoop() {
@@ -782,9 +796,17 @@ func (c *Cache) retryLoop() {
 		if c.npending.Load() == 0 {
 			continue
 		}
+		// A bounded share per tick, so each try fits its timeout and a
+		// long outage's backlog drains in steps.
 		c.pendingMu.Lock()
-		keys := make([]string, 0, len(c.pending))
-		for k := range c.pending {
+		n := min(len(c.pending), retryBatch)
+		gens := make(map[string]uint64, n)
+		keys := make([]string, 0, n)
+		for k, g := range c.pending {
+			if len(keys) == retryBatch {
+				break
+			}
+			gens[k] = g
 			keys = append(keys, k)
 		}
 		c.pendingMu.Unlock()
@@ -794,7 +816,11 @@ func (c *Cache) retryLoop() {
 		c.markFloors(keys)
 		c.pendingMu.Lock()
 		for _, k := range keys {
-			delete(c.pending, k)
+			// A key queued again meanwhile failed after this delete was
+			// sent; it stays for the next try.
+			if c.pending[k] == gens[k] {
+				delete(c.pending, k)
+			}
 		}
 		c.npending.Store(int64(len(c.pending)))
 		c.pendingMu.Unlock()

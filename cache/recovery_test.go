@@ -1,0 +1,74 @@
+package cache
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/shardgate/shardgate/internal/testenv"
+)
+
+// A value in a key that is neither an entry nor a lease (not ours, or an
+// incompatible format) is replaced by the first load, not waited on.
+func TestForeignValueIsReplaced(t *testing.T) {
+	addr, prefix := testenv.Redis(t)
+	c := newTestCache(t, addr, prefix, Options{})
+	raw := rawClient(t, addr)
+	s := newSource()
+	k := c.ConfigKey("ns", "g")
+	s.set(k, `1`)
+	ctx := context.Background()
+	if err := raw.Do(ctx, raw.B().Set().Key(k).Value("garbage").Build()).Error(); err != nil {
+		t.Fatal(err)
+	}
+	if e := mustGet(t, c, k, s); e.Value != `1` {
+		t.Fatalf("read %+v", e)
+	}
+	v, err := raw.Do(ctx, raw.B().Get().Key(k).Build()).ToString()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if e, err := decode(v); err != nil || e.Value != `1` {
+		t.Fatalf("Redis holds %q after a load, want the loaded entry", v)
+	}
+}
+
+// A half-open breaker's probe given up by its caller frees the probe slot:
+// the next read probes Redis and closes the breaker.
+func TestAbandonedProbeFreesBreaker(t *testing.T) {
+	addr, prefix := testenv.Redis(t)
+	c := newTestCache(t, addr, prefix, Options{BreakerCooldown: 10 * time.Millisecond})
+	s := newSource()
+	k := c.ConfigKey("ns", "b")
+	s.set(k, `1`)
+	for range c.opts.BreakerThreshold {
+		c.br.failure(time.Now())
+	}
+	time.Sleep(20 * time.Millisecond) // past the cooldown: the next call probes
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	c.Get(ctx, k, time.Minute, s.loader(k))
+	mustGet(t, c, k, s)
+	if st := c.br.current(); st != BreakerClosed {
+		t.Fatalf("breaker %v after a read with Redis healthy, want closed", st)
+	}
+}
+
+// A key queued again while a retry of its older failure is under way stays
+// queued: the retry's delete may have run before the newer write.
+func TestRequeuedKeySurvivesOlderRetry(t *testing.T) {
+	addr, prefix := testenv.Redis(t)
+	c := newTestCache(t, addr, prefix, Options{})
+	k := c.ConfigKey("ns", "q")
+	c.queue([]string{k})
+	c.pendingMu.Lock()
+	older := c.pending[k]
+	c.pendingMu.Unlock()
+	c.queue([]string{k}) // a newer write's delete failed too
+	c.pendingMu.Lock()
+	newer := c.pending[k]
+	c.pendingMu.Unlock()
+	if newer == older {
+		t.Fatalf("requeue kept generation %d", older)
+	}
+}
