@@ -115,8 +115,12 @@ const (
 
 // SetConfig writes a value. expected nil writes unconditionally; 0 creates
 // only; N updates only version N. A mismatch is a *shards.ConflictError.
-func (c *Catalog) SetConfig(ctx context.Context, namespace, key string, value []byte, expected *int64) (int64, error) {
-	return c.setConfig(ctx, c.pool, namespace, key, value, expected)
+func (c *Catalog) SetConfig(ctx context.Context, namespace, key string, value []byte, expected *int64) (version int64, err error) {
+	err = shards.RetryBelowTombstone(func() (err error) {
+		version, err = c.setConfig(ctx, c.pool, namespace, key, value, expected)
+		return err
+	})
+	return version, err
 }
 
 // rowQuerier is a pool or a transaction.

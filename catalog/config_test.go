@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/shardgate/shardgate/catalog"
 	"github.com/shardgate/shardgate/internal/testenv"
@@ -142,3 +143,63 @@ func TestConfigVersionsRiseAcrossDelete(t *testing.T) {
 }
 
 func ptr(v int64) *int64 { return &v }
+
+// A recreate whose statement started before a concurrent delete committed
+// still continues after the delete's version (the config twin of
+// shards.TestRecreateRacingDeleteStillRises).
+func TestConfigRecreateRacingDeleteStillRises(t *testing.T) {
+	t.Parallel()
+	cat := openConfigCatalog(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	for range 3 {
+		if _, err := cat.SetConfig(ctx, "ns", "k", []byte(`1`), nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waiting := func(n int) {
+		t.Helper()
+		deadline := time.Now().Add(10 * time.Second)
+		for {
+			var got int
+			if err := cat.Pool().QueryRow(ctx, `SELECT count(*) FROM pg_stat_activity
+				WHERE datname = current_database() AND wait_event_type = 'Lock'`).Scan(&got); err != nil {
+				t.Fatal(err)
+			}
+			if got >= n {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%d statements waiting on locks, want %d", got, n)
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+	hold, err := cat.Pool().Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer hold.Rollback(ctx)
+	if _, err := hold.Exec(ctx, `SELECT tick FROM config_outbox_clock FOR UPDATE`); err != nil {
+		t.Fatal(err)
+	}
+	deleted := make(chan error, 1)
+	go func() { deleted <- cat.DeleteConfig(ctx, "ns", "k", nil) }()
+	waiting(1)
+	type set struct {
+		v   int64
+		err error
+	}
+	recreated := make(chan set, 1)
+	go func() { v, err := cat.SetConfig(ctx, "ns", "k", []byte(`2`), nil); recreated <- set{v, err} }()
+	waiting(2)
+	if err := hold.Rollback(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-deleted; err != nil {
+		t.Fatal(err)
+	}
+	if r := <-recreated; r.err != nil || r.v != 5 {
+		t.Fatalf("recreate racing the delete: version %d, %v; want 5 (after the delete's 4)", r.v, r.err)
+	}
+}

@@ -21,25 +21,27 @@ const schemaLock = 0x5347 // "SG"
 // both run in one transaction holding the namespace's lock in share mode.
 func (c *Catalog) SetConfigChecked(ctx context.Context, namespace, key string, value []byte, expected *int64, check func(schema string) error) (int64, error) {
 	var version int64
-	err := pgx.BeginFunc(ctx, c.pool, func(tx pgx.Tx) error {
-		// Two statements, so the schema is read after the lock is held
-		// (one statement's snapshot would predate the wait).
-		if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock_shared($1, hashtext($2))`, schemaLock, namespace); err != nil {
-			return fmt.Errorf("lock config namespace: %w", err)
-		}
-		var schema string
-		err := tx.QueryRow(ctx, `SELECT schema FROM config_schemas WHERE namespace = $1`, namespace).Scan(&schema)
-		switch {
-		case errors.Is(err, pgx.ErrNoRows):
-		case err != nil:
-			return fmt.Errorf("read config schema: %w", err)
-		default:
-			if err := check(schema); err != nil {
-				return err
+	err := shards.RetryBelowTombstone(func() error {
+		return pgx.BeginFunc(ctx, c.pool, func(tx pgx.Tx) error {
+			// Two statements, so the schema is read after the lock is held
+			// (one statement's snapshot would predate the wait).
+			if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock_shared($1, hashtext($2))`, schemaLock, namespace); err != nil {
+				return fmt.Errorf("lock config namespace: %w", err)
 			}
-		}
-		version, err = c.setConfig(ctx, tx, namespace, key, value, expected)
-		return err
+			var schema string
+			err := tx.QueryRow(ctx, `SELECT schema FROM config_schemas WHERE namespace = $1`, namespace).Scan(&schema)
+			switch {
+			case errors.Is(err, pgx.ErrNoRows):
+			case err != nil:
+				return fmt.Errorf("read config schema: %w", err)
+			default:
+				if err := check(schema); err != nil {
+					return err
+				}
+			}
+			version, err = c.setConfig(ctx, tx, namespace, key, value, expected)
+			return err
+		})
 	})
 	return version, err
 }

@@ -117,20 +117,23 @@ func (s *Shard) PutItem(ctx context.Context, partition int32, userID, collection
 	}
 	defer c.Release()
 
-	var row pgx.Row
-	switch {
-	case expected == nil:
-		row = c.QueryRow(ctx, putItemAnySQL, partition, userID, collection, key, value)
-	case *expected == 0:
-		row = c.QueryRow(ctx, putItemCreateSQL, partition, userID, collection, key, value)
-	default:
-		row = c.QueryRow(ctx, putItemUpdateSQL, partition, userID, collection, key, value, *expected)
-	}
 	var (
 		owned, userExists bool
 		written, before   pgtype.Int8
 	)
-	if err := row.Scan(&owned, &userExists, &written, &before); err != nil {
+	err = RetryBelowTombstone(func() error {
+		var row pgx.Row
+		switch {
+		case expected == nil:
+			row = c.QueryRow(ctx, putItemAnySQL, partition, userID, collection, key, value)
+		case *expected == 0:
+			row = c.QueryRow(ctx, putItemCreateSQL, partition, userID, collection, key, value)
+		default:
+			row = c.QueryRow(ctx, putItemUpdateSQL, partition, userID, collection, key, value, *expected)
+		}
+		return row.Scan(&owned, &userExists, &written, &before)
+	})
+	if err != nil {
 		return 0, s.wrap("put item", err)
 	}
 	switch {

@@ -75,3 +75,71 @@ func TestVersionsRiseAcrossDeleteAndRecreate(t *testing.T) {
 		last[k] = e.Version
 	}
 }
+
+// A recreate whose statement started before a concurrent delete committed
+// computed its version without the delete's tombstone; the outbox trigger
+// refuses it and the put runs again, so the version still rises (found by
+// review: the outbox read "upsert 3, delete 4, upsert 1").
+func TestRecreateRacingDeleteStillRises(t *testing.T) {
+	t.Parallel()
+	s := newShard(t, 4)
+	ctx := testCtx(t)
+	for range 3 {
+		if _, err := s.PutUser(ctx, 4, "bob", []byte(`{}`), nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	_, seq := eventsAfter(t, s, 0)
+	waiting := func(n int) {
+		t.Helper()
+		deadline := time.Now().Add(10 * time.Second)
+		for {
+			var got int
+			if err := s.Pool().QueryRow(ctx, `SELECT count(*) FROM pg_stat_activity
+				WHERE datname = current_database() AND wait_event_type = 'Lock'`).Scan(&got); err != nil {
+				t.Fatal(err)
+			}
+			if got >= n {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%d statements waiting on locks, want %d", got, n)
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+	// Hold the partition's clock so the delete stops just before committing.
+	hold, err := s.Pool().Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer hold.Rollback(ctx)
+	if _, err := hold.Exec(ctx, `SELECT tick FROM outbox_clock WHERE partition = 4 FOR UPDATE`); err != nil {
+		t.Fatal(err)
+	}
+	deleted := make(chan error, 1)
+	go func() { _, err := s.DeleteUser(ctx, 4, "bob", nil); deleted <- err }()
+	waiting(1)
+	// The put's snapshot predates the delete's commit: it sees no tombstone.
+	type put struct {
+		v   int64
+		err error
+	}
+	recreated := make(chan put, 1)
+	go func() { v, err := s.PutUser(ctx, 4, "bob", []byte(`{"again":true}`), nil); recreated <- put{v, err} }()
+	waiting(2)
+	if err := hold.Rollback(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-deleted; err != nil {
+		t.Fatal(err)
+	}
+	r := <-recreated
+	if r.err != nil || r.v != 5 {
+		t.Fatalf("recreate racing the delete: version %d, %v; want 5 (after the delete's 4)", r.v, r.err)
+	}
+	evs, _ := eventsAfter(t, s, seq)
+	if len(evs) != 2 || evs[0].Op != "delete" || evs[0].Version != 4 || evs[1].Op != "upsert" || evs[1].Version != 5 {
+		t.Fatalf("events: %+v", evs)
+	}
+}

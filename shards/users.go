@@ -92,20 +92,23 @@ func (s *Shard) PutUser(ctx context.Context, partition int32, userID string, pro
 	}
 	defer c.Release()
 
-	var row pgx.Row
-	switch {
-	case expected == nil:
-		row = c.QueryRow(ctx, putUserAnySQL, partition, userID, profile)
-	case *expected == 0:
-		row = c.QueryRow(ctx, putUserCreateSQL, partition, userID, profile)
-	default:
-		row = c.QueryRow(ctx, putUserUpdateSQL, partition, userID, profile, *expected)
-	}
 	var (
 		owned           bool
 		written, before pgtype.Int8
 	)
-	if err := row.Scan(&owned, &written, &before); err != nil {
+	err = RetryBelowTombstone(func() error {
+		var row pgx.Row
+		switch {
+		case expected == nil:
+			row = c.QueryRow(ctx, putUserAnySQL, partition, userID, profile)
+		case *expected == 0:
+			row = c.QueryRow(ctx, putUserCreateSQL, partition, userID, profile)
+		default:
+			row = c.QueryRow(ctx, putUserUpdateSQL, partition, userID, profile, *expected)
+		}
+		return row.Scan(&owned, &written, &before)
+	})
+	if err != nil {
 		return 0, s.wrap("put user", err)
 	}
 	switch {
