@@ -88,6 +88,11 @@ func (f *Follower) Follow(ctx context.Context, sub Subscription, emit func(*Even
 		names[i] = keys.Stream(s)
 	}
 	ids := make([]string, len(streams))
+	// A first heartbeat at once gives the client a cursor to resume from
+	// even if it disconnects before any event or the next heartbeat.
+	if err := heartbeat(cur); err != nil {
+		return err
+	}
 	lastSent := time.Now()
 	c := f.Redis
 	for {

@@ -186,6 +186,14 @@ func (r *Relay) runOnce(ctx context.Context) (bool, error) {
 	// a crash means publishing them again, which Redis refuses as
 	// duplicates; waiting for each delete's WAL flush would only add latency.
 	cfg.RuntimeParams["synchronous_commit"] = "off"
+	// The lock is released only when Postgres notices the session gone. A
+	// leader whose host dies sends no FIN; the server's keepalives and
+	// user timeout find it within about 30 s instead of the kernel's
+	// default two hours, and another instance takes over.
+	cfg.RuntimeParams["tcp_keepalives_idle"] = "10"
+	cfg.RuntimeParams["tcp_keepalives_interval"] = "5"
+	cfg.RuntimeParams["tcp_keepalives_count"] = "3"
+	cfg.RuntimeParams["tcp_user_timeout"] = "20000"
 	if cfg.ConnectTimeout == 0 {
 		cfg.ConnectTimeout = 5 * time.Second
 	}
