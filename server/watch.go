@@ -79,6 +79,8 @@ func (d *DataService) Watch(req *pb.WatchRequest, stream pb.DataService_WatchSer
 	}
 	follower := d.s.follower.Load()
 	switch {
+	case d.s.watchesCtx.Err() != nil: // shutting down: no new watches
+		return watchEnded(d.s.watchesCtx)
 	case ctx.Err() != nil:
 		return watchEnded(ctx)
 	case follower == nil && d.s.opts.RunRelays:
