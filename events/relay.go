@@ -164,18 +164,22 @@ func (r *Relay) Run(ctx context.Context) error {
 		if err != nil {
 			log.Warn("event relay interrupted", "leader", leader, "err", err)
 		}
-		// Jitter spreads instances that lost together.
-		wait := r.opts.ElectInterval/2 + rand.N(r.opts.ElectInterval)
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
-		case <-time.After(wait):
+		case <-time.After(r.electWait()):
 		}
 	}
 }
 
-// runOnce connects, tries the lock and, if it gets it, relays until an
-// error. It reports whether it was the leader.
+// electWait is the pause before the next try for the lock; jitter spreads
+// instances that lost together.
+func (r *Relay) electWait() time.Duration {
+	return r.opts.ElectInterval/2 + rand.N(r.opts.ElectInterval)
+}
+
+// runOnce connects, tries the lock until it gets it and then relays until
+// an error. It reports whether it was the leader.
 func (r *Relay) runOnce(ctx context.Context) (bool, error) {
 	cfg, err := pgx.ParseConfig(r.dsn)
 	if err != nil {
@@ -202,12 +206,22 @@ func (r *Relay) runOnce(ctx context.Context) (bool, error) {
 		return false, err
 	}
 	defer conn.Close(context.Background())
-	var got bool
-	if err := conn.QueryRow(ctx, `SELECT pg_try_advisory_lock($1, $2)`, int32(lockClass), r.src.lockKey).Scan(&got); err != nil {
-		return false, err
-	}
-	if !got {
-		return false, nil
+	// A follower keeps its connection and retries the lock on it, rather
+	// than connecting anew each time (a backend start per try, per
+	// instance, per database).
+	for {
+		var got bool
+		if err := conn.QueryRow(ctx, `SELECT pg_try_advisory_lock($1, $2)`, int32(lockClass), r.src.lockKey).Scan(&got); err != nil {
+			return false, err
+		}
+		if got {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			return false, ctx.Err()
+		case <-time.After(r.electWait()):
+		}
 	}
 	if _, err := conn.Exec(ctx, "LISTEN "+r.src.channel); err != nil {
 		return true, err
