@@ -157,24 +157,7 @@ func TestConfigRecreateRacingDeleteStillRises(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	waiting := func(n int) {
-		t.Helper()
-		deadline := time.Now().Add(10 * time.Second)
-		for {
-			var got int
-			if err := cat.Pool().QueryRow(ctx, `SELECT count(*) FROM pg_stat_activity
-				WHERE datname = current_database() AND wait_event_type = 'Lock'`).Scan(&got); err != nil {
-				t.Fatal(err)
-			}
-			if got >= n {
-				return
-			}
-			if time.Now().After(deadline) {
-				t.Fatalf("%d statements waiting on locks, want %d", got, n)
-			}
-			time.Sleep(5 * time.Millisecond)
-		}
-	}
+
 	hold, err := cat.Pool().Begin(ctx)
 	if err != nil {
 		t.Fatal(err)
@@ -185,14 +168,14 @@ func TestConfigRecreateRacingDeleteStillRises(t *testing.T) {
 	}
 	deleted := make(chan error, 1)
 	go func() { deleted <- cat.DeleteConfig(ctx, "ns", "k", nil) }()
-	waiting(1)
+	testenv.WaitForLockWaiters(t, ctx, cat.Pool(), 1)
 	type set struct {
 		v   int64
 		err error
 	}
 	recreated := make(chan set, 1)
 	go func() { v, err := cat.SetConfig(ctx, "ns", "k", []byte(`2`), nil); recreated <- set{v, err} }()
-	waiting(2)
+	testenv.WaitForLockWaiters(t, ctx, cat.Pool(), 2)
 	if err := hold.Rollback(ctx); err != nil {
 		t.Fatal(err)
 	}

@@ -3,6 +3,8 @@ package shards
 import (
 	"testing"
 	"time"
+
+	"github.com/shardgate/shardgate/internal/testenv"
 )
 
 // A key deleted and created again continues its versions after the delete,
@@ -90,24 +92,7 @@ func TestRecreateRacingDeleteStillRises(t *testing.T) {
 		}
 	}
 	_, seq := eventsAfter(t, s, 0)
-	waiting := func(n int) {
-		t.Helper()
-		deadline := time.Now().Add(10 * time.Second)
-		for {
-			var got int
-			if err := s.Pool().QueryRow(ctx, `SELECT count(*) FROM pg_stat_activity
-				WHERE datname = current_database() AND wait_event_type = 'Lock'`).Scan(&got); err != nil {
-				t.Fatal(err)
-			}
-			if got >= n {
-				return
-			}
-			if time.Now().After(deadline) {
-				t.Fatalf("%d statements waiting on locks, want %d", got, n)
-			}
-			time.Sleep(5 * time.Millisecond)
-		}
-	}
+
 	// Hold the partition's clock so the delete stops just before committing.
 	hold, err := s.Pool().Begin(ctx)
 	if err != nil {
@@ -119,7 +104,7 @@ func TestRecreateRacingDeleteStillRises(t *testing.T) {
 	}
 	deleted := make(chan error, 1)
 	go func() { _, err := s.DeleteUser(ctx, 4, "bob", nil); deleted <- err }()
-	waiting(1)
+	testenv.WaitForLockWaiters(t, ctx, s.Pool(), 1)
 	// The put's snapshot predates the delete's commit: it sees no tombstone.
 	type put struct {
 		v   int64
@@ -127,7 +112,7 @@ func TestRecreateRacingDeleteStillRises(t *testing.T) {
 	}
 	recreated := make(chan put, 1)
 	go func() { v, err := s.PutUser(ctx, 4, "bob", []byte(`{"again":true}`), nil); recreated <- put{v, err} }()
-	waiting(2)
+	testenv.WaitForLockWaiters(t, ctx, s.Pool(), 2)
 	if err := hold.Rollback(ctx); err != nil {
 		t.Fatal(err)
 	}

@@ -127,3 +127,27 @@ func redact(dsn string) string {
 	}
 	return u.Redacted()
 }
+
+// WaitForLockWaiters waits until at least n statements in db's database are
+// waiting on a lock (pg_stat_activity), so a test can line up concurrent
+// transactions in a known order. It fails the test after 10 s.
+func WaitForLockWaiters(t testing.TB, ctx context.Context, db interface {
+	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
+}, n int) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		var got int
+		if err := db.QueryRow(ctx, `SELECT count(*) FROM pg_stat_activity
+			WHERE datname = current_database() AND wait_event_type = 'Lock'`).Scan(&got); err != nil {
+			t.Fatal(err)
+		}
+		if got >= n {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d statements waiting on locks, want %d", got, n)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
