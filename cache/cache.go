@@ -623,6 +623,11 @@ func (c *Cache) fillLeased(ctx context.Context, key string, ttl time.Duration, l
 
 	c.stats.loads.Add(1)
 	e, err := load(ctx)
+	// The lease's release or store runs even if the load used up the
+	// flight's deadline: skipping it would leave the lease for others to
+	// wait out, and failing it would be blamed on Redis. The compare-and-set
+	// keeps a late store harmless.
+	ctx = context.WithoutCancel(ctx)
 	if err != nil {
 		c.redis(ctx, func(ctx context.Context) (string, error) {
 			return "", c.release.Exec(ctx, c.client, []string{key}, []string{lease}).Error()

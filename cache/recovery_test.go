@@ -72,3 +72,25 @@ func TestRequeuedKeySurvivesOlderRetry(t *testing.T) {
 		t.Fatalf("requeue kept generation %d", older)
 	}
 }
+
+// A load that outlives its flight's deadline (a slow database) is not a
+// Redis failure, and its lease is released rather than left for others to
+// wait out.
+func TestSlowLoadIsNotARedisFailure(t *testing.T) {
+	addr, prefix := testenv.Redis(t)
+	c := newTestCache(t, addr, prefix, Options{LeaseTTL: 100 * time.Millisecond})
+	raw := rawClient(t, addr)
+	k := c.ConfigKey("ns", "slow")
+	for range c.opts.BreakerThreshold + 1 {
+		c.Get(context.Background(), k, time.Minute, func(ctx context.Context) (Entry, error) {
+			<-ctx.Done()
+			return Entry{}, ctx.Err()
+		})
+	}
+	if st := c.Stats(); st.RedisErrors != 0 || st.Breaker != BreakerClosed {
+		t.Fatalf("after slow loads: %+v, want no Redis errors and the breaker closed", st)
+	}
+	if n, err := raw.Do(context.Background(), raw.B().Exists().Key(k).Build()).AsInt64(); err != nil || n != 0 {
+		t.Fatalf("lease left in Redis after the failed load: exists=%d, %v", n, err)
+	}
+}
