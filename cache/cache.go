@@ -753,7 +753,13 @@ func (c *Cache) InvalidateSession(ctx context.Context, tokenHash []byte) error {
 
 // InvalidateConfig invalidates one config value and its namespace's list.
 func (c *Cache) InvalidateConfig(ctx context.Context, namespace, key string) error {
-	return c.Invalidate(ctx, c.ConfigKey(namespace, key), c.ConfigListKey(namespace))
+	return c.Invalidate(ctx, c.ConfigChangeKeys(namespace, key)...)
+}
+
+// ConfigChangeKeys are the keys a change of one config value invalidates:
+// the value's and its namespace's list.
+func (c *Cache) ConfigChangeKeys(namespace, key string) []string {
+	return []string{c.ConfigKey(namespace, key), c.ConfigListKey(namespace)}
 }
 
 func (c *Cache) markFloors(keys []string) {

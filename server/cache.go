@@ -64,7 +64,7 @@ func (s *Server) invalidateEvents(ctx context.Context, evs []events.Event) error
 			keys = append(keys, c.SessionKey(hash))
 		case events.EntityConfig:
 			ns, key := ev.ConfigKey()
-			keys = append(keys, c.ConfigKey(ns, key), c.ConfigListKey(ns))
+			keys = append(keys, c.ConfigChangeKeys(ns, key)...)
 		}
 	}
 	if len(keys) > 0 {

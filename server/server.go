@@ -205,7 +205,7 @@ func (s *Server) Router() *router.Router { return s.router }
 // Close closes every pool. A topology reload still in flight then opens
 // none.
 func (s *Server) Close() {
-	s.endWatches(errShuttingDown)
+	s.EndWatches()
 	s.mu.Lock()
 	s.closed = true
 	relays := s.relays
