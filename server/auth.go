@@ -149,6 +149,8 @@ type Verifier struct {
 type cachedPrincipal struct {
 	p   *Principal
 	exp time.Time
+	kid string
+	key Key // the key that verified it: a rotated-out key ends the entry
 }
 
 // NewVerifier returns a Verifier. Tokens must carry exp.
@@ -189,15 +191,25 @@ func (v *Verifier) Verify(ctx context.Context, raw string) (*Principal, error) {
 	c, ok := v.cache[sum]
 	v.mu.Unlock()
 	if ok && now.Before(c.exp) {
-		return c.p, nil
+		// The key must still be in the key set, unchanged: a token signed
+		// with a key the issuer withdrew stops working at once.
+		if k, err := v.opts.Keys.Key(ctx, c.kid); err == nil && k.Equal(c.key) {
+			return c.p, nil
+		}
+		v.mu.Lock()
+		delete(v.cache, sum)
+		v.mu.Unlock()
 	}
 	var claims Claims
+	var kid string
+	var key Key
 	_, err := v.parser.ParseWithClaims(raw, &claims, func(t *jwt.Token) (any, error) {
-		kid, _ := t.Header["kid"].(string)
+		kid, _ = t.Header["kid"].(string)
 		k, err := v.opts.Keys.Key(ctx, kid)
 		if err != nil {
 			return nil, err
 		}
+		key = k
 		// Pin the algorithm to the key: an RSA public key offered as an
 		// HMAC secret, or "none", never verifies.
 		if t.Method.Alg() != k.Alg {
@@ -229,7 +241,7 @@ func (v *Verifier) Verify(ctx context.Context, raw string) (*Principal, error) {
 			}
 		}
 	}
-	v.cache[sum] = cachedPrincipal{p: p, exp: exp}
+	v.cache[sum] = cachedPrincipal{p: p, exp: exp, kid: kid, key: key}
 	v.mu.Unlock()
 	return p, nil
 }

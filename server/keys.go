@@ -6,6 +6,7 @@ import (
 	"crypto/ecdsa"
 	"crypto/ed25519"
 	"crypto/elliptic"
+	"crypto/hmac"
 	"crypto/rsa"
 	"crypto/sha256"
 	"crypto/x509"
@@ -37,6 +38,19 @@ type KeySource interface {
 	Key(ctx context.Context, kid string) (Key, error)
 	// Algorithms lists every algorithm a key of this source may pin.
 	Algorithms() []string
+}
+
+// Equal reports whether k and o are the same key for the same algorithm.
+func (k Key) Equal(o Key) bool {
+	if k.Alg != o.Alg {
+		return false
+	}
+	if pub, ok := k.Verify.(interface{ Equal(crypto.PublicKey) bool }); ok {
+		return pub.Equal(o.Verify)
+	}
+	a, ok1 := k.Verify.([]byte)
+	b, ok2 := o.Verify.([]byte)
+	return ok1 && ok2 && hmac.Equal(a, b)
 }
 
 var errUnknownKey = errors.New("unknown key")

@@ -127,7 +127,8 @@ func TestJWKSRotation(t *testing.T) {
 		t.Fatal(err)
 	}
 	c := jwt.MapClaims{"role": "user", "sub": "alice", "exp": 4102444800}
-	if _, err := v.Verify(context.Background(), sign(t, jwt.SigningMethodEdDSA, "k1", keys.ed, c)); err != nil {
+	old := sign(t, jwt.SigningMethodEdDSA, "k1", keys.ed, c)
+	if _, err := v.Verify(context.Background(), old); err != nil {
 		t.Fatal(err)
 	}
 	rotated.Store(true)
@@ -138,5 +139,9 @@ func TestJWKSRotation(t *testing.T) {
 	// Cached: verifying the same token again fetches nothing.
 	if _, err := v.Verify(context.Background(), sign(t, jwt.SigningMethodEdDSA, "k2", next, c)); err != nil || fetches.Load() != before {
 		t.Fatalf("second verification: %v, %d fetches", err, fetches.Load()-before)
+	}
+	// The token signed with the withdrawn key was cached; it is refused now.
+	if _, err := v.Verify(context.Background(), old); err == nil {
+		t.Fatal("a cached token signed with a rotated-out key still verifies")
 	}
 }
