@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/golang-jwt/jwt/v5"
+	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
@@ -133,7 +134,20 @@ type AuthOptions struct {
 	// CacheSize bounds the verified-token cache (default 10000 entries;
 	// negative: no cache, every call verifies its signature).
 	CacheSize int
+	// FailureRate bounds, per peer address, the tokens that fail
+	// verification (default DefaultAuthFailureRate). Past it, tokens that
+	// are not already verified and cached are refused with
+	// RESOURCE_EXHAUSTED before their signature is checked, so a flood of
+	// forged tokens costs no more than this many checks. A zero PerSecond
+	// turns it off.
+	FailureRate Rate
+	// NoFailureLimit turns FailureRate off.
+	NoFailureLimit bool
 }
+
+// DefaultAuthFailureRate is FailureRate's default: generous, because
+// every client behind one proxy shares the proxy's address.
+var DefaultAuthFailureRate = Rate{PerSecond: 50, Burst: 500}
 
 // Verifier checks bearer tokens and caches the ones it verified until they
 // expire, so a client reusing its token pays one signature check.
@@ -144,6 +158,8 @@ type Verifier struct {
 
 	mu    sync.Mutex
 	cache map[[32]byte]cachedPrincipal
+
+	throttle *authThrottle // nil: failures are not limited
 }
 
 type cachedPrincipal struct {
@@ -176,29 +192,46 @@ func NewVerifier(o AuthOptions) (*Verifier, error) {
 	if o.Audience != "" {
 		popts = append(popts, jwt.WithAudience(o.Audience))
 	}
-	return &Verifier{opts: o, parser: jwt.NewParser(popts...), now: time.Now, cache: map[[32]byte]cachedPrincipal{}}, nil
+	v := &Verifier{opts: o, parser: jwt.NewParser(popts...), now: time.Now, cache: map[[32]byte]cachedPrincipal{}}
+	if !o.NoFailureLimit {
+		r := o.FailureRate
+		if r.PerSecond <= 0 {
+			r = DefaultAuthFailureRate
+		}
+		v.throttle = newAuthThrottle(r)
+	}
+	return v, nil
 }
 
 // errBadToken is what callers learn about a token that fails: never the
 // token, never which check failed beyond a short reason.
 var errBadToken = errors.New("invalid token")
 
+// cached returns the principal of a token verified before, if it is still
+// valid and its key is still in the key set, unchanged: a token signed
+// with a key the issuer withdrew stops working at once.
+func (v *Verifier) cached(ctx context.Context, sum [32]byte, now time.Time) (*Principal, bool) {
+	v.mu.Lock()
+	c, ok := v.cache[sum]
+	v.mu.Unlock()
+	if !ok || !now.Before(c.exp) {
+		return nil, false
+	}
+	if k, err := v.opts.Keys.Key(ctx, c.kid); err == nil && k.Equal(c.key) {
+		return c.p, true
+	}
+	v.mu.Lock()
+	delete(v.cache, sum)
+	v.mu.Unlock()
+	return nil, false
+}
+
 // Verify checks a raw JWT and returns its principal.
 func (v *Verifier) Verify(ctx context.Context, raw string) (*Principal, error) {
 	sum := sha256.Sum256([]byte(raw))
 	now := v.now()
-	v.mu.Lock()
-	c, ok := v.cache[sum]
-	v.mu.Unlock()
-	if ok && now.Before(c.exp) {
-		// The key must still be in the key set, unchanged: a token signed
-		// with a key the issuer withdrew stops working at once.
-		if k, err := v.opts.Keys.Key(ctx, c.kid); err == nil && k.Equal(c.key) {
-			return c.p, nil
-		}
-		v.mu.Lock()
-		delete(v.cache, sum)
-		v.mu.Unlock()
+	if p, ok := v.cached(ctx, sum, now); ok {
+		return p, nil
 	}
 	var claims Claims
 	var kid string
@@ -284,22 +317,55 @@ func (v *Verifier) authenticate(ctx context.Context) (*Principal, error) {
 	if !ok {
 		return nil, status.Error(codes.Unauthenticated, "authorization is not \"Bearer <token>\"")
 	}
+	if v.throttle == nil {
+		p, err := v.Verify(ctx, raw)
+		if err != nil {
+			return nil, status.Error(codes.Unauthenticated, "invalid token: "+err.Error())
+		}
+		return p, nil
+	}
+	host := peerHost(ctx)
+	if wait, blocked := v.throttle.blocked(host); blocked {
+		// Tokens verified before still work; nothing new is checked.
+		if p, ok := v.cached(ctx, sha256.Sum256([]byte(raw)), v.now()); ok {
+			return p, nil
+		}
+		return nil, v.throttle.refuse(ctx, wait)
+	}
 	p, err := v.Verify(ctx, raw)
 	if err != nil {
+		v.throttle.failed(host)
 		return nil, status.Error(codes.Unauthenticated, "invalid token: "+err.Error())
 	}
 	return p, nil
+}
+
+// Collectors are the verifier's metrics.
+func (v *Verifier) Collectors() []prometheus.Collector {
+	if v == nil || v.throttle == nil {
+		return nil
+	}
+	return []prometheus.Collector{v.throttle.failures, v.throttle.refused}
+}
+
+// peerHost is the caller's IP address ("" when unknown).
+func peerHost(ctx context.Context) string {
+	pr, ok := peer.FromContext(ctx)
+	if !ok || pr.Addr == nil {
+		return ""
+	}
+	host := pr.Addr.String()
+	if i := strings.LastIndexByte(host, ':'); i > 0 {
+		host = host[:i]
+	}
+	return host
 }
 
 // anonymous is the principal of a call without a token where that is
 // allowed; its rate-limit key is the peer's IP.
 func anonymous(ctx context.Context) *Principal {
 	key := "anon"
-	if pr, ok := peer.FromContext(ctx); ok && pr.Addr != nil {
-		host := pr.Addr.String()
-		if i := strings.LastIndexByte(host, ':'); i > 0 {
-			host = host[:i]
-		}
+	if host := peerHost(ctx); host != "" {
 		key = "anon:" + host
 	}
 	return &Principal{Role: RoleAdmin, Anonymous: true, Subject: "", key: key}

@@ -7,6 +7,7 @@ import (
 	"crypto/rsa"
 	"crypto/x509"
 	"encoding/pem"
+	"fmt"
 	"testing"
 	"time"
 
@@ -462,6 +463,61 @@ func TestUserWatchCap(t *testing.T) {
 	waitUntil(t, "alice's closed watch to release its slot", func() bool {
 		cancel, err := open("alice")
 		cancel()
+		return err == nil
+	})
+}
+
+// Failed verifications are limited per address: past the bucket, new
+// tokens are refused unchecked (RESOURCE_EXHAUSTED with retry-after-ms),
+// tokens verified before keep working, and the address recovers once the
+// bucket refills.
+func TestFailedAuthenticationsAreThrottled(t *testing.T) {
+	keys := newTestKeys(t)
+	v, err := NewVerifier(AuthOptions{
+		Keys:        StaticKeys{"ed": {Alg: "EdDSA", Verify: keys.ed.Public()}},
+		FailureRate: Rate{PerSecond: 2, Burst: 5},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ts := newTestCluster(t, 1).startWith(t, false, GRPCOptions{Auth: v}, nil)
+	ctx := ctxT(t)
+	admin := sign(t, jwt.SigningMethodEdDSA, "ed", keys.ed, claims("admin", "ops"))
+	if _, err := ts.admin.GetTopology(bearer(ctx, admin), &pb.GetTopologyRequest{}); err != nil {
+		t.Fatal(err)
+	}
+	var unauth, exhausted int
+	var retryAfter string
+	start := time.Now()
+	for i := range 20 {
+		forged := sign(t, jwt.SigningMethodEdDSA, "ed", keys.stranger, claims("admin", fmt.Sprint("x", i)))
+		var md metadata.MD
+		_, err := ts.admin.GetTopology(bearer(ctx, forged), &pb.GetTopologyRequest{}, grpc.Header(&md))
+		switch status.Code(err) {
+		case codes.Unauthenticated:
+			unauth++
+		case codes.ResourceExhausted:
+			exhausted++
+			if v := md.Get(retryAfterKey); len(v) == 1 {
+				retryAfter = v[0]
+			}
+		default:
+			t.Fatalf("forged token %d: %v", i, err)
+		}
+	}
+	// The bucket lets 5 through at once, and refills at 2/s while the loop runs.
+	most := 5 + int(2*time.Since(start).Seconds()) + 1
+	if unauth < 5 || unauth > most || exhausted == 0 || retryAfter == "" {
+		t.Fatalf("20 forged tokens: %d unauthenticated, %d exhausted (retry-after %q); want 5-%d checked, the rest refused", unauth, exhausted, retryAfter, most)
+	}
+	if _, err := ts.admin.GetTopology(bearer(ctx, admin), &pb.GetTopologyRequest{}); err != nil {
+		t.Fatalf("a token verified before the flood: %v", err)
+	}
+	fresh := sign(t, jwt.SigningMethodEdDSA, "ed", keys.ed, claims("admin", "other"))
+	_, err = ts.admin.GetTopology(bearer(ctx, fresh), &pb.GetTopologyRequest{})
+	wantCode(t, err, codes.ResourceExhausted)
+	waitUntil(t, "the address to be let through again", func() bool {
+		_, err := ts.admin.GetTopology(bearer(ctx, fresh), &pb.GetTopologyRequest{})
 		return err == nil
 	})
 }

@@ -108,6 +108,9 @@ func NewGRPCServer(s *Server, o GRPCOptions) (*grpc.Server, *health.Server) {
 	if o.bare {
 		unary, stream = unary[:len(unary)-1], stream[:len(stream)-1]
 	}
+	for _, c := range o.Auth.Collectors() {
+		s.metrics.MustRegister(c)
+	}
 	if o.Limiter != nil {
 		unary = append(unary, limitUnary(o.Limiter))
 		stream = append(stream, limitStream(o.Limiter))

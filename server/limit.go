@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"strconv"
@@ -54,20 +55,30 @@ func ParseRates(s string) (map[MethodClass]Rate, error) {
 		if !ok {
 			return nil, fmt.Errorf("rate limit %q: want class=rate[/burst]", part)
 		}
-		rs, bs, hasBurst := strings.Cut(spec, "/")
-		r, err := strconv.ParseFloat(rs, 64)
-		if err != nil || r <= 0 || r > 1e6 {
-			return nil, fmt.Errorf("rate limit %q: rate must be a number in (0, 1e6]", part)
+		r, err := ParseRate(spec)
+		if err != nil {
+			return nil, fmt.Errorf("rate limit %q: %w", part, err)
 		}
-		b := max(1, int(r))
-		if hasBurst {
-			if b, err = strconv.Atoi(bs); err != nil || b < 1 || b > 1e6 {
-				return nil, fmt.Errorf("rate limit %q: burst must be 1..1e6", part)
-			}
-		}
-		out[class] = Rate{PerSecond: r, Burst: b}
+		out[class] = r
 	}
 	return out, nil
+}
+
+// ParseRate reads "per-second[/burst]" (burst defaults to the rate, at
+// least 1).
+func ParseRate(spec string) (Rate, error) {
+	rs, bs, hasBurst := strings.Cut(spec, "/")
+	r, err := strconv.ParseFloat(rs, 64)
+	if err != nil || r <= 0 || r > 1e6 {
+		return Rate{}, errors.New("rate must be a number in (0, 1e6]")
+	}
+	b := max(1, int(r))
+	if hasBurst {
+		if b, err = strconv.Atoi(bs); err != nil || b < 1 || b > 1e6 {
+			return Rate{}, errors.New("burst must be 1..1e6")
+		}
+	}
+	return Rate{PerSecond: r, Burst: b}, nil
 }
 
 // LimiterOptions configure a Limiter.

@@ -35,6 +35,7 @@ type securityFlags struct {
 	JWTIssuer    string        `name:"jwt-issuer" help:"Required \"iss\" of tokens." env:"SHARDGATE_JWT_ISSUER"`
 	JWTAudience  string        `name:"jwt-audience" help:"Required \"aud\" of tokens." env:"SHARDGATE_JWT_AUDIENCE"`
 	JWTLeeway    time.Duration `name:"jwt-leeway" help:"Clock skew forgiven on exp, nbf and iat." default:"30s" env:"SHARDGATE_JWT_LEEWAY"`
+	JWTFailures  string        `name:"jwt-failure-limit" help:"Failed token verifications allowed per client address, per-second[/burst]; past it, new tokens from that address are refused unchecked for a while. \"off\" turns it off." default:"50/500" env:"SHARDGATE_JWT_FAILURE_LIMIT"`
 }
 
 // guardFlags configure rate limits and deadlines (serve and dev).
@@ -62,6 +63,14 @@ func (f securityFlags) build(ctx context.Context, log *slog.Logger) (security, e
 		sec.tls = conf
 	case f.TLSClientCA != "":
 		return sec, errors.New("--tls-client-ca needs --tls-cert and --tls-key")
+	}
+	var failures server.Rate
+	if f.JWTFailures != "off" {
+		r, err := server.ParseRate(f.JWTFailures)
+		if err != nil {
+			return sec, fmt.Errorf("--jwt-failure-limit %q: %w", f.JWTFailures, err)
+		}
+		failures = r
 	}
 	var keys server.KeySource
 	n := 0
@@ -97,7 +106,9 @@ func (f securityFlags) build(ctx context.Context, log *slog.Logger) (security, e
 		return sec, errors.New("give one of --jwt-keys, --jwt-jwks-url and --jwt-hs256-secret-file")
 	}
 	if keys != nil {
-		v, err := server.NewVerifier(server.AuthOptions{Keys: keys, Issuer: f.JWTIssuer, Audience: f.JWTAudience, Leeway: f.JWTLeeway})
+		o := server.AuthOptions{Keys: keys, Issuer: f.JWTIssuer, Audience: f.JWTAudience, Leeway: f.JWTLeeway,
+			FailureRate: failures, NoFailureLimit: f.JWTFailures == "off"}
+		v, err := server.NewVerifier(o)
 		if err != nil {
 			return sec, err
 		}
