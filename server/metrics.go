@@ -37,6 +37,14 @@ func (s *Server) newRegistry() *prometheus.Registry {
 			Name: "shardgate_wrong_shard_retries_total",
 			Help: "Calls retried because a shard no longer owned the partition (stale map or a move in progress).",
 		}, func() float64 { return float64(s.wrongShardRetries.Load()) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "shardgate_sessions_swept_total",
+			Help: "Expired sessions this server's sweeper deleted (each with a delete event).",
+		}, func() float64 { return float64(s.sessionsSwept.Load()) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "shardgate_session_sweep_errors_total",
+			Help: "Session sweep batches that failed (logged with the shard); the shard is swept again next round.",
+		}, func() float64 { return float64(s.sweepErrors.Load()) }),
 		poolCollector{s},
 	)
 	if s.opts.Cache != nil {

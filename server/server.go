@@ -69,6 +69,13 @@ type Options struct {
 	// of its own (a blocking XREAD), and the client's blocking pool should
 	// be at least this large (rueidis: BlockingPoolSize, default 1024).
 	MaxWatchers int
+	// SweepInterval is how often expired sessions are deleted, with a
+	// delete event each, from every shard the server has open (default 1
+	// minute; negative turns the sweeper off). Each round sweeps a shard in
+	// batches of shards.DefaultSweepLimit until one comes back short; every
+	// instance may sweep, one per shard at a time (an advisory lock). The
+	// sweeper runs until the ctx given to New ends or Close.
+	SweepInterval time.Duration
 }
 
 func (o Options) withDefaults() Options {
@@ -86,6 +93,9 @@ func (o Options) withDefaults() Options {
 	}
 	if o.MaxWatchers <= 0 {
 		o.MaxWatchers = 1000
+	}
+	if o.SweepInterval == 0 {
+		o.SweepInterval = time.Minute
 	}
 	return o
 }
@@ -120,6 +130,12 @@ type Server struct {
 	watchesCtx context.Context
 	endWatches context.CancelCauseFunc
 	schemas    schemaCache // compiled config schemas
+
+	// The session sweeper (sweep.go): set by New, nil when it is off.
+	stopSweep     context.CancelFunc
+	sweepDone     chan struct{}
+	sessionsSwept atomic.Int64 // sessions the sweeper deleted
+	sweepErrors   atomic.Int64 // sweep batches that failed
 }
 
 // shardPool is an open shard and the catalog DSN it was opened from.
@@ -130,7 +146,9 @@ type shardPool struct {
 
 // New opens the catalog at catalogDSN, loads the topology and opens a pool
 // per shard (lazily: a shard that is down does not stop the start). It fails
-// if the catalog is unreachable or holds no cluster.
+// if the catalog is unreachable or holds no cluster. Unless
+// Options.SweepInterval turns it off, it starts the session sweeper, which
+// runs until ctx ends or Close.
 func New(ctx context.Context, catalogDSN string, opts Options) (*Server, error) {
 	opts = opts.withDefaults()
 	cat, err := catalog.Open(ctx, catalogDSN)
@@ -161,6 +179,7 @@ func New(ctx context.Context, catalogDSN string, opts Options) (*Server, error) 
 		s.Close()
 		return nil, err
 	}
+	s.startSweeper(ctx)
 	return s, nil
 }
 
@@ -210,6 +229,7 @@ func (s *Server) Close() {
 	s.closed = true
 	relays := s.relays
 	s.mu.Unlock()
+	s.stopSweeper() // before the pools it sweeps close
 	if relays != nil {
 		relays.Close()
 	}

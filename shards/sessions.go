@@ -187,8 +187,8 @@ WITH own AS (
 SELECT EXISTS (SELECT 1 FROM own), EXISTS (SELECT 1 FROM del)`
 
 // RevokeSession deletes a live session. ErrNotFound if it is missing or
-// already expired (an expired row is left for cleanup); ErrWrongShard if the
-// partition is not owned.
+// already expired (an expired row is left for SweepExpiredSessions);
+// ErrWrongShard if the partition is not owned.
 func (s *Shard) RevokeSession(ctx context.Context, partition int32, tokenHash []byte) error {
 	c, err := s.acquire(ctx)
 	if err != nil {

@@ -36,6 +36,7 @@ type serveFlags struct {
 	StreamMaxLen     int64         `name:"stream-maxlen" help:"Events each stream keeps, approximately (XADD MAXLEN ~); older Watch cursors are OUT_OF_RANGE." default:"100000" env:"SHARDGATE_STREAM_MAXLEN"`
 	WatchHeartbeat   time.Duration `name:"watch-heartbeat" help:"Longest a Watch stream stays silent before a heartbeat." default:"5s" env:"SHARDGATE_WATCH_HEARTBEAT"`
 	MaxWatchers      int           `name:"max-watchers" help:"Concurrent Watch streams this instance serves; more get RESOURCE_EXHAUSTED. Each holds a Redis connection." default:"1000" env:"SHARDGATE_MAX_WATCHERS"`
+	SessionSweep     time.Duration `name:"session-sweep-interval" help:"How often to delete expired sessions (with a delete event each) from every shard; one instance sweeps a shard at a time. 0 turns it off." default:"1m" env:"SHARDGATE_SESSION_SWEEP_INTERVAL"`
 	guardFlags
 }
 
@@ -81,6 +82,15 @@ func checkExposure(listen string, loopback bool, sec security, insecure bool) er
 		missing = append(missing, "auth (--jwt-keys, --jwt-jwks-url or --jwt-hs256-secret-file)")
 	}
 	return fmt.Errorf("refusing to listen on %s: not loopback, and no %s; configure them, use a loopback address, or pass --insecure", listen, strings.Join(missing, " and no "))
+}
+
+// sweepInterval is --session-sweep-interval as server.Options takes it:
+// there 0 means the default and a negative value off.
+func (f serveFlags) sweepInterval() time.Duration {
+	if f.SessionSweep <= 0 {
+		return -1
+	}
+	return f.SessionSweep
 }
 
 // eventsClient connects to Redis for the change events.
@@ -161,6 +171,7 @@ func run(ctx context.Context, log *slog.Logger, listen, catalogDSN string, f ser
 		StreamMaxLen:     f.StreamMaxLen,
 		WatchHeartbeat:   f.WatchHeartbeat,
 		MaxWatchers:      f.MaxWatchers,
+		SweepInterval:    f.sweepInterval(),
 	}
 	// The events' Redis client: connected now or, if Redis does not answer
 	// yet, by a loop that attaches it once it does; the server serves
@@ -191,6 +202,9 @@ func run(ctx context.Context, log *slog.Logger, listen, catalogDSN string, f ser
 		return err
 	}
 	defer s.Close()
+	if opts.SweepInterval < 0 {
+		log.Warn("session sweeper off (--session-sweep-interval 0): expired sessions stay in the shards' tables")
+	}
 	if connectLater {
 		loopCtx, stopLoop := context.WithCancel(ctx)
 		var loop sync.WaitGroup

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -9,6 +10,7 @@ import (
 	"time"
 
 	"github.com/alecthomas/kong"
+	"github.com/jackc/pgx/v5"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
@@ -106,5 +108,91 @@ func TestServeStartsWhileRedisIsDown(t *testing.T) {
 			t.Fatalf("Watch after Redis came back: %v", err)
 		}
 		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// --session-sweep-interval (or its variable) reaches the server; 0 turns
+// the sweeper off, which server.Options spells as a negative interval.
+func TestSessionSweepIntervalFlag(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		env  string
+		want time.Duration
+	}{
+		{nil, "", time.Minute},
+		{[]string{"--session-sweep-interval", "30s"}, "", 30 * time.Second},
+		{[]string{"--session-sweep-interval", "0"}, "", -1},
+		{nil, "2m", 2 * time.Minute},
+		{nil, "0s", -1},
+	} {
+		t.Run(fmt.Sprintf("%v env=%q", tc.args, tc.env), func(t *testing.T) {
+			if tc.env != "" {
+				t.Setenv("SHARDGATE_SESSION_SWEEP_INTERVAL", tc.env)
+			}
+			for _, cmd := range [][]string{{"serve", "--catalog", "x"}, {"dev"}} {
+				var c cli
+				p, err := kong.New(&c, kong.Name("shardgate"), kong.Exit(func(int) { t.Fatal("kong exited") }))
+				if err != nil {
+					t.Fatal(err)
+				}
+				kctx, err := p.Parse(append(cmd, tc.args...))
+				if err != nil {
+					t.Fatal(err)
+				}
+				f := c.Serve.serveFlags
+				if kctx.Command() == "dev" {
+					f = c.Dev.serveFlags
+				}
+				if got := f.sweepInterval(); got != tc.want {
+					t.Errorf("%s: sweep interval %v, want %v", cmd[0], got, tc.want)
+				}
+			}
+		})
+	}
+}
+
+// serve sweeps expired sessions every --session-sweep-interval.
+func TestServeSweepsExpiredSessions(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	catalogDSN, shardDSN := testenv.NewDatabase(t), testenv.NewDatabase(t)
+	if err := catalog.CreateCluster(ctx, catalogDSN, router.RingConfig{},
+		[]catalog.ShardSpec{{Name: "shard-0", DSN: shardDSN}}); err != nil {
+		t.Fatal(err)
+	}
+	client := serve(t, "--catalog", catalogDSN, "--redis", "", "--session-sweep-interval", "50ms")
+	for {
+		_, err := client.PutUser(ctx, &pb.PutUserRequest{UserId: "alice"})
+		if err == nil {
+			break
+		}
+		if status.Code(err) != codes.Unavailable || ctx.Err() != nil {
+			t.Fatalf("PutUser: %v", err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if _, err := client.CreateSession(ctx, &pb.CreateSessionRequest{UserId: "alice", TtlSeconds: 3600}); err != nil {
+		t.Fatal(err)
+	}
+	shard, err := pgx.Connect(ctx, shardDSN)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer shard.Close(context.Background())
+	if _, err := shard.Exec(ctx, `UPDATE sessions SET expires_at = now() - interval '1 second'`); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		var n int
+		if err := shard.QueryRow(ctx, `SELECT count(*) FROM sessions`).Scan(&n); err != nil {
+			t.Fatal(err)
+		}
+		if n == 0 {
+			break
+		}
+		if ctx.Err() != nil {
+			t.Fatal("the expired session was not swept")
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 }

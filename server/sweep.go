@@ -1,0 +1,93 @@
+package server
+
+import (
+	"context"
+	"sync"
+	"time"
+
+	"github.com/shardgate/shardgate/shards"
+)
+
+// sweepBatchTimeout bounds one sweep batch, so a shard that hangs (say its
+// host vanished) holds up its own sweep only, and only until then.
+const sweepBatchTimeout = 30 * time.Second
+
+// startSweeper runs the session sweeper every SweepInterval until ctx ends
+// or Close stops it. Called once, by New.
+func (s *Server) startSweeper(ctx context.Context) {
+	if s.opts.SweepInterval <= 0 {
+		return
+	}
+	ctx, s.stopSweep = context.WithCancel(ctx)
+	s.sweepDone = make(chan struct{})
+	go func() {
+		defer close(s.sweepDone)
+		t := time.NewTicker(s.opts.SweepInterval)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+			}
+			s.sweepShards(ctx)
+		}
+	}()
+}
+
+// stopSweeper stops the sweeper and waits for it to be gone.
+func (s *Server) stopSweeper() {
+	if s.stopSweep != nil {
+		s.stopSweep()
+		<-s.sweepDone
+	}
+}
+
+// sweepShards sweeps every shard the server has open, all at once, so a
+// shard that is down or slow delays only its own sweep.
+func (s *Server) sweepShards(ctx context.Context) {
+	s.mu.RLock()
+	pools := make(map[string]*shards.Shard, len(s.shards))
+	for name, p := range s.shards {
+		pools[name] = p.sh
+	}
+	s.mu.RUnlock()
+	var wg sync.WaitGroup
+	for name, sh := range pools {
+		wg.Go(func() { s.sweepShard(ctx, name, sh) })
+	}
+	wg.Wait()
+}
+
+// sweepShard deletes the shard's expired sessions, batch after batch while
+// batches come back full. A failed batch is logged and counted, and the
+// shard waits for the next round. A batch that finds another instance
+// sweeping the shard comes back empty: that instance finishes the job.
+func (s *Server) sweepShard(ctx context.Context, name string, sh *shards.Shard) {
+	total := 0
+	defer func() {
+		if total > 0 {
+			s.opts.Logger.Debug("expired sessions swept", "shard", name, "sessions", total)
+		}
+	}()
+	for ctx.Err() == nil {
+		bctx, cancel := context.WithTimeout(ctx, sweepBatchTimeout)
+		n, err := sh.SweepExpiredSessions(bctx, shards.DefaultSweepLimit)
+		cancel()
+		total += n
+		s.sessionsSwept.Add(int64(n))
+		switch {
+		case err != nil && (ctx.Err() != nil || shards.IsClosed(err)):
+			// Stopping, or the pool was replaced (its successor is swept
+			// next round): nothing went wrong.
+			return
+		case err != nil:
+			s.sweepErrors.Add(1)
+			// The error names the shard and the cause, never a password.
+			s.opts.Logger.Warn("session sweep failed; retrying next round", "shard", name, "err", err)
+			return
+		case n < shards.DefaultSweepLimit:
+			return
+		}
+	}
+}
