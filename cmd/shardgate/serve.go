@@ -182,9 +182,9 @@ func run(ctx context.Context, log *slog.Logger, listen, catalogDSN string, f ser
 	const piling = "every write still adds an outbox row, which only a relay removes: run relays on at least one instance"
 	switch {
 	case !f.Events:
-		log.Warn("change events off (--no-events): no relay runs here and Watch answers FAILED_PRECONDITION; "+piling)
+		log.Warn("change events off (--no-events): no relay runs here and Watch answers FAILED_PRECONDITION; " + piling)
 	case f.Redis == "":
-		log.Warn("change events off (--redis is empty): no relay runs and Watch answers FAILED_PRECONDITION; "+piling)
+		log.Warn("change events off (--redis is empty): no relay runs and Watch answers FAILED_PRECONDITION; " + piling)
 	case f.Events:
 		opts.RunRelays = true
 		rc, err := f.eventsClient()
