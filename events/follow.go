@@ -41,9 +41,17 @@ type Subscription struct {
 	From       Cursor          // streams it covers resume after it; others start from now
 }
 
+// PerEventCursorStreams is the most streams a watch may follow and still
+// get a cursor with every event. A cursor holds a position per stream, so
+// on a watch of every partition it runs to some 22 KB and 25 µs to encode:
+// too much to repeat on every event of a busy watch. A wider watch gets its
+// cursor with the last event of each read from Redis only.
+const PerEventCursorStreams = 64
+
 // Follow reads until ctx ends or emit/heartbeat fails, calling emit for
-// each event (with the cursor just after it) and heartbeat with the current
-// cursor whenever Heartbeat passes without an emit. Events of one stream come
+// each event (with the cursor just after it, or nil: see
+// PerEventCursorStreams) and heartbeat with the current cursor whenever
+// Heartbeat passes without an emit. Events of one stream come
 // in tick order. It returns ErrCursorExpired or ErrFellBehind (wrapped) when
 // the streams no longer hold the events it must deliver next.
 func (f *Follower) Follow(ctx context.Context, sub Subscription, emit func(*Event, Cursor) error, heartbeat func(Cursor) error) error {
@@ -88,6 +96,7 @@ func (f *Follower) Follow(ctx context.Context, sub Subscription, emit func(*Even
 		names[i] = keys.Stream(s)
 	}
 	ids := make([]string, len(streams))
+	everyEvent := len(streams) <= PerEventCursorStreams
 	// A first heartbeat at once gives the client a cursor to resume from
 	// even if it disconnects before any event or the next heartbeat.
 	if err := heartbeat(cur); err != nil {
@@ -108,6 +117,9 @@ func (f *Follower) Follow(ctx context.Context, sub Subscription, emit func(*Even
 			return fmt.Errorf("read streams: %w", err)
 		}
 		// Streams in cursor order, so a batch is emitted the same way each time.
+		// Without a cursor per event, each event waits for the next one, so
+		// the read's last goes out with the cursor after the whole read.
+		var held *Event
 		for i, name := range names {
 			entries := res[name]
 			for j, en := range entries {
@@ -122,11 +134,26 @@ func (f *Follower) Follow(ctx context.Context, sub Subscription, emit func(*Even
 				if e.Entity != EntityConfig && sub.Users != nil && !sub.Users[e.UserID] {
 					continue
 				}
-				if err := emit(&e, cur); err != nil {
-					return err
+				if everyEvent {
+					if err := emit(&e, cur); err != nil {
+						return err
+					}
+					lastSent = time.Now()
+					continue
 				}
-				lastSent = time.Now()
+				if held != nil {
+					if err := emit(held, nil); err != nil {
+						return err
+					}
+				}
+				held = &e
 			}
+		}
+		if held != nil {
+			if err := emit(held, cur); err != nil {
+				return err
+			}
+			lastSent = time.Now()
 		}
 		if time.Since(lastSent) >= hb {
 			if err := heartbeat(cur); err != nil {

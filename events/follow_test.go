@@ -118,3 +118,49 @@ func TestFollowCursorsAndGaps(t *testing.T) {
 		t.Fatalf("from now on a new stream: %v", got)
 	}
 }
+
+// A watch wider than PerEventCursorStreams gets a cursor with the last event
+// of each read only, and that cursor resumes exactly after the read.
+func TestWideFollowCursorPerRead(t *testing.T) {
+	t.Parallel()
+	rc, prefix := newRedis(t)
+	keys := Keys{prefix}
+	f := &Follower{Redis: rc, Prefix: prefix, Heartbeat: 50 * time.Millisecond}
+	xadd(t, f, keys, 3, 1, 5)
+	xadd(t, f, keys, 70, 1, 5)
+	sub := Subscription{}
+	for p := range int32(PerEventCursorStreams + 36) {
+		sub.Partitions = append(sub.Partitions, p)
+		sub.From = append(sub.From, Position{Stream: p})
+	}
+	var cursors []Cursor
+	err := f.Follow(testCtx(t, 30*time.Second), sub, func(e *Event, c Cursor) error {
+		cursors = append(cursors, append(Cursor(nil), c...))
+		if len(cursors) == 10 {
+			return errEnough
+		}
+		return nil
+	}, func(Cursor) error { return nil })
+	if !errors.Is(err, errEnough) {
+		t.Fatal(err)
+	}
+	// One read holds all ten (each stream may return up to 10).
+	for i, c := range cursors[:9] {
+		if c != nil {
+			t.Fatalf("event %d of the read carries a cursor", i)
+		}
+	}
+	last := cursors[9]
+	if tick, _ := last.Tick(3); tick != 5 {
+		t.Fatalf("the read's cursor has tick %d in stream 3, want 5", tick)
+	}
+	if tick, _ := last.Tick(70); tick != 5 {
+		t.Fatalf("the read's cursor has tick %d in stream 70, want 5", tick)
+	}
+	xadd(t, f, keys, 70, 6, 6)
+	sub.From = last
+	got, _, err := follow(t, f, sub, 1)
+	if err != nil || got[0].ID != "e6" || got[0].Partition != 70 {
+		t.Fatalf("resumed from the read's cursor: %v, %v", got, err)
+	}
+}

@@ -272,3 +272,66 @@ func BenchmarkStreamLatencyBaseline(b *testing.B) {
 		b.ReportMetric(pct(0.99), "xadd→xread-p99-ms")
 	}
 }
+
+// BenchmarkWideWatch: one watcher of every partition while 16 callers write
+// users as fast as they can; it reports the watcher's events/s and the
+// cursor bytes it received per event (a full cursor here is ~22 KB).
+func BenchmarkWideWatch(b *testing.B) {
+	ts := newTestCluster(b, 4).start(b, true, withEvents(b, 0))
+	n := ts.srv.Router().Table().PartitionCount()
+	all := make([]uint32, n)
+	for i := range all {
+		all[i] = uint32(i)
+	}
+	w := openWatch(b, ts, &pb.WatchRequest{Partitions: all})
+	w.live(b)
+	ctx := context.Background()
+	type result struct {
+		events, cursorBytes int
+		took                time.Duration
+	}
+	done := make(chan result, 1)
+	b.ResetTimer()
+	start := time.Now()
+	go func() {
+		var r result
+		for r.events < b.N {
+			resp, err := w.stream.Recv()
+			if err != nil {
+				b.Error(err)
+				break
+			}
+			if e := resp.GetEvent(); e != nil {
+				r.events++
+				r.cursorBytes += len(e.GetCursor())
+			}
+		}
+		r.took = time.Since(start)
+		done <- r
+	}()
+	var next sync.Mutex
+	i := 0
+	var wg sync.WaitGroup
+	for range 16 {
+		wg.Go(func() {
+			for {
+				next.Lock()
+				j := i
+				i++
+				next.Unlock()
+				if j >= b.N {
+					return
+				}
+				if _, err := ts.data.PutUser(ctx, &pb.PutUserRequest{UserId: fmt.Sprintf("wide-%d", j), ProfileJson: `{"n":1}`}); err != nil {
+					b.Error(err)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	r := <-done
+	b.StopTimer()
+	b.ReportMetric(float64(r.events)/r.took.Seconds(), "events/s")
+	b.ReportMetric(float64(r.cursorBytes)/float64(max(1, r.events)), "cursor-bytes/event")
+}

@@ -182,7 +182,6 @@ func fieldIndex(field string, i int) string {
 func changeEvent(e *events.Event, cur events.Cursor) *pb.ChangeEvent {
 	ce := &pb.ChangeEvent{
 		EventId:        e.ID,
-		Cursor:         cur.String(),
 		UserId:         e.UserID,
 		Entity:         e.Entity,
 		Key:            e.Key,
@@ -194,6 +193,9 @@ func changeEvent(e *events.Event, cur events.Cursor) *pb.ChangeEvent {
 	}
 	if e.Partition >= 0 {
 		ce.Partition = uint32(e.Partition)
+	}
+	if cur != nil {
+		ce.Cursor = cur.String()
 	}
 	return ce
 }

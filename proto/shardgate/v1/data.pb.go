@@ -2197,7 +2197,12 @@ type ChangeEvent struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Unique per change: a redelivery carries the same ID.
 	EventId string `protobuf:"bytes,1,opt,name=event_id,json=eventId" json:"event_id,omitempty"`
-	// Resume here to get the events after this one.
+	// Resume here to get the events after this one. A watch of more than 64
+	// streams (partitions, plus config) gets it only on the last event of
+	// each batch the server reads, and empty on the others: such a cursor
+	// holds a position per stream and runs to kilobytes. Keep the last
+	// non-empty cursor; resuming from it may deliver again the events that
+	// came after it (dedupe by event_id).
 	Cursor string `protobuf:"bytes,2,opt,name=cursor" json:"cursor,omitempty"`
 	// Empty for config events.
 	UserId string `protobuf:"bytes,3,opt,name=user_id,json=userId" json:"user_id,omitempty"`
