@@ -9,7 +9,6 @@ import (
 	"runtime"
 	"time"
 
-	"github.com/grpc-ecosystem/go-grpc-middleware/v2/interceptors/logging"
 	"github.com/grpc-ecosystem/go-grpc-middleware/v2/interceptors/recovery"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -78,12 +77,6 @@ func NewGRPCServer(s *Server, o GRPCOptions) (*grpc.Server, *health.Server) {
 		o.StreamWorkers = 8 * runtime.GOMAXPROCS(0)
 	}
 	log := s.opts.Logger
-	logger := logging.LoggerFunc(func(ctx context.Context, lvl logging.Level, msg string, fields ...any) {
-		log.Log(ctx, slog.Level(lvl), msg, fields...)
-	})
-	// Only the outcome of each call is logged, never its payload: requests
-	// carry session tokens and user data.
-	logOpts := []logging.Option{logging.WithLogOnEvents(logging.FinishCall), logging.WithLevels(codeToLevel)}
 	onPanic := recovery.WithRecoveryHandlerContext(func(ctx context.Context, p any) error {
 		log.Error("panic in handler", "panic", p)
 		return status.Error(codes.Internal, "internal error")
@@ -94,14 +87,14 @@ func NewGRPCServer(s *Server, o GRPCOptions) (*grpc.Server, *health.Server) {
 	v := &validator{maxJSON: s.opts.MaxJSONBytes, partitions: s.partitionCount}
 	unary := []grpc.UnaryServerInterceptor{
 		s.grpcMetrics.UnaryServerInterceptor(),
-		logging.UnaryServerInterceptor(logger, logOpts...),
+		logUnary(log),
 		recovery.UnaryServerInterceptor(onPanic),
 		defaultDeadline(o.DefaultTimeout, o.MaxTimeout),
 		authUnary(o.Auth),
 	}
 	stream := []grpc.StreamServerInterceptor{
 		s.grpcMetrics.StreamServerInterceptor(),
-		logging.StreamServerInterceptor(logger, logOpts...),
+		logStream(log),
 		recovery.StreamServerInterceptor(onPanic),
 		authStream(o.Auth),
 	}
@@ -148,18 +141,6 @@ func NewGRPCServer(s *Server, o GRPCOptions) (*grpc.Server, *health.Server) {
 	reflection.Register(g)
 	s.grpcMetrics.InitializeMetrics(g)
 	return g, hs
-}
-
-// codeToLevel logs successes and the caller's own mistakes at debug level,
-// and what an operator should look at (timeouts, shards down, bugs) higher.
-func codeToLevel(c codes.Code) logging.Level {
-	switch c {
-	case codes.DeadlineExceeded, codes.Unavailable, codes.ResourceExhausted:
-		return logging.LevelWarn
-	case codes.Internal, codes.Unknown, codes.DataLoss, codes.Unimplemented:
-		return logging.LevelError
-	}
-	return logging.LevelDebug
 }
 
 // defaultDeadline gives a call without a deadline one, and shortens one
