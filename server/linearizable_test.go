@@ -250,11 +250,11 @@ func checkHistory(t *testing.T, ops []porcupine.Operation, timeout time.Duration
 // linearizable even unshifted.
 func checkWithinDelta(t *testing.T, h *history, delta time.Duration) (time.Duration, porcupine.CheckResult) {
 	for _, d := range []time.Duration{0, time.Millisecond, 5 * time.Millisecond} {
-		if d < delta && checkHistory(t, h.shifted(d), 20*time.Second, false) == porcupine.Ok {
+		if d < delta && checkHistory(t, h.shifted(d), 10*time.Second, false) == porcupine.Ok {
 			return d, porcupine.Ok
 		}
 	}
-	return delta, checkHistory(t, h.shifted(delta), 2*time.Minute, true)
+	return delta, checkHistory(t, h.shifted(delta), 90*time.Second, true)
 }
 
 // claimedDelta is the staleness bound the README states for reads on an
