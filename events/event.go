@@ -23,9 +23,11 @@
 // (XADD with an ID at or below the stream's last): a relay that crashed
 // after XADD and before deleting its outbox rows, or two relays briefly
 // overlapping, publish nothing twice. A refused entry is checked to hold the
-// same event_id (else the relay stops: the clock went backwards). Each
-// stream's share of a batch is added by one script that stops at the first
-// failure, so a stream is always a gap-free run of ticks. Consumers still
+// same event_id, or to be trimmed; else the partition's clock went
+// backwards and the relay quarantines that partition, keeping its events in
+// the outbox while the others flow. Each stream's share of a batch is added
+// by one script that stops at the first failure or clash, so a stream is
+// always a gap-free run of ticks. Consumers still
 // deduplicate by event_id: a watch resumed from an older cursor sees events
 // again.
 package events

@@ -108,31 +108,6 @@ func TestConfigRelay(t *testing.T) {
 	}
 }
 
-// A stream that already holds a different event at a tick the outbox hands
-// out (the clock went backwards) stops the relay instead of dropping the
-// event as a duplicate.
-func TestRelayRefusesAClockThatWentBackwards(t *testing.T) {
-	t.Parallel()
-	s := newTestShard(t, "s", 2)
-	rc, prefix := newRedis(t)
-	keys := Keys{prefix}
-	ctx := testCtx(t, time.Minute)
-	if err := rc.Do(ctx, rc.B().Xadd().Key(keys.Stream(2)).Id("1-0").FieldValue().FieldValue(fieldID, "someone-else").Build()).Error(); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := s.pool().Exec(ctx, insertEvent, 2, "u"); err != nil {
-		t.Fatal(err)
-	}
-	r := NewShardRelay("s", s.dsn, RelayOptions{Redis: rc, Prefix: prefix})
-	leader, err := r.runOnce(ctx)
-	if !leader || err == nil || !strings.Contains(err.Error(), "went backwards") {
-		t.Fatalf("runOnce = %v, %v; want an error about the clock", leader, err)
-	}
-	if n := outboxCount(t, s); n != 1 {
-		t.Fatalf("outbox holds %d rows, want the undelivered one kept", n)
-	}
-}
-
 // A Redis that does not know the publish script yet (first use, a restart,
 // SCRIPT FLUSH) gets it loaded, and the batch goes through once.
 func TestRelayLoadsItsScript(t *testing.T) {

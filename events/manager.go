@@ -19,8 +19,9 @@ type Manager struct {
 }
 
 type running struct {
-	dsn  string
-	stop context.CancelFunc
+	dsn   string
+	relay *Relay
+	stop  context.CancelFunc
 }
 
 // NewManager returns a manager whose relays use opts. Nothing runs until
@@ -61,8 +62,21 @@ func (m *Manager) start(name, dsn string, r *Relay) {
 		return
 	}
 	ctx, stop := context.WithCancel(m.ctx)
-	m.relays[name] = running{dsn: dsn, stop: stop}
+	m.relays[name] = running{dsn: dsn, relay: r, stop: stop}
 	m.wg.Go(func() { r.Run(ctx) })
+}
+
+// QuarantinedStreams returns how many streams (partitions, and the config
+// stream) the relays of this manager hold back because they clash with
+// their outbox clock (see Relay.Quarantined).
+func (m *Manager) QuarantinedStreams() int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	n := 0
+	for _, r := range m.relays {
+		n += len(r.relay.Quarantined())
+	}
+	return n
 }
 
 // Close stops every relay and waits for them to end; their locks go with

@@ -8,7 +8,9 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
+	"slices"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -89,7 +91,7 @@ type source struct {
 	what    string // for logs and errors
 	lockKey int32
 	channel string
-	fetch   string // $1, $2: start after (partition, tick); $3: limit; $4: payload cap
+	fetch   string // $1, $2: start after (partition, tick); $3: limit; $4: payload cap; $5: quarantined streams (not NULL)
 	delete  string // $1: partitions, $2: ticks
 }
 
@@ -103,12 +105,14 @@ SELECT partition, tick, event_id::text, user_id, entity, key, op, version,
        payload IS NOT NULL AND octet_length(payload::text) > $4,
        committed_at
 FROM outbox
-WHERE (partition, tick) > ($1::integer, $2::bigint)
+WHERE (partition, tick) > ($1::integer, $2::bigint) AND partition <> ALL ($5::integer[])
 ORDER BY partition, tick
 LIMIT $3`,
 	delete: `DELETE FROM outbox WHERE (partition, tick) IN (SELECT * FROM unnest($1::integer[], $2::bigint[]))`,
 }
 
+// The config outbox has a single stream, ConfigStream (-1): quarantining it
+// holds back every config event.
 var configSource = source{
 	what:    "config outbox",
 	lockKey: lockCatal,
@@ -119,7 +123,7 @@ SELECT -1, tick, event_id::text, '', 'config', namespace || '/' || key, op, vers
        payload IS NOT NULL AND octet_length(payload::text) > $4,
        committed_at
 FROM config_outbox
-WHERE $1::integer IS NOT NULL AND tick > $2::bigint
+WHERE $1::integer IS NOT NULL AND tick > $2::bigint AND -1 <> ALL ($5::integer[])
 ORDER BY tick
 LIMIT $3`,
 	delete: `DELETE FROM config_outbox WHERE $1::integer[] IS NOT NULL AND tick = ANY ($2::bigint[])`,
@@ -129,6 +133,13 @@ LIMIT $3`,
 // instance: an advisory lock, held on the relay's own connection, makes
 // exactly one of them active per database, and another takes over within
 // ElectInterval of the holder's connection ending.
+//
+// A partition whose stream disagrees with its outbox clock (the stream
+// holds another event at a tick the outbox hands out, or none though the
+// tick lies within the stream) is quarantined: the leader stops publishing
+// it and keeps its events in the outbox, while the other partitions flow
+// on. Quarantine lasts while this relay leads; the next leader checks the
+// partition again, so it resumes once an operator has repaired the clock.
 type Relay struct {
 	name   string
 	dsn    string
@@ -136,6 +147,9 @@ type Relay struct {
 	opts   RelayOptions
 	keys   Keys
 	script script
+
+	mu          sync.Mutex
+	quarantined map[int32]bool // under mu; streams held back while leading
 }
 
 // NewShardRelay returns a relay for the outbox of the shard database at dsn.
@@ -236,6 +250,10 @@ func (r *Relay) runOnce(ctx context.Context) (bool, error) {
 // notification (or PollInterval) only after a full pass from the start found
 // less than a page.
 func (r *Relay) relay(ctx context.Context, conn *pgx.Conn) error {
+	// Each term checks every stream again, so one whose clock was repaired
+	// meanwhile flows again; a follower holds nothing back.
+	r.clearQuarantine()
+	defer r.clearQuarantine()
 	start := Position{Stream: -2}
 	pos := start
 	for {
@@ -270,7 +288,10 @@ func (r *Relay) relay(ctx context.Context, conn *pgx.Conn) error {
 }
 
 func (r *Relay) fetch(ctx context.Context, conn *pgx.Conn, after Position) ([]Event, error) {
-	rows, err := conn.Query(ctx, r.src.fetch, after.Stream, after.Tick, r.opts.BatchSize, r.opts.MaxPayloadBytes)
+	// Quarantined is never nil, which pgx would send as NULL: "partition <>
+	// ALL (NULL)" matches no row at all.
+	held := r.Quarantined()
+	rows, err := conn.Query(ctx, r.src.fetch, after.Stream, after.Tick, r.opts.BatchSize, r.opts.MaxPayloadBytes, held)
 	if err != nil {
 		return nil, fmt.Errorf("read %s: %w", r.src.what, err)
 	}
@@ -299,10 +320,33 @@ func (r *Relay) fetch(ctx context.Context, conn *pgx.Conn, after Position) ([]Ev
 
 // deliver puts evs into their streams, hands them to Invalidate, then
 // deletes them from the outbox: an event leaves the outbox only once it is
-// in Redis.
+// in Redis. A stream that clashes with the outbox clock is quarantined: its
+// event at the clashing tick and every later one stay in the outbox,
+// unpublished and not handed to Invalidate; the rest of the batch goes on.
 func (r *Relay) deliver(ctx context.Context, conn *pgx.Conn, evs []Event) error {
-	if err := r.publish(ctx, evs); err != nil {
+	clashes, err := r.publish(ctx, evs)
+	if err != nil {
 		return err
+	}
+	if len(clashes) > 0 {
+		from := make(map[int32]int64, len(clashes)) // stream → first tick held back
+		for _, c := range clashes {
+			r.quarantine(c)
+			from[c.ev.Partition] = c.ev.Tick
+		}
+		// A new slice: the caller pages on with evs.
+		kept := make([]Event, 0, len(evs))
+		for _, e := range evs {
+			// Ticks below the clash are in the stream (added, or refused as
+			// copies or trimmed ones), so they are delivered.
+			if t, ok := from[e.Partition]; !ok || e.Tick < t {
+				kept = append(kept, e)
+			}
+		}
+		evs = kept
+		if len(evs) == 0 {
+			return nil
+		}
 	}
 	if r.opts.Invalidate != nil {
 		if err := r.opts.Invalidate(ctx, evs); err != nil {
@@ -324,12 +368,41 @@ func (r *Relay) deliver(ctx context.Context, conn *pgx.Conn, evs []Event) error 
 // and stops at the first failure, so a stream never gets a later event
 // without the ones before it: a failed XADD (out of memory, say) followed
 // by a successful one would leave a hole that no retry could fill, since an
-// ID below the top is refused. An ID at or below the top is an entry
-// already there; the script returns those IDs for checking. ARGV: MAXLEN,
-// then per entry its ID, its number of fields and the field-value pairs.
+// ID below the top is refused.
+//
+// An ID at or below the top is refused by Redis. The script checks it on
+// the spot, before adding anything after it and with no trimming in
+// between: the entry there holds the same event_id (a copy: published
+// before a crash, or by an overlapping leader) or there is none and the ID
+// lies below the stream's first entry (trimmed since): delivered, go on.
+// Otherwise the stream clashes with the outbox clock and the script stops,
+// returning {ID, 'other', the event_id found, the stream's top} or {ID,
+// 'hole', the stream's first ID, its top}; it returns {} when all is in.
+//
+// ARGV: MAXLEN, the event_id field's name, then per entry its ID, its
+// number of fields and the field-value pairs.
 const publishScript = `
-local dups = {}
-local i = 2
+local function lt(x, y) -- decimal strings without leading zeros
+  if #x ~= #y then return #x < #y end
+  return x < y
+end
+local function before(a, b) -- stream IDs <ms>-<seq>
+  local am, as = string.match(a, '^(%d+)-(%d+)$')
+  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
+  if am ~= bm then return lt(am, bm) end
+  return lt(as, bs)
+end
+local function field(list, from, to, name)
+  for j = from, to, 2 do
+    if list[j] == name then return list[j + 1] end
+  end
+  return nil
+end
+local function top()
+  local info = redis.call('XINFO', 'STREAM', KEYS[1])
+  return field(info, 1, #info, 'last-generated-id') or ''
+end
+local i = 3
 while i <= #ARGV do
   local id, nf = ARGV[i], tonumber(ARGV[i + 1])
   local args = {'XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], id}
@@ -338,15 +411,25 @@ while i <= #ARGV do
   end
   local res = redis.pcall(unpack(args))
   if type(res) == 'table' and res.err then
-    if string.find(res.err, 'equal or smaller than the target stream top item', 1, true) then
-      dups[#dups + 1] = id
-    else
+    if not string.find(res.err, 'equal or smaller than the target stream top item', 1, true) then
       return redis.error_reply(res.err)
+    end
+    local at = redis.call('XRANGE', KEYS[1], id, id)
+    if #at > 0 then
+      local theirs = field(at[1][2], 1, #at[1][2], ARGV[2]) or ''
+      if theirs ~= field(ARGV, i + 2, i + 2 * nf, ARGV[2]) then
+        return {id, 'other', theirs, top()}
+      end
+    else
+      local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
+      if #first > 0 and not before(id, first[1][1]) then
+        return {id, 'hole', first[1][1], top()}
+      end
     end
   end
   i = i + 2 + 2 * nf
 end
-return dups`
+return {}`
 
 // script is a Lua script and its SHA-1, for EVALSHA.
 type script struct{ body, sha string }
@@ -358,9 +441,22 @@ func newScript(body string) script {
 
 var publishLua = newScript(publishScript)
 
+// A clash is an entry a stream refused that is not a copy of the outbox's
+// event: the stream holds another event at its tick, or none though the
+// tick lies within the stream (a hole). Either way the stream's outbox
+// clock went backwards (a restored shard, a partition moved without its
+// clock row), and counting the event as delivered would lose it.
+type clash struct {
+	ev    Event  // the outbox's event at the refused tick
+	hole  bool   // the stream holds no entry at the tick
+	found string // the event_id the stream holds there; for a hole, its first entry ID
+	top   string // the stream's last ID
+}
+
 // publish appends evs to their streams: one script call per stream, all
-// in one pipeline. Entries Redis already holds are checked, not re-added.
-func (r *Relay) publish(ctx context.Context, evs []Event) error {
+// in one pipeline. It reports the streams that clash with the outbox
+// clock; their entries from the clash on were not added.
+func (r *Relay) publish(ctx context.Context, evs []Event) ([]clash, error) {
 	c := r.opts.Redis
 	maxLen := strconv.FormatInt(r.opts.MaxLen, 10)
 	var (
@@ -375,7 +471,7 @@ func (r *Relay) publish(ctx context.Context, evs []Event) error {
 	}
 	args := make([][]string, len(order))
 	for g, p := range order {
-		args[g] = []string{maxLen}
+		args[g] = []string{maxLen, fieldID}
 		for _, i := range groups[p] {
 			f := evs[i].fields()
 			args[g] = append(args[g], entryID(evs[i].Tick), strconv.Itoa(len(f)/2))
@@ -394,58 +490,91 @@ func (r *Relay) publish(ctx context.Context, evs []Event) error {
 	for _, res := range results {
 		if re, ok := rueidis.IsRedisErr(res.Error()); ok && re.IsNoScript() {
 			// First use on this Redis (or after a restart): load and redo.
-			// Streams that did get their entries report them as duplicates.
+			// Streams that did get their entries report them as copies.
 			if err := c.Do(ctx, c.B().ScriptLoad().Script(r.script.body).Build()).Error(); err != nil {
-				return fmt.Errorf("load publish script: %w", err)
+				return nil, fmt.Errorf("load publish script: %w", err)
 			}
 			results = send()
 			break
 		}
 	}
-	var dups []int
+	var clashes []clash
 	for g, res := range results {
-		ids, err := res.AsStrSlice()
+		stream := r.keys.Stream(order[g])
+		got, err := res.AsStrSlice()
 		if err != nil {
-			return fmt.Errorf("publish to %s: %w", r.keys.Stream(order[g]), err)
+			return nil, fmt.Errorf("publish to %s: %w", stream, err)
 		}
-		byID := make(map[string]int, len(groups[order[g]]))
-		for _, i := range groups[order[g]] {
-			byID[entryID(evs[i].Tick)] = i
+		if len(got) == 0 {
+			continue
 		}
-		for _, id := range ids {
-			dups = append(dups, byID[id])
+		cl, err := r.checkClash(evs, groups[order[g]], got)
+		if err != nil {
+			return nil, fmt.Errorf("publish to %s: %w", stream, err)
 		}
+		clashes = append(clashes, cl)
 	}
-	return r.checkDuplicates(ctx, evs, dups)
+	return clashes, nil
 }
 
-// checkDuplicates makes sure that the entries Redis refused as duplicates
-// (rare: only after a crash or a leader overlap) hold the same events. A
-// different event at the same tick means the outbox clock went backwards
-// (a shard restored from a backup, a partition moved without its clock
-// row); the relay stops rather than drop events as duplicates. An entry
-// already trimmed cannot be checked and counts as delivered.
-func (r *Relay) checkDuplicates(ctx context.Context, evs []Event, dups []int) error {
-	if len(dups) == 0 {
-		return nil
+// checkClash turns the script's report of a stream whose refused entry is
+// no copy ({ID, 'other'|'hole', event_id found or first ID, top}) into a
+// clash with the outbox event at that ID; group indexes evs of the stream.
+func (r *Relay) checkClash(evs []Event, group []int, got []string) (clash, error) {
+	if len(got) != 4 || (got[1] != "other" && got[1] != "hole") {
+		return clash{}, fmt.Errorf("publish script answered %q", got)
 	}
-	c := r.opts.Redis
-	cmds := make(rueidis.Commands, len(dups))
-	for j, i := range dups {
-		id := entryID(evs[i].Tick)
-		cmds[j] = c.B().Xrange().Key(r.keys.Stream(evs[i].Partition)).Start(id).End(id).Build()
-	}
-	for j, res := range c.DoMulti(ctx, cmds...) {
-		e := evs[dups[j]]
-		entries, err := res.AsXRange()
-		if err != nil {
-			return fmt.Errorf("check %s: %w", r.keys.Stream(e.Partition), err)
+	for _, i := range group {
+		if entryID(evs[i].Tick) != got[0] {
+			continue
 		}
-		if len(entries) > 0 && entries[0].FieldValues[fieldID] != e.ID {
-			return fmt.Errorf("stream %s holds another event at tick %d than the outbox (event %s): "+
-				"the outbox clock went backwards (restored shard? partition moved without its outbox_clock row?); not publishing",
-				r.keys.Stream(e.Partition), e.Tick, e.ID)
-		}
+		return clash{ev: evs[i], hole: got[1] == "hole", found: got[2], top: got[3]}, nil
 	}
-	return nil
+	return clash{}, fmt.Errorf("publish script reported entry %s, which it was not given", got[0])
+}
+
+// quarantine holds c's stream back for the rest of this term and says so,
+// once, at ERROR: with the partition, the tick, what the stream holds and
+// what an operator has to do.
+func (r *Relay) quarantine(c clash) {
+	r.mu.Lock()
+	if r.quarantined == nil {
+		r.quarantined = map[int32]bool{}
+	}
+	r.quarantined[c.ev.Partition] = true
+	r.mu.Unlock()
+	found := "another event, " + c.found
+	if c.hole {
+		found = "no entry, though the stream's first is " + c.found + " (a hole)"
+	}
+	rows, clock := "the partition's outbox rows", "its outbox_clock row"
+	if r.src.lockKey == lockCatal {
+		rows, clock = "the config_outbox rows", "config_outbox_clock"
+	}
+	r.opts.Logger.Error("event relay quarantined a stream: the outbox clock went backwards, so its events stay in the outbox, unpublished",
+		"relay", r.name, "stream", r.keys.Stream(c.ev.Partition), "partition", c.ev.Partition,
+		"tick", c.ev.Tick, "event_id", c.ev.ID, "found", found, "stream_top", c.top,
+		"fix", "renumber "+rows+" to start just above the stream's top and raise "+clock+
+			" by as much, then end the leading relay's connection (README, Change events)")
+}
+
+func (r *Relay) clearQuarantine() {
+	r.mu.Lock()
+	r.quarantined = nil
+	r.mu.Unlock()
+}
+
+// Quarantined returns, in ascending order, the partitions (ConfigStream for
+// the config relay) whose events this relay holds back because their stream
+// clashes with the outbox clock. It is empty unless the relay leads; the
+// next leader checks them again.
+func (r *Relay) Quarantined() []int32 {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	out := make([]int32, 0, len(r.quarantined))
+	for p := range r.quarantined {
+		out = append(out, p)
+	}
+	slices.Sort(out)
+	return out
 }

@@ -45,6 +45,18 @@ func (s *Server) newRegistry() *prometheus.Registry {
 			Name: "shardgate_session_sweep_errors_total",
 			Help: "Session sweep batches that failed (logged with the shard); the shard is swept again next round.",
 		}, func() float64 { return float64(s.sweepErrors.Load()) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "shardgate_relay_quarantined_partitions",
+			Help: "Partitions (and the config stream) whose events this server's leading relays hold back because their stream clashes with the outbox clock; the ERROR log says which and how to repair.",
+		}, func() float64 {
+			s.mu.RLock()
+			relays := s.relays
+			s.mu.RUnlock()
+			if relays == nil {
+				return 0
+			}
+			return float64(relays.QuarantinedStreams())
+		}),
 		poolCollector{s},
 	)
 	if s.opts.Cache != nil {
