@@ -74,6 +74,11 @@ type Options struct {
 	// RetryInterval is how often failed invalidations are retried
 	// (default 100ms).
 	RetryInterval time.Duration
+	// MaxPending caps the keys whose failed invalidation waits for a retry
+	// (default 100,000, about 15 MB). Past it the cache overflows: it drops
+	// the queued keys, reads everything from the database, and once Redis
+	// answers deletes every cache key under Prefix before caching again.
+	MaxPending int
 	// MaxListEntries is the largest namespace ListConfig caches whole
 	// (default 1000 values); MaxListBytes bounds its values' size
 	// (default 1 MiB).
@@ -126,6 +131,9 @@ func (o Options) withDefaults() Options {
 	if o.MaxListEntries <= 0 {
 		o.MaxListEntries = 1000
 	}
+	if o.MaxPending <= 0 {
+		o.MaxPending = 100_000
+	}
 	if o.MaxListBytes <= 0 {
 		o.MaxListBytes = 1 << 20
 	}
@@ -160,6 +168,17 @@ type Cache struct {
 	pendingMu sync.Mutex
 	pending   map[string]uint64 // key → generation of its last failure
 	npending  atomic.Int64
+
+	// overflow: more than MaxPending keys failed to invalidate, so they
+	// were dropped; every read goes to the database until a flush of the
+	// whole prefix succeeds. Written under pendingMu. drops counts the
+	// failed invalidations dropped (under pendingMu), so a flush can tell
+	// whether one failed while it ran.
+	overflow atomic.Bool
+	drops    uint64
+	// flightFloor: in-process flights that started before it are not
+	// joined (set when an overflow ends, as markFloors does per key).
+	flightFloor atomic.Uint64
 
 	// uncachedUntil (Unix ns): until then every read skips this
 	// process's memory, after a failed invalidation or a Redis outage.
@@ -273,6 +292,9 @@ func (c *Cache) Close() {
 	if n := c.npending.Load(); n > 0 {
 		c.opts.Logger.Warn("cache closed with invalidations pending; those keys expire by TTL", "keys", n)
 	}
+	if c.overflow.Load() {
+		c.opts.Logger.Warn("cache closed in overflow; keys whose invalidation was dropped expire by TTL")
+	}
 	if c.owns && c.ready.Load() {
 		c.client.Close()
 	}
@@ -372,7 +394,9 @@ func (c *Cache) MaxListEntries() int { return c.opts.MaxListEntries }
 // Errors from load are returned and not cached. When Redis fails or is
 // slow the entry comes from load; Get never fails because of Redis.
 func (c *Cache) Get(ctx context.Context, key string, ttl time.Duration, load Loader) (Entry, error) {
-	if !c.ready.Load() || c.isPending(key) {
+	// isPending before overflow: entering overflow empties the queue
+	// after setting overflow, so a key is always seen in one or the other.
+	if !c.ready.Load() || c.isPending(key) || c.overflow.Load() {
 		c.stats.bypassed.Add(1)
 		return c.loadDirect(ctx, load)
 	}
@@ -522,11 +546,12 @@ type fillResult struct {
 }
 
 // fill runs or joins the in-process flight for key. A flight that started
-// before this process's last write to key is not joined.
+// before this process's last write to key, or before the end of an
+// overflow, is not joined.
 func (c *Cache) fill(ctx context.Context, key string, ttl time.Duration, load Loader) (fillResult, bool) {
 	c.flightMu.Lock()
 	if f, ok := c.flights[key]; ok {
-		if fs, _ := c.floors.get(key, time.Now(), c.opts.FloorWindow); f.seq > fs {
+		if fs, _ := c.floors.get(key, time.Now(), c.opts.FloorWindow); f.seq > fs && f.seq > c.flightFloor.Load() {
 			c.flightMu.Unlock()
 			select {
 			case <-f.done:
@@ -687,7 +712,8 @@ func newLease() string {
 }
 
 // ErrInvalidationQueued means Redis could not delete the keys now; they
-// are read from the database here, and retried until Redis deletes them.
+// are read from the database here, and retried until Redis deletes them
+// (past MaxPending, the overflow's flush deletes them; see Options).
 var ErrInvalidationQueued = errors.New("cache: invalidation failed; queued for retry")
 
 // Invalidate deletes keys in Redis after their source changed; Redis then
@@ -770,12 +796,30 @@ func (c *Cache) markFloors(keys []string) {
 }
 
 // queue records keys whose delete failed. Each gets a new generation, so a
-// retry already under way for an older failure does not drop it.
+// retry already under way for an older failure does not drop it. Past
+// MaxPending keys the cache overflows instead: the queue is dropped, and
+// while in overflow so is every key that fails; the flush that ends the
+// overflow covers them all.
 func (c *Cache) queue(keys []string) {
 	c.pendingMu.Lock()
 	defer c.pendingMu.Unlock()
+	if c.overflow.Load() {
+		c.drops += uint64(len(keys))
+		c.stats.dropped.Add(int64(len(keys)))
+		return
+	}
 	for _, k := range keys {
 		c.pending[k] = c.seq.Add(1)
+	}
+	if n := len(c.pending); n > c.opts.MaxPending {
+		// Overflow first, then empty the queue: a reader that no longer
+		// finds its key pending then finds the overflow (see Get).
+		c.overflow.Store(true)
+		c.pending = make(map[string]uint64) // a fresh map frees the old one's buckets
+		c.drops += uint64(n)
+		c.stats.dropped.Add(int64(n))
+		c.opts.Logger.Warn("cache: too many invalidations pending; dropped them, reading the database until Redis answers and the cache's keys are flushed",
+			"keys", n, "max_pending", c.opts.MaxPending)
 	}
 	c.npending.Store(int64(len(c.pending)))
 }
@@ -803,6 +847,10 @@ func (c *Cache) retryLoop() {
 		case <-c.stop:
 			return
 		case <-t.C:
+		}
+		if c.overflow.Load() {
+			c.endOverflow(c.flushPrefix)
+			continue
 		}
 		if c.npending.Load() == 0 {
 			continue
@@ -838,6 +886,109 @@ func (c *Cache) retryLoop() {
 		c.stats.retried.Add(int64(len(keys)))
 		c.opts.Logger.Info("cache: queued invalidations delivered", "keys", len(keys))
 	}
+}
+
+// flushScanCount is the COUNT of each SCAN in a flush.
+const flushScanCount = 1000
+
+// errStopping ends a flush when the cache closes.
+var errStopping = errors.New("cache closing")
+
+// endOverflow runs flush, a pass deleting every key of this cache in Redis
+// (flushPrefix), and, if the whole pass succeeded and no invalidation was
+// dropped while it ran, ends the overflow. Otherwise the overflow stays and
+// the next tick tries again.
+//
+// Why this is enough: a value made stale by a dropped invalidation was read
+// from the database before that write committed, under a lease taken
+// before the read, so before the pass began. SCAN returns every key present for the whole pass, so the
+// value, or the lease it would replace, is deleted unless someone deleted
+// it first; a loader whose lease is gone stores nothing (storeLua). A
+// lease taken after the pass passed the key reads the database after the
+// write. What is left is this process's own state: flights that began
+// before now are not joined (flightFloor), and memory copies, whose
+// invalidation pushes may arrive after the deletes' replies, are not
+// trusted for FloorWindow.
+func (c *Cache) endOverflow(flush func() (int, error)) {
+	c.pendingMu.Lock()
+	drops := c.drops
+	c.pendingMu.Unlock()
+	n, err := flush()
+	if err != nil {
+		if !errors.Is(err, errStopping) {
+			c.redisFailed(err)
+		}
+		return
+	}
+	c.redisOK()
+	c.pendingMu.Lock()
+	defer c.pendingMu.Unlock()
+	if c.drops != drops {
+		return // a key dropped during the pass may have been passed over
+	}
+	c.flightFloor.Store(c.seq.Add(1))
+	c.distrustLocal(c.opts.FloorWindow)
+	c.overflow.Store(false)
+	c.stats.prefixFlushes.Add(1)
+	c.opts.Logger.Info("cache: overflow over; deleted the cache's keys in Redis, caching again", "keys", n)
+}
+
+// flushPattern matches the keys of this cache and nothing else under its
+// prefix: event streams (<prefix>events:…) and rate limits (<prefix>rl:…)
+// share the default prefix. Keep its kinds in step with the key builders.
+func (c *Cache) flushPattern() string {
+	var b []byte
+	for i := 0; i < len(c.opts.Prefix); i++ {
+		switch ch := c.opts.Prefix[i]; ch {
+		case '*', '?', '[', ']', '\\':
+			b = append(b, '\\', ch)
+		default:
+			b = append(b, ch)
+		}
+	}
+	return string(b) + "[scl]:*"
+}
+
+// flushPrefix deletes every key matching flushPattern on every node the
+// client knows, a SCAN page at a time, and returns how many it deleted.
+// Each key is UNLINKed by its own command (pipelined), so keys of
+// different Cluster slots never share one.
+func (c *Cache) flushPrefix() (int, error) {
+	pattern := c.flushPattern()
+	deleted := 0
+	for addr, node := range c.client.Nodes() {
+		var cursor uint64
+		for {
+			select {
+			case <-c.stop:
+				return deleted, errStopping
+			default:
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), c.opts.InvalidateTimeout)
+			page, err := node.Do(ctx, node.B().Scan().Cursor(cursor).Match(pattern).Count(flushScanCount).Build()).AsScanEntry()
+			if err == nil && len(page.Elements) > 0 {
+				cmds := make(rueidis.Commands, 0, len(page.Elements))
+				for _, k := range page.Elements {
+					cmds = append(cmds, c.client.B().Unlink().Key(k).Build())
+				}
+				for _, r := range c.client.DoMulti(ctx, cmds...) {
+					if err = r.Error(); err != nil {
+						break
+					}
+				}
+			}
+			cancel()
+			if err != nil {
+				return deleted, fmt.Errorf("flush %s: %w", addr, err)
+			}
+			deleted += len(page.Elements)
+			if page.Cursor == 0 {
+				break
+			}
+			cursor = page.Cursor
+		}
+	}
+	return deleted, nil
 }
 
 // floors remembers, for keys written here within the window, the sequence

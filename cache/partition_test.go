@@ -13,11 +13,15 @@ import (
 )
 
 // stallProxy forwards TCP to a target until stalled: then it stops
-// forwarding without closing anything, as a network partition does.
+// forwarding without closing anything, as a network partition does. What
+// was sent during the stall arrives when it ends, unless lose is set: then
+// a connection that sends across the stall is reset and what it sent is
+// lost (never half-delivered on a live connection, which TCP cannot do).
 type stallProxy struct {
 	lis     net.Listener
 	target  string
 	stalled atomic.Bool
+	lose    atomic.Bool
 	mu      sync.Mutex
 	conns   []net.Conn
 }
@@ -61,7 +65,12 @@ func (p *stallProxy) pipe(dst, src net.Conn) {
 	buf := make([]byte, 32<<10)
 	for {
 		n, err := src.Read(buf)
-		for p.stalled.Load() {
+		if p.stalled.Load() && p.lose.Load() {
+			src.Close()
+			dst.Close()
+			return
+		}
+		for p.stalled.Load() && !p.lose.Load() {
 			time.Sleep(5 * time.Millisecond)
 		}
 		if n > 0 {

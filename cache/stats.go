@@ -8,7 +8,7 @@ type Stats struct {
 	RedisHits   int64 // answered by Redis
 	Misses      int64 // neither had the key (or a loader held it)
 	Loads       int64 // database reads made for the cache (including bypasses)
-	Bypassed    int64 // reads sent to the database because of the breaker or a pending invalidation
+	Bypassed    int64 // reads sent to the database because of the breaker, a pending invalidation or an overflow
 	RedisErrors int64 // Redis calls that failed or timed out
 	// Invalidations counts keys this process invalidated;
 	// InvalidationsReceived those Redis pushed to it; Flushes the times
@@ -21,11 +21,19 @@ type Stats struct {
 	Pending int64
 	Retried int64
 	Breaker BreakerState
+	// Overflow: more than MaxPending invalidations failed, so every read
+	// goes to the database until a prefix flush succeeds. Dropped counts
+	// the failed invalidations dropped instead of queued; PrefixFlushes
+	// the flushes of every cache key in Redis that ended an overflow.
+	Overflow      bool
+	Dropped       int64
+	PrefixFlushes int64
 }
 
 type stats struct {
 	localHits, redisHits, misses, loads, bypassed, redisErrors atomic.Int64
 	invalidations, invalidationsReceived, flushes, retried     atomic.Int64
+	dropped, prefixFlushes                                     atomic.Int64
 }
 
 // Stats returns the counters.
@@ -43,5 +51,8 @@ func (c *Cache) Stats() Stats {
 		Pending:               c.npending.Load(),
 		Retried:               c.stats.retried.Load(),
 		Breaker:               c.br.current(),
+		Overflow:              c.overflow.Load(),
+		Dropped:               c.stats.dropped.Load(),
+		PrefixFlushes:         c.stats.prefixFlushes.Load(),
 	}
 }

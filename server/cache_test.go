@@ -377,6 +377,8 @@ func TestCacheMetrics(t *testing.T) {
 		`shardgate_cache_invalidations_total{direction="received"}`,
 		`shardgate_cache_redis_errors_total 0`,
 		`shardgate_cache_breaker_state 0`,
+		`shardgate_cache_overflow 0`,
+		`shardgate_cache_prefix_flushes_total 0`,
 	} {
 		if !strings.Contains(string(body), want) {
 			t.Errorf("metrics lack %q", want)

@@ -122,7 +122,7 @@ var (
 	cacheLoadsDesc = prometheus.NewDesc("shardgate_cache_loads_total",
 		"Database reads made by the cache (misses and bypasses).", nil, nil)
 	cacheBypassedDesc = prometheus.NewDesc("shardgate_cache_bypassed_total",
-		"Reads sent straight to the database because the breaker was open or the key's invalidation was pending.", nil, nil)
+		"Reads sent straight to the database because the breaker was open, the key's invalidation was pending, or the retry queue overflowed.", nil, nil)
 	cacheInvalidationsDesc = prometheus.NewDesc("shardgate_cache_invalidations_total",
 		"Cache keys invalidated, by direction: sent (by this server's writes) or received (pushed by Redis).", []string{"direction"}, nil)
 	cacheRedisErrorsDesc = prometheus.NewDesc("shardgate_cache_redis_errors_total",
@@ -131,10 +131,17 @@ var (
 		"Keys whose invalidation failed and awaits a retry.", nil, nil)
 	cacheBreakerDesc = prometheus.NewDesc("shardgate_cache_breaker_state",
 		"Redis circuit breaker: 0 closed, 1 open, 2 half-open.", nil, nil)
+	cacheOverflowDesc = prometheus.NewDesc("shardgate_cache_overflow",
+		"1 while the retry queue has overflowed: every cached read goes to the database until the cache's keys in Redis are flushed.", nil, nil)
+	cacheDroppedDesc = prometheus.NewDesc("shardgate_cache_dropped_invalidations_total",
+		"Failed invalidations dropped instead of queued, because the retry queue overflowed (a prefix flush covers them).", nil, nil)
+	cachePrefixFlushesDesc = prometheus.NewDesc("shardgate_cache_prefix_flushes_total",
+		"Flushes of every cache key under the prefix in Redis, each ending an overflow.", nil, nil)
 )
 
 func (c cacheCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{cacheReadsDesc, cacheLoadsDesc, cacheBypassedDesc, cacheInvalidationsDesc, cacheRedisErrorsDesc, cachePendingDesc, cacheBreakerDesc} {
+	for _, d := range []*prometheus.Desc{cacheReadsDesc, cacheLoadsDesc, cacheBypassedDesc, cacheInvalidationsDesc, cacheRedisErrorsDesc, cachePendingDesc, cacheBreakerDesc,
+		cacheOverflowDesc, cacheDroppedDesc, cachePrefixFlushesDesc} {
 		ch <- d
 	}
 }
@@ -151,4 +158,11 @@ func (c cacheCollector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(cacheRedisErrorsDesc, prometheus.CounterValue, float64(st.RedisErrors))
 	ch <- prometheus.MustNewConstMetric(cachePendingDesc, prometheus.GaugeValue, float64(st.Pending))
 	ch <- prometheus.MustNewConstMetric(cacheBreakerDesc, prometheus.GaugeValue, float64(st.Breaker))
+	overflow := 0.0
+	if st.Overflow {
+		overflow = 1
+	}
+	ch <- prometheus.MustNewConstMetric(cacheOverflowDesc, prometheus.GaugeValue, overflow)
+	ch <- prometheus.MustNewConstMetric(cacheDroppedDesc, prometheus.CounterValue, float64(st.Dropped))
+	ch <- prometheus.MustNewConstMetric(cachePrefixFlushesDesc, prometheus.CounterValue, float64(st.PrefixFlushes))
 }
