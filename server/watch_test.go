@@ -159,11 +159,14 @@ func TestWatchResumesExactlyAfterCursor(t *testing.T) {
 
 // A watcher that never reads does not hold up another; when it reads again
 // it gets its events in order, or OUT_OF_RANGE once it fell behind the
-// retention.
+// retention. The retention (200-300 entries: MAXLEN ~ trims whole nodes of
+// 100) is far behind the 400 writes for the stalled one, which holds a
+// stream window of a few 16 KB events, and gives the reader slack enough
+// for a loaded machine.
 func TestWatchSlowWatcherDoesNotBlockOthers(t *testing.T) {
 	t.Parallel()
 	c := newTestCluster(t, 1)
-	ts := c.start(t, true, withEvents(t, 50))
+	ts := c.start(t, true, withEvents(t, 200))
 	p := router.Partition("alice", router.DefaultPartitions)
 	req := &pb.WatchRequest{Partitions: []uint32{uint32(p)}}
 	stalled := openWatch(t, ts, req)
