@@ -11,9 +11,11 @@
 // old value fail to store it: no stale set.
 //
 // The process that acknowledged a write never serves an older value
-// afterwards: a write leaves a floor on its keys, and for FloorWindow local
-// copies of those keys are not trusted and in-process flights that started
-// before the write are not joined. Every other process drops its copy when
+// afterwards: a write leaves a floor on its keys, the time its delete was
+// acknowledged. A local copy fetched before that (rueidis stamps each copy
+// with its fetch's start, see copyStart) is not served even if its
+// invalidation push is late, and in-process flights that started before
+// the write are not joined. Every other process drops its copy when
 // Redis's invalidation reaches it (δ, measured in the tests).
 package cache
 
@@ -67,9 +69,10 @@ type Options struct {
 	// straight to the database.
 	BreakerThreshold int
 	BreakerCooldown  time.Duration
-	// FloorWindow is how long after a write this process reads the
-	// written keys from Redis rather than from its own memory, to cover
-	// its own invalidation arriving after the write's reply (default 1s).
+	// FloorWindow is how long this process serves nothing from its own
+	// memory after Redis trouble (an outage, a failed invalidation, the end
+	// of an overflow), when invalidation pushes may be late or lost
+	// (default 1s). A write's own keys need no window: see copyStart.
 	FloorWindow time.Duration
 	// RetryInterval is how often failed invalidations are retried
 	// (default 100ms).
@@ -436,8 +439,15 @@ func (c *Cache) lookup(ctx context.Context, key string, now time.Time) (Entry, l
 	rctx := &lazyTimeout{Context: ctx, deadline: now.Add(c.opts.RedisTimeout)}
 	defer rctx.stop()
 	var res rueidis.RedisResult
-	if c.trustLocal(key, now) {
+	trust, floorAt := c.trustLocal(key, now)
+	if trust {
 		res = c.client.DoCache(rctx, c.client.B().Get().Key(key).Cache(), c.opts.LocalTTL)
+		if res.IsCacheHit() && floorAt != 0 && c.copyStart(res) <= floorAt {
+			// A copy fetched before this process's last write to key,
+			// whose invalidation push has not arrived yet: ask Redis.
+			c.stats.predated.Add(1)
+			res = c.client.Do(rctx, c.client.B().Get().Key(key).Build())
+		}
 	} else {
 		res = c.client.Do(rctx, c.client.B().Get().Key(key).Build())
 	}
@@ -485,15 +495,36 @@ func live(e Entry, now time.Time) Entry {
 	return e
 }
 
-// trustLocal reports whether a local copy of key may answer: not within
-// FloorWindow of a write to it here, nor while recovering from a failed
-// invalidation or an outage.
-func (c *Cache) trustLocal(key string, now time.Time) bool {
+// trustLocal reports whether local copies may answer (not while
+// recovering from a failed invalidation or an outage) and, if this process
+// wrote key lately, when that write's delete was acknowledged (Unix ms; 0
+// if it did not): only a copy fetched after that may answer.
+func (c *Cache) trustLocal(key string, now time.Time) (bool, int64) {
 	if now.UnixNano() < c.uncachedUntil.Load() || c.br.current() != BreakerClosed {
-		return false
+		return false, 0
 	}
-	_, recent := c.floors.get(key, now, c.opts.FloorWindow)
-	return !recent
+	fl, ok := c.floors.get(key)
+	if !ok {
+		return true, 0
+	}
+	return true, fl.at.UnixMilli()
+}
+
+// copyStart is when the fetch that made a local copy began (Unix ms), or
+// earlier. rueidis stamps a copy with an expiry of its fetch's start plus
+// the LocalTTL it was asked for, shortened to the key's TTL in Redis; so
+// the expiry minus LocalTTL is at or before the fetch's start, and a copy
+// whose copyStart lies after a write's acknowledged delete was read from
+// Redis after that delete. A shortened expiry only makes a copy look older
+// (it is then read from Redis, never served stale). Both stamps are this
+// process's wall clock; a clock stepped back between a write and a fetch
+// could make an older copy look newer.
+func (c *Cache) copyStart(res rueidis.RedisResult) int64 {
+	pxat := res.CachePXAT()
+	if pxat <= 0 {
+		return 0
+	}
+	return pxat - c.opts.LocalTTL.Milliseconds()
 }
 
 func (c *Cache) loadDirect(ctx context.Context, load Loader) (Entry, error) {
@@ -551,7 +582,7 @@ type fillResult struct {
 func (c *Cache) fill(ctx context.Context, key string, ttl time.Duration, load Loader) (fillResult, bool) {
 	c.flightMu.Lock()
 	if f, ok := c.flights[key]; ok {
-		if fs, _ := c.floors.get(key, time.Now(), c.opts.FloorWindow); f.seq > fs && f.seq > c.flightFloor.Load() {
+		if fl, _ := c.floors.get(key); f.seq > fl.seq && f.seq > c.flightFloor.Load() {
 			c.flightMu.Unlock()
 			select {
 			case <-f.done:
@@ -788,10 +819,15 @@ func (c *Cache) ConfigChangeKeys(namespace, key string) []string {
 	return []string{c.ConfigKey(namespace, key), c.ConfigListKey(namespace)}
 }
 
+// markFloors records a write to keys now: called when a write's delete is
+// sent and again once it is acknowledged (the later mark is the one local
+// copies are judged by). A floor is kept for as long as a copy fetched
+// before it may live (LocalTTL) or a flight started before it may run
+// (LeaseTTL).
 func (c *Cache) markFloors(keys []string) {
 	now := time.Now()
 	for _, k := range keys {
-		c.floors.set(k, c.seq.Add(1), now, c.opts.FloorWindow+c.opts.LeaseTTL)
+		c.floors.set(k, c.seq.Add(1), now, c.opts.LocalTTL+c.opts.LeaseTTL)
 	}
 }
 
@@ -991,8 +1027,8 @@ func (c *Cache) flushPrefix() (int, error) {
 	return deleted, nil
 }
 
-// floors remembers, for keys written here within the window, the sequence
-// number and time of the write.
+// floors remembers, for keys written here lately, the sequence number and
+// time of the write.
 type floors struct {
 	mu    sync.RWMutex
 	m     map[string]floor
@@ -1005,23 +1041,20 @@ type floor struct {
 	at  time.Time
 }
 
-// get returns key's floor sequence and whether its write is within window.
-func (f *floors) get(key string, now time.Time, window time.Duration) (uint64, bool) {
+// get returns key's floor, if it has one.
+func (f *floors) get(key string) (floor, bool) {
 	if f.n.Load() == 0 {
-		return 0, false
+		return floor{}, false
 	}
 	f.mu.RLock()
 	fl, ok := f.m[key]
 	f.mu.RUnlock()
-	if !ok {
-		return 0, false
-	}
-	return fl.seq, now.Sub(fl.at) < window
+	return fl, ok
 }
 
 // set records a write to key. Floors older than keep are forgotten now
-// and then: keep outlasts both the floor window and any flight (a flight
-// ends within LeaseTTL), so a forgotten floor distrusts nothing anymore.
+// and then: keep outlasts any local copy and any flight from before the
+// write, so a forgotten floor distrusts nothing anymore.
 func (f *floors) set(key string, seq uint64, now time.Time, keep time.Duration) {
 	f.mu.Lock()
 	defer f.mu.Unlock()

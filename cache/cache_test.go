@@ -248,25 +248,33 @@ func TestInvalidationReachesOtherProcess(t *testing.T) {
 	s := newSource()
 	k := a.ConfigKey("ns", "k")
 	s.set(k, `1`)
-	mustGet(t, a, k, s) // loads, stores under a lease
-	mustGet(t, a, k, s) // from Redis, kept in memory
-	if e := mustGet(t, a, k, s); e.Value != `1` || a.Stats().LocalHits != 1 {
-		t.Fatalf("not a local hit: %+v %+v", e, a.Stats())
+	// Loads and stores under a lease, then from Redis into memory; the
+	// pushes of the lease and the store may evict a copy made before they
+	// arrive, so read until one answers from memory.
+	for i := 0; a.Stats().LocalHits == 0; i++ {
+		if e := mustGet(t, a, k, s); e.Value != `1` || i == 100 {
+			t.Fatalf("never a local hit: %+v %+v", e, a.Stats())
+		}
 	}
-	for len(pushed) > 0 { // the pushes of the lease and the store
+	for len(pushed) > 0 {
 		<-pushed
 	}
 	s.set(k, `2`)
 	if err := b.Invalidate(context.Background(), k); err != nil {
 		t.Fatal(err)
 	}
-	for got := range pushed {
-		if got == k {
-			break
+	// The push may follow a late one of the lease or the store: wait for
+	// pushes of k until A reads the new value.
+	deadline := time.After(10 * time.Second)
+	for {
+		if e := mustGet(t, a, k, s); e.Value == `2` && e.Version == 2 {
+			return
 		}
-	}
-	if e := mustGet(t, a, k, s); e.Value != `2` || e.Version != 2 {
-		t.Fatalf("after the push A reads %+v", e)
+		select {
+		case <-pushed:
+		case <-deadline:
+			t.Fatalf("A still reads the old value: %+v", a.Stats())
+		}
 	}
 }
 
@@ -289,6 +297,55 @@ func TestWriterReadsItsWrite(t *testing.T) {
 		if e := mustGet(t, c, k, s); e.Version != v {
 			t.Fatalf("write %d: read version %d after acknowledging %d", i, e.Version, v)
 		}
+	}
+}
+
+// TestWriterDistrustsCopiesFromBeforeItsWrite: a local copy fetched before
+// this process's write is never served after the write, however late the
+// write's invalidation push (here it never comes) and long after
+// FloorWindow; a copy fetched after the write is served from memory at once.
+func TestWriterDistrustsCopiesFromBeforeItsWrite(t *testing.T) {
+	t.Parallel()
+	addr, prefix := testenv.Redis(t)
+	c := newTestCache(t, addr, prefix, Options{FloorWindow: time.Nanosecond})
+	s := newSource()
+	k := c.ConfigKey("ns", "k")
+	s.set(k, "1")
+	for i := 0; c.Stats().LocalHits == 0; i++ {
+		if mustGet(t, c, k, s); i == 100 {
+			t.Fatalf("never a local hit: %+v", c.Stats())
+		}
+	}
+	// A write whose delete was acknowledged but whose push is lost: mark
+	// the floor without deleting, so the copy stays in memory.
+	time.Sleep(2 * time.Millisecond) // copies are stamped in whole ms
+	c.markFloors([]string{k})
+	before := c.Stats()
+	for range 3 {
+		mustGet(t, c, k, s)
+	}
+	after := c.Stats()
+	if after.LocalHits != before.LocalHits || after.Predated != before.Predated+3 || after.RedisHits != before.RedisHits+3 {
+		t.Fatalf("the copy from before the write answered: before %+v, after %+v", before, after)
+	}
+	// The delete arrives (its push evicts the copy); the next copy is
+	// fetched after the write and answers from memory.
+	s.set(k, "2")
+	raw := rawClient(t, addr)
+	if err := raw.Do(context.Background(), raw.B().Del().Key(k).Build()).Error(); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		hits := c.Stats().LocalHits
+		e := mustGet(t, c, k, s)
+		if e.Value == "2" && c.Stats().LocalHits > hits {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no local hit of the new copy: %+v %+v", e, c.Stats())
+		}
+		time.Sleep(time.Millisecond)
 	}
 }
 

@@ -4,7 +4,11 @@ import "sync/atomic"
 
 // Stats are the cache's counters since New.
 type Stats struct {
-	LocalHits   int64 // answered from this process's memory
+	LocalHits int64 // answered from this process's memory
+	// Predated counts memory copies fetched before this process's own
+	// later write to the key (its invalidation push not yet arrived): the
+	// read went to Redis instead and counts as a Redis hit or miss.
+	Predated    int64
 	RedisHits   int64 // answered by Redis
 	Misses      int64 // neither had the key (or a loader held it)
 	Loads       int64 // database reads made for the cache (including bypasses)
@@ -33,13 +37,14 @@ type Stats struct {
 type stats struct {
 	localHits, redisHits, misses, loads, bypassed, redisErrors atomic.Int64
 	invalidations, invalidationsReceived, flushes, retried     atomic.Int64
-	dropped, prefixFlushes                                     atomic.Int64
+	dropped, prefixFlushes, predated                           atomic.Int64
 }
 
 // Stats returns the counters.
 func (c *Cache) Stats() Stats {
 	return Stats{
 		LocalHits:             c.stats.localHits.Load(),
+		Predated:              c.stats.predated.Load(),
 		RedisHits:             c.stats.redisHits.Load(),
 		Misses:                c.stats.misses.Load(),
 		Loads:                 c.stats.loads.Load(),

@@ -379,6 +379,7 @@ func TestCacheMetrics(t *testing.T) {
 		`shardgate_cache_breaker_state 0`,
 		`shardgate_cache_overflow 0`,
 		`shardgate_cache_prefix_flushes_total 0`,
+		`shardgate_cache_predated_total`,
 	} {
 		if !strings.Contains(string(body), want) {
 			t.Errorf("metrics lack %q", want)

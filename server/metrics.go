@@ -137,11 +137,13 @@ var (
 		"Failed invalidations dropped instead of queued, because the retry queue overflowed (a prefix flush covers them).", nil, nil)
 	cachePrefixFlushesDesc = prometheus.NewDesc("shardgate_cache_prefix_flushes_total",
 		"Flushes of every cache key under the prefix in Redis, each ending an overflow.", nil, nil)
+	cachePredatedDesc = prometheus.NewDesc("shardgate_cache_predated_total",
+		"Memory copies not served because they were fetched before this server's own later write to the key (its invalidation push not yet in); the read went to Redis.", nil, nil)
 )
 
 func (c cacheCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{cacheReadsDesc, cacheLoadsDesc, cacheBypassedDesc, cacheInvalidationsDesc, cacheRedisErrorsDesc, cachePendingDesc, cacheBreakerDesc,
-		cacheOverflowDesc, cacheDroppedDesc, cachePrefixFlushesDesc} {
+		cacheOverflowDesc, cacheDroppedDesc, cachePrefixFlushesDesc, cachePredatedDesc} {
 		ch <- d
 	}
 }
@@ -165,4 +167,5 @@ func (c cacheCollector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(cacheOverflowDesc, prometheus.GaugeValue, overflow)
 	ch <- prometheus.MustNewConstMetric(cacheDroppedDesc, prometheus.CounterValue, float64(st.Dropped))
 	ch <- prometheus.MustNewConstMetric(cachePrefixFlushesDesc, prometheus.CounterValue, float64(st.PrefixFlushes))
+	ch <- prometheus.MustNewConstMetric(cachePredatedDesc, prometheus.CounterValue, float64(st.Predated))
 }
