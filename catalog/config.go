@@ -59,12 +59,14 @@ func (c *Catalog) ListConfig(ctx context.Context, namespace, after string, limit
 // The three ways to write a value, each one statement that also writes the
 // change's outbox row. $4 is the expected version where there is one. A
 // value created again after a delete continues after the delete's version
-// (kept in config_tombstones).
+// (kept in config_tombstones) or, once that tombstone was pruned, above the
+// config version floor (see PruneConfigTombstones).
 const (
 	setConfigAny = `
 		WITH up AS (
 			INSERT INTO config (namespace, key, value, version)
-			VALUES ($1, $2, $3, coalesce((SELECT version FROM config_tombstones WHERE namespace = $1 AND key = $2), 0) + 1)
+			VALUES ($1, $2, $3, greatest((SELECT version FROM config_tombstones WHERE namespace = $1 AND key = $2),
+				(SELECT version_floor FROM config_outbox_clock), 0) + 1)
 			ON CONFLICT (namespace, key) DO UPDATE
 				SET value = EXCLUDED.value, version = config.version + 1, updated_at = now()
 			RETURNING version, value
@@ -76,7 +78,8 @@ const (
 	setConfigCreate = `
 		WITH up AS (
 			INSERT INTO config (namespace, key, value, version)
-			VALUES ($1, $2, $3, coalesce((SELECT version FROM config_tombstones WHERE namespace = $1 AND key = $2), 0) + 1)
+			VALUES ($1, $2, $3, greatest((SELECT version FROM config_tombstones WHERE namespace = $1 AND key = $2),
+				(SELECT version_floor FROM config_outbox_clock), 0) + 1)
 			ON CONFLICT (namespace, key) DO NOTHING
 			RETURNING version, value
 		), ev AS (

@@ -45,6 +45,14 @@ func (s *Server) newRegistry() *prometheus.Registry {
 			Name: "shardgate_session_sweep_errors_total",
 			Help: "Session sweep batches that failed (logged with the shard); the shard is swept again next round.",
 		}, func() float64 { return float64(s.sweepErrors.Load()) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "shardgate_tombstones_pruned_total",
+			Help: "Tombstones of deleted users, items and config values this server's sweeper pruned past their retention (shards and catalog).",
+		}, func() float64 { return float64(s.tombstonesPruned.Load()) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "shardgate_tombstone_prune_errors_total",
+			Help: "Tombstone prune batches that failed (logged with the shard or catalog); pruned again next round.",
+		}, func() float64 { return float64(s.pruneErrors.Load()) }),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "shardgate_relay_quarantined_partitions",
 			Help: "Partitions (and the config stream) whose events this server's leading relays hold back because their stream clashes with the outbox clock; the ERROR log says which and how to repair.",

@@ -76,6 +76,15 @@ type Options struct {
 	// instance may sweep, one per shard at a time (an advisory lock). The
 	// sweeper runs until the ctx given to New ends or Close.
 	SweepInterval time.Duration
+	// TombstoneRetention is how long the tombstones of deleted users, items
+	// and config values are kept (default 7 days; negative keeps them for
+	// good). Each sweeper round also prunes older ones, on every open shard
+	// (shards.PruneTombstones) and in the catalog
+	// (catalog.PruneConfigTombstones), in batches of
+	// shards.DefaultPruneLimit until one comes back short; so with the
+	// sweeper off nothing is pruned either. A key created again after its
+	// tombstone was pruned continues above its partition's version floor.
+	TombstoneRetention time.Duration
 }
 
 func (o Options) withDefaults() Options {
@@ -96,6 +105,9 @@ func (o Options) withDefaults() Options {
 	}
 	if o.SweepInterval == 0 {
 		o.SweepInterval = time.Minute
+	}
+	if o.TombstoneRetention == 0 {
+		o.TombstoneRetention = DefaultTombstoneRetention
 	}
 	return o
 }
@@ -136,6 +148,10 @@ type Server struct {
 	sweepDone     chan struct{}
 	sessionsSwept atomic.Int64 // sessions the sweeper deleted
 	sweepErrors   atomic.Int64 // sweep batches that failed
+	// tombstonesPruned counts the tombstones the sweeper pruned (shards
+	// and catalog), pruneErrors the prune batches that failed.
+	tombstonesPruned atomic.Int64
+	pruneErrors      atomic.Int64
 }
 
 // shardPool is an open shard and the catalog DSN it was opened from.
@@ -147,8 +163,8 @@ type shardPool struct {
 // New opens the catalog at catalogDSN, loads the topology and opens a pool
 // per shard (lazily: a shard that is down does not stop the start). It fails
 // if the catalog is unreachable or holds no cluster. Unless
-// Options.SweepInterval turns it off, it starts the session sweeper, which
-// runs until ctx ends or Close.
+// Options.SweepInterval turns it off, it starts the session sweeper (which
+// also prunes tombstones), which runs until ctx ends or Close.
 func New(ctx context.Context, catalogDSN string, opts Options) (*Server, error) {
 	opts = opts.withDefaults()
 	cat, err := catalog.Open(ctx, catalogDSN)

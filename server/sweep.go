@@ -8,12 +8,15 @@ import (
 	"github.com/shardgate/shardgate/shards"
 )
 
-// sweepBatchTimeout bounds one sweep batch, so a shard that hangs (say its
-// host vanished) holds up its own sweep only, and only until then.
+// sweepBatchTimeout bounds one sweep or prune batch, so a shard that hangs
+// (say its host vanished) holds up its own sweep only, and only until then.
 const sweepBatchTimeout = 30 * time.Second
 
-// startSweeper runs the session sweeper every SweepInterval until ctx ends
-// or Close stops it. Called once, by New.
+// DefaultTombstoneRetention is Options.TombstoneRetention's default.
+const DefaultTombstoneRetention = 7 * 24 * time.Hour
+
+// startSweeper runs the session sweeper, and the tombstone pruner with it,
+// every SweepInterval until ctx ends or Close stops it. Called once, by New.
 func (s *Server) startSweeper(ctx context.Context) {
 	if s.opts.SweepInterval <= 0 {
 		return
@@ -43,8 +46,9 @@ func (s *Server) stopSweeper() {
 	}
 }
 
-// sweepShards sweeps every shard the server has open, all at once, so a
-// shard that is down or slow delays only its own sweep.
+// sweepShards sweeps every shard the server has open, and prunes their
+// tombstones and the catalog's, all at once, so a database that is down or
+// slow delays only its own sweep.
 func (s *Server) sweepShards(ctx context.Context) {
 	s.mu.RLock()
 	pools := make(map[string]*shards.Shard, len(s.shards))
@@ -54,8 +58,12 @@ func (s *Server) sweepShards(ctx context.Context) {
 	s.mu.RUnlock()
 	var wg sync.WaitGroup
 	for name, sh := range pools {
-		wg.Go(func() { s.sweepShard(ctx, name, sh) })
+		wg.Go(func() {
+			s.sweepShard(ctx, name, sh)
+			s.pruneShard(ctx, name, sh)
+		})
 	}
+	wg.Go(func() { s.pruneCatalog(ctx) })
 	wg.Wait()
 }
 
@@ -87,6 +95,54 @@ func (s *Server) sweepShard(ctx context.Context, name string, sh *shards.Shard) 
 			s.opts.Logger.Warn("session sweep failed; retrying next round", "shard", name, "err", err)
 			return
 		case n < shards.DefaultSweepLimit:
+			return
+		}
+	}
+}
+
+// pruneShard deletes the shard's tombstones older than TombstoneRetention,
+// batch after batch while batches come back full, like sweepShard.
+func (s *Server) pruneShard(ctx context.Context, name string, sh *shards.Shard) {
+	s.prune(ctx, "shard", name, func(ctx context.Context) (int, error) {
+		return sh.PruneTombstones(ctx, s.opts.TombstoneRetention, shards.DefaultPruneLimit)
+	})
+}
+
+// pruneCatalog deletes the config tombstones older than TombstoneRetention.
+func (s *Server) pruneCatalog(ctx context.Context) {
+	s.prune(ctx, "catalog", "catalog", func(ctx context.Context) (int, error) {
+		return s.catalog.PruneConfigTombstones(ctx, s.opts.TombstoneRetention, shards.DefaultPruneLimit)
+	})
+}
+
+// prune runs batch until one comes back short or fails; a failure is
+// logged and counted, and the database is pruned again next round. A batch
+// that finds another instance pruning comes back empty: that one finishes.
+func (s *Server) prune(ctx context.Context, kind, name string, batch func(context.Context) (int, error)) {
+	if s.opts.TombstoneRetention < 0 {
+		return
+	}
+	total := 0
+	defer func() {
+		if total > 0 {
+			s.opts.Logger.Debug("tombstones pruned", kind, name, "tombstones", total)
+		}
+	}()
+	for ctx.Err() == nil {
+		bctx, cancel := context.WithTimeout(ctx, sweepBatchTimeout)
+		n, err := batch(bctx)
+		cancel()
+		total += n
+		s.tombstonesPruned.Add(int64(n))
+		switch {
+		case err != nil && (ctx.Err() != nil || shards.IsClosed(err)):
+			return
+		case err != nil:
+			s.pruneErrors.Add(1)
+			// The error names the shard and the cause, never a password.
+			s.opts.Logger.Warn("tombstone prune failed; retrying next round", kind, name, "err", err)
+			return
+		case n < shards.DefaultPruneLimit:
 			return
 		}
 	}

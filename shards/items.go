@@ -29,7 +29,8 @@ type Item struct {
 // whether the user exists. Items belong to an existing user: FOR KEY SHARE
 // on the user's row keeps a concurrent DeleteUser from leaving them behind.
 // An item created again after a delete continues after the delete's version
-// (kept in item_tombstones).
+// (kept in item_tombstones) or, once that tombstone was pruned, above the
+// partition's version floor.
 
 // putItemAnySQL creates the item or replaces its value, whatever its version.
 const putItemAnySQL = `
@@ -41,8 +42,9 @@ WITH own AS (
     FOR KEY SHARE OF u
 ), up AS (
     INSERT INTO items AS i (partition, user_id, collection, key, value, version)
-    SELECT $1, $2::text, $3::text, $4::text, $5::jsonb, coalesce((SELECT version FROM item_tombstones
-        WHERE partition = $1 AND user_id = $2 AND collection = $3 AND key = $4), 0) + 1 FROM usr
+    SELECT $1, $2::text, $3::text, $4::text, $5::jsonb, greatest((SELECT version FROM item_tombstones
+        WHERE partition = $1 AND user_id = $2 AND collection = $3 AND key = $4),
+        (SELECT version_floor FROM outbox_clock WHERE partition = $1), 0) + 1 FROM usr
     ON CONFLICT (partition, user_id, collection, key) DO UPDATE
         SET value = EXCLUDED.value, version = i.version + 1, updated_at = now()
     RETURNING i.version, i.value
@@ -62,8 +64,9 @@ WITH own AS (
     FOR KEY SHARE OF u
 ), up AS (
     INSERT INTO items (partition, user_id, collection, key, value, version)
-    SELECT $1, $2::text, $3::text, $4::text, $5::jsonb, coalesce((SELECT version FROM item_tombstones
-        WHERE partition = $1 AND user_id = $2 AND collection = $3 AND key = $4), 0) + 1 FROM usr
+    SELECT $1, $2::text, $3::text, $4::text, $5::jsonb, greatest((SELECT version FROM item_tombstones
+        WHERE partition = $1 AND user_id = $2 AND collection = $3 AND key = $4),
+        (SELECT version_floor FROM outbox_clock WHERE partition = $1), 0) + 1 FROM usr
     ON CONFLICT (partition, user_id, collection, key) DO NOTHING
     RETURNING version, value
 ), ev AS (

@@ -21,7 +21,9 @@ type User struct {
 // Three statements for PutUser, one per kind of expectation; each is fenced
 // and writes its outbox row. See versions.go for the columns they return.
 // A user created again after a delete continues after the delete's version
-// (kept in user_tombstones), so versions rise per key for good.
+// (kept in user_tombstones) or, once that tombstone was pruned, above the
+// partition's version floor (outbox_clock.version_floor, which pruning
+// raised past it; see PruneTombstones), so versions rise per key for good.
 
 // putUserAnySQL creates the user or replaces its profile, whatever its version.
 const putUserAnySQL = `
@@ -29,8 +31,9 @@ WITH own AS (
     SELECT 1 FROM ownership WHERE partition = $1 AND state = 'owned' FOR SHARE
 ), up AS (
     INSERT INTO users AS u (partition, user_id, profile, version)
-    SELECT $1, $2::text, $3::jsonb, coalesce((SELECT version FROM user_tombstones
-        WHERE partition = $1 AND user_id = $2), 0) + 1 FROM own
+    SELECT $1, $2::text, $3::jsonb, greatest((SELECT version FROM user_tombstones
+        WHERE partition = $1 AND user_id = $2),
+        (SELECT version_floor FROM outbox_clock WHERE partition = $1), 0) + 1 FROM own
     ON CONFLICT (partition, user_id) DO UPDATE
         SET profile = EXCLUDED.profile, version = u.version + 1, updated_at = now()
     RETURNING u.version, u.profile
@@ -46,8 +49,9 @@ WITH own AS (
     SELECT 1 FROM ownership WHERE partition = $1 AND state = 'owned' FOR SHARE
 ), up AS (
     INSERT INTO users (partition, user_id, profile, version)
-    SELECT $1, $2::text, $3::jsonb, coalesce((SELECT version FROM user_tombstones
-        WHERE partition = $1 AND user_id = $2), 0) + 1 FROM own
+    SELECT $1, $2::text, $3::jsonb, greatest((SELECT version FROM user_tombstones
+        WHERE partition = $1 AND user_id = $2),
+        (SELECT version_floor FROM outbox_clock WHERE partition = $1), 0) + 1 FROM own
     ON CONFLICT (partition, user_id) DO NOTHING
     RETURNING version, profile
 ), ev AS (

@@ -37,6 +37,7 @@ type serveFlags struct {
 	WatchHeartbeat   time.Duration `name:"watch-heartbeat" help:"Longest a Watch stream stays silent before a heartbeat." default:"5s" env:"SHARDGATE_WATCH_HEARTBEAT"`
 	MaxWatchers      int           `name:"max-watchers" help:"Concurrent Watch streams this instance serves; more get RESOURCE_EXHAUSTED. Each holds a Redis connection." default:"1000" env:"SHARDGATE_MAX_WATCHERS"`
 	SessionSweep     time.Duration `name:"session-sweep-interval" help:"How often to delete expired sessions (with a delete event each) from every shard; one instance sweeps a shard at a time. 0 turns it off." default:"1m" env:"SHARDGATE_SESSION_SWEEP_INTERVAL"`
+	TombstoneTTL     time.Duration `name:"tombstone-retention" help:"How long the tombstones of deleted users, items and config values are kept; older ones are pruned each session sweep round. A key created again after its tombstone was pruned continues above its partition's version floor. 0 keeps them for good." default:"168h" env:"SHARDGATE_TOMBSTONE_RETENTION"`
 	guardFlags
 }
 
@@ -91,6 +92,15 @@ func (f serveFlags) sweepInterval() time.Duration {
 		return -1
 	}
 	return f.SessionSweep
+}
+
+// tombstoneRetention is --tombstone-retention as server.Options takes it:
+// there 0 means the default and a negative value never.
+func (f serveFlags) tombstoneRetention() time.Duration {
+	if f.TombstoneTTL <= 0 {
+		return -1
+	}
+	return f.TombstoneTTL
 }
 
 // eventsClient connects to Redis for the change events.
@@ -162,16 +172,17 @@ func run(ctx context.Context, log *slog.Logger, listen, catalogDSN string, f ser
 		log.Warn("cache off (--redis is empty): every read goes to PostgreSQL")
 	}
 	opts := server.Options{
-		MaxJSONBytes:     f.MaxJSONBytes,
-		ShardPool:        shards.PoolOptions{MaxConns: f.ShardMaxConns},
-		TopologyInterval: f.TopologyInterval,
-		Cache:            c,
-		Logger:           log,
-		EventsPrefix:     f.EventsPrefix,
-		StreamMaxLen:     f.StreamMaxLen,
-		WatchHeartbeat:   f.WatchHeartbeat,
-		MaxWatchers:      f.MaxWatchers,
-		SweepInterval:    f.sweepInterval(),
+		MaxJSONBytes:       f.MaxJSONBytes,
+		ShardPool:          shards.PoolOptions{MaxConns: f.ShardMaxConns},
+		TopologyInterval:   f.TopologyInterval,
+		Cache:              c,
+		Logger:             log,
+		EventsPrefix:       f.EventsPrefix,
+		StreamMaxLen:       f.StreamMaxLen,
+		WatchHeartbeat:     f.WatchHeartbeat,
+		MaxWatchers:        f.MaxWatchers,
+		SweepInterval:      f.sweepInterval(),
+		TombstoneRetention: f.tombstoneRetention(),
 	}
 	// The events' Redis client: connected now or, if Redis does not answer
 	// yet, by a loop that attaches it once it does; the server serves
@@ -202,8 +213,11 @@ func run(ctx context.Context, log *slog.Logger, listen, catalogDSN string, f ser
 		return err
 	}
 	defer s.Close()
-	if opts.SweepInterval < 0 {
-		log.Warn("session sweeper off (--session-sweep-interval 0): expired sessions stay in the shards' tables")
+	switch {
+	case opts.SweepInterval < 0:
+		log.Warn("session sweeper off (--session-sweep-interval 0): expired sessions, and tombstones of deleted keys, stay in the databases' tables")
+	case opts.TombstoneRetention < 0:
+		log.Warn("tombstone pruning off (--tombstone-retention 0): tombstones of deleted keys stay in the databases' tables")
 	}
 	if connectLater {
 		loopCtx, stopLoop := context.WithCancel(ctx)

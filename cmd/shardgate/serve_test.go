@@ -151,6 +151,46 @@ func TestSessionSweepIntervalFlag(t *testing.T) {
 	}
 }
 
+// --tombstone-retention (or its variable) reaches the server; 0 keeps
+// tombstones for good, which server.Options spells as a negative retention.
+func TestTombstoneRetentionFlag(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		env  string
+		want time.Duration
+	}{
+		{nil, "", 7 * 24 * time.Hour},
+		{[]string{"--tombstone-retention", "36h"}, "", 36 * time.Hour},
+		{[]string{"--tombstone-retention", "0"}, "", -1},
+		{nil, "1h", time.Hour},
+		{nil, "0s", -1},
+	} {
+		t.Run(fmt.Sprintf("%v env=%q", tc.args, tc.env), func(t *testing.T) {
+			if tc.env != "" {
+				t.Setenv("SHARDGATE_TOMBSTONE_RETENTION", tc.env)
+			}
+			for _, cmd := range [][]string{{"serve", "--catalog", "x"}, {"dev"}} {
+				var c cli
+				p, err := kong.New(&c, kong.Name("shardgate"), kong.Exit(func(int) { t.Fatal("kong exited") }))
+				if err != nil {
+					t.Fatal(err)
+				}
+				kctx, err := p.Parse(append(cmd, tc.args...))
+				if err != nil {
+					t.Fatal(err)
+				}
+				f := c.Serve.serveFlags
+				if kctx.Command() == "dev" {
+					f = c.Dev.serveFlags
+				}
+				if got := f.tombstoneRetention(); got != tc.want {
+					t.Errorf("%s: tombstone retention %v, want %v", cmd[0], got, tc.want)
+				}
+			}
+		})
+	}
+}
+
 // serve sweeps expired sessions every --session-sweep-interval.
 func TestServeSweepsExpiredSessions(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
