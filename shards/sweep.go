@@ -55,10 +55,11 @@ const sweepLockSQL = `SELECT set_config('lock_timeout', $3, true), pg_try_adviso
 // (BEFORE INSERT trigger, shard migrations 00002/00003) until commit, and a
 // batch spans many partitions, so the sweep holds several clocks while it
 // may wait for the next. A deadlock needs a holder of that next clock to be
-// waiting, in turn, for something the sweep holds. It cannot: the clock is
-// the last lock every write takes (they lock ownership and data rows first,
-// and the trigger's tombstone lookups take no locks), writers insert events
-// of one partition only, and the only other writer spanning partitions is
+// waiting, in turn, for something the sweep holds. It cannot: after the
+// clock a write locks nothing the sweep holds (writes lock ownership and
+// data rows first; the trigger's tombstone lookups take no locks; a delete
+// upserts its own key's tombstone after its outbox insert, and the sweep
+// never touches tombstones), writers insert events of one partition only, and the only other writer spanning partitions is
 // another sweep, which the advisory lock keeps out. The sweep itself takes
 // every other lock without waiting (SKIP LOCKED), and all of them before its
 // first outbox insert: the insert's sort reads every delete first (as in

@@ -198,7 +198,8 @@ WITH own AS (
 ), ev AS (
     -- The sort reads every delete before the first outbox row is inserted:
     -- that insert takes the partition's outbox clock lock (see migration
-    -- 00002), which must be the last lock a write takes.
+    -- 00002), after which a write may lock only its own keys' tombstones
+    -- (shards/sweep.go and prune.go rely on it).
     INSERT INTO outbox (partition, user_id, entity, key, op, version, payload)
     SELECT $1, $2::text, entity, key, 'delete', version, NULL::jsonb FROM (
         SELECT 1 AS ord, 'session' AS entity, encode(token_hash, 'hex') AS key, version + 1 AS version FROM ds
