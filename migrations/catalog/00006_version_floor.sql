@@ -11,6 +11,10 @@
 -- until it commits.
 
 -- +goose Up
+-- Lock in the writers' order (the tables their statement names first, the
+-- clock later, in the outbox trigger), so migrating a live catalog waits
+-- for config writers instead of deadlocking with them.
+LOCK TABLE config, config_tombstones IN SHARE ROW EXCLUSIVE MODE;
 ALTER TABLE config_outbox_clock ADD COLUMN version_floor bigint NOT NULL DEFAULT 0;
 -- The pruner finds the oldest tombstones by it.
 CREATE INDEX config_tombstones_deleted ON config_tombstones (deleted_at);

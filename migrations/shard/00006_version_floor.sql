@@ -22,6 +22,11 @@
 -- snapshot (plpgsql, READ COMMITTED), so it sees that pruner's floor.
 
 -- +goose Up
+-- Writers lock users and items when their statement starts and the clock
+-- table later, in the outbox trigger. Take the locks in that order, so
+-- migrating a live shard waits for its writers instead of deadlocking with
+-- them (ALTER TABLE outbox_clock first, then CREATE TRIGGER on users, did).
+LOCK TABLE users, items IN SHARE ROW EXCLUSIVE MODE;
 ALTER TABLE outbox_clock ADD COLUMN version_floor bigint NOT NULL DEFAULT 0;
 -- A pruner may raise the floor of a partition that has no clock row yet; it
 -- creates the row at tick 0, so the partition's first event still gets 1.
