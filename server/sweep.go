@@ -97,6 +97,7 @@ func (s *Server) sweepShard(ctx context.Context, name string, sh *shards.Shard) 
 		case n < shards.DefaultSweepLimit:
 			return
 		}
+		batchPause(ctx)
 	}
 }
 
@@ -145,5 +146,22 @@ func (s *Server) prune(ctx context.Context, kind, name string, batch func(contex
 		case n < shards.DefaultPruneLimit:
 			return
 		}
+		batchPause(ctx)
+	}
+}
+
+// batchPauseTime separates full sweep and prune batches. A batch holds the
+// outbox clocks of every partition it touched until it commits, so writers
+// of those partitions queue behind it, and a create that had to retry
+// behind one batch would queue behind the next (a review measured 1% of
+// creates failing while a 200,000-tombstone backlog was pruned back to
+// back). The pause gives them their turn; a backlog still clears at up to
+// 1000 rows per pause.
+const batchPauseTime = 50 * time.Millisecond
+
+func batchPause(ctx context.Context) {
+	select {
+	case <-ctx.Done():
+	case <-time.After(batchPauseTime):
 	}
 }

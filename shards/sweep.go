@@ -29,8 +29,9 @@ const (
 // sweepLockTimeout bounds the sweep's waits for the partitions' outbox
 // clocks (its only waits, see sweepSessionsSQL). While it waits it holds
 // the clocks of the partitions it already inserted into, and their writers
-// queue behind it; clocks are held only by statements about to commit, so
-// this is a backstop, not something a healthy shard reaches.
+// queue behind it; clocks are held by statements about to commit, or by a
+// tombstone prune batch until it commits (PruneTombstones), so this is a
+// backstop, not something a healthy shard reaches.
 const sweepLockTimeout = "5s"
 
 // sweepLockSQL sets the lock timeout for the rest of the transaction and
@@ -59,13 +60,17 @@ const sweepLockSQL = `SELECT set_config('lock_timeout', $3, true), pg_try_adviso
 // clock a write locks nothing the sweep holds (writes lock ownership and
 // data rows first; the trigger's tombstone lookups take no locks; a delete
 // upserts its own key's tombstone after its outbox insert, and the sweep
-// never touches tombstones), writers insert events of one partition only, and the only other writer spanning partitions is
-// another sweep, which the advisory lock keeps out. The sweep itself takes
+// never touches tombstones), and writers insert events of one partition
+// only. The others that hold several clocks, another sweep (the advisory
+// lock keeps it out) and the tombstone pruner, take them in partition order
+// too, so they queue behind each other rather than deadlock. The sweep
+// itself takes
 // every other lock without waiting (SKIP LOCKED), and all of them before its
 // first outbox insert: the insert's sort reads every delete first (as in
 // deleteUserSQL), then takes the clocks in partition order. So writers of a
 // swept partition wait at most for the rest of the batch and its commit,
-// and the sweep waits only for writers that are about to commit.
+// and the sweep waits only for writers that are about to commit, or for a
+// prune batch.
 const sweepSessionsSQL = `
 WITH cand AS (
     SELECT s.partition, s.token_hash
