@@ -120,6 +120,12 @@ func (o Options) withDefaults() Options {
 	def(&o.ConfigTTL, 30*time.Minute)
 	def(&o.NotFoundTTL, 5*time.Second)
 	def(&o.LocalTTL, time.Minute)
+	// Whole milliseconds: rueidis stamps copies in ms, and copyStart
+	// subtracts LocalTTL from the stamp.
+	o.LocalTTL = o.LocalTTL.Round(time.Millisecond)
+	if o.LocalTTL < time.Millisecond {
+		o.LocalTTL = time.Millisecond
+	}
 	def(&o.RedisTimeout, 50*time.Millisecond)
 	def(&o.InvalidateTimeout, 250*time.Millisecond)
 	def(&o.LeaseTTL, 2*time.Second)
@@ -182,6 +188,10 @@ type Cache struct {
 	// flightFloor: in-process flights that started before it are not
 	// joined (set when an overflow ends, as markFloors does per key).
 	flightFloor atomic.Uint64
+	// overflowEnded (Unix ns): when the last overflow ended. For LocalTTL
+	// after it, memory copies fetched before it do not answer (trustLocal).
+	overflowEnded atomic.Int64
+	flushLogged   atomic.Int64 // Unix ns of the last failed-flush warning
 
 	// uncachedUntil (Unix ns): until then every read skips this
 	// process's memory, after a failed invalidation or a Redis outage.
@@ -219,7 +229,7 @@ func newCache(opts Options) *Cache {
 		store:   rueidis.NewLuaScript(storeLua),
 		release: rueidis.NewLuaScript(releaseLua),
 	}
-	c.floors.m = make(map[string]floor)
+	c.floors.cur, c.floors.old = make(map[string]floor), make(map[string]floor)
 	if opts.Invalidations != nil {
 		opts.Invalidations.c.Store(c)
 	}
@@ -439,14 +449,23 @@ func (c *Cache) lookup(ctx context.Context, key string, now time.Time) (Entry, l
 	rctx := &lazyTimeout{Context: ctx, deadline: now.Add(c.opts.RedisTimeout)}
 	defer rctx.stop()
 	var res rueidis.RedisResult
-	trust, floorAt := c.trustLocal(key, now)
+	trust, fl := c.trustLocal(key, now)
 	if trust {
 		res = c.client.DoCache(rctx, c.client.B().Get().Key(key).Cache(), c.opts.LocalTTL)
-		if res.IsCacheHit() && floorAt != 0 && c.copyStart(res) <= floorAt {
-			// A copy fetched before this process's last write to key,
-			// whose invalidation push has not arrived yet: ask Redis.
+		if res.IsCacheHit() && c.copyStart(res) <= fl.at.UnixMilli() && res.CachePXAT() != fl.verified {
+			// A copy fetched before this process's last write to key (or
+			// before the end of an overflow), whose invalidation push has
+			// not arrived yet: ask Redis. If Redis holds the same bytes
+			// (often a not-found entry, whose short TTL makes its copy look
+			// older than it is), the copy is as fresh as that answer, and
+			// later writes will invalidate or floor it: let it answer.
 			c.stats.predated.Add(1)
+			pxat := res.CachePXAT()
+			mine, _ := res.ToString()
 			res = c.client.Do(rctx, c.client.B().Get().Key(key).Build())
+			if theirs, err := res.ToString(); err == nil && theirs == mine {
+				c.floors.verify(key, fl.seq, pxat)
+			}
 		}
 	} else {
 		res = c.client.Do(rctx, c.client.B().Get().Key(key).Build())
@@ -496,18 +515,21 @@ func live(e Entry, now time.Time) Entry {
 }
 
 // trustLocal reports whether local copies may answer (not while
-// recovering from a failed invalidation or an outage) and, if this process
-// wrote key lately, when that write's delete was acknowledged (Unix ms; 0
-// if it did not): only a copy fetched after that may answer.
-func (c *Cache) trustLocal(key string, now time.Time) (bool, int64) {
+// recovering from a failed invalidation or an outage) and key's floor: if
+// this process wrote key lately, when that write's delete was acknowledged
+// (only a copy fetched after that may answer), or else when an overflow
+// ended, if lately. The zero floor's time lies before every copy.
+func (c *Cache) trustLocal(key string, now time.Time) (bool, floor) {
 	if now.UnixNano() < c.uncachedUntil.Load() || c.br.current() != BreakerClosed {
-		return false, 0
+		return false, floor{}
 	}
-	fl, ok := c.floors.get(key)
-	if !ok {
-		return true, 0
+	fl, _ := c.floors.get(key)
+	if end := c.overflowEnded.Load(); end != 0 && fl.at.UnixNano() < end && now.UnixNano()-end < int64(c.opts.LocalTTL) {
+		// Copies from before the flush may have missed an invalidation
+		// that was dropped.
+		fl = floor{seq: fl.seq, at: time.Unix(0, end)}
 	}
-	return true, fl.at.UnixMilli()
+	return true, fl
 }
 
 // copyStart is when the fetch that made a local copy began (Unix ms), or
@@ -749,9 +771,9 @@ var ErrInvalidationQueued = errors.New("cache: invalidation failed; queued for r
 
 // Invalidate deletes keys in Redis after their source changed; Redis then
 // pushes the invalidation to every process holding them. Call it after the
-// change committed. Until FloorWindow has passed, this process reads the
-// keys from Redis, never from its own memory, so it cannot serve a value
-// older than the change. If Redis cannot be reached, the keys are queued,
+// change committed. This process never serves a memory copy of the keys
+// fetched before the delete was acknowledged (see copyStart), so it cannot
+// serve a value older than the change. If Redis cannot be reached, the keys are queued,
 // read from the database by this process, and retried every RetryInterval
 // until Redis deletes them (ErrInvalidationQueued).
 func (c *Cache) Invalidate(ctx context.Context, keys ...string) error {
@@ -937,14 +959,14 @@ var errStopping = errors.New("cache closing")
 //
 // Why this is enough: a value made stale by a dropped invalidation was read
 // from the database before that write committed, under a lease taken
-// before the read, so before the pass began. SCAN returns every key present for the whole pass, so the
-// value, or the lease it would replace, is deleted unless someone deleted
-// it first; a loader whose lease is gone stores nothing (storeLua). A
-// lease taken after the pass passed the key reads the database after the
-// write. What is left is this process's own state: flights that began
-// before now are not joined (flightFloor), and memory copies, whose
-// invalidation pushes may arrive after the deletes' replies, are not
-// trusted for FloorWindow.
+// before the read, so before the pass began. SCAN returns every key
+// present for the whole pass, so the value, or the lease it would replace,
+// is deleted unless someone deleted it first; a loader whose lease is gone
+// stores nothing (storeLua). A lease taken after the pass passed the key
+// reads the database after the write. What is left is this process's own
+// state: flights that began before now are not joined (flightFloor), and
+// memory copies fetched before now, whose invalidation pushes may arrive
+// after the deletes' replies, do not answer (overflowEnded, trustLocal).
 func (c *Cache) endOverflow(flush func() (int, error)) {
 	c.pendingMu.Lock()
 	drops := c.drops
@@ -953,6 +975,10 @@ func (c *Cache) endOverflow(flush func() (int, error)) {
 	if err != nil {
 		if !errors.Is(err, errStopping) {
 			c.redisFailed(err)
+			if last := c.flushLogged.Load(); time.Since(time.Unix(0, last)) > 10*time.Second {
+				c.flushLogged.Store(time.Now().UnixNano())
+				c.opts.Logger.Warn("cache: flush to end the overflow failed; reading the database, retrying", "err", err)
+			}
 		}
 		return
 	}
@@ -963,7 +989,7 @@ func (c *Cache) endOverflow(flush func() (int, error)) {
 		return // a key dropped during the pass may have been passed over
 	}
 	c.flightFloor.Store(c.seq.Add(1))
-	c.distrustLocal(c.opts.FloorWindow)
+	c.overflowEnded.Store(time.Now().UnixNano())
 	c.overflow.Store(false)
 	c.stats.prefixFlushes.Add(1)
 	c.opts.Logger.Info("cache: overflow over; deleted the cache's keys in Redis, caching again", "keys", n)
@@ -986,7 +1012,7 @@ func (c *Cache) flushPattern() string {
 }
 
 // flushPrefix deletes every key matching flushPattern on every node the
-// client knows, a SCAN page at a time, and returns how many it deleted.
+// client knows, a SCAN page at a time, and returns how many it matched.
 // Each key is UNLINKed by its own command (pipelined), so keys of
 // different Cluster slots never share one.
 func (c *Cache) flushPrefix() (int, error) {
@@ -1028,17 +1054,22 @@ func (c *Cache) flushPrefix() (int, error) {
 }
 
 // floors remembers, for keys written here lately, the sequence number and
-// time of the write.
+// time of the write. Two generations, swapped every keep: a floor lives
+// between keep and twice keep, and forgetting costs no walk of the map.
 type floors struct {
-	mu    sync.RWMutex
-	m     map[string]floor
-	n     atomic.Int64 // len(m), for the lock-free empty check
-	sweep time.Time
+	mu       sync.RWMutex
+	cur, old map[string]floor
+	swapped  time.Time
+	n        atomic.Int64 // len(cur)+len(old), for the lock-free empty check
 }
 
 type floor struct {
 	seq uint64
 	at  time.Time
+	// verified is the rueidis stamp (CachePXAT) of a memory copy from
+	// before the write that was found equal to Redis's value after it: it
+	// may answer (see lookup). Any later write resets it.
+	verified int64
 }
 
 // get returns key's floor, if it has one.
@@ -1047,27 +1078,51 @@ func (f *floors) get(key string) (floor, bool) {
 		return floor{}, false
 	}
 	f.mu.RLock()
-	fl, ok := f.m[key]
-	f.mu.RUnlock()
+	defer f.mu.RUnlock()
+	if fl, ok := f.cur[key]; ok {
+		return fl, true
+	}
+	fl, ok := f.old[key]
 	return fl, ok
 }
 
-// set records a write to key. Floors older than keep are forgotten now
-// and then: keep outlasts any local copy and any flight from before the
-// write, so a forgotten floor distrusts nothing anymore.
+// set records a write to key. It never moves a floor back: two writes of
+// one key (or of two config values sharing a namespace list) may mark in
+// either order. Floors are kept at least keep, which outlasts any local
+// copy and any flight from before the write.
 func (f *floors) set(key string, seq uint64, now time.Time, keep time.Duration) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	f.m[key] = floor{seq: seq, at: now}
-	if now.Sub(f.sweep) > keep {
-		for k, fl := range f.m {
-			if now.Sub(fl.at) > keep {
-				delete(f.m, k)
-			}
-		}
-		f.sweep = now
+	if now.Sub(f.swapped) > keep {
+		f.old, f.cur, f.swapped = f.cur, make(map[string]floor), now
 	}
-	f.n.Store(int64(len(f.m)))
+	fl, ok := f.cur[key]
+	if !ok {
+		fl = f.old[key]
+	}
+	if seq > fl.seq {
+		fl.seq = seq
+	}
+	if now.After(fl.at) {
+		fl.at = now
+	}
+	fl.verified = 0
+	f.cur[key] = fl
+	f.n.Store(int64(len(f.cur) + len(f.old)))
+}
+
+// verify records that key's memory copy stamped pxat matched Redis after
+// the write whose floor has sequence seq (not if a later write came).
+func (f *floors) verify(key string, seq uint64, pxat int64) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if fl, ok := f.cur[key]; ok && fl.seq == seq {
+		fl.verified = pxat
+		f.cur[key] = fl
+	} else if fl, ok := f.old[key]; ok && fl.seq == seq {
+		fl.verified = pxat
+		f.old[key] = fl
+	}
 }
 
 // lazyTimeout is ctx with a deadline whose timer is made only when someone
