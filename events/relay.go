@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"math/rand/v2"
 	"slices"
 	"strconv"
@@ -91,7 +92,7 @@ type source struct {
 	what    string // for logs and errors
 	lockKey int32
 	channel string
-	fetch   string // $1, $2: start after (partition, tick); $3: limit; $4: payload cap; $5: quarantined streams (not NULL)
+	fetch   string // $1, $2: start after (partition, tick); $3: limit; $4: payload cap; $5, $6: end before (partition, tick)
 	delete  string // $1: partitions, $2: ticks
 }
 
@@ -105,7 +106,7 @@ SELECT partition, tick, event_id::text, user_id, entity, key, op, version,
        payload IS NOT NULL AND octet_length(payload::text) > $4,
        committed_at
 FROM outbox
-WHERE (partition, tick) > ($1::integer, $2::bigint) AND partition <> ALL ($5::integer[])
+WHERE (partition, tick) > ($1::integer, $2::bigint) AND (partition, tick) < ($5::integer, $6::bigint)
 ORDER BY partition, tick
 LIMIT $3`,
 	delete: `DELETE FROM outbox WHERE (partition, tick) IN (SELECT * FROM unnest($1::integer[], $2::bigint[]))`,
@@ -123,7 +124,7 @@ SELECT -1, tick, event_id::text, '', 'config', namespace || '/' || key, op, vers
        payload IS NOT NULL AND octet_length(payload::text) > $4,
        committed_at
 FROM config_outbox
-WHERE $1::integer IS NOT NULL AND tick > $2::bigint AND -1 <> ALL ($5::integer[])
+WHERE $1::integer IS NOT NULL AND tick > $2::bigint AND (-1, tick) < ($5::integer, $6::bigint)
 ORDER BY tick
 LIMIT $3`,
 	delete: `DELETE FROM config_outbox WHERE $1::integer[] IS NOT NULL AND tick = ANY ($2::bigint[])`,
@@ -287,15 +288,43 @@ func (r *Relay) relay(ctx context.Context, conn *pgx.Conn) error {
 	}
 }
 
+// fetch reads up to BatchSize events after the position, in (partition,
+// tick) order, passing over quarantined partitions. It reads the stretches
+// between them as index ranges, one query each, so a quarantined backlog
+// (which may grow large) is never scanned; a filter on the partition was,
+// on every read.
 func (r *Relay) fetch(ctx context.Context, conn *pgx.Conn, after Position) ([]Event, error) {
-	// Quarantined is never nil, which pgx would send as NULL: "partition <>
-	// ALL (NULL)" matches no row at all.
-	held := r.Quarantined()
-	rows, err := conn.Query(ctx, r.src.fetch, after.Stream, after.Tick, r.opts.BatchSize, r.opts.MaxPayloadBytes, held)
+	held := r.Quarantined() // ascending
+	evs := make([]Event, 0, r.opts.BatchSize)
+	for {
+		if slices.Contains(held, after.Stream) {
+			after.Tick = math.MaxInt64 // past the held stream's rows
+		}
+		end := Position{Stream: math.MaxInt32, Tick: math.MaxInt64}
+		for _, q := range held {
+			if q > after.Stream {
+				end = Position{Stream: q} // ticks start at 1: before all of q
+				break
+			}
+		}
+		var err error
+		if evs, err = r.fetchRange(ctx, conn, after, end, evs); err != nil {
+			return nil, err
+		}
+		if len(evs) == r.opts.BatchSize || end.Stream == math.MaxInt32 {
+			return evs, nil
+		}
+		after = end
+	}
+}
+
+// fetchRange appends to evs the events after `after` and before end, up to
+// BatchSize in all.
+func (r *Relay) fetchRange(ctx context.Context, conn *pgx.Conn, after, end Position, evs []Event) ([]Event, error) {
+	rows, err := conn.Query(ctx, r.src.fetch, after.Stream, after.Tick, r.opts.BatchSize-len(evs), r.opts.MaxPayloadBytes, end.Stream, end.Tick)
 	if err != nil {
 		return nil, fmt.Errorf("read %s: %w", r.src.what, err)
 	}
-	evs := make([]Event, 0, r.opts.BatchSize)
 	for rows.Next() {
 		var (
 			e       Event
