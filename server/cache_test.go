@@ -380,6 +380,7 @@ func TestCacheMetrics(t *testing.T) {
 		`shardgate_cache_overflow 0`,
 		`shardgate_cache_prefix_flushes_total 0`,
 		`shardgate_cache_predated_total`,
+		`shardgate_cache_dropped_invalidations_total 0`,
 	} {
 		if !strings.Contains(string(body), want) {
 			t.Errorf("metrics lack %q", want)

@@ -32,7 +32,7 @@ type serveFlags struct {
 	Redis            string        `help:"Redis address (host:port) for the session and config cache and the change events; empty turns both off." default:"127.0.0.1:6379" env:"SHARDGATE_REDIS"`
 	Events           bool          `help:"Publish change events to Redis Streams (outbox relays) and serve Watch; --no-events runs without Redis." default:"true" negatable:"" env:"SHARDGATE_EVENTS"`
 	EventsPrefix     string        `name:"events-prefix" help:"Prefix of the event streams' Redis keys." default:"shardgate:" env:"SHARDGATE_EVENTS_PREFIX"`
-	CachePrefix      string        `name:"cache-prefix" help:"Prefix of the cache's Redis keys; clusters sharing one Redis need different ones." default:"shardgate:" env:"SHARDGATE_CACHE_PREFIX"`
+	CachePrefix      string        `name:"cache-prefix" help:"Prefix of the cache's Redis keys, ending with ':'; clusters sharing one Redis need different ones." default:"shardgate:" env:"SHARDGATE_CACHE_PREFIX"`
 	StreamMaxLen     int64         `name:"stream-maxlen" help:"Events each stream keeps, approximately (XADD MAXLEN ~); older Watch cursors are OUT_OF_RANGE." default:"100000" env:"SHARDGATE_STREAM_MAXLEN"`
 	WatchHeartbeat   time.Duration `name:"watch-heartbeat" help:"Longest a Watch stream stays silent before a heartbeat." default:"5s" env:"SHARDGATE_WATCH_HEARTBEAT"`
 	MaxWatchers      int           `name:"max-watchers" help:"Concurrent Watch streams this instance serves; more get RESOURCE_EXHAUSTED. Each holds a Redis connection." default:"1000" env:"SHARDGATE_MAX_WATCHERS"`
@@ -157,11 +157,25 @@ func (l *lateClient) connect(ctx context.Context, f serveFlags, s *server.Server
 	}
 }
 
+// checkCachePrefix wants the prefix to end with ':'. The cache's keys are
+// <prefix>s:…, c:… and l:…, and ending an overflow deletes <prefix>[scl]:*;
+// without the separator, prefix "sg" would also match the keys of a
+// cluster whose prefix is "sgs:".
+func checkCachePrefix(p string) error {
+	if !strings.HasSuffix(p, ":") {
+		return fmt.Errorf("--cache-prefix %q must end with ':' so it cannot overlap another cluster's keys", p)
+	}
+	return nil
+}
+
 // run serves until ctx ends: health turns NOT_SERVING, calls are still
 // taken for drain, then in-flight calls get up to f.Grace.
 func run(ctx context.Context, log *slog.Logger, listen, catalogDSN string, f serveFlags, sec security, drain time.Duration) error {
 	var c *cache.Cache
 	if f.Redis != "" {
+		if err := checkCachePrefix(f.CachePrefix); err != nil {
+			return err
+		}
 		var err error
 		if c, err = cache.Dial(f.Redis, cache.Options{Prefix: f.CachePrefix, Logger: log}); err != nil {
 			return fmt.Errorf("cache (--redis; empty turns it off): %w", err)

@@ -236,3 +236,11 @@ func TestServeSweepsExpiredSessions(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 }
+
+func TestCachePrefixMustEndWithColon(t *testing.T) {
+	for p, ok := range map[string]bool{"shardgate:": true, "a:b:": true, "sg": false, "": false, "x:y": false} {
+		if err := checkCachePrefix(p); (err == nil) != ok {
+			t.Errorf("checkCachePrefix(%q) = %v", p, err)
+		}
+	}
+}
