@@ -524,7 +524,7 @@ func (c *Cache) trustLocal(key string, now time.Time) (bool, floor) {
 		return false, floor{}
 	}
 	fl, _ := c.floors.get(key)
-	if end := c.overflowEnded.Load(); end != 0 && fl.at.UnixNano() < end && now.UnixNano()-end < int64(c.opts.LocalTTL) {
+	if end := c.overflowEnded.Load(); end != 0 && (fl.at.IsZero() || fl.at.UnixNano() < end) && now.UnixNano()-end < int64(c.opts.LocalTTL) {
 		// Copies from before the flush may have missed an invalidation
 		// that was dropped.
 		fl = floor{seq: fl.seq, at: time.Unix(0, end)}

@@ -361,6 +361,29 @@ func TestWriterDistrustsCopiesFromBeforeItsWrite(t *testing.T) {
 	}
 }
 
+// When an overflow ends, memory copies fetched before the flush do not
+// answer unchecked: their invalidation may have been dropped.
+func TestCopiesFromBeforeAnOverflowsEndAreChecked(t *testing.T) {
+	t.Parallel()
+	addr, prefix := testenv.Redis(t)
+	c := newTestCache(t, addr, prefix, Options{FloorWindow: time.Nanosecond})
+	s := newSource()
+	k := c.ConfigKey("ns", "k")
+	s.set(k, "1")
+	for i := 0; c.Stats().LocalHits == 0; i++ {
+		if mustGet(t, c, k, s); i == 100 {
+			t.Fatalf("never a local hit: %+v", c.Stats())
+		}
+	}
+	time.Sleep(2 * time.Millisecond) // copies are stamped in whole ms
+	c.overflowEnded.Store(time.Now().UnixNano())
+	before := c.Stats()
+	mustGet(t, c, k, s)
+	if st := c.Stats(); st.LocalHits != before.LocalHits || st.Predated != before.Predated+1 {
+		t.Fatalf("a copy from before the overflow's end answered unchecked: before %+v, after %+v", before, st)
+	}
+}
+
 // A floor never moves back: two writes of one key may mark it in either
 // order (a late mark of an older write must not let copies fetched between
 // the two answer).
