@@ -77,6 +77,19 @@ func mustGet(t testing.TB, c *Cache, k string, s *source) Entry {
 	return e
 }
 
+// readUntilLocalHit reads k on c until a read answers from memory. The
+// pushes of the first load's lease and store may evict a copy made before
+// they arrive, so the first copies may not last.
+func readUntilLocalHit(t testing.TB, c *Cache, k string, s *source) {
+	t.Helper()
+	for i := 0; c.Stats().LocalHits == 0; i++ {
+		if i == 100 {
+			t.Fatalf("never a local hit: %+v", c.Stats())
+		}
+		mustGet(t, c, k, s)
+	}
+}
+
 func TestReadThroughLocalHitAndPrefix(t *testing.T) {
 	t.Parallel()
 	addr, prefix := testenv.Redis(t)
@@ -248,13 +261,9 @@ func TestInvalidationReachesOtherProcess(t *testing.T) {
 	s := newSource()
 	k := a.ConfigKey("ns", "k")
 	s.set(k, `1`)
-	// Loads and stores under a lease, then from Redis into memory; the
-	// pushes of the lease and the store may evict a copy made before they
-	// arrive, so read until one answers from memory.
-	for i := 0; a.Stats().LocalHits == 0; i++ {
-		if e := mustGet(t, a, k, s); e.Value != `1` || i == 100 {
-			t.Fatalf("never a local hit: %+v %+v", e, a.Stats())
-		}
+	readUntilLocalHit(t, a, k, s)
+	if e := mustGet(t, a, k, s); e.Value != `1` {
+		t.Fatalf("A reads %+v", e)
 	}
 	for len(pushed) > 0 {
 		<-pushed
@@ -312,11 +321,7 @@ func TestWriterDistrustsCopiesFromBeforeItsWrite(t *testing.T) {
 	s := newSource()
 	k := c.ConfigKey("ns", "k")
 	s.set(k, "1")
-	for i := 0; c.Stats().LocalHits == 0; i++ {
-		if mustGet(t, c, k, s); i == 100 {
-			t.Fatalf("never a local hit: %+v", c.Stats())
-		}
-	}
+	readUntilLocalHit(t, c, k, s)
 	// A write whose delete was acknowledged but whose push is lost: mark
 	// the floor without deleting, so the copy stays in memory, and Redis
 	// still holds what the copy holds.
@@ -370,11 +375,7 @@ func TestCopiesFromBeforeAnOverflowsEndAreChecked(t *testing.T) {
 	s := newSource()
 	k := c.ConfigKey("ns", "k")
 	s.set(k, "1")
-	for i := 0; c.Stats().LocalHits == 0; i++ {
-		if mustGet(t, c, k, s); i == 100 {
-			t.Fatalf("never a local hit: %+v", c.Stats())
-		}
-	}
+	readUntilLocalHit(t, c, k, s)
 	time.Sleep(2 * time.Millisecond) // copies are stamped in whole ms
 	c.overflowEnded.Store(time.Now().UnixNano())
 	before := c.Stats()

@@ -100,12 +100,7 @@ func TestPartitionedProcessStopsServingMemory(t *testing.T) {
 	s := newSource()
 	k := a.ConfigKey("ns", "k")
 	s.set(k, "1")
-	for i := 0; a.Stats().LocalHits == 0; i++ {
-		mustGet(t, a, k, s)
-		if i == 100 {
-			t.Fatal("never a local hit")
-		}
-	}
+	readUntilLocalHit(t, a, k, s)
 	proxy.stalled.Store(true)
 	v := s.set(k, "2")
 	if err := b.Invalidate(context.Background(), k); err != nil {

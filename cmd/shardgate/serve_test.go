@@ -111,6 +111,29 @@ func TestServeStartsWhileRedisIsDown(t *testing.T) {
 	}
 }
 
+// serveAndDevFlags parses args after serve and after dev, and returns the
+// serve flags each ended up with, by command.
+func serveAndDevFlags(t *testing.T, args []string) map[string]serveFlags {
+	t.Helper()
+	out := map[string]serveFlags{}
+	for _, cmd := range [][]string{{"serve", "--catalog", "x"}, {"dev"}} {
+		var c cli
+		p, err := kong.New(&c, kong.Name("shardgate"), kong.Exit(func(int) { t.Fatal("kong exited") }))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := p.Parse(append(cmd, args...)); err != nil {
+			t.Fatal(err)
+		}
+		if cmd[0] == "dev" {
+			out["dev"] = c.Dev.serveFlags
+		} else {
+			out["serve"] = c.Serve.serveFlags
+		}
+	}
+	return out
+}
+
 // --session-sweep-interval (or its variable) reaches the server; 0 turns
 // the sweeper off, which server.Options spells as a negative interval.
 func TestSessionSweepIntervalFlag(t *testing.T) {
@@ -129,22 +152,9 @@ func TestSessionSweepIntervalFlag(t *testing.T) {
 			if tc.env != "" {
 				t.Setenv("SHARDGATE_SESSION_SWEEP_INTERVAL", tc.env)
 			}
-			for _, cmd := range [][]string{{"serve", "--catalog", "x"}, {"dev"}} {
-				var c cli
-				p, err := kong.New(&c, kong.Name("shardgate"), kong.Exit(func(int) { t.Fatal("kong exited") }))
-				if err != nil {
-					t.Fatal(err)
-				}
-				kctx, err := p.Parse(append(cmd, tc.args...))
-				if err != nil {
-					t.Fatal(err)
-				}
-				f := c.Serve.serveFlags
-				if kctx.Command() == "dev" {
-					f = c.Dev.serveFlags
-				}
+			for cmd, f := range serveAndDevFlags(t, tc.args) {
 				if got := f.sweepInterval(); got != tc.want {
-					t.Errorf("%s: sweep interval %v, want %v", cmd[0], got, tc.want)
+					t.Errorf("%s: sweep interval %v, want %v", cmd, got, tc.want)
 				}
 			}
 		})
@@ -169,22 +179,9 @@ func TestTombstoneRetentionFlag(t *testing.T) {
 			if tc.env != "" {
 				t.Setenv("SHARDGATE_TOMBSTONE_RETENTION", tc.env)
 			}
-			for _, cmd := range [][]string{{"serve", "--catalog", "x"}, {"dev"}} {
-				var c cli
-				p, err := kong.New(&c, kong.Name("shardgate"), kong.Exit(func(int) { t.Fatal("kong exited") }))
-				if err != nil {
-					t.Fatal(err)
-				}
-				kctx, err := p.Parse(append(cmd, tc.args...))
-				if err != nil {
-					t.Fatal(err)
-				}
-				f := c.Serve.serveFlags
-				if kctx.Command() == "dev" {
-					f = c.Dev.serveFlags
-				}
+			for cmd, f := range serveAndDevFlags(t, tc.args) {
 				if got := f.tombstoneRetention(); got != tc.want {
-					t.Errorf("%s: tombstone retention %v, want %v", cmd[0], got, tc.want)
+					t.Errorf("%s: tombstone retention %v, want %v", cmd, got, tc.want)
 				}
 			}
 		})
