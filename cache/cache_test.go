@@ -309,6 +309,22 @@ func TestWriterReadsItsWrite(t *testing.T) {
 	}
 }
 
+// withLocalCopy returns a cache (FloorWindow 1 ns, so only fetch times
+// protect it) holding config key k = "1" in its memory, fetched at least a
+// millisecond ago (copies are stamped in whole ms), its source, and Redis's
+// address.
+func withLocalCopy(t *testing.T) (addr string, c *Cache, s *source, k string) {
+	t.Helper()
+	addr, prefix := testenv.Redis(t)
+	c = newTestCache(t, addr, prefix, Options{FloorWindow: time.Nanosecond})
+	s = newSource()
+	k = c.ConfigKey("ns", "k")
+	s.set(k, "1")
+	readUntilLocalHit(t, c, k, s)
+	time.Sleep(2 * time.Millisecond)
+	return addr, c, s, k
+}
+
 // TestWriterDistrustsCopiesFromBeforeItsWrite: a local copy fetched before
 // this process's write does not answer after the write, however late the
 // write's invalidation push (here it never comes) and long after
@@ -316,16 +332,10 @@ func TestWriterReadsItsWrite(t *testing.T) {
 // after the write answers from memory at once.
 func TestWriterDistrustsCopiesFromBeforeItsWrite(t *testing.T) {
 	t.Parallel()
-	addr, prefix := testenv.Redis(t)
-	c := newTestCache(t, addr, prefix, Options{FloorWindow: time.Nanosecond})
-	s := newSource()
-	k := c.ConfigKey("ns", "k")
-	s.set(k, "1")
-	readUntilLocalHit(t, c, k, s)
+	addr, c, s, k := withLocalCopy(t)
 	// A write whose delete was acknowledged but whose push is lost: mark
 	// the floor without deleting, so the copy stays in memory, and Redis
 	// still holds what the copy holds.
-	time.Sleep(2 * time.Millisecond) // copies are stamped in whole ms
 	c.markFloors([]string{k})
 	before := c.Stats()
 	mustGet(t, c, k, s)
@@ -370,13 +380,7 @@ func TestWriterDistrustsCopiesFromBeforeItsWrite(t *testing.T) {
 // answer unchecked: their invalidation may have been dropped.
 func TestCopiesFromBeforeAnOverflowsEndAreChecked(t *testing.T) {
 	t.Parallel()
-	addr, prefix := testenv.Redis(t)
-	c := newTestCache(t, addr, prefix, Options{FloorWindow: time.Nanosecond})
-	s := newSource()
-	k := c.ConfigKey("ns", "k")
-	s.set(k, "1")
-	readUntilLocalHit(t, c, k, s)
-	time.Sleep(2 * time.Millisecond) // copies are stamped in whole ms
+	_, c, s, k := withLocalCopy(t)
 	c.overflowEnded.Store(time.Now().UnixNano())
 	before := c.Stats()
 	mustGet(t, c, k, s)
