@@ -7,6 +7,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/shardgate/shardgate/internal/pglock"
 	"github.com/shardgate/shardgate/shards"
 )
 
@@ -24,8 +25,6 @@ const (
 const pruneLockTimeout = "5s"
 
 const (
-	pruneLockSQL = `SELECT set_config('lock_timeout', $3, true), pg_try_advisory_xact_lock($1, $2)`
-
 	configTombstonesOldSQL = `
 SELECT EXISTS (SELECT 1 FROM config_tombstones WHERE deleted_at < now() - $1::bigint * interval '1 microsecond')`
 
@@ -75,17 +74,8 @@ func (c *Catalog) PruneConfigTombstones(ctx context.Context, olderThan time.Dura
 	age := olderThan.Microseconds()
 	// One statement per step, so each snapshot is taken after the locks
 	// before it are held.
-	err = pgx.BeginFunc(ctx, c.pool, func(tx pgx.Tx) error {
-		var (
-			timeout   string
-			got, some bool
-		)
-		if err := tx.QueryRow(ctx, pruneLockSQL, pruneLockClass, pruneLockKey, pruneLockTimeout).Scan(&timeout, &got); err != nil {
-			return err
-		}
-		if !got {
-			return nil
-		}
+	_, err = pglock.TryTx(ctx, c.pool, pruneLockClass, pruneLockKey, pruneLockTimeout, func(tx pgx.Tx) error {
+		var some bool
 		// Most rounds find nothing: they leave the clock, and config
 		// writers, alone.
 		if err := tx.QueryRow(ctx, configTombstonesOldSQL, age).Scan(&some); err != nil || !some {

@@ -2,7 +2,9 @@ package server
 
 import (
 	"context"
+	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/shardgate/shardgate/shards"
@@ -67,83 +69,77 @@ func (s *Server) sweepShards(ctx context.Context) {
 	wg.Wait()
 }
 
-// sweepShard deletes the shard's expired sessions, batch after batch while
-// batches come back full. A failed batch is logged and counted, and the
-// shard waits for the next round. A batch that finds another instance
-// sweeping the shard comes back empty: that instance finishes the job.
+// sweepShard deletes the shard's expired sessions.
 func (s *Server) sweepShard(ctx context.Context, name string, sh *shards.Shard) {
-	total := 0
-	defer func() {
-		if total > 0 {
-			s.opts.Logger.Debug("expired sessions swept", "shard", name, "sessions", total)
-		}
-	}()
-	for ctx.Err() == nil {
-		bctx, cancel := context.WithTimeout(ctx, sweepBatchTimeout)
-		n, err := sh.SweepExpiredSessions(bctx, shards.DefaultSweepLimit)
-		cancel()
-		total += n
-		s.sessionsSwept.Add(int64(n))
-		switch {
-		case err != nil && (ctx.Err() != nil || shards.IsClosed(err)):
-			// Stopping, or the pool was replaced (its successor is swept
-			// next round): nothing went wrong.
-			return
-		case err != nil:
-			s.sweepErrors.Add(1)
-			// The error names the shard and the cause, never a password.
-			s.opts.Logger.Warn("session sweep failed; retrying next round", "shard", name, "err", err)
-			return
-		case n < shards.DefaultSweepLimit:
-			return
-		}
-		batchPause(ctx)
-	}
+	s.drain(ctx, batchJob{
+		what: "session sweep", rows: "sessions", db: []any{"shard", name}, limit: shards.DefaultSweepLimit,
+		batch: func(ctx context.Context) (int, error) { return sh.SweepExpiredSessions(ctx, shards.DefaultSweepLimit) },
+		done:  &s.sessionsSwept, failed: &s.sweepErrors,
+	})
 }
 
-// pruneShard deletes the shard's tombstones older than TombstoneRetention,
-// batch after batch while batches come back full, like sweepShard.
+// pruneShard deletes the shard's tombstones older than TombstoneRetention.
 func (s *Server) pruneShard(ctx context.Context, name string, sh *shards.Shard) {
-	s.prune(ctx, "shard", name, func(ctx context.Context) (int, error) {
+	s.prune(ctx, []any{"shard", name}, func(ctx context.Context) (int, error) {
 		return sh.PruneTombstones(ctx, s.opts.TombstoneRetention, shards.DefaultPruneLimit)
 	})
 }
 
 // pruneCatalog deletes the config tombstones older than TombstoneRetention.
 func (s *Server) pruneCatalog(ctx context.Context) {
-	s.prune(ctx, "catalog", "catalog", func(ctx context.Context) (int, error) {
+	s.prune(ctx, []any{"catalog", "catalog"}, func(ctx context.Context) (int, error) {
 		return s.catalog.PruneConfigTombstones(ctx, s.opts.TombstoneRetention, shards.DefaultPruneLimit)
 	})
 }
 
-// prune runs batch until one comes back short or fails; a failure is
-// logged and counted, and the database is pruned again next round. A batch
-// that finds another instance pruning comes back empty: that one finishes.
-func (s *Server) prune(ctx context.Context, kind, name string, batch func(context.Context) (int, error)) {
+func (s *Server) prune(ctx context.Context, db []any, batch func(context.Context) (int, error)) {
 	if s.opts.TombstoneRetention < 0 {
 		return
 	}
+	s.drain(ctx, batchJob{
+		what: "tombstone prune", rows: "tombstones", db: db, limit: shards.DefaultPruneLimit,
+		batch: batch, done: &s.tombstonesPruned, failed: &s.pruneErrors,
+	})
+}
+
+// batchJob is a sweep or a prune of one database, in batches of up to
+// limit rows.
+type batchJob struct {
+	what, rows   string // for the logs: "session sweep", "sessions"
+	db           []any  // log attributes naming the database
+	limit        int
+	batch        func(context.Context) (int, error)
+	done, failed *atomic.Int64 // rows deleted, batches failed
+}
+
+// drain runs j's batches while they come back full, a pause apart. A failed
+// batch is logged and counted, and the database is tried again next round.
+// A batch that finds another instance at work comes back empty: that
+// instance finishes the job.
+func (s *Server) drain(ctx context.Context, j batchJob) {
 	total := 0
 	defer func() {
 		if total > 0 {
-			s.opts.Logger.Debug("tombstones pruned", kind, name, "tombstones", total)
+			s.opts.Logger.Debug(j.what+" done", slices.Concat(j.db, []any{j.rows, total})...)
 		}
 	}()
 	for ctx.Err() == nil {
 		bctx, cancel := context.WithTimeout(ctx, sweepBatchTimeout)
-		n, err := batch(bctx)
+		n, err := j.batch(bctx)
 		cancel()
 		total += n
-		s.tombstonesPruned.Add(int64(n))
+		j.done.Add(int64(n))
 		switch {
 		case err != nil && (ctx.Err() != nil || shards.IsClosed(err)):
+			// Stopping, or the pool was replaced (its successor is swept
+			// next round): nothing went wrong.
 			return
 		case err != nil:
-			s.pruneErrors.Add(1)
-			// The error names the shard and the cause, never a password.
-			s.opts.Logger.Warn("tombstone prune failed; retrying next round", kind, name, "err", err)
+			j.failed.Add(1)
+			// The error names the database and the cause, never a password.
+			s.opts.Logger.Warn(j.what+" failed; retrying next round", slices.Concat(j.db, []any{"err", err})...)
 			return
-		case n < shards.DefaultPruneLimit:
+		case n < j.limit:
 			return
 		}
 		batchPause(ctx)

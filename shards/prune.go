@@ -6,6 +6,8 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+
+	"github.com/shardgate/shardgate/internal/pglock"
 )
 
 // DefaultPruneLimit is the batch size PruneTombstones is meant to run with:
@@ -145,19 +147,9 @@ func (s *Shard) PruneTombstones(ctx context.Context, olderThan time.Duration, li
 	}
 	defer c.Release()
 	// Separate statements, so each snapshot is taken after the locks before
-	// it are held: after the advisory lock it sees what the previous pruner
-	// deleted, after the clocks what those partitions' writers committed.
-	err = pgx.BeginFunc(ctx, c, func(tx pgx.Tx) error {
-		var (
-			timeout string
-			got     bool
-		)
-		if err := tx.QueryRow(ctx, sweepLockSQL, sweepLockClass, pruneLockKey, sweepLockTimeout).Scan(&timeout, &got); err != nil {
-			return err
-		}
-		if !got {
-			return nil
-		}
+	// it are held: after the clocks it sees what those partitions' writers
+	// committed.
+	_, err = pglock.TryTx(ctx, c, sweepLockClass, pruneLockKey, sweepLockTimeout, func(tx pgx.Tx) error {
 		var parts []int32
 		if err := tx.QueryRow(ctx, prunePartitionsSQL, age, limit).Scan(&parts); err != nil {
 			return err

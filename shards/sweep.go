@@ -5,6 +5,8 @@ import (
 	"fmt"
 
 	"github.com/jackc/pgx/v5"
+
+	"github.com/shardgate/shardgate/internal/pglock"
 )
 
 // DefaultSweepLimit is the batch size SweepExpiredSessions is meant to run
@@ -33,10 +35,6 @@ const (
 // tombstone prune batch until it commits (PruneTombstones), so this is a
 // backstop, not something a healthy shard reaches.
 const sweepLockTimeout = "5s"
-
-// sweepLockSQL sets the lock timeout for the rest of the transaction and
-// tries the sweeper's lock, which the transaction then holds until it ends.
-const sweepLockSQL = `SELECT set_config('lock_timeout', $3, true), pg_try_advisory_xact_lock($1, $2)`
 
 // sweepSessionsSQL deletes up to $1 expired sessions of owned partitions,
 // oldest expiry first, with a delete event each (as revokeSessionSQL writes
@@ -109,19 +107,7 @@ func (s *Shard) SweepExpiredSessions(ctx context.Context, limit int) (n int, err
 		return 0, s.wrap("sweep sessions", err)
 	}
 	defer c.Release()
-	// Two statements, so the sweep's snapshot is taken after the lock is
-	// held and sees what the previous holder deleted.
-	err = pgx.BeginFunc(ctx, c, func(tx pgx.Tx) error {
-		var (
-			timeout string
-			got     bool
-		)
-		if err := tx.QueryRow(ctx, sweepLockSQL, sweepLockClass, sweepLockKey, sweepLockTimeout).Scan(&timeout, &got); err != nil {
-			return err
-		}
-		if !got {
-			return nil
-		}
+	_, err = pglock.TryTx(ctx, c, sweepLockClass, sweepLockKey, sweepLockTimeout, func(tx pgx.Tx) error {
 		return tx.QueryRow(ctx, sweepSessionsSQL, limit).Scan(&n)
 	})
 	if err != nil {
