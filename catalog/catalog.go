@@ -65,8 +65,8 @@ func (c *Catalog) Ping(ctx context.Context) error {
 	return nil
 }
 
-// Shard is a shard as the catalog records it.
-type Shard struct {
+// ShardRecord is a shard as the catalog records it.
+type ShardRecord struct {
 	Name  string
 	DSN   string // as stored: may reference ${ENV} variables, see ExpandDSN
 	State string
@@ -76,7 +76,7 @@ type Shard struct {
 type Topology struct {
 	Version        int64
 	PartitionCount int
-	Shards         []Shard // every registered shard, in name order
+	Shards         []ShardRecord // every registered shard, in name order
 	Table          *router.Table
 }
 
@@ -108,7 +108,7 @@ func (c *Catalog) LoadTopology(ctx context.Context) (Topology, error) {
 		if err != nil {
 			return err
 		}
-		topo.Shards, err = pgx.CollectRows(rows, pgx.RowToStructByPos[Shard])
+		topo.Shards, err = pgx.CollectRows(rows, pgx.RowToStructByPos[ShardRecord])
 		if err != nil {
 			return err
 		}

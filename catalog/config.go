@@ -8,7 +8,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
-	"github.com/shardgate/shardgate/shards"
+	"github.com/shardgate/shardgate/internal/versioning"
 )
 
 // ConfigEntry is one global config value.
@@ -23,13 +23,13 @@ type ConfigEntry struct {
 // MaxConfigList bounds one ListConfig query.
 const MaxConfigList = 10000
 
-// GetConfig reads one value; shards.ErrNotFound if absent.
+// GetConfig reads one value; versioning.ErrNotFound if absent.
 func (c *Catalog) GetConfig(ctx context.Context, namespace, key string) (ConfigEntry, error) {
 	e := ConfigEntry{Namespace: namespace, Key: key}
 	err := c.pool.QueryRow(ctx, `SELECT value, version, updated_at FROM config WHERE namespace = $1 AND key = $2`,
 		namespace, key).Scan(&e.Value, &e.Version, &e.UpdatedAt)
 	if errors.Is(err, pgx.ErrNoRows) {
-		return ConfigEntry{}, fmt.Errorf("config %s/%s: %w", namespace, key, shards.ErrNotFound)
+		return ConfigEntry{}, fmt.Errorf("config %s/%s: %w", namespace, key, versioning.ErrNotFound)
 	}
 	if err != nil {
 		return ConfigEntry{}, fmt.Errorf("get config: %w", err)
@@ -117,9 +117,9 @@ const (
 )
 
 // SetConfig writes a value. expected nil writes unconditionally; 0 creates
-// only; N updates only version N. A mismatch is a *shards.ConflictError.
+// only; N updates only version N. A mismatch is a *versioning.ConflictError.
 func (c *Catalog) SetConfig(ctx context.Context, namespace, key string, value []byte, expected *int64) (version int64, err error) {
-	err = shards.RetryBelowTombstone(func() (err error) {
+	err = versioning.RetryBelowTombstone(func() (err error) {
 		version, err = c.setConfig(ctx, c.pool, namespace, key, value, expected)
 		return err
 	})
@@ -153,7 +153,7 @@ func (c *Catalog) setConfig(ctx context.Context, q rowQuerier, namespace, key st
 			return 0, fmt.Errorf("set config %s/%s: no row written", namespace, key)
 		}
 		current = c.currentIfRaced(ctx, namespace, key, *expected, current)
-		return 0, fmt.Errorf("set config %s/%s: %w", namespace, key, &shards.ConflictError{Expected: *expected, Current: current})
+		return 0, fmt.Errorf("set config %s/%s: %w", namespace, key, &versioning.ConflictError{Expected: *expected, Current: current})
 	}
 	return *version, nil
 }
@@ -175,8 +175,8 @@ func (c *Catalog) currentIfRaced(ctx context.Context, namespace, key string, exp
 
 // DeleteConfig removes a value, with the shards' delete semantics: expected
 // nil deletes whatever the version; N > 0 only version N (a
-// *shards.ConflictError otherwise, Current 0 if absent); 0 never deletes (a
-// conflict if the value exists). shards.ErrNotFound if absent and expected
+// *versioning.ConflictError otherwise, Current 0 if absent); 0 never deletes (a
+// conflict if the value exists). versioning.ErrNotFound if absent and expected
 // is nil or 0.
 func (c *Catalog) DeleteConfig(ctx context.Context, namespace, key string, expected *int64) error {
 	var (
@@ -190,9 +190,9 @@ func (c *Catalog) DeleteConfig(ctx context.Context, namespace, key string, expec
 	case deleted:
 		return nil
 	case expected == nil || (current == 0 && *expected == 0):
-		return fmt.Errorf("config %s/%s: %w", namespace, key, shards.ErrNotFound)
+		return fmt.Errorf("config %s/%s: %w", namespace, key, versioning.ErrNotFound)
 	default:
 		current = c.currentIfRaced(ctx, namespace, key, *expected, current)
-		return fmt.Errorf("delete config %s/%s: %w", namespace, key, &shards.ConflictError{Expected: *expected, Current: current})
+		return fmt.Errorf("delete config %s/%s: %w", namespace, key, &versioning.ConflictError{Expected: *expected, Current: current})
 	}
 }

@@ -10,8 +10,8 @@ import (
 
 	"github.com/shardgate/shardgate/catalog"
 	"github.com/shardgate/shardgate/internal/testenv"
+	"github.com/shardgate/shardgate/internal/versioning"
 	"github.com/shardgate/shardgate/migrations"
-	"github.com/shardgate/shardgate/shards"
 )
 
 func openConfigCatalog(t *testing.T) *catalog.Catalog {
@@ -46,7 +46,7 @@ func TestConfigCompareAndSetUnderContention(t *testing.T) {
 					return
 				}
 				v, err := cat.SetConfig(ctx, "ns", "counter", []byte(fmt.Sprint(w)), &e.Version)
-				var ce *shards.ConflictError
+				var ce *versioning.ConflictError
 				switch {
 				case err == nil:
 					mu.Lock()
@@ -83,35 +83,35 @@ func TestConfigExpectedSemantics(t *testing.T) {
 	cat := openConfigCatalog(t)
 	ctx := context.Background()
 	v0, v1, v5 := int64(0), int64(1), int64(5)
-	if _, err := cat.SetConfig(ctx, "n", "k", []byte(`1`), &v1); !errors.Is(err, shards.ErrConflict) {
+	if _, err := cat.SetConfig(ctx, "n", "k", []byte(`1`), &v1); !errors.Is(err, versioning.ErrConflict) {
 		t.Fatalf("update of a missing value = %v, want conflict", err)
 	}
 	if v, err := cat.SetConfig(ctx, "n", "k", []byte(`1`), &v0); err != nil || v != 1 {
 		t.Fatalf("create = %d, %v", v, err)
 	}
-	if _, err := cat.SetConfig(ctx, "n", "k", []byte(`2`), &v0); !errors.Is(err, shards.ErrConflict) {
+	if _, err := cat.SetConfig(ctx, "n", "k", []byte(`2`), &v0); !errors.Is(err, versioning.ErrConflict) {
 		t.Fatalf("second create = %v, want conflict", err)
 	}
-	if err := cat.DeleteConfig(ctx, "n", "k", &v5); !errors.Is(err, shards.ErrConflict) {
+	if err := cat.DeleteConfig(ctx, "n", "k", &v5); !errors.Is(err, versioning.ErrConflict) {
 		t.Fatalf("delete at the wrong version = %v, want conflict", err)
 	}
-	if err := cat.DeleteConfig(ctx, "n", "k", &v0); !errors.Is(err, shards.ErrConflict) {
+	if err := cat.DeleteConfig(ctx, "n", "k", &v0); !errors.Is(err, versioning.ErrConflict) {
 		t.Fatalf("delete with expected 0 of an existing value = %v, want conflict", err)
 	}
 	if err := cat.DeleteConfig(ctx, "n", "k", &v1); err != nil {
 		t.Fatal(err)
 	}
-	if err := cat.DeleteConfig(ctx, "n", "k", nil); !errors.Is(err, shards.ErrNotFound) {
+	if err := cat.DeleteConfig(ctx, "n", "k", nil); !errors.Is(err, versioning.ErrNotFound) {
 		t.Fatalf("delete of a missing value = %v, want not found", err)
 	}
-	if err := cat.DeleteConfig(ctx, "n", "k", &v0); !errors.Is(err, shards.ErrNotFound) {
+	if err := cat.DeleteConfig(ctx, "n", "k", &v0); !errors.Is(err, versioning.ErrNotFound) {
 		t.Fatalf("delete with expected 0 of a missing value = %v, want not found", err)
 	}
-	var ce *shards.ConflictError
+	var ce *versioning.ConflictError
 	if err := cat.DeleteConfig(ctx, "n", "k", &v5); !errors.As(err, &ce) || ce.Current != 0 {
 		t.Fatalf("delete at a version of a missing value = %v, want a conflict with current 0", err)
 	}
-	if _, err := cat.GetConfig(ctx, "n", "k"); !errors.Is(err, shards.ErrNotFound) {
+	if _, err := cat.GetConfig(ctx, "n", "k"); !errors.Is(err, versioning.ErrNotFound) {
 		t.Fatalf("get of a deleted value = %v", err)
 	}
 }

@@ -7,6 +7,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/shardgate/shardgate/internal/pglock"
 	"github.com/shardgate/shardgate/migrations"
 	"github.com/shardgate/shardgate/router"
 	"github.com/shardgate/shardgate/shards"
@@ -14,9 +15,6 @@ import (
 
 // ErrClusterExists means CreateCluster found a cluster already in the catalog.
 var ErrClusterExists = errors.New("the catalog already holds a cluster")
-
-// createLockID is the advisory lock CreateCluster holds on the catalog.
-const createLockID = 0x5368617264676174 // "Shardgat"
 
 // ShardSpec names a shard and where it lives.
 type ShardSpec struct {
@@ -47,7 +45,7 @@ func CreateCluster(ctx context.Context, catalogDSN string, cfg router.RingConfig
 		return fmt.Errorf("create cluster: %w", err)
 	}
 	defer lock.Close(context.Background())
-	if _, err := lock.Exec(ctx, `SELECT pg_advisory_lock($1)`, createLockID); err != nil {
+	if _, err := lock.Exec(ctx, `SELECT pg_advisory_lock($1)`, pglock.CreateCluster); err != nil {
 		return fmt.Errorf("create cluster: lock: %w", err)
 	}
 	if _, err := migrations.Up(ctx, catalogDSN, migrations.Catalog); err != nil {
@@ -116,24 +114,5 @@ func claimPartitions(ctx context.Context, spec ShardSpec, partitions []int32) er
 		return err
 	}
 	defer sh.Close()
-	current, err := sh.Ownership(ctx)
-	if err != nil {
-		return err
-	}
-	mine := make(map[int32]bool, len(partitions))
-	for _, p := range partitions {
-		mine[p] = true
-	}
-	var stray []int32
-	for p := range current {
-		if !mine[p] {
-			stray = append(stray, p)
-		}
-	}
-	if len(stray) > 0 {
-		if _, err := sh.Pool().Exec(ctx, `DELETE FROM ownership WHERE partition = ANY($1)`, stray); err != nil {
-			return err
-		}
-	}
-	return sh.SetOwnership(ctx, partitions, shards.Owned)
+	return sh.ResetOwnership(ctx, partitions)
 }

@@ -8,16 +8,7 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/shardgate/shardgate/internal/pglock"
-	"github.com/shardgate/shardgate/shards"
-)
-
-// The config pruner's advisory lock, taken per transaction: one pruner per
-// catalog at a time. The class is the shards' maintenance class ("SG" + 2:
-// apart from goose's single-key lock, the relays' class and schemaLock),
-// and the key the shards' tombstone pruner's.
-const (
-	pruneLockClass int32 = 0x53470002
-	pruneLockKey   int32 = 2
+	"github.com/shardgate/shardgate/internal/versioning"
 )
 
 // pruneLockTimeout bounds the pruner's one wait, for the config clock,
@@ -55,7 +46,7 @@ WITH del AS (
 SELECT count(*) FROM del`
 )
 
-// PruneConfigTombstones deletes up to limit (1..shards.MaxPruneLimit)
+// PruneConfigTombstones deletes up to limit (1..versioning.MaxPruneLimit)
 // config tombstones written more than olderThan ago (by the database's
 // clock) and returns how many it deleted. In the same transaction it raises
 // the config version floor to at least the largest version it pruned, so a
@@ -65,8 +56,8 @@ SELECT count(*) FROM del`
 // wait for its commit once it found something to prune. Fewer than limit
 // means nothing more was ready.
 func (c *Catalog) PruneConfigTombstones(ctx context.Context, olderThan time.Duration, limit int) (n int, err error) {
-	if limit < 1 || limit > shards.MaxPruneLimit {
-		return 0, fmt.Errorf("prune config tombstones: limit %d outside 1..%d", limit, shards.MaxPruneLimit)
+	if limit < 1 || limit > versioning.MaxPruneLimit {
+		return 0, fmt.Errorf("prune config tombstones: limit %d outside 1..%d", limit, versioning.MaxPruneLimit)
 	}
 	if olderThan < 0 {
 		return 0, fmt.Errorf("prune config tombstones: negative age %v", olderThan)
@@ -74,7 +65,7 @@ func (c *Catalog) PruneConfigTombstones(ctx context.Context, olderThan time.Dura
 	age := olderThan.Microseconds()
 	// One statement per step, so each snapshot is taken after the locks
 	// before it are held.
-	_, err = pglock.TryTx(ctx, c.pool, pruneLockClass, pruneLockKey, pruneLockTimeout, func(tx pgx.Tx) error {
+	_, err = pglock.TryTx(ctx, c.pool, pglock.ClassMaintenance, pglock.KeyPrune, pruneLockTimeout, func(tx pgx.Tx) error {
 		var some bool
 		// Most rounds find nothing: they leave the clock, and config
 		// writers, alone.

@@ -10,8 +10,9 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/shardgate/shardgate/catalog"
+	"github.com/shardgate/shardgate/internal/pglock"
 	"github.com/shardgate/shardgate/internal/testenv"
-	"github.com/shardgate/shardgate/shards"
+	"github.com/shardgate/shardgate/internal/versioning"
 )
 
 // configFloor reads the config version floor.
@@ -58,7 +59,7 @@ func TestPruneConfigTombstones(t *testing.T) {
 	}
 	configExec(t, cat, `UPDATE config_tombstones SET deleted_at = now() - interval '1 hour' WHERE key = 'old'`)
 
-	if n, err := cat.PruneConfigTombstones(ctx, time.Minute, shards.DefaultPruneLimit); err != nil || n != 1 {
+	if n, err := cat.PruneConfigTombstones(ctx, time.Minute, versioning.DefaultPruneLimit); err != nil || n != 1 {
 		t.Fatalf("PruneConfigTombstones = %d, %v; want 1", n, err)
 	}
 	var left []string
@@ -82,7 +83,7 @@ func TestPruneConfigTombstones(t *testing.T) {
 	if f := configFloor(t, cat); f != 5 {
 		t.Fatalf("floor %d, want 5", f)
 	}
-	if n, err := cat.PruneConfigTombstones(ctx, time.Minute, shards.DefaultPruneLimit); err != nil || n != 0 {
+	if n, err := cat.PruneConfigTombstones(ctx, time.Minute, versioning.DefaultPruneLimit); err != nil || n != 0 {
 		t.Fatalf("second prune = %d, %v; want 0", n, err)
 	}
 
@@ -111,7 +112,7 @@ func TestPruneConfigTombstones(t *testing.T) {
 		t.Fatalf("insert below the floor: %v, want serialization_failure", err)
 	}
 
-	for _, limit := range []int{0, shards.MaxPruneLimit + 1} {
+	for _, limit := range []int{0, versioning.MaxPruneLimit + 1} {
 		if _, err := cat.PruneConfigTombstones(ctx, time.Minute, limit); err == nil {
 			t.Errorf("limit %d accepted", limit)
 		}
@@ -141,7 +142,7 @@ func TestPruneConfigTombstonesBatchesAndLock(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer hold.Rollback(ctx)
-	if _, err := hold.Exec(ctx, `SELECT pg_advisory_xact_lock($1, $2)`, 0x53470002, 2); err != nil {
+	if _, err := hold.Exec(ctx, `SELECT pg_advisory_xact_lock($1, $2)`, pglock.ClassMaintenance, pglock.KeyPrune); err != nil {
 		t.Fatal(err)
 	}
 	if n, err := cat.PruneConfigTombstones(ctx, time.Minute, 3); err != nil || n != 0 {
@@ -189,7 +190,7 @@ func TestConfigCreateRacingPruneEndsAboveTheFloor(t *testing.T) {
 	}
 	pruned := make(chan result, 1)
 	go func() {
-		n, err := cat.PruneConfigTombstones(ctx, time.Minute, shards.DefaultPruneLimit)
+		n, err := cat.PruneConfigTombstones(ctx, time.Minute, versioning.DefaultPruneLimit)
 		pruned <- result{int64(n), err}
 	}()
 	testenv.WaitForLockWaiters(t, ctx, cat.Pool(), 1)

@@ -8,12 +8,9 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
-	"github.com/shardgate/shardgate/shards"
+	"github.com/shardgate/shardgate/internal/pglock"
+	"github.com/shardgate/shardgate/internal/versioning"
 )
-
-// schemaLock is the first key of the per-namespace advisory lock that
-// orders SetConfigChecked (shared) against SetConfigSchema (exclusive).
-const schemaLock = 0x5347 // "SG"
 
 // SetConfigChecked writes a value like SetConfig, after check has accepted
 // it against the namespace's schema (check is not called for a namespace
@@ -21,11 +18,11 @@ const schemaLock = 0x5347 // "SG"
 // both run in one transaction holding the namespace's lock in share mode.
 func (c *Catalog) SetConfigChecked(ctx context.Context, namespace, key string, value []byte, expected *int64, check func(schema string) error) (int64, error) {
 	var version int64
-	err := shards.RetryBelowTombstone(func() error {
+	err := versioning.RetryBelowTombstone(func() error {
 		return pgx.BeginFunc(ctx, c.pool, func(tx pgx.Tx) error {
 			// Two statements, so the schema is read after the lock is held
 			// (one statement's snapshot would predate the wait).
-			if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock_shared($1, hashtext($2))`, schemaLock, namespace); err != nil {
+			if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock_shared($1, hashtext($2))`, pglock.ClassConfigSchema, namespace); err != nil {
 				return fmt.Errorf("lock config namespace: %w", err)
 			}
 			var schema string
@@ -53,7 +50,7 @@ func (c *Catalog) SetConfigChecked(ctx context.Context, namespace, key string, v
 // can write a value the check did not see.
 func (c *Catalog) SetConfigSchema(ctx context.Context, namespace, schema string, check func(key string, value []byte) error) error {
 	return pgx.BeginFunc(ctx, c.pool, func(tx pgx.Tx) error {
-		if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock($1, hashtext($2))`, schemaLock, namespace); err != nil {
+		if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock($1, hashtext($2))`, pglock.ClassConfigSchema, namespace); err != nil {
 			return fmt.Errorf("lock config namespace: %w", err)
 		}
 		if schema == "" {
@@ -80,14 +77,14 @@ func (c *Catalog) SetConfigSchema(ctx context.Context, namespace, schema string,
 	})
 }
 
-// GetConfigSchema returns a namespace's schema; shards.ErrNotFound if it
+// GetConfigSchema returns a namespace's schema; versioning.ErrNotFound if it
 // has none.
 func (c *Catalog) GetConfigSchema(ctx context.Context, namespace string) (string, time.Time, error) {
 	var schema string
 	var at time.Time
 	err := c.pool.QueryRow(ctx, `SELECT schema, updated_at FROM config_schemas WHERE namespace = $1`, namespace).Scan(&schema, &at)
 	if errors.Is(err, pgx.ErrNoRows) {
-		return "", time.Time{}, fmt.Errorf("config schema %s: %w", namespace, shards.ErrNotFound)
+		return "", time.Time{}, fmt.Errorf("config schema %s: %w", namespace, versioning.ErrNotFound)
 	}
 	if err != nil {
 		return "", time.Time{}, fmt.Errorf("get config schema: %w", err)

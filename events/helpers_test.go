@@ -16,6 +16,7 @@ import (
 
 	"github.com/shardgate/shardgate/catalog"
 	"github.com/shardgate/shardgate/internal/testenv"
+	"github.com/shardgate/shardgate/internal/versioning"
 	"github.com/shardgate/shardgate/migrations"
 	"github.com/shardgate/shardgate/shards"
 )
@@ -26,6 +27,7 @@ func quietLogger() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard
 type testShard struct {
 	dsn string
 	sh  *shards.Shard
+	db  *pgxpool.Pool // raw SQL for the tests' own checks and faults
 }
 
 func newTestShard(t testing.TB, name string, owned ...int32) testShard {
@@ -44,10 +46,15 @@ func newTestShard(t testing.TB, name string, owned ...int32) testShard {
 	if err := sh.SetOwnership(ctx, owned, shards.Owned); err != nil {
 		t.Fatal(err)
 	}
-	return testShard{dsn: dsn, sh: sh}
+	db, err := pgxpool.New(ctx, dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(db.Close)
+	return testShard{dsn: dsn, sh: sh, db: db}
 }
 
-func (s testShard) pool() *pgxpool.Pool { return s.sh.Pool() }
+func (s testShard) pool() *pgxpool.Pool { return s.db }
 
 // newRedis returns a client and a key prefix of the test's own.
 func newRedis(t testing.TB) (rueidis.Client, string) {
@@ -121,8 +128,8 @@ WHERE datname = current_database() AND application_name = $1`, RelayApplicationN
 
 func eventKey(e Event) string { return fmt.Sprintf("%s/%s/%s", e.UserID, e.Entity, e.Key) }
 
-func isConflict(err error) bool { return errors.Is(err, shards.ErrConflict) }
-func isNotFound(err error) bool { return errors.Is(err, shards.ErrNotFound) }
+func isConflict(err error) bool { return errors.Is(err, versioning.ErrConflict) }
+func isNotFound(err error) bool { return errors.Is(err, versioning.ErrNotFound) }
 
 func itoa(n int64) string { return strconv.FormatInt(n, 10) }
 

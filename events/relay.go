@@ -17,6 +17,8 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgtype"
 	"github.com/redis/rueidis"
+
+	"github.com/shardgate/shardgate/internal/pglock"
 )
 
 // RelayOptions tune a relay. The zero value of a field means its default;
@@ -79,14 +81,6 @@ func (o RelayOptions) withDefaults() RelayOptions {
 // RelayApplicationName names a relay's connection in pg_stat_activity.
 const RelayApplicationName = "shardgate-relay"
 
-// The relay's advisory lock. Advisory locks belong to one database, so the
-// same key elects one relay per shard database and one for the catalog.
-const (
-	lockClass = 0x53470001 // "SG" + 1: apart from goose's single-key lock
-	lockShard = 1
-	lockCatal = 2
-)
-
 // source is what differs between a shard's outbox and the config outbox.
 type source struct {
 	what    string // for logs and errors
@@ -98,7 +92,7 @@ type source struct {
 
 var shardSource = source{
 	what:    "shard outbox",
-	lockKey: lockShard,
+	lockKey: pglock.KeyRelayShard,
 	channel: "shardgate_outbox",
 	fetch: `
 SELECT partition, tick, event_id::text, user_id, entity, key, op, version,
@@ -116,7 +110,7 @@ LIMIT $3`,
 // holds back every config event.
 var configSource = source{
 	what:    "config outbox",
-	lockKey: lockCatal,
+	lockKey: pglock.KeyRelayConfig,
 	channel: "shardgate_config_outbox",
 	fetch: `
 SELECT -1, tick, event_id::text, '', 'config', namespace || '/' || key, op, version,
@@ -226,7 +220,7 @@ func (r *Relay) runOnce(ctx context.Context) (bool, error) {
 	// instance, per database).
 	for {
 		var got bool
-		if err := conn.QueryRow(ctx, `SELECT pg_try_advisory_lock($1, $2)`, int32(lockClass), r.src.lockKey).Scan(&got); err != nil {
+		if err := conn.QueryRow(ctx, `SELECT pg_try_advisory_lock($1, $2)`, pglock.ClassRelay, r.src.lockKey).Scan(&got); err != nil {
 			return false, err
 		}
 		if got {
@@ -577,7 +571,7 @@ func (r *Relay) quarantine(c clash) {
 		found = "no entry, though the stream's first is " + c.found + " (a hole)"
 	}
 	rows, clock := "the partition's outbox rows", "its outbox_clock row"
-	if r.src.lockKey == lockCatal {
+	if r.src.lockKey == pglock.KeyRelayConfig {
 		rows, clock = "the config_outbox rows", "config_outbox_clock"
 	}
 	r.opts.Logger.Error("event relay quarantined a stream: the outbox clock went backwards, so its events stay in the outbox, unpublished",

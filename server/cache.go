@@ -12,6 +12,7 @@ import (
 	"github.com/shardgate/shardgate/cache"
 	"github.com/shardgate/shardgate/catalog"
 	"github.com/shardgate/shardgate/events"
+	"github.com/shardgate/shardgate/internal/versioning"
 	"github.com/shardgate/shardgate/shards"
 )
 
@@ -92,7 +93,7 @@ func sessionEntry(sess shards.Session) cache.Entry {
 
 // notFoundEntry turns the database's "not found" into a cacheable answer.
 func notFoundEntry(err error) (cache.Entry, error) {
-	if errors.Is(err, shards.ErrNotFound) {
+	if errors.Is(err, versioning.ErrNotFound) {
 		return cache.Entry{}, nil
 	}
 	return cache.Entry{}, err
@@ -133,9 +134,9 @@ func cachedConfigPage(e cache.Entry, namespace, after string, limit int) ([]cata
 	return page, true
 }
 
-func errSessionNotFound() error { return fmt.Errorf("session: %w", shards.ErrNotFound) }
+func errSessionNotFound() error { return fmt.Errorf("session: %w", versioning.ErrNotFound) }
 func errConfigNotFound(namespace, key string) error {
-	return fmt.Errorf("config %s/%s: %w", namespace, key, shards.ErrNotFound)
+	return fmt.Errorf("config %s/%s: %w", namespace, key, versioning.ErrNotFound)
 }
 
 // isInvalid reports whether err is bad input, refused before any database

@@ -136,7 +136,7 @@ func (c *testCluster) startWith(t testing.TB, watch bool, gopts GRPCOptions, dia
 		t.Fatal(err)
 	}
 	if watch {
-		go srv.Watch(ctx)
+		go srv.WatchTopology(ctx)
 	}
 	g, hs := NewGRPCServer(srv, gopts)
 	lis, err := net.Listen("tcp", "127.0.0.1:0")

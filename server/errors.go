@@ -12,6 +12,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/shardgate/shardgate/catalog"
+	"github.com/shardgate/shardgate/internal/versioning"
 	"github.com/shardgate/shardgate/shards"
 )
 
@@ -32,7 +33,7 @@ func toStatus(ctx context.Context, log *slog.Logger, method string, err error) e
 		return err
 	}
 	var fe *fieldError
-	var conflict *shards.ConflictError
+	var conflict *versioning.ConflictError
 	var pgErr *pgconn.PgError
 	switch {
 	case errors.As(err, &fe):
@@ -41,7 +42,7 @@ func toStatus(ctx context.Context, log *slog.Logger, method string, err error) e
 		return status.Error(codes.Aborted, conflict.Error())
 	case errors.Is(err, shards.ErrUserNotFound):
 		return status.Error(codes.NotFound, "user not found")
-	case errors.Is(err, shards.ErrNotFound):
+	case errors.Is(err, versioning.ErrNotFound):
 		return status.Error(codes.NotFound, entity(method)+" not found")
 	case errors.Is(ctx.Err(), context.DeadlineExceeded):
 		return status.Error(codes.DeadlineExceeded, "deadline exceeded")

@@ -14,6 +14,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/shardgate/shardgate/internal/versioning"
 	"github.com/shardgate/shardgate/shards"
 )
 
@@ -32,10 +33,10 @@ func TestToStatus(t *testing.T) {
 		msg    string // the whole message, or "" to only check the code
 	}{
 		{"field", live, "/shardgate.v1.DataService/PutUser", invalid("user_id", "required"), codes.InvalidArgument, "user_id: required"},
-		{"conflict", live, "/shardgate.v1.DataService/PutUser", fmt.Errorf("shard s1: put user: %w", &shards.ConflictError{Expected: 3, Current: 5}), codes.Aborted, "version conflict: expected 3, current 5"},
-		{"session not found", live, "/shardgate.v1.DataService/GetSession", fmt.Errorf("shard s1: get session: %w", shards.ErrNotFound), codes.NotFound, "session not found"},
-		{"item not found", live, "/shardgate.v1.DataService/DeleteItem", shards.ErrNotFound, codes.NotFound, "item not found"},
-		{"config not found", live, "/shardgate.v1.DataService/GetConfig", shards.ErrNotFound, codes.NotFound, "config value not found"},
+		{"conflict", live, "/shardgate.v1.DataService/PutUser", fmt.Errorf("shard s1: put user: %w", &versioning.ConflictError{Expected: 3, Current: 5}), codes.Aborted, "version conflict: expected 3, current 5"},
+		{"session not found", live, "/shardgate.v1.DataService/GetSession", fmt.Errorf("shard s1: get session: %w", versioning.ErrNotFound), codes.NotFound, "session not found"},
+		{"item not found", live, "/shardgate.v1.DataService/DeleteItem", versioning.ErrNotFound, codes.NotFound, "item not found"},
+		{"config not found", live, "/shardgate.v1.DataService/GetConfig", versioning.ErrNotFound, codes.NotFound, "config value not found"},
 		{"user not found", live, "/shardgate.v1.DataService/PutItem", shards.ErrUserNotFound, codes.NotFound, "user not found"},
 		{"caller's deadline", expired, "/x/GetUser", fmt.Errorf("acquire: %w", context.DeadlineExceeded), codes.DeadlineExceeded, ""},
 		{"a timeout below the caller's deadline", live, "/x/GetUser", fmt.Errorf("connect: %w", context.DeadlineExceeded), codes.Unavailable, "database unavailable; retry later"},

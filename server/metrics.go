@@ -110,7 +110,7 @@ func (c poolCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 	c.s.mu.RUnlock()
 	for name, sh := range pools {
-		st := sh.Pool().Stat()
+		st := sh.Stat()
 		ch <- prometheus.MustNewConstMetric(poolConnsDesc, prometheus.GaugeValue, float64(st.AcquiredConns()), name, "acquired")
 		ch <- prometheus.MustNewConstMetric(poolConnsDesc, prometheus.GaugeValue, float64(st.IdleConns()), name, "idle")
 		ch <- prometheus.MustNewConstMetric(poolConnsDesc, prometheus.GaugeValue, float64(st.ConstructingConns()), name, "constructing")

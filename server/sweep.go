@@ -7,6 +7,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/shardgate/shardgate/internal/versioning"
 	"github.com/shardgate/shardgate/shards"
 )
 
@@ -81,14 +82,14 @@ func (s *Server) sweepShard(ctx context.Context, name string, sh *shards.Shard) 
 // pruneShard deletes the shard's tombstones older than TombstoneRetention.
 func (s *Server) pruneShard(ctx context.Context, name string, sh *shards.Shard) {
 	s.prune(ctx, []any{"shard", name}, func(ctx context.Context) (int, error) {
-		return sh.PruneTombstones(ctx, s.opts.TombstoneRetention, shards.DefaultPruneLimit)
+		return sh.PruneTombstones(ctx, s.opts.TombstoneRetention, versioning.DefaultPruneLimit)
 	})
 }
 
 // pruneCatalog deletes the config tombstones older than TombstoneRetention.
 func (s *Server) pruneCatalog(ctx context.Context) {
 	s.prune(ctx, []any{"catalog", "catalog"}, func(ctx context.Context) (int, error) {
-		return s.catalog.PruneConfigTombstones(ctx, s.opts.TombstoneRetention, shards.DefaultPruneLimit)
+		return s.catalog.PruneConfigTombstones(ctx, s.opts.TombstoneRetention, versioning.DefaultPruneLimit)
 	})
 }
 
@@ -97,7 +98,7 @@ func (s *Server) prune(ctx context.Context, db []any, batch func(context.Context
 		return
 	}
 	s.drain(ctx, batchJob{
-		what: "tombstone prune", rows: "tombstones", db: db, limit: shards.DefaultPruneLimit,
+		what: "tombstone prune", rows: "tombstones", db: db, limit: versioning.DefaultPruneLimit,
 		batch: batch, done: &s.tombstonesPruned, failed: &s.pruneErrors,
 	})
 }

@@ -18,41 +18,13 @@ var (
 	// ownership row is missing, or its state does not allow the operation
 	// (reads need owned or frozen, writes need owned). The caller should
 	// reload the routing table and retry on the partition's owner. It is
-	// reported before ErrNotFound or a conflict.
+	// reported before versioning.ErrNotFound or a conflict.
 	ErrWrongShard = errors.New("partition is not owned by this shard")
-
-	// ErrNotFound means the row does not exist (for sessions: does not exist
-	// or has expired).
-	ErrNotFound = errors.New("not found")
 
 	// ErrUserNotFound means CreateSession was asked for a user that does not
 	// exist in the partition; nothing was written.
 	ErrUserNotFound = errors.New("user not found")
-
-	// ErrConflict matches every *ConflictError with errors.Is.
-	ErrConflict = errors.New("version conflict")
 )
-
-// ConflictError reports that a write's expected version did not match the
-// row, so nothing was written. errors.Is(err, ErrConflict) is true for it.
-type ConflictError struct {
-	// Expected is the version the caller asked for; 0 means "must not exist".
-	Expected int64
-	// Current is the row's version when the write was refused; 0 means the
-	// row did not exist.
-	Current int64
-}
-
-// Error describes the mismatch, e.g. "version conflict: expected 3, current 5".
-func (e *ConflictError) Error() string {
-	if e.Current == 0 {
-		return fmt.Sprintf("version conflict: expected %d, current: does not exist", e.Expected)
-	}
-	return fmt.Sprintf("version conflict: expected %d, current %d", e.Expected, e.Current)
-}
-
-// Is reports whether target is ErrConflict.
-func (e *ConflictError) Is(target error) bool { return target == ErrConflict }
 
 // unavailableError marks an error met while getting a connection.
 type unavailableError struct{ err error }

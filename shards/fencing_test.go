@@ -5,6 +5,8 @@ import (
 	"errors"
 	"testing"
 	"time"
+
+	"github.com/shardgate/shardgate/internal/versioning"
 )
 
 // fencedOp is one call against partition 7, where "alice" exists at version
@@ -141,7 +143,7 @@ func TestFencing(t *testing.T) {
 				if !errors.Is(err, ErrWrongShard) {
 					t.Errorf("%s: err = %v, want ErrWrongShard", op.name, err)
 				}
-				if errors.Is(err, ErrConflict) || errors.Is(err, ErrNotFound) || errors.Is(err, ErrUserNotFound) {
+				if errors.Is(err, versioning.ErrConflict) || errors.Is(err, versioning.ErrNotFound) || errors.Is(err, ErrUserNotFound) {
 					t.Errorf("%s: err = %v, want only ErrWrongShard", op.name, err)
 				}
 			}
@@ -149,7 +151,7 @@ func TestFencing(t *testing.T) {
 				t.Errorf("rows changed: %+v → %+v", before, after)
 			}
 			var changed bool
-			if err := s.Pool().QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM users WHERE version <> 1 UNION ALL SELECT 1 FROM sessions WHERE version <> 1 UNION ALL SELECT 1 FROM items WHERE version <> 1)`).Scan(&changed); err != nil || changed {
+			if err := s.pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM users WHERE version <> 1 UNION ALL SELECT 1 FROM sessions WHERE version <> 1 UNION ALL SELECT 1 FROM items WHERE version <> 1)`).Scan(&changed); err != nil || changed {
 				t.Errorf("a version changed (err %v)", err)
 			}
 
@@ -210,7 +212,7 @@ func TestWriteWaitsForFreeze(t *testing.T) {
 	}
 	before := countRows(t, s)
 
-	mover, err := s.Pool().Begin(ctx)
+	mover, err := s.pool.Begin(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/shardgate/shardgate/internal/testenv"
+	"github.com/shardgate/shardgate/internal/versioning"
 	"github.com/shardgate/shardgate/migrations"
 )
 
@@ -50,7 +51,7 @@ func tokenHash(token string) []byte {
 // exec runs SQL directly on the shard, for setup that the API does not offer.
 func exec(t testing.TB, s *Shard, sql string, args ...any) {
 	t.Helper()
-	if _, err := s.Pool().Exec(testCtx(t), sql, args...); err != nil {
+	if _, err := s.pool.Exec(testCtx(t), sql, args...); err != nil {
 		t.Fatalf("exec %q: %v", sql, err)
 	}
 }
@@ -61,7 +62,7 @@ type rowCounts struct{ Users, Sessions, Items, Outbox int64 }
 func countRows(t testing.TB, s *Shard) rowCounts {
 	t.Helper()
 	var c rowCounts
-	err := s.Pool().QueryRow(testCtx(t), `
+	err := s.pool.QueryRow(testCtx(t), `
 SELECT (SELECT count(*) FROM users), (SELECT count(*) FROM sessions),
        (SELECT count(*) FROM items), (SELECT count(*) FROM outbox)`).
 		Scan(&c.Users, &c.Sessions, &c.Items, &c.Outbox)
@@ -86,7 +87,7 @@ type event struct {
 // the highest seq seen.
 func eventsAfter(t testing.TB, s *Shard, after int64) ([]event, int64) {
 	t.Helper()
-	rows, err := s.Pool().Query(testCtx(t), `
+	rows, err := s.pool.Query(testCtx(t), `
 SELECT seq, partition, user_id, entity, key, op, version, coalesce(payload::text, '')
 FROM outbox WHERE seq > $1 ORDER BY seq`, after)
 	if err != nil {
@@ -121,11 +122,11 @@ func jsonEqual(t testing.TB, a, b []byte) bool {
 	return reflect.DeepEqual(va, vb)
 }
 
-// wantConflict fails unless err is a *ConflictError with these versions.
+// wantConflict fails unless err is a *versioning.ConflictError with these versions.
 func wantConflict(t testing.TB, err error, expected, current int64) {
 	t.Helper()
-	var ce *ConflictError
-	if !errors.As(err, &ce) || !errors.Is(err, ErrConflict) {
+	var ce *versioning.ConflictError
+	if !errors.As(err, &ce) || !errors.Is(err, versioning.ErrConflict) {
 		t.Fatalf("err = %v, want a version conflict", err)
 	}
 	if ce.Expected != expected || ce.Current != current {

@@ -9,6 +9,8 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgtype"
+
+	"github.com/shardgate/shardgate/internal/versioning"
 )
 
 // Item is one document of a user: (collection, key) → JSON value.
@@ -107,7 +109,7 @@ WHERE partition = $1 AND user_id = $2 AND collection = $3 AND key = $4`
 // PutItem writes the item's value (JSON) and returns the new version, with
 // the same expected semantics as PutUser: nil writes unconditionally, 0
 // creates only, N > 0 updates only at version N; a mismatch writes nothing
-// and returns a *ConflictError. ErrWrongShard if the partition is not owned.
+// and returns a *versioning.ConflictError. ErrWrongShard if the partition is not owned.
 // ErrUserNotFound, with nothing written, if the user does not exist. The
 // change and its outbox event commit together.
 func (s *Shard) PutItem(ctx context.Context, partition int32, userID, collection, key string, value []byte, expected *int64) (version int64, err error) {
@@ -124,7 +126,7 @@ func (s *Shard) PutItem(ctx context.Context, partition int32, userID, collection
 		owned, userExists bool
 		written, before   pgtype.Int8
 	)
-	err = RetryBelowTombstone(func() error {
+	err = versioning.RetryBelowTombstone(func() error {
 		var row pgx.Row
 		switch {
 		case expected == nil:
@@ -157,7 +159,7 @@ LEFT JOIN items AS i
     ON i.partition = o.partition AND i.user_id = $2 AND i.collection = $3 AND i.key = $4
 WHERE o.partition = $1`
 
-// GetItem returns the item. ErrNotFound if it does not exist; ErrWrongShard
+// GetItem returns the item. versioning.ErrNotFound if it does not exist; ErrWrongShard
 // unless the partition is owned or frozen.
 func (s *Shard) GetItem(ctx context.Context, partition int32, userID, collection, key string) (Item, error) {
 	c, err := s.acquire(ctx)
@@ -204,8 +206,8 @@ SELECT EXISTS (SELECT 1 FROM own), (SELECT version FROM del),
 
 // DeleteItem deletes the item, with DeleteUser's expected semantics: nil
 // deletes whatever the version; N > 0 deletes only at version N (else a
-// *ConflictError, Current 0 if missing); 0 never deletes (a *ConflictError
-// if the item exists). ErrNotFound if there is no item (and expected is nil
+// *versioning.ConflictError, Current 0 if missing); 0 never deletes (a *versioning.ConflictError
+// if the item exists). versioning.ErrNotFound if there is no item (and expected is nil
 // or 0); ErrWrongShard if the partition is not owned.
 func (s *Shard) DeleteItem(ctx context.Context, partition int32, userID, collection, key string, expected *int64) error {
 	if err := checkExpected(expected); err != nil {

@@ -5,6 +5,8 @@ import (
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/shardgate/shardgate/internal/versioning"
 )
 
 func TestItemRoundTrip(t *testing.T) {
@@ -46,19 +48,19 @@ func TestItemRoundTrip(t *testing.T) {
 	}
 
 	// Same key in another collection or for another user is another item.
-	if _, err := s.GetItem(ctx, 9, "alice", "other", "k-object"); !errors.Is(err, ErrNotFound) {
+	if _, err := s.GetItem(ctx, 9, "alice", "other", "k-object"); !errors.Is(err, versioning.ErrNotFound) {
 		t.Fatalf("GetItem(other collection) err = %v", err)
 	}
-	if _, err := s.GetItem(ctx, 9, "bob", "docs", "k-object"); !errors.Is(err, ErrNotFound) {
+	if _, err := s.GetItem(ctx, 9, "bob", "docs", "k-object"); !errors.Is(err, versioning.ErrNotFound) {
 		t.Fatalf("GetItem(other user) err = %v", err)
 	}
 	if err := s.DeleteItem(ctx, 9, "alice", "docs", "k-object", nil); err != nil {
 		t.Fatalf("DeleteItem: %v", err)
 	}
-	if _, err := s.GetItem(ctx, 9, "alice", "docs", "k-object"); !errors.Is(err, ErrNotFound) {
+	if _, err := s.GetItem(ctx, 9, "alice", "docs", "k-object"); !errors.Is(err, versioning.ErrNotFound) {
 		t.Fatalf("GetItem after delete err = %v", err)
 	}
-	wantErr(t, s.DeleteItem(ctx, 9, "alice", "docs", "k-object", nil), ErrNotFound)
+	wantErr(t, s.DeleteItem(ctx, 9, "alice", "docs", "k-object", nil), versioning.ErrNotFound)
 }
 
 func TestItemExpected(t *testing.T) {
@@ -77,21 +79,21 @@ func TestItemExpected(t *testing.T) {
 		key         string
 		expected    *int64
 		wantVersion int64 // for a successful put
-		wantErr     error // nil, ErrNotFound or ErrConflict
+		wantErr     error // nil, versioning.ErrNotFound or versioning.ErrConflict
 		wantCurrent int64
 	}{
 		{"put create missing", put, "new", ver(0), 1, nil, 0},
-		{"put create existing", put, "existing", ver(0), 0, ErrConflict, 2},
+		{"put create existing", put, "existing", ver(0), 0, versioning.ErrConflict, 2},
 		{"put at version", put, "existing", ver(2), 3, nil, 0},
-		{"put stale version", put, "existing", ver(1), 0, ErrConflict, 2},
-		{"put missing at version", put, "new", ver(1), 0, ErrConflict, 0},
+		{"put stale version", put, "existing", ver(1), 0, versioning.ErrConflict, 2},
+		{"put missing at version", put, "new", ver(1), 0, versioning.ErrConflict, 0},
 		{"delete unconditional", del, "existing", nil, 0, nil, 0},
 		{"delete at version", del, "existing", ver(2), 0, nil, 0},
-		{"delete stale version", del, "existing", ver(1), 0, ErrConflict, 2},
-		{"delete must not exist, exists", del, "existing", ver(0), 0, ErrConflict, 2},
-		{"delete missing", del, "new", nil, 0, ErrNotFound, 0},
-		{"delete missing, must not exist", del, "new", ver(0), 0, ErrNotFound, 0},
-		{"delete missing at version", del, "new", ver(3), 0, ErrConflict, 0},
+		{"delete stale version", del, "existing", ver(1), 0, versioning.ErrConflict, 2},
+		{"delete must not exist, exists", del, "existing", ver(0), 0, versioning.ErrConflict, 2},
+		{"delete missing", del, "new", nil, 0, versioning.ErrNotFound, 0},
+		{"delete missing, must not exist", del, "new", ver(0), 0, versioning.ErrNotFound, 0},
+		{"delete missing at version", del, "new", ver(3), 0, versioning.ErrConflict, 0},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -115,10 +117,10 @@ func TestItemExpected(t *testing.T) {
 				err = s.DeleteItem(ctx, 9, "alice", "c", tc.key, tc.expected)
 			}
 			switch tc.wantErr {
-			case ErrConflict:
+			case versioning.ErrConflict:
 				wantConflict(t, err, *tc.expected, tc.wantCurrent)
-			case ErrNotFound:
-				wantErr(t, err, ErrNotFound)
+			case versioning.ErrNotFound:
+				wantErr(t, err, versioning.ErrNotFound)
 			default:
 				if err != nil {
 					t.Fatalf("err = %v", err)
@@ -142,7 +144,7 @@ func TestItemExpected(t *testing.T) {
 				}
 			} else {
 				want = event{9, "alice", "item", "c/" + tc.key, "delete", 3, ""}
-				if _, err := s.GetItem(ctx, 9, "alice", "c", tc.key); !errors.Is(err, ErrNotFound) {
+				if _, err := s.GetItem(ctx, 9, "alice", "c", tc.key); !errors.Is(err, versioning.ErrNotFound) {
 					t.Fatalf("GetItem after delete: %v", err)
 				}
 			}

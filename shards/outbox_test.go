@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"testing"
 	"time"
+
+	"github.com/shardgate/shardgate/internal/versioning"
 )
 
 // TestOutbox runs a sequence of writes and checks the outbox rows each adds:
@@ -37,11 +39,11 @@ func TestOutbox(t *testing.T) {
 		}, []event{{2, "alice", "user", "alice", "upsert", 3, `{"a": 3}`}}},
 		{"conflicting user update", func(ctx context.Context) error {
 			_, err := s.PutUser(ctx, 2, "alice", []byte(`{"a":4}`), ver(2))
-			return wantIs(err, ErrConflict)
+			return wantIs(err, versioning.ErrConflict)
 		}, nil},
 		{"conflicting user create", func(ctx context.Context) error {
 			_, err := s.PutUser(ctx, 2, "alice", []byte(`{"a":4}`), ver(0))
-			return wantIs(err, ErrConflict)
+			return wantIs(err, versioning.ErrConflict)
 		}, nil},
 		{"wrong shard user", func(ctx context.Context) error {
 			_, err := s.PutUser(ctx, 3, "carol", []byte(`{}`), nil)
@@ -63,7 +65,7 @@ func TestOutbox(t *testing.T) {
 			return s.RevokeSession(ctx, 2, th)
 		}, []event{{2, "alice", "session", hexKey, "delete", 3, ""}}},
 		{"revoke again", func(ctx context.Context) error {
-			return wantIs(s.RevokeSession(ctx, 2, th), ErrNotFound)
+			return wantIs(s.RevokeSession(ctx, 2, th), versioning.ErrNotFound)
 		}, nil},
 		{"create item", func(ctx context.Context) error {
 			_, err := s.PutItem(ctx, 2, "alice", "notes", "a/b", []byte(`[1, 2]`), ver(0))
@@ -79,20 +81,20 @@ func TestOutbox(t *testing.T) {
 		}, []event{{2, "alice", "item", "notes/a/b", "upsert", 3, `{"y": true}`}}},
 		{"conflicting item update", func(ctx context.Context) error {
 			_, err := s.PutItem(ctx, 2, "alice", "notes", "a/b", []byte(`0`), ver(1))
-			return wantIs(err, ErrConflict)
+			return wantIs(err, versioning.ErrConflict)
 		}, nil},
 		{"conflicting item delete", func(ctx context.Context) error {
-			return wantIs(s.DeleteItem(ctx, 2, "alice", "notes", "a/b", ver(1)), ErrConflict)
+			return wantIs(s.DeleteItem(ctx, 2, "alice", "notes", "a/b", ver(1)), versioning.ErrConflict)
 		}, nil},
 		{"delete item", func(ctx context.Context) error {
 			return s.DeleteItem(ctx, 2, "alice", "notes", "a/b", ver(3))
 		}, []event{{2, "alice", "item", "notes/a/b", "delete", 4, ""}}},
 		{"delete missing item", func(ctx context.Context) error {
-			return wantIs(s.DeleteItem(ctx, 2, "alice", "notes", "a/b", nil), ErrNotFound)
+			return wantIs(s.DeleteItem(ctx, 2, "alice", "notes", "a/b", nil), versioning.ErrNotFound)
 		}, nil},
 		{"conflicting user delete", func(ctx context.Context) error {
 			_, err := s.DeleteUser(ctx, 2, "alice", ver(1))
-			return wantIs(err, ErrConflict)
+			return wantIs(err, versioning.ErrConflict)
 		}, nil},
 		{"delete user", func(ctx context.Context) error {
 			_, err := s.DeleteUser(ctx, 2, "alice", ver(3))
@@ -100,7 +102,7 @@ func TestOutbox(t *testing.T) {
 		}, []event{{2, "alice", "user", "alice", "delete", 4, ""}}},
 		{"delete missing user", func(ctx context.Context) error {
 			_, err := s.DeleteUser(ctx, 2, "alice", nil)
-			return wantIs(err, ErrNotFound)
+			return wantIs(err, versioning.ErrNotFound)
 		}, nil},
 		{"failed statement", func(ctx context.Context) error {
 			// Invalid JSON fails the statement after the fence passed.

@@ -3,6 +3,8 @@ package shards
 import (
 	"context"
 	"fmt"
+
+	"github.com/jackc/pgx/v5"
 )
 
 // OwnershipState is a partition's state on a shard. A partition moves
@@ -91,4 +93,34 @@ func (s *Shard) Ownership(ctx context.Context) (map[int32]OwnershipState, error)
 		return nil, s.wrap("ownership", err)
 	}
 	return out, nil
+}
+
+// ResetOwnership makes the ownership table say exactly "owned: partitions",
+// removing every other row, in one transaction. Cluster creation uses it to
+// undo what an interrupted earlier attempt with another shard set left.
+func (s *Shard) ResetOwnership(ctx context.Context, partitions []int32) error {
+	for _, p := range partitions {
+		if p < 0 {
+			return s.wrap("reset ownership", fmt.Errorf("invalid partition %d", p))
+		}
+	}
+	if partitions == nil {
+		partitions = []int32{} // NULL would match no row in <> ALL
+	}
+	c, err := s.acquire(ctx)
+	if err != nil {
+		return s.wrap("reset ownership", err)
+	}
+	defer c.Release()
+	err = pgx.BeginFunc(ctx, c, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, `DELETE FROM ownership WHERE partition <> ALL($1::integer[])`, partitions); err != nil {
+			return err
+		}
+		_, err := tx.Exec(ctx, setOwnershipSQL, partitions, string(Owned))
+		return err
+	})
+	if err != nil {
+		return s.wrap("reset ownership", err)
+	}
+	return nil
 }

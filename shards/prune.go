@@ -8,22 +8,8 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/shardgate/shardgate/internal/pglock"
+	"github.com/shardgate/shardgate/internal/versioning"
 )
-
-// DefaultPruneLimit is the batch size PruneTombstones is meant to run with:
-// big enough to keep up with a delete-heavy shard, small enough that the
-// partitions' outbox clocks it holds until commit are not held long.
-const DefaultPruneLimit = 1000
-
-// MaxPruneLimit caps one PruneTombstones batch.
-const MaxPruneLimit = 10000
-
-// pruneLockKey is the second key of the pruner's advisory lock, taken per
-// transaction with pg_try_advisory_xact_lock(sweepLockClass, pruneLockKey):
-// one pruner per shard at a time. It differs from the session sweeper's key,
-// so the two may run side by side (both take clocks in partition order, see
-// prunePartitionsSQL).
-const pruneLockKey int32 = 2
 
 // prunePartitionsSQL picks the owned partitions holding the oldest
 // tombstones deleted before now() - $1 µs (at most $2 tombstones' worth),
@@ -39,18 +25,8 @@ const pruneLockKey int32 = 2
 //   - the clocks, in partition order (the insert's sort reads every
 //     ownership row first). This is the prune's only wait.
 //
-// The clocks come before any tombstone lock (pruneUserTombstonesSQL), the
-// reverse of what "the clock is the last lock a write takes" suggests, and
-// on purpose: a delete writes its tombstone after its outbox insert has
-// taken the clock (Postgres runs the statement's unreferenced data-modifying
-// CTEs, outbox insert first), so a prune holding a tombstone while waiting
-// for that delete's clock would deadlock with it. Holding the clocks first,
-// the prune only ever waits for writers that hold a clock and need nothing
-// the prune holds: single-partition writers want no other clock; the
-// session sweeper takes clocks in partition order too, so it never holds a
-// higher clock while waiting for a lower one the prune holds; ownership
-// FOR SHARE conflicts only with ownership changes, which hold no clock;
-// and tombstones it takes afterwards without waiting (SKIP LOCKED).
+// Why the clocks come before any tombstone lock: the package doc
+// ("Outbox clocks and lock order").
 const prunePartitionsSQL = `
 WITH old AS (
     (SELECT t.partition, t.deleted_at FROM user_tombstones AS t
@@ -121,7 +97,7 @@ SELECT count(*) FROM del`
 )
 
 // PruneTombstones deletes up to limit (1..MaxPruneLimit; see
-// DefaultPruneLimit) user and item tombstones written more than olderThan
+// versioning.DefaultPruneLimit) user and item tombstones written more than olderThan
 // ago (by the database's clock), in partitions this shard owns, and returns
 // how many it deleted. In the same transaction it raises each affected
 // partition's version floor to at least the largest version it pruned
@@ -134,8 +110,8 @@ SELECT count(*) FROM del`
 // Writers of the partitions it prunes wait for its commit (it holds their
 // outbox clocks), as they do for the session sweeper.
 func (s *Shard) PruneTombstones(ctx context.Context, olderThan time.Duration, limit int) (n int, err error) {
-	if limit < 1 || limit > MaxPruneLimit {
-		return 0, s.wrap("prune tombstones", fmt.Errorf("limit %d outside 1..%d", limit, MaxPruneLimit))
+	if limit < 1 || limit > versioning.MaxPruneLimit {
+		return 0, s.wrap("prune tombstones", fmt.Errorf("limit %d outside 1..%d", limit, versioning.MaxPruneLimit))
 	}
 	if olderThan < 0 {
 		return 0, s.wrap("prune tombstones", fmt.Errorf("negative age %v", olderThan))
@@ -149,7 +125,7 @@ func (s *Shard) PruneTombstones(ctx context.Context, olderThan time.Duration, li
 	// Separate statements, so each snapshot is taken after the locks before
 	// it are held: after the clocks it sees what those partitions' writers
 	// committed.
-	_, err = pglock.TryTx(ctx, c, sweepLockClass, pruneLockKey, sweepLockTimeout, func(tx pgx.Tx) error {
+	_, err = pglock.TryTx(ctx, c, pglock.ClassMaintenance, pglock.KeyPrune, sweepLockTimeout, func(tx pgx.Tx) error {
 		var parts []int32
 		if err := tx.QueryRow(ctx, prunePartitionsSQL, age, limit).Scan(&parts); err != nil {
 			return err

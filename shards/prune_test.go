@@ -6,7 +6,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/shardgate/shardgate/internal/pglock"
 	"github.com/shardgate/shardgate/internal/testenv"
+	"github.com/shardgate/shardgate/internal/versioning"
 )
 
 // age makes tombstones look deleted an hour ago, as time passing would:
@@ -22,7 +24,7 @@ func age(t testing.TB, s *Shard, users, items string) {
 func floorOf(t testing.TB, s *Shard, p int32) int64 {
 	t.Helper()
 	var f int64
-	if err := s.Pool().QueryRow(testCtx(t), `SELECT coalesce((SELECT version_floor FROM outbox_clock WHERE partition = $1), 0)`, p).Scan(&f); err != nil {
+	if err := s.pool.QueryRow(testCtx(t), `SELECT coalesce((SELECT version_floor FROM outbox_clock WHERE partition = $1), 0)`, p).Scan(&f); err != nil {
 		t.Fatal(err)
 	}
 	return f
@@ -31,7 +33,7 @@ func floorOf(t testing.TB, s *Shard, p int32) int64 {
 // tombstones lists the tombstones left, as "partition/user[/collection/key]@version".
 func tombstones(t testing.TB, s *Shard) []string {
 	t.Helper()
-	rows, err := s.Pool().Query(testCtx(t), `
+	rows, err := s.pool.Query(testCtx(t), `
 SELECT partition || '/' || user_id || '@' || version FROM user_tombstones
 UNION ALL
 SELECT partition || '/' || user_id || '/' || collection || '/' || key || '@' || version FROM item_tombstones
@@ -88,7 +90,7 @@ func TestPruneTombstones(t *testing.T) {
 	}
 	age(t, s, `user_id = 'old'`, `key = 'old'`)
 
-	n, err := s.PruneTombstones(ctx, time.Minute, DefaultPruneLimit)
+	n, err := s.PruneTombstones(ctx, time.Minute, versioning.DefaultPruneLimit)
 	if err != nil || n != 2 {
 		t.Fatalf("PruneTombstones = %d, %v; want 2", n, err)
 	}
@@ -102,17 +104,17 @@ func TestPruneTombstones(t *testing.T) {
 	if f := floorOf(t, s, 2); f != 0 {
 		t.Fatalf("floor of partition 2 = %d, want 0", f)
 	}
-	if n, err := s.PruneTombstones(ctx, time.Minute, DefaultPruneLimit); err != nil || n != 0 {
+	if n, err := s.PruneTombstones(ctx, time.Minute, versioning.DefaultPruneLimit); err != nil || n != 0 {
 		t.Fatalf("second prune = %d, %v; want 0", n, err)
 	}
 	// Age 0: everything written before the prune's transaction began.
-	if n, err := s.PruneTombstones(ctx, 0, DefaultPruneLimit); err != nil || n != 2 {
+	if n, err := s.PruneTombstones(ctx, 0, versioning.DefaultPruneLimit); err != nil || n != 2 {
 		t.Fatalf("prune of age 0 = %d, %v; want 2", n, err)
 	}
 	if f1, f2 := floorOf(t, s, 1), floorOf(t, s, 2); f1 != 10 || f2 != 3 {
 		t.Fatalf("floors %d, %d; want 10, 3", f1, f2)
 	}
-	if _, err := s.PruneTombstones(ctx, -time.Second, DefaultPruneLimit); err == nil {
+	if _, err := s.PruneTombstones(ctx, -time.Second, versioning.DefaultPruneLimit); err == nil {
 		t.Fatal("a negative age was accepted")
 	}
 }
@@ -140,7 +142,7 @@ func TestRecreateAfterPruneRises(t *testing.T) {
 	}
 	_, seq := eventsAfter(t, s, 0)
 	age(t, s, "true", "true")
-	if n, err := s.PruneTombstones(ctx, time.Minute, DefaultPruneLimit); err != nil || n != 3 {
+	if n, err := s.PruneTombstones(ctx, time.Minute, versioning.DefaultPruneLimit); err != nil || n != 3 {
 		t.Fatalf("PruneTombstones = %d, %v; want 3", n, err)
 	}
 	if f := floorOf(t, s, 3); f != 9 {
@@ -201,7 +203,7 @@ func TestPruneOnlyOwnedPartitions(t *testing.T) {
 	if err := s.SetOwnership(ctx, []int32{3}, Moved); err != nil {
 		t.Fatal(err)
 	}
-	if n, err := s.PruneTombstones(ctx, time.Minute, DefaultPruneLimit); err != nil || n != 1 {
+	if n, err := s.PruneTombstones(ctx, time.Minute, versioning.DefaultPruneLimit); err != nil || n != 1 {
 		t.Fatalf("PruneTombstones = %d, %v; want 1", n, err)
 	}
 	if got, want := tombstones(t, s), []string{"2/u2@2", "3/u3@2", "4/stray@5"}; !equalStrings(got, want) {
@@ -222,17 +224,17 @@ func TestPruneCreatesMissingClockRow(t *testing.T) {
 	s := newShard(t, 7)
 	ctx := testCtx(t)
 	exec(t, s, `INSERT INTO user_tombstones (partition, user_id, version, deleted_at) VALUES (7, 'gone', 4, now() - interval '1 hour')`)
-	if n, err := s.PruneTombstones(ctx, time.Minute, DefaultPruneLimit); err != nil || n != 1 {
+	if n, err := s.PruneTombstones(ctx, time.Minute, versioning.DefaultPruneLimit); err != nil || n != 1 {
 		t.Fatalf("PruneTombstones = %d, %v; want 1", n, err)
 	}
 	var tick, floor int64
-	if err := s.Pool().QueryRow(ctx, `SELECT tick, version_floor FROM outbox_clock WHERE partition = 7`).Scan(&tick, &floor); err != nil || tick != 0 || floor != 4 {
+	if err := s.pool.QueryRow(ctx, `SELECT tick, version_floor FROM outbox_clock WHERE partition = 7`).Scan(&tick, &floor); err != nil || tick != 0 || floor != 4 {
 		t.Fatalf("clock row: tick %d, floor %d, %v; want 0, 4", tick, floor, err)
 	}
 	if v, err := s.PutUser(ctx, 7, "gone", []byte(`{}`), nil); err != nil || v != 5 {
 		t.Fatalf("recreate: version %d, %v; want 5", v, err)
 	}
-	if err := s.Pool().QueryRow(ctx, `SELECT tick FROM outbox WHERE partition = 7`).Scan(&tick); err != nil || tick != 1 {
+	if err := s.pool.QueryRow(ctx, `SELECT tick FROM outbox WHERE partition = 7`).Scan(&tick); err != nil || tick != 1 {
 		t.Fatalf("first event at tick %d, %v; want 1", tick, err)
 	}
 }
@@ -268,7 +270,7 @@ func TestPruneLimit(t *testing.T) {
 	if left := tombstones(t, s); len(left) != 0 {
 		t.Fatalf("tombstones left: %v", left)
 	}
-	for _, limit := range []int{0, -1, MaxPruneLimit + 1} {
+	for _, limit := range []int{0, -1, versioning.MaxPruneLimit + 1} {
 		if _, err := s.PruneTombstones(ctx, time.Minute, limit); err == nil {
 			t.Errorf("limit %d accepted", limit)
 		}
@@ -289,16 +291,16 @@ func TestPruneLockHeldElsewhere(t *testing.T) {
 	for _, c := range []struct {
 		key  int32
 		want int
-	}{{pruneLockKey, 0}, {sweepLockKey, 1}} {
-		hold, err := s.Pool().Begin(ctx)
+	}{{pglock.KeyPrune, 0}, {pglock.KeySweep, 1}} {
+		hold, err := s.pool.Begin(ctx)
 		if err != nil {
 			t.Fatal(err)
 		}
-		if _, err := hold.Exec(ctx, `SELECT pg_advisory_xact_lock($1, $2)`, sweepLockClass, c.key); err != nil {
+		if _, err := hold.Exec(ctx, `SELECT pg_advisory_xact_lock($1, $2)`, pglock.ClassMaintenance, c.key); err != nil {
 			t.Fatal(err)
 		}
-		if n, err := s.PruneTombstones(ctx, time.Minute, DefaultPruneLimit); err != nil || n != c.want {
-			t.Fatalf("prune while lock (%#x, %d) is held = %d, %v; want %d", sweepLockClass, c.key, n, err, c.want)
+		if n, err := s.PruneTombstones(ctx, time.Minute, versioning.DefaultPruneLimit); err != nil || n != c.want {
+			t.Fatalf("prune while lock (%#x, %d) is held = %d, %v; want %d", pglock.ClassMaintenance, c.key, n, err, c.want)
 		}
 		if err := hold.Rollback(ctx); err != nil {
 			t.Fatal(err)
@@ -328,7 +330,7 @@ func TestCreateRacingPruneEndsAboveTheFloor(t *testing.T) {
 	age(t, s, "true", "true")
 	_, seq := eventsAfter(t, s, 0)
 
-	hold, err := s.Pool().Begin(ctx)
+	hold, err := s.pool.Begin(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -342,14 +344,14 @@ func TestCreateRacingPruneEndsAboveTheFloor(t *testing.T) {
 	}
 	pruned := make(chan result, 1)
 	go func() {
-		n, err := s.PruneTombstones(ctx, time.Minute, DefaultPruneLimit)
+		n, err := s.PruneTombstones(ctx, time.Minute, versioning.DefaultPruneLimit)
 		pruned <- result{int64(n), err}
 	}()
-	testenv.WaitForLockWaiters(t, ctx, s.Pool(), 1)
+	testenv.WaitForLockWaiters(t, ctx, s.pool, 1)
 	// The create's snapshot still holds bob's tombstone: it computes 3.
 	created := make(chan result, 1)
 	go func() { v, err := s.PutUser(ctx, 4, "bob", []byte(`{}`), nil); created <- result{v, err} }()
-	testenv.WaitForLockWaiters(t, ctx, s.Pool(), 2)
+	testenv.WaitForLockWaiters(t, ctx, s.pool, 2)
 	if err := hold.Rollback(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -381,7 +383,7 @@ func TestCreateBehindDeleteAndPruneStillRises(t *testing.T) {
 	// PutItem takes FOR KEY SHARE on its user's row after its snapshot:
 	// holding the row stops the put there, with the item still live in
 	// its snapshot.
-	hold, err := s.Pool().Begin(ctx)
+	hold, err := s.pool.Begin(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -395,12 +397,12 @@ func TestCreateBehindDeleteAndPruneStillRises(t *testing.T) {
 	}
 	recreated := make(chan put, 1)
 	go func() { v, err := s.PutItem(ctx, 4, "bob", "c", "k", []byte(`"again"`), nil); recreated <- put{v, err} }()
-	testenv.WaitForLockWaiters(t, ctx, s.Pool(), 1)
+	testenv.WaitForLockWaiters(t, ctx, s.pool, 1)
 	if err := s.DeleteItem(ctx, 4, "bob", "c", "k", nil); err != nil { // tombstone 4
 		t.Fatal(err)
 	}
 	age(t, s, "true", "true")
-	if n, err := s.PruneTombstones(ctx, time.Minute, DefaultPruneLimit); err != nil || n != 1 {
+	if n, err := s.PruneTombstones(ctx, time.Minute, versioning.DefaultPruneLimit); err != nil || n != 1 {
 		t.Fatalf("PruneTombstones = %d, %v; want 1", n, err)
 	}
 	if err := hold.Rollback(ctx); err != nil {

@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5/pgtype"
+
+	"github.com/shardgate/shardgate/internal/versioning"
 )
 
 // MaxListSessions caps one ListSessions query.
@@ -99,7 +101,7 @@ LEFT JOIN sessions AS s
     ON s.partition = o.partition AND s.token_hash = $2 AND s.expires_at > now()
 WHERE o.partition = $1`
 
-// GetSession returns the live session with this token hash. ErrNotFound if
+// GetSession returns the live session with this token hash. versioning.ErrNotFound if
 // there is none or it has expired; ErrWrongShard unless the partition is
 // owned or frozen.
 func (s *Shard) GetSession(ctx context.Context, partition int32, tokenHash []byte) (Session, error) {
@@ -141,7 +143,7 @@ SELECT EXISTS (SELECT 1 FROM own), up.user_id, up.data, up.created_at, up.expire
 FROM (VALUES (1)) AS one (x) LEFT JOIN up ON true`
 
 // TouchSession makes a live session expire ttl from now (which may also
-// shorten it) and bumps its version. ErrNotFound if the session is missing
+// shorten it) and bumps its version. versioning.ErrNotFound if the session is missing
 // or expired; ErrWrongShard if the partition is not owned.
 func (s *Shard) TouchSession(ctx context.Context, partition int32, tokenHash []byte, ttl time.Duration) (Session, error) {
 	if ttl <= 0 {
@@ -167,7 +169,7 @@ func (s *Shard) TouchSession(ctx context.Context, partition int32, tokenHash []b
 	case !owned:
 		return Session{}, s.wrap("touch session", wrongShard(partition))
 	case !version.Valid:
-		return Session{}, s.wrap("touch session", ErrNotFound)
+		return Session{}, s.wrap("touch session", versioning.ErrNotFound)
 	}
 	sess.UserID, sess.CreatedAt, sess.ExpiresAt, sess.Version = userID.String, created.Time, expires.Time, version.Int64
 	return sess, nil
@@ -186,7 +188,7 @@ WITH own AS (
 )
 SELECT EXISTS (SELECT 1 FROM own), EXISTS (SELECT 1 FROM del)`
 
-// RevokeSession deletes a live session. ErrNotFound if it is missing or
+// RevokeSession deletes a live session. versioning.ErrNotFound if it is missing or
 // already expired (an expired row is left for SweepExpiredSessions);
 // ErrWrongShard if the partition is not owned.
 func (s *Shard) RevokeSession(ctx context.Context, partition int32, tokenHash []byte) error {
@@ -203,7 +205,7 @@ func (s *Shard) RevokeSession(ctx context.Context, partition int32, tokenHash []
 	case !owned:
 		return s.wrap("revoke session", wrongShard(partition))
 	case !deleted:
-		return s.wrap("revoke session", ErrNotFound)
+		return s.wrap("revoke session", versioning.ErrNotFound)
 	}
 	return nil
 }

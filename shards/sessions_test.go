@@ -7,6 +7,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/shardgate/shardgate/internal/versioning"
 )
 
 func TestSessionLifecycle(t *testing.T) {
@@ -62,11 +64,11 @@ func TestSessionLifecycle(t *testing.T) {
 	if err := s.RevokeSession(ctx, 3, th); err != nil {
 		t.Fatalf("RevokeSession: %v", err)
 	}
-	wantErr(t, s.RevokeSession(ctx, 3, th), ErrNotFound)
+	wantErr(t, s.RevokeSession(ctx, 3, th), versioning.ErrNotFound)
 	_, err = s.GetSession(ctx, 3, th)
-	wantErr(t, err, ErrNotFound)
+	wantErr(t, err, versioning.ErrNotFound)
 	_, err = s.TouchSession(ctx, 3, th, time.Hour)
-	wantErr(t, err, ErrNotFound)
+	wantErr(t, err, versioning.ErrNotFound)
 	if list, err := s.ListSessions(ctx, 3, "alice", SessionKey{}, MaxListSessions); err != nil || len(list) != 0 {
 		t.Fatalf("ListSessions after revoke = %+v, %v", list, err)
 	}
@@ -90,10 +92,10 @@ func TestSessionExpired(t *testing.T) {
 	before := countRows(t, s)
 
 	_, err := s.GetSession(ctx, 3, dead)
-	wantErr(t, err, ErrNotFound)
+	wantErr(t, err, versioning.ErrNotFound)
 	_, err = s.TouchSession(ctx, 3, dead, time.Hour)
-	wantErr(t, err, ErrNotFound)
-	wantErr(t, s.RevokeSession(ctx, 3, dead), ErrNotFound)
+	wantErr(t, err, versioning.ErrNotFound)
+	wantErr(t, s.RevokeSession(ctx, 3, dead), versioning.ErrNotFound)
 	list, err := s.ListSessions(ctx, 3, "alice", SessionKey{}, MaxListSessions)
 	if err != nil || len(list) != 1 || !bytes.Equal(list[0].TokenHash, live) {
 		t.Fatalf("ListSessions = %+v, %v; want only the live one", list, err)
@@ -281,7 +283,7 @@ func TestDeleteUserRacesCreateSessionAndPutItem(t *testing.T) {
 		t.Fatalf("left behind: %+v", c)
 	}
 	var unmatched int
-	err := s.Pool().QueryRow(ctx, `
+	err := s.pool.QueryRow(ctx, `
 SELECT count(*) FROM (
     SELECT key FROM outbox WHERE entity IN ('session', 'item')
     GROUP BY user_id, key HAVING count(*) FILTER (WHERE op = 'upsert') <> count(*) FILTER (WHERE op = 'delete')

@@ -1,17 +1,3 @@
-// Package shards talks to the Postgres databases that hold user data: one
-// connection pool per shard, and the SQL for users, sessions, items and the
-// ownership table.
-//
-// Every read and write is fenced: the same statement that touches the data
-// also checks the partition's row in the ownership table. Reads accept a
-// partition that is owned or frozen; writes require owned and hold FOR SHARE
-// on the ownership row until they commit, so the mover's FOR UPDATE (which
-// freezes a partition) waits for in-flight writes and then stops new ones.
-// A router with a stale map therefore gets ErrWrongShard instead of stale
-// data or a lost write.
-//
-// Every write also inserts its change events into the outbox in the same
-// statement, so an event is committed exactly when its change is.
 package shards
 
 import (
@@ -96,14 +82,13 @@ func (s *Shard) Name() string {
 	return s.name
 }
 
-// Pool returns the shard's connection pool, for callers (the mover,
-// migrations, tests) that need SQL this package does not offer. It is nil for
-// a zero Shard.
-func (s *Shard) Pool() *pgxpool.Pool {
-	if s == nil {
+// Stat reports the pool's connection statistics (for metrics); nil for a
+// zero Shard.
+func (s *Shard) Stat() *pgxpool.Stat {
+	if s == nil || s.pool == nil {
 		return nil
 	}
-	return s.pool
+	return s.pool.Stat()
 }
 
 // Close closes the pool, waiting for acquired connections to be released.

@@ -14,6 +14,8 @@ import (
 
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/puddle/v2"
+
+	"github.com/shardgate/shardgate/internal/versioning"
 )
 
 func TestOwnership(t *testing.T) {
@@ -122,7 +124,7 @@ func TestUnavailable(t *testing.T) {
 		if !IsUnavailable(err) {
 			t.Errorf("%s: IsUnavailable(%v) = false", name, err)
 		}
-		if errors.Is(err, ErrNotFound) || errors.Is(err, ErrWrongShard) {
+		if errors.Is(err, versioning.ErrNotFound) || errors.Is(err, ErrWrongShard) {
 			t.Errorf("%s: %v looks like an answer", name, err)
 		}
 	}
@@ -183,7 +185,7 @@ func TestUnavailable(t *testing.T) {
 		t.Errorf("zero shard: IsUnavailable(%v) = false", err)
 	}
 	zero.Close()
-	if zero.Name() != "" || zero.Pool() != nil {
+	if zero.Name() != "" || zero.Stat() != nil {
 		t.Error("zero shard has a name or pool")
 	}
 }
@@ -196,9 +198,9 @@ func TestIsUnavailable(t *testing.T) {
 		want bool
 	}{
 		{"nil", nil, false},
-		{"not found", ErrNotFound, false},
+		{"not found", versioning.ErrNotFound, false},
 		{"wrong shard", fmt.Errorf("get user: %w", ErrWrongShard), false},
-		{"conflict", &ConflictError{Expected: 1, Current: 2}, false},
+		{"conflict", &versioning.ConflictError{Expected: 1, Current: 2}, false},
 		{"unique violation", &pgconn.PgError{Code: "23505"}, false},
 		{"query canceled", &pgconn.PgError{Code: "57014"}, false},
 		{"connection failure", &pgconn.PgError{Code: "08006"}, true},
@@ -225,24 +227,24 @@ func TestIsUnavailable(t *testing.T) {
 func TestConflictError(t *testing.T) {
 	t.Parallel()
 	tests := []struct {
-		err  *ConflictError
+		err  *versioning.ConflictError
 		want string
 	}{
-		{&ConflictError{Expected: 3, Current: 5}, "version conflict: expected 3, current 5"},
-		{&ConflictError{Expected: 3, Current: 0}, "version conflict: expected 3, current: does not exist"},
-		{&ConflictError{Expected: 0, Current: 2}, "version conflict: expected 0, current 2"},
+		{&versioning.ConflictError{Expected: 3, Current: 5}, "version conflict: expected 3, current 5"},
+		{&versioning.ConflictError{Expected: 3, Current: 0}, "version conflict: expected 3, current: does not exist"},
+		{&versioning.ConflictError{Expected: 0, Current: 2}, "version conflict: expected 0, current 2"},
 	}
 	for _, tc := range tests {
 		if got := tc.err.Error(); got != tc.want {
 			t.Errorf("Error() = %q, want %q", got, tc.want)
 		}
 		wrapped := fmt.Errorf("put user: %w", tc.err)
-		var ce *ConflictError
-		if !errors.Is(wrapped, ErrConflict) || !errors.As(wrapped, &ce) || ce != tc.err {
+		var ce *versioning.ConflictError
+		if !errors.Is(wrapped, versioning.ErrConflict) || !errors.As(wrapped, &ce) || ce != tc.err {
 			t.Errorf("%v: not matchable through wrapping", wrapped)
 		}
-		if errors.Is(wrapped, ErrNotFound) {
-			t.Errorf("%v matches ErrNotFound", wrapped)
+		if errors.Is(wrapped, versioning.ErrNotFound) {
+			t.Errorf("%v matches versioning.ErrNotFound", wrapped)
 		}
 	}
 }

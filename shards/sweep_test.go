@@ -10,7 +10,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/shardgate/shardgate/internal/pglock"
 	"github.com/shardgate/shardgate/internal/testenv"
+	"github.com/shardgate/shardgate/internal/versioning"
 )
 
 // newSessions creates user "u<p>" in partition p and n sessions for it,
@@ -42,7 +44,7 @@ func expire(t testing.TB, s *Shard, hashes [][]byte) {
 // sessionHashes returns the hex token hashes of every session row, sorted.
 func sessionHashes(t testing.TB, s *Shard) []string {
 	t.Helper()
-	rows, err := s.Pool().Query(testCtx(t), `SELECT encode(token_hash, 'hex') FROM sessions ORDER BY 1`)
+	rows, err := s.pool.Query(testCtx(t), `SELECT encode(token_hash, 'hex') FROM sessions ORDER BY 1`)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -113,7 +115,7 @@ func TestSweepExpiredSessions(t *testing.T) {
 
 	for _, th := range dead1 {
 		_, err := s.GetSession(ctx, 1, th)
-		wantErr(t, err, ErrNotFound)
+		wantErr(t, err, versioning.ErrNotFound)
 	}
 	if _, err := s.GetSession(ctx, 1, live1[0]); err != nil {
 		t.Fatalf("live session after the sweep: %v", err)
@@ -203,12 +205,12 @@ func TestSweepLockHeldElsewhere(t *testing.T) {
 	s := newShard(t, 1)
 	ctx := testCtx(t)
 	expire(t, s, newSessions(t, s, 1, 3))
-	hold, err := s.Pool().Begin(ctx)
+	hold, err := s.pool.Begin(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer hold.Rollback(ctx)
-	if _, err := hold.Exec(ctx, `SELECT pg_advisory_xact_lock($1, $2)`, sweepLockClass, sweepLockKey); err != nil {
+	if _, err := hold.Exec(ctx, `SELECT pg_advisory_xact_lock($1, $2)`, pglock.ClassMaintenance, pglock.KeySweep); err != nil {
 		t.Fatal(err)
 	}
 	before := countRows(t, s)
@@ -237,7 +239,7 @@ func TestConcurrentSweepers(t *testing.T) {
 	expire(t, s, dead)
 	_, seq := eventsAfter(t, s, 0)
 
-	hold, err := s.Pool().Begin(ctx)
+	hold, err := s.pool.Begin(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -251,7 +253,7 @@ func TestConcurrentSweepers(t *testing.T) {
 	}
 	first := make(chan result, 1)
 	go func() { n, err := s.SweepExpiredSessions(ctx, DefaultSweepLimit); first <- result{n, err} }()
-	testenv.WaitForLockWaiters(t, ctx, s.Pool(), 1)
+	testenv.WaitForLockWaiters(t, ctx, s.pool, 1)
 	if n, err := s.SweepExpiredSessions(ctx, DefaultSweepLimit); err != nil || n != 0 {
 		t.Fatalf("second sweeper = %d, %v; want 0, nil", n, err)
 	}
@@ -325,7 +327,7 @@ func TestSweepSkipsHeldRows(t *testing.T) {
 	freezing := newSessions(t, s, 2, 2)
 	expire(t, s, append(append(append([][]byte{}, held...), free...), freezing...))
 
-	hold, err := s.Pool().Begin(ctx)
+	hold, err := s.pool.Begin(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -393,7 +395,7 @@ func TestSweepBesideWriters(t *testing.T) {
 				default:
 					_, err = s.PutUser(ctx, p, user, []byte(`{}`), nil)
 				}
-				if err != nil && !errors.Is(err, ErrNotFound) {
+				if err != nil && !errors.Is(err, versioning.ErrNotFound) {
 					t.Error(err)
 					return
 				}
@@ -426,7 +428,7 @@ func TestSweepBesideWriters(t *testing.T) {
 	}
 	// Each session has exactly one delete event: from its revoke or a sweep.
 	var dup int
-	if err := s.Pool().QueryRow(ctx, `SELECT count(*) FROM (SELECT key FROM outbox
+	if err := s.pool.QueryRow(ctx, `SELECT count(*) FROM (SELECT key FROM outbox
 		WHERE entity = 'session' AND op = 'delete' GROUP BY key HAVING count(*) > 1) AS d`).Scan(&dup); err != nil {
 		t.Fatal(err)
 	}
@@ -434,7 +436,7 @@ func TestSweepBesideWriters(t *testing.T) {
 		t.Fatalf("%d sessions have more than one delete event", dup)
 	}
 	var undeleted int
-	if err := s.Pool().QueryRow(ctx, `SELECT count(DISTINCT key) FROM outbox WHERE entity = 'session'
+	if err := s.pool.QueryRow(ctx, `SELECT count(DISTINCT key) FROM outbox WHERE entity = 'session'
 		AND key NOT IN (SELECT key FROM outbox WHERE entity = 'session' AND op = 'delete')`).Scan(&undeleted); err != nil {
 		t.Fatal(err)
 	}

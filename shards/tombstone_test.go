@@ -94,7 +94,7 @@ func TestRecreateRacingDeleteStillRises(t *testing.T) {
 	_, seq := eventsAfter(t, s, 0)
 
 	// Hold the partition's clock so the delete stops just before committing.
-	hold, err := s.Pool().Begin(ctx)
+	hold, err := s.pool.Begin(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -104,7 +104,7 @@ func TestRecreateRacingDeleteStillRises(t *testing.T) {
 	}
 	deleted := make(chan error, 1)
 	go func() { _, err := s.DeleteUser(ctx, 4, "bob", nil); deleted <- err }()
-	testenv.WaitForLockWaiters(t, ctx, s.Pool(), 1)
+	testenv.WaitForLockWaiters(t, ctx, s.pool, 1)
 	// The put's snapshot predates the delete's commit: it sees no tombstone.
 	type put struct {
 		v   int64
@@ -112,7 +112,7 @@ func TestRecreateRacingDeleteStillRises(t *testing.T) {
 	}
 	recreated := make(chan put, 1)
 	go func() { v, err := s.PutUser(ctx, 4, "bob", []byte(`{"again":true}`), nil); recreated <- put{v, err} }()
-	testenv.WaitForLockWaiters(t, ctx, s.Pool(), 2)
+	testenv.WaitForLockWaiters(t, ctx, s.pool, 2)
 	if err := hold.Rollback(ctx); err != nil {
 		t.Fatal(err)
 	}

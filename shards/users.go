@@ -6,6 +6,8 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgtype"
+
+	"github.com/shardgate/shardgate/internal/versioning"
 )
 
 // User is a user's row.
@@ -84,7 +86,7 @@ const userVersionSQL = `SELECT version FROM users WHERE partition = $1 AND user_
 // version. expected nil writes unconditionally (create at version 1 or bump
 // the version); *expected == 0 creates only if the user does not exist;
 // *expected == N > 0 updates only if the user is at version N. A mismatch
-// writes nothing and returns a *ConflictError. A partition not owned gives
+// writes nothing and returns a *versioning.ConflictError. A partition not owned gives
 // ErrWrongShard. The change and its outbox event commit together.
 func (s *Shard) PutUser(ctx context.Context, partition int32, userID string, profile []byte, expected *int64) (version int64, err error) {
 	if err := checkExpected(expected); err != nil {
@@ -100,7 +102,7 @@ func (s *Shard) PutUser(ctx context.Context, partition int32, userID string, pro
 		owned           bool
 		written, before pgtype.Int8
 	)
-	err = RetryBelowTombstone(func() error {
+	err = versioning.RetryBelowTombstone(func() error {
 		var row pgx.Row
 		switch {
 		case expected == nil:
@@ -131,7 +133,7 @@ LEFT JOIN users AS u ON u.partition = o.partition AND u.user_id = $2
 WHERE o.partition = $1`
 
 // GetUser returns the user. It reads partitions that are owned or frozen,
-// and returns ErrWrongShard for any other, ErrNotFound if there is no such
+// and returns ErrWrongShard for any other, versioning.ErrNotFound if there is no such
 // user.
 func (s *Shard) GetUser(ctx context.Context, partition int32, userID string) (User, error) {
 	c, err := s.acquire(ctx)
@@ -217,9 +219,9 @@ SELECT EXISTS (SELECT 1 FROM own), (SELECT version FROM du),
 // DeleteUser deletes the user with all their sessions and items, writing a
 // delete event for each, and reports how many sessions and items went.
 // expected nil deletes whatever the version; *expected == N > 0 deletes only
-// at version N (else a *ConflictError, Current 0 if the user is missing);
-// *expected == 0 ("must not exist") never deletes: a *ConflictError if the
-// user exists. ErrNotFound if there is no user (and expected is nil or 0);
+// at version N (else a *versioning.ConflictError, Current 0 if the user is missing);
+// *expected == 0 ("must not exist") never deletes: a *versioning.ConflictError if the
+// user exists. versioning.ErrNotFound if there is no user (and expected is nil or 0);
 // ErrWrongShard if the partition is not owned.
 func (s *Shard) DeleteUser(ctx context.Context, partition int32, userID string, expected *int64) (DeleteUserResult, error) {
 	if err := checkExpected(expected); err != nil {

@@ -6,6 +6,8 @@ import (
 	"slices"
 	"sync"
 	"testing"
+
+	"github.com/shardgate/shardgate/internal/versioning"
 )
 
 func TestUserRoundTrip(t *testing.T) {
@@ -58,8 +60,8 @@ func TestUserRoundTrip(t *testing.T) {
 		})
 	}
 
-	if _, err := s.GetUser(ctx, 1, "nobody"); !errors.Is(err, ErrNotFound) {
-		t.Fatalf("GetUser(missing) err = %v, want ErrNotFound", err)
+	if _, err := s.GetUser(ctx, 1, "nobody"); !errors.Is(err, versioning.ErrNotFound) {
+		t.Fatalf("GetUser(missing) err = %v, want versioning.ErrNotFound", err)
 	}
 	if _, err := s.PutUser(ctx, 1, "bad", []byte(`{not json`), nil); err == nil {
 		t.Fatal("PutUser accepted invalid JSON")
@@ -122,7 +124,7 @@ func TestPutUserExpected(t *testing.T) {
 		})
 	}
 
-	if _, err := s.PutUser(ctx, 1, "existing", profile, ver(-1)); err == nil || errors.Is(err, ErrConflict) {
+	if _, err := s.PutUser(ctx, 1, "existing", profile, ver(-1)); err == nil || errors.Is(err, versioning.ErrConflict) {
 		t.Fatalf("negative expected version: err = %v, want a plain error", err)
 	}
 }
@@ -173,8 +175,8 @@ func TestDeleteUser(t *testing.T) {
 	}{
 		{"unconditional", nil, nil, 0},
 		{"at version", ver(2), nil, 0},
-		{"stale version", ver(1), ErrConflict, 2},
-		{"must not exist", ver(0), ErrConflict, 2},
+		{"stale version", ver(1), versioning.ErrConflict, 2},
+		{"must not exist", ver(0), versioning.ErrConflict, 2},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -214,7 +216,7 @@ func TestDeleteUser(t *testing.T) {
 			if after != want {
 				t.Fatalf("rows after delete = %+v, want %+v", after, want)
 			}
-			if _, err := s.GetUser(ctx, 1, "alice"); !errors.Is(err, ErrNotFound) {
+			if _, err := s.GetUser(ctx, 1, "alice"); !errors.Is(err, versioning.ErrNotFound) {
 				t.Fatalf("GetUser after delete: %v", err)
 			}
 			// bob and the other partition's alice keep everything.
@@ -262,8 +264,8 @@ func TestDeleteUser(t *testing.T) {
 		setup(t)
 		before := countRows(t, s)
 		for _, exp := range []*int64{nil, ver(0)} {
-			if _, err := s.DeleteUser(ctx, 1, "nobody", exp); !errors.Is(err, ErrNotFound) {
-				t.Fatalf("DeleteUser(missing, %v) err = %v, want ErrNotFound", exp, err)
+			if _, err := s.DeleteUser(ctx, 1, "nobody", exp); !errors.Is(err, versioning.ErrNotFound) {
+				t.Fatalf("DeleteUser(missing, %v) err = %v, want versioning.ErrNotFound", exp, err)
 			}
 		}
 		_, err := s.DeleteUser(ctx, 1, "nobody", ver(4))
@@ -303,7 +305,7 @@ func TestPutUserConcurrent(t *testing.T) {
 				}
 				marker := fmt.Sprintf("w%d-a%d", w, a)
 				v, err := s.PutUser(ctx, 1, "hot", fmt.Appendf(nil, `{"by":%q}`, marker), ver(u.Version))
-				var ce *ConflictError
+				var ce *versioning.ConflictError
 				switch {
 				case err == nil:
 					mu.Lock()
@@ -387,7 +389,7 @@ func TestPutUserConcurrentCreate(t *testing.T) {
 		for range 10 {
 			wg.Go(func() {
 				_, err := s.PutUser(ctx, 1, id, []byte(`{}`), ver(0))
-				var ce *ConflictError
+				var ce *versioning.ConflictError
 				switch {
 				case err == nil:
 					mu.Lock()

@@ -8,6 +8,8 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgtype"
 	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/shardgate/shardgate/internal/versioning"
 )
 
 // Conditional writes (PutUser, PutItem, DeleteUser, DeleteItem) run one
@@ -37,9 +39,9 @@ func refused(ctx context.Context, c *pgxpool.Conn, expected *int64, before pgtyp
 	switch {
 	case expected == nil:
 		// Only an unconditional delete gets here: the row is gone.
-		return ErrNotFound
+		return versioning.ErrNotFound
 	case isDelete && *expected == 0 && cur == 0:
-		return ErrNotFound
+		return versioning.ErrNotFound
 	}
 	if cur == *expected {
 		var v int64
@@ -53,7 +55,7 @@ func refused(ctx context.Context, c *pgxpool.Conn, expected *int64, before pgtyp
 		// Any other error leaves the snapshot's version: the write was
 		// refused either way, and Current is informational.
 	}
-	return &ConflictError{Expected: *expected, Current: cur}
+	return &versioning.ConflictError{Expected: *expected, Current: cur}
 }
 
 // readable reports whether a partition in state may serve reads.
@@ -63,7 +65,7 @@ func readable(state string) bool {
 
 // fencedRead turns the outcome of a fenced read (ownership row LEFT JOIN the
 // data row) into its error: no ownership row or an unreadable state is
-// ErrWrongShard, checked before a missing data row (ErrNotFound).
+// ErrWrongShard, checked before a missing data row (versioning.ErrNotFound).
 func (s *Shard) fencedRead(op string, partition int32, err error, state string, found bool) error {
 	switch {
 	case errors.Is(err, pgx.ErrNoRows), err == nil && !readable(state):
@@ -71,7 +73,7 @@ func (s *Shard) fencedRead(op string, partition int32, err error, state string, 
 	case err != nil:
 		return s.wrap(op, err)
 	case !found:
-		return s.wrap(op, ErrNotFound)
+		return s.wrap(op, versioning.ErrNotFound)
 	}
 	return nil
 }

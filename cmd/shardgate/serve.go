@@ -247,7 +247,7 @@ func run(ctx context.Context, log *slog.Logger, listen, catalogDSN string, f ser
 	// outlives ctx; it must be gone before Close closes what it uses.
 	watchCtx, stopWatch := context.WithCancel(context.WithoutCancel(ctx))
 	var watch sync.WaitGroup
-	watch.Go(func() { s.Watch(watchCtx) })
+	watch.Go(func() { s.WatchTopology(watchCtx) })
 	defer watch.Wait()
 	defer stopWatch()
 	lim, closeLimiter, err := f.limiter(log)

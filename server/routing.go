@@ -1,0 +1,171 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"maps"
+	"slices"
+	"time"
+
+	"github.com/shardgate/shardgate/catalog"
+	"github.com/shardgate/shardgate/router"
+	"github.com/shardgate/shardgate/shards"
+)
+
+// Routing execution: the shard pools that follow the topology, and running
+// a call on the shard that owns its partition, retrying on the new owner
+// when a shard answers "wrong shard".
+
+// shardPool is an open shard and the catalog DSN it was opened from.
+type shardPool struct {
+	dsn string
+	sh  *shards.Shard
+}
+
+// poolRetireDelay is how long a replaced or removed pool stays open, so
+// calls that picked it just before the switch still finish on it.
+const poolRetireDelay = 30 * time.Second
+
+// retire closes sh after poolRetireDelay. Called with s.mu held.
+func (s *Server) retire(sh *shards.Shard) {
+	s.retiring = append(s.retiring, sh)
+	time.AfterFunc(poolRetireDelay, func() {
+		sh.Close()
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		s.retiring = slices.DeleteFunc(s.retiring, func(r *shards.Shard) bool { return r == sh })
+	})
+}
+
+// syncPools makes the pools match topo before the router switches to it:
+// it opens a pool for each new shard, reopens one whose DSN changed (a
+// failover to a new primary) and closes those of shards that left. A shard
+// whose pool cannot be opened (its DSN references an unset variable) is
+// logged and left out: its partitions answer Unavailable, the rest of the
+// new map still takes effect.
+func (s *Server) syncPools(ctx context.Context, topo catalog.Topology) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return errors.New("server is closed")
+	}
+	keep := make(map[string]bool, len(topo.Shards))
+	relayDSNs := make(map[string]string, len(topo.Shards))
+	defer func() {
+		s.relayDSNs = relayDSNs
+		if s.relays != nil {
+			s.relays.Sync(maps.Clone(relayDSNs))
+		}
+	}()
+	for _, rec := range topo.Shards {
+		keep[rec.Name] = true
+		dsn, err := catalog.ExpandDSN(rec.DSN)
+		if err == nil {
+			relayDSNs[rec.Name] = dsn
+		} else if prev, ok := s.relayDSNs[rec.Name]; ok {
+			// Like the pool below, the relay keeps the DSN that worked:
+			// stopping it would leave the outbox filling unpublished.
+			relayDSNs[rec.Name] = prev
+		}
+		old, ok := s.shards[rec.Name]
+		if ok && old.dsn == rec.DSN {
+			continue
+		}
+		var sh *shards.Shard
+		if err == nil {
+			sh, err = shards.Open(ctx, rec.Name, dsn, s.opts.ShardPool)
+		}
+		if err != nil {
+			// With an old pool, keep it rather than none.
+			s.opts.Logger.Error("cannot open shard pool", "shard", rec.Name, "kept_old_pool", ok, "err", err)
+			continue
+		}
+		s.shards[rec.Name] = shardPool{dsn: rec.DSN, sh: sh}
+		if ok {
+			s.opts.Logger.Info("shard DSN changed; pool reopened", "shard", rec.Name)
+			s.retire(old.sh)
+		}
+	}
+	for name, p := range s.shards {
+		if !keep[name] {
+			delete(s.shards, name)
+			s.retire(p.sh)
+		}
+	}
+	return nil
+}
+
+func (s *Server) shard(name string) (*shards.Shard, bool) {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	p, ok := s.shards[name]
+	return p.sh, ok
+}
+
+// errNoTable is returned before the first topology load (never after New).
+var errNoTable = errors.New("no routing table loaded")
+
+// onPartition runs fn on the shard that owns partition p. When the shard
+// answers ErrWrongShard (this router's map is stale, or the partition is
+// frozen for a move), it reloads the map and retries on the owner, backing
+// off a little more each time, for at most MoveWait.
+func (s *Server) onPartition(ctx context.Context, p int32, fn func(*shards.Shard) error) error {
+	backoff := time.Millisecond
+	giveUp := time.Now().Add(s.opts.MoveWait)
+	for {
+		t := s.router.Table()
+		if t == nil {
+			return errNoTable
+		}
+		name := t.Owner(p)
+		sh, ok := s.shard(name)
+		if !ok {
+			if s.router.Table() != t {
+				continue // the map changed under us
+			}
+			return fmt.Errorf("shard %s: %w", name, errShardNotOpen)
+		}
+		err := fn(sh)
+		if shards.IsClosed(err) && time.Now().Before(giveUp) {
+			if cur, ok := s.shard(name); ok && cur != sh {
+				continue // its pool was replaced under us; nothing was sent
+			}
+		}
+		if !errors.Is(err, shards.ErrWrongShard) || time.Now().After(giveUp) {
+			return err
+		}
+		s.wrongShardRetries.Add(1)
+		if rerr := s.watcher.Refresh(ctx); rerr != nil {
+			return fmt.Errorf("%w (reloading the map: %v)", err, rerr)
+		}
+		if s.router.Table().Version() != t.Version() {
+			continue // the map changed: retry on the new owner now
+		}
+		// Same map: the partition is frozen for a move that has not flipped
+		// yet. Wait a moment.
+		select {
+		case <-ctx.Done():
+			return err
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, 50*time.Millisecond)
+	}
+}
+
+// onUser runs fn on the shard that owns userID's partition; see onPartition.
+func (s *Server) onUser(ctx context.Context, userID string, fn func(sh *shards.Shard, p int32) error) error {
+	t := s.router.Table()
+	if t == nil {
+		return errNoTable
+	}
+	p := router.Partition(userID, t.PartitionCount())
+	return s.onPartition(ctx, p, func(sh *shards.Shard) error { return fn(sh, p) })
+}
+
+func (s *Server) partitionCount() int {
+	if t := s.router.Table(); t != nil {
+		return t.PartitionCount()
+	}
+	return 0
+}
