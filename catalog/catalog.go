@@ -67,9 +67,10 @@ func (c *Catalog) Ping(ctx context.Context) error {
 
 // ShardRecord is a shard as the catalog records it.
 type ShardRecord struct {
-	Name  string
-	DSN   string // as stored: may reference ${ENV} variables, see ExpandDSN
-	State string
+	Name   string
+	DSN    string // as stored: may reference ${ENV} variables, see ExpandDSN
+	State  string // ShardActive or ShardDraining
+	Weight int    // ring members: a shard of weight N gets N times the share
 }
 
 // Topology is one consistent read of the catalog's routing state.
@@ -104,7 +105,7 @@ func (c *Catalog) LoadTopology(ctx context.Context) (Topology, error) {
 		if len(owners) != topo.PartitionCount || lowP == nil || *lowP != 0 || int(*highP) != topo.PartitionCount-1 {
 			return fmt.Errorf("partition map is not exactly partitions 0..%d (%d rows)", topo.PartitionCount-1, len(owners))
 		}
-		rows, err := tx.Query(ctx, `SELECT name, dsn, state FROM shards ORDER BY name`)
+		rows, err := tx.Query(ctx, `SELECT name, dsn, state, weight FROM shards ORDER BY name`)
 		if err != nil {
 			return err
 		}

@@ -75,41 +75,73 @@ type Ring struct {
 	owners []string // partition → shard name
 }
 
-// NewRing places cfg.PartitionCount partitions on the given shards with
-// consistent hashing and bounded loads. It returns an error, never panics,
-// for inputs the library would panic on: no shards, invalid or duplicate
-// names, fewer partitions than shards, ReplicationFactor < 2, or a Load too
-// small to hold every partition.
-func NewRing(shards []string, cfg RingConfig) (r *Ring, err error) {
-	cfg = cfg.WithDefaults()
-	if err := checkRing(shards, cfg); err != nil {
-		return nil, fmt.Errorf("%w: %w", ErrInvalidRing, err)
-	}
-	members := make([]consistent.Member, len(shards))
+// NewRing places cfg.PartitionCount partitions on the given shards, each of
+// weight 1 (see Place). It returns an error, never panics, for inputs the
+// library would panic on: no shards, invalid or duplicate names, fewer
+// partitions than shards, ReplicationFactor < 2, or a Load too small to
+// hold every partition.
+func NewRing(shards []string, cfg RingConfig) (*Ring, error) {
+	ws := make([]ShardWeight, len(shards))
 	for i, s := range shards {
-		members[i] = member(s)
+		ws[i] = ShardWeight{Name: s, Weight: 1}
+	}
+	return NewWeightedRing(ws, cfg)
+}
+
+// NewWeightedRing places cfg.PartitionCount partitions on weighted shards
+// (see Place).
+func NewWeightedRing(shards []ShardWeight, cfg RingConfig) (*Ring, error) {
+	owners, err := Place(shards, cfg)
+	if err != nil {
+		return nil, err
+	}
+	return &Ring{owners: owners}, nil
+}
+
+// ringMember is a member of the consistent ring that stands for a shard.
+type ringMember interface {
+	consistent.Member
+	shardName() string
+}
+
+func (m member) shardName() string { return string(m) }
+
+// buildRing places cfg.PartitionCount partitions on members and returns,
+// per partition, the owning member's shard. cfg has its defaults and passed
+// checkRing.
+func buildRing(members []ringMember, cfg RingConfig) (owners []string, err error) {
+	// The library caps each member at ceil(floor(P/n) × Load) partitions and
+	// panics when the caps add up to less than P.
+	n := len(members)
+	perMember := math.Ceil(float64(cfg.PartitionCount/n) * cfg.Load)
+	if perMember*float64(n) < float64(cfg.PartitionCount) {
+		return nil, fmt.Errorf("%w: load %v is too small for %d partitions on %d ring members: raise it above 1", ErrInvalidRing, cfg.Load, cfg.PartitionCount, n)
+	}
+	ms := make([]consistent.Member, n)
+	for i, m := range members {
+		ms[i] = m
 	}
 	// checkRing rules out every panic we know of; this catches the rest.
 	defer func() {
 		if p := recover(); p != nil {
-			r, err = nil, fmt.Errorf("%w: %v", ErrInvalidRing, p)
+			owners, err = nil, fmt.Errorf("%w: %v", ErrInvalidRing, p)
 		}
 	}()
-	c := consistent.New(members, consistent.Config{
+	c := consistent.New(ms, consistent.Config{
 		PartitionCount:    cfg.PartitionCount,
 		ReplicationFactor: cfg.ReplicationFactor,
 		Load:              cfg.Load,
 		Hasher:            Hasher{},
 	})
-	owners := make([]string, cfg.PartitionCount)
+	owners = make([]string, cfg.PartitionCount)
 	for p := range owners {
 		m := c.GetPartitionOwner(p)
 		if m == nil {
 			return nil, fmt.Errorf("%w: partition %d has no owner", ErrInvalidRing, p)
 		}
-		owners[p] = string(m.(member))
+		owners[p] = m.(ringMember).shardName()
 	}
-	return &Ring{owners: owners}, nil
+	return owners, nil
 }
 
 func checkRing(shards []string, cfg RingConfig) error {
@@ -141,12 +173,6 @@ func checkRing(shards []string, cfg RingConfig) error {
 	}
 	if math.IsNaN(cfg.Load) || cfg.Load < 1 || cfg.Load > 100 {
 		return fmt.Errorf("load %v: want a number in [1, 100]", cfg.Load)
-	}
-	// The library caps each shard at ceil(floor(P/n) × Load) partitions and
-	// panics when the caps add up to less than P.
-	perShard := math.Ceil(float64(cfg.PartitionCount/n) * cfg.Load)
-	if perShard*float64(n) < float64(cfg.PartitionCount) {
-		return fmt.Errorf("load %v is too small for %d partitions on %d shards: raise it above 1", cfg.Load, cfg.PartitionCount, n)
 	}
 	return nil
 }

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"slices"
 	"testing"
 
 	"github.com/buraksezer/consistent"
@@ -258,4 +259,88 @@ func TestLookupDoesNotAllocate(t *testing.T) {
 	if n := testing.AllocsPerRun(1000, func() { r.Lookup("some-user-id") }); n != 0 {
 		t.Fatalf("Lookup allocates %.1f times per call", n)
 	}
+}
+
+// Place keeps NewRing's map for equal weights inside the tolerance (clusters
+// created before weights keep their placement) and lands every shard within
+// BalanceTolerance of its weighted share.
+func TestPlaceBalancesWeightedShares(t *testing.T) {
+	cases := []struct {
+		name   string
+		shards []ShardWeight
+	}{
+		{"four equal", []ShardWeight{{"shard-0", 1}, {"shard-1", 1}, {"shard-2", 1}, {"shard-3", 1}}},
+		{"a fifth", []ShardWeight{{"shard-0", 1}, {"shard-1", 1}, {"shard-2", 1}, {"shard-3", 1}, {"shard-4", 1}}},
+		{"a fifth of weight 2", []ShardWeight{{"shard-0", 1}, {"shard-1", 1}, {"shard-2", 1}, {"shard-3", 1}, {"shard-4", 2}}},
+		{"mixed", []ShardWeight{{"a", 3}, {"b", 1}, {"c", 2}, {"d", 1}, {"e", 5}}},
+		{"sixteen", func() []ShardWeight {
+			var s []ShardWeight
+			for i := range 16 {
+				s = append(s, ShardWeight{fmt.Sprintf("s%02d", i), 1 + i%3})
+			}
+			return s
+		}()},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			owners, err := Place(c.shards, RingConfig{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			total := 0
+			for _, s := range c.shards {
+				total += s.Weight
+			}
+			counts := countOwners(owners)
+			for _, s := range c.shards {
+				lo, hi := Bounds(len(owners), s.Weight, total)
+				if n := counts[s.Name]; n < lo || n > hi {
+					t.Errorf("%s (weight %d) owns %d partitions, outside [%d, %d]", s.Name, s.Weight, n, lo, hi)
+				}
+			}
+			// Order of the input does not matter.
+			rev := append([]ShardWeight(nil), c.shards...)
+			slices.Reverse(rev)
+			again, err := Place(rev, RingConfig{})
+			if err != nil || !slices.Equal(owners, again) {
+				t.Fatalf("placement depends on input order (err %v)", err)
+			}
+		})
+	}
+}
+
+func TestPlaceRejectsBadWeights(t *testing.T) {
+	for _, w := range []int{0, -1, MaxWeight + 1} {
+		if _, err := Place([]ShardWeight{{"a", w}}, RingConfig{}); !errors.Is(err, ErrInvalidRing) {
+			t.Errorf("weight %d: err %v, want ErrInvalidRing", w, err)
+		}
+	}
+	// More members than partitions.
+	if _, err := Place([]ShardWeight{{"a", 3}}, RingConfig{PartitionCount: 2}); !errors.Is(err, ErrInvalidRing) {
+		t.Errorf("3 members on 2 partitions: err %v, want ErrInvalidRing", err)
+	}
+}
+
+// Adding a shard moves about its share and nothing else needlessly.
+func TestPlaceMovesAboutTheNewShare(t *testing.T) {
+	four := []ShardWeight{{"shard-0", 1}, {"shard-1", 1}, {"shard-2", 1}, {"shard-3", 1}}
+	before, err := Place(four, RingConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	after, err := Place(append(four, ShardWeight{"shard-4", 1}), RingConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	moved := 0
+	for p := range before {
+		if before[p] != after[p] {
+			moved++
+		}
+	}
+	ideal := DefaultPartitions / 5
+	if moved > ideal*11/10 {
+		t.Errorf("adding a fifth shard moves %d partitions; its share is %d", moved, ideal)
+	}
+	t.Logf("adding a fifth shard moves %d of %d partitions (share %d)", moved, DefaultPartitions, ideal)
 }
