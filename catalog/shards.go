@@ -27,6 +27,9 @@ var (
 	ErrShardNotEmpty = errors.New("shard database is not empty")
 	// ErrLastShard means the change would leave no active shard.
 	ErrLastShard = errors.New("the cluster needs at least one active shard")
+	// ErrBadDSN means a shard's DSN cannot be used: it does not parse, or
+	// references an environment variable that is not set.
+	ErrBadDSN = errors.New("unusable DSN")
 )
 
 // ClusterShape is how the cluster places partitions.
@@ -76,16 +79,19 @@ func (c *Catalog) AddShard(ctx context.Context, name, dsn string, weight int) er
 	}
 	expanded, err := ExpandDSN(dsn)
 	if err != nil {
-		return fmt.Errorf("add shard %s: %w", name, err)
+		return fmt.Errorf("add shard %s: %w: %v", name, ErrBadDSN, err)
+	}
+	sh, err := shards.Open(ctx, name, expanded, shards.PoolOptions{MaxConns: 2})
+	if err != nil {
+		return fmt.Errorf("add shard: %w: %v", ErrBadDSN, err)
+	}
+	defer sh.Close()
+	if err := sh.Ping(ctx); err != nil {
+		return fmt.Errorf("add shard: %w", err)
 	}
 	if _, err := migrations.Up(ctx, expanded, migrations.Shard); err != nil {
 		return fmt.Errorf("add shard %s: %w", name, err)
 	}
-	sh, err := shards.Open(ctx, name, expanded, shards.PoolOptions{MaxConns: 2})
-	if err != nil {
-		return fmt.Errorf("add shard: %w", err)
-	}
-	defer sh.Close()
 	held, err := sh.Holdings(ctx)
 	if err != nil {
 		return fmt.Errorf("add shard: %w", err)

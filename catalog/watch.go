@@ -35,9 +35,22 @@ type Watcher struct {
 	OnLoad func(context.Context, Topology) error
 	Logger *slog.Logger
 
-	sf   singleflight.Group
-	mu   sync.Mutex
-	last Topology
+	sf      singleflight.Group
+	mu      sync.Mutex
+	last    Topology
+	changed chan struct{} // closed when a newer topology is installed
+}
+
+// Changed returns a channel that is closed when the router next switches
+// to a newer topology: a request waiting for a partition mid-move wakes on
+// the flip instead of at its next retry.
+func (w *Watcher) Changed() <-chan struct{} {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.changed == nil {
+		w.changed = make(chan struct{})
+	}
+	return w.changed
 }
 
 // refreshTimeout bounds one shared topology reload.
@@ -97,6 +110,10 @@ func (w *Watcher) install(ctx context.Context, topo Topology) error {
 	}
 	if w.Router.Store(topo.Table) {
 		w.last = topo
+		if w.changed != nil {
+			close(w.changed)
+			w.changed = nil
+		}
 		w.logger().Info("topology installed", "version", topo.Version, "shards", len(topo.Shards))
 	}
 	return nil

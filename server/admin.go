@@ -32,6 +32,7 @@ func (a *AdminService) GetTopology(ctx context.Context, _ *pb.GetTopologyRequest
 			Name:           sh.Name,
 			State:          shardState(sh.State),
 			PartitionCount: int32(counts[sh.Name]),
+			Weight:         int32(sh.Weight),
 		})
 	}
 	return resp, nil

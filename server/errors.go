@@ -35,9 +35,25 @@ func toStatus(ctx context.Context, log *slog.Logger, method string, err error) e
 	var fe *fieldError
 	var conflict *versioning.ConflictError
 	var pgErr *pgconn.PgError
+	var pe errPlan
 	switch {
 	case errors.As(err, &fe):
 		return status.Error(codes.InvalidArgument, fe.Error())
+	// Topology changes: their messages name shards and counts, never
+	// hosts or databases.
+	case errors.Is(err, catalog.ErrShardExists):
+		return status.Error(codes.AlreadyExists, err.Error())
+	case errors.Is(err, catalog.ErrUnknownShard), errors.Is(err, catalog.ErrNoRebalance):
+		return status.Error(codes.NotFound, err.Error())
+	case errors.Is(err, catalog.ErrShardNotEmpty), errors.Is(err, catalog.ErrShardInUse),
+		errors.Is(err, catalog.ErrLastShard), errors.Is(err, catalog.ErrRebalanceRunning):
+		return status.Error(codes.FailedPrecondition, err.Error())
+	case errors.Is(err, catalog.ErrBadDSN):
+		return status.Error(codes.InvalidArgument, "dsn: "+err.Error())
+	case errors.Is(err, catalog.ErrStalePlan):
+		return status.Error(codes.Aborted, err.Error())
+	case errors.As(err, &pe):
+		return status.Error(codes.FailedPrecondition, pe.Error())
 	case errors.As(err, &conflict):
 		return status.Error(codes.Aborted, conflict.Error())
 	case errors.Is(err, shards.ErrUserNotFound):

@@ -136,6 +136,7 @@ func (s *Server) onPartition(ctx context.Context, p int32, fn func(*shards.Shard
 			return err
 		}
 		s.wrongShardRetries.Add(1)
+		changed := s.watcher.Changed()
 		if rerr := s.watcher.Refresh(ctx); rerr != nil {
 			return fmt.Errorf("%w (reloading the map: %v)", err, rerr)
 		}
@@ -143,10 +144,12 @@ func (s *Server) onPartition(ctx context.Context, p int32, fn func(*shards.Shard
 			continue // the map changed: retry on the new owner now
 		}
 		// Same map: the partition is frozen for a move that has not flipped
-		// yet. Wait a moment.
+		// yet. Wait for the flip to reach this router (LISTEN/NOTIFY), or
+		// a moment in case the freeze ends without one.
 		select {
 		case <-ctx.Done():
 			return err
+		case <-changed:
 		case <-time.After(backoff):
 		}
 		backoff = min(2*backoff, 50*time.Millisecond)

@@ -11,6 +11,8 @@ import (
 	"google.golang.org/protobuf/reflect/protoreflect"
 
 	"github.com/shardgate/shardgate/events"
+	"github.com/shardgate/shardgate/mover"
+	"github.com/shardgate/shardgate/router"
 )
 
 // Declarative request validation: one table of field rules per request
@@ -42,7 +44,14 @@ const (
 	rulePartitionList                 // partitions < partition count, at most one per partition
 	ruleCursor                        // up to maxCursor bytes of printable ASCII
 	ruleMaxParallel                   // 0 (default) or 1-64
+	ruleShardName                     // 1-63 bytes of [a-z0-9_-], starting with a letter or digit
+	ruleDSN                           // a non-empty DSN, at most maxDSN bytes, no control characters
+	ruleWeight                        // 0 (default 1) or 1-64
+	ruleFreezeBudget                  // 0 (default) or 1-1000 ms
 )
+
+// maxDSN bounds a shard DSN.
+const maxDSN = 4096
 
 const maxListed = 1000
 
@@ -59,8 +68,6 @@ type fieldRule struct {
 // requestRules lists, per request message, the rules of its fields. Every
 // request message of DataService and AdminService has an entry (a test
 // checks), so a new RPC cannot skip validation by accident. Messages of
-// RPCs that do not exist yet (rebalancing) are listed by name and apply
-// once they exist.
 var requestRules = map[protoreflect.FullName][]fieldRule{
 	"shardgate.v1.PutUserRequest":       {{"user_id", ruleUserID}, {"profile_json", ruleJSONObject}, {"expected_version", ruleExpected}},
 	"shardgate.v1.GetUserRequest":       {{"user_id", ruleUserID}},
@@ -86,8 +93,16 @@ var requestRules = map[protoreflect.FullName][]fieldRule{
 	"shardgate.v1.MigrationStatusRequest": {},
 	"shardgate.v1.SetConfigSchemaRequest": {{"namespace", ruleName}, {"schema_json", ruleJSONOptional}},
 	"shardgate.v1.GetConfigSchemaRequest": {{"namespace", ruleName}},
+	"shardgate.v1.AddShardRequest":        {{"name", ruleShardName}, {"dsn", ruleDSN}, {"weight", ruleWeight}},
+	"shardgate.v1.DrainShardRequest":      {{"name", ruleShardName}},
+	"shardgate.v1.ActivateShardRequest":   {{"name", ruleShardName}},
+	"shardgate.v1.RemoveShardRequest":     {{"name", ruleShardName}},
+	"shardgate.v1.PlanRebalanceRequest":   {{"max_parallel", ruleMaxParallel}},
+	"shardgate.v1.StartRebalanceRequest":  {{"max_parallel", ruleMaxParallel}, {"freeze_budget_ms", ruleFreezeBudget}},
+	"shardgate.v1.GetRebalanceRequest":    {},
+	"shardgate.v1.WatchRebalanceRequest":  {},
+	"shardgate.v1.CancelRebalanceRequest": {},
 	"shardgate.v1.VerifyPartitionRequest": {{"partition", rulePartition}},
-	"shardgate.v1.StartRebalanceRequest":  {{"max_parallel", ruleMaxParallel}},
 }
 
 type compiledRule struct {
@@ -220,6 +235,31 @@ func (v *validator) checkField(msg protoreflect.Message, r compiledRule) error {
 	case ruleMaxParallel:
 		if n := val.Int(); n < 0 || n > 64 {
 			return invalid(name, "%d is outside 1..64", n)
+		}
+	case ruleShardName:
+		if err := router.ValidateShardName(val.String()); err != nil {
+			return invalid(name, "%v", err)
+		}
+	case ruleDSN:
+		d := val.String()
+		switch {
+		case d == "":
+			return invalid(name, "is required")
+		case len(d) > maxDSN:
+			return invalid(name, "%d bytes exceeds the limit of %d", len(d), maxDSN)
+		}
+		for i := 0; i < len(d); i++ {
+			if d[i] < ' ' || d[i] == 0x7f {
+				return invalid(name, "byte %d is a control character", i)
+			}
+		}
+	case ruleWeight:
+		if n := val.Int(); n < 0 || n > router.MaxWeight {
+			return invalid(name, "%d is outside 1..%d", n, router.MaxWeight)
+		}
+	case ruleFreezeBudget:
+		if n := val.Int(); n < 0 || n > mover.MaxFreezeBudget.Milliseconds() {
+			return invalid(name, "%d is outside 1..%d", n, mover.MaxFreezeBudget.Milliseconds())
 		}
 	}
 	return nil

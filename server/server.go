@@ -18,6 +18,7 @@ import (
 	"github.com/shardgate/shardgate/cache"
 	"github.com/shardgate/shardgate/catalog"
 	"github.com/shardgate/shardgate/events"
+	"github.com/shardgate/shardgate/mover"
 	"github.com/shardgate/shardgate/router"
 	"github.com/shardgate/shardgate/shards"
 )
@@ -82,6 +83,12 @@ type Options struct {
 	// sweeper off nothing is pruned either. A key created again after its
 	// tombstone was pruned continues above its partition's version floor.
 	TombstoneRetention time.Duration
+	// RunMover runs the rebalancing executor on this instance: every
+	// instance may, one leads cluster-wide at a time (package mover).
+	RunMover bool
+	// Mover tunes the executor; its CatalogDSN and Logger are the
+	// server's.
+	Mover mover.ExecutorOptions
 }
 
 func (o Options) withDefaults() Options {
@@ -149,6 +156,11 @@ type Server struct {
 	// and catalog), pruneErrors the prune batches that failed.
 	tombstonesPruned atomic.Int64
 	pruneErrors      atomic.Int64
+
+	// The rebalancing executor: set by New with Options.RunMover.
+	mover     *mover.Executor
+	stopMover context.CancelFunc
+	moverDone chan struct{}
 }
 
 // New opens the catalog at catalogDSN, loads the topology and opens a pool
@@ -187,7 +199,27 @@ func New(ctx context.Context, catalogDSN string, opts Options) (*Server, error) 
 		return nil, err
 	}
 	s.startSweeper(ctx)
+	s.startMover(ctx)
 	return s, nil
+}
+
+// startMover runs the rebalancing executor until ctx ends or Close.
+func (s *Server) startMover(ctx context.Context) {
+	if !s.opts.RunMover {
+		return
+	}
+	mo := s.opts.Mover
+	mo.CatalogDSN, mo.Logger = s.catalogDSN, s.opts.Logger
+	s.mover = mover.NewExecutor(s.catalog, mo)
+	for _, c := range s.mover.Collectors() {
+		s.metrics.MustRegister(c)
+	}
+	ctx, s.stopMover = context.WithCancel(ctx)
+	s.moverDone = make(chan struct{})
+	go func() {
+		defer close(s.moverDone)
+		s.mover.Run(ctx)
+	}()
 }
 
 // AttachRedis turns change events on with rc: Watch is served and, with
@@ -237,6 +269,10 @@ func (s *Server) Close() {
 	relays := s.relays
 	s.mu.Unlock()
 	s.stopSweeper() // before the pools it sweeps close
+	if s.stopMover != nil {
+		s.stopMover()
+		<-s.moverDone
+	}
 	if relays != nil {
 		relays.Close()
 	}

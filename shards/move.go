@@ -32,6 +32,9 @@ var (
 	// freeze was undone (budget exceeded, or another executor) and writes
 	// may have happened since, so the cutover must start again.
 	ErrNotFrozen = errors.New("partition is not frozen")
+	// ErrLockTimeout means a freeze could not lock the partitions within
+	// its lock timeout: writes held them. Nothing was frozen.
+	ErrLockTimeout = errors.New("the partitions' writers did not let go within the lock timeout")
 	// ErrStillServed means a delete of a partition's rows found the shard
 	// still serving it (owned or frozen); nothing was deleted.
 	ErrStillServed = errors.New("partition is still served by this shard")
@@ -568,6 +571,9 @@ func (s *Shard) Freeze(ctx context.Context, partitions []int32, lockTimeout stri
 		}
 		return nil
 	})
+	if isCode(err, "55P03") { // lock_not_available
+		return s.wrap("freeze", fmt.Errorf("%w: %w", ErrLockTimeout, err))
+	}
 	if err != nil {
 		return s.wrap("freeze", err)
 	}
@@ -807,6 +813,14 @@ func (s *Shard) DeletePartitions(ctx context.Context, partitions []int32, moveID
 		return total, s.wrap("delete partitions", err)
 	}
 	return total, nil
+}
+
+// DeleteMarkers deletes the move's markers (a target's, after the move).
+func (s *Shard) DeleteMarkers(ctx context.Context, moveID int64) error {
+	if _, err := s.exec(ctx, `DELETE FROM move_markers WHERE move_id = $1`, moveID); err != nil {
+		return s.wrap("delete markers", err)
+	}
+	return nil
 }
 
 // Holdings is what a shard database holds: ownership rows and rows of

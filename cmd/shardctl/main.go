@@ -6,6 +6,14 @@
 //	shardctl migrate up --catalog DSN apply pending migrations everywhere
 //	shardctl events tail --user U     follow change events live (--partition P, --config)
 //	shardctl token mint --role R --sub S --key FILE   sign a token
+//	shardctl shard add NAME --dsn DSN [--weight N]    register an empty shard
+//	shardctl shard drain NAME         give its partitions away in the next rebalance
+//	shardctl shard remove NAME        unregister a shard that owns and holds nothing
+//	shardctl rebalance plan           what a rebalance would move (dry run)
+//	shardctl rebalance start [--max-parallel N] [--wait]   start one (and follow it)
+//	shardctl rebalance status         the running or last rebalance, per move
+//	shardctl rebalance cancel         roll back moves not yet cut over
+//	shardctl verify PARTITION         checksums of a partition wherever it has rows
 //
 // --token (or SHARDGATE_TOKEN) is sent as "authorization: Bearer …" on
 // every call; it needs TLS (--tls, --ca-file) unless the address is loopback.
@@ -63,6 +71,19 @@ type cli struct {
 	Token struct {
 		Mint tokenMintCmd `cmd:"" help:"Sign a token with a private key (e.g. dev mode's key) and print it."`
 	} `cmd:"" help:"Tokens."`
+	Shard struct {
+		Add      shardAddCmd      `cmd:"" help:"Register a new, empty shard (its database is migrated first); it owns nothing until a rebalance."`
+		Drain    shardDrainCmd    `cmd:"" help:"Mark a shard draining: the next rebalance moves all its partitions away."`
+		Activate shardActivateCmd `cmd:"" help:"Undo a drain: the shard takes partitions again in the next rebalance."`
+		Remove   shardRemoveCmd   `cmd:"" help:"Unregister a shard that owns no partition and holds no rows."`
+	} `cmd:"" help:"Add, drain and remove shards."`
+	Rebalance struct {
+		Plan   rebalancePlanCmd   `cmd:"" help:"Show the moves a rebalance would make now (changes nothing)."`
+		Start  rebalanceStartCmd  `cmd:"" help:"Start a rebalance (the cluster's executor runs it); --wait follows it."`
+		Status rebalanceStatusCmd `cmd:"" help:"Show the running or last rebalance, move by move."`
+		Cancel rebalanceCancelCmd `cmd:"" help:"Cancel the running rebalance: moves not yet cut over roll back."`
+	} `cmd:"" help:"Move partitions between shards online."`
+	Verify verifyCmd `cmd:"" help:"Checksum a partition on its owner and on any other shard holding rows of it; exit 1 on a problem."`
 }
 
 func main() {

@@ -38,6 +38,7 @@ type serveFlags struct {
 	MaxWatchers      int           `name:"max-watchers" help:"Concurrent Watch streams this instance serves; more get RESOURCE_EXHAUSTED. Each holds a Redis connection." default:"1000" env:"SHARDGATE_MAX_WATCHERS"`
 	SessionSweep     time.Duration `name:"session-sweep-interval" help:"How often to delete expired sessions (with a delete event each) from every shard; one instance sweeps a shard at a time. 0 turns it off." default:"1m" env:"SHARDGATE_SESSION_SWEEP_INTERVAL"`
 	TombstoneTTL     time.Duration `name:"tombstone-retention" help:"How long the tombstones of deleted users, items and config values are kept; older ones are pruned each session sweep round. A key created again after its tombstone was pruned continues above its partition's version floor. 0 keeps them for good." default:"168h" env:"SHARDGATE_TOMBSTONE_RETENTION"`
+	Mover            bool          `help:"Run the rebalancing executor here (one instance leads cluster-wide at a time); --no-mover leaves rebalances to other instances." default:"true" negatable:"" env:"SHARDGATE_MOVER"`
 	guardFlags
 }
 
@@ -197,6 +198,7 @@ func run(ctx context.Context, log *slog.Logger, listen, catalogDSN string, f ser
 		MaxWatchers:        f.MaxWatchers,
 		SweepInterval:      f.sweepInterval(),
 		TombstoneRetention: f.tombstoneRetention(),
+		RunMover:           f.Mover,
 	}
 	// The events' Redis client: connected now or, if Redis does not answer
 	// yet, by a loop that attaches it once it does; the server serves

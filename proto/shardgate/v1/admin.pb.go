@@ -9,6 +9,7 @@ package shardgatev1
 import (
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
+	durationpb "google.golang.org/protobuf/types/known/durationpb"
 	timestamppb "google.golang.org/protobuf/types/known/timestamppb"
 	reflect "reflect"
 	sync "sync"
@@ -72,6 +73,64 @@ func (x ShardState) Number() protoreflect.EnumNumber {
 // Deprecated: Use ShardState.Descriptor instead.
 func (ShardState) EnumDescriptor() ([]byte, []int) {
 	return file_shardgate_v1_admin_proto_rawDescGZIP(), []int{0}
+}
+
+// RebalanceState is where a rebalance is.
+type RebalanceState int32
+
+const (
+	RebalanceState_REBALANCE_STATE_UNSPECIFIED RebalanceState = 0
+	RebalanceState_REBALANCE_STATE_RUNNING     RebalanceState = 1
+	// Every move is done and verified.
+	RebalanceState_REBALANCE_STATE_DONE RebalanceState = 2
+	// Some move failed (and rolled back); the others finished.
+	RebalanceState_REBALANCE_STATE_FAILED    RebalanceState = 3
+	RebalanceState_REBALANCE_STATE_CANCELLED RebalanceState = 4
+)
+
+// Enum value maps for RebalanceState.
+var (
+	RebalanceState_name = map[int32]string{
+		0: "REBALANCE_STATE_UNSPECIFIED",
+		1: "REBALANCE_STATE_RUNNING",
+		2: "REBALANCE_STATE_DONE",
+		3: "REBALANCE_STATE_FAILED",
+		4: "REBALANCE_STATE_CANCELLED",
+	}
+	RebalanceState_value = map[string]int32{
+		"REBALANCE_STATE_UNSPECIFIED": 0,
+		"REBALANCE_STATE_RUNNING":     1,
+		"REBALANCE_STATE_DONE":        2,
+		"REBALANCE_STATE_FAILED":      3,
+		"REBALANCE_STATE_CANCELLED":   4,
+	}
+)
+
+func (x RebalanceState) Enum() *RebalanceState {
+	p := new(RebalanceState)
+	*p = x
+	return p
+}
+
+func (x RebalanceState) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (RebalanceState) Descriptor() protoreflect.EnumDescriptor {
+	return file_shardgate_v1_admin_proto_enumTypes[1].Descriptor()
+}
+
+func (RebalanceState) Type() protoreflect.EnumType {
+	return &file_shardgate_v1_admin_proto_enumTypes[1]
+}
+
+func (x RebalanceState) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use RebalanceState.Descriptor instead.
+func (RebalanceState) EnumDescriptor() ([]byte, []int) {
+	return file_shardgate_v1_admin_proto_rawDescGZIP(), []int{1}
 }
 
 type GetTopologyRequest struct {
@@ -178,8 +237,10 @@ type ShardInfo struct {
 	Name           string                 `protobuf:"bytes,1,opt,name=name" json:"name,omitempty"`
 	State          ShardState             `protobuf:"varint,2,opt,name=state,enum=shardgate.v1.ShardState" json:"state,omitempty"`
 	PartitionCount int32                  `protobuf:"varint,3,opt,name=partition_count,json=partitionCount" json:"partition_count,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// A shard of weight N is placed N times on the ring: N times the share.
+	Weight        int32 `protobuf:"varint,4,opt,name=weight" json:"weight,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ShardInfo) Reset() {
@@ -229,6 +290,13 @@ func (x *ShardInfo) GetState() ShardState {
 func (x *ShardInfo) GetPartitionCount() int32 {
 	if x != nil {
 		return x.PartitionCount
+	}
+	return 0
+}
+
+func (x *ShardInfo) GetWeight() int32 {
+	if x != nil {
+		return x.Weight
 	}
 	return 0
 }
@@ -695,20 +763,1624 @@ func (x *GetConfigSchemaResponse) GetUpdatedAt() *timestamppb.Timestamp {
 	return nil
 }
 
+type AddShardRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// 1-63 characters of [a-z0-9_-], starting with a letter or digit.
+	Name string `protobuf:"bytes,1,opt,name=name" json:"name,omitempty"`
+	// The shard database's DSN as every server will use it; may reference
+	// environment variables as ${NAME}. Stored in the catalog, never shown.
+	Dsn string `protobuf:"bytes,2,opt,name=dsn" json:"dsn,omitempty"`
+	// 1-64; 0 means 1.
+	Weight        int32 `protobuf:"varint,3,opt,name=weight" json:"weight,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AddShardRequest) Reset() {
+	*x = AddShardRequest{}
+	mi := &file_shardgate_v1_admin_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AddShardRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AddShardRequest) ProtoMessage() {}
+
+func (x *AddShardRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_shardgate_v1_admin_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AddShardRequest.ProtoReflect.Descriptor instead.
+func (*AddShardRequest) Descriptor() ([]byte, []int) {
+	return file_shardgate_v1_admin_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *AddShardRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *AddShardRequest) GetDsn() string {
+	if x != nil {
+		return x.Dsn
+	}
+	return ""
+}
+
+func (x *AddShardRequest) GetWeight() int32 {
+	if x != nil {
+		return x.Weight
+	}
+	return 0
+}
+
+type AddShardResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Shard         *ShardInfo             `protobuf:"bytes,1,opt,name=shard" json:"shard,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AddShardResponse) Reset() {
+	*x = AddShardResponse{}
+	mi := &file_shardgate_v1_admin_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AddShardResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AddShardResponse) ProtoMessage() {}
+
+func (x *AddShardResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_shardgate_v1_admin_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AddShardResponse.ProtoReflect.Descriptor instead.
+func (*AddShardResponse) Descriptor() ([]byte, []int) {
+	return file_shardgate_v1_admin_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *AddShardResponse) GetShard() *ShardInfo {
+	if x != nil {
+		return x.Shard
+	}
+	return nil
+}
+
+type DrainShardRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DrainShardRequest) Reset() {
+	*x = DrainShardRequest{}
+	mi := &file_shardgate_v1_admin_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DrainShardRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DrainShardRequest) ProtoMessage() {}
+
+func (x *DrainShardRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_shardgate_v1_admin_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DrainShardRequest.ProtoReflect.Descriptor instead.
+func (*DrainShardRequest) Descriptor() ([]byte, []int) {
+	return file_shardgate_v1_admin_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *DrainShardRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+type DrainShardResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DrainShardResponse) Reset() {
+	*x = DrainShardResponse{}
+	mi := &file_shardgate_v1_admin_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DrainShardResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DrainShardResponse) ProtoMessage() {}
+
+func (x *DrainShardResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_shardgate_v1_admin_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DrainShardResponse.ProtoReflect.Descriptor instead.
+func (*DrainShardResponse) Descriptor() ([]byte, []int) {
+	return file_shardgate_v1_admin_proto_rawDescGZIP(), []int{15}
+}
+
+type ActivateShardRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ActivateShardRequest) Reset() {
+	*x = ActivateShardRequest{}
+	mi := &file_shardgate_v1_admin_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ActivateShardRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ActivateShardRequest) ProtoMessage() {}
+
+func (x *ActivateShardRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_shardgate_v1_admin_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ActivateShardRequest.ProtoReflect.Descriptor instead.
+func (*ActivateShardRequest) Descriptor() ([]byte, []int) {
+	return file_shardgate_v1_admin_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *ActivateShardRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+type ActivateShardResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ActivateShardResponse) Reset() {
+	*x = ActivateShardResponse{}
+	mi := &file_shardgate_v1_admin_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ActivateShardResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ActivateShardResponse) ProtoMessage() {}
+
+func (x *ActivateShardResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_shardgate_v1_admin_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ActivateShardResponse.ProtoReflect.Descriptor instead.
+func (*ActivateShardResponse) Descriptor() ([]byte, []int) {
+	return file_shardgate_v1_admin_proto_rawDescGZIP(), []int{17}
+}
+
+type RemoveShardRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name" json:"name,omitempty"`
+	// Skip the check that the shard's database holds no rows (for a database
+	// that is gone). The shard must still own nothing.
+	Force         bool `protobuf:"varint,2,opt,name=force" json:"force,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RemoveShardRequest) Reset() {
+	*x = RemoveShardRequest{}
+	mi := &file_shardgate_v1_admin_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RemoveShardRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RemoveShardRequest) ProtoMessage() {}
+
+func (x *RemoveShardRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_shardgate_v1_admin_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RemoveShardRequest.ProtoReflect.Descriptor instead.
+func (*RemoveShardRequest) Descriptor() ([]byte, []int) {
+	return file_shardgate_v1_admin_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *RemoveShardRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *RemoveShardRequest) GetForce() bool {
+	if x != nil {
+		return x.Force
+	}
+	return false
+}
+
+type RemoveShardResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RemoveShardResponse) Reset() {
+	*x = RemoveShardResponse{}
+	mi := &file_shardgate_v1_admin_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RemoveShardResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RemoveShardResponse) ProtoMessage() {}
+
+func (x *RemoveShardResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_shardgate_v1_admin_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RemoveShardResponse.ProtoReflect.Descriptor instead.
+func (*RemoveShardResponse) Descriptor() ([]byte, []int) {
+	return file_shardgate_v1_admin_proto_rawDescGZIP(), []int{19}
+}
+
+type PlanRebalanceRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// For the estimate: moves run at once (0: the default, 2).
+	MaxParallel   int32 `protobuf:"varint,1,opt,name=max_parallel,json=maxParallel" json:"max_parallel,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PlanRebalanceRequest) Reset() {
+	*x = PlanRebalanceRequest{}
+	mi := &file_shardgate_v1_admin_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PlanRebalanceRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PlanRebalanceRequest) ProtoMessage() {}
+
+func (x *PlanRebalanceRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_shardgate_v1_admin_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PlanRebalanceRequest.ProtoReflect.Descriptor instead.
+func (*PlanRebalanceRequest) Descriptor() ([]byte, []int) {
+	return file_shardgate_v1_admin_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *PlanRebalanceRequest) GetMaxParallel() int32 {
+	if x != nil {
+		return x.MaxParallel
+	}
+	return 0
+}
+
+type PlanRebalanceResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The topology version the plan was made from.
+	TopologyVersion int64          `protobuf:"varint,1,opt,name=topology_version,json=topologyVersion" json:"topology_version,omitempty"`
+	Moves           []*PlannedMove `protobuf:"bytes,2,rep,name=moves" json:"moves,omitempty"`
+	// Every shard, in name order, before and after.
+	Shards           []*ShardPlan `protobuf:"bytes,3,rep,name=shards" json:"shards,omitempty"`
+	PartitionsMoving int32        `protobuf:"varint,4,opt,name=partitions_moving,json=partitionsMoving" json:"partitions_moving,omitempty"`
+	Rows             int64        `protobuf:"varint,5,opt,name=rows" json:"rows,omitempty"`
+	Bytes            int64        `protobuf:"varint,6,opt,name=bytes" json:"bytes,omitempty"`
+	// A rough duration at the copy rate measured on the reference machine.
+	Estimate      *durationpb.Duration `protobuf:"bytes,7,opt,name=estimate" json:"estimate,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PlanRebalanceResponse) Reset() {
+	*x = PlanRebalanceResponse{}
+	mi := &file_shardgate_v1_admin_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PlanRebalanceResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PlanRebalanceResponse) ProtoMessage() {}
+
+func (x *PlanRebalanceResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_shardgate_v1_admin_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PlanRebalanceResponse.ProtoReflect.Descriptor instead.
+func (*PlanRebalanceResponse) Descriptor() ([]byte, []int) {
+	return file_shardgate_v1_admin_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *PlanRebalanceResponse) GetTopologyVersion() int64 {
+	if x != nil {
+		return x.TopologyVersion
+	}
+	return 0
+}
+
+func (x *PlanRebalanceResponse) GetMoves() []*PlannedMove {
+	if x != nil {
+		return x.Moves
+	}
+	return nil
+}
+
+func (x *PlanRebalanceResponse) GetShards() []*ShardPlan {
+	if x != nil {
+		return x.Shards
+	}
+	return nil
+}
+
+func (x *PlanRebalanceResponse) GetPartitionsMoving() int32 {
+	if x != nil {
+		return x.PartitionsMoving
+	}
+	return 0
+}
+
+func (x *PlanRebalanceResponse) GetRows() int64 {
+	if x != nil {
+		return x.Rows
+	}
+	return 0
+}
+
+func (x *PlanRebalanceResponse) GetBytes() int64 {
+	if x != nil {
+		return x.Bytes
+	}
+	return 0
+}
+
+func (x *PlanRebalanceResponse) GetEstimate() *durationpb.Duration {
+	if x != nil {
+		return x.Estimate
+	}
+	return nil
+}
+
+// PlannedMove is a batch of partitions a rebalance would move together.
+type PlannedMove struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Source        string                 `protobuf:"bytes,1,opt,name=source" json:"source,omitempty"`
+	Target        string                 `protobuf:"bytes,2,opt,name=target" json:"target,omitempty"`
+	Partitions    []int32                `protobuf:"varint,3,rep,packed,name=partitions" json:"partitions,omitempty"`
+	Rows          int64                  `protobuf:"varint,4,opt,name=rows" json:"rows,omitempty"`
+	Bytes         int64                  `protobuf:"varint,5,opt,name=bytes" json:"bytes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PlannedMove) Reset() {
+	*x = PlannedMove{}
+	mi := &file_shardgate_v1_admin_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PlannedMove) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PlannedMove) ProtoMessage() {}
+
+func (x *PlannedMove) ProtoReflect() protoreflect.Message {
+	mi := &file_shardgate_v1_admin_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PlannedMove.ProtoReflect.Descriptor instead.
+func (*PlannedMove) Descriptor() ([]byte, []int) {
+	return file_shardgate_v1_admin_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *PlannedMove) GetSource() string {
+	if x != nil {
+		return x.Source
+	}
+	return ""
+}
+
+func (x *PlannedMove) GetTarget() string {
+	if x != nil {
+		return x.Target
+	}
+	return ""
+}
+
+func (x *PlannedMove) GetPartitions() []int32 {
+	if x != nil {
+		return x.Partitions
+	}
+	return nil
+}
+
+func (x *PlannedMove) GetRows() int64 {
+	if x != nil {
+		return x.Rows
+	}
+	return 0
+}
+
+func (x *PlannedMove) GetBytes() int64 {
+	if x != nil {
+		return x.Bytes
+	}
+	return 0
+}
+
+type ShardPlan struct {
+	state            protoimpl.MessageState `protogen:"open.v1"`
+	Name             string                 `protobuf:"bytes,1,opt,name=name" json:"name,omitempty"`
+	State            ShardState             `protobuf:"varint,2,opt,name=state,enum=shardgate.v1.ShardState" json:"state,omitempty"`
+	Weight           int32                  `protobuf:"varint,3,opt,name=weight" json:"weight,omitempty"`
+	PartitionsBefore int32                  `protobuf:"varint,4,opt,name=partitions_before,json=partitionsBefore" json:"partitions_before,omitempty"`
+	PartitionsAfter  int32                  `protobuf:"varint,5,opt,name=partitions_after,json=partitionsAfter" json:"partitions_after,omitempty"`
+	// The weighted share partitions_after aims at (0 for a draining shard).
+	Share         float64 `protobuf:"fixed64,6,opt,name=share" json:"share,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ShardPlan) Reset() {
+	*x = ShardPlan{}
+	mi := &file_shardgate_v1_admin_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ShardPlan) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ShardPlan) ProtoMessage() {}
+
+func (x *ShardPlan) ProtoReflect() protoreflect.Message {
+	mi := &file_shardgate_v1_admin_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ShardPlan.ProtoReflect.Descriptor instead.
+func (*ShardPlan) Descriptor() ([]byte, []int) {
+	return file_shardgate_v1_admin_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *ShardPlan) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *ShardPlan) GetState() ShardState {
+	if x != nil {
+		return x.State
+	}
+	return ShardState_SHARD_STATE_UNSPECIFIED
+}
+
+func (x *ShardPlan) GetWeight() int32 {
+	if x != nil {
+		return x.Weight
+	}
+	return 0
+}
+
+func (x *ShardPlan) GetPartitionsBefore() int32 {
+	if x != nil {
+		return x.PartitionsBefore
+	}
+	return 0
+}
+
+func (x *ShardPlan) GetPartitionsAfter() int32 {
+	if x != nil {
+		return x.PartitionsAfter
+	}
+	return 0
+}
+
+func (x *ShardPlan) GetShare() float64 {
+	if x != nil {
+		return x.Share
+	}
+	return 0
+}
+
+type StartRebalanceRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Moves run at once: 0 (default 2) or 1-64.
+	MaxParallel int32 `protobuf:"varint,1,opt,name=max_parallel,json=maxParallel" json:"max_parallel,omitempty"`
+	// The longest a cutover may keep writes to its partitions waiting:
+	// 0 (default 100) or 1-1000 ms.
+	FreezeBudgetMs int32 `protobuf:"varint,2,opt,name=freeze_budget_ms,json=freezeBudgetMs" json:"freeze_budget_ms,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *StartRebalanceRequest) Reset() {
+	*x = StartRebalanceRequest{}
+	mi := &file_shardgate_v1_admin_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StartRebalanceRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StartRebalanceRequest) ProtoMessage() {}
+
+func (x *StartRebalanceRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_shardgate_v1_admin_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StartRebalanceRequest.ProtoReflect.Descriptor instead.
+func (*StartRebalanceRequest) Descriptor() ([]byte, []int) {
+	return file_shardgate_v1_admin_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *StartRebalanceRequest) GetMaxParallel() int32 {
+	if x != nil {
+		return x.MaxParallel
+	}
+	return 0
+}
+
+func (x *StartRebalanceRequest) GetFreezeBudgetMs() int32 {
+	if x != nil {
+		return x.FreezeBudgetMs
+	}
+	return 0
+}
+
+type StartRebalanceResponse struct {
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	RebalanceId int64                  `protobuf:"varint,1,opt,name=rebalance_id,json=rebalanceId" json:"rebalance_id,omitempty"`
+	// What was planned (empty moves: nothing to do, recorded as done).
+	Plan          *PlanRebalanceResponse `protobuf:"bytes,2,opt,name=plan" json:"plan,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StartRebalanceResponse) Reset() {
+	*x = StartRebalanceResponse{}
+	mi := &file_shardgate_v1_admin_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StartRebalanceResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StartRebalanceResponse) ProtoMessage() {}
+
+func (x *StartRebalanceResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_shardgate_v1_admin_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StartRebalanceResponse.ProtoReflect.Descriptor instead.
+func (*StartRebalanceResponse) Descriptor() ([]byte, []int) {
+	return file_shardgate_v1_admin_proto_rawDescGZIP(), []int{25}
+}
+
+func (x *StartRebalanceResponse) GetRebalanceId() int64 {
+	if x != nil {
+		return x.RebalanceId
+	}
+	return 0
+}
+
+func (x *StartRebalanceResponse) GetPlan() *PlanRebalanceResponse {
+	if x != nil {
+		return x.Plan
+	}
+	return nil
+}
+
+type GetRebalanceRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetRebalanceRequest) Reset() {
+	*x = GetRebalanceRequest{}
+	mi := &file_shardgate_v1_admin_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetRebalanceRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetRebalanceRequest) ProtoMessage() {}
+
+func (x *GetRebalanceRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_shardgate_v1_admin_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetRebalanceRequest.ProtoReflect.Descriptor instead.
+func (*GetRebalanceRequest) Descriptor() ([]byte, []int) {
+	return file_shardgate_v1_admin_proto_rawDescGZIP(), []int{26}
+}
+
+type GetRebalanceResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Rebalance     *Rebalance             `protobuf:"bytes,1,opt,name=rebalance" json:"rebalance,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetRebalanceResponse) Reset() {
+	*x = GetRebalanceResponse{}
+	mi := &file_shardgate_v1_admin_proto_msgTypes[27]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetRebalanceResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetRebalanceResponse) ProtoMessage() {}
+
+func (x *GetRebalanceResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_shardgate_v1_admin_proto_msgTypes[27]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetRebalanceResponse.ProtoReflect.Descriptor instead.
+func (*GetRebalanceResponse) Descriptor() ([]byte, []int) {
+	return file_shardgate_v1_admin_proto_rawDescGZIP(), []int{27}
+}
+
+func (x *GetRebalanceResponse) GetRebalance() *Rebalance {
+	if x != nil {
+		return x.Rebalance
+	}
+	return nil
+}
+
+type WatchRebalanceRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WatchRebalanceRequest) Reset() {
+	*x = WatchRebalanceRequest{}
+	mi := &file_shardgate_v1_admin_proto_msgTypes[28]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WatchRebalanceRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WatchRebalanceRequest) ProtoMessage() {}
+
+func (x *WatchRebalanceRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_shardgate_v1_admin_proto_msgTypes[28]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WatchRebalanceRequest.ProtoReflect.Descriptor instead.
+func (*WatchRebalanceRequest) Descriptor() ([]byte, []int) {
+	return file_shardgate_v1_admin_proto_rawDescGZIP(), []int{28}
+}
+
+type WatchRebalanceResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Rebalance     *Rebalance             `protobuf:"bytes,1,opt,name=rebalance" json:"rebalance,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WatchRebalanceResponse) Reset() {
+	*x = WatchRebalanceResponse{}
+	mi := &file_shardgate_v1_admin_proto_msgTypes[29]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WatchRebalanceResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WatchRebalanceResponse) ProtoMessage() {}
+
+func (x *WatchRebalanceResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_shardgate_v1_admin_proto_msgTypes[29]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WatchRebalanceResponse.ProtoReflect.Descriptor instead.
+func (*WatchRebalanceResponse) Descriptor() ([]byte, []int) {
+	return file_shardgate_v1_admin_proto_rawDescGZIP(), []int{29}
+}
+
+func (x *WatchRebalanceResponse) GetRebalance() *Rebalance {
+	if x != nil {
+		return x.Rebalance
+	}
+	return nil
+}
+
+type CancelRebalanceRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CancelRebalanceRequest) Reset() {
+	*x = CancelRebalanceRequest{}
+	mi := &file_shardgate_v1_admin_proto_msgTypes[30]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CancelRebalanceRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CancelRebalanceRequest) ProtoMessage() {}
+
+func (x *CancelRebalanceRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_shardgate_v1_admin_proto_msgTypes[30]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CancelRebalanceRequest.ProtoReflect.Descriptor instead.
+func (*CancelRebalanceRequest) Descriptor() ([]byte, []int) {
+	return file_shardgate_v1_admin_proto_rawDescGZIP(), []int{30}
+}
+
+type CancelRebalanceResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	RebalanceId   int64                  `protobuf:"varint,1,opt,name=rebalance_id,json=rebalanceId" json:"rebalance_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CancelRebalanceResponse) Reset() {
+	*x = CancelRebalanceResponse{}
+	mi := &file_shardgate_v1_admin_proto_msgTypes[31]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CancelRebalanceResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CancelRebalanceResponse) ProtoMessage() {}
+
+func (x *CancelRebalanceResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_shardgate_v1_admin_proto_msgTypes[31]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CancelRebalanceResponse.ProtoReflect.Descriptor instead.
+func (*CancelRebalanceResponse) Descriptor() ([]byte, []int) {
+	return file_shardgate_v1_admin_proto_rawDescGZIP(), []int{31}
+}
+
+func (x *CancelRebalanceResponse) GetRebalanceId() int64 {
+	if x != nil {
+		return x.RebalanceId
+	}
+	return 0
+}
+
+type Rebalance struct {
+	state           protoimpl.MessageState `protogen:"open.v1"`
+	Id              int64                  `protobuf:"varint,1,opt,name=id" json:"id,omitempty"`
+	State           RebalanceState         `protobuf:"varint,2,opt,name=state,enum=shardgate.v1.RebalanceState" json:"state,omitempty"`
+	CancelRequested bool                   `protobuf:"varint,3,opt,name=cancel_requested,json=cancelRequested" json:"cancel_requested,omitempty"`
+	MaxParallel     int32                  `protobuf:"varint,4,opt,name=max_parallel,json=maxParallel" json:"max_parallel,omitempty"`
+	FreezeBudgetMs  int32                  `protobuf:"varint,5,opt,name=freeze_budget_ms,json=freezeBudgetMs" json:"freeze_budget_ms,omitempty"`
+	CreatedAt       *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=created_at,json=createdAt" json:"created_at,omitempty"`
+	// Unset while running.
+	FinishedAt *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=finished_at,json=finishedAt" json:"finished_at,omitempty"`
+	Error      string                 `protobuf:"bytes,8,opt,name=error" json:"error,omitempty"`
+	Moves      []*Move                `protobuf:"bytes,9,rep,name=moves" json:"moves,omitempty"`
+	// Totals over the moves.
+	RowsTotal     int64 `protobuf:"varint,10,opt,name=rows_total,json=rowsTotal" json:"rows_total,omitempty"`
+	RowsCopied    int64 `protobuf:"varint,11,opt,name=rows_copied,json=rowsCopied" json:"rows_copied,omitempty"`
+	MovesDone     int32 `protobuf:"varint,12,opt,name=moves_done,json=movesDone" json:"moves_done,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Rebalance) Reset() {
+	*x = Rebalance{}
+	mi := &file_shardgate_v1_admin_proto_msgTypes[32]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Rebalance) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Rebalance) ProtoMessage() {}
+
+func (x *Rebalance) ProtoReflect() protoreflect.Message {
+	mi := &file_shardgate_v1_admin_proto_msgTypes[32]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Rebalance.ProtoReflect.Descriptor instead.
+func (*Rebalance) Descriptor() ([]byte, []int) {
+	return file_shardgate_v1_admin_proto_rawDescGZIP(), []int{32}
+}
+
+func (x *Rebalance) GetId() int64 {
+	if x != nil {
+		return x.Id
+	}
+	return 0
+}
+
+func (x *Rebalance) GetState() RebalanceState {
+	if x != nil {
+		return x.State
+	}
+	return RebalanceState_REBALANCE_STATE_UNSPECIFIED
+}
+
+func (x *Rebalance) GetCancelRequested() bool {
+	if x != nil {
+		return x.CancelRequested
+	}
+	return false
+}
+
+func (x *Rebalance) GetMaxParallel() int32 {
+	if x != nil {
+		return x.MaxParallel
+	}
+	return 0
+}
+
+func (x *Rebalance) GetFreezeBudgetMs() int32 {
+	if x != nil {
+		return x.FreezeBudgetMs
+	}
+	return 0
+}
+
+func (x *Rebalance) GetCreatedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.CreatedAt
+	}
+	return nil
+}
+
+func (x *Rebalance) GetFinishedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.FinishedAt
+	}
+	return nil
+}
+
+func (x *Rebalance) GetError() string {
+	if x != nil {
+		return x.Error
+	}
+	return ""
+}
+
+func (x *Rebalance) GetMoves() []*Move {
+	if x != nil {
+		return x.Moves
+	}
+	return nil
+}
+
+func (x *Rebalance) GetRowsTotal() int64 {
+	if x != nil {
+		return x.RowsTotal
+	}
+	return 0
+}
+
+func (x *Rebalance) GetRowsCopied() int64 {
+	if x != nil {
+		return x.RowsCopied
+	}
+	return 0
+}
+
+func (x *Rebalance) GetMovesDone() int32 {
+	if x != nil {
+		return x.MovesDone
+	}
+	return 0
+}
+
+// Move is one batch of partitions moving from source to target.
+type Move struct {
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	Id         int64                  `protobuf:"varint,1,opt,name=id" json:"id,omitempty"`
+	Source     string                 `protobuf:"bytes,2,opt,name=source" json:"source,omitempty"`
+	Target     string                 `protobuf:"bytes,3,opt,name=target" json:"target,omitempty"`
+	Partitions []int32                `protobuf:"varint,4,rep,packed,name=partitions" json:"partitions,omitempty"`
+	// planned, copying, catching_up, verified, frozen, cut_over, cleaned_up
+	// (done), rolling_back, failed, cancelled.
+	State      string `protobuf:"bytes,5,opt,name=state" json:"state,omitempty"`
+	RowsTotal  int64  `protobuf:"varint,6,opt,name=rows_total,json=rowsTotal" json:"rows_total,omitempty"`
+	RowsCopied int64  `protobuf:"varint,7,opt,name=rows_copied,json=rowsCopied" json:"rows_copied,omitempty"`
+	BytesTotal int64  `protobuf:"varint,8,opt,name=bytes_total,json=bytesTotal" json:"bytes_total,omitempty"`
+	// Failed attempts of the current state.
+	Attempts int32 `protobuf:"varint,9,opt,name=attempts" json:"attempts,omitempty"`
+	// Cutovers completed (1 when done) and the write pause they took:
+	// freeze to catalog flip.
+	Freezes      int32   `protobuf:"varint,10,opt,name=freezes" json:"freezes,omitempty"`
+	LastFreezeMs float64 `protobuf:"fixed64,11,opt,name=last_freeze_ms,json=lastFreezeMs" json:"last_freeze_ms,omitempty"`
+	MaxFreezeMs  float64 `protobuf:"fixed64,12,opt,name=max_freeze_ms,json=maxFreezeMs" json:"max_freeze_ms,omitempty"`
+	// Rows whose checksums matched on source and target.
+	VerifiedRows int64                  `protobuf:"varint,13,opt,name=verified_rows,json=verifiedRows" json:"verified_rows,omitempty"`
+	LastError    string                 `protobuf:"bytes,14,opt,name=last_error,json=lastError" json:"last_error,omitempty"`
+	StartedAt    *timestamppb.Timestamp `protobuf:"bytes,15,opt,name=started_at,json=startedAt" json:"started_at,omitempty"`
+	UpdatedAt    *timestamppb.Timestamp `protobuf:"bytes,16,opt,name=updated_at,json=updatedAt" json:"updated_at,omitempty"`
+	FinishedAt   *timestamppb.Timestamp `protobuf:"bytes,17,opt,name=finished_at,json=finishedAt" json:"finished_at,omitempty"`
+	// Copy rate so far and the time left at that rate (copy phase only).
+	RowsPerSecond float64              `protobuf:"fixed64,18,opt,name=rows_per_second,json=rowsPerSecond" json:"rows_per_second,omitempty"`
+	Eta           *durationpb.Duration `protobuf:"bytes,19,opt,name=eta" json:"eta,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Move) Reset() {
+	*x = Move{}
+	mi := &file_shardgate_v1_admin_proto_msgTypes[33]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Move) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Move) ProtoMessage() {}
+
+func (x *Move) ProtoReflect() protoreflect.Message {
+	mi := &file_shardgate_v1_admin_proto_msgTypes[33]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Move.ProtoReflect.Descriptor instead.
+func (*Move) Descriptor() ([]byte, []int) {
+	return file_shardgate_v1_admin_proto_rawDescGZIP(), []int{33}
+}
+
+func (x *Move) GetId() int64 {
+	if x != nil {
+		return x.Id
+	}
+	return 0
+}
+
+func (x *Move) GetSource() string {
+	if x != nil {
+		return x.Source
+	}
+	return ""
+}
+
+func (x *Move) GetTarget() string {
+	if x != nil {
+		return x.Target
+	}
+	return ""
+}
+
+func (x *Move) GetPartitions() []int32 {
+	if x != nil {
+		return x.Partitions
+	}
+	return nil
+}
+
+func (x *Move) GetState() string {
+	if x != nil {
+		return x.State
+	}
+	return ""
+}
+
+func (x *Move) GetRowsTotal() int64 {
+	if x != nil {
+		return x.RowsTotal
+	}
+	return 0
+}
+
+func (x *Move) GetRowsCopied() int64 {
+	if x != nil {
+		return x.RowsCopied
+	}
+	return 0
+}
+
+func (x *Move) GetBytesTotal() int64 {
+	if x != nil {
+		return x.BytesTotal
+	}
+	return 0
+}
+
+func (x *Move) GetAttempts() int32 {
+	if x != nil {
+		return x.Attempts
+	}
+	return 0
+}
+
+func (x *Move) GetFreezes() int32 {
+	if x != nil {
+		return x.Freezes
+	}
+	return 0
+}
+
+func (x *Move) GetLastFreezeMs() float64 {
+	if x != nil {
+		return x.LastFreezeMs
+	}
+	return 0
+}
+
+func (x *Move) GetMaxFreezeMs() float64 {
+	if x != nil {
+		return x.MaxFreezeMs
+	}
+	return 0
+}
+
+func (x *Move) GetVerifiedRows() int64 {
+	if x != nil {
+		return x.VerifiedRows
+	}
+	return 0
+}
+
+func (x *Move) GetLastError() string {
+	if x != nil {
+		return x.LastError
+	}
+	return ""
+}
+
+func (x *Move) GetStartedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.StartedAt
+	}
+	return nil
+}
+
+func (x *Move) GetUpdatedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.UpdatedAt
+	}
+	return nil
+}
+
+func (x *Move) GetFinishedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.FinishedAt
+	}
+	return nil
+}
+
+func (x *Move) GetRowsPerSecond() float64 {
+	if x != nil {
+		return x.RowsPerSecond
+	}
+	return 0
+}
+
+func (x *Move) GetEta() *durationpb.Duration {
+	if x != nil {
+		return x.Eta
+	}
+	return nil
+}
+
+type VerifyPartitionRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Partition     int32                  `protobuf:"varint,1,opt,name=partition" json:"partition,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *VerifyPartitionRequest) Reset() {
+	*x = VerifyPartitionRequest{}
+	mi := &file_shardgate_v1_admin_proto_msgTypes[34]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VerifyPartitionRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VerifyPartitionRequest) ProtoMessage() {}
+
+func (x *VerifyPartitionRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_shardgate_v1_admin_proto_msgTypes[34]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VerifyPartitionRequest.ProtoReflect.Descriptor instead.
+func (*VerifyPartitionRequest) Descriptor() ([]byte, []int) {
+	return file_shardgate_v1_admin_proto_rawDescGZIP(), []int{34}
+}
+
+func (x *VerifyPartitionRequest) GetPartition() int32 {
+	if x != nil {
+		return x.Partition
+	}
+	return 0
+}
+
+type VerifyPartitionResponse struct {
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Partition int32                  `protobuf:"varint,1,opt,name=partition" json:"partition,omitempty"`
+	// The shard the catalog names as owner.
+	Owner string `protobuf:"bytes,2,opt,name=owner" json:"owner,omitempty"`
+	// Every shard holding rows of the partition, the owner first.
+	Copies []*PartitionCopy `protobuf:"bytes,3,rep,name=copies" json:"copies,omitempty"`
+	// A move of the partition that has not ended, if any.
+	Move *Move `protobuf:"bytes,4,opt,name=move" json:"move,omitempty"`
+	// False when a shard other than the owner holds rows of the partition
+	// and it is not the target of the move in flight.
+	Ok            bool   `protobuf:"varint,5,opt,name=ok" json:"ok,omitempty"`
+	Problem       string `protobuf:"bytes,6,opt,name=problem" json:"problem,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *VerifyPartitionResponse) Reset() {
+	*x = VerifyPartitionResponse{}
+	mi := &file_shardgate_v1_admin_proto_msgTypes[35]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VerifyPartitionResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VerifyPartitionResponse) ProtoMessage() {}
+
+func (x *VerifyPartitionResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_shardgate_v1_admin_proto_msgTypes[35]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VerifyPartitionResponse.ProtoReflect.Descriptor instead.
+func (*VerifyPartitionResponse) Descriptor() ([]byte, []int) {
+	return file_shardgate_v1_admin_proto_rawDescGZIP(), []int{35}
+}
+
+func (x *VerifyPartitionResponse) GetPartition() int32 {
+	if x != nil {
+		return x.Partition
+	}
+	return 0
+}
+
+func (x *VerifyPartitionResponse) GetOwner() string {
+	if x != nil {
+		return x.Owner
+	}
+	return ""
+}
+
+func (x *VerifyPartitionResponse) GetCopies() []*PartitionCopy {
+	if x != nil {
+		return x.Copies
+	}
+	return nil
+}
+
+func (x *VerifyPartitionResponse) GetMove() *Move {
+	if x != nil {
+		return x.Move
+	}
+	return nil
+}
+
+func (x *VerifyPartitionResponse) GetOk() bool {
+	if x != nil {
+		return x.Ok
+	}
+	return false
+}
+
+func (x *VerifyPartitionResponse) GetProblem() string {
+	if x != nil {
+		return x.Problem
+	}
+	return ""
+}
+
+// PartitionCopy is what one shard holds of a partition.
+type PartitionCopy struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Shard string                 `protobuf:"bytes,1,opt,name=shard" json:"shard,omitempty"`
+	// owned, frozen, moved, or empty when the shard lists no ownership row.
+	Ownership string           `protobuf:"bytes,2,opt,name=ownership" json:"ownership,omitempty"`
+	Tables    []*TableChecksum `protobuf:"bytes,3,rep,name=tables" json:"tables,omitempty"`
+	// Set when the shard could not be asked; the rest is then empty.
+	Error         string `protobuf:"bytes,4,opt,name=error" json:"error,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PartitionCopy) Reset() {
+	*x = PartitionCopy{}
+	mi := &file_shardgate_v1_admin_proto_msgTypes[36]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PartitionCopy) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PartitionCopy) ProtoMessage() {}
+
+func (x *PartitionCopy) ProtoReflect() protoreflect.Message {
+	mi := &file_shardgate_v1_admin_proto_msgTypes[36]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PartitionCopy.ProtoReflect.Descriptor instead.
+func (*PartitionCopy) Descriptor() ([]byte, []int) {
+	return file_shardgate_v1_admin_proto_rawDescGZIP(), []int{36}
+}
+
+func (x *PartitionCopy) GetShard() string {
+	if x != nil {
+		return x.Shard
+	}
+	return ""
+}
+
+func (x *PartitionCopy) GetOwnership() string {
+	if x != nil {
+		return x.Ownership
+	}
+	return ""
+}
+
+func (x *PartitionCopy) GetTables() []*TableChecksum {
+	if x != nil {
+		return x.Tables
+	}
+	return nil
+}
+
+func (x *PartitionCopy) GetError() string {
+	if x != nil {
+		return x.Error
+	}
+	return ""
+}
+
+type TableChecksum struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Table string                 `protobuf:"bytes,1,opt,name=table" json:"table,omitempty"`
+	Rows  int64                  `protobuf:"varint,2,opt,name=rows" json:"rows,omitempty"`
+	// The sum of a 64-bit hash of each row's text, as a decimal.
+	Hash          string `protobuf:"bytes,3,opt,name=hash" json:"hash,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TableChecksum) Reset() {
+	*x = TableChecksum{}
+	mi := &file_shardgate_v1_admin_proto_msgTypes[37]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TableChecksum) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TableChecksum) ProtoMessage() {}
+
+func (x *TableChecksum) ProtoReflect() protoreflect.Message {
+	mi := &file_shardgate_v1_admin_proto_msgTypes[37]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TableChecksum.ProtoReflect.Descriptor instead.
+func (*TableChecksum) Descriptor() ([]byte, []int) {
+	return file_shardgate_v1_admin_proto_rawDescGZIP(), []int{37}
+}
+
+func (x *TableChecksum) GetTable() string {
+	if x != nil {
+		return x.Table
+	}
+	return ""
+}
+
+func (x *TableChecksum) GetRows() int64 {
+	if x != nil {
+		return x.Rows
+	}
+	return 0
+}
+
+func (x *TableChecksum) GetHash() string {
+	if x != nil {
+		return x.Hash
+	}
+	return ""
+}
+
 var File_shardgate_v1_admin_proto protoreflect.FileDescriptor
 
 const file_shardgate_v1_admin_proto_rawDesc = "" +
 	"\n" +
-	"\x18shardgate/v1/admin.proto\x12\fshardgate.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x14\n" +
+	"\x18shardgate/v1/admin.proto\x12\fshardgate.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x14\n" +
 	"\x12GetTopologyRequest\"\x89\x01\n" +
 	"\x13GetTopologyResponse\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\x03R\aversion\x12'\n" +
 	"\x0fpartition_count\x18\x02 \x01(\x05R\x0epartitionCount\x12/\n" +
-	"\x06shards\x18\x03 \x03(\v2\x17.shardgate.v1.ShardInfoR\x06shards\"x\n" +
+	"\x06shards\x18\x03 \x03(\v2\x17.shardgate.v1.ShardInfoR\x06shards\"\x90\x01\n" +
 	"\tShardInfo\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12.\n" +
 	"\x05state\x18\x02 \x01(\x0e2\x18.shardgate.v1.ShardStateR\x05state\x12'\n" +
-	"\x0fpartition_count\x18\x03 \x01(\x05R\x0epartitionCount\",\n" +
+	"\x0fpartition_count\x18\x03 \x01(\x05R\x0epartitionCount\x12\x16\n" +
+	"\x06weight\x18\x04 \x01(\x05R\x06weight\",\n" +
 	"\x11LocateUserRequest\x12\x17\n" +
 	"\auser_id\x18\x01 \x01(\tR\x06userId\"s\n" +
 	"\x12LocateUserResponse\x12\x1c\n" +
@@ -736,19 +2408,160 @@ const file_shardgate_v1_admin_proto_rawDesc = "" +
 	"\vschema_json\x18\x01 \x01(\tR\n" +
 	"schemaJson\x129\n" +
 	"\n" +
-	"updated_at\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\tupdatedAt*[\n" +
+	"updated_at\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\tupdatedAt\"O\n" +
+	"\x0fAddShardRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x10\n" +
+	"\x03dsn\x18\x02 \x01(\tR\x03dsn\x12\x16\n" +
+	"\x06weight\x18\x03 \x01(\x05R\x06weight\"A\n" +
+	"\x10AddShardResponse\x12-\n" +
+	"\x05shard\x18\x01 \x01(\v2\x17.shardgate.v1.ShardInfoR\x05shard\"'\n" +
+	"\x11DrainShardRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"\x14\n" +
+	"\x12DrainShardResponse\"*\n" +
+	"\x14ActivateShardRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"\x17\n" +
+	"\x15ActivateShardResponse\">\n" +
+	"\x12RemoveShardRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n" +
+	"\x05force\x18\x02 \x01(\bR\x05force\"\x15\n" +
+	"\x13RemoveShardResponse\"9\n" +
+	"\x14PlanRebalanceRequest\x12!\n" +
+	"\fmax_parallel\x18\x01 \x01(\x05R\vmaxParallel\"\xb2\x02\n" +
+	"\x15PlanRebalanceResponse\x12)\n" +
+	"\x10topology_version\x18\x01 \x01(\x03R\x0ftopologyVersion\x12/\n" +
+	"\x05moves\x18\x02 \x03(\v2\x19.shardgate.v1.PlannedMoveR\x05moves\x12/\n" +
+	"\x06shards\x18\x03 \x03(\v2\x17.shardgate.v1.ShardPlanR\x06shards\x12+\n" +
+	"\x11partitions_moving\x18\x04 \x01(\x05R\x10partitionsMoving\x12\x12\n" +
+	"\x04rows\x18\x05 \x01(\x03R\x04rows\x12\x14\n" +
+	"\x05bytes\x18\x06 \x01(\x03R\x05bytes\x125\n" +
+	"\bestimate\x18\a \x01(\v2\x19.google.protobuf.DurationR\bestimate\"\x87\x01\n" +
+	"\vPlannedMove\x12\x16\n" +
+	"\x06source\x18\x01 \x01(\tR\x06source\x12\x16\n" +
+	"\x06target\x18\x02 \x01(\tR\x06target\x12\x1e\n" +
+	"\n" +
+	"partitions\x18\x03 \x03(\x05R\n" +
+	"partitions\x12\x12\n" +
+	"\x04rows\x18\x04 \x01(\x03R\x04rows\x12\x14\n" +
+	"\x05bytes\x18\x05 \x01(\x03R\x05bytes\"\xd5\x01\n" +
+	"\tShardPlan\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12.\n" +
+	"\x05state\x18\x02 \x01(\x0e2\x18.shardgate.v1.ShardStateR\x05state\x12\x16\n" +
+	"\x06weight\x18\x03 \x01(\x05R\x06weight\x12+\n" +
+	"\x11partitions_before\x18\x04 \x01(\x05R\x10partitionsBefore\x12)\n" +
+	"\x10partitions_after\x18\x05 \x01(\x05R\x0fpartitionsAfter\x12\x14\n" +
+	"\x05share\x18\x06 \x01(\x01R\x05share\"d\n" +
+	"\x15StartRebalanceRequest\x12!\n" +
+	"\fmax_parallel\x18\x01 \x01(\x05R\vmaxParallel\x12(\n" +
+	"\x10freeze_budget_ms\x18\x02 \x01(\x05R\x0efreezeBudgetMs\"t\n" +
+	"\x16StartRebalanceResponse\x12!\n" +
+	"\frebalance_id\x18\x01 \x01(\x03R\vrebalanceId\x127\n" +
+	"\x04plan\x18\x02 \x01(\v2#.shardgate.v1.PlanRebalanceResponseR\x04plan\"\x15\n" +
+	"\x13GetRebalanceRequest\"M\n" +
+	"\x14GetRebalanceResponse\x125\n" +
+	"\trebalance\x18\x01 \x01(\v2\x17.shardgate.v1.RebalanceR\trebalance\"\x17\n" +
+	"\x15WatchRebalanceRequest\"O\n" +
+	"\x16WatchRebalanceResponse\x125\n" +
+	"\trebalance\x18\x01 \x01(\v2\x17.shardgate.v1.RebalanceR\trebalance\"\x18\n" +
+	"\x16CancelRebalanceRequest\"<\n" +
+	"\x17CancelRebalanceResponse\x12!\n" +
+	"\frebalance_id\x18\x01 \x01(\x03R\vrebalanceId\"\xde\x03\n" +
+	"\tRebalance\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\x03R\x02id\x122\n" +
+	"\x05state\x18\x02 \x01(\x0e2\x1c.shardgate.v1.RebalanceStateR\x05state\x12)\n" +
+	"\x10cancel_requested\x18\x03 \x01(\bR\x0fcancelRequested\x12!\n" +
+	"\fmax_parallel\x18\x04 \x01(\x05R\vmaxParallel\x12(\n" +
+	"\x10freeze_budget_ms\x18\x05 \x01(\x05R\x0efreezeBudgetMs\x129\n" +
+	"\n" +
+	"created_at\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\x12;\n" +
+	"\vfinished_at\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"finishedAt\x12\x14\n" +
+	"\x05error\x18\b \x01(\tR\x05error\x12(\n" +
+	"\x05moves\x18\t \x03(\v2\x12.shardgate.v1.MoveR\x05moves\x12\x1d\n" +
+	"\n" +
+	"rows_total\x18\n" +
+	" \x01(\x03R\trowsTotal\x12\x1f\n" +
+	"\vrows_copied\x18\v \x01(\x03R\n" +
+	"rowsCopied\x12\x1d\n" +
+	"\n" +
+	"moves_done\x18\f \x01(\x05R\tmovesDone\"\xa9\x05\n" +
+	"\x04Move\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\x03R\x02id\x12\x16\n" +
+	"\x06source\x18\x02 \x01(\tR\x06source\x12\x16\n" +
+	"\x06target\x18\x03 \x01(\tR\x06target\x12\x1e\n" +
+	"\n" +
+	"partitions\x18\x04 \x03(\x05R\n" +
+	"partitions\x12\x14\n" +
+	"\x05state\x18\x05 \x01(\tR\x05state\x12\x1d\n" +
+	"\n" +
+	"rows_total\x18\x06 \x01(\x03R\trowsTotal\x12\x1f\n" +
+	"\vrows_copied\x18\a \x01(\x03R\n" +
+	"rowsCopied\x12\x1f\n" +
+	"\vbytes_total\x18\b \x01(\x03R\n" +
+	"bytesTotal\x12\x1a\n" +
+	"\battempts\x18\t \x01(\x05R\battempts\x12\x18\n" +
+	"\afreezes\x18\n" +
+	" \x01(\x05R\afreezes\x12$\n" +
+	"\x0elast_freeze_ms\x18\v \x01(\x01R\flastFreezeMs\x12\"\n" +
+	"\rmax_freeze_ms\x18\f \x01(\x01R\vmaxFreezeMs\x12#\n" +
+	"\rverified_rows\x18\r \x01(\x03R\fverifiedRows\x12\x1d\n" +
+	"\n" +
+	"last_error\x18\x0e \x01(\tR\tlastError\x129\n" +
+	"\n" +
+	"started_at\x18\x0f \x01(\v2\x1a.google.protobuf.TimestampR\tstartedAt\x129\n" +
+	"\n" +
+	"updated_at\x18\x10 \x01(\v2\x1a.google.protobuf.TimestampR\tupdatedAt\x12;\n" +
+	"\vfinished_at\x18\x11 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"finishedAt\x12&\n" +
+	"\x0frows_per_second\x18\x12 \x01(\x01R\rrowsPerSecond\x12+\n" +
+	"\x03eta\x18\x13 \x01(\v2\x19.google.protobuf.DurationR\x03eta\"6\n" +
+	"\x16VerifyPartitionRequest\x12\x1c\n" +
+	"\tpartition\x18\x01 \x01(\x05R\tpartition\"\xd4\x01\n" +
+	"\x17VerifyPartitionResponse\x12\x1c\n" +
+	"\tpartition\x18\x01 \x01(\x05R\tpartition\x12\x14\n" +
+	"\x05owner\x18\x02 \x01(\tR\x05owner\x123\n" +
+	"\x06copies\x18\x03 \x03(\v2\x1b.shardgate.v1.PartitionCopyR\x06copies\x12&\n" +
+	"\x04move\x18\x04 \x01(\v2\x12.shardgate.v1.MoveR\x04move\x12\x0e\n" +
+	"\x02ok\x18\x05 \x01(\bR\x02ok\x12\x18\n" +
+	"\aproblem\x18\x06 \x01(\tR\aproblem\"\x8e\x01\n" +
+	"\rPartitionCopy\x12\x14\n" +
+	"\x05shard\x18\x01 \x01(\tR\x05shard\x12\x1c\n" +
+	"\townership\x18\x02 \x01(\tR\townership\x123\n" +
+	"\x06tables\x18\x03 \x03(\v2\x1b.shardgate.v1.TableChecksumR\x06tables\x12\x14\n" +
+	"\x05error\x18\x04 \x01(\tR\x05error\"M\n" +
+	"\rTableChecksum\x12\x14\n" +
+	"\x05table\x18\x01 \x01(\tR\x05table\x12\x12\n" +
+	"\x04rows\x18\x02 \x01(\x03R\x04rows\x12\x12\n" +
+	"\x04hash\x18\x03 \x01(\tR\x04hash*[\n" +
 	"\n" +
 	"ShardState\x12\x1b\n" +
 	"\x17SHARD_STATE_UNSPECIFIED\x10\x00\x12\x16\n" +
 	"\x12SHARD_STATE_ACTIVE\x10\x01\x12\x18\n" +
-	"\x14SHARD_STATE_DRAINING\x10\x022\xd3\x03\n" +
+	"\x14SHARD_STATE_DRAINING\x10\x02*\xa3\x01\n" +
+	"\x0eRebalanceState\x12\x1f\n" +
+	"\x1bREBALANCE_STATE_UNSPECIFIED\x10\x00\x12\x1b\n" +
+	"\x17REBALANCE_STATE_RUNNING\x10\x01\x12\x18\n" +
+	"\x14REBALANCE_STATE_DONE\x10\x02\x12\x1a\n" +
+	"\x16REBALANCE_STATE_FAILED\x10\x03\x12\x1d\n" +
+	"\x19REBALANCE_STATE_CANCELLED\x10\x042\xca\n" +
+	"\n" +
 	"\fAdminService\x12R\n" +
 	"\vGetTopology\x12 .shardgate.v1.GetTopologyRequest\x1a!.shardgate.v1.GetTopologyResponse\x12O\n" +
 	"\n" +
 	"LocateUser\x12\x1f.shardgate.v1.LocateUserRequest\x1a .shardgate.v1.LocateUserResponse\x12^\n" +
 	"\x0fMigrationStatus\x12$.shardgate.v1.MigrationStatusRequest\x1a%.shardgate.v1.MigrationStatusResponse\x12^\n" +
 	"\x0fSetConfigSchema\x12$.shardgate.v1.SetConfigSchemaRequest\x1a%.shardgate.v1.SetConfigSchemaResponse\x12^\n" +
-	"\x0fGetConfigSchema\x12$.shardgate.v1.GetConfigSchemaRequest\x1a%.shardgate.v1.GetConfigSchemaResponseBFZ=github.com/shardgate/shardgate/proto/shardgate/v1;shardgatev1\x92\x03\x04\b\x02 \x03b\beditionsp\xe8\a"
+	"\x0fGetConfigSchema\x12$.shardgate.v1.GetConfigSchemaRequest\x1a%.shardgate.v1.GetConfigSchemaResponse\x12I\n" +
+	"\bAddShard\x12\x1d.shardgate.v1.AddShardRequest\x1a\x1e.shardgate.v1.AddShardResponse\x12O\n" +
+	"\n" +
+	"DrainShard\x12\x1f.shardgate.v1.DrainShardRequest\x1a .shardgate.v1.DrainShardResponse\x12X\n" +
+	"\rActivateShard\x12\".shardgate.v1.ActivateShardRequest\x1a#.shardgate.v1.ActivateShardResponse\x12R\n" +
+	"\vRemoveShard\x12 .shardgate.v1.RemoveShardRequest\x1a!.shardgate.v1.RemoveShardResponse\x12X\n" +
+	"\rPlanRebalance\x12\".shardgate.v1.PlanRebalanceRequest\x1a#.shardgate.v1.PlanRebalanceResponse\x12[\n" +
+	"\x0eStartRebalance\x12#.shardgate.v1.StartRebalanceRequest\x1a$.shardgate.v1.StartRebalanceResponse\x12U\n" +
+	"\fGetRebalance\x12!.shardgate.v1.GetRebalanceRequest\x1a\".shardgate.v1.GetRebalanceResponse\x12]\n" +
+	"\x0eWatchRebalance\x12#.shardgate.v1.WatchRebalanceRequest\x1a$.shardgate.v1.WatchRebalanceResponse0\x01\x12^\n" +
+	"\x0fCancelRebalance\x12$.shardgate.v1.CancelRebalanceRequest\x1a%.shardgate.v1.CancelRebalanceResponse\x12^\n" +
+	"\x0fVerifyPartition\x12$.shardgate.v1.VerifyPartitionRequest\x1a%.shardgate.v1.VerifyPartitionResponseBFZ=github.com/shardgate/shardgate/proto/shardgate/v1;shardgatev1\x92\x03\x04\b\x02 \x03b\beditionsp\xe8\a"
 
 var (
 	file_shardgate_v1_admin_proto_rawDescOnce sync.Once
@@ -762,45 +2575,112 @@ func file_shardgate_v1_admin_proto_rawDescGZIP() []byte {
 	return file_shardgate_v1_admin_proto_rawDescData
 }
 
-var file_shardgate_v1_admin_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_shardgate_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 12)
+var file_shardgate_v1_admin_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
+var file_shardgate_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 38)
 var file_shardgate_v1_admin_proto_goTypes = []any{
 	(ShardState)(0),                 // 0: shardgate.v1.ShardState
-	(*GetTopologyRequest)(nil),      // 1: shardgate.v1.GetTopologyRequest
-	(*GetTopologyResponse)(nil),     // 2: shardgate.v1.GetTopologyResponse
-	(*ShardInfo)(nil),               // 3: shardgate.v1.ShardInfo
-	(*LocateUserRequest)(nil),       // 4: shardgate.v1.LocateUserRequest
-	(*LocateUserResponse)(nil),      // 5: shardgate.v1.LocateUserResponse
-	(*MigrationStatusRequest)(nil),  // 6: shardgate.v1.MigrationStatusRequest
-	(*MigrationStatusResponse)(nil), // 7: shardgate.v1.MigrationStatusResponse
-	(*DatabaseMigration)(nil),       // 8: shardgate.v1.DatabaseMigration
-	(*SetConfigSchemaRequest)(nil),  // 9: shardgate.v1.SetConfigSchemaRequest
-	(*SetConfigSchemaResponse)(nil), // 10: shardgate.v1.SetConfigSchemaResponse
-	(*GetConfigSchemaRequest)(nil),  // 11: shardgate.v1.GetConfigSchemaRequest
-	(*GetConfigSchemaResponse)(nil), // 12: shardgate.v1.GetConfigSchemaResponse
-	(*timestamppb.Timestamp)(nil),   // 13: google.protobuf.Timestamp
+	(RebalanceState)(0),             // 1: shardgate.v1.RebalanceState
+	(*GetTopologyRequest)(nil),      // 2: shardgate.v1.GetTopologyRequest
+	(*GetTopologyResponse)(nil),     // 3: shardgate.v1.GetTopologyResponse
+	(*ShardInfo)(nil),               // 4: shardgate.v1.ShardInfo
+	(*LocateUserRequest)(nil),       // 5: shardgate.v1.LocateUserRequest
+	(*LocateUserResponse)(nil),      // 6: shardgate.v1.LocateUserResponse
+	(*MigrationStatusRequest)(nil),  // 7: shardgate.v1.MigrationStatusRequest
+	(*MigrationStatusResponse)(nil), // 8: shardgate.v1.MigrationStatusResponse
+	(*DatabaseMigration)(nil),       // 9: shardgate.v1.DatabaseMigration
+	(*SetConfigSchemaRequest)(nil),  // 10: shardgate.v1.SetConfigSchemaRequest
+	(*SetConfigSchemaResponse)(nil), // 11: shardgate.v1.SetConfigSchemaResponse
+	(*GetConfigSchemaRequest)(nil),  // 12: shardgate.v1.GetConfigSchemaRequest
+	(*GetConfigSchemaResponse)(nil), // 13: shardgate.v1.GetConfigSchemaResponse
+	(*AddShardRequest)(nil),         // 14: shardgate.v1.AddShardRequest
+	(*AddShardResponse)(nil),        // 15: shardgate.v1.AddShardResponse
+	(*DrainShardRequest)(nil),       // 16: shardgate.v1.DrainShardRequest
+	(*DrainShardResponse)(nil),      // 17: shardgate.v1.DrainShardResponse
+	(*ActivateShardRequest)(nil),    // 18: shardgate.v1.ActivateShardRequest
+	(*ActivateShardResponse)(nil),   // 19: shardgate.v1.ActivateShardResponse
+	(*RemoveShardRequest)(nil),      // 20: shardgate.v1.RemoveShardRequest
+	(*RemoveShardResponse)(nil),     // 21: shardgate.v1.RemoveShardResponse
+	(*PlanRebalanceRequest)(nil),    // 22: shardgate.v1.PlanRebalanceRequest
+	(*PlanRebalanceResponse)(nil),   // 23: shardgate.v1.PlanRebalanceResponse
+	(*PlannedMove)(nil),             // 24: shardgate.v1.PlannedMove
+	(*ShardPlan)(nil),               // 25: shardgate.v1.ShardPlan
+	(*StartRebalanceRequest)(nil),   // 26: shardgate.v1.StartRebalanceRequest
+	(*StartRebalanceResponse)(nil),  // 27: shardgate.v1.StartRebalanceResponse
+	(*GetRebalanceRequest)(nil),     // 28: shardgate.v1.GetRebalanceRequest
+	(*GetRebalanceResponse)(nil),    // 29: shardgate.v1.GetRebalanceResponse
+	(*WatchRebalanceRequest)(nil),   // 30: shardgate.v1.WatchRebalanceRequest
+	(*WatchRebalanceResponse)(nil),  // 31: shardgate.v1.WatchRebalanceResponse
+	(*CancelRebalanceRequest)(nil),  // 32: shardgate.v1.CancelRebalanceRequest
+	(*CancelRebalanceResponse)(nil), // 33: shardgate.v1.CancelRebalanceResponse
+	(*Rebalance)(nil),               // 34: shardgate.v1.Rebalance
+	(*Move)(nil),                    // 35: shardgate.v1.Move
+	(*VerifyPartitionRequest)(nil),  // 36: shardgate.v1.VerifyPartitionRequest
+	(*VerifyPartitionResponse)(nil), // 37: shardgate.v1.VerifyPartitionResponse
+	(*PartitionCopy)(nil),           // 38: shardgate.v1.PartitionCopy
+	(*TableChecksum)(nil),           // 39: shardgate.v1.TableChecksum
+	(*timestamppb.Timestamp)(nil),   // 40: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),     // 41: google.protobuf.Duration
 }
 var file_shardgate_v1_admin_proto_depIdxs = []int32{
-	3,  // 0: shardgate.v1.GetTopologyResponse.shards:type_name -> shardgate.v1.ShardInfo
+	4,  // 0: shardgate.v1.GetTopologyResponse.shards:type_name -> shardgate.v1.ShardInfo
 	0,  // 1: shardgate.v1.ShardInfo.state:type_name -> shardgate.v1.ShardState
-	8,  // 2: shardgate.v1.MigrationStatusResponse.catalog:type_name -> shardgate.v1.DatabaseMigration
-	8,  // 3: shardgate.v1.MigrationStatusResponse.shards:type_name -> shardgate.v1.DatabaseMigration
-	13, // 4: shardgate.v1.GetConfigSchemaResponse.updated_at:type_name -> google.protobuf.Timestamp
-	1,  // 5: shardgate.v1.AdminService.GetTopology:input_type -> shardgate.v1.GetTopologyRequest
-	4,  // 6: shardgate.v1.AdminService.LocateUser:input_type -> shardgate.v1.LocateUserRequest
-	6,  // 7: shardgate.v1.AdminService.MigrationStatus:input_type -> shardgate.v1.MigrationStatusRequest
-	9,  // 8: shardgate.v1.AdminService.SetConfigSchema:input_type -> shardgate.v1.SetConfigSchemaRequest
-	11, // 9: shardgate.v1.AdminService.GetConfigSchema:input_type -> shardgate.v1.GetConfigSchemaRequest
-	2,  // 10: shardgate.v1.AdminService.GetTopology:output_type -> shardgate.v1.GetTopologyResponse
-	5,  // 11: shardgate.v1.AdminService.LocateUser:output_type -> shardgate.v1.LocateUserResponse
-	7,  // 12: shardgate.v1.AdminService.MigrationStatus:output_type -> shardgate.v1.MigrationStatusResponse
-	10, // 13: shardgate.v1.AdminService.SetConfigSchema:output_type -> shardgate.v1.SetConfigSchemaResponse
-	12, // 14: shardgate.v1.AdminService.GetConfigSchema:output_type -> shardgate.v1.GetConfigSchemaResponse
-	10, // [10:15] is the sub-list for method output_type
-	5,  // [5:10] is the sub-list for method input_type
-	5,  // [5:5] is the sub-list for extension type_name
-	5,  // [5:5] is the sub-list for extension extendee
-	0,  // [0:5] is the sub-list for field type_name
+	9,  // 2: shardgate.v1.MigrationStatusResponse.catalog:type_name -> shardgate.v1.DatabaseMigration
+	9,  // 3: shardgate.v1.MigrationStatusResponse.shards:type_name -> shardgate.v1.DatabaseMigration
+	40, // 4: shardgate.v1.GetConfigSchemaResponse.updated_at:type_name -> google.protobuf.Timestamp
+	4,  // 5: shardgate.v1.AddShardResponse.shard:type_name -> shardgate.v1.ShardInfo
+	24, // 6: shardgate.v1.PlanRebalanceResponse.moves:type_name -> shardgate.v1.PlannedMove
+	25, // 7: shardgate.v1.PlanRebalanceResponse.shards:type_name -> shardgate.v1.ShardPlan
+	41, // 8: shardgate.v1.PlanRebalanceResponse.estimate:type_name -> google.protobuf.Duration
+	0,  // 9: shardgate.v1.ShardPlan.state:type_name -> shardgate.v1.ShardState
+	23, // 10: shardgate.v1.StartRebalanceResponse.plan:type_name -> shardgate.v1.PlanRebalanceResponse
+	34, // 11: shardgate.v1.GetRebalanceResponse.rebalance:type_name -> shardgate.v1.Rebalance
+	34, // 12: shardgate.v1.WatchRebalanceResponse.rebalance:type_name -> shardgate.v1.Rebalance
+	1,  // 13: shardgate.v1.Rebalance.state:type_name -> shardgate.v1.RebalanceState
+	40, // 14: shardgate.v1.Rebalance.created_at:type_name -> google.protobuf.Timestamp
+	40, // 15: shardgate.v1.Rebalance.finished_at:type_name -> google.protobuf.Timestamp
+	35, // 16: shardgate.v1.Rebalance.moves:type_name -> shardgate.v1.Move
+	40, // 17: shardgate.v1.Move.started_at:type_name -> google.protobuf.Timestamp
+	40, // 18: shardgate.v1.Move.updated_at:type_name -> google.protobuf.Timestamp
+	40, // 19: shardgate.v1.Move.finished_at:type_name -> google.protobuf.Timestamp
+	41, // 20: shardgate.v1.Move.eta:type_name -> google.protobuf.Duration
+	38, // 21: shardgate.v1.VerifyPartitionResponse.copies:type_name -> shardgate.v1.PartitionCopy
+	35, // 22: shardgate.v1.VerifyPartitionResponse.move:type_name -> shardgate.v1.Move
+	39, // 23: shardgate.v1.PartitionCopy.tables:type_name -> shardgate.v1.TableChecksum
+	2,  // 24: shardgate.v1.AdminService.GetTopology:input_type -> shardgate.v1.GetTopologyRequest
+	5,  // 25: shardgate.v1.AdminService.LocateUser:input_type -> shardgate.v1.LocateUserRequest
+	7,  // 26: shardgate.v1.AdminService.MigrationStatus:input_type -> shardgate.v1.MigrationStatusRequest
+	10, // 27: shardgate.v1.AdminService.SetConfigSchema:input_type -> shardgate.v1.SetConfigSchemaRequest
+	12, // 28: shardgate.v1.AdminService.GetConfigSchema:input_type -> shardgate.v1.GetConfigSchemaRequest
+	14, // 29: shardgate.v1.AdminService.AddShard:input_type -> shardgate.v1.AddShardRequest
+	16, // 30: shardgate.v1.AdminService.DrainShard:input_type -> shardgate.v1.DrainShardRequest
+	18, // 31: shardgate.v1.AdminService.ActivateShard:input_type -> shardgate.v1.ActivateShardRequest
+	20, // 32: shardgate.v1.AdminService.RemoveShard:input_type -> shardgate.v1.RemoveShardRequest
+	22, // 33: shardgate.v1.AdminService.PlanRebalance:input_type -> shardgate.v1.PlanRebalanceRequest
+	26, // 34: shardgate.v1.AdminService.StartRebalance:input_type -> shardgate.v1.StartRebalanceRequest
+	28, // 35: shardgate.v1.AdminService.GetRebalance:input_type -> shardgate.v1.GetRebalanceRequest
+	30, // 36: shardgate.v1.AdminService.WatchRebalance:input_type -> shardgate.v1.WatchRebalanceRequest
+	32, // 37: shardgate.v1.AdminService.CancelRebalance:input_type -> shardgate.v1.CancelRebalanceRequest
+	36, // 38: shardgate.v1.AdminService.VerifyPartition:input_type -> shardgate.v1.VerifyPartitionRequest
+	3,  // 39: shardgate.v1.AdminService.GetTopology:output_type -> shardgate.v1.GetTopologyResponse
+	6,  // 40: shardgate.v1.AdminService.LocateUser:output_type -> shardgate.v1.LocateUserResponse
+	8,  // 41: shardgate.v1.AdminService.MigrationStatus:output_type -> shardgate.v1.MigrationStatusResponse
+	11, // 42: shardgate.v1.AdminService.SetConfigSchema:output_type -> shardgate.v1.SetConfigSchemaResponse
+	13, // 43: shardgate.v1.AdminService.GetConfigSchema:output_type -> shardgate.v1.GetConfigSchemaResponse
+	15, // 44: shardgate.v1.AdminService.AddShard:output_type -> shardgate.v1.AddShardResponse
+	17, // 45: shardgate.v1.AdminService.DrainShard:output_type -> shardgate.v1.DrainShardResponse
+	19, // 46: shardgate.v1.AdminService.ActivateShard:output_type -> shardgate.v1.ActivateShardResponse
+	21, // 47: shardgate.v1.AdminService.RemoveShard:output_type -> shardgate.v1.RemoveShardResponse
+	23, // 48: shardgate.v1.AdminService.PlanRebalance:output_type -> shardgate.v1.PlanRebalanceResponse
+	27, // 49: shardgate.v1.AdminService.StartRebalance:output_type -> shardgate.v1.StartRebalanceResponse
+	29, // 50: shardgate.v1.AdminService.GetRebalance:output_type -> shardgate.v1.GetRebalanceResponse
+	31, // 51: shardgate.v1.AdminService.WatchRebalance:output_type -> shardgate.v1.WatchRebalanceResponse
+	33, // 52: shardgate.v1.AdminService.CancelRebalance:output_type -> shardgate.v1.CancelRebalanceResponse
+	37, // 53: shardgate.v1.AdminService.VerifyPartition:output_type -> shardgate.v1.VerifyPartitionResponse
+	39, // [39:54] is the sub-list for method output_type
+	24, // [24:39] is the sub-list for method input_type
+	24, // [24:24] is the sub-list for extension type_name
+	24, // [24:24] is the sub-list for extension extendee
+	0,  // [0:24] is the sub-list for field type_name
 }
 
 func init() { file_shardgate_v1_admin_proto_init() }
@@ -813,8 +2693,8 @@ func file_shardgate_v1_admin_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_shardgate_v1_admin_proto_rawDesc), len(file_shardgate_v1_admin_proto_rawDesc)),
-			NumEnums:      1,
-			NumMessages:   12,
+			NumEnums:      2,
+			NumMessages:   38,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

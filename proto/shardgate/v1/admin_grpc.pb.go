@@ -24,13 +24,25 @@ const (
 	AdminService_MigrationStatus_FullMethodName = "/shardgate.v1.AdminService/MigrationStatus"
 	AdminService_SetConfigSchema_FullMethodName = "/shardgate.v1.AdminService/SetConfigSchema"
 	AdminService_GetConfigSchema_FullMethodName = "/shardgate.v1.AdminService/GetConfigSchema"
+	AdminService_AddShard_FullMethodName        = "/shardgate.v1.AdminService/AddShard"
+	AdminService_DrainShard_FullMethodName      = "/shardgate.v1.AdminService/DrainShard"
+	AdminService_ActivateShard_FullMethodName   = "/shardgate.v1.AdminService/ActivateShard"
+	AdminService_RemoveShard_FullMethodName     = "/shardgate.v1.AdminService/RemoveShard"
+	AdminService_PlanRebalance_FullMethodName   = "/shardgate.v1.AdminService/PlanRebalance"
+	AdminService_StartRebalance_FullMethodName  = "/shardgate.v1.AdminService/StartRebalance"
+	AdminService_GetRebalance_FullMethodName    = "/shardgate.v1.AdminService/GetRebalance"
+	AdminService_WatchRebalance_FullMethodName  = "/shardgate.v1.AdminService/WatchRebalance"
+	AdminService_CancelRebalance_FullMethodName = "/shardgate.v1.AdminService/CancelRebalance"
+	AdminService_VerifyPartition_FullMethodName = "/shardgate.v1.AdminService/VerifyPartition"
 )
 
 // AdminServiceClient is the client API for AdminService service.
 //
 // For semantics around ctx use and closing/ending streaming RPCs, please refer to https://pkg.go.dev/google.golang.org/grpc/?tab=doc#ClientConn.NewStream.
 //
-// AdminService shows and (in later versions) changes the cluster's topology.
+// AdminService shows and changes the cluster's topology: shards, the
+// partition map and the rebalances that move partitions between shards.
+// Every method is for the admin role only (GetConfigSchema for services too).
 type AdminServiceClient interface {
 	// GetTopology lists the shards, how many partitions each owns, and the
 	// topology version this server routes by.
@@ -50,6 +62,44 @@ type AdminServiceClient interface {
 	SetConfigSchema(ctx context.Context, in *SetConfigSchemaRequest, opts ...grpc.CallOption) (*SetConfigSchemaResponse, error)
 	// GetConfigSchema returns a namespace's schema (NOT_FOUND without one).
 	GetConfigSchema(ctx context.Context, in *GetConfigSchemaRequest, opts ...grpc.CallOption) (*GetConfigSchemaResponse, error)
+	// AddShard registers a new shard. Its database is migrated first and
+	// must hold nothing (FAILED_PRECONDITION otherwise); a shard of that name
+	// already registered is ALREADY_EXISTS. The new shard owns nothing until
+	// a rebalance moves partitions to it.
+	AddShard(ctx context.Context, in *AddShardRequest, opts ...grpc.CallOption) (*AddShardResponse, error)
+	// DrainShard marks a shard draining: the next rebalance moves all its
+	// partitions to the active shards. Draining the last active shard is
+	// FAILED_PRECONDITION.
+	DrainShard(ctx context.Context, in *DrainShardRequest, opts ...grpc.CallOption) (*DrainShardResponse, error)
+	// ActivateShard undoes DrainShard.
+	ActivateShard(ctx context.Context, in *ActivateShardRequest, opts ...grpc.CallOption) (*ActivateShardResponse, error)
+	// RemoveShard unregisters a shard that owns no partition, takes part in
+	// no unfinished move and whose database holds no rows (unless force).
+	// Otherwise FAILED_PRECONDITION, saying what it still holds.
+	RemoveShard(ctx context.Context, in *RemoveShardRequest, opts ...grpc.CallOption) (*RemoveShardResponse, error)
+	// PlanRebalance shows, without changing anything, the moves a rebalance
+	// would make now: the actual map against the placement of the active
+	// shards (weights counted), with sizes and an estimate.
+	PlanRebalance(ctx context.Context, in *PlanRebalanceRequest, opts ...grpc.CallOption) (*PlanRebalanceResponse, error)
+	// StartRebalance plans and records a rebalance; the cluster's executor
+	// (whichever instance leads) runs it. FAILED_PRECONDITION while another
+	// runs. A plan with no moves is recorded as done at once.
+	StartRebalance(ctx context.Context, in *StartRebalanceRequest, opts ...grpc.CallOption) (*StartRebalanceResponse, error)
+	// GetRebalance returns the running rebalance or, without one, the last
+	// (NOT_FOUND if there never was one), with every move's progress.
+	GetRebalance(ctx context.Context, in *GetRebalanceRequest, opts ...grpc.CallOption) (*GetRebalanceResponse, error)
+	// WatchRebalance streams the rebalance GetRebalance would return each
+	// time it changes (at least once a second while it runs), and ends after
+	// sending it in a final state.
+	WatchRebalance(ctx context.Context, in *WatchRebalanceRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchRebalanceResponse], error)
+	// CancelRebalance asks the running rebalance to stop: moves not past
+	// their cutover roll back, the others finish. NOT_FOUND if none runs.
+	CancelRebalance(ctx context.Context, in *CancelRebalanceRequest, opts ...grpc.CallOption) (*CancelRebalanceResponse, error)
+	// VerifyPartition checksums a partition (per table: rows and an
+	// order-independent hash of every row) on its owner and on every other
+	// shard that holds rows of it. ok is false when another shard holds rows
+	// of it outside a move in flight.
+	VerifyPartition(ctx context.Context, in *VerifyPartitionRequest, opts ...grpc.CallOption) (*VerifyPartitionResponse, error)
 }
 
 type adminServiceClient struct {
@@ -110,11 +160,122 @@ func (c *adminServiceClient) GetConfigSchema(ctx context.Context, in *GetConfigS
 	return out, nil
 }
 
+func (c *adminServiceClient) AddShard(ctx context.Context, in *AddShardRequest, opts ...grpc.CallOption) (*AddShardResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(AddShardResponse)
+	err := c.cc.Invoke(ctx, AdminService_AddShard_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminServiceClient) DrainShard(ctx context.Context, in *DrainShardRequest, opts ...grpc.CallOption) (*DrainShardResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(DrainShardResponse)
+	err := c.cc.Invoke(ctx, AdminService_DrainShard_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminServiceClient) ActivateShard(ctx context.Context, in *ActivateShardRequest, opts ...grpc.CallOption) (*ActivateShardResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ActivateShardResponse)
+	err := c.cc.Invoke(ctx, AdminService_ActivateShard_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminServiceClient) RemoveShard(ctx context.Context, in *RemoveShardRequest, opts ...grpc.CallOption) (*RemoveShardResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RemoveShardResponse)
+	err := c.cc.Invoke(ctx, AdminService_RemoveShard_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminServiceClient) PlanRebalance(ctx context.Context, in *PlanRebalanceRequest, opts ...grpc.CallOption) (*PlanRebalanceResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(PlanRebalanceResponse)
+	err := c.cc.Invoke(ctx, AdminService_PlanRebalance_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminServiceClient) StartRebalance(ctx context.Context, in *StartRebalanceRequest, opts ...grpc.CallOption) (*StartRebalanceResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(StartRebalanceResponse)
+	err := c.cc.Invoke(ctx, AdminService_StartRebalance_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminServiceClient) GetRebalance(ctx context.Context, in *GetRebalanceRequest, opts ...grpc.CallOption) (*GetRebalanceResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(GetRebalanceResponse)
+	err := c.cc.Invoke(ctx, AdminService_GetRebalance_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminServiceClient) WatchRebalance(ctx context.Context, in *WatchRebalanceRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchRebalanceResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &AdminService_ServiceDesc.Streams[0], AdminService_WatchRebalance_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[WatchRebalanceRequest, WatchRebalanceResponse]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type AdminService_WatchRebalanceClient = grpc.ServerStreamingClient[WatchRebalanceResponse]
+
+func (c *adminServiceClient) CancelRebalance(ctx context.Context, in *CancelRebalanceRequest, opts ...grpc.CallOption) (*CancelRebalanceResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(CancelRebalanceResponse)
+	err := c.cc.Invoke(ctx, AdminService_CancelRebalance_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminServiceClient) VerifyPartition(ctx context.Context, in *VerifyPartitionRequest, opts ...grpc.CallOption) (*VerifyPartitionResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(VerifyPartitionResponse)
+	err := c.cc.Invoke(ctx, AdminService_VerifyPartition_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AdminServiceServer is the server API for AdminService service.
 // All implementations must embed UnimplementedAdminServiceServer
 // for forward compatibility.
 //
-// AdminService shows and (in later versions) changes the cluster's topology.
+// AdminService shows and changes the cluster's topology: shards, the
+// partition map and the rebalances that move partitions between shards.
+// Every method is for the admin role only (GetConfigSchema for services too).
 type AdminServiceServer interface {
 	// GetTopology lists the shards, how many partitions each owns, and the
 	// topology version this server routes by.
@@ -134,6 +295,44 @@ type AdminServiceServer interface {
 	SetConfigSchema(context.Context, *SetConfigSchemaRequest) (*SetConfigSchemaResponse, error)
 	// GetConfigSchema returns a namespace's schema (NOT_FOUND without one).
 	GetConfigSchema(context.Context, *GetConfigSchemaRequest) (*GetConfigSchemaResponse, error)
+	// AddShard registers a new shard. Its database is migrated first and
+	// must hold nothing (FAILED_PRECONDITION otherwise); a shard of that name
+	// already registered is ALREADY_EXISTS. The new shard owns nothing until
+	// a rebalance moves partitions to it.
+	AddShard(context.Context, *AddShardRequest) (*AddShardResponse, error)
+	// DrainShard marks a shard draining: the next rebalance moves all its
+	// partitions to the active shards. Draining the last active shard is
+	// FAILED_PRECONDITION.
+	DrainShard(context.Context, *DrainShardRequest) (*DrainShardResponse, error)
+	// ActivateShard undoes DrainShard.
+	ActivateShard(context.Context, *ActivateShardRequest) (*ActivateShardResponse, error)
+	// RemoveShard unregisters a shard that owns no partition, takes part in
+	// no unfinished move and whose database holds no rows (unless force).
+	// Otherwise FAILED_PRECONDITION, saying what it still holds.
+	RemoveShard(context.Context, *RemoveShardRequest) (*RemoveShardResponse, error)
+	// PlanRebalance shows, without changing anything, the moves a rebalance
+	// would make now: the actual map against the placement of the active
+	// shards (weights counted), with sizes and an estimate.
+	PlanRebalance(context.Context, *PlanRebalanceRequest) (*PlanRebalanceResponse, error)
+	// StartRebalance plans and records a rebalance; the cluster's executor
+	// (whichever instance leads) runs it. FAILED_PRECONDITION while another
+	// runs. A plan with no moves is recorded as done at once.
+	StartRebalance(context.Context, *StartRebalanceRequest) (*StartRebalanceResponse, error)
+	// GetRebalance returns the running rebalance or, without one, the last
+	// (NOT_FOUND if there never was one), with every move's progress.
+	GetRebalance(context.Context, *GetRebalanceRequest) (*GetRebalanceResponse, error)
+	// WatchRebalance streams the rebalance GetRebalance would return each
+	// time it changes (at least once a second while it runs), and ends after
+	// sending it in a final state.
+	WatchRebalance(*WatchRebalanceRequest, grpc.ServerStreamingServer[WatchRebalanceResponse]) error
+	// CancelRebalance asks the running rebalance to stop: moves not past
+	// their cutover roll back, the others finish. NOT_FOUND if none runs.
+	CancelRebalance(context.Context, *CancelRebalanceRequest) (*CancelRebalanceResponse, error)
+	// VerifyPartition checksums a partition (per table: rows and an
+	// order-independent hash of every row) on its owner and on every other
+	// shard that holds rows of it. ok is false when another shard holds rows
+	// of it outside a move in flight.
+	VerifyPartition(context.Context, *VerifyPartitionRequest) (*VerifyPartitionResponse, error)
 	mustEmbedUnimplementedAdminServiceServer()
 }
 
@@ -158,6 +357,36 @@ func (UnimplementedAdminServiceServer) SetConfigSchema(context.Context, *SetConf
 }
 func (UnimplementedAdminServiceServer) GetConfigSchema(context.Context, *GetConfigSchemaRequest) (*GetConfigSchemaResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetConfigSchema not implemented")
+}
+func (UnimplementedAdminServiceServer) AddShard(context.Context, *AddShardRequest) (*AddShardResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method AddShard not implemented")
+}
+func (UnimplementedAdminServiceServer) DrainShard(context.Context, *DrainShardRequest) (*DrainShardResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method DrainShard not implemented")
+}
+func (UnimplementedAdminServiceServer) ActivateShard(context.Context, *ActivateShardRequest) (*ActivateShardResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ActivateShard not implemented")
+}
+func (UnimplementedAdminServiceServer) RemoveShard(context.Context, *RemoveShardRequest) (*RemoveShardResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method RemoveShard not implemented")
+}
+func (UnimplementedAdminServiceServer) PlanRebalance(context.Context, *PlanRebalanceRequest) (*PlanRebalanceResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method PlanRebalance not implemented")
+}
+func (UnimplementedAdminServiceServer) StartRebalance(context.Context, *StartRebalanceRequest) (*StartRebalanceResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method StartRebalance not implemented")
+}
+func (UnimplementedAdminServiceServer) GetRebalance(context.Context, *GetRebalanceRequest) (*GetRebalanceResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetRebalance not implemented")
+}
+func (UnimplementedAdminServiceServer) WatchRebalance(*WatchRebalanceRequest, grpc.ServerStreamingServer[WatchRebalanceResponse]) error {
+	return status.Error(codes.Unimplemented, "method WatchRebalance not implemented")
+}
+func (UnimplementedAdminServiceServer) CancelRebalance(context.Context, *CancelRebalanceRequest) (*CancelRebalanceResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method CancelRebalance not implemented")
+}
+func (UnimplementedAdminServiceServer) VerifyPartition(context.Context, *VerifyPartitionRequest) (*VerifyPartitionResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method VerifyPartition not implemented")
 }
 func (UnimplementedAdminServiceServer) mustEmbedUnimplementedAdminServiceServer() {}
 func (UnimplementedAdminServiceServer) testEmbeddedByValue()                      {}
@@ -270,6 +499,179 @@ func _AdminService_GetConfigSchema_Handler(srv interface{}, ctx context.Context,
 	return interceptor(ctx, in, info, handler)
 }
 
+func _AdminService_AddShard_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(AddShardRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServiceServer).AddShard(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AdminService_AddShard_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServiceServer).AddShard(ctx, req.(*AddShardRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AdminService_DrainShard_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DrainShardRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServiceServer).DrainShard(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AdminService_DrainShard_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServiceServer).DrainShard(ctx, req.(*DrainShardRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AdminService_ActivateShard_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ActivateShardRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServiceServer).ActivateShard(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AdminService_ActivateShard_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServiceServer).ActivateShard(ctx, req.(*ActivateShardRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AdminService_RemoveShard_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RemoveShardRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServiceServer).RemoveShard(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AdminService_RemoveShard_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServiceServer).RemoveShard(ctx, req.(*RemoveShardRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AdminService_PlanRebalance_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(PlanRebalanceRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServiceServer).PlanRebalance(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AdminService_PlanRebalance_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServiceServer).PlanRebalance(ctx, req.(*PlanRebalanceRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AdminService_StartRebalance_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(StartRebalanceRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServiceServer).StartRebalance(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AdminService_StartRebalance_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServiceServer).StartRebalance(ctx, req.(*StartRebalanceRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AdminService_GetRebalance_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetRebalanceRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServiceServer).GetRebalance(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AdminService_GetRebalance_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServiceServer).GetRebalance(ctx, req.(*GetRebalanceRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AdminService_WatchRebalance_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(WatchRebalanceRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(AdminServiceServer).WatchRebalance(m, &grpc.GenericServerStream[WatchRebalanceRequest, WatchRebalanceResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type AdminService_WatchRebalanceServer = grpc.ServerStreamingServer[WatchRebalanceResponse]
+
+func _AdminService_CancelRebalance_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CancelRebalanceRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServiceServer).CancelRebalance(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AdminService_CancelRebalance_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServiceServer).CancelRebalance(ctx, req.(*CancelRebalanceRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AdminService_VerifyPartition_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(VerifyPartitionRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServiceServer).VerifyPartition(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AdminService_VerifyPartition_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServiceServer).VerifyPartition(ctx, req.(*VerifyPartitionRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // AdminService_ServiceDesc is the grpc.ServiceDesc for AdminService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -297,7 +699,49 @@ var AdminService_ServiceDesc = grpc.ServiceDesc{
 			MethodName: "GetConfigSchema",
 			Handler:    _AdminService_GetConfigSchema_Handler,
 		},
+		{
+			MethodName: "AddShard",
+			Handler:    _AdminService_AddShard_Handler,
+		},
+		{
+			MethodName: "DrainShard",
+			Handler:    _AdminService_DrainShard_Handler,
+		},
+		{
+			MethodName: "ActivateShard",
+			Handler:    _AdminService_ActivateShard_Handler,
+		},
+		{
+			MethodName: "RemoveShard",
+			Handler:    _AdminService_RemoveShard_Handler,
+		},
+		{
+			MethodName: "PlanRebalance",
+			Handler:    _AdminService_PlanRebalance_Handler,
+		},
+		{
+			MethodName: "StartRebalance",
+			Handler:    _AdminService_StartRebalance_Handler,
+		},
+		{
+			MethodName: "GetRebalance",
+			Handler:    _AdminService_GetRebalance_Handler,
+		},
+		{
+			MethodName: "CancelRebalance",
+			Handler:    _AdminService_CancelRebalance_Handler,
+		},
+		{
+			MethodName: "VerifyPartition",
+			Handler:    _AdminService_VerifyPartition_Handler,
+		},
 	},
-	Streams:  []grpc.StreamDesc{},
+	Streams: []grpc.StreamDesc{
+		{
+			StreamName:    "WatchRebalance",
+			Handler:       _AdminService_WatchRebalance_Handler,
+			ServerStreams: true,
+		},
+	},
 	Metadata: "shardgate/v1/admin.proto",
 }

@@ -1,0 +1,425 @@
+package mover
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/shardgate/shardgate/catalog"
+	"github.com/shardgate/shardgate/migrations"
+	"github.com/shardgate/shardgate/shards"
+)
+
+// Defaults of a rebalance's knobs.
+const (
+	DefaultFreezeBudget = 100 * time.Millisecond
+	DefaultMaxParallel  = 2
+	// MaxFreezeBudget keeps a freeze well inside the 2 s a router waits
+	// for a frozen partition before it answers Unavailable.
+	MaxFreezeBudget = time.Second
+)
+
+// ExecutorOptions tune an Executor. The zero value of a field means its
+// default; CatalogDSN is required.
+type ExecutorOptions struct {
+	// CatalogDSN is where the executor takes its lock (a connection of its
+	// own) and reads and writes move records.
+	CatalogDSN string
+	// Holder names this instance in the catalog's executor record.
+	Holder string
+	// Interval is how often an executor that does not lead tries the lock,
+	// and a leader looks for work (default 1s).
+	Interval time.Duration
+	// ReapInterval is how often the leader looks for replication objects
+	// that no unfinished move owns (default 1 min).
+	ReapInterval time.Duration
+	// MarkerPoll is how often the target is asked whether a marker arrived
+	// (default 2ms).
+	MarkerPoll time.Duration
+	// CatchUpTimeout bounds one wait for a marker while catching up
+	// (default 1 min); the move retries after it.
+	CatchUpTimeout time.Duration
+	// MaxAttempts is how many failed attempts of one state a move makes
+	// before it rolls back (default 30), while it still can.
+	MaxAttempts int
+	// Throttle slows copies down while shards are busy.
+	Throttle ThrottleOptions
+	// ShardPool sizes the executor's own pools, one per shard (default 8
+	// connections).
+	ShardPool shards.PoolOptions
+	Logger    *slog.Logger
+}
+
+func (o ExecutorOptions) withDefaults() ExecutorOptions {
+	if o.Interval <= 0 {
+		o.Interval = time.Second
+	}
+	if o.ReapInterval <= 0 {
+		o.ReapInterval = time.Minute
+	}
+	if o.MarkerPoll <= 0 {
+		o.MarkerPoll = 2 * time.Millisecond
+	}
+	if o.CatchUpTimeout <= 0 {
+		o.CatchUpTimeout = time.Minute
+	}
+	if o.MaxAttempts <= 0 {
+		o.MaxAttempts = 30
+	}
+	if o.ShardPool.MaxConns <= 0 {
+		o.ShardPool.MaxConns = 8
+	}
+	if o.Logger == nil {
+		o.Logger = slog.Default()
+	}
+	return o
+}
+
+// Executor runs rebalances. Run it on every instance: one at a time leads
+// (an advisory lock on the catalog), resumes whatever moves the catalog
+// records as unfinished, and runs new rebalances as they are started.
+type Executor struct {
+	opts ExecutorOptions
+	cat  *catalog.Catalog
+	log  *slog.Logger
+
+	mu    sync.Mutex
+	pools map[string]shardPool // the executor's own shard pools, by name
+
+	leading atomic.Bool
+	metrics metrics
+}
+
+type shardPool struct {
+	dsn string // as expanded
+	sh  *shards.Shard
+}
+
+// NewExecutor returns an executor working on the catalog cat.
+func NewExecutor(cat *catalog.Catalog, opts ExecutorOptions) *Executor {
+	opts = opts.withDefaults()
+	return &Executor{opts: opts, cat: cat, log: opts.Logger.With("component", "mover"), pools: map[string]shardPool{}, metrics: newMetrics()}
+}
+
+// Leading reports whether this executor holds the lock.
+func (e *Executor) Leading() bool { return e.leading.Load() }
+
+// Run competes for the lock until ctx ends; while it holds it, it runs
+// rebalances. It returns ctx's error.
+func (e *Executor) Run(ctx context.Context) error {
+	defer e.closePools()
+	for {
+		lock, err := catalog.TryLockExecutor(ctx, e.opts.CatalogDSN, e.opts.Holder)
+		if err != nil && ctx.Err() == nil {
+			e.log.Warn("rebalancing executor cannot reach the catalog", "err", err)
+		}
+		if lock != nil {
+			e.lead(ctx, lock)
+			lock.Release()
+		}
+		if err := sleepCtx(ctx, e.opts.Interval/2+rand.N(e.opts.Interval)); err != nil {
+			return err
+		}
+	}
+}
+
+// lead runs rebalances for as long as the lock holds.
+func (e *Executor) lead(ctx context.Context, lock *catalog.ExecutorLock) {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	e.leading.Store(true)
+	defer e.leading.Store(false)
+	e.log.Info("rebalancing executor leads", "term", lock.Term)
+	go func() { // the lock lives as long as its connection
+		for {
+			if sleepCtx(ctx, time.Second) != nil {
+				return
+			}
+			pctx, pcancel := context.WithTimeout(ctx, 5*time.Second)
+			err := lock.Alive(pctx)
+			pcancel()
+			if err != nil && ctx.Err() == nil {
+				e.log.Warn("rebalancing executor lost its lock", "err", err)
+				cancel()
+				return
+			}
+		}
+	}()
+	lastReap := time.Time{}
+	for ctx.Err() == nil {
+		if time.Since(lastReap) >= e.opts.ReapInterval {
+			e.reap(ctx)
+			lastReap = time.Now()
+		}
+		r, err := e.cat.RunningRebalance(ctx)
+		switch {
+		case err == nil:
+			if err := e.runRebalance(ctx, lock.Term, r); err != nil && ctx.Err() == nil {
+				if errors.Is(err, catalog.ErrDeposed) {
+					e.log.Warn("rebalancing executor was deposed", "term", lock.Term)
+					return
+				}
+				e.log.Warn("rebalance interrupted; resuming", "rebalance", r.ID, "err", err)
+			} else if ctx.Err() == nil {
+				e.reap(ctx) // right after: a finished rebalance leaves nothing
+				lastReap = time.Now()
+			}
+		case !errors.Is(err, catalog.ErrNoRebalance) && ctx.Err() == nil:
+			e.log.Warn("rebalancing executor cannot read the catalog", "err", err)
+		}
+		if sleepCtx(ctx, e.opts.Interval) != nil {
+			return
+		}
+	}
+}
+
+// runRebalance runs the rebalance's unfinished moves, MaxParallel at a
+// time, and records how it ended.
+func (e *Executor) runRebalance(ctx context.Context, term int64, r catalog.Rebalance) error {
+	moves, err := e.cat.Moves(ctx, r.ID)
+	if err != nil {
+		return err
+	}
+	shape, err := e.cat.Shape(ctx)
+	if err != nil {
+		return err
+	}
+	e.log.Info("rebalance running", "rebalance", r.ID, "moves", len(moves), "max_parallel", r.MaxParallel)
+	sem := make(chan struct{}, max(r.MaxParallel, 1))
+	var (
+		wg       sync.WaitGroup
+		mu       sync.Mutex
+		firstErr error
+	)
+	for _, m := range moves {
+		if State(m.State).Terminal() {
+			continue
+		}
+		select {
+		case sem <- struct{}{}:
+		case <-ctx.Done():
+			wg.Wait()
+			return ctx.Err()
+		}
+		wg.Go(func() {
+			defer func() { <-sem }()
+			run := &moveRun{e: e, term: term, r: r, m: m, prefix: shape.SlotPrefix}
+			if err := run.run(ctx); err != nil {
+				mu.Lock()
+				if firstErr == nil {
+					firstErr = err
+				}
+				mu.Unlock()
+			}
+		})
+	}
+	wg.Wait()
+	if firstErr != nil {
+		return firstErr
+	}
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	// Every move ended: record how.
+	moves, err = e.cat.Moves(ctx, r.ID)
+	if err != nil {
+		return err
+	}
+	state, msg := catalog.RebalanceDone, ""
+	failed, cancelled := 0, 0
+	for _, m := range moves {
+		switch State(m.State) {
+		case Failed:
+			failed++
+		case Cancelled:
+			cancelled++
+		case CleanedUp:
+		default:
+			return fmt.Errorf("move %d is %s after its run", m.ID, m.State)
+		}
+	}
+	switch {
+	case failed > 0:
+		state, msg = catalog.RebalanceFailed, fmt.Sprintf("%d of %d moves failed; see their last errors", failed, len(moves))
+	case cancelled > 0:
+		state = catalog.RebalanceCancelled
+	}
+	e.log.Info("rebalance ended", "rebalance", r.ID, "state", state, "moves", len(moves), "failed", failed, "cancelled", cancelled)
+	return e.cat.FinishRebalance(ctx, term, r.ID, state, msg)
+}
+
+// shard returns the executor's pool for a shard, opening (or reopening,
+// after a DSN change) it from the catalog's record.
+func (e *Executor) shard(ctx context.Context, name string) (*shards.Shard, string, error) {
+	topo, err := e.cat.LoadTopology(ctx)
+	if err != nil {
+		return nil, "", err
+	}
+	for _, rec := range topo.Shards {
+		if rec.Name != name {
+			continue
+		}
+		dsn, err := catalog.ExpandDSN(rec.DSN)
+		if err != nil {
+			return nil, "", fmt.Errorf("shard %s: %w", name, err)
+		}
+		e.mu.Lock()
+		defer e.mu.Unlock()
+		if p, ok := e.pools[name]; ok && p.dsn == dsn {
+			return p.sh, dsn, nil
+		} else if ok {
+			p.sh.Close()
+		}
+		sh, err := shards.Open(ctx, name, dsn, e.opts.ShardPool)
+		if err != nil {
+			return nil, "", err
+		}
+		e.pools[name] = shardPool{dsn: dsn, sh: sh}
+		return sh, dsn, nil
+	}
+	return nil, "", fmt.Errorf("shard %s: %w", name, catalog.ErrUnknownShard)
+}
+
+func (e *Executor) closePools() {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	for name, p := range e.pools {
+		p.sh.Close()
+		delete(e.pools, name)
+	}
+}
+
+// reap drops replication objects of this cluster that no unfinished move
+// owns: what an interrupted attempt, or a move whose record is gone, left
+// behind. What it cannot drop it logs and counts.
+func (e *Executor) reap(ctx context.Context) {
+	shape, err := e.cat.Shape(ctx)
+	if err != nil {
+		return
+	}
+	active, err := e.cat.ActiveMoveIDs(ctx)
+	if err != nil {
+		return
+	}
+	topo, err := e.cat.LoadTopology(ctx)
+	if err != nil {
+		return
+	}
+	debris := 0
+	for _, rec := range topo.Shards {
+		sh, _, err := e.shard(ctx, rec.Name)
+		if err != nil {
+			debris++
+			continue
+		}
+		objs, err := sh.ListMoveObjects(ctx, shape.SlotPrefix)
+		if err != nil {
+			e.log.Warn("reaper cannot list a shard's replication objects", "shard", rec.Name, "err", err)
+			continue
+		}
+		stale := func(name string) bool {
+			id, ok := shards.ParseMoveObjectName(shape.SlotPrefix, name)
+			return ok && !active[id]
+		}
+		// Subscriptions first: their slots are in use until they go.
+		for _, name := range objs.Subscriptions {
+			if stale(name) {
+				if _, err := sh.DropMoveSubscription(ctx, name); err != nil {
+					debris++
+					e.log.Warn("reaper could not drop a subscription", "shard", rec.Name, "subscription", name, "err", err)
+				} else {
+					e.log.Info("reaper dropped a stale subscription", "shard", rec.Name, "subscription", name)
+				}
+			}
+		}
+		for _, name := range objs.Slots {
+			if stale(name) {
+				if err := sh.DropMoveSlot(ctx, name); err != nil {
+					debris++
+					e.log.Warn("reaper could not drop a replication slot", "shard", rec.Name, "slot", name, "err", err)
+				} else {
+					e.log.Info("reaper dropped a stale replication slot", "shard", rec.Name, "slot", name)
+				}
+			}
+		}
+		for _, name := range objs.Publications {
+			if stale(name) {
+				if err := sh.DropMovePublication(ctx, name); err != nil {
+					debris++
+					e.log.Warn("reaper could not drop a publication", "shard", rec.Name, "publication", name, "err", err)
+				} else {
+					e.log.Info("reaper dropped a stale publication", "shard", rec.Name, "publication", name)
+				}
+			}
+		}
+	}
+	e.metrics.debris.Set(float64(debris))
+}
+
+// Collectors are the executor's Prometheus metrics.
+func (e *Executor) Collectors() []prometheus.Collector {
+	return []prometheus.Collector{
+		e.metrics.freeze, e.metrics.rowsCopied, e.metrics.movesEnded, e.metrics.debris,
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "shardgate_mover_leading",
+			Help: "1 while this instance's rebalancing executor holds the cluster-wide lock.",
+		}, func() float64 {
+			if e.Leading() {
+				return 1
+			}
+			return 0
+		}),
+	}
+}
+
+type metrics struct {
+	freeze     *prometheus.HistogramVec
+	rowsCopied prometheus.Counter
+	movesEnded *prometheus.CounterVec
+	debris     prometheus.Gauge
+}
+
+func newMetrics() metrics {
+	return metrics{
+		freeze: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "shardgate_move_freeze_seconds",
+			Help:    "How long a move kept its partitions frozen for writes: kind=cutover from the freeze to the catalog flip, kind=verify for the verification's snapshots.",
+			Buckets: []float64{.001, .0025, .005, .01, .02, .05, .1, .25, .5, 1},
+		}, []string{"kind"}),
+		rowsCopied: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "shardgate_move_rows_copied_total",
+			Help: "Rows the bulk copies of moves wrote to their targets.",
+		}),
+		movesEnded: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "shardgate_moves_ended_total",
+			Help: "Moves this instance's executor ended, by final state (cleaned_up, failed, cancelled).",
+		}, []string{"state"}),
+		debris: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "shardgate_mover_debris",
+			Help: "Replication objects of ended moves the last reaper pass could not drop (the log says which).",
+		}),
+	}
+}
+
+// the migrations a move needs on both shards: the same schema.
+func sameSchema(ctx context.Context, srcDSN, tgtDSN string) error {
+	a, err := migrations.GetStatus(ctx, srcDSN, migrations.Shard)
+	if err != nil {
+		return fmt.Errorf("source schema: %w", err)
+	}
+	b, err := migrations.GetStatus(ctx, tgtDSN, migrations.Shard)
+	if err != nil {
+		return fmt.Errorf("target schema: %w", err)
+	}
+	if a.Applied != b.Applied {
+		return fmt.Errorf("source is at schema version %d, target at %d: run 'shardctl migrate up' first", a.Applied, b.Applied)
+	}
+	return nil
+}
