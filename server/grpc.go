@@ -42,7 +42,7 @@ type GRPCOptions struct {
 	// GetSession this was 20-30% of a call. Calls beyond the workers still
 	// get goroutines of their own.
 	StreamWorkers int
-	// TLS, when set, serves TLS (see NewTLSConfig); nil serves plaintext.
+	// TLS, when set, serves TLS (see tlsconfig.New); nil serves plaintext.
 	TLS *tls.Config
 	// Auth verifies bearer tokens; nil lets every call through as an
 	// anonymous admin (loopback and dev without auth).

@@ -20,6 +20,7 @@ import (
 	"github.com/redis/rueidis"
 
 	"github.com/shardgate/shardgate/server"
+	"github.com/shardgate/shardgate/tlsconfig"
 )
 
 // securityFlags configure TLS and token authentication (serve only: dev
@@ -56,7 +57,7 @@ func (f securityFlags) build(ctx context.Context, log *slog.Logger) (security, e
 	var sec security
 	switch {
 	case f.TLSCert != "" || f.TLSKey != "":
-		conf, err := server.NewTLSConfig(server.TLSFiles{CertFile: f.TLSCert, KeyFile: f.TLSKey, ClientCAFile: f.TLSClientCA}, log)
+		conf, err := tlsconfig.New(tlsconfig.Files{CertFile: f.TLSCert, KeyFile: f.TLSKey, ClientCAFile: f.TLSClientCA}, log)
 		if err != nil {
 			return sec, err
 		}
