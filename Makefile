@@ -45,5 +45,5 @@ fuzz:
 	$(GO) test ./server -run '^$$' -fuzz '^FuzzPrincipalFromClaims$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./server -run '^$$' -fuzz '^FuzzVerifyToken$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./server -run '^$$' -fuzz '^FuzzConfigSchema$$' -fuzztime $(FUZZTIME)
-	$(GO) test ./server -run '^$$' -fuzz '^FuzzParseRates$$' -fuzztime $(FUZZTIME)
+	$(GO) test ./ratelimit -run '^$$' -fuzz '^FuzzParseRates$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./server -run '^$$' -fuzz '^FuzzParseKeys$$' -fuzztime $(FUZZTIME)

@@ -17,6 +17,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	pb "github.com/shardgate/shardgate/proto/shardgate/v1"
+	"github.com/shardgate/shardgate/ratelimit"
 )
 
 // Role is what a principal may do.
@@ -140,14 +141,14 @@ type AuthOptions struct {
 	// RESOURCE_EXHAUSTED before their signature is checked, so a flood of
 	// forged tokens costs no more than this many checks. A zero PerSecond
 	// turns it off.
-	FailureRate Rate
+	FailureRate ratelimit.Rate
 	// NoFailureLimit turns FailureRate off.
 	NoFailureLimit bool
 }
 
 // DefaultAuthFailureRate is FailureRate's default: generous, because
 // every client behind one proxy shares the proxy's address.
-var DefaultAuthFailureRate = Rate{PerSecond: 50, Burst: 500}
+var DefaultAuthFailureRate = ratelimit.Rate{PerSecond: 50, Burst: 500}
 
 // Verifier checks bearer tokens and caches the ones it verified until they
 // expire, so a client reusing its token pays one signature check.
@@ -534,6 +535,17 @@ func (s *principalStream) RecvMsg(m any) error {
 		return nil
 	}
 	return authorize(s.user, s.method, m)
+}
+
+// limitKey names the caller in rate-limit keys: its role and subject, or
+// for anonymous calls its address. Public methods carry no principal and
+// are not limited.
+func limitKey(ctx context.Context) (string, bool) {
+	p, ok := PrincipalFrom(ctx)
+	if !ok {
+		return "", false
+	}
+	return p.key, true
 }
 
 // ownSession is called by the session-token handlers with the session's

@@ -19,6 +19,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	pb "github.com/shardgate/shardgate/proto/shardgate/v1"
+	"github.com/shardgate/shardgate/ratelimit"
 )
 
 // testKeys are the keys of an auth test: an Ed25519 and an RSA key the
@@ -475,7 +476,7 @@ func TestFailedAuthenticationsAreThrottled(t *testing.T) {
 	keys := newTestKeys(t)
 	v, err := NewVerifier(AuthOptions{
 		Keys:        StaticKeys{"ed": {Alg: "EdDSA", Verify: keys.ed.Public()}},
-		FailureRate: Rate{PerSecond: 2, Burst: 5},
+		FailureRate: ratelimit.Rate{PerSecond: 2, Burst: 5},
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -498,7 +499,7 @@ func TestFailedAuthenticationsAreThrottled(t *testing.T) {
 			unauth++
 		case codes.ResourceExhausted:
 			exhausted++
-			if v := md.Get(retryAfterKey); len(v) == 1 {
+			if v := md.Get(ratelimit.RetryAfterKey); len(v) == 1 {
 				retryAfter = v[0]
 			}
 		default:

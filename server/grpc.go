@@ -20,6 +20,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	pb "github.com/shardgate/shardgate/proto/shardgate/v1"
+	"github.com/shardgate/shardgate/ratelimit"
 )
 
 // GRPCOptions shape the gRPC server. The zero value of a field means its default.
@@ -49,7 +50,7 @@ type GRPCOptions struct {
 	Auth *Verifier
 	// Limiter rate-limits calls per principal and method class; nil: no
 	// limits.
-	Limiter *Limiter
+	Limiter *ratelimit.Limiter
 	Extra   []grpc.ServerOption
 
 	// bare leaves out auth, limits and validation (the overhead benchmark's
@@ -105,8 +106,8 @@ func NewGRPCServer(s *Server, o GRPCOptions) (*grpc.Server, *health.Server) {
 		s.metrics.MustRegister(c)
 	}
 	if o.Limiter != nil {
-		unary = append(unary, limitUnary(o.Limiter))
-		stream = append(stream, limitStream(o.Limiter))
+		unary = append(unary, ratelimit.UnaryServerInterceptor(o.Limiter, limitKey))
+		stream = append(stream, ratelimit.StreamServerInterceptor(o.Limiter, limitKey))
 		for _, c := range o.Limiter.Collectors() {
 			s.metrics.MustRegister(c)
 		}

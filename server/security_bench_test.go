@@ -16,6 +16,7 @@ import (
 
 	"github.com/shardgate/shardgate/internal/testenv"
 	pb "github.com/shardgate/shardgate/proto/shardgate/v1"
+	"github.com/shardgate/shardgate/ratelimit"
 )
 
 // BenchmarkSecurityOverhead measures GetSession through gRPC on one
@@ -42,7 +43,7 @@ func BenchmarkSecurityOverhead(b *testing.B) {
 		b.Fatal(err)
 	}
 	defer rc.Close()
-	rates := map[MethodClass]Rate{ClassRead: {PerSecond: 1e6, Burst: 1e6}}
+	rates := map[ratelimit.Class]ratelimit.Rate{ratelimit.ClassRead: {PerSecond: 1e6, Burst: 1e6}}
 	noCache, err := NewVerifier(AuthOptions{Keys: StaticKeys{"ed": {Alg: "EdDSA", Verify: keys.ed.Public()}},
 		Issuer: testIssuer, Audience: testAudience, CacheSize: -1})
 	if err != nil {
@@ -56,9 +57,9 @@ func BenchmarkSecurityOverhead(b *testing.B) {
 	}
 	variants := []variant{
 		{name: "bare", o: GRPCOptions{bare: true}},
-		{name: "secured", o: GRPCOptions{Auth: keys.verifier(b), Limiter: NewLimiter(LimiterOptions{Redis: rc, Prefix: prefix, Rates: rates})}},
-		{name: "secured-nocache", o: GRPCOptions{Auth: noCache, Limiter: NewLimiter(LimiterOptions{Redis: rc, Prefix: prefix, Rates: rates})}},
-		{name: "secured-memlimit", o: GRPCOptions{Auth: keys.verifier(b), Limiter: NewLimiter(LimiterOptions{Rates: rates})}},
+		{name: "secured", o: GRPCOptions{Auth: keys.verifier(b), Limiter: ratelimit.New(ratelimit.Options{Redis: rc, Prefix: prefix, Rates: rates})}},
+		{name: "secured-nocache", o: GRPCOptions{Auth: noCache, Limiter: ratelimit.New(ratelimit.Options{Redis: rc, Prefix: prefix, Rates: rates})}},
+		{name: "secured-memlimit", o: GRPCOptions{Auth: keys.verifier(b), Limiter: ratelimit.New(ratelimit.Options{Rates: rates})}},
 		{name: "bare-again", o: GRPCOptions{bare: true}}, // the noise floor
 		// The server as it was before this layer and stream workers.
 		{name: "bare-noworkers", o: GRPCOptions{bare: true, StreamWorkers: -1}},

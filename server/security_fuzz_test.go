@@ -102,26 +102,6 @@ func FuzzConfigSchema(f *testing.F) {
 	})
 }
 
-func FuzzParseRates(f *testing.F) {
-	for _, s := range []string{"read=1000/2000,write=200/400,admin=20/40,watch=10/20", "read=0.5", "read=1/0", "x=1", ""} {
-		f.Add(s)
-	}
-	f.Fuzz(func(t *testing.T, s string) {
-		rates, err := ParseRates(s)
-		if err != nil {
-			return
-		}
-		for c, r := range rates {
-			if r.PerSecond <= 0 || r.Burst < 1 {
-				t.Fatalf("%q: class %s got %+v", s, c, r)
-			}
-			if interval, tol := gcraParams(r); interval < 1 || tol < interval {
-				t.Fatalf("%q: GCRA params %d %d", s, interval, tol)
-			}
-		}
-	})
-}
-
 func FuzzParseKeys(f *testing.F) {
 	keys := newTestKeys(f)
 	f.Add(keys.rsaPEM)

@@ -19,6 +19,7 @@ import (
 
 	"github.com/redis/rueidis"
 
+	"github.com/shardgate/shardgate/ratelimit"
 	"github.com/shardgate/shardgate/server"
 	"github.com/shardgate/shardgate/tlsconfig"
 )
@@ -65,9 +66,9 @@ func (f securityFlags) build(ctx context.Context, log *slog.Logger) (security, e
 	case f.TLSClientCA != "":
 		return sec, errors.New("--tls-client-ca needs --tls-cert and --tls-key")
 	}
-	var failures server.Rate
+	var failures ratelimit.Rate
 	if f.JWTFailures != "off" {
-		r, err := server.ParseRate(f.JWTFailures)
+		r, err := ratelimit.ParseRate(f.JWTFailures)
 		if err != nil {
 			return sec, fmt.Errorf("--jwt-failure-limit %q: %w", f.JWTFailures, err)
 		}
@@ -139,12 +140,12 @@ func checkJWKSURL(raw string) error {
 
 // limiter builds the rate limiter, or nil when --limit-redis is empty. A
 // Redis that is down at start is not fatal: the limiter starts in memory.
-func (f guardFlags) limiter(log *slog.Logger) (*server.Limiter, func(), error) {
+func (f guardFlags) limiter(log *slog.Logger) (*ratelimit.Limiter, func(), error) {
 	if f.LimitRedis == "" {
 		log.Info("rate limits off (no --limit-redis)")
 		return nil, func() {}, nil
 	}
-	rates, err := server.ParseRates(f.Limits)
+	rates, err := ratelimit.ParseRates(f.Limits)
 	if err != nil {
 		return nil, nil, fmt.Errorf("--limits: %w", err)
 	}
@@ -154,7 +155,7 @@ func (f guardFlags) limiter(log *slog.Logger) (*server.Limiter, func(), error) {
 		log.Warn("rate limiter: Redis unreachable at start; limiting in this instance's memory only", "err", err)
 		client = nil
 	}
-	lim := server.NewLimiter(server.LimiterOptions{Redis: client, Prefix: f.LimitPrefix, Rates: rates, Logger: log})
+	lim := ratelimit.New(ratelimit.Options{Redis: client, Prefix: f.LimitPrefix, Rates: rates, Logger: log})
 	log.Info("rate limits on", "limits", f.Limits, "redis", f.LimitRedis)
 	return lim, func() {
 		if client != nil {
