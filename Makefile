@@ -46,4 +46,4 @@ fuzz:
 	$(GO) test ./server -run '^$$' -fuzz '^FuzzVerifyToken$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./server -run '^$$' -fuzz '^FuzzConfigSchema$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./ratelimit -run '^$$' -fuzz '^FuzzParseRates$$' -fuzztime $(FUZZTIME)
-	$(GO) test ./server -run '^$$' -fuzz '^FuzzParseKeys$$' -fuzztime $(FUZZTIME)
+	$(GO) test ./auth/keyset -run '^$$' -fuzz '^FuzzParseKeys$$' -fuzztime $(FUZZTIME)

@@ -16,6 +16,7 @@ import (
 	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
 
+	"github.com/shardgate/shardgate/auth/keyset"
 	pb "github.com/shardgate/shardgate/proto/shardgate/v1"
 	"github.com/shardgate/shardgate/ratelimit"
 )
@@ -122,7 +123,7 @@ func parseBearer(h string) (string, bool) {
 // AuthOptions configure a Verifier.
 type AuthOptions struct {
 	// Keys resolves a token's key by its "kid" and pins its algorithm.
-	Keys KeySource
+	Keys keyset.Source
 	// Issuer and Audience, when set, must match "iss" and one of "aud".
 	Issuer   string
 	Audience string
@@ -167,7 +168,7 @@ type cachedPrincipal struct {
 	p   *Principal
 	exp time.Time
 	kid string
-	key Key // the key that verified it: a rotated-out key ends the entry
+	key keyset.Key // the key that verified it: a rotated-out key ends the entry
 }
 
 // NewVerifier returns a Verifier. Tokens must carry exp.
@@ -236,7 +237,7 @@ func (v *Verifier) Verify(ctx context.Context, raw string) (*Principal, error) {
 	}
 	var claims Claims
 	var kid string
-	var key Key
+	var key keyset.Key
 	_, err := v.parser.ParseWithClaims(raw, &claims, func(t *jwt.Token) (any, error) {
 		kid, _ = t.Header["kid"].(string)
 		k, err := v.opts.Keys.Key(ctx, kid)

@@ -2,12 +2,18 @@ package server
 
 import (
 	"context"
+	"crypto/ecdsa"
 	"crypto/ed25519"
 	"crypto/rand"
 	"crypto/rsa"
 	"crypto/x509"
+	"encoding/base64"
+	"encoding/json"
 	"encoding/pem"
 	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -18,6 +24,7 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/shardgate/shardgate/auth/keyset"
 	pb "github.com/shardgate/shardgate/proto/shardgate/v1"
 	"github.com/shardgate/shardgate/ratelimit"
 )
@@ -51,7 +58,7 @@ const (
 func (k *testKeys) verifier(t testing.TB) *Verifier {
 	t.Helper()
 	v, err := NewVerifier(AuthOptions{
-		Keys:     StaticKeys{"ed": {Alg: "EdDSA", Verify: k.ed.Public()}, "rs": {Alg: "RS256", Verify: &k.rsa.PublicKey}},
+		Keys:     keyset.Static{"ed": {Alg: "EdDSA", Verify: k.ed.Public()}, "rs": {Alg: "RS256", Verify: &k.rsa.PublicKey}},
 		Issuer:   testIssuer,
 		Audience: testAudience,
 		Leeway:   5 * time.Second,
@@ -390,7 +397,7 @@ func TestAuthWatchEndToEnd(t *testing.T) {
 
 func TestDevAllowsAnonymousButChecksTokens(t *testing.T) {
 	keys := newTestKeys(t)
-	v, err := NewVerifier(AuthOptions{Keys: StaticKeys{"ed": {Alg: "EdDSA", Verify: keys.ed.Public()}}, AllowAnonymous: true})
+	v, err := NewVerifier(AuthOptions{Keys: keyset.Static{"ed": {Alg: "EdDSA", Verify: keys.ed.Public()}}, AllowAnonymous: true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -475,7 +482,7 @@ func TestUserWatchCap(t *testing.T) {
 func TestFailedAuthenticationsAreThrottled(t *testing.T) {
 	keys := newTestKeys(t)
 	v, err := NewVerifier(AuthOptions{
-		Keys:        StaticKeys{"ed": {Alg: "EdDSA", Verify: keys.ed.Public()}},
+		Keys:        keyset.Static{"ed": {Alg: "EdDSA", Verify: keys.ed.Public()}},
 		FailureRate: ratelimit.Rate{PerSecond: 2, Burst: 5},
 	})
 	if err != nil {
@@ -521,4 +528,81 @@ func TestFailedAuthenticationsAreThrottled(t *testing.T) {
 		_, err := ts.admin.GetTopology(bearer(ctx, fresh), &pb.GetTopologyRequest{})
 		return err == nil
 	})
+}
+
+func jwkOf(t testing.TB, kid string, pub any) map[string]string {
+	t.Helper()
+	b64 := base64.RawURLEncoding.EncodeToString
+	switch k := pub.(type) {
+	case ed25519.PublicKey:
+		return map[string]string{"kty": "OKP", "crv": "Ed25519", "kid": kid, "x": b64(k)}
+	case *ecdsa.PublicKey:
+		pt, _ := k.Bytes()
+		return map[string]string{"kty": "EC", "crv": "P-256", "kid": kid, "x": b64(pt[1:33]), "y": b64(pt[33:])}
+	}
+	t.Fatalf("jwkOf %T", pub)
+	return nil
+}
+
+func TestHS256OnlyWhenConfigured(t *testing.T) {
+	secret := []byte("0123456789abcdef0123456789abcdef")
+	hk, err := keyset.HMAC(secret)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v, err := NewVerifier(AuthOptions{Keys: hk})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tok := sign(t, jwt.SigningMethodHS256, "", secret, jwt.MapClaims{"role": "service", "sub": "s", "exp": 4102444800})
+	if p, err := v.Verify(context.Background(), tok); err != nil || p.Role != RoleService {
+		t.Fatalf("HS256 with an HS256 key: %v", err)
+	}
+	// The same token against Ed25519 keys: refused.
+	keys := newTestKeys(t)
+	if _, err := keys.verifier(t).Verify(context.Background(), tok); err == nil {
+		t.Fatal("HS256 token accepted by an asymmetric verifier")
+	}
+}
+
+func TestJWKSRotation(t *testing.T) {
+	keys := newTestKeys(t)
+	_, next, _ := ed25519.GenerateKey(rand.Reader)
+	var fetches atomic.Int32
+	var rotated atomic.Bool
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		fetches.Add(1)
+		set := []any{jwkOf(t, "k1", keys.ed.Public())}
+		if rotated.Load() {
+			set = []any{jwkOf(t, "k2", next.Public())}
+		}
+		json.NewEncoder(w).Encode(map[string]any{"keys": set})
+	}))
+	defer srv.Close()
+	j := &keyset.JWKS{URL: srv.URL, MinRefetch: 1}
+	if err := j.Fetch(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	v, err := NewVerifier(AuthOptions{Keys: j})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := jwt.MapClaims{"role": "user", "sub": "alice", "exp": 4102444800}
+	old := sign(t, jwt.SigningMethodEdDSA, "k1", keys.ed, c)
+	if _, err := v.Verify(context.Background(), old); err != nil {
+		t.Fatal(err)
+	}
+	rotated.Store(true)
+	if _, err := v.Verify(context.Background(), sign(t, jwt.SigningMethodEdDSA, "k2", next, c)); err != nil {
+		t.Fatalf("token with the rotated key: %v", err)
+	}
+	before := fetches.Load()
+	// Cached: verifying the same token again fetches nothing.
+	if _, err := v.Verify(context.Background(), sign(t, jwt.SigningMethodEdDSA, "k2", next, c)); err != nil || fetches.Load() != before {
+		t.Fatalf("second verification: %v, %d fetches", err, fetches.Load()-before)
+	}
+	// The token signed with the withdrawn key was cached; it is refused now.
+	if _, err := v.Verify(context.Background(), old); err == nil {
+		t.Fatal("a cached token signed with a rotated-out key still verifies")
+	}
 }

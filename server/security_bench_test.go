@@ -14,6 +14,7 @@ import (
 
 	"github.com/redis/rueidis"
 
+	"github.com/shardgate/shardgate/auth/keyset"
 	"github.com/shardgate/shardgate/internal/testenv"
 	pb "github.com/shardgate/shardgate/proto/shardgate/v1"
 	"github.com/shardgate/shardgate/ratelimit"
@@ -44,7 +45,7 @@ func BenchmarkSecurityOverhead(b *testing.B) {
 	}
 	defer rc.Close()
 	rates := map[ratelimit.Class]ratelimit.Rate{ratelimit.ClassRead: {PerSecond: 1e6, Burst: 1e6}}
-	noCache, err := NewVerifier(AuthOptions{Keys: StaticKeys{"ed": {Alg: "EdDSA", Verify: keys.ed.Public()}},
+	noCache, err := NewVerifier(AuthOptions{Keys: keyset.Static{"ed": {Alg: "EdDSA", Verify: keys.ed.Public()}},
 		Issuer: testIssuer, Audience: testAudience, CacheSize: -1})
 	if err != nil {
 		b.Fatal(err)

@@ -19,6 +19,7 @@ import (
 
 	"github.com/redis/rueidis"
 
+	"github.com/shardgate/shardgate/auth/keyset"
 	"github.com/shardgate/shardgate/ratelimit"
 	"github.com/shardgate/shardgate/server"
 	"github.com/shardgate/shardgate/tlsconfig"
@@ -74,10 +75,10 @@ func (f securityFlags) build(ctx context.Context, log *slog.Logger) (security, e
 		}
 		failures = r
 	}
-	var keys server.KeySource
+	var keys keyset.Source
 	n := 0
 	if f.JWTKeys != "" {
-		k, err := server.LoadKeyFile(f.JWTKeys)
+		k, err := keyset.LoadFile(f.JWTKeys)
 		if err != nil {
 			return sec, fmt.Errorf("--jwt-keys: %w", err)
 		}
@@ -87,7 +88,7 @@ func (f securityFlags) build(ctx context.Context, log *slog.Logger) (security, e
 		if err := checkJWKSURL(f.JWKSURL); err != nil {
 			return sec, err
 		}
-		j := &server.JWKSKeys{URL: f.JWKSURL}
+		j := &keyset.JWKS{URL: f.JWKSURL}
 		if err := j.Fetch(ctx); err != nil {
 			return sec, fmt.Errorf("--jwt-jwks-url: %w", err)
 		}
@@ -98,7 +99,7 @@ func (f securityFlags) build(ctx context.Context, log *slog.Logger) (security, e
 		if err != nil {
 			return sec, fmt.Errorf("--jwt-hs256-secret-file: %w", err)
 		}
-		k, err := server.HMACKey([]byte(strings.TrimRight(string(b), "\r\n")))
+		k, err := keyset.HMAC([]byte(strings.TrimRight(string(b), "\r\n")))
 		if err != nil {
 			return sec, fmt.Errorf("--jwt-hs256-secret-file: %w", err)
 		}
@@ -214,12 +215,12 @@ func ensureDevKey(path string) (ed25519.PrivateKey, error) {
 // without a token through (dev stays usable with plain grpcurl).
 func devVerifier(key ed25519.PrivateKey) (*server.Verifier, error) {
 	pub := key.Public()
-	kid, err := server.KeyID(pub)
+	kid, err := keyset.KeyID(pub)
 	if err != nil {
 		return nil, err
 	}
 	return server.NewVerifier(server.AuthOptions{
-		Keys:           server.StaticKeys{kid: {Alg: "EdDSA", Verify: pub}},
+		Keys:           keyset.Static{kid: {Alg: "EdDSA", Verify: pub}},
 		AllowAnonymous: true,
 	})
 }
