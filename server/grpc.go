@@ -19,6 +19,7 @@ import (
 	"google.golang.org/grpc/reflection"
 	"google.golang.org/grpc/status"
 
+	"github.com/shardgate/shardgate/auth"
 	pb "github.com/shardgate/shardgate/proto/shardgate/v1"
 	"github.com/shardgate/shardgate/ratelimit"
 )
@@ -47,7 +48,7 @@ type GRPCOptions struct {
 	TLS *tls.Config
 	// Auth verifies bearer tokens; nil lets every call through as an
 	// anonymous admin (loopback and dev without auth).
-	Auth *Verifier
+	Auth *auth.Verifier
 	// Limiter rate-limits calls per principal and method class; nil: no
 	// limits.
 	Limiter *ratelimit.Limiter
@@ -91,13 +92,13 @@ func NewGRPCServer(s *Server, o GRPCOptions) (*grpc.Server, *health.Server) {
 		logUnary(log),
 		recovery.UnaryServerInterceptor(onPanic),
 		defaultDeadline(o.DefaultTimeout, o.MaxTimeout),
-		authUnary(o.Auth),
+		auth.UnaryServerInterceptor(o.Auth),
 	}
 	stream := []grpc.StreamServerInterceptor{
 		s.grpcMetrics.StreamServerInterceptor(),
 		logStream(log),
 		recovery.StreamServerInterceptor(onPanic),
-		authStream(o.Auth),
+		auth.StreamServerInterceptor(o.Auth),
 	}
 	if o.bare {
 		unary, stream = unary[:len(unary)-1], stream[:len(stream)-1]
@@ -106,8 +107,8 @@ func NewGRPCServer(s *Server, o GRPCOptions) (*grpc.Server, *health.Server) {
 		s.metrics.MustRegister(c)
 	}
 	if o.Limiter != nil {
-		unary = append(unary, ratelimit.UnaryServerInterceptor(o.Limiter, limitKey))
-		stream = append(stream, ratelimit.StreamServerInterceptor(o.Limiter, limitKey))
+		unary = append(unary, ratelimit.UnaryServerInterceptor(o.Limiter, auth.LimitKey))
+		stream = append(stream, ratelimit.StreamServerInterceptor(o.Limiter, auth.LimitKey))
 		for _, c := range o.Limiter.Collectors() {
 			s.metrics.MustRegister(c)
 		}

@@ -19,9 +19,9 @@ import (
 
 	"github.com/redis/rueidis"
 
+	"github.com/shardgate/shardgate/auth"
 	"github.com/shardgate/shardgate/auth/keyset"
 	"github.com/shardgate/shardgate/ratelimit"
-	"github.com/shardgate/shardgate/server"
 	"github.com/shardgate/shardgate/tlsconfig"
 )
 
@@ -52,7 +52,7 @@ type guardFlags struct {
 // security is what the flags build.
 type security struct {
 	tls  *tls.Config
-	auth *server.Verifier
+	auth *auth.Verifier
 }
 
 func (f securityFlags) build(ctx context.Context, log *slog.Logger) (security, error) {
@@ -109,9 +109,9 @@ func (f securityFlags) build(ctx context.Context, log *slog.Logger) (security, e
 		return sec, errors.New("give one of --jwt-keys, --jwt-jwks-url and --jwt-hs256-secret-file")
 	}
 	if keys != nil {
-		o := server.AuthOptions{Keys: keys, Issuer: f.JWTIssuer, Audience: f.JWTAudience, Leeway: f.JWTLeeway,
+		o := auth.Options{Keys: keys, Issuer: f.JWTIssuer, Audience: f.JWTAudience, Leeway: f.JWTLeeway,
 			FailureRate: failures, NoFailureLimit: f.JWTFailures == "off"}
-		v, err := server.NewVerifier(o)
+		v, err := auth.NewVerifier(o)
 		if err != nil {
 			return sec, err
 		}
@@ -213,13 +213,13 @@ func ensureDevKey(path string) (ed25519.PrivateKey, error) {
 
 // devVerifier verifies tokens signed with the dev key, and lets calls
 // without a token through (dev stays usable with plain grpcurl).
-func devVerifier(key ed25519.PrivateKey) (*server.Verifier, error) {
+func devVerifier(key ed25519.PrivateKey) (*auth.Verifier, error) {
 	pub := key.Public()
 	kid, err := keyset.KeyID(pub)
 	if err != nil {
 		return nil, err
 	}
-	return server.NewVerifier(server.AuthOptions{
+	return auth.NewVerifier(auth.Options{
 		Keys:           keyset.Static{kid: {Alg: "EdDSA", Verify: pub}},
 		AllowAnonymous: true,
 	})

@@ -1,4 +1,10 @@
-package server
+// Package auth decides who is calling and what they may do: it verifies
+// JWT bearer tokens (keys from keyset), throttles addresses that send
+// failing tokens, puts the caller's Principal in the request context, and
+// provides the gRPC interceptors that authenticate and authorize every
+// call. The server wires the interceptors in; handlers read the caller
+// with PrincipalFrom.
+package auth
 
 import (
 	"context"
@@ -68,9 +74,25 @@ type Claims struct {
 	Role string `json:"role"`
 }
 
-// maxSubject bounds "sub": for users it is a user_id (128 bytes); services
-// and admins get the same bound so limiter keys stay small.
-const maxSubject = maxUserID
+// maxSubject bounds "sub": for users it is a user_id (the API allows 128
+// bytes); services and admins get the same bound so limiter keys stay small.
+const maxSubject = 128
+
+// validSubject reports whether sub is 1-128 bytes of [A-Za-z0-9._:@-]: the
+// API's rule for a user_id, which a user principal's subject is.
+func validSubject(sub string) bool {
+	if sub == "" || len(sub) > maxSubject {
+		return false
+	}
+	for i := 0; i < len(sub); i++ {
+		c := sub[i]
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' ||
+			c == '.' || c == '_' || c == ':' || c == '@' || c == '-') {
+			return false
+		}
+	}
+	return true
+}
 
 // principalFromClaims turns verified claims into a principal. A user's
 // subject must be a valid user_id; every role needs a subject.
@@ -86,7 +108,7 @@ func principalFromClaims(c *Claims) (*Principal, error) {
 	if c.Subject == "" {
 		return nil, errors.New("no sub claim")
 	}
-	if err := validateUserID("sub", c.Subject); err != nil {
+	if !validSubject(c.Subject) {
 		// Non-user subjects follow the same alphabet: they end up in
 		// Redis keys and logs.
 		return nil, errors.New("sub is not 1-128 bytes of [A-Za-z0-9._:@-]")
@@ -120,8 +142,8 @@ func parseBearer(h string) (string, bool) {
 	return tok, true
 }
 
-// AuthOptions configure a Verifier.
-type AuthOptions struct {
+// Options configure a Verifier.
+type Options struct {
 	// Keys resolves a token's key by its "kid" and pins its algorithm.
 	Keys keyset.Source
 	// Issuer and Audience, when set, must match "iss" and one of "aud".
@@ -137,7 +159,7 @@ type AuthOptions struct {
 	// negative: no cache, every call verifies its signature).
 	CacheSize int
 	// FailureRate bounds, per peer address, the tokens that fail
-	// verification (default DefaultAuthFailureRate). Past it, tokens that
+	// verification (default DefaultFailureRate). Past it, tokens that
 	// are not already verified and cached are refused with
 	// RESOURCE_EXHAUSTED before their signature is checked, so a flood of
 	// forged tokens costs no more than this many checks. A zero PerSecond
@@ -147,14 +169,14 @@ type AuthOptions struct {
 	NoFailureLimit bool
 }
 
-// DefaultAuthFailureRate is FailureRate's default: generous, because
-// every client behind one proxy shares the proxy's address.
-var DefaultAuthFailureRate = ratelimit.Rate{PerSecond: 50, Burst: 500}
+// DefaultFailureRate is FailureRate's default: generous, because every
+// client behind one proxy shares the proxy's address.
+var DefaultFailureRate = ratelimit.Rate{PerSecond: 50, Burst: 500}
 
 // Verifier checks bearer tokens and caches the ones it verified until they
 // expire, so a client reusing its token pays one signature check.
 type Verifier struct {
-	opts   AuthOptions
+	opts   Options
 	parser *jwt.Parser
 	now    func() time.Time
 
@@ -172,7 +194,7 @@ type cachedPrincipal struct {
 }
 
 // NewVerifier returns a Verifier. Tokens must carry exp.
-func NewVerifier(o AuthOptions) (*Verifier, error) {
+func NewVerifier(o Options) (*Verifier, error) {
 	if o.Keys == nil {
 		return nil, errors.New("auth: no keys")
 	}
@@ -198,7 +220,7 @@ func NewVerifier(o AuthOptions) (*Verifier, error) {
 	if !o.NoFailureLimit {
 		r := o.FailureRate
 		if r.PerSecond <= 0 {
-			r = DefaultAuthFailureRate
+			r = DefaultFailureRate
 		}
 		v.throttle = newAuthThrottle(r)
 	}
@@ -326,7 +348,7 @@ func (v *Verifier) authenticate(ctx context.Context) (*Principal, error) {
 		}
 		return p, nil
 	}
-	host := peerHost(ctx)
+	host := PeerHost(ctx)
 	if wait, blocked := v.throttle.blocked(host); blocked {
 		// Tokens verified before still work; nothing new is checked.
 		if p, ok := v.cached(ctx, sha256.Sum256([]byte(raw)), v.now()); ok {
@@ -350,8 +372,9 @@ func (v *Verifier) Collectors() []prometheus.Collector {
 	return []prometheus.Collector{v.throttle.failures, v.throttle.refused}
 }
 
-// peerHost is the caller's IP address ("" when unknown).
-func peerHost(ctx context.Context) string {
+// PeerHost is the caller's IP address ("" when unknown): what failed tokens
+// are throttled by, and what names an anonymous caller.
+func PeerHost(ctx context.Context) string {
 	pr, ok := peer.FromContext(ctx)
 	if !ok || pr.Addr == nil {
 		return ""
@@ -367,7 +390,7 @@ func peerHost(ctx context.Context) string {
 // allowed; its rate-limit key is the peer's IP.
 func anonymous(ctx context.Context) *Principal {
 	key := "anon"
-	if host := peerHost(ctx); host != "" {
+	if host := PeerHost(ctx); host != "" {
 		key = "anon:" + host
 	}
 	return &Principal{Role: RoleAdmin, Anonymous: true, Subject: "", key: key}
@@ -443,8 +466,10 @@ func authorize(p *Principal, method string, req any) error {
 	return errDenied
 }
 
-// authUnary authenticates and authorizes each unary call.
-func authUnary(v *Verifier) grpc.UnaryServerInterceptor {
+// UnaryServerInterceptor authenticates and authorizes each unary call and
+// hands the handler a context carrying the caller's Principal. With a nil
+// v every call is an anonymous admin. grpc.health.v1 is open to all.
+func UnaryServerInterceptor(v *Verifier) grpc.UnaryServerInterceptor {
 	return func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
 		if publicMethod(info.FullMethod) {
 			return h(ctx, req)
@@ -466,11 +491,11 @@ type watchRequest interface {
 	GetPartitions() []uint32
 }
 
-// authStream authenticates each stream, and for user principals checks
-// its requests: a stream whose request names users (Watch) may only
-// follow the caller's own user_id, and never whole partitions; any other
-// request must pass authorize like a unary call.
-func authStream(v *Verifier) grpc.StreamServerInterceptor {
+// StreamServerInterceptor authenticates each stream, and for user
+// principals checks its requests: a stream whose request names users
+// (Watch) may only follow the caller's own user_id, and never whole
+// partitions; any other request must pass authorize like a unary call.
+func StreamServerInterceptor(v *Verifier) grpc.StreamServerInterceptor {
 	return func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) error {
 		if publicMethod(info.FullMethod) {
 			return h(srv, ss)
@@ -538,24 +563,13 @@ func (s *principalStream) RecvMsg(m any) error {
 	return authorize(s.user, s.method, m)
 }
 
-// limitKey names the caller in rate-limit keys: its role and subject, or
-// for anonymous calls its address. Public methods carry no principal and
-// are not limited.
-func limitKey(ctx context.Context) (string, bool) {
+// LimitKey names the caller of ctx's call in rate-limit keys (a
+// ratelimit.KeyFunc): its role and subject, or for anonymous calls its
+// address. Public methods carry no principal and are not limited.
+func LimitKey(ctx context.Context) (string, bool) {
 	p, ok := PrincipalFrom(ctx)
 	if !ok {
 		return "", false
 	}
 	return p.key, true
-}
-
-// ownSession is called by the session-token handlers with the session's
-// owner: a user may only see its own sessions, and another user's session
-// looks exactly like one that does not exist.
-func ownSession(ctx context.Context, owner string) error {
-	p, ok := PrincipalFrom(ctx)
-	if !ok || p.Role != RoleUser || p.Subject == owner {
-		return nil
-	}
-	return status.Error(codes.NotFound, "session not found")
 }
