@@ -6,6 +6,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/shardgate/shardgate/auth"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -50,7 +51,7 @@ func logCall(ctx context.Context, log *slog.Logger, fullMethod, kind string, sta
 		slog.String("grpc.code", st.Code().String()),
 		slog.Float64("grpc.time_ms", float64(time.Since(start).Microseconds())/1000),
 	}
-	if host := peerHost(ctx); host != "" {
+	if host := auth.PeerHost(ctx); host != "" {
 		attrs = append(attrs, slog.String("peer.address", host))
 	}
 	if err != nil {

@@ -9,8 +9,11 @@ import (
 	"strconv"
 	"time"
 
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
+	"github.com/shardgate/shardgate/auth"
 	"github.com/shardgate/shardgate/cache"
 	"github.com/shardgate/shardgate/catalog"
 	pb "github.com/shardgate/shardgate/proto/shardgate/v1"
@@ -183,10 +186,21 @@ func (d *DataService) onToken(ctx context.Context, tok string, fn func(sh *shard
 	return d.s.onPartition(ctx, p, func(sh *shards.Shard) error { return fn(sh, p, hash) })
 }
 
+// ownSession is called by the session-token handlers with the session's
+// owner: a user may only see its own sessions, and another user's session
+// looks exactly like one that does not exist.
+func ownSession(ctx context.Context, owner string) error {
+	p, ok := auth.PrincipalFrom(ctx)
+	if !ok || p.Role != auth.RoleUser || p.Subject == owner {
+		return nil
+	}
+	return status.Error(codes.NotFound, "session not found")
+}
+
 // userOwnsSession checks, for a user principal, that the session is its
 // own before a session-token call changes it (one extra read, users only).
 func userOwnsSession(ctx context.Context, sh *shards.Shard, p int32, hash []byte) error {
-	if pr, ok := PrincipalFrom(ctx); !ok || pr.Role != RoleUser {
+	if pr, ok := auth.PrincipalFrom(ctx); !ok || pr.Role != auth.RoleUser {
 		return nil
 	}
 	sess, err := sh.GetSession(ctx, p, hash)

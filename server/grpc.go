@@ -19,7 +19,9 @@ import (
 	"google.golang.org/grpc/reflection"
 	"google.golang.org/grpc/status"
 
+	"github.com/shardgate/shardgate/auth"
 	pb "github.com/shardgate/shardgate/proto/shardgate/v1"
+	"github.com/shardgate/shardgate/ratelimit"
 )
 
 // GRPCOptions shape the gRPC server. The zero value of a field means its default.
@@ -42,14 +44,14 @@ type GRPCOptions struct {
 	// GetSession this was 20-30% of a call. Calls beyond the workers still
 	// get goroutines of their own.
 	StreamWorkers int
-	// TLS, when set, serves TLS (see NewTLSConfig); nil serves plaintext.
+	// TLS, when set, serves TLS (see tlsconfig.New); nil serves plaintext.
 	TLS *tls.Config
 	// Auth verifies bearer tokens; nil lets every call through as an
 	// anonymous admin (loopback and dev without auth).
-	Auth *Verifier
+	Auth *auth.Verifier
 	// Limiter rate-limits calls per principal and method class; nil: no
 	// limits.
-	Limiter *Limiter
+	Limiter *ratelimit.Limiter
 	Extra   []grpc.ServerOption
 
 	// bare leaves out auth, limits and validation (the overhead benchmark's
@@ -90,13 +92,13 @@ func NewGRPCServer(s *Server, o GRPCOptions) (*grpc.Server, *health.Server) {
 		logUnary(log),
 		recovery.UnaryServerInterceptor(onPanic),
 		defaultDeadline(o.DefaultTimeout, o.MaxTimeout),
-		authUnary(o.Auth),
+		auth.UnaryServerInterceptor(o.Auth),
 	}
 	stream := []grpc.StreamServerInterceptor{
 		s.grpcMetrics.StreamServerInterceptor(),
 		logStream(log),
 		recovery.StreamServerInterceptor(onPanic),
-		authStream(o.Auth),
+		auth.StreamServerInterceptor(o.Auth),
 	}
 	if o.bare {
 		unary, stream = unary[:len(unary)-1], stream[:len(stream)-1]
@@ -105,8 +107,8 @@ func NewGRPCServer(s *Server, o GRPCOptions) (*grpc.Server, *health.Server) {
 		s.metrics.MustRegister(c)
 	}
 	if o.Limiter != nil {
-		unary = append(unary, limitUnary(o.Limiter))
-		stream = append(stream, limitStream(o.Limiter))
+		unary = append(unary, ratelimit.UnaryServerInterceptor(o.Limiter, auth.LimitKey))
+		stream = append(stream, ratelimit.StreamServerInterceptor(o.Limiter, auth.LimitKey))
 		for _, c := range o.Limiter.Collectors() {
 			s.metrics.MustRegister(c)
 		}

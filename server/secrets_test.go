@@ -11,6 +11,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/shardgate/shardgate/auth/authtest"
 	pb "github.com/shardgate/shardgate/proto/shardgate/v1"
 )
 
@@ -38,13 +39,13 @@ func TestNoSecretsInLogsErrorsOrMetrics(t *testing.T) {
 	const envPassword = "Env-Pa55word-8c1f"
 	const literalPassword = "Literal-Pa55word-77e2"
 	t.Setenv("SG_TEST_SHARD_PW", envPassword)
-	keys := newTestKeys(t)
+	keys := authtest.NewKeys(t)
 	c := newTestCluster(t, 3)
 	c.exec(t, "catalog", `UPDATE shards SET dsn = $1 WHERE name = 'shard-1'`, "postgres://sg:${SG_TEST_SHARD_PW}@127.0.0.1:1/db?connect_timeout=1")
 	c.exec(t, "catalog", `UPDATE shards SET dsn = $1 WHERE name = 'shard-2'`, "postgres://sg:"+literalPassword+"@127.0.0.1:1/db?connect_timeout=1")
 	var logs syncBuffer
 	logger := slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
-	ts := c.startWith(t, true, GRPCOptions{Auth: keys.verifier(t)}, nil, func(o *Options) { o.Logger = logger })
+	ts := c.startWith(t, true, GRPCOptions{Auth: keys.Verifier(t)}, nil, func(o *Options) { o.Logger = logger })
 	ctx := ctxT(t)
 
 	var secrets []string
@@ -54,19 +55,19 @@ func TestNoSecretsInLogsErrorsOrMetrics(t *testing.T) {
 			errs = append(errs, err.Error())
 		}
 	}
-	admin := keys.token(t, "admin", "ops")
+	admin := keys.Token(t, "admin", "ops")
 	secrets = append(secrets, admin, envPassword, literalPassword)
-	for name, tok := range keys.badTokens(t) {
+	for name, tok := range keys.BadTokens(t) {
 		if name != "garbage" {
 			secrets = append(secrets, tok)
 		}
-		_, err := ts.data.GetUser(bearer(ctx, tok), &pb.GetUserRequest{UserId: "alice"})
+		_, err := ts.data.GetUser(authtest.Bearer(ctx, tok), &pb.GetUserRequest{UserId: "alice"})
 		wantCode(t, err, codes.Unauthenticated)
 		record(err)
 	}
-	user := keys.token(t, "user", "bob")
+	user := keys.Token(t, "user", "bob")
 	secrets = append(secrets, user)
-	actx := bearer(ctx, admin)
+	actx := authtest.Bearer(ctx, admin)
 	for i := range 30 {
 		id := fmt.Sprintf("user-%d", i)
 		_, err := ts.data.PutUser(actx, &pb.PutUserRequest{UserId: id})
@@ -75,7 +76,7 @@ func TestNoSecretsInLogsErrorsOrMetrics(t *testing.T) {
 		record(err)
 		if err == nil {
 			secrets = append(secrets, s.GetToken())
-			_, err = ts.data.GetSession(bearer(ctx, user), &pb.GetSessionRequest{Token: s.GetToken()})
+			_, err = ts.data.GetSession(authtest.Bearer(ctx, user), &pb.GetSessionRequest{Token: s.GetToken()})
 			record(err)
 			_, err = ts.data.RevokeSession(actx, &pb.RevokeSessionRequest{Token: s.GetToken() + "x"})
 			record(err)
@@ -86,7 +87,7 @@ func TestNoSecretsInLogsErrorsOrMetrics(t *testing.T) {
 	for _, d := range ms.GetShards() {
 		errs = append(errs, d.GetError())
 	}
-	_, err = ts.data.GetUser(bearer(ctx, admin+"tampered"), &pb.GetUserRequest{UserId: "alice"})
+	_, err = ts.data.GetUser(authtest.Bearer(ctx, admin+"tampered"), &pb.GetUserRequest{UserId: "alice"})
 	record(err)
 	if status.Code(err) != codes.Unauthenticated {
 		t.Fatalf("tampered token: %v", err)

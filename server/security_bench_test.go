@@ -14,8 +14,12 @@ import (
 
 	"github.com/redis/rueidis"
 
+	"github.com/shardgate/shardgate/auth"
+	"github.com/shardgate/shardgate/auth/authtest"
+	"github.com/shardgate/shardgate/auth/keyset"
 	"github.com/shardgate/shardgate/internal/testenv"
 	pb "github.com/shardgate/shardgate/proto/shardgate/v1"
+	"github.com/shardgate/shardgate/ratelimit"
 )
 
 // BenchmarkSecurityOverhead measures GetSession through gRPC on one
@@ -35,16 +39,16 @@ import (
 //   - bare-noworkers: bare without stream workers (the server before)
 func BenchmarkSecurityOverhead(b *testing.B) {
 	c := newTestCluster(b, 4)
-	keys := newTestKeys(b)
+	keys := authtest.NewKeys(b)
 	addr, prefix := testenv.Redis(b)
 	rc, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{addr}, DisableCache: true})
 	if err != nil {
 		b.Fatal(err)
 	}
 	defer rc.Close()
-	rates := map[MethodClass]Rate{ClassRead: {PerSecond: 1e6, Burst: 1e6}}
-	noCache, err := NewVerifier(AuthOptions{Keys: StaticKeys{"ed": {Alg: "EdDSA", Verify: keys.ed.Public()}},
-		Issuer: testIssuer, Audience: testAudience, CacheSize: -1})
+	rates := map[ratelimit.Class]ratelimit.Rate{ratelimit.ClassRead: {PerSecond: 1e6, Burst: 1e6}}
+	noCache, err := auth.NewVerifier(auth.Options{Keys: keyset.Static{"ed": {Alg: "EdDSA", Verify: keys.Ed.Public()}},
+		Issuer: authtest.Issuer, Audience: authtest.Audience, CacheSize: -1})
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -56,14 +60,14 @@ func BenchmarkSecurityOverhead(b *testing.B) {
 	}
 	variants := []variant{
 		{name: "bare", o: GRPCOptions{bare: true}},
-		{name: "secured", o: GRPCOptions{Auth: keys.verifier(b), Limiter: NewLimiter(LimiterOptions{Redis: rc, Prefix: prefix, Rates: rates})}},
-		{name: "secured-nocache", o: GRPCOptions{Auth: noCache, Limiter: NewLimiter(LimiterOptions{Redis: rc, Prefix: prefix, Rates: rates})}},
-		{name: "secured-memlimit", o: GRPCOptions{Auth: keys.verifier(b), Limiter: NewLimiter(LimiterOptions{Rates: rates})}},
+		{name: "secured", o: GRPCOptions{Auth: keys.Verifier(b), Limiter: ratelimit.New(ratelimit.Options{Redis: rc, Prefix: prefix, Rates: rates})}},
+		{name: "secured-nocache", o: GRPCOptions{Auth: noCache, Limiter: ratelimit.New(ratelimit.Options{Redis: rc, Prefix: prefix, Rates: rates})}},
+		{name: "secured-memlimit", o: GRPCOptions{Auth: keys.Verifier(b), Limiter: ratelimit.New(ratelimit.Options{Rates: rates})}},
 		{name: "bare-again", o: GRPCOptions{bare: true}}, // the noise floor
 		// The server as it was before this layer and stream workers.
 		{name: "bare-noworkers", o: GRPCOptions{bare: true, StreamWorkers: -1}},
 	}
-	ctx := bearer(context.Background(), keys.token(b, "service", "bench"))
+	ctx := authtest.Bearer(context.Background(), keys.Token(b, "service", "bench"))
 	setup := c.start(b, false)
 	const users = 256
 	tokens := make([]string, users)

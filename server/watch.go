@@ -11,6 +11,7 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
+	"github.com/shardgate/shardgate/auth"
 	"github.com/shardgate/shardgate/events"
 	pb "github.com/shardgate/shardgate/proto/shardgate/v1"
 	"github.com/shardgate/shardgate/router"
@@ -93,7 +94,7 @@ func (d *DataService) Watch(req *pb.WatchRequest, stream pb.DataService_WatchSer
 		return status.Errorf(codes.ResourceExhausted, "this server already serves %d watches; retry on another instance or later", d.s.opts.MaxWatchers)
 	}
 	defer d.s.watchers.Add(-1)
-	if p, ok := PrincipalFrom(ctx); ok && p.Role == RoleUser {
+	if p, ok := auth.PrincipalFrom(ctx); ok && p.Role == auth.RoleUser {
 		release, ok := d.s.userWatches.acquire(p.Subject)
 		if !ok {
 			return status.Errorf(codes.ResourceExhausted, "user %s already has %d open watches on this server; close one first", p.Subject, maxWatchesPerUser)

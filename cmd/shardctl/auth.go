@@ -20,7 +20,7 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 
-	"github.com/shardgate/shardgate/server"
+	"github.com/shardgate/shardgate/auth/keyset"
 )
 
 // bearerCreds sends a token as "authorization: Bearer …" on every call.
@@ -96,7 +96,7 @@ type tokenMintCmd struct {
 	Aud  string        `help:"Audience claim (aud), if the server requires one."`
 }
 
-// Run prints a signed token; the key's KeyID goes into its "kid" header.
+// Run prints a signed token; the key's keyset.KeyID goes into its "kid" header.
 func (c tokenMintCmd) Run(g *globals) error {
 	b, err := os.ReadFile(c.Key)
 	if err != nil {
@@ -141,7 +141,7 @@ func mintToken(keyPEM []byte, role, sub, iss, aud string, ttl time.Duration, now
 		claims["aud"] = aud
 	}
 	t := jwt.NewWithClaims(method, claims)
-	kid, err := server.KeyID(k.(crypto.Signer).Public())
+	kid, err := keyset.KeyID(k.(crypto.Signer).Public())
 	if err != nil {
 		return "", err
 	}

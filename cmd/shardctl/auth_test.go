@@ -14,6 +14,8 @@ import (
 
 	"github.com/alecthomas/kong"
 
+	"github.com/shardgate/shardgate/auth"
+	"github.com/shardgate/shardgate/auth/keyset"
 	"github.com/shardgate/shardgate/internal/testcluster"
 	"github.com/shardgate/shardgate/server"
 )
@@ -34,8 +36,8 @@ func writeKey(t *testing.T) (string, ed25519.PublicKey) {
 // with pub.
 func startAuthCluster(t *testing.T, pub ed25519.PublicKey) string {
 	t.Helper()
-	kid, _ := server.KeyID(pub)
-	v, err := server.NewVerifier(server.AuthOptions{Keys: server.StaticKeys{kid: {Alg: "EdDSA", Verify: pub}}})
+	kid, _ := keyset.KeyID(pub)
+	v, err := auth.NewVerifier(auth.Options{Keys: keyset.Static{kid: {Alg: "EdDSA", Verify: pub}}})
 	if err != nil {
 		t.Fatal(err)
 	}

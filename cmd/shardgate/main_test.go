@@ -8,8 +8,7 @@ import (
 	"testing"
 
 	"github.com/alecthomas/kong"
-
-	"github.com/shardgate/shardgate/server"
+	"github.com/shardgate/shardgate/auth"
 )
 
 func TestIsLoopback(t *testing.T) {
@@ -84,7 +83,7 @@ func TestWithDatabase(t *testing.T) {
 }
 
 func TestCheckExposure(t *testing.T) {
-	full := security{tls: &tls.Config{}, auth: &server.Verifier{}}
+	full := security{tls: &tls.Config{}, auth: &auth.Verifier{}}
 	for _, c := range []struct {
 		name     string
 		loopback bool

@@ -19,7 +19,10 @@ import (
 
 	"github.com/redis/rueidis"
 
-	"github.com/shardgate/shardgate/server"
+	"github.com/shardgate/shardgate/auth"
+	"github.com/shardgate/shardgate/auth/keyset"
+	"github.com/shardgate/shardgate/ratelimit"
+	"github.com/shardgate/shardgate/tlsconfig"
 )
 
 // securityFlags configure TLS and token authentication (serve only: dev
@@ -49,14 +52,14 @@ type guardFlags struct {
 // security is what the flags build.
 type security struct {
 	tls  *tls.Config
-	auth *server.Verifier
+	auth *auth.Verifier
 }
 
 func (f securityFlags) build(ctx context.Context, log *slog.Logger) (security, error) {
 	var sec security
 	switch {
 	case f.TLSCert != "" || f.TLSKey != "":
-		conf, err := server.NewTLSConfig(server.TLSFiles{CertFile: f.TLSCert, KeyFile: f.TLSKey, ClientCAFile: f.TLSClientCA}, log)
+		conf, err := tlsconfig.New(tlsconfig.Files{CertFile: f.TLSCert, KeyFile: f.TLSKey, ClientCAFile: f.TLSClientCA}, log)
 		if err != nil {
 			return sec, err
 		}
@@ -64,18 +67,18 @@ func (f securityFlags) build(ctx context.Context, log *slog.Logger) (security, e
 	case f.TLSClientCA != "":
 		return sec, errors.New("--tls-client-ca needs --tls-cert and --tls-key")
 	}
-	var failures server.Rate
+	var failures ratelimit.Rate
 	if f.JWTFailures != "off" {
-		r, err := server.ParseRate(f.JWTFailures)
+		r, err := ratelimit.ParseRate(f.JWTFailures)
 		if err != nil {
 			return sec, fmt.Errorf("--jwt-failure-limit %q: %w", f.JWTFailures, err)
 		}
 		failures = r
 	}
-	var keys server.KeySource
+	var keys keyset.Source
 	n := 0
 	if f.JWTKeys != "" {
-		k, err := server.LoadKeyFile(f.JWTKeys)
+		k, err := keyset.LoadFile(f.JWTKeys)
 		if err != nil {
 			return sec, fmt.Errorf("--jwt-keys: %w", err)
 		}
@@ -85,7 +88,7 @@ func (f securityFlags) build(ctx context.Context, log *slog.Logger) (security, e
 		if err := checkJWKSURL(f.JWKSURL); err != nil {
 			return sec, err
 		}
-		j := &server.JWKSKeys{URL: f.JWKSURL}
+		j := &keyset.JWKS{URL: f.JWKSURL}
 		if err := j.Fetch(ctx); err != nil {
 			return sec, fmt.Errorf("--jwt-jwks-url: %w", err)
 		}
@@ -96,7 +99,7 @@ func (f securityFlags) build(ctx context.Context, log *slog.Logger) (security, e
 		if err != nil {
 			return sec, fmt.Errorf("--jwt-hs256-secret-file: %w", err)
 		}
-		k, err := server.HMACKey([]byte(strings.TrimRight(string(b), "\r\n")))
+		k, err := keyset.HMAC([]byte(strings.TrimRight(string(b), "\r\n")))
 		if err != nil {
 			return sec, fmt.Errorf("--jwt-hs256-secret-file: %w", err)
 		}
@@ -106,9 +109,9 @@ func (f securityFlags) build(ctx context.Context, log *slog.Logger) (security, e
 		return sec, errors.New("give one of --jwt-keys, --jwt-jwks-url and --jwt-hs256-secret-file")
 	}
 	if keys != nil {
-		o := server.AuthOptions{Keys: keys, Issuer: f.JWTIssuer, Audience: f.JWTAudience, Leeway: f.JWTLeeway,
+		o := auth.Options{Keys: keys, Issuer: f.JWTIssuer, Audience: f.JWTAudience, Leeway: f.JWTLeeway,
 			FailureRate: failures, NoFailureLimit: f.JWTFailures == "off"}
-		v, err := server.NewVerifier(o)
+		v, err := auth.NewVerifier(o)
 		if err != nil {
 			return sec, err
 		}
@@ -138,12 +141,12 @@ func checkJWKSURL(raw string) error {
 
 // limiter builds the rate limiter, or nil when --limit-redis is empty. A
 // Redis that is down at start is not fatal: the limiter starts in memory.
-func (f guardFlags) limiter(log *slog.Logger) (*server.Limiter, func(), error) {
+func (f guardFlags) limiter(log *slog.Logger) (*ratelimit.Limiter, func(), error) {
 	if f.LimitRedis == "" {
 		log.Info("rate limits off (no --limit-redis)")
 		return nil, func() {}, nil
 	}
-	rates, err := server.ParseRates(f.Limits)
+	rates, err := ratelimit.ParseRates(f.Limits)
 	if err != nil {
 		return nil, nil, fmt.Errorf("--limits: %w", err)
 	}
@@ -153,7 +156,7 @@ func (f guardFlags) limiter(log *slog.Logger) (*server.Limiter, func(), error) {
 		log.Warn("rate limiter: Redis unreachable at start; limiting in this instance's memory only", "err", err)
 		client = nil
 	}
-	lim := server.NewLimiter(server.LimiterOptions{Redis: client, Prefix: f.LimitPrefix, Rates: rates, Logger: log})
+	lim := ratelimit.New(ratelimit.Options{Redis: client, Prefix: f.LimitPrefix, Rates: rates, Logger: log})
 	log.Info("rate limits on", "limits", f.Limits, "redis", f.LimitRedis)
 	return lim, func() {
 		if client != nil {
@@ -210,14 +213,14 @@ func ensureDevKey(path string) (ed25519.PrivateKey, error) {
 
 // devVerifier verifies tokens signed with the dev key, and lets calls
 // without a token through (dev stays usable with plain grpcurl).
-func devVerifier(key ed25519.PrivateKey) (*server.Verifier, error) {
+func devVerifier(key ed25519.PrivateKey) (*auth.Verifier, error) {
 	pub := key.Public()
-	kid, err := server.KeyID(pub)
+	kid, err := keyset.KeyID(pub)
 	if err != nil {
 		return nil, err
 	}
-	return server.NewVerifier(server.AuthOptions{
-		Keys:           server.StaticKeys{kid: {Alg: "EdDSA", Verify: pub}},
+	return auth.NewVerifier(auth.Options{
+		Keys:           keyset.Static{kid: {Alg: "EdDSA", Verify: pub}},
 		AllowAnonymous: true,
 	})
 }

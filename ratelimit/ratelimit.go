@@ -1,4 +1,7 @@
-package server
+// Package ratelimit limits calls per caller and method class with token
+// buckets (GCRA) shared in Redis, falling back to each instance's memory
+// when Redis fails, and provides the gRPC interceptors that apply them.
+package ratelimit
 
 import (
 	"context"
@@ -19,15 +22,15 @@ import (
 	"google.golang.org/grpc/status"
 )
 
-// MethodClass groups methods that share a rate limit.
-type MethodClass string
+// Class groups methods that share a rate limit.
+type Class string
 
 // The method classes.
 const (
-	ClassRead  MethodClass = "read"
-	ClassWrite MethodClass = "write"
-	ClassAdmin MethodClass = "admin"
-	ClassWatch MethodClass = "watch"
+	ClassRead  Class = "read"
+	ClassWrite Class = "write"
+	ClassAdmin Class = "admin"
+	ClassWatch Class = "watch"
 )
 
 // Rate is a token bucket: Burst calls at once, refilled at PerSecond.
@@ -38,15 +41,15 @@ type Rate struct {
 
 // ParseRates reads "read=1000/2000,write=200" (class=per-second[/burst];
 // burst defaults to the rate, at least 1).
-func ParseRates(s string) (map[MethodClass]Rate, error) {
-	out := map[MethodClass]Rate{}
+func ParseRates(s string) (map[Class]Rate, error) {
+	out := map[Class]Rate{}
 	for part := range strings.SplitSeq(s, ",") {
 		part = strings.TrimSpace(part)
 		if part == "" {
 			continue
 		}
 		name, spec, ok := strings.Cut(part, "=")
-		class := MethodClass(name)
+		class := Class(name)
 		switch class {
 		case ClassRead, ClassWrite, ClassAdmin, ClassWatch:
 		default:
@@ -81,15 +84,15 @@ func ParseRate(spec string) (Rate, error) {
 	return Rate{PerSecond: r, Burst: b}, nil
 }
 
-// LimiterOptions configure a Limiter.
-type LimiterOptions struct {
+// Options configure a Limiter.
+type Options struct {
 	// Redis holds the buckets, shared by all instances. Nil: in-memory
 	// buckets only (each instance limits on its own).
 	Redis rueidis.Client
 	// Prefix starts every Redis key (default "shardgate:rl:").
 	Prefix string
 	// Rates per class; a class without one is not limited.
-	Rates map[MethodClass]Rate
+	Rates map[Class]Rate
 	// RedisTimeout bounds one check in Redis (default 100ms); a slower or
 	// failed check falls back to memory.
 	RedisTimeout time.Duration
@@ -106,7 +109,7 @@ type LimiterOptions struct {
 // Redis fails the limiter degrades to per-instance buckets in memory,
 // logging each switch and exporting shardgate_ratelimit_degraded.
 type Limiter struct {
-	o         LimiterOptions
+	o         Options
 	degraded  atomic.Bool
 	retryAt   atomic.Int64 // unix nanos: until then, use memory
 	mu        sync.Mutex
@@ -118,8 +121,8 @@ type Limiter struct {
 	limited   *prometheus.CounterVec
 }
 
-// NewLimiter returns a Limiter.
-func NewLimiter(o LimiterOptions) *Limiter {
+// New returns a Limiter.
+func New(o Options) *Limiter {
 	if o.Prefix == "" {
 		o.Prefix = "shardgate:rl:"
 	}
@@ -210,7 +213,7 @@ type lease struct {
 
 // Allow takes a token for key in class. It returns whether the call may
 // proceed and, if not, how long until it may.
-func (l *Limiter) Allow(ctx context.Context, class MethodClass, key string) (bool, time.Duration) {
+func (l *Limiter) Allow(ctx context.Context, class Class, key string) (bool, time.Duration) {
 	r, ok := l.o.Rates[class]
 	if !ok {
 		return true, 0
@@ -302,7 +305,7 @@ func (l *Limiter) allowMemory(key string, interval, tolerance int64) (bool, time
 // classOf puts a method in its rate-limit class: AdminService calls are
 // admin; Watch-like streams are watch; DataService reads (Get*, List*)
 // are read; everything else is write.
-func classOf(method string, stream bool) MethodClass {
+func classOf(method string, stream bool) Class {
 	switch {
 	case strings.HasPrefix(method, adminPrefix):
 		return ClassAdmin
@@ -318,41 +321,49 @@ func classOf(method string, stream bool) MethodClass {
 	return ClassWrite
 }
 
-// retryAfterKey is the response metadata that says, in milliseconds, when
-// a limited call may be retried.
-const retryAfterKey = "retry-after-ms"
+// adminPrefix starts the full method names of AdminService.
+const adminPrefix = "/" + "shardgate.v1.AdminService" + "/"
 
-func (l *Limiter) refuse(setHeader func(metadata.MD) error, class MethodClass, wait time.Duration) error {
+// RetryAfterKey is the response metadata that says, in milliseconds, when
+// a refused call may be retried.
+const RetryAfterKey = "retry-after-ms"
+
+func (l *Limiter) refuse(setHeader func(metadata.MD) error, class Class, wait time.Duration) error {
 	l.limited.WithLabelValues(string(class)).Inc()
 	ms := max(1, wait.Milliseconds())
-	setHeader(metadata.Pairs(retryAfterKey, strconv.FormatInt(ms, 10)))
+	setHeader(metadata.Pairs(RetryAfterKey, strconv.FormatInt(ms, 10)))
 	return status.Errorf(codes.ResourceExhausted, "rate limit of %s calls exceeded; retry in %d ms", class, ms)
 }
 
-// limitUnary limits each unary call by its principal (set by authUnary).
-func limitUnary(l *Limiter) grpc.UnaryServerInterceptor {
+// KeyFunc names the caller of the call ctx belongs to, for its bucket keys.
+// ok false leaves the call unlimited (methods open to all, such as health).
+type KeyFunc func(ctx context.Context) (key string, ok bool)
+
+// UnaryServerInterceptor limits each unary call by the caller key names,
+// in its method's class.
+func UnaryServerInterceptor(l *Limiter, key KeyFunc) grpc.UnaryServerInterceptor {
 	return func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
-		p, ok := PrincipalFrom(ctx)
+		k, ok := key(ctx)
 		if !ok {
-			return h(ctx, req) // public methods (health)
+			return h(ctx, req)
 		}
 		class := classOf(info.FullMethod, false)
-		if allowed, wait := l.Allow(ctx, class, p.key); !allowed {
+		if allowed, wait := l.Allow(ctx, class, k); !allowed {
 			return nil, l.refuse(func(md metadata.MD) error { return grpc.SetHeader(ctx, md) }, class, wait)
 		}
 		return h(ctx, req)
 	}
 }
 
-// limitStream limits the opening of each stream.
-func limitStream(l *Limiter) grpc.StreamServerInterceptor {
+// StreamServerInterceptor limits the opening of each stream.
+func StreamServerInterceptor(l *Limiter, key KeyFunc) grpc.StreamServerInterceptor {
 	return func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) error {
-		p, ok := PrincipalFrom(ss.Context())
+		k, ok := key(ss.Context())
 		if !ok {
 			return h(srv, ss)
 		}
 		class := classOf(info.FullMethod, true)
-		if allowed, wait := l.Allow(ss.Context(), class, p.key); !allowed {
+		if allowed, wait := l.Allow(ss.Context(), class, k); !allowed {
 			return l.refuse(ss.SetHeader, class, wait)
 		}
 		return h(srv, ss)

@@ -1,4 +1,8 @@
-package server
+// Package keyset holds the keys JWTs are verified with: each pinned to one
+// algorithm, found by "kid", read from PEM or a JWK set, fetched from a
+// JWKS URL, or an explicitly chosen HS256 secret. It needs nothing but the
+// standard library, so a command that only names or reads keys stays small.
+package keyset
 
 import (
 	"context"
@@ -33,8 +37,8 @@ type Key struct {
 	Verify any
 }
 
-// KeySource finds the key a token names by its "kid".
-type KeySource interface {
+// Source finds the key a token names by its "kid".
+type Source interface {
 	Key(ctx context.Context, kid string) (Key, error)
 	// Algorithms lists every algorithm a key of this source may pin.
 	Algorithms() []string
@@ -55,12 +59,12 @@ func (k Key) Equal(o Key) bool {
 
 var errUnknownKey = errors.New("unknown key")
 
-// StaticKeys is a fixed set of keys by kid. A token without a kid uses the
+// Static is a fixed set of keys by kid. A token without a kid uses the
 // only key when there is exactly one.
-type StaticKeys map[string]Key
+type Static map[string]Key
 
-// Key implements KeySource.
-func (s StaticKeys) Key(_ context.Context, kid string) (Key, error) {
+// Key implements Source.
+func (s Static) Key(_ context.Context, kid string) (Key, error) {
 	if k, ok := s[kid]; ok {
 		return k, nil
 	}
@@ -72,8 +76,8 @@ func (s StaticKeys) Key(_ context.Context, kid string) (Key, error) {
 	return Key{}, errUnknownKey
 }
 
-// Algorithms implements KeySource.
-func (s StaticKeys) Algorithms() []string {
+// Algorithms implements Source.
+func (s Static) Algorithms() []string {
 	var algs []string
 	for _, k := range s {
 		if !slices.Contains(algs, k.Alg) {
@@ -116,12 +120,12 @@ func publicKey(pub any) (Key, error) {
 	return Key{}, fmt.Errorf("unsupported key type %T", pub)
 }
 
-// ParseKeys reads verification keys from PEM (PUBLIC KEY, PRIVATE KEY in
+// Parse reads verification keys from PEM (PUBLIC KEY, PRIVATE KEY in
 // PKCS#8, or CERTIFICATE blocks; a "kid" PEM header names a key, KeyID
 // otherwise) or from a JWK set (or one JWK) in JSON. Symmetric ("oct")
-// JWKs are refused: HS256 is configured on its own (HMACKey).
-func ParseKeys(data []byte) (StaticKeys, error) {
-	keys := StaticKeys{}
+// JWKs are refused: HS256 is configured on its own (HMAC).
+func Parse(data []byte) (Static, error) {
+	keys := Static{}
 	if trimmed := trimSpace(data); len(trimmed) > 0 && trimmed[0] == '{' {
 		return parseJWKS(trimmed)
 	}
@@ -195,7 +199,7 @@ type jwk struct {
 	E   string `json:"e"`
 }
 
-func parseJWKS(data []byte) (StaticKeys, error) {
+func parseJWKS(data []byte) (Static, error) {
 	var set struct {
 		Keys []jwk `json:"keys"`
 	}
@@ -209,7 +213,7 @@ func parseJWKS(data []byte) (StaticKeys, error) {
 		}
 		set.Keys = []jwk{one}
 	}
-	keys := StaticKeys{}
+	keys := Static{}
 	for i, j := range set.Keys {
 		if j.Use == "enc" {
 			continue
@@ -271,37 +275,37 @@ func (j jwk) public() (any, error) {
 	return nil, fmt.Errorf("unsupported kty %q", j.Kty)
 }
 
-// HMACKey returns an HS256 key source from a shared secret (at least 32
+// HMAC returns an HS256 key source from a shared secret (at least 32
 // bytes). Only for deployments that explicitly choose HS256.
-func HMACKey(secret []byte) (StaticKeys, error) {
+func HMAC(secret []byte) (Static, error) {
 	if len(secret) < 32 {
 		return nil, fmt.Errorf("HS256 secret of %d bytes; want at least 32", len(secret))
 	}
-	return StaticKeys{"": {Alg: "HS256", Verify: secret}}, nil
+	return Static{"": {Alg: "HS256", Verify: secret}}, nil
 }
 
-// JWKSKeys fetches a JWK set from a URL, keeps it for Refresh, and fetches
+// JWKS fetches a JWK set from a URL, keeps it for Refresh, and fetches
 // again (at most every MinRefetch) when a token names a kid it does not
 // know, so a key rotation at the issuer is picked up at once. When a fetch
 // fails the last good set stays in use.
-type JWKSKeys struct {
+type JWKS struct {
 	URL        string
 	Client     *http.Client  // default: 10s timeout
 	Refresh    time.Duration // default 10 minutes
 	MinRefetch time.Duration // default 30s
 
 	mu        sync.Mutex
-	keys      StaticKeys
+	keys      Static
 	fetchedAt time.Time
 	triedAt   time.Time
 }
 
-// Algorithms implements KeySource: any asymmetric algorithm; each key
-// pins its own.
-func (j *JWKSKeys) Algorithms() []string { return []string{"ES256", "EdDSA", "RS256"} }
+// Algorithms implements Source: any asymmetric algorithm; each key pins
+// its own.
+func (j *JWKS) Algorithms() []string { return []string{"ES256", "EdDSA", "RS256"} }
 
-// Key implements KeySource.
-func (j *JWKSKeys) Key(ctx context.Context, kid string) (Key, error) {
+// Key implements Source.
+func (j *JWKS) Key(ctx context.Context, kid string) (Key, error) {
 	j.mu.Lock()
 	defer j.mu.Unlock()
 	refresh := j.Refresh
@@ -331,7 +335,7 @@ func (j *JWKSKeys) Key(ctx context.Context, kid string) (Key, error) {
 
 // Fetch loads the key set now; serve calls it once at start so a wrong URL
 // fails fast.
-func (j *JWKSKeys) Fetch(ctx context.Context) error {
+func (j *JWKS) Fetch(ctx context.Context) error {
 	keys, err := j.fetch(ctx)
 	if err != nil {
 		return err
@@ -342,7 +346,7 @@ func (j *JWKSKeys) Fetch(ctx context.Context) error {
 	return nil
 }
 
-func (j *JWKSKeys) fetch(ctx context.Context) (StaticKeys, error) {
+func (j *JWKS) fetch(ctx context.Context) (Static, error) {
 	c := j.Client
 	if c == nil {
 		c = &http.Client{Timeout: 10 * time.Second}
@@ -366,13 +370,13 @@ func (j *JWKSKeys) fetch(ctx context.Context) (StaticKeys, error) {
 	return parseJWKS(trimSpace(body))
 }
 
-// LoadKeyFile reads ParseKeys input from a file.
-func LoadKeyFile(path string) (StaticKeys, error) {
+// LoadFile reads Parse input from a file.
+func LoadFile(path string) (Static, error) {
 	data, err := os.ReadFile(path)
 	if err != nil {
 		return nil, err
 	}
-	keys, err := ParseKeys(data)
+	keys, err := Parse(data)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", path, err)
 	}

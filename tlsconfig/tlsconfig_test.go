@@ -1,6 +1,7 @@
-package server
+package tlsconfig
 
 import (
+	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -17,9 +18,38 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
-
-	pb "github.com/shardgate/shardgate/proto/shardgate/v1"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 )
+
+// serve serves the gRPC health service with conf on a free loopback port
+// until the test ends, and returns its address.
+func serve(t testing.TB, conf *tls.Config) string {
+	t.Helper()
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := grpc.NewServer(grpc.Creds(credentials.NewTLS(conf)))
+	healthpb.RegisterHealthServer(g, health.NewServer())
+	go g.Serve(lis)
+	t.Cleanup(g.Stop)
+	return lis.Addr().String()
+}
+
+// check makes one health call to addr with the client's TLS settings.
+func check(t testing.TB, addr string, client *tls.Config) error {
+	t.Helper()
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(credentials.NewTLS(client)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	_, err = healthpb.NewHealthClient(conn).Check(ctx, &healthpb.HealthCheckRequest{})
+	return err
+}
 
 // testCA issues certificates for TLS tests.
 type testCA struct {
@@ -83,9 +113,9 @@ func writeFile(t testing.TB, path string, b []byte) {
 
 // tlsFixture writes a server identity (and, for mTLS, a client CA) and
 // returns the files.
-func tlsFixture(t testing.TB, ca *testCA, mtls bool) TLSFiles {
+func tlsFixture(t testing.TB, ca *testCA, mtls bool) Files {
 	dir := t.TempDir()
-	f := TLSFiles{CertFile: filepath.Join(dir, "server.pem"), KeyFile: filepath.Join(dir, "server.key")}
+	f := Files{CertFile: filepath.Join(dir, "server.pem"), KeyFile: filepath.Join(dir, "server.key")}
 	c, k := ca.issue(t, "server-1", 10, false)
 	writeFile(t, f.CertFile, c)
 	writeFile(t, f.KeyFile, k)
@@ -105,20 +135,19 @@ func (ca *testCA) pool() *x509.CertPool {
 func TestTLSVersionsAndReload(t *testing.T) {
 	ca := newTestCA(t)
 	files := tlsFixture(t, ca, false)
-	conf, err := NewTLSConfig(files, nil)
+	conf, err := New(files, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	dial := []grpc.DialOption{grpc.WithTransportCredentials(credentials.NewTLS(&tls.Config{RootCAs: ca.pool(), MinVersion: tls.VersionTLS13}))}
-	ts := newTestCluster(t, 1).startWith(t, false, GRPCOptions{TLS: conf}, dial)
-	if _, err := ts.admin.GetTopology(ctxT(t), &pb.GetTopologyRequest{}); err != nil {
+	addr := serve(t, conf)
+	if err := check(t, addr, &tls.Config{RootCAs: ca.pool(), MinVersion: tls.VersionTLS13}); err != nil {
 		t.Fatalf("TLS 1.3 call: %v", err)
 	}
-	if _, err := tls.Dial("tcp", ts.addr, &tls.Config{RootCAs: ca.pool(), MaxVersion: tls.VersionTLS12, NextProtos: []string{"h2"}}); err == nil {
+	if _, err := tls.Dial("tcp", addr, &tls.Config{RootCAs: ca.pool(), MaxVersion: tls.VersionTLS12, NextProtos: []string{"h2"}}); err == nil {
 		t.Fatal("TLS 1.2 handshake succeeded")
 	}
 	serving := func() string {
-		c, err := tls.Dial("tcp", ts.addr, &tls.Config{RootCAs: ca.pool(), NextProtos: []string{"h2"}})
+		c, err := tls.Dial("tcp", addr, &tls.Config{RootCAs: ca.pool(), NextProtos: []string{"h2"}})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -146,7 +175,7 @@ func TestTLSVersionsAndReload(t *testing.T) {
 
 func TestMutualTLS(t *testing.T) {
 	ca := newTestCA(t)
-	conf, err := NewTLSConfig(tlsFixture(t, ca, true), nil)
+	conf, err := New(tlsFixture(t, ca, true), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -155,17 +184,11 @@ func TestMutualTLS(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	withCert := []grpc.DialOption{grpc.WithTransportCredentials(credentials.NewTLS(&tls.Config{RootCAs: ca.pool(), Certificates: []tls.Certificate{clientCert}}))}
-	ts := newTestCluster(t, 1).startWith(t, false, GRPCOptions{TLS: conf}, withCert)
-	if _, err := ts.admin.GetTopology(ctxT(t), &pb.GetTopologyRequest{}); err != nil {
+	addr := serve(t, conf)
+	if err := check(t, addr, &tls.Config{RootCAs: ca.pool(), Certificates: []tls.Certificate{clientCert}}); err != nil {
 		t.Fatalf("mTLS call with a client certificate: %v", err)
 	}
-	noCert, err := grpc.NewClient(ts.addr, grpc.WithTransportCredentials(credentials.NewTLS(&tls.Config{RootCAs: ca.pool()})))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer noCert.Close()
-	if _, err := pb.NewAdminServiceClient(noCert).GetTopology(ctxT(t), &pb.GetTopologyRequest{}); err == nil {
+	if err := check(t, addr, &tls.Config{RootCAs: ca.pool()}); err == nil {
 		t.Fatal("mTLS call without a client certificate succeeded")
 	}
 }

@@ -1,4 +1,4 @@
-package server
+package auth
 
 import (
 	"context"
@@ -11,11 +11,13 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
+
+	"github.com/shardgate/shardgate/ratelimit"
 )
 
 // classAuthFailure is the in-memory bucket of failed verifications per
 // peer address; it is never a method's class.
-const classAuthFailure MethodClass = "auth-failure"
+const classAuthFailure ratelimit.Class = "auth-failure"
 
 // authThrottle limits failed token verifications per peer address. Each
 // failure takes a token from the address's bucket; once one is refused the
@@ -24,7 +26,7 @@ const classAuthFailure MethodClass = "auth-failure"
 // it bounds this instance's work, which is what a flood of forged tokens
 // attacks.
 type authThrottle struct {
-	lim *Limiter
+	lim *ratelimit.Limiter
 
 	mu        sync.Mutex
 	until     map[string]time.Time // address → blocked until
@@ -34,9 +36,9 @@ type authThrottle struct {
 	refused  prometheus.Counter
 }
 
-func newAuthThrottle(r Rate) *authThrottle {
+func newAuthThrottle(r ratelimit.Rate) *authThrottle {
 	return &authThrottle{
-		lim:   NewLimiter(LimiterOptions{Rates: map[MethodClass]Rate{classAuthFailure: r}}),
+		lim:   ratelimit.New(ratelimit.Options{Rates: map[ratelimit.Class]ratelimit.Rate{classAuthFailure: r}}),
 		until: map[string]time.Time{},
 		failures: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "shardgate_auth_failures_total",
@@ -90,6 +92,6 @@ func (a *authThrottle) refuse(ctx context.Context, wait time.Duration) error {
 	a.refused.Inc()
 	ms := max(1, wait.Milliseconds())
 	// Streams have no header to set here; unary calls say when to retry.
-	_ = grpc.SetHeader(ctx, metadata.Pairs(retryAfterKey, strconv.FormatInt(ms, 10)))
+	_ = grpc.SetHeader(ctx, metadata.Pairs(ratelimit.RetryAfterKey, strconv.FormatInt(ms, 10)))
 	return status.Errorf(codes.ResourceExhausted, "too many failed authentications from this address; retry in %d ms", ms)
 }

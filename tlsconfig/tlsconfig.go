@@ -1,4 +1,7 @@
-package server
+// Package tlsconfig builds the server's TLS 1.3 configuration from PEM files
+// and reloads them when they change, so certificates rotate without a
+// restart.
+package tlsconfig
 
 import (
 	"crypto/tls"
@@ -11,8 +14,8 @@ import (
 	"time"
 )
 
-// TLSFiles name the PEM files of the server's TLS identity.
-type TLSFiles struct {
+// Files name the PEM files of the server's TLS identity.
+type Files struct {
 	CertFile string // certificate chain
 	KeyFile  string // its private key
 	// ClientCAFile, when set, turns on mutual TLS: clients must present a
@@ -26,7 +29,7 @@ type TLSFiles struct {
 // half-written file) keeps the previous identity and is retried on the
 // next handshake.
 type certReloader struct {
-	files TLSFiles
+	files Files
 	log   *slog.Logger
 
 	mu      sync.Mutex
@@ -35,9 +38,9 @@ type certReloader struct {
 	conf    *tls.Config
 }
 
-// NewTLSConfig returns a TLS 1.3-only server configuration that reloads
-// its files when they change.
-func NewTLSConfig(f TLSFiles, log *slog.Logger) (*tls.Config, error) {
+// New returns a TLS 1.3-only server configuration that reloads its files
+// when they change.
+func New(f Files, log *slog.Logger) (*tls.Config, error) {
 	if f.CertFile == "" || f.KeyFile == "" {
 		return nil, errors.New("TLS needs both a certificate and a key file")
 	}
