@@ -658,7 +658,22 @@ func (s *Shard) OwnershipOf(ctx context.Context, partitions []int32) (map[int32]
 // and returns its token.
 func (s *Shard) WriteMarker(ctx context.Context, moveID int64) (string, error) {
 	token := randomToken()
-	if _, err := s.exec(ctx, `INSERT INTO move_markers (move_id, token) VALUES ($1, $2)`, moveID, token); err != nil {
+	c, err := s.acquire(ctx)
+	if err != nil {
+		return "", s.wrap("write marker", err)
+	}
+	defer c.Release()
+	// A flushed commit: logical decoding sees WAL only once it is flushed,
+	// and with synchronous_commit off a marker would wait for the WAL
+	// writer (up to wal_writer_delay) before it could travel.
+	err = pgx.BeginFunc(ctx, c, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, `SET LOCAL synchronous_commit = on`); err != nil {
+			return err
+		}
+		_, err := tx.Exec(ctx, `INSERT INTO move_markers (move_id, token) VALUES ($1, $2)`, moveID, token)
+		return err
+	})
+	if err != nil {
 		return "", s.wrap("write marker", err)
 	}
 	return token, nil

@@ -75,11 +75,43 @@ func NewDatabase(t testing.TB) string {
 			return
 		}
 		defer conn.Close(ctx)
+		dropReplication(ctx, conn, WithDatabase(t, admin, name), name)
 		if _, err := conn.Exec(ctx, "DROP DATABASE IF EXISTS "+name+" WITH (FORCE)"); err != nil {
 			t.Errorf("testenv: drop database %s: %v", name, err)
 		}
 	})
 	return WithDatabase(t, admin, name)
+}
+
+// dropReplication removes what keeps a database from being dropped: its
+// subscriptions (detached from their slots, which may live anywhere) and
+// the replication slots of the database. A test that failed mid-move
+// leaves them; Postgres refuses to drop a database that has them.
+func dropReplication(ctx context.Context, admin *pgx.Conn, dsn, name string) {
+	if db, err := pgx.Connect(ctx, dsn); err == nil {
+		rows, err := db.Query(ctx, `SELECT subname FROM pg_subscription WHERE subdbid = (SELECT oid FROM pg_database WHERE datname = current_database())`)
+		if err == nil {
+			subs, _ := pgx.CollectRows(rows, pgx.RowTo[string])
+			for _, sub := range subs {
+				id := pgx.Identifier{sub}.Sanitize()
+				db.Exec(ctx, "ALTER SUBSCRIPTION "+id+" DISABLE")
+				db.Exec(ctx, "ALTER SUBSCRIPTION "+id+" SET (slot_name = NONE)")
+				db.Exec(ctx, "DROP SUBSCRIPTION "+id)
+			}
+		}
+		db.Close(ctx)
+	}
+	for range 50 {
+		var left int
+		err := admin.QueryRow(ctx, `
+			WITH t AS (SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE database = $1 AND active_pid IS NOT NULL),
+			     d AS (SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = $1 AND NOT active)
+			SELECT (SELECT count(*) FROM t) + (SELECT count(*) FROM d)`, name).Scan(&left)
+		if err != nil || left == 0 {
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }
 
 // WithDatabase returns dsn pointing at database name instead.
