@@ -208,9 +208,9 @@ func (c *Catalog) ActiveMoveIDs(ctx context.Context) (map[int64]bool, error) {
 
 func scanMove(row pgx.Row) (Move, error) {
 	var (
-		m                       Move
-		lastMS, maxMS           float64
-		started, finished       pgtype.Timestamptz
+		m                 Move
+		lastMS, maxMS     float64
+		started, finished pgtype.Timestamptz
 	)
 	err := row.Scan(&m.ID, &m.RebalanceID, &m.Source, &m.Target, &m.Partitions, &m.State, &m.RowsTotal, &m.BytesTotal,
 		&m.RowsCopied, &m.Attempts, &m.Freezes, &lastMS, &maxMS, &m.VerifiedRows, &m.LastError,
