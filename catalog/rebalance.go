@@ -314,35 +314,40 @@ func (c *Catalog) UpdateMove(ctx context.Context, term int64, m Move) error {
 // FlipOwners makes target the owner of the move's partitions in the map,
 // if source still owns them (a compare-and-set; partitions the target owns
 // already count as flipped), and records the move as cut over, in one
-// transaction that bumps the topology version. Routers switch to the
-// target as the version reaches them. It fails with ErrOwnerChanged, and
-// changes nothing, if a partition belongs to a third shard.
+// statement that bumps the topology version. Routers switch to the target
+// as the version reaches them. It fails with ErrOwnerChanged, and changes
+// nothing, if a partition belongs to a third shard, and with ErrDeposed if
+// term is no longer the executor's. One round trip: it runs inside a
+// write pause.
 func (c *Catalog) FlipOwners(ctx context.Context, term int64, m Move) error {
-	err := pgx.BeginFunc(ctx, c.pool, func(tx pgx.Tx) error {
-		var cur int64
-		if err := tx.QueryRow(ctx, `SELECT term FROM mover_term FOR SHARE`).Scan(&cur); err != nil {
-			return err
-		}
-		if cur != term {
-			return ErrDeposed
-		}
-		var others int
-		if err := tx.QueryRow(ctx, `SELECT count(*) FROM partitions
-			WHERE partition = ANY($1) AND shard <> ALL (ARRAY[$2, $3])`, m.Partitions, m.Source, m.Target).Scan(&others); err != nil {
-			return err
-		}
-		if others > 0 {
-			return ErrOwnerChanged
-		}
-		if _, err := tx.Exec(ctx, `UPDATE partitions SET shard = $3 WHERE partition = ANY($1) AND shard = $2`,
-			m.Partitions, m.Source, m.Target); err != nil {
-			return err
-		}
-		_, err := tx.Exec(ctx, `UPDATE moves SET state = 'cut_over', updated_at = now() WHERE id = $1`, m.ID)
-		return err
-	})
-	if err != nil {
+	var (
+		current bool
+		others  int
+	)
+	err := c.pool.QueryRow(ctx, `
+		WITH t AS (
+		    SELECT 1 FROM mover_term WHERE term = $4 FOR SHARE
+		), chk AS (
+		    SELECT EXISTS (SELECT 1 FROM t) AS current,
+		           (SELECT count(*) FROM partitions WHERE partition = ANY($1) AND shard <> ALL (ARRAY[$2, $3])) AS others
+		), flip AS (
+		    UPDATE partitions AS p SET shard = $3 FROM chk
+		    WHERE chk.current AND chk.others = 0 AND p.partition = ANY($1) AND p.shard = $2
+		    RETURNING 1
+		), mv AS (
+		    UPDATE moves AS m SET state = 'cut_over', updated_at = now() FROM chk
+		    WHERE chk.current AND chk.others = 0 AND m.id = $5
+		    RETURNING 1
+		)
+		SELECT current, others FROM chk, (SELECT count(*) FROM flip) AS f, (SELECT count(*) FROM mv) AS v`,
+		m.Partitions, m.Source, m.Target, term, m.ID).Scan(&current, &others)
+	switch {
+	case err != nil:
 		return fmt.Errorf("flip owners of move %d: %w", m.ID, err)
+	case !current:
+		return fmt.Errorf("flip owners of move %d: %w", m.ID, ErrDeposed)
+	case others > 0:
+		return fmt.Errorf("flip owners of move %d: %w: %d partitions belong to neither %s nor %s", m.ID, ErrOwnerChanged, others, m.Source, m.Target)
 	}
 	return nil
 }

@@ -55,7 +55,14 @@ type ExecutorOptions struct {
 	// connections).
 	ShardPool shards.PoolOptions
 	Logger    *slog.Logger
+	// BeforeAction, if set, is called before every action of every move.
+	// An error ends this executor's term at once, recording nothing, as a
+	// crash at that point would: for fault-injection tests.
+	BeforeAction func(ctx context.Context, move int64, s State, a Action) error
 }
+
+// errAborted wraps the error of a BeforeAction hook that ended a term.
+var errAborted = errors.New("executor aborted")
 
 func (o ExecutorOptions) withDefaults() ExecutorOptions {
 	if o.Interval <= 0 {
@@ -95,6 +102,35 @@ type Executor struct {
 
 	leading atomic.Bool
 	metrics metrics
+
+	// flipNanos estimates how long a cutover takes from its marker's
+	// arrival to the catalog flip (an exponential average), so the marker
+	// wait leaves that much of the budget.
+	flipNanos atomic.Int64
+}
+
+// Bounds of the time kept back from the freeze budget for the flip.
+const (
+	minFlipReserve = 5 * time.Millisecond
+	// The flip may take at most this share of the budget: the marker
+	// needs the rest.
+	maxFlipShare = 2
+)
+
+// flipReserve is how much of budget to keep for marking moved, owning and
+// flipping after the marker arrived: twice the recent average.
+func (e *Executor) flipReserve(budget time.Duration) time.Duration {
+	r := max(2*time.Duration(e.flipNanos.Load()), minFlipReserve)
+	return min(r, budget/maxFlipShare)
+}
+
+func (e *Executor) observeFlip(d time.Duration) {
+	old := e.flipNanos.Load()
+	if old == 0 {
+		e.flipNanos.Store(int64(d))
+		return
+	}
+	e.flipNanos.Store((3*old + int64(d)) / 4)
 }
 
 type shardPool struct {
@@ -162,8 +198,8 @@ func (e *Executor) lead(ctx context.Context, lock *catalog.ExecutorLock) {
 		switch {
 		case err == nil:
 			if err := e.runRebalance(ctx, lock.Term, r); err != nil && ctx.Err() == nil {
-				if errors.Is(err, catalog.ErrDeposed) {
-					e.log.Warn("rebalancing executor was deposed", "term", lock.Term)
+				if errors.Is(err, catalog.ErrDeposed) || errors.Is(err, errAborted) {
+					e.log.Warn("rebalancing executor's term ends", "term", lock.Term, "err", err)
 					return
 				}
 				e.log.Warn("rebalance interrupted; resuming", "rebalance", r.ID, "err", err)
@@ -192,6 +228,9 @@ func (e *Executor) runRebalance(ctx context.Context, term int64, r catalog.Rebal
 		return err
 	}
 	e.log.Info("rebalance running", "rebalance", r.ID, "moves", len(moves), "max_parallel", r.MaxParallel)
+	// A move that ends the term (deposed, aborted) stops the others too.
+	ctx, stop := context.WithCancel(ctx)
+	defer stop()
 	sem := make(chan struct{}, max(r.MaxParallel, 1))
 	var (
 		wg       sync.WaitGroup
@@ -217,6 +256,9 @@ func (e *Executor) runRebalance(ctx context.Context, term int64, r catalog.Rebal
 					firstErr = err
 				}
 				mu.Unlock()
+				if errors.Is(err, catalog.ErrDeposed) || errors.Is(err, errAborted) {
+					stop()
+				}
 			}
 		})
 	}

@@ -32,7 +32,9 @@ type moveRun struct {
 	// Per step.
 	src, tgt       *shards.Shard
 	srcDSN, tgtDSN string
-	frozenAt       time.Time
+	frozenAt       time.Time     // when the freeze of this step began
+	markerAt       time.Time     // when its marker arrived
+	lockWait       time.Duration // how long the freeze waited for writers
 	snapSrc        *shards.Snapshot
 	snapTgt        *shards.Snapshot
 }
@@ -54,7 +56,7 @@ func (mr *moveRun) run(ctx context.Context) error {
 		}
 		s := State(mr.m.State)
 		out, err := mr.step(ctx, s, cancel)
-		if errors.Is(err, catalog.ErrDeposed) || ctx.Err() != nil {
+		if errors.Is(err, catalog.ErrDeposed) || errors.Is(err, errAborted) || ctx.Err() != nil {
 			return errors.Join(err, ctx.Err())
 		}
 		next := Next(s, out, cancel)
@@ -113,6 +115,11 @@ func (mr *moveRun) step(ctx context.Context, s State, cancel bool) (Outcome, err
 		}
 	}
 	for _, a := range Actions(s, cancel, moved) {
+		if hook := mr.e.opts.BeforeAction; hook != nil {
+			if err := hook(ctx, mr.m.ID, s, a); err != nil {
+				return Retry, fmt.Errorf("%w before %s in %s: %w", errAborted, a, s, err)
+			}
+		}
 		err := mr.do(ctx, s, a)
 		switch {
 		case err == nil:
@@ -202,12 +209,15 @@ func (mr *moveRun) do(ctx context.Context, s State, a Action) error {
 	case AwaitCatchUp:
 		return mr.awaitCatchUp(ctx)
 	case Freeze:
-		err := mr.src.Freeze(ctx, parts, lockTimeout(mr.r.FreezeBudget))
+		// Writers wait from the moment the freeze takes their rows' locks,
+		// which may be before it returns: the budget counts from its start.
+		start := time.Now()
+		err := mr.src.Freeze(ctx, parts, lockTimeout(mr.r.FreezeBudget-mr.e.flipReserve(mr.r.FreezeBudget)))
 		if errors.Is(err, shards.ErrLockTimeout) {
 			return fmt.Errorf("%w: in-flight writes held the partitions", errMarkerTimeout)
 		}
 		if err == nil {
-			mr.frozenAt = time.Now()
+			mr.frozenAt, mr.lockWait = start, time.Since(start)
 		}
 		return err
 	case Marker:
@@ -244,11 +254,14 @@ func (mr *moveRun) do(ctx context.Context, s State, a Action) error {
 		}
 		if !mr.frozenAt.IsZero() {
 			d := time.Since(mr.frozenAt)
+			flip := time.Since(mr.markerAt)
+			mr.e.observeFlip(flip)
 			mr.m.Freezes++
 			mr.m.LastFreeze = d
 			mr.m.MaxFreeze = max(mr.m.MaxFreeze, d)
 			mr.e.metrics.freeze.WithLabelValues("cutover").Observe(d.Seconds())
-			mr.log().Info("move cut over", "freeze", d)
+			mr.log().Info("move cut over", "freeze", d, "lock_wait", mr.lockWait,
+				"marker", mr.markerAt.Sub(mr.frozenAt)-mr.lockWait, "flip", flip)
 		}
 		return nil
 	case DeleteSource:
@@ -355,7 +368,8 @@ func (mr *moveRun) marker(ctx context.Context, s State) error {
 	}
 	wait := mr.e.opts.CatchUpTimeout
 	if !mr.frozenAt.IsZero() {
-		wait = mr.r.FreezeBudget - time.Since(mr.frozenAt)
+		// Leave time to flip: the freeze must end within the budget.
+		wait = mr.r.FreezeBudget - mr.e.flipReserve(mr.r.FreezeBudget) - time.Since(mr.frozenAt)
 	}
 	wctx, cancel := context.WithTimeout(ctx, wait)
 	defer cancel()
@@ -363,6 +377,7 @@ func (mr *moveRun) marker(ctx context.Context, s State) error {
 	if err != nil && ctx.Err() == nil && errors.Is(err, context.DeadlineExceeded) {
 		return errMarkerTimeout
 	}
+	mr.markerAt = time.Now()
 	return err
 }
 

@@ -541,7 +541,8 @@ func (s *Shard) SubscriptionHealth(ctx context.Context, name string) (running bo
 // Freeze stops writes to partitions, which must all be owned (or already
 // frozen): it waits, at most lockTimeout, for in-flight writes to commit;
 // later writes get ErrWrongShard, reads go on. A partition in another
-// state fails it with ErrNotOwned, freezing nothing.
+// state fails it with ErrNotOwned, freezing nothing. One round trip: the
+// freeze's duration is a write pause.
 func (s *Shard) Freeze(ctx context.Context, partitions []int32, lockTimeout string) error {
 	if err := checkPartitions(partitions); err != nil {
 		return s.wrap("freeze", err)
@@ -551,31 +552,40 @@ func (s *Shard) Freeze(ctx context.Context, partitions []int32, lockTimeout stri
 		return s.wrap("freeze", err)
 	}
 	defer c.Release()
-	err = pgx.BeginFunc(ctx, c, func(tx pgx.Tx) error {
-		if lockTimeout != "" {
-			if _, err := tx.Exec(ctx, `SELECT set_config('lock_timeout', $1, true)`, lockTimeout); err != nil {
-				return err
-			}
-		}
-		var n int
-		if err := tx.QueryRow(ctx, `
-			WITH f AS (
-			    UPDATE ownership SET state = 'frozen', updated_at = now()
-			    WHERE partition = ANY($1) AND state IN ('owned', 'frozen')
-			    RETURNING 1
-			) SELECT count(*) FROM f`, partitions).Scan(&n); err != nil {
-			return err
-		}
-		if n != len(partitions) {
-			return fmt.Errorf("%w: %d of %d partitions are owned or frozen here", ErrNotOwned, n, len(partitions))
-		}
-		return nil
-	})
-	if isCode(err, "55P03") { // lock_not_available
-		return s.wrap("freeze", fmt.Errorf("%w: %w", ErrLockTimeout, err))
+	// A batch runs in one implicit transaction, so the local lock timeout
+	// holds for the update, and a refused freeze rolls back whole.
+	var b pgx.Batch
+	b.Queue(`SELECT set_config('lock_timeout', $1, true)`, lockTimeout)
+	b.Queue(`
+		WITH rows AS (
+		    SELECT partition FROM ownership WHERE partition = ANY($1) AND state IN ('owned', 'frozen') FOR UPDATE
+		), ok AS (
+		    SELECT count(*) = $2 AS complete FROM rows
+		), f AS (
+		    UPDATE ownership AS o SET state = 'frozen', updated_at = now()
+		    FROM ok WHERE ok.complete AND o.partition = ANY($1) AND o.state = 'owned'
+		    RETURNING 1
+		)
+		SELECT (SELECT complete FROM ok), (SELECT count(*) FROM rows), (SELECT count(*) FROM f)`, partitions, len(partitions))
+	var (
+		all        bool
+		n, changed int
+	)
+	br := c.SendBatch(ctx, &b)
+	_, err = br.Exec()
+	if err == nil {
+		err = br.QueryRow().Scan(&all, &n, &changed)
 	}
-	if err != nil {
+	if cerr := br.Close(); err == nil {
+		err = cerr
+	}
+	switch {
+	case isCode(err, "55P03"): // lock_not_available
+		return s.wrap("freeze", fmt.Errorf("%w: %w", ErrLockTimeout, err))
+	case err != nil:
 		return s.wrap("freeze", err)
+	case !all:
+		return s.wrap("freeze", fmt.Errorf("%w: %d of %d partitions are owned or frozen here", ErrNotOwned, n, len(partitions)))
 	}
 	return nil
 }
@@ -596,7 +606,8 @@ func (s *Shard) Unfreeze(ctx context.Context, partitions []int32) (int, error) {
 // MarkMoved gives partitions away: frozen → moved, after which the shard
 // serves neither reads nor writes of them. Every partition must be frozen
 // (or moved already); otherwise nothing changes and the error wraps
-// ErrNotFrozen, since writes may have happened after the freeze.
+// ErrNotFrozen, since writes may have happened after the freeze. One
+// statement: it runs inside a write pause.
 func (s *Shard) MarkMoved(ctx context.Context, partitions []int32) error {
 	if err := checkPartitions(partitions); err != nil {
 		return s.wrap("mark moved", err)
@@ -606,23 +617,27 @@ func (s *Shard) MarkMoved(ctx context.Context, partitions []int32) error {
 		return s.wrap("mark moved", err)
 	}
 	defer c.Release()
-	err = pgx.BeginFunc(ctx, c, func(tx pgx.Tx) error {
-		var bad int
-		if err := tx.QueryRow(ctx, `
-			WITH rows AS (
-			    SELECT state FROM ownership WHERE partition = ANY($1) FOR UPDATE
-			) SELECT $2::int - count(*) FILTER (WHERE state IN ('frozen', 'moved')) FROM rows`,
-			partitions, len(partitions)).Scan(&bad); err != nil {
-			return err
-		}
-		if bad > 0 {
-			return fmt.Errorf("%w: %d of %d partitions", ErrNotFrozen, bad, len(partitions))
-		}
-		_, err := tx.Exec(ctx, `UPDATE ownership SET state = 'moved', updated_at = now() WHERE partition = ANY($1) AND state = 'frozen'`, partitions)
-		return err
-	})
+	var (
+		all  bool
+		good int
+	)
+	err = c.QueryRow(ctx, `
+		WITH rows AS (
+		    SELECT partition, state FROM ownership WHERE partition = ANY($1) FOR UPDATE
+		), ok AS (
+		    SELECT count(*) FILTER (WHERE state IN ('frozen', 'moved')) AS good FROM rows
+		), m AS (
+		    UPDATE ownership AS o SET state = 'moved', updated_at = now()
+		    FROM ok WHERE ok.good = $2 AND o.partition = ANY($1) AND o.state = 'frozen'
+		    RETURNING 1
+		)
+		SELECT (SELECT good FROM ok) = $2, (SELECT good FROM ok) FROM (SELECT count(*) FROM m) AS done`,
+		partitions, len(partitions)).Scan(&all, &good)
 	if err != nil {
 		return s.wrap("mark moved", err)
+	}
+	if !all {
+		return s.wrap("mark moved", fmt.Errorf("%w: %d of %d partitions are frozen or moved", ErrNotFrozen, good, len(partitions)))
 	}
 	return nil
 }
