@@ -27,6 +27,9 @@ var (
 	ErrShardNotEmpty = errors.New("shard database is not empty")
 	// ErrLastShard means the change would leave no active shard.
 	ErrLastShard = errors.New("the cluster needs at least one active shard")
+	// ErrShardRefused means a new shard's server answered but refused the
+	// connection (no such database, bad password, no permission).
+	ErrShardRefused = errors.New("the shard's server refused the connection")
 	// ErrBadDSN means a shard's DSN cannot be used: it does not parse, or
 	// references an environment variable that is not set.
 	ErrBadDSN = errors.New("unusable DSN")
@@ -87,6 +90,12 @@ func (c *Catalog) AddShard(ctx context.Context, name, dsn string, weight int) er
 	}
 	defer sh.Close()
 	if err := sh.Ping(ctx); err != nil {
+		// The server's own message (e.g. database "x" does not exist)
+		// names nothing the admin did not give; the host stays out.
+		var pe *pgconn.PgError
+		if errors.As(err, &pe) {
+			return fmt.Errorf("add shard %s: %w: %s", name, ErrShardRefused, pe.Message)
+		}
 		return fmt.Errorf("add shard: %w", err)
 	}
 	if _, err := migrations.Up(ctx, expanded, migrations.Shard); err != nil {

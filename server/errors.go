@@ -45,7 +45,7 @@ func toStatus(ctx context.Context, log *slog.Logger, method string, err error) e
 		return status.Error(codes.AlreadyExists, err.Error())
 	case errors.Is(err, catalog.ErrUnknownShard), errors.Is(err, catalog.ErrNoRebalance):
 		return status.Error(codes.NotFound, err.Error())
-	case errors.Is(err, catalog.ErrShardNotEmpty), errors.Is(err, catalog.ErrShardInUse),
+	case errors.Is(err, catalog.ErrShardNotEmpty), errors.Is(err, catalog.ErrShardInUse), errors.Is(err, catalog.ErrShardRefused),
 		errors.Is(err, catalog.ErrLastShard), errors.Is(err, catalog.ErrRebalanceRunning):
 		return status.Error(codes.FailedPrecondition, err.Error())
 	case errors.Is(err, catalog.ErrBadDSN):

@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/alecthomas/kong"
 	"github.com/shardgate/shardgate/internal/testcluster"
 	"github.com/shardgate/shardgate/server"
 )
@@ -92,5 +93,28 @@ func TestBadInputIsAnError(t *testing.T) {
 	err := locateCmd{User: "not valid"}.Run(&g)
 	if err == nil || !strings.Contains(err.Error(), "user_id") {
 		t.Fatalf("locate with a bad ID: %v", err)
+	}
+}
+
+// The shard and rebalance commands parse as the README writes them.
+func TestRebalanceCommandsParse(t *testing.T) {
+	var c cli
+	p, err := kong.New(&c, kong.Name("shardctl"), kong.Exit(func(int) { t.Fatal("exit") }))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, args := range [][]string{
+		{"shard", "add", "shard-4", "--dsn", "postgres://h/db", "--weight", "2"},
+		{"shard", "drain", "shard-4"},
+		{"shard", "remove", "shard-4", "--force"},
+		{"rebalance", "plan", "--json"},
+		{"rebalance", "start", "--max-parallel", "3", "--freeze-budget", "50ms", "--wait"},
+		{"rebalance", "status"},
+		{"rebalance", "cancel"},
+		{"verify", "17"},
+	} {
+		if _, err := p.Parse(args); err != nil {
+			t.Errorf("%v: %v", args, err)
+		}
 	}
 }

@@ -23,7 +23,7 @@ import (
 
 type shardAddCmd struct {
 	Name   string `arg:"" help:"Shard name: 1-63 characters of [a-z0-9_-]."`
-	DSN    string `name:"dsn" required:"" help:"The shard database's DSN as every server will use it (may reference \\${ENV} variables). The database must exist and be empty; it is migrated first."`
+	DSN    string `name:"dsn" required:"" help:"The shard database's DSN as every server will use it (may reference environment variables as $${NAME}). The database must exist and be empty; it is migrated first."`
 	Weight int32  `help:"Relative size: a shard of weight N gets N times the partitions of weight 1 (1-64)." default:"1"`
 }
 
@@ -394,9 +394,12 @@ func (v *barView) update(r *pb.Rebalance) {
 		id := m.GetId()
 		v.last[id] = m
 		bar, ok := v.bars[id]
+		// One more than the rows, so that a finished copy does not complete
+		// the bar while the move goes on (catching up, cutover, cleanup).
+		total := m.GetRowsTotal() + 1
 		if !ok {
 			label := fmt.Sprintf("move %d %s→%s (%d p)", id, m.GetSource(), m.GetTarget(), len(m.GetPartitions()))
-			bar = v.p.AddBar(max(m.GetRowsTotal(), 1),
+			bar = v.p.AddBar(total,
 				mpb.PrependDecorators(decor.Name(label, decor.WCSyncSpaceR)),
 				mpb.AppendDecorators(decor.Any(func(decor.Statistics) string { return barText(v.last[id]) })),
 			)
@@ -404,9 +407,9 @@ func (v *barView) update(r *pb.Rebalance) {
 		}
 		switch m.GetState() {
 		case "cleaned_up", "failed", "cancelled":
-			bar.SetTotal(max(m.GetRowsTotal(), m.GetRowsCopied(), 1), true)
+			bar.SetCurrent(total)
 		default:
-			bar.SetCurrent(min(m.GetRowsCopied(), max(m.GetRowsTotal(), 1)))
+			bar.SetCurrent(min(m.GetRowsCopied(), total-1))
 		}
 	}
 }

@@ -326,14 +326,16 @@ func replaceFile(path string, data []byte) error {
 }
 
 // ensureLogicalWAL sets wal_level=logical, which online partition moves
-// will need, restarting a local cluster once. It only warns where it cannot:
-// nothing needs logical WAL yet.
+// need, restarting a local cluster once, and lets subscriptions start
+// within a moment (see setRetryInterval). It only warns where it cannot:
+// only rebalancing needs them.
 func (e devEnv) ensureLogicalWAL(ctx context.Context, adminDSN string, local bool) error {
 	conn, err := pgx.Connect(ctx, adminDSN)
 	if err != nil {
 		return err
 	}
 	defer conn.Close(context.Background())
+	e.setRetryInterval(ctx, conn)
 	var level, port string
 	if err := conn.QueryRow(ctx, `SELECT current_setting('wal_level'), current_setting('port')`).Scan(&level, &port); err != nil {
 		return err
@@ -365,6 +367,28 @@ func (e devEnv) ensureLogicalWAL(ctx context.Context, adminDSN string, local boo
 	}
 	e.log.Warn("wal_level=logical is set but needs a PostgreSQL restart to apply; restart it yourself", "current", level)
 	return nil
+}
+
+// setRetryInterval lowers wal_retrieve_retry_interval to 200ms when it is
+// longer than a second (PostgreSQL's default is 5s). The logical
+// replication launcher starts at most one apply worker per interval, so
+// with the default every move's subscription but the first waits up to 5 s
+// to start (measured: adding a fifth shard to the dev cluster took 14 s
+// instead of 4). A reload applies it.
+func (e devEnv) setRetryInterval(ctx context.Context, conn *pgx.Conn) {
+	var ms int
+	if err := conn.QueryRow(ctx, `SELECT setting::int FROM pg_settings WHERE name = 'wal_retrieve_retry_interval'`).Scan(&ms); err != nil || ms <= 1000 {
+		return
+	}
+	if _, err := conn.Exec(ctx, `ALTER SYSTEM SET wal_retrieve_retry_interval = '200ms'`); err != nil {
+		e.log.Warn("cannot lower wal_retrieve_retry_interval; each partition move's subscription may take up to 5 s to start", "err", err)
+		return
+	}
+	if _, err := conn.Exec(ctx, `SELECT pg_reload_conf()`); err != nil {
+		e.log.Warn("cannot reload PostgreSQL's configuration", "err", err)
+		return
+	}
+	e.log.Info("set wal_retrieve_retry_interval=200ms, so partition moves' subscriptions start at once")
 }
 
 func (e devEnv) ensureRedis(ctx context.Context, addr string) error {

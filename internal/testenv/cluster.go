@@ -77,7 +77,9 @@ func NewPGCluster(t testing.TB) *PGCluster {
 		t.Fatalf("testenv: initdb: %v: %s", err, out)
 	}
 	conf := fmt.Sprintf("\nport = %d\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '%s'\n"+
-		"wal_level = logical\nfsync = off\nfull_page_writes = off\nmax_connections = 50\n", c.port, c.dir)
+		"wal_level = logical\nfsync = off\nfull_page_writes = off\nmax_connections = 50\n"+
+		// Subscriptions start at once, not one per 5 s (see docs/rebalancing.md).
+		"wal_retrieve_retry_interval = 200ms\n", c.port, c.dir)
 	f, err := os.OpenFile(filepath.Join(data, "postgresql.conf"), os.O_APPEND|os.O_WRONLY, 0)
 	if err != nil {
 		t.Fatal(err)
