@@ -335,8 +335,8 @@ func (r *Relay) relay(ctx context.Context, conn *pgx.Conn) error {
 // fetch reads up to BatchSize events after the position, in (partition,
 // tick) order, passing over quarantined partitions. It reads the stretches
 // between them as index ranges, one query each, so a quarantined backlog
-// (which may grow large) is never scanned; a filter on the partition was,
-// on every read.
+// (which may grow large) is never scanned, as a filter on the partition
+// would scan it on every read.
 func (r *Relay) fetch(ctx context.Context, conn *pgx.Conn, after Position) ([]Event, error) {
 	held := r.Quarantined() // ascending
 	evs := make([]Event, 0, r.opts.BatchSize)
