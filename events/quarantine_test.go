@@ -72,7 +72,7 @@ func TestRelayQuarantinesAClockThatWentBackwards(t *testing.T) {
 
 // A tick the outbox hands out that lies within the stream but has no entry
 // there (a hole) is not counted as delivered: the partition is quarantined.
-// Once the clock is repaired as the README says, a new relay publishes the
+// Once the clock is repaired as docs/events.md says, a new relay publishes the
 // backlog in order, right after the stream's top.
 func TestRelayQuarantinesAHoleAndResumesAfterRepair(t *testing.T) {
 	t.Parallel()
@@ -158,7 +158,7 @@ func TestRelayCountsATrimmedEntryAsDelivered(t *testing.T) {
 
 // The config relay's single stream is quarantined the same way: config
 // events stay in the outbox, and the manager counts the stream. Once the
-// clock is repaired and the relay's connection ended, as the README says,
+// clock is repaired and the relay's connection ended, as docs/events.md says,
 // the next term publishes them.
 func TestConfigRelayQuarantine(t *testing.T) {
 	t.Parallel()
@@ -232,7 +232,7 @@ func insertEvents(t testing.TB, pool *pgxpool.Pool, evs ...event) {
 
 // repairClock renumbers a partition's outbox rows from firstHeld on to
 // start right after the stream's top, and raises its clock as much: the
-// repair the README gives operators.
+// repair docs/events.md gives operators.
 func repairClock(t testing.TB, pool *pgxpool.Pool, partition int32, top, firstHeld int64) {
 	t.Helper()
 	ctx := context.Background()

@@ -15,10 +15,11 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/pgtype"
 	"github.com/redis/rueidis"
 
+	"github.com/shardgate/shardgate/catalog"
 	"github.com/shardgate/shardgate/internal/pglock"
+	"github.com/shardgate/shardgate/shards"
 )
 
 // RelayOptions tune a relay. The zero value of a field means its default;
@@ -86,42 +87,91 @@ type source struct {
 	what    string // for logs and errors
 	lockKey int32
 	channel string
-	fetch   string // $1, $2: start after (partition, tick); $3: limit; $4: payload cap; $5, $6: end before (partition, tick)
-	delete  string // $1: partitions, $2: ticks
+	outbox  outbox
 }
 
-var shardSource = source{
-	what:    "shard outbox",
-	lockKey: pglock.KeyRelayShard,
-	channel: "shardgate_outbox",
-	fetch: `
-SELECT partition, tick, event_id::text, user_id, entity, key, op, version,
-       CASE WHEN octet_length(payload::text) <= $4 THEN payload END,
-       payload IS NOT NULL AND octet_length(payload::text) > $4,
-       committed_at
-FROM outbox
-WHERE (partition, tick) > ($1::integer, $2::bigint) AND (partition, tick) < ($5::integer, $6::bigint)
-ORDER BY partition, tick
-LIMIT $3`,
-	delete: `DELETE FROM outbox WHERE (partition, tick) IN (SELECT * FROM unnest($1::integer[], $2::bigint[]))`,
+// outbox reads and deletes a relay's rows; the SQL lives with the
+// database's own package (shards, catalog).
+type outbox interface {
+	// read appends to evs the events after `after` and before end, at most
+	// limit, with payloads capped at maxPayload (see RelayOptions).
+	read(ctx context.Context, conn *pgx.Conn, after, end Position, limit, maxPayload int, evs []Event) ([]Event, error)
+	// trim deletes delivered events.
+	trim(ctx context.Context, conn *pgx.Conn, evs []Event) error
 }
 
-// The config outbox has a single stream, ConfigStream (-1): quarantining it
+func shardSource() source {
+	return source{what: "shard outbox", lockKey: pglock.KeyRelayShard, channel: shards.OutboxChannel, outbox: &shardOutbox{}}
+}
+
+// The config outbox has a single stream, ConfigStream: quarantining it
 // holds back every config event.
-var configSource = source{
-	what:    "config outbox",
-	lockKey: pglock.KeyRelayConfig,
-	channel: "shardgate_config_outbox",
-	fetch: `
-SELECT -1, tick, event_id::text, '', 'config', namespace || '/' || key, op, version,
-       CASE WHEN octet_length(payload::text) <= $4 THEN payload END,
-       payload IS NOT NULL AND octet_length(payload::text) > $4,
-       committed_at
-FROM config_outbox
-WHERE $1::integer IS NOT NULL AND tick > $2::bigint AND (-1, tick) < ($5::integer, $6::bigint)
-ORDER BY tick
-LIMIT $3`,
-	delete: `DELETE FROM config_outbox WHERE $1::integer[] IS NOT NULL AND tick = ANY ($2::bigint[])`,
+func configSource() source {
+	return source{what: "config outbox", lockKey: pglock.KeyRelayConfig, channel: catalog.ConfigOutboxChannel, outbox: &configOutbox{}}
+}
+
+// shardOutbox is a shard's outbox. rows is a buffer its reads reuse (a
+// relay reads from one goroutine).
+type shardOutbox struct{ rows []shards.OutboxRow }
+
+func (o *shardOutbox) read(ctx context.Context, conn *pgx.Conn, after, end Position, limit, maxPayload int, evs []Event) ([]Event, error) {
+	rows, err := shards.ReadOutbox(ctx, conn, shards.OutboxPos{Partition: after.Stream, Tick: after.Tick},
+		shards.OutboxPos{Partition: end.Stream, Tick: end.Tick}, limit, maxPayload, o.rows[:0])
+	defer func() { o.rows = rows; clear(rows) }() // keep the buffer, not the payloads
+	if err != nil {
+		return nil, err
+	}
+	for _, r := range rows {
+		evs = append(evs, Event{ID: r.EventID, Partition: r.Partition, Tick: r.Tick, UserID: r.UserID,
+			Entity: r.Entity, Key: r.Key, Op: r.Op, Version: r.Version,
+			Payload: r.Payload, Omitted: r.Omitted, CommittedAt: r.CommittedAt})
+	}
+	return evs, nil
+}
+
+func (o *shardOutbox) trim(ctx context.Context, conn *pgx.Conn, evs []Event) error {
+	parts := make([]int32, len(evs))
+	ticks := make([]int64, len(evs))
+	for i, e := range evs {
+		parts[i], ticks[i] = e.Partition, e.Tick
+	}
+	return shards.TrimOutbox(ctx, conn, parts, ticks)
+}
+
+// configOutbox is the catalog's config outbox; rows as in shardOutbox.
+type configOutbox struct{ rows []catalog.ConfigOutboxRow }
+
+func (o *configOutbox) read(ctx context.Context, conn *pgx.Conn, after, end Position, limit, maxPayload int, evs []Event) ([]Event, error) {
+	// The part of ConfigStream between after and end, in ticks.
+	from, before := int64(math.MinInt64), int64(math.MaxInt64)
+	switch {
+	case after.Stream > ConfigStream || end.Stream < ConfigStream:
+		return evs, nil
+	case after.Stream == ConfigStream:
+		from = after.Tick
+	}
+	if end.Stream == ConfigStream {
+		before = end.Tick
+	}
+	rows, err := catalog.ReadConfigOutbox(ctx, conn, from, before, limit, maxPayload, o.rows[:0])
+	defer func() { o.rows = rows; clear(rows) }()
+	if err != nil {
+		return nil, err
+	}
+	for _, r := range rows {
+		evs = append(evs, Event{ID: r.EventID, Partition: ConfigStream, Tick: r.Tick,
+			Entity: EntityConfig, Key: r.Namespace + "/" + r.Key, Op: r.Op, Version: r.Version,
+			Payload: r.Payload, Omitted: r.Omitted, CommittedAt: r.CommittedAt})
+	}
+	return evs, nil
+}
+
+func (o *configOutbox) trim(ctx context.Context, conn *pgx.Conn, evs []Event) error {
+	ticks := make([]int64, len(evs))
+	for i, e := range evs {
+		ticks[i] = e.Tick
+	}
+	return catalog.TrimConfigOutbox(ctx, conn, ticks)
 }
 
 // Relay publishes one database's outbox to Redis Streams. Run it on every
@@ -150,14 +200,14 @@ type Relay struct {
 // NewShardRelay returns a relay for the outbox of the shard database at dsn.
 func NewShardRelay(name, dsn string, opts RelayOptions) *Relay {
 	opts = opts.withDefaults()
-	return &Relay{name: name, dsn: dsn, src: shardSource, opts: opts, keys: Keys{opts.Prefix}, script: publishLua}
+	return &Relay{name: name, dsn: dsn, src: shardSource(), opts: opts, keys: Keys{opts.Prefix}, script: publishLua}
 }
 
 // NewConfigRelay returns a relay for the config outbox of the catalog
 // database at dsn.
 func NewConfigRelay(dsn string, opts RelayOptions) *Relay {
 	opts = opts.withDefaults()
-	return &Relay{name: "catalog", dsn: dsn, src: configSource, opts: opts, keys: Keys{opts.Prefix}, script: publishLua}
+	return &Relay{name: "catalog", dsn: dsn, src: configSource(), opts: opts, keys: Keys{opts.Prefix}, script: publishLua}
 }
 
 // Run relays until ctx ends: it competes for the lock and, while it holds
@@ -285,8 +335,8 @@ func (r *Relay) relay(ctx context.Context, conn *pgx.Conn) error {
 // fetch reads up to BatchSize events after the position, in (partition,
 // tick) order, passing over quarantined partitions. It reads the stretches
 // between them as index ranges, one query each, so a quarantined backlog
-// (which may grow large) is never scanned; a filter on the partition was,
-// on every read.
+// (which may grow large) is never scanned, as a filter on the partition
+// would scan it on every read.
 func (r *Relay) fetch(ctx context.Context, conn *pgx.Conn, after Position) ([]Event, error) {
 	held := r.Quarantined() // ascending
 	evs := make([]Event, 0, r.opts.BatchSize)
@@ -302,7 +352,7 @@ func (r *Relay) fetch(ctx context.Context, conn *pgx.Conn, after Position) ([]Ev
 			}
 		}
 		var err error
-		if evs, err = r.fetchRange(ctx, conn, after, end, evs); err != nil {
+		if evs, err = r.src.outbox.read(ctx, conn, after, end, r.opts.BatchSize-len(evs), r.opts.MaxPayloadBytes, evs); err != nil {
 			return nil, err
 		}
 		if len(evs) == r.opts.BatchSize || end.Stream == math.MaxInt32 {
@@ -310,35 +360,6 @@ func (r *Relay) fetch(ctx context.Context, conn *pgx.Conn, after Position) ([]Ev
 		}
 		after = end
 	}
-}
-
-// fetchRange appends to evs the events after `after` and before end, up to
-// BatchSize in all.
-func (r *Relay) fetchRange(ctx context.Context, conn *pgx.Conn, after, end Position, evs []Event) ([]Event, error) {
-	rows, err := conn.Query(ctx, r.src.fetch, after.Stream, after.Tick, r.opts.BatchSize-len(evs), r.opts.MaxPayloadBytes, end.Stream, end.Tick)
-	if err != nil {
-		return nil, fmt.Errorf("read %s: %w", r.src.what, err)
-	}
-	for rows.Next() {
-		var (
-			e       Event
-			payload pgtype.Text
-		)
-		if err := rows.Scan(&e.Partition, &e.Tick, &e.ID, &e.UserID, &e.Entity, &e.Key, &e.Op, &e.Version,
-			&payload, &e.Omitted, &e.CommittedAt); err != nil {
-			rows.Close()
-			return nil, fmt.Errorf("read %s: %w", r.src.what, err)
-		}
-		if payload.Valid && r.opts.MaxPayloadBytes >= 0 {
-			e.Payload = []byte(payload.String)
-		}
-		e.Omitted = e.Omitted || (payload.Valid && r.opts.MaxPayloadBytes < 0)
-		evs = append(evs, e)
-	}
-	if err := rows.Err(); err != nil {
-		return nil, fmt.Errorf("read %s: %w", r.src.what, err)
-	}
-	return evs, nil
 }
 
 // deliver puts evs into their streams, hands them to Invalidate, then
@@ -376,15 +397,7 @@ func (r *Relay) deliver(ctx context.Context, conn *pgx.Conn, evs []Event) error 
 			return fmt.Errorf("invalidate: %w", err)
 		}
 	}
-	parts := make([]int32, len(evs))
-	ticks := make([]int64, len(evs))
-	for i, e := range evs {
-		parts[i], ticks[i] = e.Partition, e.Tick
-	}
-	if _, err := conn.Exec(ctx, r.src.delete, parts, ticks); err != nil {
-		return fmt.Errorf("trim %s: %w", r.src.what, err)
-	}
-	return nil
+	return r.src.outbox.trim(ctx, conn, evs)
 }
 
 // publishScript XADDs a batch of entries to one stream (KEYS[1]) in order
@@ -578,7 +591,7 @@ func (r *Relay) quarantine(c clash) {
 		"relay", r.name, "stream", r.keys.Stream(c.ev.Partition), "partition", c.ev.Partition,
 		"tick", c.ev.Tick, "event_id", c.ev.ID, "found", found, "stream_top", c.top,
 		"fix", "renumber "+rows+" to start just above the stream's top and raise "+clock+
-			" by as much, then end the leading relay's connection (README, Change events)")
+			" by as much, then end the leading relay's connection (docs/events.md, Quarantine)")
 }
 
 func (r *Relay) clearQuarantine() {

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/redis/rueidis"
+	"google.golang.org/grpc"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/metadata"
 
@@ -72,8 +73,9 @@ func BenchmarkRPC(b *testing.B) {
 }
 
 // BenchmarkGetSessionHit is the in-process hit path of GetSession through
-// the DataService (token parse and hash, cache lookup in this process's
-// memory, response), without gRPC. Compare "nocache" (Postgres).
+// the validator and the DataService (token check, parse and hash, cache
+// lookup in this process's memory, response), without gRPC. Compare
+// "nocache" (Postgres).
 func BenchmarkGetSessionHit(b *testing.B) {
 	c := newTestCluster(b, 1)
 	addr, prefix := testenv.Redis(b)
@@ -87,10 +89,16 @@ func BenchmarkGetSessionHit(b *testing.B) {
 		b.Fatal(err)
 	}
 	d := NewDataService(ts.srv)
+	validate := validateUnary(&validator{maxJSON: ts.srv.opts.MaxJSONBytes, partitions: ts.srv.partitionCount})
+	info := &grpc.UnaryServerInfo{FullMethod: pb.DataService_GetSession_FullMethodName}
+	handler := func(ctx context.Context, req any) (any, error) { return d.GetSession(ctx, req.(*pb.GetSessionRequest)) }
+	getSession := func(ctx context.Context, req *pb.GetSessionRequest) (any, error) {
+		return validate(ctx, req, info, handler)
+	}
 	req := &pb.GetSessionRequest{Token: s.Token}
 	time.Sleep(1100 * time.Millisecond) // past the writer's floor window: local copies count
 	for range 3 {
-		if _, err := d.GetSession(ctx, req); err != nil {
+		if _, err := getSession(ctx, req); err != nil {
 			b.Fatal(err)
 		}
 	}
@@ -98,7 +106,7 @@ func BenchmarkGetSessionHit(b *testing.B) {
 		before := ts.srv.Cache().Stats()
 		b.ReportAllocs()
 		for b.Loop() {
-			if _, err := d.GetSession(ctx, req); err != nil {
+			if _, err := getSession(ctx, req); err != nil {
 				b.Fatal(err)
 			}
 		}
@@ -109,7 +117,7 @@ func BenchmarkGetSessionHit(b *testing.B) {
 		nctx := metadata.NewIncomingContext(ctx, metadata.Pairs(CacheMetadataKey, "no-cache"))
 		b.ReportAllocs()
 		for b.Loop() {
-			if _, err := d.GetSession(nctx, req); err != nil {
+			if _, err := getSession(nctx, req); err != nil {
 				b.Fatal(err)
 			}
 		}

@@ -138,10 +138,3 @@ func errSessionNotFound() error { return fmt.Errorf("session: %w", versioning.Er
 func errConfigNotFound(namespace, key string) error {
 	return fmt.Errorf("config %s/%s: %w", namespace, key, versioning.ErrNotFound)
 }
-
-// isInvalid reports whether err is bad input, refused before any database
-// was touched (so there is nothing to invalidate).
-func isInvalid(err error) bool {
-	var fe *fieldError
-	return errors.As(err, &fe)
-}

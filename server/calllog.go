@@ -16,8 +16,8 @@ import (
 // (codeToLevel), never its payload: requests carry session tokens and user
 // data. The level is checked before anything is built, so a successful call
 // at the default level costs one Enabled check. (go-grpc-middleware's
-// logging interceptor, used before, built some fifteen fields for every call
-// whatever the level: 15% of the server's CPU on cached session reads.)
+// logging interceptor builds some fifteen fields for every call whatever
+// the level: 15% of the server's CPU on cached session reads.)
 
 func logUnary(log *slog.Logger) grpc.UnaryServerInterceptor {
 	return func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {

@@ -20,7 +20,10 @@ import (
 	"github.com/shardgate/shardgate/shards"
 )
 
-// DataService implements shardgate.v1.DataService.
+// DataService implements shardgate.v1.DataService. Its handlers take
+// requests the validator has checked (requestRules, installed by
+// NewGRPCServer); they check only what the rules cannot: state and
+// combinations of fields.
 type DataService struct {
 	pb.UnimplementedDataServiceServer
 	s *Server
@@ -29,22 +32,11 @@ type DataService struct {
 // NewDataService returns the DataService of s.
 func NewDataService(s *Server) *DataService { return &DataService{s: s} }
 
-func (d *DataService) maxJSON() int { return d.s.opts.MaxJSONBytes }
-
 // PutUser creates or replaces a user's profile.
 func (d *DataService) PutUser(ctx context.Context, req *pb.PutUserRequest) (*pb.PutUserResponse, error) {
-	if err := validateUserID("user_id", req.GetUserId()); err != nil {
-		return nil, err
-	}
-	profile, err := validateJSON("profile_json", req.GetProfileJson(), true, d.maxJSON())
-	if err != nil {
-		return nil, err
-	}
-	if err := validateExpected("expected_version", req.ExpectedVersion); err != nil {
-		return nil, err
-	}
+	profile := storedJSON(req.GetProfileJson(), true)
 	var v int64
-	err = d.s.onUser(ctx, req.GetUserId(), func(sh *shards.Shard, p int32) (err error) {
+	err := d.s.onUser(ctx, req.GetUserId(), func(sh *shards.Shard, p int32) (err error) {
 		v, err = sh.PutUser(ctx, p, req.GetUserId(), profile, req.ExpectedVersion)
 		return err
 	})
@@ -56,9 +48,6 @@ func (d *DataService) PutUser(ctx context.Context, req *pb.PutUserRequest) (*pb.
 
 // GetUser reads a user's profile.
 func (d *DataService) GetUser(ctx context.Context, req *pb.GetUserRequest) (*pb.GetUserResponse, error) {
-	if err := validateUserID("user_id", req.GetUserId()); err != nil {
-		return nil, err
-	}
 	var u shards.User
 	err := d.s.onUser(ctx, req.GetUserId(), func(sh *shards.Shard, p int32) (err error) {
 		u, err = sh.GetUser(ctx, p, req.GetUserId())
@@ -79,12 +68,6 @@ func (d *DataService) GetUser(ctx context.Context, req *pb.GetUserRequest) (*pb.
 
 // DeleteUser removes a user with all their sessions and items.
 func (d *DataService) DeleteUser(ctx context.Context, req *pb.DeleteUserRequest) (*pb.DeleteUserResponse, error) {
-	if err := validateUserID("user_id", req.GetUserId()); err != nil {
-		return nil, err
-	}
-	if err := validateExpected("expected_version", req.ExpectedVersion); err != nil {
-		return nil, err
-	}
 	var res shards.DeleteUserResult
 	err := d.s.onUser(ctx, req.GetUserId(), func(sh *shards.Shard, p int32) (err error) {
 		res, err = sh.DeleteUser(ctx, p, req.GetUserId(), req.ExpectedVersion)
@@ -144,23 +127,14 @@ func hashToken(tok string) []byte {
 
 // CreateSession opens a session for an existing user.
 func (d *DataService) CreateSession(ctx context.Context, req *pb.CreateSessionRequest) (*pb.CreateSessionResponse, error) {
-	if err := validateUserID("user_id", req.GetUserId()); err != nil {
-		return nil, err
-	}
-	data, err := validateJSON("data_json", req.GetDataJson(), true, d.maxJSON())
-	if err != nil {
-		return nil, err
-	}
-	if err := validateTTL("ttl_seconds", req.GetTtlSeconds()); err != nil {
-		return nil, err
-	}
+	data := storedJSON(req.GetDataJson(), true)
 	ttl := time.Duration(req.GetTtlSeconds()) * time.Second
 	var (
 		tok  string
 		hash []byte
 		sess shards.Session
 	)
-	err = d.s.onUser(ctx, req.GetUserId(), func(sh *shards.Shard, p int32) (err error) {
+	err := d.s.onUser(ctx, req.GetUserId(), func(sh *shards.Shard, p int32) (err error) {
 		tok, hash = newToken(p)
 		sess, err = sh.CreateSession(ctx, p, req.GetUserId(), hash, data, ttl)
 		return err
@@ -176,13 +150,9 @@ func (d *DataService) CreateSession(ctx context.Context, req *pb.CreateSessionRe
 	return &pb.CreateSessionResponse{Token: tok, ExpiresAt: timestamppb.New(sess.ExpiresAt)}, nil
 }
 
-// onToken validates a session token and runs fn on its partition's shard.
+// onToken runs fn on the shard of a session token's partition.
 func (d *DataService) onToken(ctx context.Context, tok string, fn func(sh *shards.Shard, p int32, hash []byte) error) error {
-	p, err := parseToken("token", tok, d.s.partitionCount())
-	if err != nil {
-		return err
-	}
-	hash := hashToken(tok)
+	p, hash := tokenPartition(tok), hashToken(tok)
 	return d.s.onPartition(ctx, p, func(sh *shards.Shard) error { return fn(sh, p, hash) })
 }
 
@@ -237,11 +207,7 @@ func (d *DataService) GetSession(ctx context.Context, req *pb.GetSessionRequest)
 // getSessionCached answers GetSession from the cache, loading a miss from
 // the session's shard.
 func (d *DataService) getSessionCached(ctx context.Context, c *cache.Cache, tok string) (*pb.GetSessionResponse, error) {
-	p, err := parseToken("token", tok, d.s.partitionCount())
-	if err != nil {
-		return nil, err
-	}
-	hash := hashToken(tok)
+	p, hash := tokenPartition(tok), hashToken(tok)
 	e, err := c.GetSession(ctx, hash, func(ctx context.Context) (cache.Entry, error) {
 		var sess shards.Session
 		err := d.s.onPartition(ctx, p, func(sh *shards.Shard) (err error) {
@@ -280,9 +246,6 @@ func (d *DataService) invalidateToken(ctx context.Context, tok string) {
 
 // TouchSession extends a live session.
 func (d *DataService) TouchSession(ctx context.Context, req *pb.TouchSessionRequest) (*pb.TouchSessionResponse, error) {
-	if err := validateTTL("ttl_seconds", req.GetTtlSeconds()); err != nil {
-		return nil, err
-	}
 	ttl := time.Duration(req.GetTtlSeconds()) * time.Second
 	var sess shards.Session
 	err := d.onToken(ctx, req.GetToken(), func(sh *shards.Shard, p int32, hash []byte) (err error) {
@@ -292,9 +255,7 @@ func (d *DataService) TouchSession(ctx context.Context, req *pb.TouchSessionRequ
 		sess, err = sh.TouchSession(ctx, p, hash, ttl)
 		return err
 	})
-	if !isInvalid(err) {
-		d.invalidateToken(ctx, req.GetToken())
-	}
+	d.invalidateToken(ctx, req.GetToken())
 	if err != nil {
 		return nil, err
 	}
@@ -309,9 +270,7 @@ func (d *DataService) RevokeSession(ctx context.Context, req *pb.RevokeSessionRe
 		}
 		return sh.RevokeSession(ctx, p, hash)
 	})
-	if !isInvalid(err) {
-		d.invalidateToken(ctx, req.GetToken())
-	}
+	d.invalidateToken(ctx, req.GetToken())
 	if err != nil {
 		return nil, err
 	}
@@ -320,13 +279,7 @@ func (d *DataService) RevokeSession(ctx context.Context, req *pb.RevokeSessionRe
 
 // ListSessions pages through a user's live sessions.
 func (d *DataService) ListSessions(ctx context.Context, req *pb.ListSessionsRequest) (*pb.ListSessionsResponse, error) {
-	if err := validateUserID("user_id", req.GetUserId()); err != nil {
-		return nil, err
-	}
-	size, err := validatePageSize("page_size", req.GetPageSize())
-	if err != nil {
-		return nil, err
-	}
+	size := pageSize(req.GetPageSize())
 	after, err := decodeSessionPageToken("page_token", req.GetPageToken())
 	if err != nil {
 		return nil, err
@@ -357,16 +310,6 @@ func (d *DataService) ListSessions(ctx context.Context, req *pb.ListSessionsRequ
 	return resp, nil
 }
 
-func validateItemAddress(userID, collection, key string) error {
-	if err := validateUserID("user_id", userID); err != nil {
-		return err
-	}
-	if err := validateName("collection", collection); err != nil {
-		return err
-	}
-	return validateKey("key", key, false)
-}
-
 func itemToPB(it shards.Item) *pb.Item {
 	return &pb.Item{
 		UserId:     it.UserID,
@@ -380,18 +323,9 @@ func itemToPB(it shards.Item) *pb.Item {
 
 // PutItem creates or replaces one document.
 func (d *DataService) PutItem(ctx context.Context, req *pb.PutItemRequest) (*pb.PutItemResponse, error) {
-	if err := validateItemAddress(req.GetUserId(), req.GetCollection(), req.GetKey()); err != nil {
-		return nil, err
-	}
-	value, err := validateJSON("value_json", req.GetValueJson(), false, d.maxJSON())
-	if err != nil {
-		return nil, err
-	}
-	if err := validateExpected("expected_version", req.ExpectedVersion); err != nil {
-		return nil, err
-	}
+	value := storedJSON(req.GetValueJson(), false)
 	var v int64
-	err = d.s.onUser(ctx, req.GetUserId(), func(sh *shards.Shard, p int32) (err error) {
+	err := d.s.onUser(ctx, req.GetUserId(), func(sh *shards.Shard, p int32) (err error) {
 		v, err = sh.PutItem(ctx, p, req.GetUserId(), req.GetCollection(), req.GetKey(), value, req.ExpectedVersion)
 		return err
 	})
@@ -403,9 +337,6 @@ func (d *DataService) PutItem(ctx context.Context, req *pb.PutItemRequest) (*pb.
 
 // GetItem reads one document.
 func (d *DataService) GetItem(ctx context.Context, req *pb.GetItemRequest) (*pb.GetItemResponse, error) {
-	if err := validateItemAddress(req.GetUserId(), req.GetCollection(), req.GetKey()); err != nil {
-		return nil, err
-	}
 	var it shards.Item
 	err := d.s.onUser(ctx, req.GetUserId(), func(sh *shards.Shard, p int32) (err error) {
 		it, err = sh.GetItem(ctx, p, req.GetUserId(), req.GetCollection(), req.GetKey())
@@ -419,12 +350,6 @@ func (d *DataService) GetItem(ctx context.Context, req *pb.GetItemRequest) (*pb.
 
 // DeleteItem removes one document.
 func (d *DataService) DeleteItem(ctx context.Context, req *pb.DeleteItemRequest) (*pb.DeleteItemResponse, error) {
-	if err := validateItemAddress(req.GetUserId(), req.GetCollection(), req.GetKey()); err != nil {
-		return nil, err
-	}
-	if err := validateExpected("expected_version", req.ExpectedVersion); err != nil {
-		return nil, err
-	}
 	err := d.s.onUser(ctx, req.GetUserId(), func(sh *shards.Shard, p int32) error {
 		return sh.DeleteItem(ctx, p, req.GetUserId(), req.GetCollection(), req.GetKey(), req.ExpectedVersion)
 	})
@@ -436,20 +361,8 @@ func (d *DataService) DeleteItem(ctx context.Context, req *pb.DeleteItemRequest)
 
 // ListItems pages through one collection of a user in key order.
 func (d *DataService) ListItems(ctx context.Context, req *pb.ListItemsRequest) (*pb.ListItemsResponse, error) {
-	if err := validateUserID("user_id", req.GetUserId()); err != nil {
-		return nil, err
-	}
-	if err := validateName("collection", req.GetCollection()); err != nil {
-		return nil, err
-	}
-	if err := validateKey("prefix", req.GetPrefix(), true); err != nil {
-		return nil, err
-	}
-	size, err := validatePageSize("page_size", req.GetPageSize())
-	if err != nil {
-		return nil, err
-	}
-	after, err := decodePageToken("page_token", req.GetPageToken())
+	size := pageSize(req.GetPageSize())
+	after, err := pageTokenKey("page_token", req.GetPageToken())
 	if err != nil {
 		return nil, err
 	}
@@ -473,18 +386,8 @@ func (d *DataService) ListItems(ctx context.Context, req *pb.ListItemsRequest) (
 	return resp, nil
 }
 
-func validateConfigAddress(namespace, key string) error {
-	if err := validateName("namespace", namespace); err != nil {
-		return err
-	}
-	return validateKey("key", key, false)
-}
-
 // GetConfig reads one global config value.
 func (d *DataService) GetConfig(ctx context.Context, req *pb.GetConfigRequest) (*pb.GetConfigResponse, error) {
-	if err := validateConfigAddress(req.GetNamespace(), req.GetKey()); err != nil {
-		return nil, err
-	}
 	ns, key := req.GetNamespace(), req.GetKey()
 	if c := d.s.readCache(ctx); c != nil {
 		e, err := c.GetConfig(ctx, ns, key, func(ctx context.Context) (cache.Entry, error) {
@@ -511,16 +414,7 @@ func (d *DataService) GetConfig(ctx context.Context, req *pb.GetConfigRequest) (
 
 // SetConfig creates or replaces one global config value.
 func (d *DataService) SetConfig(ctx context.Context, req *pb.SetConfigRequest) (*pb.SetConfigResponse, error) {
-	if err := validateConfigAddress(req.GetNamespace(), req.GetKey()); err != nil {
-		return nil, err
-	}
-	value, err := validateJSON("value_json", req.GetValueJson(), false, d.maxJSON())
-	if err != nil {
-		return nil, err
-	}
-	if err := validateExpected("expected_version", req.ExpectedVersion); err != nil {
-		return nil, err
-	}
+	value := storedJSON(req.GetValueJson(), false)
 	v, err := d.s.setConfig(ctx, req.GetNamespace(), req.GetKey(), value, req.ExpectedVersion)
 	d.invalidateConfig(ctx, req.GetNamespace(), req.GetKey())
 	if err != nil {
@@ -531,12 +425,6 @@ func (d *DataService) SetConfig(ctx context.Context, req *pb.SetConfigRequest) (
 
 // DeleteConfig removes one global config value.
 func (d *DataService) DeleteConfig(ctx context.Context, req *pb.DeleteConfigRequest) (*pb.DeleteConfigResponse, error) {
-	if err := validateConfigAddress(req.GetNamespace(), req.GetKey()); err != nil {
-		return nil, err
-	}
-	if err := validateExpected("expected_version", req.ExpectedVersion); err != nil {
-		return nil, err
-	}
 	err := d.s.catalog.DeleteConfig(ctx, req.GetNamespace(), req.GetKey(), req.ExpectedVersion)
 	d.invalidateConfig(ctx, req.GetNamespace(), req.GetKey())
 	if err != nil {
@@ -555,14 +443,8 @@ func (d *DataService) invalidateConfig(ctx context.Context, namespace, key strin
 
 // ListConfig pages through a namespace.
 func (d *DataService) ListConfig(ctx context.Context, req *pb.ListConfigRequest) (*pb.ListConfigResponse, error) {
-	if err := validateName("namespace", req.GetNamespace()); err != nil {
-		return nil, err
-	}
-	size, err := validatePageSize("page_size", req.GetPageSize())
-	if err != nil {
-		return nil, err
-	}
-	after, err := decodePageToken("page_token", req.GetPageToken())
+	size := pageSize(req.GetPageSize())
+	after, err := pageTokenKey("page_token", req.GetPageToken())
 	if err != nil {
 		return nil, err
 	}

@@ -257,7 +257,7 @@ func checkWithinDelta(t *testing.T, h *history, delta time.Duration) (time.Durat
 	return delta, checkHistory(t, h.shifted(delta), 90*time.Second, true)
 }
 
-// claimedDelta is the staleness bound the README states for reads on an
+// claimedDelta is the staleness bound docs/cache.md states for reads on an
 // instance other than the writer's.
 const claimedDelta = 25 * time.Millisecond
 

@@ -16,11 +16,11 @@ import (
 )
 
 // Declarative request validation: one table of field rules per request
-// message, checked by an interceptor before any handler runs. (protovalidate
-// would express the same in the .proto files, but its validate.proto comes
-// from the Buf Schema Registry, which the build cannot reach; the rules
-// below are the same checks in Go, on the same validators the handlers
-// use.)
+// message, checked by an interceptor before any handler runs. It is the
+// only check of each field; handlers check only what a rule of one field
+// cannot express (how fields combine, state). (protovalidate would express
+// the same in the .proto files, but its validate.proto comes from the Buf
+// Schema Registry, which the build cannot reach.)
 
 // ruleKind is what a field must be.
 type ruleKind int
@@ -40,7 +40,7 @@ const (
 	ruleSessionPage                   // from a previous ListSessions
 	ruleSessionToken                  // "<partition>.<random>"
 	rulePartition                     // 0 ≤ p < partition count
-	ruleUserIDList                    // up to maxListed valid user IDs
+	ruleUserIDList                    // up to maxWatchUsers valid user IDs
 	rulePartitionList                 // partitions < partition count, at most one per partition
 	ruleCursor                        // up to maxCursor bytes of printable ASCII
 	ruleMaxParallel                   // 0 (default) or 1-64
@@ -52,8 +52,6 @@ const (
 
 // maxDSN bounds a shard DSN.
 const maxDSN = 4096
-
-const maxListed = 1000
 
 // maxCursor is the longest Watch cursor: one position per followed stream,
 // so a watch of every partition has a long one (events.ParseCursor checks
@@ -168,17 +166,14 @@ func (v *validator) checkField(msg protoreflect.Message, r compiledRule) error {
 	case rulePrefix:
 		return validateKey(name, val.String(), true)
 	case ruleJSONObject:
-		_, err := validateJSON(name, val.String(), true, v.maxJSON)
-		return err
+		return validateJSON(name, val.String(), true, v.maxJSON)
 	case ruleJSONValue:
-		_, err := validateJSON(name, val.String(), false, v.maxJSON)
-		return err
+		return validateJSON(name, val.String(), false, v.maxJSON)
 	case ruleJSONOptional:
 		if val.String() == "" {
 			return nil
 		}
-		_, err := validateJSON(name, val.String(), false, v.maxJSON)
-		return err
+		return validateJSON(name, val.String(), false, v.maxJSON)
 	case ruleTTL:
 		return validateTTL(name, val.Int())
 	case ruleExpected:
@@ -186,8 +181,7 @@ func (v *validator) checkField(msg protoreflect.Message, r compiledRule) error {
 			return invalid(name, "%d is negative", val.Int())
 		}
 	case rulePageSize:
-		_, err := validatePageSize(name, int32(val.Int()))
-		return err
+		return validatePageSize(name, int32(val.Int()))
 	case rulePageToken:
 		_, err := decodePageToken(name, val.String())
 		return err
@@ -203,8 +197,8 @@ func (v *validator) checkField(msg protoreflect.Message, r compiledRule) error {
 		}
 	case ruleUserIDList:
 		l := val.List()
-		if l.Len() > maxListed {
-			return invalid(name, "%d entries exceed the limit of %d", l.Len(), maxListed)
+		if l.Len() > maxWatchUsers {
+			return invalid(name, "%d entries exceed the limit of %d", l.Len(), maxWatchUsers)
 		}
 		for i := range l.Len() {
 			if err := validateUserID(fmt.Sprintf("%s[%d]", name, i), l.Get(i).String()); err != nil {

@@ -149,11 +149,11 @@ func (s *Server) drain(ctx context.Context, j batchJob) {
 
 // batchPauseTime separates full sweep and prune batches. A batch holds the
 // outbox clocks of every partition it touched until it commits, so writers
-// of those partitions queue behind it, and a create that had to retry
-// behind one batch would queue behind the next (a review measured 1% of
-// creates failing while a 200,000-tombstone backlog was pruned back to
-// back). The pause gives them their turn; a backlog still clears at up to
-// 1000 rows per pause.
+// of those partitions queue behind it, and with batches back to back a
+// create that had to retry behind one would queue behind the next (about 1%
+// of creates fail while a 200,000-tombstone backlog is pruned that way).
+// The pause gives them their turn; a backlog still clears at up to 1000
+// rows per pause.
 const batchPauseTime = 50 * time.Millisecond
 
 func batchPause(ctx context.Context) {

@@ -101,44 +101,55 @@ func validateKey(field, key string, allowEmpty bool) error {
 	return nil
 }
 
-// validateJSON checks a JSON field and returns it as bytes. object requires
-// a JSON object; empty input is then read as {}. Values Postgres jsonb
+// validateJSON checks a JSON field. object requires a JSON object, and
+// then empty input reads as {} (see storedJSON). Values Postgres jsonb
 // cannot store (a \u0000 escape) are refused here rather than by the shard.
-func validateJSON(field, s string, object bool, maxBytes int) ([]byte, error) {
+func validateJSON(field, s string, object bool, maxBytes int) error {
 	if s == "" {
 		if object {
-			return []byte("{}"), nil
+			return nil
 		}
-		return nil, invalid(field, "required (any JSON value)")
+		return invalid(field, "required (any JSON value)")
 	}
 	if len(s) > maxBytes {
-		return nil, invalid(field, "%d bytes exceeds the limit of %d", len(s), maxBytes)
+		return invalid(field, "%d bytes exceeds the limit of %d", len(s), maxBytes)
 	}
 	b := []byte(s)
 	if !utf8.Valid(b) {
-		return nil, invalid(field, "not valid UTF-8")
+		return invalid(field, "not valid UTF-8")
 	}
 	if !json.Valid(b) {
 		var v any
-		err := json.Unmarshal(b, &v) // for the position of the error
-		return nil, invalid(field, "not valid JSON: %v", err)
+		// For the position of the error. A copy of its own: handing b
+		// over would make b escape, a copy of s on every call.
+		err := json.Unmarshal([]byte(s), &v)
+		return invalid(field, "not valid JSON: %v", err)
 	}
 	if object && strings.TrimLeft(s, " \t\r\n")[0] != '{' {
-		return nil, invalid(field, "must be a JSON object")
+		return invalid(field, "must be a JSON object")
 	}
 	if hasNULEscape(s) {
-		return nil, invalid(field, `contains \u0000, which cannot be stored`)
+		return invalid(field, `contains \u0000, which cannot be stored`)
 	}
 	printed, depth, bad := jsonShape(b)
 	switch {
 	case bad != "":
-		return nil, invalid(field, "%s, which cannot be stored", bad)
+		return invalid(field, "%s, which cannot be stored", bad)
 	case depth > maxJSONDepth:
-		return nil, invalid(field, "nested %d levels deep; the limit is %d", depth, maxJSONDepth)
+		return invalid(field, "nested %d levels deep; the limit is %d", depth, maxJSONDepth)
 	case printed > maxBytes:
-		return nil, invalid(field, "%d bytes as stored and read back (numbers lose their exponent, separators gain a space); the limit is %d", printed, maxBytes)
+		return invalid(field, "%d bytes as stored and read back (numbers lose their exponent, separators gain a space); the limit is %d", printed, maxBytes)
 	}
-	return b, nil
+	return nil
+}
+
+// storedJSON is a JSON field validateJSON accepted, as the shards store
+// it: an empty object field is {}.
+func storedJSON(s string, object bool) []byte {
+	if s == "" && object {
+		return []byte("{}")
+	}
+	return []byte(s)
 }
 
 // maxJSONDepth bounds nesting: Postgres parses JSON recursively and fails
@@ -313,21 +324,20 @@ func validateTTL(field string, ttl int64) error {
 	return nil
 }
 
-func validateExpected(field string, v *int64) error {
-	if v != nil && *v < 0 {
-		return invalid(field, "%d is negative", *v)
+// validatePageSize checks a page size: 0 (the default) or 1-1000.
+func validatePageSize(field string, n int32) error {
+	if n < 0 || n > maxPageSize {
+		return invalid(field, "%d is outside 1..%d", n, maxPageSize)
 	}
 	return nil
 }
 
-func validatePageSize(field string, n int32) (int, error) {
-	switch {
-	case n == 0:
-		return defPageSize, nil
-	case n < 0 || n > maxPageSize:
-		return 0, invalid(field, "%d is outside 1..%d", n, maxPageSize)
+// pageSize is the rows a checked page size asks for.
+func pageSize(n int32) int {
+	if n == 0 {
+		return defPageSize
 	}
-	return int(n), nil
+	return int(n)
 }
 
 // Page tokens carry the last key returned, base64url-encoded.
@@ -335,18 +345,32 @@ func encodePageToken(lastKey string) string {
 	return base64.RawURLEncoding.EncodeToString([]byte(lastKey))
 }
 
+// decodePageToken checks a page token and returns the key it carries.
 func decodePageToken(field, tok string) (string, error) {
+	key, err := pageTokenKey(field, tok)
+	if err != nil || key == "" {
+		return key, err
+	}
+	if validateKey(field, key, false) != nil {
+		return "", errNotPageToken(field)
+	}
+	return key, nil
+}
+
+// pageTokenKey decodes a page token that decodePageToken checked.
+func pageTokenKey(field, tok string) (string, error) {
 	if tok == "" {
 		return "", nil
 	}
 	b, err := base64.RawURLEncoding.DecodeString(tok)
 	if err != nil || len(b) == 0 {
-		return "", invalid(field, "not a token from a previous ListItems response")
-	}
-	if err := validateKey(field, string(b), false); err != nil {
-		return "", invalid(field, "not a token from a previous ListItems response")
+		return "", errNotPageToken(field)
 	}
 	return string(b), nil
+}
+
+func errNotPageToken(field string) error {
+	return invalid(field, "not a token from a previous ListItems response")
 }
 
 // Session page tokens carry the last session's creation time (µs, as
@@ -395,4 +419,15 @@ func parseToken(field, tok string, partitions int) (int32, error) {
 		}
 	}
 	return int32(p), nil
+}
+
+// tokenPartition reads the partition of a session token parseToken
+// checked. (Unchecked garbage yields a partition no shard owns, or one
+// without the token's session: never a panic.)
+func tokenPartition(tok string) int32 {
+	var p int32
+	for i := 0; i < len(tok) && tok[i] != '.'; i++ {
+		p = p*10 + int32(tok[i]-'0')
+	}
+	return p
 }

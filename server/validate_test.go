@@ -71,7 +71,7 @@ func TestValidateJSON(t *testing.T) {
 		{`["1e999999"]`, false, true},                                                     // a string, not a number
 		{`[0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0]`, false, false}, // 63 bytes, 93 read back
 	} {
-		_, err := validateJSON("f", tc.in, tc.object, 64)
+		err := validateJSON("f", tc.in, tc.object, 64)
 		if (err == nil) != tc.ok {
 			t.Errorf("validateJSON(%q, object=%v) = %v, want ok=%v", tc.in, tc.object, err, tc.ok)
 		}
@@ -82,6 +82,9 @@ func TestParseToken(t *testing.T) {
 	good, _ := newToken(17)
 	if p, err := parseToken("token", good, 4096); err != nil || p != 17 {
 		t.Fatalf("parseToken(%q) = %d, %v", good, p, err)
+	}
+	if p := tokenPartition(good); p != 17 {
+		t.Fatalf("tokenPartition(%q) = %d", good, p)
 	}
 	rnd := good[strings.IndexByte(good, '.')+1:]
 	for _, bad := range []string{
@@ -154,7 +157,7 @@ func FuzzValidateJSON(f *testing.F) {
 		f.Add(s, false)
 	}
 	f.Fuzz(func(t *testing.T, s string, object bool) {
-		b, err := validateJSON("f", s, object, 1<<16)
+		err := validateJSON("f", s, object, 1<<16)
 		if err != nil {
 			var fe *fieldError
 			if !errors.As(err, &fe) || fe.field != "f" {
@@ -162,6 +165,7 @@ func FuzzValidateJSON(f *testing.F) {
 			}
 			return
 		}
+		b := storedJSON(s, object)
 		if !utf8.Valid(b) || strings.Contains(string(b), "\x00") {
 			t.Fatalf("accepted %q, which Postgres cannot store", b)
 		}
@@ -183,6 +187,9 @@ func FuzzParseToken(f *testing.F) {
 		p, err := parseToken("token", s, 4096)
 		if err == nil && (p < 0 || p >= 4096) {
 			t.Fatalf("parseToken(%q) = partition %d out of range", s, p)
+		}
+		if err == nil && tokenPartition(s) != p {
+			t.Fatalf("tokenPartition(%q) = %d, parseToken says %d", s, tokenPartition(s), p)
 		}
 	})
 }
@@ -215,6 +222,9 @@ func FuzzPageToken(f *testing.F) {
 		if err == nil && s != "" && validateKey("key", k, false) != nil {
 			t.Fatalf("page token %q decodes to invalid key %q", s, k)
 		}
+		if hk, herr := pageTokenKey("page_token", s); err == nil && (herr != nil || hk != k) {
+			t.Fatalf("page token %q: the handler reads %q, %v; the check %q", s, hk, herr, k)
+		}
 		if sk, err := decodeSessionPageToken("page_token", s); err == nil && s != "" && len(sk.TokenHash) != 32 {
 			t.Fatalf("session page token %q decodes to a %d-byte hash", s, len(sk.TokenHash))
 		}
@@ -236,7 +246,7 @@ func BenchmarkValidateJSON(b *testing.B) {
 		b.SetBytes(int64(len(in)))
 		b.ReportAllocs()
 		for b.Loop() {
-			if _, err := validateJSON("f", in, false, 1<<20); err != nil {
+			if err := validateJSON("f", in, false, 1<<20); err != nil {
 				b.Fatal(err)
 			}
 		}

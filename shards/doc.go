@@ -1,7 +1,8 @@
 // Package shards talks to the Postgres databases that hold user data: one
 // connection pool per shard, and the SQL for users, sessions, items, the
-// ownership table and the work a partition move does on a shard. It is the
-// only package that runs SQL on a shard database (migrations aside).
+// ownership table, the outbox relay's reads and deletes, and the work a
+// partition move does on a shard. It is the only package that runs SQL on a
+// shard database (migrations aside; internal/layering checks).
 //
 // # Fencing
 //

@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
+	"strings"
 	"testing"
 	"time"
 
@@ -139,4 +141,83 @@ func wantIs(err, target error) error {
 		return fmt.Errorf("err = %w, want %v", err, target)
 	}
 	return nil
+}
+
+// ReadOutbox reads a (partition, tick) range in order, up to a limit,
+// leaving out payloads over the cap; TrimOutbox deletes exactly the rows
+// it is given.
+func TestReadAndTrimOutbox(t *testing.T) {
+	t.Parallel()
+	s := newShard(t, 1, 2, 3)
+	ctx := testCtx(t)
+	big := `{"pad": "` + strings.Repeat("x", 200) + `"}`
+	for _, u := range []struct {
+		p       int32
+		id, doc string
+	}{{1, "a", `{"n": 1}`}, {2, "b", `{"n": 2}`}, {2, "c", big}, {3, "d", `{"n": 4}`}} {
+		if _, err := s.PutUser(ctx, u.p, u.id, []byte(u.doc), nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	pc, err := s.pool.Acquire(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pc.Release()
+	conn := pc.Conn()
+	all := func(t *testing.T, maxPayload int) []OutboxRow {
+		t.Helper()
+		rows, err := ReadOutbox(ctx, conn, OutboxPos{-1, 0}, OutboxPos{math.MaxInt32, math.MaxInt64}, 10, maxPayload, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return rows
+	}
+
+	rows := all(t, 100)
+	var got []string
+	for _, r := range rows {
+		got = append(got, r.UserID)
+		if r.EventID == "" || r.Tick < 1 || r.Entity != "user" || r.Op != "upsert" || r.Version != 1 || r.CommittedAt.IsZero() {
+			t.Errorf("row %+v: fields missing", r)
+		}
+		if omitted := r.UserID == "c"; r.Omitted != omitted || (r.Payload == nil) != omitted {
+			t.Errorf("row of %s: payload %q, omitted %v", r.UserID, r.Payload, r.Omitted)
+		}
+	}
+	if strings.Join(got, ",") != "a,b,c,d" {
+		t.Fatalf("rows of %v, want a,b,c,d in (partition, tick) order", got)
+	}
+	if string(rows[0].Payload) != `{"n": 1}` {
+		t.Errorf("payload %q, want jsonb's text {\"n\": 1}", rows[0].Payload)
+	}
+	for _, r := range all(t, -1) {
+		if r.Payload != nil || !r.Omitted {
+			t.Errorf("with no payloads: row of %s has payload %q, omitted %v", r.UserID, r.Payload, r.Omitted)
+		}
+	}
+
+	// After b and before d: only c, appended to what dst held.
+	b, d := rows[1], rows[3]
+	mid, err := ReadOutbox(ctx, conn, OutboxPos{b.Partition, b.Tick}, OutboxPos{d.Partition, d.Tick}, 10, 100, rows[:1])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(mid) != 2 || mid[0].UserID != "a" || mid[1].UserID != "c" {
+		t.Fatalf("range read: %+v", mid)
+	}
+	if one, err := ReadOutbox(ctx, conn, OutboxPos{-1, 0}, OutboxPos{math.MaxInt32, math.MaxInt64}, 1, 100, nil); err != nil || len(one) != 1 {
+		t.Fatalf("limit 1: %d rows, %v", len(one), err)
+	}
+
+	if err := TrimOutbox(ctx, conn, []int32{b.Partition, d.Partition}, []int64{b.Tick, d.Tick}); err != nil {
+		t.Fatal(err)
+	}
+	got = got[:0]
+	for _, r := range all(t, 100) {
+		got = append(got, r.UserID)
+	}
+	if strings.Join(got, ",") != "a,c" {
+		t.Fatalf("after trimming b and d: %v", got)
+	}
 }

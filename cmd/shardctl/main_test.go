@@ -96,7 +96,7 @@ func TestBadInputIsAnError(t *testing.T) {
 	}
 }
 
-// The shard and rebalance commands parse as the README writes them.
+// The shard and rebalance commands parse as docs/rebalancing.md writes them.
 func TestRebalanceCommandsParse(t *testing.T) {
 	var c cli
 	p, err := kong.New(&c, kong.Name("shardctl"), kong.Exit(func(int) { t.Fatal("exit") }))

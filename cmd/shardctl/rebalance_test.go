@@ -12,7 +12,7 @@ import (
 	"github.com/shardgate/shardgate/server"
 )
 
-// The README's walk-through, through the commands: add a fifth shard, plan,
+// docs/rebalancing.md's walk-through, through the commands: add a fifth shard, plan,
 // rebalance with --wait, verify, drain it, rebalance back and remove it.
 func TestRebalanceCommands(t *testing.T) {
 	addr, _ := startClusterWith(t, server.Options{RunMover: true, Mover: mover.ExecutorOptions{Interval: 100 * time.Millisecond}})
