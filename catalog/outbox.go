@@ -8,10 +8,6 @@ import (
 	"github.com/jackc/pgx/v5"
 )
 
-// ConfigOutboxChannel is the LISTEN/NOTIFY channel the catalog announces
-// new config outbox rows on (catalog migrations 00002/00005).
-const ConfigOutboxChannel = "shardgate_config_outbox"
-
 // ConfigOutboxRow is one undelivered config change event.
 type ConfigOutboxRow struct {
 	Tick        int64 // position in the config outbox clock

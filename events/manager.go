@@ -2,6 +2,7 @@ package events
 
 import (
 	"context"
+	"log/slog"
 	"sync"
 )
 
@@ -24,11 +25,34 @@ type running struct {
 	stop  context.CancelFunc
 }
 
-// NewManager returns a manager whose relays use opts. Nothing runs until
-// Sync or StartConfig.
+// NewManager returns a manager whose relays use opts. Nothing is relayed
+// until Sync or StartConfig; the manager listens for wake-ups (see Waker)
+// at once.
 func NewManager(opts RelayOptions) *Manager {
 	ctx, cancel := context.WithCancel(context.Background())
-	return &Manager{opts: opts, ctx: ctx, cancel: cancel, relays: map[string]running{}}
+	m := &Manager{opts: opts, ctx: ctx, cancel: cancel, relays: map[string]running{}}
+	if opts.Redis != nil {
+		log := opts.Logger
+		if log == nil {
+			log = slog.Default()
+		}
+		m.wg.Go(func() { listenWakes(ctx, opts.Redis, opts.Prefix, func(name string) { m.WakeLocal(name) }, log) })
+	}
+	return m
+}
+
+// WakeLocal wakes this manager's relay of database name (a shard's name
+// or ConfigWake) if it leads, and reports whether it did.
+func (m *Manager) WakeLocal(name string) bool {
+	if name == ConfigWake {
+		name = ""
+	} else if name == "" {
+		return false
+	}
+	m.mu.Lock()
+	r, ok := m.relays[name]
+	m.mu.Unlock()
+	return ok && r.relay.Wake()
 }
 
 // StartConfig runs the relay of the catalog's config outbox.
@@ -64,6 +88,17 @@ func (m *Manager) start(name, dsn string, r *Relay) {
 	ctx, stop := context.WithCancel(m.ctx)
 	m.relays[name] = running{dsn: dsn, relay: r, stop: stop}
 	m.wg.Go(func() { r.Run(ctx) })
+}
+
+// Reads counts the outbox reads of this manager's relays.
+func (m *Manager) Reads() int64 {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var n int64
+	for _, r := range m.relays {
+		n += r.relay.Reads()
+	}
+	return n
 }
 
 // QuarantinedStreams returns how many streams (partitions, and the config

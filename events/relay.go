@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/sha1"
 	"encoding/hex"
-	"errors"
 	"fmt"
 	"log/slog"
 	"math"
@@ -12,6 +11,7 @@ import (
 	"slices"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -35,9 +35,13 @@ type RelayOptions struct {
 	// BatchSize is the most outbox rows read, published and deleted at once
 	// (default 500).
 	BatchSize int
-	// PollInterval is how often the outbox is read without a notification
-	// (default 1s); notifications wake the relay at once.
+	// PollInterval is the longest a leading relay goes without reading its
+	// outbox when no wake-up comes (default 500ms): the most a lost
+	// wake-up delays an event. After a read that found events it polls
+	// again after MinPollInterval, doubling while reads come back empty.
 	PollInterval time.Duration
+	// MinPollInterval is the first poll after activity (default 10ms).
+	MinPollInterval time.Duration
 	// ElectInterval is how often a relay that lost the election tries again
 	// (default 1s, with jitter): the longest a dead relay goes unreplaced,
 	// once Postgres has noticed its connection is gone.
@@ -65,8 +69,12 @@ func (o RelayOptions) withDefaults() RelayOptions {
 		o.BatchSize = 500
 	}
 	if o.PollInterval <= 0 {
-		o.PollInterval = time.Second
+		o.PollInterval = 500 * time.Millisecond
 	}
+	if o.MinPollInterval <= 0 {
+		o.MinPollInterval = 10 * time.Millisecond
+	}
+	o.MinPollInterval = min(o.MinPollInterval, o.PollInterval)
 	if o.ElectInterval <= 0 {
 		o.ElectInterval = time.Second
 	}
@@ -86,7 +94,6 @@ const RelayApplicationName = "shardgate-relay"
 type source struct {
 	what    string // for logs and errors
 	lockKey int32
-	channel string
 	outbox  outbox
 }
 
@@ -101,13 +108,13 @@ type outbox interface {
 }
 
 func shardSource() source {
-	return source{what: "shard outbox", lockKey: pglock.KeyRelayShard, channel: shards.OutboxChannel, outbox: &shardOutbox{}}
+	return source{what: "shard outbox", lockKey: pglock.KeyRelayShard, outbox: &shardOutbox{}}
 }
 
 // The config outbox has a single stream, ConfigStream: quarantining it
 // holds back every config event.
 func configSource() source {
-	return source{what: "config outbox", lockKey: pglock.KeyRelayConfig, channel: catalog.ConfigOutboxChannel, outbox: &configOutbox{}}
+	return source{what: "config outbox", lockKey: pglock.KeyRelayConfig, outbox: &configOutbox{}}
 }
 
 // shardOutbox is a shard's outbox. rows is a buffer its reads reuse (a
@@ -195,19 +202,40 @@ type Relay struct {
 
 	mu          sync.Mutex
 	quarantined map[int32]bool // under mu; streams held back while leading
+
+	leading atomic.Bool
+	wake    chan struct{} // a wake-up waiting for the relay's next wait
+	reads   atomic.Int64  // outbox reads while leading
+}
+
+// Reads counts the relay's reads of its outbox (each a query or a few,
+// one per stretch between quarantined partitions).
+func (r *Relay) Reads() int64 { return r.reads.Load() }
+
+// Wake tells a leading relay that its outbox has new rows, and reports
+// whether it leads; a relay that does not lead ignores it.
+func (r *Relay) Wake() bool {
+	if !r.leading.Load() {
+		return false
+	}
+	select {
+	case r.wake <- struct{}{}:
+	default: // one is pending already
+	}
+	return true
 }
 
 // NewShardRelay returns a relay for the outbox of the shard database at dsn.
 func NewShardRelay(name, dsn string, opts RelayOptions) *Relay {
 	opts = opts.withDefaults()
-	return &Relay{name: name, dsn: dsn, src: shardSource(), opts: opts, keys: Keys{opts.Prefix}, script: publishLua}
+	return &Relay{name: name, dsn: dsn, src: shardSource(), opts: opts, keys: Keys{opts.Prefix}, script: publishLua, wake: make(chan struct{}, 1)}
 }
 
 // NewConfigRelay returns a relay for the config outbox of the catalog
 // database at dsn.
 func NewConfigRelay(dsn string, opts RelayOptions) *Relay {
 	opts = opts.withDefaults()
-	return &Relay{name: "catalog", dsn: dsn, src: configSource(), opts: opts, keys: Keys{opts.Prefix}, script: publishLua}
+	return &Relay{name: "catalog", dsn: dsn, src: configSource(), opts: opts, keys: Keys{opts.Prefix}, script: publishLua, wake: make(chan struct{}, 1)}
 }
 
 // Run relays until ctx ends: it competes for the lock and, while it holds
@@ -282,18 +310,19 @@ func (r *Relay) runOnce(ctx context.Context) (bool, error) {
 		case <-time.After(r.electWait()):
 		}
 	}
-	if _, err := conn.Exec(ctx, "LISTEN "+r.src.channel); err != nil {
-		return true, err
-	}
 	r.opts.Logger.Info("event relay elected", "relay", r.name)
+	r.leading.Store(true)
+	defer r.leading.Store(false)
 	return true, r.relay(ctx, conn)
 }
 
 // relay publishes until an error. It pages through the outbox in
 // (partition, tick) order, going round from the start whenever a page comes
 // back short, so a busy partition cannot starve the others; it waits for a
-// notification (or PollInterval) only after a full pass from the start found
-// less than a page.
+// wake-up (see Waker) only after a full pass from the start found less than
+// a page, and for at most the poll interval: MinPollInterval after a pass
+// that found events, twice as long after each that found none, up to
+// PollInterval.
 func (r *Relay) relay(ctx context.Context, conn *pgx.Conn) error {
 	// Each term checks every stream again, so one whose clock was repaired
 	// meanwhile flows again; a follower holds nothing back.
@@ -301,12 +330,18 @@ func (r *Relay) relay(ctx context.Context, conn *pgx.Conn) error {
 	defer r.clearQuarantine()
 	start := Position{Stream: -2}
 	pos := start
+	poll := r.opts.MinPollInterval
+	timer := time.NewTimer(poll)
+	defer timer.Stop()
+	found := false // the pass from start found events
 	for {
+		r.reads.Add(1)
 		evs, err := r.fetch(ctx, conn, pos)
 		if err != nil {
 			return err
 		}
 		if len(evs) > 0 {
+			found = true
 			if err := r.deliver(ctx, conn, evs); err != nil {
 				return err
 			}
@@ -320,14 +355,19 @@ func (r *Relay) relay(ctx context.Context, conn *pgx.Conn) error {
 			pos = start
 			continue
 		}
-		wctx, cancel := context.WithTimeout(ctx, r.opts.PollInterval)
-		_, err = conn.WaitForNotification(wctx)
-		cancel()
-		if ctx.Err() != nil {
-			return ctx.Err()
+		if found {
+			poll = r.opts.MinPollInterval
+		} else {
+			poll = min(2*poll, r.opts.PollInterval)
 		}
-		if err != nil && !errors.Is(err, context.DeadlineExceeded) {
-			return err
+		found = false
+		timer.Reset(poll)
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-r.wake:
+			timer.Stop() // Go 1.23+: no stale tick remains after Stop
+		case <-timer.C:
 		}
 	}
 }

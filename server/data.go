@@ -16,6 +16,7 @@ import (
 	"github.com/shardgate/shardgate/auth"
 	"github.com/shardgate/shardgate/cache"
 	"github.com/shardgate/shardgate/catalog"
+	"github.com/shardgate/shardgate/events"
 	pb "github.com/shardgate/shardgate/proto/shardgate/v1"
 	"github.com/shardgate/shardgate/shards"
 )
@@ -36,7 +37,7 @@ func NewDataService(s *Server) *DataService { return &DataService{s: s} }
 func (d *DataService) PutUser(ctx context.Context, req *pb.PutUserRequest) (*pb.PutUserResponse, error) {
 	profile := storedJSON(req.GetProfileJson(), true)
 	var v int64
-	err := d.s.onUser(ctx, req.GetUserId(), func(sh *shards.Shard, p int32) (err error) {
+	err := d.s.onUserWrite(ctx, req.GetUserId(), func(sh *shards.Shard, p int32) (err error) {
 		v, err = sh.PutUser(ctx, p, req.GetUserId(), profile, req.ExpectedVersion)
 		return err
 	})
@@ -69,7 +70,7 @@ func (d *DataService) GetUser(ctx context.Context, req *pb.GetUserRequest) (*pb.
 // DeleteUser removes a user with all their sessions and items.
 func (d *DataService) DeleteUser(ctx context.Context, req *pb.DeleteUserRequest) (*pb.DeleteUserResponse, error) {
 	var res shards.DeleteUserResult
-	err := d.s.onUser(ctx, req.GetUserId(), func(sh *shards.Shard, p int32) (err error) {
+	err := d.s.onUserWrite(ctx, req.GetUserId(), func(sh *shards.Shard, p int32) (err error) {
 		res, err = sh.DeleteUser(ctx, p, req.GetUserId(), req.ExpectedVersion)
 		return err
 	})
@@ -134,7 +135,7 @@ func (d *DataService) CreateSession(ctx context.Context, req *pb.CreateSessionRe
 		hash []byte
 		sess shards.Session
 	)
-	err := d.s.onUser(ctx, req.GetUserId(), func(sh *shards.Shard, p int32) (err error) {
+	err := d.s.onUserWrite(ctx, req.GetUserId(), func(sh *shards.Shard, p int32) (err error) {
 		tok, hash = newToken(p)
 		sess, err = sh.CreateSession(ctx, p, req.GetUserId(), hash, data, ttl)
 		return err
@@ -154,6 +155,12 @@ func (d *DataService) CreateSession(ctx context.Context, req *pb.CreateSessionRe
 func (d *DataService) onToken(ctx context.Context, tok string, fn func(sh *shards.Shard, p int32, hash []byte) error) error {
 	p, hash := tokenPartition(tok), hashToken(tok)
 	return d.s.onPartition(ctx, p, func(sh *shards.Shard) error { return fn(sh, p, hash) })
+}
+
+// onTokenWrite is onToken for a write (see Server.onPartitionWrite).
+func (d *DataService) onTokenWrite(ctx context.Context, tok string, fn func(sh *shards.Shard, p int32, hash []byte) error) error {
+	p, hash := tokenPartition(tok), hashToken(tok)
+	return d.s.onPartitionWrite(ctx, p, func(sh *shards.Shard) error { return fn(sh, p, hash) })
 }
 
 // ownSession is called by the session-token handlers with the session's
@@ -248,7 +255,7 @@ func (d *DataService) invalidateToken(ctx context.Context, tok string) {
 func (d *DataService) TouchSession(ctx context.Context, req *pb.TouchSessionRequest) (*pb.TouchSessionResponse, error) {
 	ttl := time.Duration(req.GetTtlSeconds()) * time.Second
 	var sess shards.Session
-	err := d.onToken(ctx, req.GetToken(), func(sh *shards.Shard, p int32, hash []byte) (err error) {
+	err := d.onTokenWrite(ctx, req.GetToken(), func(sh *shards.Shard, p int32, hash []byte) (err error) {
 		if err := userOwnsSession(ctx, sh, p, hash); err != nil {
 			return err
 		}
@@ -264,7 +271,7 @@ func (d *DataService) TouchSession(ctx context.Context, req *pb.TouchSessionRequ
 
 // RevokeSession ends a session.
 func (d *DataService) RevokeSession(ctx context.Context, req *pb.RevokeSessionRequest) (*pb.RevokeSessionResponse, error) {
-	err := d.onToken(ctx, req.GetToken(), func(sh *shards.Shard, p int32, hash []byte) error {
+	err := d.onTokenWrite(ctx, req.GetToken(), func(sh *shards.Shard, p int32, hash []byte) error {
 		if err := userOwnsSession(ctx, sh, p, hash); err != nil {
 			return err
 		}
@@ -325,7 +332,7 @@ func itemToPB(it shards.Item) *pb.Item {
 func (d *DataService) PutItem(ctx context.Context, req *pb.PutItemRequest) (*pb.PutItemResponse, error) {
 	value := storedJSON(req.GetValueJson(), false)
 	var v int64
-	err := d.s.onUser(ctx, req.GetUserId(), func(sh *shards.Shard, p int32) (err error) {
+	err := d.s.onUserWrite(ctx, req.GetUserId(), func(sh *shards.Shard, p int32) (err error) {
 		v, err = sh.PutItem(ctx, p, req.GetUserId(), req.GetCollection(), req.GetKey(), value, req.ExpectedVersion)
 		return err
 	})
@@ -350,7 +357,7 @@ func (d *DataService) GetItem(ctx context.Context, req *pb.GetItemRequest) (*pb.
 
 // DeleteItem removes one document.
 func (d *DataService) DeleteItem(ctx context.Context, req *pb.DeleteItemRequest) (*pb.DeleteItemResponse, error) {
-	err := d.s.onUser(ctx, req.GetUserId(), func(sh *shards.Shard, p int32) error {
+	err := d.s.onUserWrite(ctx, req.GetUserId(), func(sh *shards.Shard, p int32) error {
 		return sh.DeleteItem(ctx, p, req.GetUserId(), req.GetCollection(), req.GetKey(), req.ExpectedVersion)
 	})
 	if err != nil {
@@ -420,6 +427,7 @@ func (d *DataService) SetConfig(ctx context.Context, req *pb.SetConfigRequest) (
 	if err != nil {
 		return nil, err
 	}
+	d.s.wake(events.ConfigWake)
 	return &pb.SetConfigResponse{Version: v}, nil
 }
 
@@ -430,6 +438,7 @@ func (d *DataService) DeleteConfig(ctx context.Context, req *pb.DeleteConfigRequ
 	if err != nil {
 		return nil, err
 	}
+	d.s.wake(events.ConfigWake)
 	return &pb.DeleteConfigResponse{}, nil
 }
 

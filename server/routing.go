@@ -111,12 +111,38 @@ var errNoTable = errors.New("no routing table loaded")
 // frozen for a move), it reloads the map and retries on the owner, backing
 // off a little more each time, for at most MoveWait.
 func (s *Server) onPartition(ctx context.Context, p int32, fn func(*shards.Shard) error) error {
+	_, err := s.onOwner(ctx, p, fn)
+	return err
+}
+
+// onPartitionWrite is onPartition for a write: once fn succeeded, the
+// relay of the shard it wrote to is woken (its event is in the outbox).
+func (s *Server) onPartitionWrite(ctx context.Context, p int32, fn func(*shards.Shard) error) error {
+	shard, err := s.onOwner(ctx, p, fn)
+	if err == nil {
+		s.wake(shard)
+	}
+	return err
+}
+
+// onUserWrite is onUser for a write (see onPartitionWrite).
+func (s *Server) onUserWrite(ctx context.Context, userID string, fn func(sh *shards.Shard, p int32) error) error {
+	t := s.router.Table()
+	if t == nil {
+		return errNoTable
+	}
+	p := router.Partition(userID, t.PartitionCount())
+	return s.onPartitionWrite(ctx, p, func(sh *shards.Shard) error { return fn(sh, p) })
+}
+
+// onOwner is onPartition, also naming the shard fn ran on last.
+func (s *Server) onOwner(ctx context.Context, p int32, fn func(*shards.Shard) error) (string, error) {
 	backoff := time.Millisecond
 	giveUp := time.Now().Add(s.opts.MoveWait)
 	for {
 		t := s.router.Table()
 		if t == nil {
-			return errNoTable
+			return "", errNoTable
 		}
 		name := t.Owner(p)
 		sh, ok := s.shard(name)
@@ -124,7 +150,7 @@ func (s *Server) onPartition(ctx context.Context, p int32, fn func(*shards.Shard
 			if s.router.Table() != t {
 				continue // the map changed under us
 			}
-			return fmt.Errorf("shard %s: %w", name, errShardNotOpen)
+			return name, fmt.Errorf("shard %s: %w", name, errShardNotOpen)
 		}
 		err := fn(sh)
 		if shards.IsClosed(err) && time.Now().Before(giveUp) {
@@ -133,12 +159,12 @@ func (s *Server) onPartition(ctx context.Context, p int32, fn func(*shards.Shard
 			}
 		}
 		if !errors.Is(err, shards.ErrWrongShard) || time.Now().After(giveUp) {
-			return err
+			return name, err
 		}
 		s.wrongShardRetries.Add(1)
 		changed := s.watcher.Changed()
 		if rerr := s.watcher.Refresh(ctx); rerr != nil {
-			return fmt.Errorf("%w (reloading the map: %v)", err, rerr)
+			return name, fmt.Errorf("%w (reloading the map: %v)", err, rerr)
 		}
 		if s.router.Table().Version() != t.Version() {
 			continue // the map changed: retry on the new owner now
@@ -148,7 +174,7 @@ func (s *Server) onPartition(ctx context.Context, p int32, fn func(*shards.Shard
 		// a moment in case the freeze ends without one.
 		select {
 		case <-ctx.Done():
-			return err
+			return name, err
 		case <-changed:
 		case <-time.After(backoff):
 		}
@@ -171,4 +197,12 @@ func (s *Server) partitionCount() int {
 		return t.PartitionCount()
 	}
 	return 0
+}
+
+// wake tells the relay of database name (a shard, or events.ConfigWake)
+// that a write committed there; see events.Waker.
+func (s *Server) wake(name string) {
+	if w := s.waker.Load(); w != nil {
+		w.Wake(name)
+	}
 }

@@ -139,6 +139,7 @@ type Server struct {
 	relays    *events.Manager                 // under mu; nil until events are attached, or without Options.RunRelays
 	relayDSNs map[string]string               // under mu; the expanded DSN each shard's relay uses
 	follower  atomic.Pointer[events.Follower] // nil until events are attached
+	waker     atomic.Pointer[events.Waker]    // nil until events are attached
 	watchers  atomic.Int64                    // open Watch streams
 	// userWatches counts open Watch streams per user principal.
 	userWatches watchCounts
@@ -245,6 +246,11 @@ func (s *Server) AttachRedis(rc rueidis.Client) bool {
 		s.relays.Sync(maps.Clone(s.relayDSNs))
 	}
 	s.follower.Store(&events.Follower{Redis: rc, Prefix: s.opts.EventsPrefix, Heartbeat: s.opts.WatchHeartbeat})
+	var local func(string) bool
+	if s.relays != nil {
+		local = s.relays.WakeLocal
+	}
+	s.waker.Store(events.NewWaker(rc, s.opts.EventsPrefix, local, s.opts.Logger))
 	return true
 }
 
@@ -275,6 +281,9 @@ func (s *Server) Close() {
 	}
 	if relays != nil {
 		relays.Close()
+	}
+	if w := s.waker.Load(); w != nil {
+		w.Close()
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()

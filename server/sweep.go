@@ -74,7 +74,13 @@ func (s *Server) sweepShards(ctx context.Context) {
 func (s *Server) sweepShard(ctx context.Context, name string, sh *shards.Shard) {
 	s.drain(ctx, batchJob{
 		what: "session sweep", rows: "sessions", db: []any{"shard", name}, limit: shards.DefaultSweepLimit,
-		batch: func(ctx context.Context) (int, error) { return sh.SweepExpiredSessions(ctx, shards.DefaultSweepLimit) },
+		batch: func(ctx context.Context) (int, error) {
+			n, err := sh.SweepExpiredSessions(ctx, shards.DefaultSweepLimit)
+			if n > 0 {
+				s.wake(name) // each swept session has its delete event
+			}
+			return n, err
+		},
 		done:  &s.sessionsSwept, failed: &s.sweepErrors,
 	})
 }

@@ -8,10 +8,6 @@ import (
 	"github.com/jackc/pgx/v5"
 )
 
-// OutboxChannel is the LISTEN/NOTIFY channel a shard announces new outbox
-// rows on (shard migrations 00002/00005).
-const OutboxChannel = "shardgate_outbox"
-
 // OutboxRow is one undelivered change event in a shard's outbox.
 type OutboxRow struct {
 	Partition   int32
