@@ -81,7 +81,7 @@ func (s *Server) sweepShard(ctx context.Context, name string, sh *shards.Shard) 
 			}
 			return n, err
 		},
-		done:  &s.sessionsSwept, failed: &s.sweepErrors,
+		done: &s.sessionsSwept, failed: &s.sweepErrors,
 	})
 }
 
