@@ -1,22 +1,3 @@
-// Package cache is the read-through cache in front of the databases for
-// sessions and config: rueidis with server-assisted client-side caching
-// (RESP3 CLIENT TRACKING), so a hot read is answered from this process's
-// memory and Redis pushes an invalidation to every process holding a key
-// when the key changes.
-//
-// A miss runs one loader per key: one per process (an in-process flight)
-// and one across processes (a lease written into the key itself). The
-// loader's result is stored only while its lease is still in the key, so a
-// writer's delete, which removes the lease, makes a loader that read the
-// old value fail to store it: no stale set.
-//
-// The process that acknowledged a write never serves an older value
-// afterwards: a write leaves a floor on its keys, the time its delete was
-// acknowledged. A local copy fetched before that (rueidis stamps each copy
-// with its fetch's start, see copyStart) is not served even if its
-// invalidation push is late, and in-process flights that started before
-// the write are not joined. Every other process drops its copy when
-// Redis's invalidation reaches it (δ, measured in the tests).
 package cache
 
 import (
@@ -65,7 +46,8 @@ type Options struct {
 	// FloorWindow is how long this process serves nothing from its own
 	// memory after Redis trouble (an outage, a failed invalidation, the end
 	// of an overflow), when invalidation pushes may be late or lost
-	// (default 1s). A write's own keys need no window: see copyStart.
+	// (default 1s). A write's own keys need no window (package doc,
+	// Read-your-writes).
 	FloorWindow time.Duration
 	// RetryInterval is how often failed invalidations are retried
 	// (default 100ms).

@@ -27,14 +27,7 @@ func (c *Cache) trustLocal(key string, now time.Time) (bool, floor) {
 }
 
 // copyStart is when the fetch that made a local copy began (Unix ms), or
-// earlier. rueidis stamps a copy with an expiry of its fetch's start plus
-// the LocalTTL it was asked for, shortened to the key's TTL in Redis; so
-// the expiry minus LocalTTL is at or before the fetch's start, and a copy
-// whose copyStart lies after a write's acknowledged delete was read from
-// Redis after that delete. A shortened expiry only makes a copy look older
-// (it is then read from Redis, never served stale). Both stamps are this
-// process's wall clock; a clock stepped back between a write and a fetch
-// could make an older copy look newer.
+// earlier; why that holds is in doc.go, Read-your-writes.
 func (c *Cache) copyStart(res rueidis.RedisResult) int64 {
 	pxat := res.CachePXAT()
 	if pxat <= 0 {

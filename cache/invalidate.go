@@ -172,18 +172,7 @@ var errStopping = errors.New("cache closing")
 // endOverflow runs flush, a pass deleting every key of this cache in Redis
 // (flushPrefix), and, if the whole pass succeeded and no invalidation was
 // dropped while it ran, ends the overflow. Otherwise the overflow stays and
-// the next tick tries again.
-//
-// Why this is enough: a value made stale by a dropped invalidation was read
-// from the database before that write committed, under a lease taken
-// before the read, so before the pass began. SCAN returns every key
-// present for the whole pass, so the value, or the lease it would replace,
-// is deleted unless someone deleted it first; a loader whose lease is gone
-// stores nothing (storeLua). A lease taken after the pass passed the key
-// reads the database after the write. What is left is this process's own
-// state: flights that began before now are not joined (flightFloor), and
-// memory copies fetched before now, whose invalidation pushes may arrive
-// after the deletes' replies, do not answer (overflowEnded, trustLocal).
+// the next tick tries again. Why this is enough: doc.go, Overflow.
 func (c *Cache) endOverflow(flush func() (int, error)) {
 	c.pendingMu.Lock()
 	drops := c.drops

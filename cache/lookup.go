@@ -65,10 +65,8 @@ func (c *Cache) lookup(ctx context.Context, key string, now time.Time) (Entry, l
 		if res.IsCacheHit() && c.copyStart(res) <= fl.at.UnixMilli() && res.CachePXAT() != fl.verified {
 			// A copy fetched before this process's last write to key (or
 			// before the end of an overflow), whose invalidation push has
-			// not arrived yet: ask Redis. If Redis holds the same bytes
-			// (often a not-found entry, whose short TTL makes its copy look
-			// older than it is), the copy is as fresh as that answer, and
-			// later writes will invalidate or floor it: let it answer.
+			// not arrived yet: ask Redis. If Redis holds the same bytes,
+			// the copy may answer (doc.go, Read-your-writes).
 			c.stats.predated.Add(1)
 			pxat := res.CachePXAT()
 			mine, _ := res.ToString()
