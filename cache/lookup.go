@@ -252,9 +252,7 @@ func (c *Cache) fillLeased(ctx context.Context, key string, ttl time.Duration, l
 	// keeps a late store harmless.
 	ctx = context.WithoutCancel(ctx)
 	if err != nil {
-		c.redis(ctx, func(ctx context.Context) (string, error) {
-			return "", c.release.Exec(ctx, c.client, []string{key}, []string{lease}).Error()
-		})
+		c.releaseLease(ctx, key, lease)
 		return fillResult{err: err}
 	}
 	now := time.Now()
@@ -273,11 +271,16 @@ func (c *Cache) fillLeased(ctx context.Context, key string, ttl time.Duration, l
 		})
 		stored = err == nil && n == 1
 	} else {
-		c.redis(ctx, func(ctx context.Context) (string, error) {
-			return "", c.release.Exec(ctx, c.client, []string{key}, []string{lease}).Error()
-		})
+		c.releaseLease(ctx, key, lease)
 	}
 	return fillResult{e: e, confirmed: stored}
+}
+
+// releaseLease deletes key's lease if it is still the caller's.
+func (c *Cache) releaseLease(ctx context.Context, key, lease string) {
+	c.redis(ctx, func(ctx context.Context) (string, error) {
+		return "", c.release.Exec(ctx, c.client, []string{key}, []string{lease}).Error()
+	})
 }
 
 func newLease() string {
