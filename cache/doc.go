@@ -1,0 +1,57 @@
+// Package cache is the read-through cache in front of the databases for
+// sessions and config: rueidis with server-assisted client-side caching
+// (RESP3 CLIENT TRACKING), so a hot read is answered from this process's
+// memory and Redis pushes an invalidation to every process holding a key
+// when the key changes.
+//
+// # No stale set
+//
+// A miss runs one loader per key: one per process (an in-process flight)
+// and one across processes (a lease written into the key itself). The
+// loader's result is stored only while its lease is still in the key, so a
+// writer's delete, which removes the lease, makes a loader that read the
+// old value fail to store it.
+//
+// # Read-your-writes
+//
+// The process that acknowledged a write never serves an older value
+// afterwards: a write leaves a floor on its keys, the time its delete was
+// acknowledged. A local copy fetched before that is not served even if its
+// invalidation push is late, and in-process flights that started before
+// the write are not joined. Every other process drops its copy when
+// Redis's invalidation reaches it (δ, measured in the tests).
+//
+// A copy's fetch time is read off its rueidis stamp (copyStart). rueidis
+// stamps a copy with an expiry of its fetch's start plus the LocalTTL it
+// was asked for, shortened to the key's TTL in Redis; so the expiry minus
+// LocalTTL is at or before the fetch's start, and a copy whose start lies
+// after a write's acknowledged delete was read from Redis after that
+// delete. A shortened expiry only makes a copy look older (it is then read
+// from Redis, never served stale). Both stamps are this process's wall
+// clock; a clock stepped back between a write and a fetch could make an
+// older copy look newer.
+//
+// A copy from before the floor is checked against Redis (Stats.Predated).
+// If Redis holds the same bytes (often a not-found entry, whose short TTL
+// makes its copy look older than it is), the copy is as fresh as that
+// answer, and later writes will invalidate or floor it, so it may answer
+// again until the next write.
+//
+// # Overflow
+//
+// Past Options.MaxPending failed invalidations the cache drops them and
+// reads everything from the database. The overflow ends after a pass that
+// deletes every key of this cache in Redis (flushPrefix) succeeds with no
+// invalidation dropped while it ran (endOverflow). That is enough: a value
+// made stale by a dropped invalidation was read from the database before
+// that write committed, under a lease taken before the read, so before the
+// pass began. SCAN returns every key present for the whole pass, so the
+// value, or the lease it would replace, is deleted unless someone deleted
+// it first; a loader whose lease is gone stores nothing (storeLua). A lease
+// taken after the pass passed the key reads the database after the write.
+// What is left is this process's own state: flights that began before the
+// overflow's end are not joined (flightFloor), and memory copies fetched
+// before it, whose invalidation pushes may arrive after the deletes'
+// replies, are checked against Redis like copies from before a write
+// (overflowEnded, trustLocal).
+package cache

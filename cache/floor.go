@@ -1,0 +1,131 @@
+package cache
+
+import (
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/redis/rueidis"
+)
+
+// trustLocal reports whether local copies may answer (not while
+// recovering from a failed invalidation or an outage) and key's floor: if
+// this process wrote key lately, when that write's delete was acknowledged
+// (only a copy fetched after that may answer), or else when an overflow
+// ended, if lately. The zero floor's time lies before every copy.
+func (c *Cache) trustLocal(key string, now time.Time) (bool, floor) {
+	if now.UnixNano() < c.uncachedUntil.Load() || c.br.current() != BreakerClosed {
+		return false, floor{}
+	}
+	fl, _ := c.floors.get(key)
+	if end := c.overflowEnded.Load(); end != 0 && (fl.at.IsZero() || fl.at.UnixNano() < end) && now.UnixNano()-end < int64(c.opts.LocalTTL) {
+		// Copies from before the flush may have missed an invalidation
+		// that was dropped.
+		fl = floor{seq: fl.seq, at: time.Unix(0, end)}
+	}
+	return true, fl
+}
+
+// copyStart is when the fetch that made a local copy began (Unix ms), or
+// earlier; why that holds is in doc.go, Read-your-writes.
+func (c *Cache) copyStart(res rueidis.RedisResult) int64 {
+	pxat := res.CachePXAT()
+	if pxat <= 0 {
+		return 0
+	}
+	return pxat - c.opts.LocalTTL.Milliseconds()
+}
+
+func (c *Cache) distrustLocal(d time.Duration) {
+	until := time.Now().Add(d).UnixNano()
+	for {
+		cur := c.uncachedUntil.Load()
+		if cur >= until || c.uncachedUntil.CompareAndSwap(cur, until) {
+			return
+		}
+	}
+}
+
+// markFloors records a write to keys now: called when a write's delete is
+// sent and again once it is acknowledged (the later mark is the one local
+// copies are judged by). A floor is kept for as long as a copy fetched
+// before it may live (LocalTTL) or a flight started before it may run
+// (LeaseTTL).
+func (c *Cache) markFloors(keys []string) {
+	now := time.Now()
+	for _, k := range keys {
+		c.floors.set(k, c.seq.Add(1), now, c.opts.LocalTTL+c.opts.LeaseTTL)
+	}
+}
+
+// floors remembers, for keys written here lately, the sequence number and
+// time of the write. Two generations, swapped every keep: a floor lives
+// between keep and twice keep, and forgetting costs no walk of the map.
+type floors struct {
+	mu       sync.RWMutex
+	cur, old map[string]floor
+	swapped  time.Time
+	n        atomic.Int64 // len(cur)+len(old), for the lock-free empty check
+}
+
+type floor struct {
+	seq uint64
+	at  time.Time
+	// verified is the rueidis stamp (CachePXAT) of a memory copy from
+	// before the write that was found equal to Redis's value after it: it
+	// may answer (see lookup). Any later write resets it.
+	verified int64
+}
+
+// get returns key's floor, if it has one.
+func (f *floors) get(key string) (floor, bool) {
+	if f.n.Load() == 0 {
+		return floor{}, false
+	}
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	if fl, ok := f.cur[key]; ok {
+		return fl, true
+	}
+	fl, ok := f.old[key]
+	return fl, ok
+}
+
+// set records a write to key. It never moves a floor back: two writes of
+// one key (or of two config values sharing a namespace list) may mark in
+// either order. Floors are kept at least keep, which outlasts any local
+// copy and any flight from before the write.
+func (f *floors) set(key string, seq uint64, now time.Time, keep time.Duration) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if now.Sub(f.swapped) > keep {
+		f.old, f.cur, f.swapped = f.cur, make(map[string]floor), now
+	}
+	fl, ok := f.cur[key]
+	if !ok {
+		fl = f.old[key]
+	}
+	if seq > fl.seq {
+		fl.seq = seq
+	}
+	if now.After(fl.at) {
+		fl.at = now
+	}
+	fl.verified = 0
+	f.cur[key] = fl
+	f.n.Store(int64(len(f.cur) + len(f.old)))
+}
+
+// verify records that key's memory copy stamped pxat matched Redis after
+// the write whose floor has sequence seq (not if a later write came).
+func (f *floors) verify(key string, seq uint64, pxat int64) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if fl, ok := f.cur[key]; ok && fl.seq == seq {
+		fl.verified = pxat
+		f.cur[key] = fl
+	} else if fl, ok := f.old[key]; ok && fl.seq == seq {
+		fl.verified = pxat
+		f.old[key] = fl
+	}
+}
