@@ -50,9 +50,6 @@ func shardState(s string) pb.ShardState {
 
 // LocateUser names a user's partition and shard.
 func (a *AdminService) LocateUser(ctx context.Context, req *pb.LocateUserRequest) (*pb.LocateUserResponse, error) {
-	if err := validateUserID("user_id", req.GetUserId()); err != nil {
-		return nil, err
-	}
 	t := a.s.router.Table()
 	if t == nil {
 		return nil, errNoTable

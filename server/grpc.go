@@ -40,8 +40,8 @@ type GRPCOptions struct {
 	// StreamWorkers is how many goroutines are kept to run calls (default
 	// 8 per CPU; negative: a new goroutine per call, gRPC's default). A
 	// kept goroutine keeps its grown stack, so a call through the whole
-	// interceptor chain does not pay for growing a fresh 8 KiB stack; on
-	// GetSession this was 20-30% of a call. Calls beyond the workers still
+	// interceptor chain does not pay for growing a fresh 8 KiB stack, which
+	// costs 20-30% of a GetSession call. Calls beyond the workers still
 	// get goroutines of their own.
 	StreamWorkers int
 	// TLS, when set, serves TLS (see tlsconfig.New); nil serves plaintext.

@@ -64,7 +64,7 @@ func BenchmarkSecurityOverhead(b *testing.B) {
 		{name: "secured-nocache", o: GRPCOptions{Auth: noCache, Limiter: ratelimit.New(ratelimit.Options{Redis: rc, Prefix: prefix, Rates: rates})}},
 		{name: "secured-memlimit", o: GRPCOptions{Auth: keys.Verifier(b), Limiter: ratelimit.New(ratelimit.Options{Rates: rates})}},
 		{name: "bare-again", o: GRPCOptions{bare: true}}, // the noise floor
-		// The server as it was before this layer and stream workers.
+		// The server without this layer and without stream workers.
 		{name: "bare-noworkers", o: GRPCOptions{bare: true, StreamWorkers: -1}},
 	}
 	ctx := authtest.Bearer(context.Background(), keys.Token(b, "service", "bench"))
