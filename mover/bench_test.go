@@ -64,6 +64,9 @@ const (
 //   - other-{base,move}-p99-ms and other-p99-ratio: writes to partitions
 //     that do not move.
 //
+// It also logs both writers' latencies by phase of the move (copy,
+// catch-up and verification, cutover, cleanup).
+//
 // The goal (issue 10): client-seen pause p99 ≤ 50 ms, copy ≥ 100k rows/s.
 // The machine is shared: compare the ratios, measured in the same run.
 // Run it alone: go test -run '^$' -bench BenchmarkMovePartition -benchtime 1x ./mover
@@ -158,6 +161,22 @@ func BenchmarkMovePartition(b *testing.B) {
 			"freeze %.1f ms; the writers' router switched %.1f ms after the flip; whole move %s",
 			hot, source, target, m.GetRowsCopied(), cw[0], n, d.Round(time.Millisecond),
 			m.GetLastFreezeMs(), switches[len(switches)-1], during.to.Sub(during.from).Round(time.Millisecond))
+		// Where in the move the writes slowed down.
+		at := func(s mover.State, a mover.Action) time.Time { return clock.first(m.GetId(), s, a) }
+		var phases strings.Builder
+		for _, ph := range []struct {
+			name     string
+			from, to time.Time
+		}{
+			{"copy", at(mover.Copying, mover.Copy), at(mover.Copying, mover.Subscribe)},
+			{"catch-up and verification", at(mover.Copying, mover.Subscribe), cws[len(cws)-1].from},
+			{"cutover", cws[len(cws)-1].from, cws[len(cws)-1].to},
+			{"cleanup", cws[len(cws)-1].to, during.to},
+		} {
+			w := window{ph.from, ph.to}
+			fmt.Fprintf(&phases, "; %s (%s): hot %s, other %s", ph.name, w, summarize(hotLat.in(w)), summarize(otherLat.in(w)))
+		}
+		b.Logf("writes by phase of the move%s", phases.String())
 	}
 	b.StopTimer()
 

@@ -202,6 +202,18 @@ func (c *actionClock) windows(move int64, s mover.State, a mover.Action, s2 move
 	return out
 }
 
+// first returns when move first began action a in state s.
+func (c *actionClock) first(move int64, s mover.State, a mover.Action) time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, x := range c.seen {
+		if x.move == move && x.s == s && x.a == a {
+			return x.at
+		}
+	}
+	return time.Time{}
+}
+
 // count returns how many times move began action a in state s.
 func (c *actionClock) count(move int64, s mover.State, a mover.Action) int {
 	c.mu.Lock()
