@@ -18,6 +18,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
+	"github.com/shardgate/shardgate/cache"
 	"github.com/shardgate/shardgate/catalog"
 	"github.com/shardgate/shardgate/internal/testenv"
 	"github.com/shardgate/shardgate/mover"
@@ -30,7 +31,7 @@ import (
 // their own (so a test can stop one), with Shardgate instances serving it:
 // relays, Watch and the rebalancing executor on, as in production.
 type harness struct {
-	t          *testing.T
+	t          testing.TB
 	catalogDSN string
 	pg         map[string]*testenv.PGCluster // shard name → its server
 	dsn        map[string]string             // shard name → DSN
@@ -44,6 +45,7 @@ type harness struct {
 // instance is one Shardgate server process, in-process.
 type instance struct {
 	srv   *server.Server
+	cache *cache.Cache // nil without harnessOptions.Cache
 	conn  *grpc.ClientConn
 	data  pb.DataServiceClient
 	admin pb.AdminServiceClient
@@ -57,9 +59,16 @@ type harnessOptions struct {
 	Mover     mover.ExecutorOptions
 	// Log, when set, shows the instances' logs in the test output.
 	Log bool
+	// StaleMap leaves the instances' topology watchers off: a map is
+	// reloaded only when a shard answers "wrong shard".
+	StaleMap bool
+	// Cache gives each instance a cache of its own (its own client) on the
+	// harness's Redis, under the harness's prefix: instances share cached
+	// keys, as routers sharing one Redis do.
+	Cache bool
 }
 
-func newHarness(t *testing.T, o harnessOptions) *harness {
+func newHarness(t testing.TB, o harnessOptions) *harness {
 	t.Helper()
 	if o.Shards == 0 {
 		o.Shards = 4
@@ -115,17 +124,26 @@ func (h *harness) startInstance(o harnessOptions) *instance {
 		mo.ReapInterval = 2 * time.Second
 	}
 	mo.Holder = fmt.Sprintf("instance-%d", len(h.instances))
+	var c *cache.Cache
+	if o.Cache {
+		if c, err = cache.Dial(h.redisAddr, cache.Options{Prefix: h.prefix, Logger: logger}); err != nil {
+			h.t.Fatal(err)
+		}
+		h.t.Cleanup(c.Close) // registered before the instance's stop, so runs after it
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	srv, err := server.New(ctx, h.catalogDSN, server.Options{
 		Logger: logger.With("instance", len(h.instances)), TopologyInterval: 200 * time.Millisecond,
 		Redis: rc, EventsPrefix: h.prefix, RunRelays: true, WatchHeartbeat: 200 * time.Millisecond,
-		SweepInterval: -1, RunMover: true, Mover: mo,
+		SweepInterval: -1, RunMover: true, Mover: mo, Cache: c,
 	})
 	if err != nil {
 		cancel()
 		h.t.Fatal(err)
 	}
-	go srv.WatchTopology(ctx)
+	if !o.StaleMap {
+		go srv.WatchTopology(ctx)
+	}
 	g, hs := server.NewGRPCServer(srv, server.GRPCOptions{})
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -137,7 +155,7 @@ func (h *harness) startInstance(o harnessOptions) *instance {
 	if err != nil {
 		h.t.Fatal(err)
 	}
-	in := &instance{srv: srv, conn: conn, data: pb.NewDataServiceClient(conn), admin: pb.NewAdminServiceClient(conn)}
+	in := &instance{srv: srv, cache: c, conn: conn, data: pb.NewDataServiceClient(conn), admin: pb.NewAdminServiceClient(conn)}
 	var once sync.Once
 	in.stop = func() {
 		once.Do(func() {
@@ -154,7 +172,7 @@ func (h *harness) startInstance(o harnessOptions) *instance {
 }
 
 // testWriter sends log lines to t.Log.
-type testWriter struct{ t *testing.T }
+type testWriter struct{ t testing.TB }
 
 func (w testWriter) Write(b []byte) (int, error) {
 	w.t.Log(strings.TrimRight(string(b), "\n"))

@@ -18,7 +18,13 @@ var (
 	errMarkerTimeout = errors.New("the marker did not reach the target within the freeze budget")
 	// errMismatch wraps a verification failure.
 	errMismatch = errors.New("the copy differs from its source")
+	// errCancelled ends a catch-up when the rebalance was cancelled
+	// meanwhile.
+	errCancelled = errors.New("the rebalance was cancelled")
 )
+
+// cancelPoll is how often a catch-up rereads the rebalance's cancel flag.
+const cancelPoll = time.Second
 
 // moveRun is one move being run by the executor: the machine's decisions
 // executed against the shards and the catalog.
@@ -141,6 +147,10 @@ func (mr *moveRun) step(ctx context.Context, s State, cancel bool) (Outcome, err
 			mr.m.LastError = err.Error()
 			mr.log().Error("move verification failed; rolling back", "err", err)
 			return Mismatch, nil
+		case errors.Is(err, errCancelled):
+			// Nothing is frozen while catching up: roll back now.
+			mr.log().Info("move cancelled while catching up", "state", s)
+			return Cancel, nil
 		default:
 			mr.log().Warn("move step failed", "state", s, "action", a, "attempt", mr.m.Attempts+1, "err", err)
 			return mr.failed(s, moved, fmt.Errorf("%s: %w", a, err)), nil
@@ -322,10 +332,13 @@ func (mr *moveRun) copy(ctx context.Context) error {
 }
 
 // awaitCatchUp writes markers until one reaches the target within half the
-// freeze budget: then a freeze's own marker should fit in the budget.
+// freeze budget: then a freeze's own marker should fit in the budget. The
+// lag may stay above that for as long as the load lasts, so it also stops,
+// with errCancelled, once the rebalance is cancelled.
 func (mr *moveRun) awaitCatchUp(ctx context.Context) error {
 	goal := mr.r.FreezeBudget / 2
 	var last time.Duration
+	checked := time.Now()
 	for i := 0; ; i++ {
 		token, err := mr.src.WriteMarker(ctx, mr.m.ID)
 		if err != nil {
@@ -351,6 +364,12 @@ func (mr *moveRun) awaitCatchUp(ctx context.Context) error {
 		}
 		if i%10 == 9 {
 			mr.log().Info("move catching up", "marker_round_trip", last, "goal", goal)
+		}
+		if time.Since(checked) >= cancelPoll {
+			checked = time.Now()
+			if cancel, err := mr.cancelRequested(ctx); err == nil && cancel {
+				return errCancelled
+			}
 		}
 		if err := sleepCtx(ctx, 50*time.Millisecond); err != nil {
 			return err
