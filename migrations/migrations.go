@@ -6,10 +6,11 @@ package migrations
 import (
 	"context"
 	"embed"
+	"errors"
 	"fmt"
 	"io/fs"
 
-	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/jackc/pgx/v5/stdlib"
 	"github.com/pressly/goose/v3"
 	"github.com/pressly/goose/v3/lock"
@@ -80,11 +81,14 @@ func withProvider(dsn string, kind Kind, fn func(*goose.Provider) error) error {
 	if err != nil {
 		return err
 	}
-	cfg, err := pgx.ParseConfig(dsn)
+	// pgxpool's parser takes the pool's own parameters (pool_max_conns and
+	// the like) out of the DSN; pgx's would send them to the server, which
+	// refuses unknown settings.
+	pcfg, err := pgxpool.ParseConfig(dsn)
 	if err != nil {
-		return fmt.Errorf("parse DSN: %w", err)
+		return errors.New("parse DSN: invalid (parser details withheld: they may quote a password)")
 	}
-	db := stdlib.OpenDB(*cfg)
+	db := stdlib.OpenDB(*pcfg.ConnConfig)
 	defer db.Close()
 	db.SetMaxOpenConns(2)
 	// Waiters retry every second (goose's default is 5s) for up to 5 minutes.

@@ -5,6 +5,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/shardgate/shardgate/internal/testenv"
 	"github.com/shardgate/shardgate/migrations"
@@ -57,5 +58,20 @@ func TestBadDSN(t *testing.T) {
 		t.Fatal("Up on an unreachable database succeeded")
 	} else if strings.Contains(err.Error(), "topsecret") {
 		t.Fatalf("error leaks the password: %v", err)
+	}
+}
+
+// A shard DSN may carry pgxpool's own parameters (the servers' pools read
+// them); migrating through it must not send them to PostgreSQL.
+func TestUpAcceptsPoolParameters(t *testing.T) {
+	t.Parallel()
+	dsn := testenv.NewDatabase(t) + "&pool_max_conns=3&pool_min_conns=1"
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if _, err := migrations.Up(ctx, dsn, migrations.Shard); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := migrations.GetStatus(ctx, dsn, migrations.Shard); err != nil {
+		t.Fatal(err)
 	}
 }

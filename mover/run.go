@@ -38,6 +38,7 @@ type moveRun struct {
 	// Per step.
 	src, tgt       *shards.Shard
 	srcDSN, tgtDSN string
+	timeouts       int           // freezes undone for lack of budget, in this run
 	frozenAt       time.Time     // when the freeze of this step began
 	markerAt       time.Time     // when its marker arrived
 	lockWait       time.Duration // how long the freeze waited for writers
@@ -140,6 +141,13 @@ func (mr *moveRun) step(ctx context.Context, s State, cancel bool) (Outcome, err
 					return Retry, nil
 				}
 			}
+			mr.timeouts++
+			if out == Timeout && mr.timeouts >= mr.e.opts.MaxAttempts && s.CanCancel() && !moved {
+				mr.m.LastError = fmt.Sprintf("%d freezes in a row did not fit the %s budget (last: %s, %s); raise --freeze-budget or move when writes are fewer",
+					mr.timeouts, mr.r.FreezeBudget, err, a)
+				mr.log().Warn("move gives up: its freezes do not fit the budget", "timeouts", mr.timeouts, "budget", mr.r.FreezeBudget)
+				return GiveUp, nil
+			}
 			mr.m.LastError = fmt.Sprintf("%s (%s); will retry", err, a)
 			mr.log().Info("freeze undone: the marker was late", "state", s, "budget", mr.r.FreezeBudget)
 			return out, nil
@@ -201,7 +209,7 @@ func (mr *moveRun) do(ctx context.Context, s State, a Action) error {
 	case DropPublication:
 		return mr.src.DropMovePublication(ctx, mr.name())
 	case ClearTarget:
-		_, err := mr.tgt.DeletePartitions(ctx, parts, mr.m.ID)
+		_, err := mr.tgt.DeletePartitions(ctx, parts, mr.m.ID, mr.throttle(mr.tgt).pace)
 		return err
 	case Publish:
 		if err := sameSchema(ctx, mr.srcDSN, mr.tgtDSN); err != nil {
@@ -275,12 +283,20 @@ func (mr *moveRun) do(ctx context.Context, s State, a Action) error {
 		}
 		return nil
 	case DeleteSource:
-		if _, err := mr.src.DeletePartitions(ctx, parts, mr.m.ID); err != nil {
+		if _, err := mr.src.DeletePartitions(ctx, parts, mr.m.ID, mr.throttle(mr.src).pace); err != nil {
 			return err
 		}
 		return mr.tgt.DeleteMarkers(ctx, mr.m.ID)
 	}
 	return fmt.Errorf("unknown action %s", a)
+}
+
+// throttle paces work on one shard by its probe latency alone.
+func (mr *moveRun) throttle(sh *shards.Shard) *throttle {
+	return newThrottle(mr.e.opts.Throttle, func(ctx context.Context) (time.Duration, int64, error) {
+		d, err := sh.ProbeLatency(ctx)
+		return d, 0, err
+	})
 }
 
 // copy bulk-copies the batch from a new slot's snapshot, pacing it and

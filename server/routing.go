@@ -106,6 +106,11 @@ func (s *Server) shard(name string) (*shards.Shard, bool) {
 // errNoTable is returned before the first topology load (never after New).
 var errNoTable = errors.New("no routing table loaded")
 
+// maxMoveBackoff caps the pause between retries of a call that found its
+// partition frozen. Each retry costs the shard a refused statement and
+// (shared among waiting calls) a topology version check.
+const maxMoveBackoff = 10 * time.Millisecond
+
 // onPartition runs fn on the shard that owns partition p. When the shard
 // answers ErrWrongShard (this router's map is stale, or the partition is
 // frozen for a move), it reloads the map and retries on the owner, backing
@@ -178,7 +183,9 @@ func (s *Server) onOwner(ctx context.Context, p int32, fn func(*shards.Shard) er
 		case <-changed:
 		case <-time.After(backoff):
 		}
-		backoff = min(2*backoff, 50*time.Millisecond)
+		// At most 10 ms: a freeze that ends without a flip (a
+		// verification's, or one over its budget) wakes nobody.
+		backoff = min(2*backoff, maxMoveBackoff)
 	}
 }
 

@@ -35,7 +35,8 @@ type Options struct {
 	// MoveWait bounds how long a request keeps retrying when shards answer
 	// "wrong shard" (default 2s, and never past the request's deadline).
 	// Each retry reloads the map; while the map stays the same the partition
-	// is frozen mid-move, and the retries back off up to 50ms apart.
+	// is frozen mid-move: the retries wake on the move's flip or back off
+	// up to 10ms apart.
 	MoveWait time.Duration
 	// Cache, if set, answers GetSession, GetConfig and ListConfig and is
 	// invalidated by every write to them; nil reads the databases always.

@@ -799,8 +799,9 @@ const deleteChunk = 5000
 // target's partial copy after a failed one. If the shard owns or has
 // frozen any of them, it deletes nothing and returns ErrStillServed. The
 // partitions must not be published or subscribed to by a move at the
-// time, or the deletes would travel. It returns the rows deleted.
-func (s *Shard) DeletePartitions(ctx context.Context, partitions []int32, moveID int64) (int64, error) {
+// time, or the deletes would travel. pace, if set, is called between
+// chunks and may sleep to spare a busy shard. It returns the rows deleted.
+func (s *Shard) DeletePartitions(ctx context.Context, partitions []int32, moveID int64, pace func(context.Context) error) (int64, error) {
 	if err := checkPartitions(partitions); err != nil {
 		return 0, s.wrap("delete partitions", err)
 	}
@@ -833,6 +834,11 @@ func (s *Shard) DeletePartitions(ctx context.Context, partitions []int32, moveID
 			total += n
 			if n < deleteChunk {
 				break
+			}
+			if pace != nil {
+				if err := pace(ctx); err != nil {
+					return total, s.wrap("delete partitions", err)
+				}
 			}
 		}
 	}

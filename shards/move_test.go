@@ -194,7 +194,7 @@ func TestMovePartitionsByHand(t *testing.T) {
 	if err := src.DropMoveSlot(ctx, name); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := src.DeletePartitions(ctx, moving, 7); err != nil {
+	if _, err := src.DeletePartitions(ctx, moving, 7, nil); err != nil {
 		t.Fatal(err)
 	}
 	for _, s := range []*Shard{src, tgt} {
@@ -270,7 +270,7 @@ func TestFreezeAndMarkMovedRules(t *testing.T) {
 	if err := s.MarkMoved(ctx, []int32{1}); err != nil {
 		t.Fatalf("mark moved again: %v", err)
 	}
-	if _, err := s.DeletePartitions(ctx, []int32{2}, 1); !errors.Is(err, ErrStillServed) {
+	if _, err := s.DeletePartitions(ctx, []int32{2}, 1, nil); !errors.Is(err, ErrStillServed) {
 		t.Fatalf("delete of an owned partition: %v, want ErrStillServed", err)
 	}
 

@@ -22,6 +22,11 @@ type PoolOptions struct {
 	// ConnectTimeout bounds one connection attempt. 0 keeps the DSN's
 	// connect_timeout or, without it, 3s.
 	ConnectTimeout time.Duration
+	// MinIdleConns keeps this many connections open and idle (at most
+	// MaxConns), so that a burst of calls (a partition arriving with a
+	// move, say) does not wait for new connections. 0 keeps the DSN's
+	// pool_min_idle_conns or none.
+	MinIdleConns int32
 }
 
 // Shard is one shard database: a name and a connection pool. It is safe for
@@ -44,6 +49,9 @@ func Open(ctx context.Context, name, dsn string, opts PoolOptions) (*Shard, erro
 	}
 	if opts.MaxConns > 0 {
 		cfg.MaxConns = opts.MaxConns
+	}
+	if opts.MinIdleConns > 0 {
+		cfg.MinIdleConns = min(opts.MinIdleConns, cfg.MaxConns)
 	}
 	switch {
 	case opts.ConnectTimeout > 0:

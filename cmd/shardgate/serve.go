@@ -25,6 +25,7 @@ type serveFlags struct {
 	MaxRecvBytes     int           `help:"Largest accepted request message, in bytes." default:"1048576" env:"SHARDGATE_MAX_RECV_BYTES"`
 	DefaultTimeout   time.Duration `help:"Deadline for calls that arrive without one." default:"10s" env:"SHARDGATE_DEFAULT_TIMEOUT"`
 	ShardMaxConns    int32         `help:"Connections per shard pool (0: pgxpool's default, max(4, CPUs))." default:"0" env:"SHARDGATE_SHARD_MAX_CONNS"`
+	ShardMinIdle     int32         `name:"shard-min-idle-conns" help:"Connections each shard pool keeps open and idle, so a burst of calls (a partition arriving with a move) does not wait for new ones; 0: none." default:"2" env:"SHARDGATE_SHARD_MIN_IDLE_CONNS"`
 	TopologyInterval time.Duration `help:"How often to check the topology version besides LISTEN/NOTIFY." default:"5s" env:"SHARDGATE_TOPOLOGY_INTERVAL"`
 	Grace            time.Duration `help:"How long in-flight calls may run after SIGTERM." default:"15s" env:"SHARDGATE_GRACE"`
 	MetricsListen    string        `help:"Address to serve Prometheus metrics on (HTTP, /metrics); empty turns them off." default:"127.0.0.1:9464" env:"SHARDGATE_METRICS_LISTEN"`
@@ -188,7 +189,7 @@ func run(ctx context.Context, log *slog.Logger, listen, catalogDSN string, f ser
 	}
 	opts := server.Options{
 		MaxJSONBytes:       f.MaxJSONBytes,
-		ShardPool:          shards.PoolOptions{MaxConns: f.ShardMaxConns},
+		ShardPool:          shards.PoolOptions{MaxConns: f.ShardMaxConns, MinIdleConns: f.ShardMinIdle},
 		TopologyInterval:   f.TopologyInterval,
 		Cache:              c,
 		Logger:             log,
