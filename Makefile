@@ -26,12 +26,17 @@ bench:
 	$(GO) test -run '^$$' -bench . -benchmem ./router ./shards ./server ./cache ./events
 
 # Load test against a running server (`make run` in another terminal): every
-# scenario in turn on the same data, throughput shown relative to noop.
+# scenario in turn on the same data, throughput shown relative to noop. With
+# LOAD_PG (a shard's DSN) the PostgreSQL baselines pg-insert and pg-get run
+# too, and put-item and get-user are shown relative to them.
 LOAD_ADDR ?= 127.0.0.1:7070
 LOAD_DURATION ?= 10s
+LOAD_PG ?=
+comma := ,
+LOAD_SCENARIOS = noop,get-session,get-session-nocache,get-config,get-user,put-item,mixed$(if $(LOAD_PG),$(comma)pg-insert$(comma)pg-get)
 load:
 	$(GO) run ./cmd/shardbench -addr $(LOAD_ADDR) -c 32 -duration $(LOAD_DURATION) \
-		-scenario noop,get-session,get-session-nocache,get-config,get-user,put-item,mixed
+		-scenario $(LOAD_SCENARIOS) $(if $(LOAD_PG),-pg '$(LOAD_PG)')
 
 # Runs each fuzz target for FUZZTIME; the seeds in testdata/fuzz also run in `make test`.
 fuzz:

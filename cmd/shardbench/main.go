@@ -4,11 +4,15 @@
 //
 //	shardbench -addr 127.0.0.1:7070 -scenario get-session -c 32 -duration 10s [-json]
 //	shardbench -scenario noop,get-session,get-user      several in turn, with ratios to noop
+//	shardbench -scenario put-item,pg-insert,get-user,pg-get -pg DSN
+//	                                                    with ratios to PostgreSQL alone
 //
 // It creates its own users, sessions and config keys before measuring and
 // deletes them afterwards (-keep leaves them). Compare scenarios run on the
 // same machine in the same session: `noop` (the gRPC health check) is the
-// ceiling of the transport there.
+// ceiling of the transport there, and pg-insert and pg-get (a scratch table
+// in the -pg database, created and dropped by the run) are what put-item and
+// get-user would cost in PostgreSQL alone.
 package main
 
 import (
@@ -25,6 +29,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgxpool"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 )
@@ -42,6 +47,7 @@ type config struct {
 	Timeout     time.Duration
 	Token       string
 	Keep        bool
+	PG          string
 }
 
 func parseFlags(args []string, stderr io.Writer) (config, error) {
@@ -59,6 +65,7 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	fs.DurationVar(&c.Timeout, "timeout", 5*time.Second, "deadline of each call")
 	fs.StringVar(&c.Token, "token", os.Getenv("SHARDGATE_TOKEN"), "bearer token sent with every call (default $SHARDGATE_TOKEN)")
 	fs.BoolVar(&c.Keep, "keep", false, "keep the data the run created")
+	fs.StringVar(&c.PG, "pg", "", "PostgreSQL DSN (a shard database, or any other) for pg-insert and pg-get's scratch table")
 	fs.Usage = func() {
 		fmt.Fprintf(stderr, "usage: shardbench -scenario NAME [flags]\n\nscenarios:\n")
 		w := tabwriter.NewWriter(stderr, 0, 4, 2, ' ', 0)
@@ -80,6 +87,16 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	}
 	if name, ok := c.unknownScenario(); ok {
 		return c, fmt.Errorf("-scenario %q is unknown: one of %s", name, strings.Join(scenarioNames(), ", "))
+	}
+	for _, name := range c.scenarios() {
+		if usesPG(name) && c.PG == "" {
+			return c, fmt.Errorf("-scenario %s needs -pg DSN: the PostgreSQL database to create its scratch table in", name)
+		}
+	}
+	if c.PG != "" {
+		if _, err := pgxpool.ParseConfig(c.PG); err != nil {
+			return c, fmt.Errorf("-pg: %w", err)
+		}
 	}
 	switch {
 	case c.Concurrency < 1 || c.Concurrency > 10000:
@@ -150,7 +167,8 @@ func run(ctx context.Context, c config, logw io.Writer) ([]*result, error) {
 		defer conn.Close()
 		conns[i] = conn
 	}
-	e := newEnv(c, conns)
+	e := newEnv(c, conns, logw)
+	defer e.close()
 	// Clean up whatever setup created, even when it failed half way.
 	if !c.Keep {
 		defer func() {
@@ -177,7 +195,35 @@ func run(ctx context.Context, c config, logw io.Writer) ([]*result, error) {
 			break
 		}
 	}
+	compareToBaselines(results)
 	return results, nil
+}
+
+// baselines maps a scenario to the one doing its bare database work.
+var baselines = map[string]string{"put-item": "pg-insert", "get-user": "pg-get"}
+
+// compareToBaselines sets the baseline ratios of each result whose baseline
+// also ran (the last of them, when a scenario ran twice).
+func compareToBaselines(results []*result) {
+	last := map[string]*result{}
+	for _, r := range results {
+		last[r.Scenario] = r
+	}
+	for _, r := range results {
+		b := last[baselines[r.Scenario]]
+		if b == nil {
+			continue
+		}
+		r.Baseline = b.Scenario
+		if b.RPS > 0 {
+			v := r.RPS / b.RPS
+			r.VsBaseline = &v
+		}
+		if b.P99ms > 0 {
+			v := r.P99ms / b.P99ms
+			r.P99VsBaseline = &v
+		}
+	}
 }
 
 // result is one run's outcome; its JSON form is the -json output.
@@ -192,12 +238,18 @@ type result struct {
 	P99ms       float64          `json:"p99_ms"`
 	MaxMs       float64          `json:"max_ms"`
 	ErrorCodes  map[string]int64 `json:"errors_by_code,omitempty"`
-	elapsed     time.Duration
+	// Baseline is the scenario of the same work in PostgreSQL alone, when it
+	// ran too; VsBaseline is RPS over its RPS, P99VsBaseline P99ms over its.
+	Baseline      string   `json:"baseline,omitempty"`
+	VsBaseline    *float64 `json:"vs_baseline,omitempty"`
+	P99VsBaseline *float64 `json:"p99_vs_baseline,omitempty"`
+	elapsed       time.Duration
 }
 
 // printResults writes one JSON object per line, or a table. When noop ran,
-// the table's last column is each scenario's throughput relative to it: the
-// figure that stays comparable on a shared, noisy machine.
+// a column gives each scenario's throughput relative to it: the figure that
+// stays comparable on a shared, noisy machine. When a baseline ran, three
+// more give it and the throughput and p99 relative to it.
 func printResults(w io.Writer, results []*result, asJSON bool) error {
 	if asJSON {
 		enc := json.NewEncoder(w)
@@ -209,15 +261,20 @@ func printResults(w io.Writer, results []*result, asJSON bool) error {
 		return nil
 	}
 	var base *result
+	withBaseline := false
 	for _, r := range results {
 		if r.Scenario == "noop" && r.RPS > 0 {
 			base = r
 		}
+		withBaseline = withBaseline || r.Baseline != ""
 	}
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', tabwriter.AlignRight)
 	header := "SCENARIO\tCALLERS\tOPS\tERRORS\tOPS/S\tP50 ms\tP95 ms\tP99 ms\tMAX ms\t"
 	if base != nil {
 		header += "VS NOOP\t"
+	}
+	if withBaseline {
+		header += "BASELINE\tVS BASELINE\tP99 VS BASELINE\t"
 	}
 	fmt.Fprintln(tw, header)
 	for _, r := range results {
@@ -225,6 +282,9 @@ func printResults(w io.Writer, results []*result, asJSON bool) error {
 			r.Scenario, r.Concurrency, r.Ops, r.Errors, r.RPS, r.P50ms, r.P95ms, r.P99ms, r.MaxMs)
 		if base != nil {
 			fmt.Fprintf(tw, "%.2fx\t", r.RPS/base.RPS)
+		}
+		if withBaseline {
+			fmt.Fprintf(tw, "%s\t%s\t%s\t", r.Baseline, ratio(r.VsBaseline), ratio(r.P99VsBaseline))
 		}
 		fmt.Fprintln(tw)
 	}
@@ -242,4 +302,12 @@ func printResults(w io.Writer, results []*result, asJSON bool) error {
 		}
 	}
 	return nil
+}
+
+// ratio formats an optional ratio; blank when absent.
+func ratio(v *float64) string {
+	if v == nil {
+		return ""
+	}
+	return fmt.Sprintf("%.2fx", *v)
 }

@@ -2,12 +2,14 @@ package main
 
 import (
 	"context"
+	"errors"
 	"math"
 	"math/rand/v2"
 	"slices"
 	"sync"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgconn"
 	"google.golang.org/grpc/status"
 )
 
@@ -56,7 +58,7 @@ func measure(ctx context.Context, e *env, fn op) *result {
 					if t.codes == nil {
 						t.codes = map[string]int64{}
 					}
-					t.codes[status.Code(err).String()]++
+					t.codes[errorCode(err)]++
 				}
 			}
 		})
@@ -81,6 +83,16 @@ func measure(ctx context.Context, e *env, fn op) *result {
 		r.ErrorCodes = codes
 	}
 	return r
+}
+
+// errorCode names err in the errors-by-code tally: its gRPC code, or the
+// SQLSTATE of a PostgreSQL error (the pg-* scenarios).
+func errorCode(err error) string {
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) {
+		return "SQLSTATE " + pgErr.Code
+	}
+	return status.Code(err).String()
 }
 
 // summarize turns latencies over a window into throughput and percentiles.

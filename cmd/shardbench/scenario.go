@@ -6,9 +6,11 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"sync"
 	"sync/atomic"
 
+	"github.com/jackc/pgx/v5/pgxpool"
 	"google.golang.org/grpc"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/metadata"
@@ -40,6 +42,8 @@ var scenarios = []scenario{
 	{"get-user", "GetUser of random users: a shard query each", setupGetUser},
 	{"put-item", "PutItem to random users: a shard write each", setupPutItem},
 	{"mixed", "60% get-session, 20% get-config, 10% get-user, 10% put-item", setupMixed},
+	{"pg-insert", "baseline of put-item: a one-row INSERT into a scratch table shaped like items, straight to the -pg database", setupPGInsert},
+	{"pg-get", "baseline of get-user: a primary-key read of that table, straight from the -pg database", setupPGGet},
 }
 
 func scenarioNames() []string {
@@ -63,9 +67,16 @@ func findScenario(name string) *scenario {
 type env struct {
 	cfg    config
 	runID  string
+	log    io.Writer // progress
 	conns  []*grpc.ClientConn
 	data   []pb.DataServiceClient
 	health []healthpb.HealthClient
+
+	// The -pg baselines: pg is nil until one runs.
+	pg      *pgxpool.Pool
+	pgTable string // created by this run when set
+	pgRows  bool
+	pgNext  atomic.Int64 // last pg-insert key number
 
 	users      []string
 	sessions   []string
@@ -74,10 +85,10 @@ type env struct {
 	madeConfig bool
 }
 
-func newEnv(c config, conns []*grpc.ClientConn) *env {
+func newEnv(c config, conns []*grpc.ClientConn, log io.Writer) *env {
 	b := make([]byte, 4)
 	rand.Read(b)
-	e := &env{cfg: c, runID: hex.EncodeToString(b), conns: conns}
+	e := &env{cfg: c, runID: hex.EncodeToString(b), log: log, conns: conns}
 	for _, conn := range conns {
 		e.data = append(e.data, pb.NewDataServiceClient(conn))
 		e.health = append(e.health, healthpb.NewHealthClient(conn))
@@ -178,8 +189,8 @@ func (e *env) ensureConfig(ctx context.Context) error {
 	})
 }
 
-// cleanup deletes what the run created. Deleting a user deletes its
-// sessions and items.
+// cleanup deletes what the run created and drops its scratch table.
+// Deleting a user deletes its sessions and items.
 func (e *env) cleanup(ctx context.Context) error {
 	var errs []error
 	if e.madeUsers {
@@ -200,7 +211,15 @@ func (e *env) cleanup(ctx context.Context) error {
 			return err
 		}))
 	}
+	errs = append(errs, e.cleanupPG(ctx))
 	return errors.Join(errs...)
+}
+
+// close releases the connections env opened itself.
+func (e *env) close() {
+	if e.pg != nil {
+		e.pg.Close()
+	}
 }
 
 func setupNoop(ctx context.Context, e *env) (op, error) {
