@@ -222,7 +222,8 @@ func SuccessOutcome(s State, cancel, sourceMoved bool) Outcome {
 // OnTimeout is what to run when the Marker action of state s runs out of
 // budget: undo the freeze, unless the source already gave the partitions
 // away (then waiting longer is all there is to do). The step's outcome is
-// Timeout, or Retry when the freeze must stand.
+// Timeout, or Retry when the freeze must stand. A step that fails in
+// another way after taking a freeze undoes it the same way, and retries.
 func OnTimeout(s State, sourceMoved bool) ([]Action, Outcome) {
 	if s == Frozen && sourceMoved {
 		return nil, Retry

@@ -143,6 +143,19 @@ func (mr *moveRun) step(ctx context.Context, s State, cancel bool) (Outcome, err
 			return Mismatch, nil
 		default:
 			mr.log().Warn("move step failed", "state", s, "action", a, "attempt", mr.m.Attempts+1, "err", err)
+			if !mr.frozenAt.IsZero() && ctx.Err() == nil {
+				// The step froze the partitions and cannot go on (the
+				// target is down, say): let writes in again now, as after
+				// a late marker, not after the backoff and the next
+				// attempt; writers wait in their routers only so long.
+				// Partitions already marked moved stay moved.
+				comp, _ := OnTimeout(s, moved)
+				for _, c := range comp {
+					if cerr := mr.do(ctx, s, c); cerr != nil {
+						mr.log().Warn("cannot undo the freeze of a failed step", "state", s, "action", c, "err", cerr)
+					}
+				}
+			}
 			return mr.failed(s, moved, fmt.Errorf("%s: %w", a, err)), nil
 		}
 	}
