@@ -78,7 +78,7 @@ const (
 	// DropPublication drops the move's publication on the source.
 	DropPublication Action = "drop-publication"
 	// ClearTarget deletes the target's rows of the partitions (refused
-	// where the target serves them).
+	// where the target serves them) and the move's markers on both sides.
 	ClearTarget Action = "clear-target"
 	// Publish creates the publication on the source.
 	Publish Action = "publish"

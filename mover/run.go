@@ -204,8 +204,12 @@ func (mr *moveRun) do(ctx context.Context, s State, a Action) error {
 	case DropPublication:
 		return mr.src.DropMovePublication(ctx, mr.name())
 	case ClearTarget:
-		_, err := mr.tgt.DeletePartitions(ctx, parts, mr.m.ID)
-		return err
+		if _, err := mr.tgt.DeletePartitions(ctx, parts, mr.m.ID); err != nil {
+			return err
+		}
+		// The source's markers too, as DeleteSource clears the target's:
+		// a rolled-back move leaves none behind.
+		return mr.src.DeleteMarkers(ctx, mr.m.ID)
 	case Publish:
 		if err := sameSchema(ctx, mr.srcDSN, mr.tgtDSN); err != nil {
 			return err
