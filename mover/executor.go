@@ -340,7 +340,8 @@ func (e *Executor) closePools() {
 
 // reap drops replication objects of this cluster that no unfinished move
 // owns: what an interrupted attempt, or a move whose record is gone, left
-// behind. What it cannot drop it logs and counts.
+// behind. What it cannot drop it logs and counts, and a shard it cannot
+// look into counts as one.
 func (e *Executor) reap(ctx context.Context) {
 	shape, err := e.cat.Shape(ctx)
 	if err != nil {
@@ -363,6 +364,9 @@ func (e *Executor) reap(ctx context.Context) {
 		}
 		objs, err := sh.ListMoveObjects(ctx, shape.SlotPrefix)
 		if err != nil {
+			// What it holds is unknown: count the shard, as when its pool
+			// cannot be had, or the gauge would say all is clean.
+			debris++
 			e.log.Warn("reaper cannot list a shard's replication objects", "shard", rec.Name, "err", err)
 			continue
 		}
@@ -445,7 +449,7 @@ func newMetrics() metrics {
 		}, []string{"state"}),
 		debris: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "shardgate_mover_debris",
-			Help: "Replication objects of ended moves the last reaper pass could not drop (the log says which).",
+			Help: "Replication objects of ended moves the last reaper pass could not drop, plus shards it could not list (the log says which).",
 		}),
 	}
 }

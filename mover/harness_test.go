@@ -40,6 +40,7 @@ type harness struct {
 	redisAddr  string
 	prefix     string
 	instances  []*instance
+	servers    []*testenv.PGCluster // shared servers to put shards on (harnessOptions.Servers)
 }
 
 // instance is one Shardgate server process, in-process.
@@ -57,6 +58,13 @@ type harnessOptions struct {
 	Shards    int // initial shards (default 4)
 	Instances int // Shardgate instances (default 1)
 	Mover     mover.ExecutorOptions
+	// NoMover starts instances without the rebalancing executor.
+	NoMover bool
+	// Servers, if set, host the shards' databases in order of creation
+	// (shard-0 on the first); a shard beyond them gets a server of its
+	// own. Starting a server takes seconds: tests that build many small
+	// clusters share a few servers between their runs this way.
+	Servers []*testenv.PGCluster
 	// Log, when set, shows the instances' logs in the test output.
 	Log bool
 	// StaleMap leaves the instances' topology watchers off: a map is
@@ -76,7 +84,7 @@ func newHarness(t testing.TB, o harnessOptions) *harness {
 	if o.Instances == 0 {
 		o.Instances = 1
 	}
-	h := &harness{t: t, catalogDSN: testenv.NewDatabase(t), pg: map[string]*testenv.PGCluster{}, dsn: map[string]string{}}
+	h := &harness{t: t, catalogDSN: testenv.NewDatabase(t), pg: map[string]*testenv.PGCluster{}, dsn: map[string]string{}, servers: o.Servers}
 	h.redisAddr, h.prefix = testenv.Redis(t)
 	var specs []catalog.ShardSpec
 	for i := range o.Shards {
@@ -98,11 +106,32 @@ func newHarness(t testing.TB, o harnessOptions) *harness {
 // database; the shard is not registered yet.
 func (h *harness) newShardDB(name string) string {
 	h.t.Helper()
-	pg := testenv.NewPGCluster(h.t)
-	h.pg[name] = pg
-	h.dsn[name] = pg.CreateDatabase("shard")
+	if i := len(h.names); i < len(h.servers) {
+		pg, db := h.servers[i], "shard_"+testenv.RandomHex(4)
+		h.pg[name] = pg
+		h.dsn[name] = pg.CreateDatabase(db)
+		h.t.Cleanup(func() { dropDatabase(h.t, pg, db) })
+	} else {
+		pg := testenv.NewPGCluster(h.t)
+		h.pg[name] = pg
+		h.dsn[name] = pg.CreateDatabase("shard")
+	}
 	h.names = append(h.names, name)
 	return h.dsn[name]
+}
+
+// dropDatabase drops a database of a shared server, with its connections.
+func dropDatabase(t testing.TB, pg *testenv.PGCluster, db string) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	conn, err := pgx.Connect(ctx, pg.DSN("postgres"))
+	if err == nil {
+		_, err = conn.Exec(ctx, "DROP DATABASE "+pgx.Identifier{db}.Sanitize()+" WITH (FORCE)")
+		conn.Close(ctx)
+	}
+	if err != nil {
+		t.Logf("drop database %s: %v", db, err)
+	}
 }
 
 // startInstance serves the cluster from a new instance.
@@ -135,7 +164,7 @@ func (h *harness) startInstance(o harnessOptions) *instance {
 	srv, err := server.New(ctx, h.catalogDSN, server.Options{
 		Logger: logger.With("instance", len(h.instances)), TopologyInterval: 200 * time.Millisecond,
 		Redis: rc, EventsPrefix: h.prefix, RunRelays: true, WatchHeartbeat: 200 * time.Millisecond,
-		SweepInterval: -1, RunMover: true, Mover: mo, Cache: c,
+		SweepInterval: -1, RunMover: !o.NoMover, Mover: mo, Cache: c,
 	})
 	if err != nil {
 		cancel()

@@ -78,7 +78,7 @@ const (
 	// DropPublication drops the move's publication on the source.
 	DropPublication Action = "drop-publication"
 	// ClearTarget deletes the target's rows of the partitions (refused
-	// where the target serves them).
+	// where the target serves them) and the move's markers on both sides.
 	ClearTarget Action = "clear-target"
 	// Publish creates the publication on the source.
 	Publish Action = "publish"
@@ -222,7 +222,8 @@ func SuccessOutcome(s State, cancel, sourceMoved bool) Outcome {
 // OnTimeout is what to run when the Marker action of state s runs out of
 // budget: undo the freeze, unless the source already gave the partitions
 // away (then waiting longer is all there is to do). The step's outcome is
-// Timeout, or Retry when the freeze must stand.
+// Timeout, or Retry when the freeze must stand. A step that fails in
+// another way after taking a freeze undoes it the same way, and retries.
 func OnTimeout(s State, sourceMoved bool) ([]Action, Outcome) {
 	if s == Frozen && sourceMoved {
 		return nil, Retry

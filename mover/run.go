@@ -161,6 +161,19 @@ func (mr *moveRun) step(ctx context.Context, s State, cancel bool) (Outcome, err
 			return Cancel, nil
 		default:
 			mr.log().Warn("move step failed", "state", s, "action", a, "attempt", mr.m.Attempts+1, "err", err)
+			if !mr.frozenAt.IsZero() && ctx.Err() == nil {
+				// The step froze the partitions and cannot go on (the
+				// target is down, say): let writes in again now, as after
+				// a late marker, not after the backoff and the next
+				// attempt; writers wait in their routers only so long.
+				// Partitions already marked moved stay moved.
+				comp, _ := OnTimeout(s, moved)
+				for _, c := range comp {
+					if cerr := mr.do(ctx, s, c); cerr != nil {
+						mr.log().Warn("cannot undo the freeze of a failed step", "state", s, "action", c, "err", cerr)
+					}
+				}
+			}
 			return mr.failed(s, moved, fmt.Errorf("%s: %w", a, err)), nil
 		}
 	}
@@ -209,8 +222,12 @@ func (mr *moveRun) do(ctx context.Context, s State, a Action) error {
 	case DropPublication:
 		return mr.src.DropMovePublication(ctx, mr.name())
 	case ClearTarget:
-		_, err := mr.tgt.DeletePartitions(ctx, parts, mr.m.ID, mr.throttle(mr.tgt).pace)
-		return err
+		if _, err := mr.tgt.DeletePartitions(ctx, parts, mr.m.ID, mr.throttle(mr.tgt).pace); err != nil {
+			return err
+		}
+		// The source's markers too, as DeleteSource clears the target's:
+		// a rolled-back move leaves none behind.
+		return mr.src.DeleteMarkers(ctx, mr.m.ID)
 	case Publish:
 		if err := sameSchema(ctx, mr.srcDSN, mr.tgtDSN); err != nil {
 			return err
