@@ -33,7 +33,7 @@ LOAD_ADDR ?= 127.0.0.1:7070
 LOAD_DURATION ?= 10s
 LOAD_PG ?=
 comma := ,
-LOAD_SCENARIOS = noop,get-session,get-session-nocache,get-config,get-user,put-item,mixed$(if $(LOAD_PG),$(comma)pg-insert$(comma)pg-get)
+LOAD_SCENARIOS = noop,get-session,get-session-nocache,get-config,get-user,put-item,put-user,create-session,mixed$(if $(LOAD_PG),$(comma)pg-insert$(comma)pg-get)
 load:
 	$(GO) run ./cmd/shardbench -addr $(LOAD_ADDR) -c 32 -duration $(LOAD_DURATION) \
 		-scenario $(LOAD_SCENARIOS) $(if $(LOAD_PG),-pg '$(LOAD_PG)')

@@ -126,6 +126,9 @@ func (s *Shard) PruneTombstones(ctx context.Context, olderThan time.Duration, li
 	// it are held: after the clocks it sees what those partitions' writers
 	// committed.
 	_, err = pglock.TryTx(ctx, c, pglock.ClassMaintenance, pglock.KeyPrune, sweepLockTimeout, func(tx pgx.Tx) error {
+		if err := customPlans(ctx, tx); err != nil {
+			return err
+		}
 		var parts []int32
 		if err := tx.QueryRow(ctx, prunePartitionsSQL, age, limit).Scan(&parts); err != nil {
 			return err

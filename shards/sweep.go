@@ -71,10 +71,22 @@ func (s *Shard) SweepExpiredSessions(ctx context.Context, limit int) (n int, err
 	}
 	defer c.Release()
 	_, err = pglock.TryTx(ctx, c, pglock.ClassMaintenance, pglock.KeySweep, sweepLockTimeout, func(tx pgx.Tx) error {
+		if err := customPlans(ctx, tx); err != nil {
+			return err
+		}
 		return tx.QueryRow(ctx, sweepSessionsSQL, limit).Scan(&n)
 	})
 	if err != nil {
 		return 0, s.wrap("sweep sessions", err)
 	}
 	return n, nil
+}
+
+// customPlans lets the transaction's statements be planned for their
+// parameters: the pool forces generic plans (see Open), which suit the
+// request path's key lookups, but the batch jobs' ranges and LIMIT $n do
+// better with the planner seeing the values. Once a batch, not per call.
+func customPlans(ctx context.Context, tx pgx.Tx) error {
+	_, err := tx.Exec(ctx, `SET LOCAL plan_cache_mode = auto`)
+	return err
 }

@@ -41,6 +41,8 @@ var scenarios = []scenario{
 	{"get-config", "GetConfig of random keys (served from the cache)", setupGetConfig},
 	{"get-user", "GetUser of random users: a shard query each", setupGetUser},
 	{"put-item", "PutItem to random users: a shard write each", setupPutItem},
+	{"put-user", "PutUser of random users' profiles: a shard write each", setupPutUser},
+	{"create-session", "CreateSession for random users: a shard write each (the sessions live an hour, or until the run's users are deleted)", setupCreateSession},
 	{"mixed", "60% get-session, 20% get-config, 10% get-user, 10% put-item", setupMixed},
 	{"pg-insert", "baseline of put-item: a one-row INSERT into a scratch table shaped like items, straight to the -pg database", setupPGInsert},
 	{"pg-get", "baseline of get-user: a primary-key read of that table, straight from the -pg database", setupPGGet},
@@ -303,6 +305,33 @@ func setupPutItem(ctx context.Context, e *env) (op, error) {
 		return nil, err
 	}
 	return putItemOp(e), nil
+}
+
+func setupPutUser(ctx context.Context, e *env) (op, error) {
+	if err := e.ensureUsers(ctx); err != nil {
+		return nil, err
+	}
+	return func(ctx context.Context, c *caller) error {
+		_, err := e.dataClient(c).PutUser(ctx, &pb.PutUserRequest{
+			UserId:      e.users[c.rng.IntN(len(e.users))],
+			ProfileJson: fmt.Sprintf(`{"n":%d}`, c.rng.IntN(1<<20)),
+		})
+		return err
+	}, nil
+}
+
+func setupCreateSession(ctx context.Context, e *env) (op, error) {
+	if err := e.ensureUsers(ctx); err != nil {
+		return nil, err
+	}
+	return func(ctx context.Context, c *caller) error {
+		_, err := e.dataClient(c).CreateSession(ctx, &pb.CreateSessionRequest{
+			UserId:     e.users[c.rng.IntN(len(e.users))],
+			DataJson:   `{"ip":"10.0.0.7"}`,
+			TtlSeconds: 3600,
+		})
+		return err
+	}, nil
 }
 
 func setupMixed(ctx context.Context, e *env) (op, error) {
