@@ -244,10 +244,11 @@ type ExecutorLock struct {
 	conn *pgx.Conn
 }
 
-// TryLockExecutor takes the executor lock if no one holds it: it connects
-// to dsn, takes the advisory lock and starts a new term. It returns nil,
-// nil when another executor holds the lock.
-func TryLockExecutor(ctx context.Context, dsn, holder string) (*ExecutorLock, error) {
+// AwaitExecutorLock connects to dsn and tries the executor lock every
+// `every` until it has it (or ctx ends), then starts a new term. A standby
+// keeps its one connection and retries on it, so it can try often: it
+// takes over within about `every` of the holder's connection ending.
+func AwaitExecutorLock(ctx context.Context, dsn, holder string, every time.Duration) (*ExecutorLock, error) {
 	cfg, err := pgx.ParseConfig(dsn)
 	if err != nil {
 		return nil, errors.New("executor lock: invalid catalog DSN")
@@ -266,13 +267,21 @@ func TryLockExecutor(ctx context.Context, dsn, holder string) (*ExecutorLock, er
 	if err != nil {
 		return nil, fmt.Errorf("executor lock: %w", err)
 	}
-	var got bool
-	if err := conn.QueryRow(ctx, `SELECT pg_try_advisory_lock($1, $2)`, pglock.ClassMover, pglock.KeyMoverExecutor).Scan(&got); err != nil || !got {
-		conn.Close(context.Background())
-		if err != nil {
+	for {
+		var got bool
+		if err := conn.QueryRow(ctx, `SELECT pg_try_advisory_lock($1, $2)`, pglock.ClassMover, pglock.KeyMoverExecutor).Scan(&got); err != nil {
+			conn.Close(context.Background())
 			return nil, fmt.Errorf("executor lock: %w", err)
 		}
-		return nil, nil
+		if got {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			conn.Close(context.Background())
+			return nil, ctx.Err()
+		case <-time.After(every):
+		}
 	}
 	l := &ExecutorLock{conn: conn}
 	if err := conn.QueryRow(ctx, `UPDATE mover_term SET term = term + 1, holder = $1, acquired_at = now() RETURNING term`, holder).Scan(&l.Term); err != nil {

@@ -34,9 +34,12 @@ type ExecutorOptions struct {
 	CatalogDSN string
 	// Holder names this instance in the catalog's executor record.
 	Holder string
-	// Interval is how often an executor that does not lead tries the lock,
-	// and a leader looks for work (default 1s).
+	// Interval is how often a leader looks for work (default 1s).
 	Interval time.Duration
+	// LockInterval is how often an executor that does not lead tries the
+	// lock (default 200ms): how soon it takes over from one that died,
+	// when a move it left frozen holds writes.
+	LockInterval time.Duration
 	// ReapInterval is how often the leader looks for replication objects
 	// that no unfinished move owns (default 1 min).
 	ReapInterval time.Duration
@@ -67,6 +70,9 @@ var errAborted = errors.New("executor aborted")
 func (o ExecutorOptions) withDefaults() ExecutorOptions {
 	if o.Interval <= 0 {
 		o.Interval = time.Second
+	}
+	if o.LockInterval <= 0 {
+		o.LockInterval = 200 * time.Millisecond
 	}
 	if o.ReapInterval <= 0 {
 		o.ReapInterval = time.Minute
@@ -101,6 +107,7 @@ type Executor struct {
 	pools map[string]shardPool // the executor's own shard pools, by name
 
 	leading atomic.Bool
+	reaping sync.Mutex
 	metrics metrics
 
 	// flipNanos estimates how long a cutover takes from its marker's
@@ -152,7 +159,7 @@ func (e *Executor) Leading() bool { return e.leading.Load() }
 func (e *Executor) Run(ctx context.Context) error {
 	defer e.closePools()
 	for {
-		lock, err := catalog.TryLockExecutor(ctx, e.opts.CatalogDSN, e.opts.Holder)
+		lock, err := catalog.AwaitExecutorLock(ctx, e.opts.CatalogDSN, e.opts.Holder, e.opts.LockInterval)
 		if err != nil && ctx.Err() == nil {
 			e.log.Warn("rebalancing executor cannot reach the catalog", "err", err)
 		}
@@ -166,14 +173,17 @@ func (e *Executor) Run(ctx context.Context) error {
 	}
 }
 
-// lead runs rebalances for as long as the lock holds.
+// lead runs rebalances for as long as the lock holds, and the reaper
+// beside them.
 func (e *Executor) lead(ctx context.Context, lock *catalog.ExecutorLock) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	e.leading.Store(true)
 	defer e.leading.Store(false)
 	e.log.Info("rebalancing executor leads", "term", lock.Term)
-	go func() { // the lock lives as long as its connection
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	wg.Go(func() { // the lock lives as long as its connection
 		for {
 			if sleepCtx(ctx, time.Second) != nil {
 				return
@@ -187,13 +197,18 @@ func (e *Executor) lead(ctx context.Context, lock *catalog.ExecutorLock) {
 				return
 			}
 		}
-	}()
-	lastReap := time.Time{}
-	for ctx.Err() == nil {
-		if time.Since(lastReap) >= e.opts.ReapInterval {
+	})
+	// The reaper runs on its own clock, rebalance or not: it leaves the
+	// objects of unfinished moves alone.
+	wg.Go(func() {
+		for {
+			if sleepCtx(ctx, e.opts.ReapInterval) != nil {
+				return
+			}
 			e.reap(ctx)
-			lastReap = time.Now()
 		}
+	})
+	for ctx.Err() == nil {
 		r, err := e.cat.RunningRebalance(ctx)
 		switch {
 		case err == nil:
@@ -205,7 +220,6 @@ func (e *Executor) lead(ctx context.Context, lock *catalog.ExecutorLock) {
 				e.log.Warn("rebalance interrupted; resuming", "rebalance", r.ID, "err", err)
 			} else if ctx.Err() == nil {
 				e.reap(ctx) // right after: a finished rebalance leaves nothing
-				lastReap = time.Now()
 			}
 		case !errors.Is(err, catalog.ErrNoRebalance) && ctx.Err() == nil:
 			e.log.Warn("rebalancing executor cannot read the catalog", "err", err)
@@ -347,10 +361,6 @@ func (e *Executor) reap(ctx context.Context) {
 	if err != nil {
 		return
 	}
-	active, err := e.cat.ActiveMoveIDs(ctx)
-	if err != nil {
-		return
-	}
 	topo, err := e.cat.LoadTopology(ctx)
 	if err != nil {
 		return
@@ -369,6 +379,13 @@ func (e *Executor) reap(ctx context.Context) {
 			debris++
 			e.log.Warn("reaper cannot list a shard's replication objects", "shard", rec.Name, "err", err)
 			continue
+		}
+		// The moves still going, read after the listing: an object listed
+		// belongs to a move recorded before it was made, so a move started
+		// meanwhile is in this set.
+		active, err := e.cat.ActiveMoveIDs(ctx)
+		if err != nil {
+			return
 		}
 		stale := func(name string) bool {
 			id, ok := shards.ParseMoveObjectName(shape.SlotPrefix, name)
