@@ -249,39 +249,21 @@ type ExecutorLock struct {
 // keeps its one connection and retries on it, so it can try often: it
 // takes over within about `every` of the holder's connection ending.
 func AwaitExecutorLock(ctx context.Context, dsn, holder string, every time.Duration) (*ExecutorLock, error) {
-	cfg, err := pgx.ParseConfig(dsn)
+	cfg, err := pglock.HolderConfig(dsn, "shardgate-mover")
 	if err != nil {
-		return nil, errors.New("executor lock: invalid catalog DSN")
-	}
-	cfg.RuntimeParams["application_name"] = "shardgate-mover"
-	// As for relays: a holder whose host vanished loses the lock within
-	// about 30 s, not the kernel's two hours.
-	cfg.RuntimeParams["tcp_keepalives_idle"] = "10"
-	cfg.RuntimeParams["tcp_keepalives_interval"] = "5"
-	cfg.RuntimeParams["tcp_keepalives_count"] = "3"
-	cfg.RuntimeParams["tcp_user_timeout"] = "20000"
-	if cfg.ConnectTimeout == 0 {
-		cfg.ConnectTimeout = 5 * time.Second
+		return nil, fmt.Errorf("executor lock: catalog DSN: %w", err)
 	}
 	conn, err := pgx.ConnectConfig(ctx, cfg)
 	if err != nil {
 		return nil, fmt.Errorf("executor lock: %w", err)
 	}
-	for {
-		var got bool
-		if err := conn.QueryRow(ctx, `SELECT pg_try_advisory_lock($1, $2)`, pglock.ClassMover, pglock.KeyMoverExecutor).Scan(&got); err != nil {
-			conn.Close(context.Background())
-			return nil, fmt.Errorf("executor lock: %w", err)
-		}
-		if got {
-			break
-		}
-		select {
-		case <-ctx.Done():
-			conn.Close(context.Background())
+	err = pglock.AwaitSessionLock(ctx, conn, pglock.ClassMover, pglock.KeyMoverExecutor, func() time.Duration { return every })
+	if err != nil {
+		conn.Close(context.Background())
+		if ctx.Err() != nil {
 			return nil, ctx.Err()
-		case <-time.After(every):
 		}
+		return nil, fmt.Errorf("executor lock: %w", err)
 	}
 	l := &ExecutorLock{conn: conn}
 	if err := conn.QueryRow(ctx, `UPDATE mover_term SET term = term + 1, holder = $1, acquired_at = now() RETURNING term`, holder).Scan(&l.Term); err != nil {

@@ -268,47 +268,21 @@ func (r *Relay) electWait() time.Duration {
 // runOnce connects, tries the lock until it gets it and then relays until
 // an error. It reports whether it was the leader.
 func (r *Relay) runOnce(ctx context.Context) (bool, error) {
-	cfg, err := pgx.ParseConfig(r.dsn)
+	cfg, err := pglock.HolderConfig(r.dsn, RelayApplicationName)
 	if err != nil {
-		return false, fmt.Errorf("%s DSN: invalid", r.src.what) // never repeat a DSN
+		return false, fmt.Errorf("%s DSN: %w", r.src.what, err)
 	}
-	cfg.RuntimeParams["application_name"] = RelayApplicationName
 	// The relay's only writes delete delivered rows. Losing the last few in
 	// a crash means publishing them again, which Redis refuses as
 	// duplicates; waiting for each delete's WAL flush would only add latency.
 	cfg.RuntimeParams["synchronous_commit"] = "off"
-	// The lock is released only when Postgres notices the session gone. A
-	// leader whose host dies sends no FIN; the server's keepalives and
-	// user timeout find it within about 30 s instead of the kernel's
-	// default two hours, and another instance takes over.
-	cfg.RuntimeParams["tcp_keepalives_idle"] = "10"
-	cfg.RuntimeParams["tcp_keepalives_interval"] = "5"
-	cfg.RuntimeParams["tcp_keepalives_count"] = "3"
-	cfg.RuntimeParams["tcp_user_timeout"] = "20000"
-	if cfg.ConnectTimeout == 0 {
-		cfg.ConnectTimeout = 5 * time.Second
-	}
 	conn, err := pgx.ConnectConfig(ctx, cfg)
 	if err != nil {
 		return false, err
 	}
 	defer conn.Close(context.Background())
-	// A follower keeps its connection and retries the lock on it, rather
-	// than connecting anew each time (a backend start per try, per
-	// instance, per database).
-	for {
-		var got bool
-		if err := conn.QueryRow(ctx, `SELECT pg_try_advisory_lock($1, $2)`, pglock.ClassRelay, r.src.lockKey).Scan(&got); err != nil {
-			return false, err
-		}
-		if got {
-			break
-		}
-		select {
-		case <-ctx.Done():
-			return false, ctx.Err()
-		case <-time.After(r.electWait()):
-		}
+	if err := pglock.AwaitSessionLock(ctx, conn, pglock.ClassRelay, r.src.lockKey, r.electWait); err != nil {
+		return false, err
 	}
 	r.opts.Logger.Info("event relay elected", "relay", r.name)
 	r.leading.Store(true)

@@ -132,12 +132,20 @@ func (s *Server) onPartitionWrite(ctx context.Context, p int32, fn func(*shards.
 
 // onUserWrite is onUser for a write (see onPartitionWrite).
 func (s *Server) onUserWrite(ctx context.Context, userID string, fn func(sh *shards.Shard, p int32) error) error {
+	p, err := s.userPartition(userID)
+	if err != nil {
+		return err
+	}
+	return s.onPartitionWrite(ctx, p, func(sh *shards.Shard) error { return fn(sh, p) })
+}
+
+// userPartition is userID's partition.
+func (s *Server) userPartition(userID string) (int32, error) {
 	t := s.router.Table()
 	if t == nil {
-		return errNoTable
+		return 0, errNoTable
 	}
-	p := router.Partition(userID, t.PartitionCount())
-	return s.onPartitionWrite(ctx, p, func(sh *shards.Shard) error { return fn(sh, p) })
+	return router.Partition(userID, t.PartitionCount()), nil
 }
 
 // onOwner is onPartition, also naming the shard fn ran on last.
@@ -191,11 +199,10 @@ func (s *Server) onOwner(ctx context.Context, p int32, fn func(*shards.Shard) er
 
 // onUser runs fn on the shard that owns userID's partition; see onPartition.
 func (s *Server) onUser(ctx context.Context, userID string, fn func(sh *shards.Shard, p int32) error) error {
-	t := s.router.Table()
-	if t == nil {
-		return errNoTable
+	p, err := s.userPartition(userID)
+	if err != nil {
+		return err
 	}
-	p := router.Partition(userID, t.PartitionCount())
 	return s.onPartition(ctx, p, func(sh *shards.Shard) error { return fn(sh, p) })
 }
 
