@@ -72,10 +72,10 @@ func (t *throttle) pace(ctx context.Context) error {
 	if t.now().Sub(t.last) < t.opts.Every {
 		return nil
 	}
-	t.last = t.now()
 	start := t.now()
 	for {
 		lat, lag, err := t.probe(ctx)
+		t.last = t.now()
 		if err != nil || (lat <= t.opts.Latency && lag <= t.opts.LagBytes) || t.now().Sub(start) >= t.opts.MaxPause {
 			return ctx.Err()
 		}
