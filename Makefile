@@ -52,3 +52,5 @@ fuzz:
 	$(GO) test ./server -run '^$$' -fuzz '^FuzzConfigSchema$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./ratelimit -run '^$$' -fuzz '^FuzzParseRates$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./auth/keyset -run '^$$' -fuzz '^FuzzParseKeys$$' -fuzztime $(FUZZTIME)
+	$(GO) test ./shards -run '^$$' -fuzz '^FuzzConninfo$$' -fuzztime $(FUZZTIME)
+	$(GO) test ./shards -run '^$$' -fuzz '^FuzzParseMoveObjectName$$' -fuzztime $(FUZZTIME)

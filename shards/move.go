@@ -958,59 +958,79 @@ func Conninfo(dsn string) (string, error) {
 		return strings.HasPrefix(key, "pool_") || slices.Contains(pgxOnlyParams, key)
 	}
 	if strings.HasPrefix(dsn, "postgres://") || strings.HasPrefix(dsn, "postgresql://") {
-		u, err := url.Parse(dsn)
-		if err != nil {
-			return "", errors.New("invalid DSN URL")
+		// Drop parameters from the query text itself: re-encoding the URL
+		// could change what is left (an empty host loses its "//").
+		base, query, ok := strings.Cut(dsn, "?")
+		if !ok {
+			return dsn, nil
 		}
-		q := u.Query()
-		for k := range q {
-			if drop(k) {
-				q.Del(k)
+		var kept []string
+		for _, param := range strings.Split(query, "&") {
+			key, _, _ := strings.Cut(param, "=")
+			if k, err := url.QueryUnescape(key); err == nil && drop(k) {
+				continue
 			}
+			kept = append(kept, param)
 		}
-		u.RawQuery = q.Encode()
-		return u.String(), nil
+		if len(kept) == 0 {
+			return base, nil
+		}
+		return base + "?" + strings.Join(kept, "&"), nil
 	}
 	// key=value form: values may be quoted; drop whole settings by key.
 	var kept []string
-	for _, f := range splitConninfo(dsn) {
-		key, _, _ := strings.Cut(f, "=")
-		if !drop(strings.TrimSpace(key)) {
-			kept = append(kept, f)
+	for _, kv := range splitConninfo(dsn) {
+		if !drop(kv[0]) {
+			kept = append(kept, kv[0]+"="+kv[1])
 		}
 	}
 	return strings.Join(kept, " "), nil
 }
 
 // splitConninfo splits a key=value connection string into its settings,
-// keeping single-quoted values (with \' and \\ escapes) whole.
-func splitConninfo(s string) []string {
-	var (
-		out    []string
-		cur    strings.Builder
-		quoted bool
-	)
-	for i := 0; i < len(s); i++ {
-		ch := s[i]
-		switch {
-		case ch == '\\' && quoted && i+1 < len(s):
-			cur.WriteByte(ch)
+// each [key, value as written] (a quoted value keeps its quotes and
+// escapes). Whitespace may surround the '='. It assumes the string parsed.
+func splitConninfo(s string) [][2]string {
+	var out [][2]string
+	i := 0
+	skip := func() {
+		for i < len(s) && (s[i] == ' ' || s[i] == '\t' || s[i] == '\n' || s[i] == '\r' || s[i] == '\f' || s[i] == '\v') {
 			i++
-			cur.WriteByte(s[i])
-		case ch == '\'':
-			quoted = !quoted
-			cur.WriteByte(ch)
-		case (ch == ' ' || ch == '\t' || ch == '\n') && !quoted:
-			if cur.Len() > 0 {
-				out = append(out, cur.String())
-				cur.Reset()
-			}
-		default:
-			cur.WriteByte(ch)
 		}
 	}
-	if cur.Len() > 0 {
-		out = append(out, cur.String())
+	for {
+		skip()
+		if i >= len(s) {
+			return out
+		}
+		start := i
+		for i < len(s) && s[i] != '=' && s[i] != ' ' && s[i] != '\t' && s[i] != '\n' && s[i] != '\r' && s[i] != '\f' && s[i] != '\v' {
+			i++
+		}
+		key := s[start:i]
+		skip()
+		if i < len(s) && s[i] == '=' {
+			i++
+		}
+		skip()
+		start = i
+		if i < len(s) && s[i] == '\'' {
+			i++
+			for i < len(s) && s[i] != '\'' {
+				if s[i] == '\\' {
+					i++
+				}
+				i++
+			}
+			i++ // the closing quote
+		} else {
+			for i < len(s) && s[i] != ' ' && s[i] != '\t' && s[i] != '\n' && s[i] != '\r' && s[i] != '\f' && s[i] != '\v' {
+				if s[i] == '\\' {
+					i++
+				}
+				i++
+			}
+		}
+		out = append(out, [2]string{key, s[start:min(i, len(s))]})
 	}
-	return out
 }
