@@ -54,3 +54,4 @@ fuzz:
 	$(GO) test ./auth/keyset -run '^$$' -fuzz '^FuzzParseKeys$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./shards -run '^$$' -fuzz '^FuzzConninfo$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./shards -run '^$$' -fuzz '^FuzzParseMoveObjectName$$' -fuzztime $(FUZZTIME)
+	$(GO) test ./router -run '^$$' -fuzz '^FuzzPlace$$' -fuzztime $(FUZZTIME)
