@@ -78,7 +78,7 @@ func (f securityFlags) build(ctx context.Context, log *slog.Logger) (security, e
 	var keys keyset.Source
 	n := 0
 	if f.JWTKeys != "" {
-		k, err := keyset.LoadFile(f.JWTKeys)
+		k, err := keyset.LoadFile(f.JWTKeys, log)
 		if err != nil {
 			return sec, fmt.Errorf("--jwt-keys: %w", err)
 		}
