@@ -133,7 +133,8 @@ func warnOptOutsFromEnv(log *slog.Logger, opts []optOut) {
 		if !o.on || !ok {
 			continue
 		}
-		if b, err := strconv.ParseBool(v); err == nil && b {
+		// A variable that says false left the flag to the command line.
+		if b, err := strconv.ParseBool(v); err != nil || b {
 			log.Warn("protection turned off by an environment variable", "variable", o.env, "flag", o.flag)
 		}
 	}
