@@ -140,11 +140,20 @@ func parseBearer(h string) (string, bool) {
 type Options struct {
 	// Keys resolves a token's key by its "kid" and pins its algorithm.
 	Keys keyset.Source
-	// Issuer and Audience, when set, must match "iss" and one of "aud".
-	Issuer   string
-	Audience string
-	// Leeway forgives clock skew on exp/nbf/iat (default 30s).
+	// Issuer and Audience must match "iss" and one of "aud". Each is
+	// required unless AnyIssuer or AnyAudience says, explicitly, that any
+	// value (or none) will do: otherwise a token the same identity
+	// provider minted for another service would be accepted here.
+	Issuer      string
+	Audience    string
+	AnyIssuer   bool
+	AnyAudience bool
+	// Leeway forgives clock skew on exp, nbf and iat; 0 forgives none.
 	Leeway time.Duration
+	// MaxLifetime, when positive, refuses tokens whose exp - iat is
+	// longer, and tokens without iat: a stolen long-lived token cannot
+	// be used here even though its issuer signed it.
+	MaxLifetime time.Duration
 	// AllowAnonymous lets calls without a token through as an anonymous
 	// admin (dev mode on loopback). A token that is present is still
 	// verified and enforced.
@@ -187,13 +196,26 @@ type cachedPrincipal struct {
 	key keyset.Key // the key that verified it: a rotated-out key ends the entry
 }
 
-// NewVerifier returns a Verifier. Tokens must carry exp.
+// NewVerifier returns a Verifier. Tokens must carry exp. It refuses
+// options that leave the issuer or the audience unchecked without saying
+// so (AnyIssuer, AnyAudience).
 func NewVerifier(o Options) (*Verifier, error) {
 	if o.Keys == nil {
 		return nil, errors.New("auth: no keys")
 	}
-	if o.Leeway <= 0 {
-		o.Leeway = 30 * time.Second
+	switch {
+	case o.Issuer == "" && !o.AnyIssuer:
+		return nil, errors.New("auth: no issuer (set Issuer, or AnyIssuer to accept any)")
+	case o.Audience == "" && !o.AnyAudience:
+		return nil, errors.New("auth: no audience (set Audience, or AnyAudience to accept any)")
+	case o.Issuer != "" && o.AnyIssuer:
+		return nil, errors.New("auth: Issuer and AnyIssuer both set")
+	case o.Audience != "" && o.AnyAudience:
+		return nil, errors.New("auth: Audience and AnyAudience both set")
+	case o.Leeway < 0:
+		return nil, errors.New("auth: negative leeway")
+	case o.MaxLifetime < 0:
+		return nil, errors.New("auth: negative maximum lifetime")
 	}
 	if o.CacheSize == 0 {
 		o.CacheSize = 10000
@@ -254,7 +276,7 @@ func (v *Verifier) Verify(ctx context.Context, raw string) (*Principal, error) {
 	var claims Claims
 	var kid string
 	var key keyset.Key
-	_, err := v.parser.ParseWithClaims(raw, &claims, func(t *jwt.Token) (any, error) {
+	tok, err := v.parser.ParseWithClaims(raw, &claims, func(t *jwt.Token) (any, error) {
 		kid, _ = t.Header["kid"].(string)
 		k, err := v.opts.Keys.Key(ctx, kid)
 		if err != nil {
@@ -270,6 +292,12 @@ func (v *Verifier) Verify(ctx context.Context, raw string) (*Principal, error) {
 	})
 	if err != nil {
 		return nil, reasonOf(err)
+	}
+	if !acceptedType(tok.Header["typ"]) {
+		return nil, errors.New("typ header is not JWT or at+jwt")
+	}
+	if err := v.checkLifetime(&claims); err != nil {
+		return nil, err
 	}
 	p, err := principalFromClaims(&claims)
 	if err != nil {
@@ -295,6 +323,41 @@ func (v *Verifier) Verify(ctx context.Context, raw string) (*Principal, error) {
 	v.cache[sum] = cachedPrincipal{p: p, exp: exp, kid: kid, key: key}
 	v.mu.Unlock()
 	return p, nil
+}
+
+// acceptedType reports whether a "typ" header names an access token or a
+// plain JWT: absent, or "JWT" or "at+jwt" (RFC 9068), case-insensitive,
+// with or without the "application/" prefix media types may carry (RFC
+// 7515, 4.1.9). Anything else (an ID token's "id+jwt", a logout token's
+// "logout+jwt", a non-string) was minted for another purpose (RFC 8725,
+// 3.11).
+func acceptedType(typ any) bool {
+	if typ == nil {
+		return true
+	}
+	s, ok := typ.(string)
+	if !ok {
+		return false
+	}
+	if len(s) > len("application/") && strings.EqualFold(s[:len("application/")], "application/") {
+		s = s[len("application/"):]
+	}
+	return strings.EqualFold(s, "JWT") || strings.EqualFold(s, "at+jwt")
+}
+
+// checkLifetime enforces MaxLifetime on exp - iat. No leeway applies:
+// both are the issuer's own clock.
+func (v *Verifier) checkLifetime(c *Claims) error {
+	if v.opts.MaxLifetime <= 0 {
+		return nil
+	}
+	if c.IssuedAt == nil {
+		return errors.New("no iat claim (required with a maximum token lifetime)")
+	}
+	if c.ExpiresAt.Sub(c.IssuedAt.Time) > v.opts.MaxLifetime {
+		return errors.New("token lifetime (exp - iat) is longer than allowed")
+	}
+	return nil
 }
 
 // reasonOf keeps a short, secret-free reason for a failed parse.

@@ -157,7 +157,7 @@ func TestStreamEndsWhenTokenExpires(t *testing.T) {
 
 func TestDevAllowsAnonymousButChecksTokens(t *testing.T) {
 	keys := authtest.NewKeys(t)
-	v, err := auth.NewVerifier(auth.Options{Keys: keyset.Static{"ed": {Alg: "EdDSA", Verify: keys.Ed.Public()}}, AllowAnonymous: true})
+	v, err := auth.NewVerifier(auth.Options{Keys: keyset.Static{"ed": {Alg: "EdDSA", Verify: keys.Ed.Public()}}, AllowAnonymous: true, AnyIssuer: true, AnyAudience: true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -181,6 +181,7 @@ func TestFailedAuthenticationsAreThrottled(t *testing.T) {
 	v, err := auth.NewVerifier(auth.Options{
 		Keys:        keyset.Static{"ed": {Alg: "EdDSA", Verify: keys.Ed.Public()}},
 		FailureRate: ratelimit.Rate{PerSecond: 2, Burst: 5},
+		AnyIssuer:   true, AnyAudience: true,
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -247,7 +248,7 @@ func TestHS256OnlyWhenConfigured(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	v, err := auth.NewVerifier(auth.Options{Keys: hk})
+	v, err := auth.NewVerifier(auth.Options{Keys: hk, AnyIssuer: true, AnyAudience: true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -280,7 +281,7 @@ func TestJWKSRotation(t *testing.T) {
 	if err := j.Fetch(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	v, err := auth.NewVerifier(auth.Options{Keys: j})
+	v, err := auth.NewVerifier(auth.Options{Keys: j, AnyIssuer: true, AnyAudience: true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -306,10 +307,19 @@ func TestJWKSRotation(t *testing.T) {
 
 // FuzzVerifyToken feeds arbitrary strings to the JWT verifier: it must
 // never panic, and never accept anything but the one token signed with
-// the trusted key (or a re-encoding of it).
+// the trusted key (or a re-encoding of it), whose typ and lifetime pass.
 func FuzzVerifyToken(f *testing.F) {
 	keys := authtest.NewKeys(f)
-	v := keys.Verifier(f)
+	v, err := auth.NewVerifier(auth.Options{
+		Keys:     keyset.Static{"ed": {Alg: "EdDSA", Verify: keys.Ed.Public()}, "rs": {Alg: "RS256", Verify: &keys.RSA.PublicKey}},
+		Issuer:   authtest.Issuer,
+		Audience: authtest.Audience,
+		// authtest's claims live an hour.
+		MaxLifetime: time.Hour,
+	})
+	if err != nil {
+		f.Fatal(err)
+	}
 	good := keys.Token(f, "admin", "ops")
 	f.Add(good)
 	for _, tok := range keys.BadTokens(f) {
@@ -317,6 +327,17 @@ func FuzzVerifyToken(f *testing.F) {
 	}
 	f.Add("eyJhbGciOiJub25lIn0.e30.")
 	f.Add("a.b.c")
+	// typ: accepted spellings and refused ones.
+	for _, typ := range []any{nil, "at+jwt", "application/JWT", "id+jwt", "JOSE", "", 7} {
+		f.Add(signTyp(f, keys, typ, authtest.Claims("admin", "ops")))
+	}
+	// Lifetime: over the cap, and without iat.
+	long := authtest.Claims("admin", "ops")
+	long["exp"] = time.Now().Add(48 * time.Hour).Unix()
+	f.Add(signTyp(f, keys, "JWT", long))
+	noIat := authtest.Claims("admin", "ops")
+	delete(noIat, "iat")
+	f.Add(signTyp(f, keys, "JWT", noIat))
 	f.Fuzz(func(t *testing.T, raw string) {
 		p, err := v.Verify(context.Background(), raw)
 		if err != nil {
@@ -325,5 +346,199 @@ func FuzzVerifyToken(f *testing.F) {
 		if p.Role != auth.RoleAdmin || p.Subject != "ops" {
 			t.Fatalf("accepted %q as %+v", raw, p)
 		}
+		var claims jwt.MapClaims
+		tok, _, err := jwt.NewParser().ParseUnverified(raw, &claims)
+		if err != nil {
+			t.Fatalf("accepted %q, which does not parse: %v", raw, err)
+		}
+		if typ, ok := tok.Header["typ"]; ok && typ != "JWT" && typ != "at+jwt" && typ != "application/JWT" {
+			t.Fatalf("accepted %q with typ %#v", raw, typ)
+		}
+		iat, err1 := claims.GetIssuedAt()
+		exp, err2 := claims.GetExpirationTime()
+		if err1 != nil || err2 != nil || iat == nil || exp == nil || exp.Sub(iat.Time) > time.Hour {
+			t.Fatalf("accepted %q with iat %v, exp %v", raw, iat, exp)
+		}
 	})
+}
+
+// signTyp signs c with the "ed" key, its "typ" header set to typ (removed
+// when typ is nil).
+func signTyp(t testing.TB, keys *authtest.Keys, typ any, c jwt.MapClaims) string {
+	t.Helper()
+	tok := jwt.NewWithClaims(jwt.SigningMethodEdDSA, c)
+	tok.Header["kid"] = "ed"
+	if typ == nil {
+		delete(tok.Header, "typ")
+	} else {
+		tok.Header["typ"] = typ
+	}
+	s, err := tok.SignedString(keys.Ed)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+// edVerifier trusts keys.Ed as "ed" and wants authtest's issuer and
+// audience, with o's other options.
+func edVerifier(t testing.TB, keys *authtest.Keys, o auth.Options) *auth.Verifier {
+	t.Helper()
+	o.Keys = keyset.Static{"ed": {Alg: "EdDSA", Verify: keys.Ed.Public()}}
+	if !o.AnyIssuer {
+		o.Issuer = authtest.Issuer
+	}
+	if !o.AnyAudience {
+		o.Audience = authtest.Audience
+	}
+	v, err := auth.NewVerifier(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return v
+}
+
+// Leeway 0 forgives no skew: a token that expired a few seconds ago is
+// refused, as is one valid from a few seconds on.
+func TestZeroLeewayMeansZero(t *testing.T) {
+	keys := authtest.NewKeys(t)
+	expired := authtest.Claims("admin", "ops")
+	expired["exp"] = time.Now().Add(-3 * time.Second).Unix()
+	early := authtest.Claims("admin", "ops")
+	early["nbf"] = time.Now().Add(5 * time.Second).Unix()
+	for _, c := range []struct {
+		leeway time.Duration
+		ok     bool
+	}{{0, false}, {30 * time.Second, true}} {
+		v := edVerifier(t, keys, auth.Options{Leeway: c.leeway})
+		for name, claims := range map[string]jwt.MapClaims{"expired 3s ago": expired, "valid in 5s": early} {
+			_, err := v.Verify(context.Background(), signTyp(t, keys, "JWT", claims))
+			if (err == nil) != c.ok {
+				t.Errorf("leeway %v, token %s: %v", c.leeway, name, err)
+			}
+		}
+	}
+	if _, err := auth.NewVerifier(auth.Options{Keys: keyset.Static{}, AnyIssuer: true, AnyAudience: true, Leeway: -time.Second}); err == nil {
+		t.Error("negative leeway accepted")
+	}
+}
+
+// Issuer and audience are required unless explicitly waived; when set, a
+// token for another issuer or audience, or without them, is refused.
+func TestIssuerAndAudienceRequired(t *testing.T) {
+	keys := authtest.NewKeys(t)
+	ks := keyset.Static{"ed": {Alg: "EdDSA", Verify: keys.Ed.Public()}}
+	for name, o := range map[string]auth.Options{
+		"neither":               {Keys: ks},
+		"no audience":           {Keys: ks, Issuer: authtest.Issuer},
+		"no issuer":             {Keys: ks, Audience: authtest.Audience},
+		"issuer and any issuer": {Keys: ks, Issuer: authtest.Issuer, AnyIssuer: true, Audience: authtest.Audience},
+		"audience and any":      {Keys: ks, Issuer: authtest.Issuer, Audience: authtest.Audience, AnyAudience: true},
+	} {
+		if _, err := auth.NewVerifier(o); err == nil {
+			t.Errorf("%s: accepted", name)
+		}
+	}
+	v := edVerifier(t, keys, auth.Options{})
+	otherIss := authtest.Claims("admin", "ops")
+	otherIss["iss"] = "https://other.test"
+	noIss := authtest.Claims("admin", "ops")
+	delete(noIss, "iss")
+	otherAud := authtest.Claims("admin", "ops")
+	otherAud["aud"] = []string{"another-service"}
+	noAud := authtest.Claims("admin", "ops")
+	delete(noAud, "aud")
+	manyAud := authtest.Claims("admin", "ops")
+	manyAud["aud"] = []string{"another-service", authtest.Audience}
+	for name, c := range map[string]struct {
+		claims jwt.MapClaims
+		ok     bool
+	}{
+		"right":          {authtest.Claims("admin", "ops"), true},
+		"aud among many": {manyAud, true},
+		"other issuer":   {otherIss, false},
+		"no issuer":      {noIss, false},
+		"other audience": {otherAud, false},
+		"no audience":    {noAud, false},
+	} {
+		if _, err := v.Verify(context.Background(), signTyp(t, keys, "JWT", c.claims)); (err == nil) != c.ok {
+			t.Errorf("%s: %v", name, err)
+		}
+	}
+	// Waived: any issuer and audience, or none, will do.
+	any := edVerifier(t, keys, auth.Options{AnyIssuer: true, AnyAudience: true})
+	for name, c := range map[string]jwt.MapClaims{"other issuer": otherIss, "no audience": noAud} {
+		if _, err := any.Verify(context.Background(), signTyp(t, keys, "JWT", c)); err != nil {
+			t.Errorf("waived, %s: %v", name, err)
+		}
+	}
+}
+
+// With MaxLifetime, a token whose exp - iat is longer, or that has no
+// iat, is refused; without it, both pass.
+func TestMaxLifetime(t *testing.T) {
+	keys := authtest.NewKeys(t)
+	now := time.Now()
+	lifetime := func(d time.Duration) jwt.MapClaims {
+		c := authtest.Claims("service", "svc")
+		c["iat"], c["exp"] = now.Unix(), now.Add(d).Unix()
+		return c
+	}
+	noIat := lifetime(time.Minute)
+	delete(noIat, "iat")
+	limited := edVerifier(t, keys, auth.Options{MaxLifetime: time.Hour})
+	unlimited := edVerifier(t, keys, auth.Options{})
+	iatBefore := lifetime(time.Minute)
+	iatBefore["iat"] = now.Add(-2 * time.Hour).Unix()
+	for name, c := range map[string]struct {
+		claims      jwt.MapClaims
+		ok, okNoMax bool
+	}{
+		"1h":        {lifetime(time.Hour), true, true},
+		"5m":        {lifetime(5 * time.Minute), true, true},
+		"1h and 1s": {lifetime(time.Hour + time.Second), false, true},
+		"a year":    {lifetime(365 * 24 * time.Hour), false, true},
+		"no iat":    {noIat, false, true},
+		// Issued 2h ago, expiring in a minute: its lifetime is what counts.
+		"issued 2h ago": {iatBefore, false, true},
+	} {
+		tok := signTyp(t, keys, "JWT", c.claims)
+		if _, err := limited.Verify(context.Background(), tok); (err == nil) != c.ok {
+			t.Errorf("max 1h, %s: %v", name, err)
+		}
+		if _, err := unlimited.Verify(context.Background(), tok); (err == nil) != c.okNoMax {
+			t.Errorf("no max, %s: %v", name, err)
+		}
+	}
+	if _, err := auth.NewVerifier(auth.Options{Keys: keyset.Static{}, AnyIssuer: true, AnyAudience: true, MaxLifetime: -time.Hour}); err == nil {
+		t.Error("negative maximum lifetime accepted")
+	}
+}
+
+// A "typ" header, when present, must say JWT or at+jwt (any case, with or
+// without "application/"); a token minted as something else is refused.
+func TestTypHeader(t *testing.T) {
+	keys := authtest.NewKeys(t)
+	v := edVerifier(t, keys, auth.Options{})
+	for typ, ok := range map[any]bool{
+		nil:                  true,
+		"JWT":                true,
+		"jwt":                true,
+		"at+jwt":             true,
+		"AT+JWT":             true,
+		"application/at+jwt": true,
+		"Application/JWT":    true,
+		"id+jwt":             false,
+		"logout+jwt":         false,
+		"JOSE":               false,
+		"":                   false,
+		"application/":       false,
+		"secevent+jwt":       false,
+		float64(1):           false,
+	} {
+		_, err := v.Verify(context.Background(), signTyp(t, keys, typ, authtest.Claims("admin", "ops")))
+		if (err == nil) != ok {
+			t.Errorf("typ %#v: %v", typ, err)
+		}
+	}
 }

@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"log/slog"
 	"sync"
 	"time"
 
@@ -60,34 +61,50 @@ func (a *AdminService) LocateUser(ctx context.Context, req *pb.LocateUserRequest
 
 // MigrationStatus reports the schema version of the catalog and every shard.
 // Databases are asked in parallel; one that cannot be reached is reported
-// with an error and does not fail the call.
+// with a generic error and does not fail the call. The error names no
+// host, port or database (connection errors do): those go to the log.
 func (a *AdminService) MigrationStatus(ctx context.Context, _ *pb.MigrationStatusRequest) (*pb.MigrationStatusResponse, error) {
 	topo := a.s.watcher.Topology()
 	resp := &pb.MigrationStatusResponse{Shards: make([]*pb.DatabaseMigration, len(topo.Shards))}
+	log := a.s.opts.Logger
 	var wg sync.WaitGroup
 	wg.Go(func() {
-		resp.Catalog = migrationStatus(ctx, "catalog", a.s.catalogDSN, migrations.Catalog)
+		resp.Catalog = migrationStatus(ctx, log, "catalog", a.s.catalogDSN, migrations.Catalog)
 	})
 	for i, sh := range topo.Shards {
 		wg.Go(func() {
 			dsn, err := catalog.ExpandDSN(sh.DSN)
 			if err != nil {
-				resp.Shards[i] = &pb.DatabaseMigration{Name: sh.Name, Error: err.Error()}
+				log.Warn("migration status: cannot expand the shard's DSN", "shard", sh.Name, "err", err)
+				resp.Shards[i] = &pb.DatabaseMigration{Name: sh.Name, Error: errMigrationDSN}
 				return
 			}
-			resp.Shards[i] = migrationStatus(ctx, sh.Name, dsn, migrations.Shard)
+			resp.Shards[i] = migrationStatus(ctx, log, sh.Name, dsn, migrations.Shard)
 		})
 	}
 	wg.Wait()
 	return resp, nil
 }
 
-func migrationStatus(ctx context.Context, name, dsn string, kind migrations.Kind) *pb.DatabaseMigration {
+// The errors MigrationStatus reports: what an operator needs to look in
+// the log, nothing about where the database is.
+const (
+	errMigrationDSN     = "its DSN references an environment variable that is not set on this server (details in the server log)"
+	errMigrationUnread  = "cannot read its migration state: unreachable or refused (details in the server log)"
+	errMigrationTimeout = "timed out reading its migration state (details in the server log)"
+)
+
+func migrationStatus(ctx context.Context, log *slog.Logger, name, dsn string, kind migrations.Kind) *pb.DatabaseMigration {
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	st, err := migrations.GetStatus(ctx, dsn, kind)
 	if err != nil {
-		return &pb.DatabaseMigration{Name: name, Error: err.Error()}
+		log.Warn("migration status: cannot read the database's migration state", "database", name, "err", err)
+		reason := errMigrationUnread
+		if ctx.Err() != nil {
+			reason = errMigrationTimeout
+		}
+		return &pb.DatabaseMigration{Name: name, Error: reason}
 	}
 	return &pb.DatabaseMigration{Name: name, AppliedVersion: st.Applied, LatestVersion: st.Latest, PendingVersions: st.Pending}
 }

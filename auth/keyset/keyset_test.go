@@ -52,7 +52,7 @@ func TestParseKeys(t *testing.T) {
 	edPub, _ := x509.MarshalPKIXPublicKey(keys.ed.Public())
 	ec, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 
-	pemKeys, err := Parse(append(append(
+	pemKeys, _, err := Parse(append(append(
 		pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: edDER}),
 		keys.rsaPEM...),
 		pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Headers: map[string]string{"kid": "named"}, Bytes: edPub})...))
@@ -70,7 +70,7 @@ func TestParseKeys(t *testing.T) {
 		map[string]string{"kty": "RSA", "kid": "r", "alg": "RS256", "n": base64.RawURLEncoding.EncodeToString(keys.rsa.N.Bytes()),
 			"e": base64.RawURLEncoding.EncodeToString(big.NewInt(int64(keys.rsa.E)).Bytes())},
 	}})
-	jwks, err := Parse(set)
+	jwks, _, err := Parse(set)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -87,9 +87,20 @@ func TestParseKeys(t *testing.T) {
 		"garbage":      `hello`,
 		"no sig keys":  `{"keys":[]}`,
 	} {
-		if _, err := Parse([]byte(bad)); err == nil {
+		if _, _, err := Parse([]byte(bad)); err == nil {
 			t.Errorf("%s: accepted", name)
 		}
+	}
+	// One usable key among odd ones: it loads, the others are reported.
+	mixed, _ := json.Marshal(map[string]any{"keys": []any{
+		jwkOf(t, "e", keys.ed.Public()),
+		map[string]string{"kty": "oct", "kid": "h", "k": "c2VjcmV0"},
+		map[string]string{"kty": "EC", "crv": "P-384", "kid": "p", "x": "AA", "y": "AA"},
+		"not an object",
+	}})
+	got, skipped, err := Parse(mixed)
+	if err != nil || len(got) != 1 || got["e"].Alg != "EdDSA" || len(skipped) != 3 {
+		t.Fatalf("mixed JWK set: %v keys, skipped %v, %v", got, skipped, err)
 	}
 	if _, err := HMAC([]byte("short")); err == nil {
 		t.Error("short HS256 secret accepted")
@@ -102,10 +113,14 @@ func FuzzParseKeys(f *testing.F) {
 	f.Add([]byte(`{"keys":[{"kty":"OKP","crv":"Ed25519","x":"11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"}]}`))
 	f.Add([]byte(`{"kty":"EC","crv":"P-256","x":"AA","y":"AA"}`))
 	f.Add([]byte("-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n"))
+	f.Add([]byte(`{"keys":[{"kty":"oct","k":"c2VjcmV0"},{"kty":"OKP","crv":"Ed25519","kid":"ok","x":"11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"},7]}`))
 	f.Fuzz(func(t *testing.T, data []byte) {
-		ks, err := Parse(data)
+		ks, _, err := Parse(data)
 		if err != nil {
 			return
+		}
+		if len(ks) == 0 {
+			t.Fatal("no error and no keys")
 		}
 		for kid, k := range ks {
 			switch k.Alg {

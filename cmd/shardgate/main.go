@@ -1,6 +1,7 @@
 // Command shardgate is the Shardgate server.
 //
-//	shardgate serve --catalog DSN        serve a cluster whose catalog is at DSN
+//	shardgate serve --catalog DSN --jwt-keys FILE --jwt-issuer ISS --jwt-audience AUD
+//	                                     serve a cluster whose catalog is at DSN
 //	shardgate init --catalog DSN --shard NAME=DSN ...   create a cluster
 //	shardgate dev                        a whole local cluster on this machine
 //

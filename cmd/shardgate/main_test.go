@@ -1,14 +1,12 @@
 package main
 
 import (
-	"crypto/tls"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 
 	"github.com/alecthomas/kong"
-	"github.com/shardgate/shardgate/auth"
 )
 
 func TestIsLoopback(t *testing.T) {
@@ -82,23 +80,29 @@ func TestWithDatabase(t *testing.T) {
 	}
 }
 
+// Auth needs a key source unless --no-auth, which only loopback allows;
+// beyond loopback TLS is needed unless --allow-plaintext. Neither opt-out
+// lifts the other's check.
 func TestCheckExposure(t *testing.T) {
-	full := security{tls: &tls.Config{}, auth: &auth.Verifier{}}
 	for _, c := range []struct {
-		name     string
-		loopback bool
-		sec      security
-		insecure bool
-		ok       bool
+		name                                        string
+		loopback, tls, auth, allowPlaintext, noAuth bool
+		ok                                          bool
 	}{
-		{"loopback, nothing", true, security{}, false, true},
-		{"remote, TLS and auth", false, full, false, true},
-		{"remote, nothing", false, security{}, false, false},
-		{"remote, TLS only", false, security{tls: full.tls}, false, false},
-		{"remote, auth only", false, security{auth: full.auth}, false, false},
-		{"remote, nothing, --insecure", false, security{}, true, true},
+		{"loopback, keys", true, false, true, false, false, true},
+		{"loopback, nothing", true, false, false, false, false, false},
+		{"loopback, --no-auth", true, false, false, false, true, true},
+		{"loopback, keys and --no-auth", true, false, true, false, true, false},
+		{"remote, TLS and keys", false, true, true, false, false, true},
+		{"remote, nothing", false, false, false, false, false, false},
+		{"remote, TLS only", false, true, false, false, false, false},
+		{"remote, keys only", false, false, true, false, false, false},
+		{"remote, keys, --allow-plaintext", false, false, true, true, false, true},
+		{"remote, TLS, --no-auth", false, true, false, false, true, false},
+		{"remote, --allow-plaintext --no-auth", false, false, false, true, true, false},
+		{"remote, --allow-plaintext only", false, false, false, true, false, false},
 	} {
-		err := checkExposure("10.0.0.1:7070", c.loopback, c.sec, c.insecure)
+		err := checkExposure("10.0.0.1:7070", c.loopback, c.tls, c.auth, c.allowPlaintext, c.noAuth)
 		if (err == nil) != c.ok {
 			t.Errorf("%s: %v", c.name, err)
 		}
@@ -131,7 +135,7 @@ func TestCLIParses(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := p.Parse([]string{"serve", "--catalog", "x", "--tls-cert", "c", "--tls-key", "k", "--jwt-keys", "j", "--limit-redis", "r"}); err != nil {
+	if _, err := p.Parse([]string{"serve", "--catalog", "x", "--tls-cert", "c", "--tls-key", "k", "--jwt-keys", "j", "--jwt-issuer", "i", "--jwt-audience", "a", "--jwt-max-lifetime", "1h", "--jwt-jwks-max-age", "1h", "--allow-plaintext", "--limit-redis", "r"}); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := p.Parse([]string{"dev", "--dev-key", "k", "--limit-redis", "r"}); err != nil {

@@ -32,14 +32,50 @@ type securityFlags struct {
 	TLSKey      string `name:"tls-key" help:"PEM private key of --tls-cert." env:"SHARDGATE_TLS_KEY"`
 	TLSClientCA string `name:"tls-client-ca" help:"PEM CA certificates; when set, clients must present a certificate they signed (mutual TLS)." env:"SHARDGATE_TLS_CLIENT_CA"`
 
-	JWTKeys      string        `name:"jwt-keys" help:"File of JWT verification keys: PEM public keys/certificates or a JWK set (EdDSA, RS256, ES256)." env:"SHARDGATE_JWT_KEYS"`
-	JWKSURL      string        `name:"jwt-jwks-url" help:"URL of a JWK set to verify JWTs with; cached, refreshed every 10 minutes and when a token names an unknown kid." env:"SHARDGATE_JWT_JWKS_URL"`
-	JWTHS256File string        `name:"jwt-hs256-secret-file" help:"File holding an HS256 shared secret (at least 32 bytes). Only if you must: anyone who can verify can also mint." env:"SHARDGATE_JWT_HS256_SECRET_FILE"`
-	JWTIssuer    string        `name:"jwt-issuer" help:"Required \"iss\" of tokens." env:"SHARDGATE_JWT_ISSUER"`
-	JWTAudience  string        `name:"jwt-audience" help:"Required \"aud\" of tokens." env:"SHARDGATE_JWT_AUDIENCE"`
-	JWTLeeway    time.Duration `name:"jwt-leeway" help:"Clock skew forgiven on exp, nbf and iat." default:"30s" env:"SHARDGATE_JWT_LEEWAY"`
-	JWTFailures  string        `name:"jwt-failure-limit" help:"Failed token verifications allowed per client address, per-second[/burst]; past it, new tokens from that address are refused unchecked for a while. \"off\" turns it off." default:"50/500" env:"SHARDGATE_JWT_FAILURE_LIMIT"`
+	JWTKeys             string        `name:"jwt-keys" help:"File of JWT verification keys: PEM public keys/certificates or a JWK set (EdDSA, RS256, ES256); reloaded when the file changes." env:"SHARDGATE_JWT_KEYS"`
+	JWKSURL             string        `name:"jwt-jwks-url" help:"URL of a JWK set to verify JWTs with; cached, refreshed every 10 minutes and when a token names an unknown kid." env:"SHARDGATE_JWT_JWKS_URL"`
+	JWKSMaxAge          time.Duration `name:"jwt-jwks-max-age" help:"How long a JWK set that cannot be refreshed stays in use; past it every token is refused until a fetch succeeds." default:"24h" env:"SHARDGATE_JWT_JWKS_MAX_AGE"`
+	JWTHS256File        string        `name:"jwt-hs256-secret-file" help:"File holding an HS256 shared secret (at least 32 bytes). Only if you must: anyone who can verify can also mint." env:"SHARDGATE_JWT_HS256_SECRET_FILE"`
+	JWTIssuer           string        `name:"jwt-issuer" help:"Required \"iss\" of tokens (needed with a key source, unless --jwt-allow-any-issuer)." env:"SHARDGATE_JWT_ISSUER"`
+	JWTAudience         string        `name:"jwt-audience" help:"Required \"aud\" of tokens (needed with a key source, unless --jwt-allow-any-audience)." env:"SHARDGATE_JWT_AUDIENCE"`
+	JWTAllowAnyIssuer   bool          `name:"jwt-allow-any-issuer" help:"Accept tokens whatever their \"iss\" (logged as a warning)." env:"SHARDGATE_JWT_ALLOW_ANY_ISSUER"`
+	JWTAllowAnyAudience bool          `name:"jwt-allow-any-audience" help:"Accept tokens whatever their \"aud\": a token the identity provider minted for another service works here too (logged as a warning)." env:"SHARDGATE_JWT_ALLOW_ANY_AUDIENCE"`
+	JWTLeeway           time.Duration `name:"jwt-leeway" help:"Clock skew forgiven on exp, nbf and iat; 0s forgives none." default:"30s" env:"SHARDGATE_JWT_LEEWAY"`
+	JWTMaxLifetime      time.Duration `name:"jwt-max-lifetime" help:"Longest token lifetime (exp - iat) accepted; tokens without iat are refused. 0 accepts any." default:"0s" env:"SHARDGATE_JWT_MAX_LIFETIME"`
+	JWTFailures         string        `name:"jwt-failure-limit" help:"Failed token verifications allowed per client address, per-second[/burst]; past it, new tokens from that address are refused unchecked for a while. \"off\" turns it off." default:"50/500" env:"SHARDGATE_JWT_FAILURE_LIMIT"`
 }
+
+// tlsOn reports whether the flags configure TLS.
+func (f securityFlags) tlsOn() bool { return f.TLSCert != "" || f.TLSKey != "" }
+
+// authOn reports whether the flags name a JWT key source.
+func (f securityFlags) authOn() bool {
+	return f.JWTKeys != "" || f.JWKSURL != "" || f.JWTHS256File != ""
+}
+
+// checkClaims checks the token flags that go with a key source.
+func (f securityFlags) checkClaims() error {
+	switch {
+	case f.JWTIssuer == "" && !f.JWTAllowAnyIssuer:
+		return errors.New("--jwt-issuer is required with a JWT key source: the \"iss\" your identity provider puts in Shardgate's tokens (or --jwt-allow-any-issuer to accept any)")
+	case f.JWTAudience == "" && !f.JWTAllowAnyAudience:
+		return errors.New("--jwt-audience is required with a JWT key source: the \"aud\" your identity provider puts in tokens meant for Shardgate, so tokens for its other services are refused (or --jwt-allow-any-audience to accept any)")
+	case f.JWTIssuer != "" && f.JWTAllowAnyIssuer:
+		return errors.New("give --jwt-issuer or --jwt-allow-any-issuer, not both")
+	case f.JWTAudience != "" && f.JWTAllowAnyAudience:
+		return errors.New("give --jwt-audience or --jwt-allow-any-audience, not both")
+	case f.JWTLeeway < 0:
+		return fmt.Errorf("--jwt-leeway %v: want 0 or more", f.JWTLeeway)
+	case f.JWTMaxLifetime < 0:
+		return fmt.Errorf("--jwt-max-lifetime %v: want 0 (any) or more", f.JWTMaxLifetime)
+	case f.JWKSURL != "" && f.JWKSMaxAge < jwksRefresh:
+		return fmt.Errorf("--jwt-jwks-max-age %v: want at least the %v refresh interval", f.JWKSMaxAge, jwksRefresh)
+	}
+	return nil
+}
+
+// jwksRefresh is how often a JWK set is fetched again.
+const jwksRefresh = 10 * time.Minute
 
 // guardFlags configure rate limits and deadlines (serve and dev).
 type guardFlags struct {
@@ -75,10 +111,15 @@ func (f securityFlags) build(ctx context.Context, log *slog.Logger) (security, e
 		}
 		failures = r
 	}
+	if f.authOn() {
+		if err := f.checkClaims(); err != nil {
+			return sec, err
+		}
+	}
 	var keys keyset.Source
 	n := 0
 	if f.JWTKeys != "" {
-		k, err := keyset.LoadFile(f.JWTKeys)
+		k, err := keyset.LoadFile(f.JWTKeys, log)
 		if err != nil {
 			return sec, fmt.Errorf("--jwt-keys: %w", err)
 		}
@@ -88,7 +129,7 @@ func (f securityFlags) build(ctx context.Context, log *slog.Logger) (security, e
 		if err := checkJWKSURL(f.JWKSURL); err != nil {
 			return sec, err
 		}
-		j := &keyset.JWKS{URL: f.JWKSURL}
+		j := &keyset.JWKS{URL: f.JWKSURL, Refresh: jwksRefresh, MaxAge: f.JWKSMaxAge, Logger: log}
 		if err := j.Fetch(ctx); err != nil {
 			return sec, fmt.Errorf("--jwt-jwks-url: %w", err)
 		}
@@ -109,7 +150,15 @@ func (f securityFlags) build(ctx context.Context, log *slog.Logger) (security, e
 		return sec, errors.New("give one of --jwt-keys, --jwt-jwks-url and --jwt-hs256-secret-file")
 	}
 	if keys != nil {
-		o := auth.Options{Keys: keys, Issuer: f.JWTIssuer, Audience: f.JWTAudience, Leeway: f.JWTLeeway,
+		if f.JWTAllowAnyIssuer {
+			log.Warn("--jwt-allow-any-issuer: tokens are accepted whatever their iss")
+		}
+		if f.JWTAllowAnyAudience {
+			log.Warn("--jwt-allow-any-audience: tokens are accepted whatever their aud, including tokens the identity provider minted for other services")
+		}
+		o := auth.Options{Keys: keys, Issuer: f.JWTIssuer, Audience: f.JWTAudience,
+			AnyIssuer: f.JWTAllowAnyIssuer, AnyAudience: f.JWTAllowAnyAudience,
+			Leeway: f.JWTLeeway, MaxLifetime: f.JWTMaxLifetime,
 			FailureRate: failures, NoFailureLimit: f.JWTFailures == "off"}
 		v, err := auth.NewVerifier(o)
 		if err != nil {
@@ -219,8 +268,12 @@ func devVerifier(key ed25519.PrivateKey) (*auth.Verifier, error) {
 	if err != nil {
 		return nil, err
 	}
+	// Tokens from `shardctl token mint` carry no iss or aud unless asked.
 	return auth.NewVerifier(auth.Options{
 		Keys:           keyset.Static{kid: {Alg: "EdDSA", Verify: pub}},
 		AllowAnonymous: true,
+		AnyIssuer:      true,
+		AnyAudience:    true,
+		Leeway:         30 * time.Second,
 	})
 }

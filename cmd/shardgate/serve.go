@@ -8,6 +8,8 @@ import (
 	"net"
 	"net/http"
 	"net/http/pprof"
+	"os"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -44,47 +46,117 @@ type serveFlags struct {
 }
 
 type serveCmd struct {
-	Listen   string        `help:"Address to serve gRPC on." default:"127.0.0.1:7070" env:"SHARDGATE_LISTEN"`
-	Catalog  string        `help:"Catalog database DSN." required:"" env:"SHARDGATE_CATALOG"`
-	Insecure bool          `help:"Allow a non-loopback listen address without TLS or without auth (never in production)." env:"SHARDGATE_INSECURE"`
-	Drain    time.Duration `help:"How long health reports NOT_SERVING after SIGTERM before the server stops taking calls, so load balancers move away first." default:"2s" env:"SHARDGATE_DRAIN"`
+	Listen         string        `help:"Address to serve gRPC on." default:"127.0.0.1:7070" env:"SHARDGATE_LISTEN"`
+	Catalog        string        `help:"Catalog database DSN." required:"" env:"SHARDGATE_CATALOG"`
+	AllowPlaintext bool          `name:"allow-plaintext" help:"Serve without TLS on a non-loopback address: tokens and data cross the network in the clear (only where the network itself protects them). Logged as a warning." env:"SHARDGATE_ALLOW_PLAINTEXT"`
+	NoAuth         bool          `name:"no-auth" help:"Serve without a JWT key source: every call acts as an anonymous admin. Loopback addresses only; logged as a warning at start and every minute." env:"SHARDGATE_NO_AUTH"`
+	Drain          time.Duration `help:"How long health reports NOT_SERVING after SIGTERM before the server stops taking calls, so load balancers move away first." default:"2s" env:"SHARDGATE_DRAIN"`
 	serveFlags
 	securityFlags
+
+	// noAuthEvery is how often --no-auth is logged again while serving
+	// (default a minute).
+	noAuthEvery time.Duration
 }
+
+// noAuthWarning is logged at start and every minute under --no-auth: a
+// server anyone local can administer must not look like a normal one in
+// the log.
+const noAuthWarning = "NO AUTH (--no-auth): every call acts as an anonymous admin; any process that can reach the listen address can read and change all data"
 
 func (c *serveCmd) Run(ctx context.Context, log *slog.Logger) error {
 	loopback, err := isLoopback(c.Listen)
 	if err != nil {
 		return err
 	}
+	warnOptOutsFromEnv(log, c.optOuts())
+	if _, ok := os.LookupEnv("SHARDGATE_INSECURE"); ok {
+		log.Warn("SHARDGATE_INSECURE is not read; the opt-outs are --allow-plaintext (no TLS beyond loopback) and --no-auth (loopback only)")
+	}
+	if err := checkExposure(c.Listen, loopback, c.securityFlags.tlsOn(), c.securityFlags.authOn(), c.AllowPlaintext, c.NoAuth); err != nil {
+		return err
+	}
 	sec, err := c.securityFlags.build(ctx, log)
 	if err != nil {
 		return err
 	}
-	if err := checkExposure(c.Listen, loopback, sec, c.Insecure); err != nil {
-		return err
+	if !loopback && sec.tls == nil {
+		log.Warn("PLAINTEXT (--allow-plaintext): serving on a non-loopback address without TLS; tokens and data cross the network in the clear", "listen", c.Listen)
 	}
-	if !loopback && (sec.tls == nil || sec.auth == nil) {
-		log.Warn("INSECURE: serving on a non-loopback address without TLS or without auth (--insecure)",
-			"listen", c.Listen, "tls", sec.tls != nil, "auth", sec.auth != nil)
+	if c.NoAuth {
+		log.Warn(noAuthWarning, "listen", c.Listen)
+		every := c.noAuthEvery
+		if every <= 0 {
+			every = time.Minute
+		}
+		wctx, stop := context.WithCancel(ctx)
+		var wg sync.WaitGroup
+		wg.Go(func() {
+			t := time.NewTicker(every)
+			defer t.Stop()
+			for {
+				select {
+				case <-wctx.Done():
+					return
+				case <-t.C:
+					log.Warn(noAuthWarning, "listen", c.Listen)
+				}
+			}
+		})
+		defer wg.Wait()
+		defer stop()
 	}
 	return run(ctx, log, c.Listen, c.Catalog, c.serveFlags, sec, c.Drain)
 }
 
-// checkExposure refuses a non-loopback address unless both TLS and auth
-// are configured, or insecure says to serve anyway.
-func checkExposure(listen string, loopback bool, sec security, insecure bool) error {
-	if loopback || insecure || (sec.tls != nil && sec.auth != nil) {
-		return nil
+// optOut is a flag that turns a protection off.
+type optOut struct {
+	flag, env string
+	on        bool
+}
+
+func (c *serveCmd) optOuts() []optOut {
+	return []optOut{
+		{"--no-auth", "SHARDGATE_NO_AUTH", c.NoAuth},
+		{"--allow-plaintext", "SHARDGATE_ALLOW_PLAINTEXT", c.AllowPlaintext},
+		{"--jwt-allow-any-issuer", "SHARDGATE_JWT_ALLOW_ANY_ISSUER", c.JWTAllowAnyIssuer},
+		{"--jwt-allow-any-audience", "SHARDGATE_JWT_ALLOW_ANY_AUDIENCE", c.JWTAllowAnyAudience},
 	}
-	var missing []string
-	if sec.tls == nil {
-		missing = append(missing, "TLS (--tls-cert, --tls-key)")
+}
+
+// warnOptOutsFromEnv names, at WARN, each opt-out that is on and whose
+// environment variable says so: a variable set long ago and far from the
+// command line must not turn a protection off unnoticed.
+func warnOptOutsFromEnv(log *slog.Logger, opts []optOut) {
+	for _, o := range opts {
+		v, ok := os.LookupEnv(o.env)
+		if !o.on || !ok {
+			continue
+		}
+		// A variable that says false left the flag to the command line.
+		if b, err := strconv.ParseBool(v); err != nil || b {
+			log.Warn("protection turned off by an environment variable", "variable", o.env, "flag", o.flag)
+		}
 	}
-	if sec.auth == nil {
-		missing = append(missing, "auth (--jwt-keys, --jwt-jwks-url or --jwt-hs256-secret-file)")
+}
+
+// checkExposure decides whether serve may start: auth needs a key source
+// unless noAuth says otherwise, which only a loopback address allows; a
+// non-loopback address needs TLS unless allowPlaintext says otherwise.
+// Each opt-out turns off one protection, never both.
+func checkExposure(listen string, loopback, tlsOn, authOn, allowPlaintext, noAuth bool) error {
+	const keyFlags = "--jwt-keys, --jwt-jwks-url or --jwt-hs256-secret-file"
+	switch {
+	case authOn && noAuth:
+		return fmt.Errorf("--no-auth and a JWT key source (%s) contradict each other: give one", keyFlags)
+	case !authOn && !noAuth:
+		return fmt.Errorf("no JWT key source: give %s (with --jwt-issuer and --jwt-audience), or --no-auth to let every call act as an anonymous admin (loopback addresses only)", keyFlags)
+	case noAuth && !loopback:
+		return fmt.Errorf("refusing --no-auth on %s: not a loopback address, and anyone reaching it would be an admin; configure %s", listen, keyFlags)
+	case !loopback && !tlsOn && !allowPlaintext:
+		return fmt.Errorf("refusing to listen on %s without TLS: not a loopback address; configure --tls-cert and --tls-key, use a loopback address, or pass --allow-plaintext if the network protects the traffic", listen)
 	}
-	return fmt.Errorf("refusing to listen on %s: not loopback, and no %s; configure them, use a loopback address, or pass --insecure", listen, strings.Join(missing, " and no "))
+	return nil
 }
 
 // sweepInterval is --session-sweep-interval as server.Options takes it:

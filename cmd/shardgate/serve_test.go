@@ -22,9 +22,18 @@ import (
 	"github.com/shardgate/shardgate/router"
 )
 
-// serve starts `shardgate serve` with args on a free loopback port and
-// returns a client of it; the server stops when the test ends.
+// serve starts `shardgate serve --no-auth` (loopback, like dev) with args
+// on a free loopback port and returns a client of it; the server stops
+// when the test ends.
 func serve(t *testing.T, args ...string) pb.DataServiceClient {
+	t.Helper()
+	return startServe(t, nil, nil, append([]string{"--no-auth"}, args...)...)
+}
+
+// startServe starts `shardgate serve` with args on a free loopback port,
+// logging to log (nil: nowhere) after setup adjusted the parsed command,
+// and returns a client of it; the server stops when the test ends.
+func startServe(t *testing.T, log *slog.Logger, setup func(*serveCmd), args ...string) pb.DataServiceClient {
 	t.Helper()
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -40,9 +49,15 @@ func serve(t *testing.T, args ...string) pb.DataServiceClient {
 	if _, err := p.Parse(append([]string{"serve", "--listen", addr, "--metrics-listen", "", "--grace", "1s", "--drain", "0s"}, args...)); err != nil {
 		t.Fatal(err)
 	}
+	if setup != nil {
+		setup(&c.Serve)
+	}
+	if log == nil {
+		log = slog.New(slog.NewTextHandler(io.Discard, nil))
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() { done <- c.Serve.Run(ctx, slog.New(slog.NewTextHandler(io.Discard, nil))) }()
+	go func() { done <- c.Serve.Run(ctx, log) }()
 	t.Cleanup(func() {
 		cancel()
 		if err := <-done; err != nil {
