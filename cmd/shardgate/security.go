@@ -140,7 +140,8 @@ func checkJWKSURL(raw string) error {
 }
 
 // limiter builds the rate limiter, or nil when --limit-redis is empty. A
-// Redis that is down at start is not fatal: the limiter starts in memory.
+// Redis that is down at start is not fatal: the limiter starts in memory
+// and connects once Redis answers.
 func (f guardFlags) limiter(log *slog.Logger) (*ratelimit.Limiter, func(), error) {
 	if f.LimitRedis == "" {
 		log.Info("rate limits off (no --limit-redis)")
@@ -150,19 +151,13 @@ func (f guardFlags) limiter(log *slog.Logger) (*ratelimit.Limiter, func(), error
 	if err != nil {
 		return nil, nil, fmt.Errorf("--limits: %w", err)
 	}
-	var client rueidis.Client
-	client, err = rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{f.LimitRedis}, DisableCache: true})
-	if err != nil {
-		log.Warn("rate limiter: Redis unreachable at start; limiting in this instance's memory only", "err", err)
-		client = nil
-	}
-	lim := ratelimit.New(ratelimit.Options{Redis: client, Prefix: f.LimitPrefix, Rates: rates, Logger: log})
+	opt := rueidis.ClientOption{InitAddress: []string{f.LimitRedis}, DisableCache: true}
+	lim := ratelimit.New(ratelimit.Options{
+		Connect: func() (rueidis.Client, error) { return rueidis.NewClient(opt) },
+		Prefix:  f.LimitPrefix, Rates: rates, Logger: log,
+	})
 	log.Info("rate limits on", "limits", f.Limits, "redis", f.LimitRedis)
-	return lim, func() {
-		if client != nil {
-			client.Close()
-		}
-	}, nil
+	return lim, lim.Close, nil
 }
 
 // devKeyPath is where dev mode keeps its token signing key unless told.
