@@ -8,7 +8,6 @@ import (
 	"log/slog"
 	"slices"
 	"sort"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -25,6 +24,9 @@ var quiet = slog.New(slog.NewTextHandler(io.Discard, nil))
 func newTestCache(t testing.TB, addr, prefix string, o Options) *Cache {
 	t.Helper()
 	o.Prefix = prefix
+	if o.MACKey == nil {
+		o.MACKey = testMACKey // shared, as by the instances of one cluster
+	}
 	if o.Logger == nil {
 		o.Logger = quiet
 	}
@@ -584,6 +586,7 @@ func TestBreaker(t *testing.T) {
 
 func TestEncodeRoundTrip(t *testing.T) {
 	at := time.Unix(1700000000, 123456789)
+	until := time.UnixMilli(1700000600123)
 	for _, e := range []Entry{
 		{},
 		{TooLarge: true},
@@ -591,15 +594,50 @@ func TestEncodeRoundTrip(t *testing.T) {
 		{Found: true, Value: `"x"`, Version: 1 << 40},
 		{Found: true, List: []Entry{{Found: true, Key: "a", Value: "1", Version: 1, UpdatedAt: at}, {Found: true, Key: "b", Value: "[]", Version: 2}}},
 	} {
-		got, err := decode(encode(e))
-		if err != nil || !entryEqual(got, e) {
-			t.Fatalf("round trip of %+v = %+v, %v", e, got, err)
+		got, gotUntil, err := decode(string(encode(e, until)))
+		if err != nil || !entryEqual(got, e) || !gotUntil.Equal(until) {
+			t.Fatalf("round trip of %+v = %+v until %v, %v", e, got, gotUntil, err)
 		}
 	}
-	for _, bad := range []string{"", "\x01", "\x02N", "\x01N?", "\x01Z", "\x01V", "\x01V\x02\x00\x00\x05ab", "\x00lease"} {
-		if _, err := decode(bad); err == nil {
+	for _, bad := range []string{"", "\x02", "\x02N", "\x02N\x01?", "\x02Z\x01", "\x02V\x01", "\x02V\x01\x02\x00\x00\x05ab", "\x00lease",
+		"\x01V\x02\x00\x00\x00\x00\x00"} {
+		if _, _, err := decode(bad); err == nil {
 			t.Fatalf("decode(%q) accepted", bad)
 		}
+	}
+}
+
+var testMACKey = []byte("0123456789abcdef0123456789abcdef")
+
+// An entry is served only under the MAC key and Redis key it was sealed
+// with, and only until the validity it was sealed with.
+func TestSealOpen(t *testing.T) {
+	m := newMACer(testMACKey)
+	now := time.Now()
+	e := Entry{Found: true, Owner: "bob", Value: `{"role":"user"}`, Version: 3, ExpiresAt: now.Add(time.Hour)}
+	s := m.seal("p:s:aa", e, now.Add(time.Minute))
+	if got, err := m.open("p:s:aa", s, now); err != nil || !entryEqual(got, e) {
+		t.Fatalf("open = %+v, %v", got, err)
+	}
+	other := newMACer([]byte("another key, just as long as one"))
+	forged := Entry{Found: true, Owner: "bob", Value: `{"role":"admin"}`, Version: 3, ExpiresAt: now.Add(time.Hour)}
+	flipped := []byte(s)
+	flipped[len(flipped)-macSize-3] ^= 1
+	for name, c := range map[string]struct{ key, s string }{
+		"other Redis key": {"p:s:bb", s},
+		"other MAC key":   {"p:s:aa", other.seal("p:s:aa", e, now.Add(time.Minute))},
+		"unsigned":        {"p:s:aa", string(encode(forged, now.Add(time.Minute)))},
+		"bit flipped":     {"p:s:aa", string(flipped)},
+		"old format":      {"p:s:aa", "\x01N"},
+		"MAC only":        {"p:s:aa", s[len(s)-macSize:]},
+		"empty":           {"p:s:aa", ""},
+	} {
+		if _, err := m.open(c.key, c.s, now); !errors.Is(err, errBadMAC) {
+			t.Errorf("%s: open = %v, want errBadMAC", name, err)
+		}
+	}
+	if _, err := m.open("p:s:aa", s, now.Add(time.Minute+time.Millisecond)); !errors.Is(err, errPastValidity) {
+		t.Errorf("past validity: open = %v", err)
 	}
 }
 
@@ -616,25 +654,37 @@ func entryEqual(a, b Entry) bool {
 	return true
 }
 
-// FuzzDecode: no input panics the decoder; what it accepts re-encodes to
-// an equal entry (and, but for varint spellings, to the same bytes). Seeds
-// are also in testdata/fuzz/FuzzDecode.
+// FuzzDecode: no input panics the decoder or the MAC check; what decode
+// accepts re-encodes to an equal entry; what open accepts is good for one
+// Redis key and one MAC key only. Seeds are also in testdata/fuzz/FuzzDecode.
 func FuzzDecode(f *testing.F) {
 	at := time.Unix(1700000000, 5)
-	f.Add(encode(Entry{}))
-	f.Add(encode(Entry{TooLarge: true}))
-	f.Add(encode(Entry{Found: true, Owner: "u", Value: `{}`, Version: 3, UpdatedAt: at, ExpiresAt: at}))
-	f.Add(encode(Entry{Found: true, List: []Entry{{Key: "k", Value: "1", Version: 1}}}))
+	until := time.UnixMilli(1700000600000)
+	f.Add(string(encode(Entry{}, until)))
+	f.Add(string(encode(Entry{TooLarge: true}, until)))
+	f.Add(string(encode(Entry{Found: true, Owner: "u", Value: `{}`, Version: 3, UpdatedAt: at, ExpiresAt: at}, until)))
+	f.Add(string(encode(Entry{Found: true, List: []Entry{{Key: "k", Value: "1", Version: 1}}}, until)))
+	f.Add(newMACer(testMACKey).seal("k", Entry{Found: true, Owner: "u", Value: `{}`}, until))
 	f.Add("\x00lease")
+	m := newMACer(testMACKey)
 	f.Fuzz(func(t *testing.T, s string) {
-		e, err := decode(s)
+		if _, err := m.open("k", s, at); err == nil {
+			if _, err := m.open("k2", s, at); err == nil {
+				t.Fatalf("open accepted %q under two keys", s)
+			}
+			if _, err := newMACer([]byte("another key, just as long as one")).open("k", s, at); err == nil {
+				t.Fatalf("open accepted %q under two MAC keys", s)
+			}
+		}
+		sealed := m.seal("k", Entry{Found: true, Value: s}, until)
+		if e, err := m.open("k", sealed, at); err != nil || e.Value != s {
+			t.Fatalf("sealed %q opens to %+v, %v", s, e, err)
+		}
+		e, v, err := decode(s)
 		if err != nil {
 			return
 		}
-		if got := encode(e); got != s && !strings.HasPrefix(s, "\x01V") {
-			t.Fatalf("decode(%q) = %+v encodes to %q", s, e, got)
-		}
-		if e2, err := decode(encode(e)); err != nil || !entryEqual(e, e2) {
+		if e2, v2, err := decode(string(encode(e, v))); err != nil || !entryEqual(e, e2) || !v.Equal(v2) {
 			t.Fatalf("re-encoding %+v decodes to %+v, %v", e, e2, err)
 		}
 	})
