@@ -30,7 +30,7 @@ type serveFlags struct {
 	Grace            time.Duration `help:"How long in-flight calls may run after SIGTERM." default:"15s" env:"SHARDGATE_GRACE"`
 	MetricsListen    string        `help:"Address to serve Prometheus metrics on (HTTP, /metrics); empty turns them off." default:"127.0.0.1:9464" env:"SHARDGATE_METRICS_LISTEN"`
 	Pprof            bool          `help:"Also serve Go's profiler (/debug/pprof/) on the metrics address; keep that address private." env:"SHARDGATE_PPROF"`
-	Redis            string        `help:"Redis address (host:port) for the session and config cache and the change events; empty turns both off." default:"127.0.0.1:6379" env:"SHARDGATE_REDIS"`
+	Redis            string        `help:"Redis address (host:port, plaintext) for the session and config cache and the change events, unless --redis-url is given; empty (and no --redis-url) turns both off." default:"127.0.0.1:6379" env:"SHARDGATE_REDIS"`
 	Events           bool          `help:"Publish change events to Redis Streams (outbox relays) and serve Watch; --no-events runs without Redis." default:"true" negatable:"" env:"SHARDGATE_EVENTS"`
 	EventsPrefix     string        `name:"events-prefix" help:"Prefix of the event streams' Redis keys." default:"shardgate:" env:"SHARDGATE_EVENTS_PREFIX"`
 	CachePrefix      string        `name:"cache-prefix" help:"Prefix of the cache's Redis keys, ending with ':'; clusters sharing one Redis need different ones." default:"shardgate:" env:"SHARDGATE_CACHE_PREFIX"`
@@ -41,6 +41,7 @@ type serveFlags struct {
 	TombstoneTTL     time.Duration `name:"tombstone-retention" help:"How long the tombstones of deleted users, items and config values are kept; older ones are pruned each session sweep round. A key created again after its tombstone was pruned continues above its partition's version floor. 0 keeps them for good." default:"168h" env:"SHARDGATE_TOMBSTONE_RETENTION"`
 	Mover            bool          `help:"Run the rebalancing executor here (one instance leads cluster-wide at a time); --no-mover leaves rebalances to other instances." default:"true" negatable:"" env:"SHARDGATE_MOVER"`
 	guardFlags
+	redisFlags
 }
 
 type serveCmd struct {
@@ -63,6 +64,11 @@ func (c *serveCmd) Run(ctx context.Context, log *slog.Logger) error {
 	}
 	if err := checkExposure(c.Listen, loopback, sec, c.Insecure); err != nil {
 		return err
+	}
+	if c.CacheMACKeyFile != "" {
+		if sec.cacheMACKey, err = readMACKey(c.CacheMACKeyFile); err != nil {
+			return err
+		}
 	}
 	if !loopback && (sec.tls == nil || sec.auth == nil) {
 		log.Warn("INSECURE: serving on a non-loopback address without TLS or without auth (--insecure)",
@@ -106,12 +112,12 @@ func (f serveFlags) tombstoneRetention() time.Duration {
 }
 
 // eventsClient connects to Redis for the change events.
-func (f serveFlags) eventsClient() (rueidis.Client, error) {
-	return rueidis.NewClient(rueidis.ClientOption{
-		InitAddress: []string{f.Redis}, DisableCache: true,
-		// One blocking XREAD per watcher, plus room for the relays' pipelines.
-		BlockingPoolSize: max(rueidis.DefaultPoolSize, f.MaxWatchers+16),
-	})
+func (f serveFlags) eventsClient(rc redisConn) (rueidis.Client, error) {
+	opt := rc.opt
+	opt.DisableCache = true
+	// One blocking XREAD per watcher, plus room for the relays' pipelines.
+	opt.BlockingPoolSize = max(rueidis.DefaultPoolSize, f.MaxWatchers+16)
+	return rueidis.NewClient(opt)
 }
 
 // lateClient is a Redis client that may connect after the server started.
@@ -136,7 +142,7 @@ func (l *lateClient) close() {
 
 // connect retries every second until Redis answers, then hands the client
 // to the server, or until ctx ends.
-func (l *lateClient) connect(ctx context.Context, f serveFlags, s *server.Server, log *slog.Logger) {
+func (l *lateClient) connect(ctx context.Context, f serveFlags, redis redisConn, s *server.Server, log *slog.Logger) {
 	t := time.NewTicker(time.Second)
 	defer t.Stop()
 	for {
@@ -145,7 +151,7 @@ func (l *lateClient) connect(ctx context.Context, f serveFlags, s *server.Server
 			return
 		case <-t.C:
 		}
-		rc, err := f.eventsClient()
+		rc, err := f.eventsClient(redis)
 		if err != nil {
 			continue
 		}
@@ -154,7 +160,7 @@ func (l *lateClient) connect(ctx context.Context, f serveFlags, s *server.Server
 			return
 		}
 		l.set(rc)
-		log.Info("change events on: Redis answered", "redis", f.Redis, "prefix", f.EventsPrefix, "stream_maxlen", f.StreamMaxLen)
+		log.Info("change events on: Redis answered", "redis", redis.name, "prefix", f.EventsPrefix, "stream_maxlen", f.StreamMaxLen)
 		return
 	}
 }
@@ -173,17 +179,30 @@ func checkCachePrefix(p string) error {
 // run serves until ctx ends: health turns NOT_SERVING, calls are still
 // taken for drain, then in-flight calls get up to f.Grace.
 func run(ctx context.Context, log *slog.Logger, listen, catalogDSN string, f serveFlags, sec security, drain time.Duration) error {
+	redis, redisOn, err := f.cacheRedis()
+	if err != nil {
+		return err
+	}
+	limitRedis, _, err := f.limitRedis()
+	if err != nil {
+		return err
+	}
+	if err := f.checkTLSUsed(redis, limitRedis); err != nil {
+		return err
+	}
 	var c *cache.Cache
-	if f.Redis != "" {
+	if redisOn {
 		if err := checkCachePrefix(f.CachePrefix); err != nil {
 			return err
 		}
-		var err error
-		if c, err = cache.Dial(f.Redis, cache.Options{Prefix: f.CachePrefix, Logger: log}); err != nil {
-			return fmt.Errorf("cache (--redis; empty turns it off): %w", err)
+		if sec.cacheMACKey == nil {
+			return errNoMACKey
+		}
+		if c, err = cache.DialOptions(redis.opt, cache.Options{Prefix: f.CachePrefix, MACKey: sec.cacheMACKey, Logger: log}); err != nil {
+			return fmt.Errorf("cache (--redis-url or --redis; empty turns it off): %w", err)
 		}
 		defer c.Close() // after the server: its last writes still invalidate
-		log.Info("cache on", "redis", f.Redis)
+		log.Info("cache on", "redis", redis.name, "tls", redis.opt.TLSConfig != nil, "auth", redis.opt.Password != "")
 	} else {
 		log.Warn("cache off (--redis is empty): every read goes to PostgreSQL")
 	}
@@ -211,19 +230,19 @@ func run(ctx context.Context, log *slog.Logger, listen, catalogDSN string, f ser
 	switch {
 	case !f.Events:
 		log.Warn("change events off (--no-events): no relay runs here and Watch answers FAILED_PRECONDITION; " + piling)
-	case f.Redis == "":
+	case !redisOn:
 		log.Warn("change events off (--redis is empty): no relay runs and Watch answers FAILED_PRECONDITION; " + piling)
 	case f.Events:
 		opts.RunRelays = true
-		rc, err := f.eventsClient()
+		rc, err := f.eventsClient(redis)
 		if err != nil {
-			log.Warn("change events wait for Redis: relays start and Watch opens once it answers", "redis", f.Redis, "err", err)
+			log.Warn("change events wait for Redis: relays start and Watch opens once it answers", "redis", redis.name, "err", err)
 			connectLater = true
 			break
 		}
 		opts.Redis = rc
 		evRedis.set(rc)
-		log.Info("change events on", "redis", f.Redis, "prefix", f.EventsPrefix, "stream_maxlen", f.StreamMaxLen)
+		log.Info("change events on", "redis", redis.name, "prefix", f.EventsPrefix, "stream_maxlen", f.StreamMaxLen)
 	}
 	s, err := server.New(ctx, catalogDSN, opts)
 	if err != nil {
@@ -239,7 +258,7 @@ func run(ctx context.Context, log *slog.Logger, listen, catalogDSN string, f ser
 	if connectLater {
 		loopCtx, stopLoop := context.WithCancel(ctx)
 		var loop sync.WaitGroup
-		loop.Go(func() { evRedis.connect(loopCtx, f, s, log) })
+		loop.Go(func() { evRedis.connect(loopCtx, f, redis, s, log) })
 		defer loop.Wait()
 		defer stopLoop()
 	}
@@ -253,7 +272,7 @@ func run(ctx context.Context, log *slog.Logger, listen, catalogDSN string, f ser
 	watch.Go(func() { s.WatchTopology(watchCtx) })
 	defer watch.Wait()
 	defer stopWatch()
-	lim, closeLimiter, err := f.limiter(log)
+	lim, closeLimiter, err := f.limiter(limitRedis, log)
 	if err != nil {
 		return err
 	}

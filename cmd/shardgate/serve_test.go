@@ -26,6 +26,13 @@ import (
 // returns a client of it; the server stops when the test ends.
 func serve(t *testing.T, args ...string) pb.DataServiceClient {
 	t.Helper()
+	return serveTo(t, io.Discard, args...)
+}
+
+// serveTo is serve logging to w.
+func serveTo(t *testing.T, w io.Writer, args ...string) pb.DataServiceClient {
+	t.Helper()
+	args = append([]string{"--cache-mac-key-file", testMACKeyFile(t)}, args...)
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -42,7 +49,7 @@ func serve(t *testing.T, args ...string) pb.DataServiceClient {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() { done <- c.Serve.Run(ctx, slog.New(slog.NewTextHandler(io.Discard, nil))) }()
+	go func() { done <- c.Serve.Run(ctx, slog.New(slog.NewTextHandler(w, nil))) }()
 	t.Cleanup(func() {
 		cancel()
 		if err := <-done; err != nil {
