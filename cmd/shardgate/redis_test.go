@@ -29,6 +29,7 @@ import (
 	"github.com/shardgate/shardgate/internal/testenv"
 	pb "github.com/shardgate/shardgate/proto/shardgate/v1"
 	"github.com/shardgate/shardgate/ratelimit"
+	"github.com/shardgate/shardgate/server"
 	"github.com/shardgate/shardgate/router"
 )
 
@@ -360,4 +361,27 @@ func TestLimiterUsesRedisThatCameUpLater(t *testing.T) {
 		n, err := raw.Do(ctx, raw.B().Exists().Key("sgtest:rl:write:p").Build()).AsInt64()
 		return err == nil && n == 1
 	})
+}
+
+func TestUserSessionFlags(t *testing.T) {
+	schema := filepath.Join(t.TempDir(), "schema.json")
+	os.WriteFile(schema, []byte(`{"type":"object"}`), 0o600)
+	flags := serveAndDevFlags(t, []string{"--user-session-max-ttl", "2h", "--user-session-schema", schema})
+	for cmd, f := range flags {
+		var o server.Options
+		if err := f.userSessionFlags.apply(&o); err != nil || o.UserSessionMaxTTL != 2*time.Hour || o.UserSessionSchema != `{"type":"object"}` {
+			t.Errorf("%s: %+v, %v", cmd, o, err)
+		}
+	}
+	for _, bad := range []userSessionFlags{{UserSessionMaxTTL: 0}, {UserSessionMaxTTL: 366 * 24 * time.Hour},
+		{UserSessionMaxTTL: time.Hour, UserSessionSchema: filepath.Join(t.TempDir(), "none.json")}} {
+		if err := bad.apply(new(server.Options)); err == nil {
+			t.Errorf("%+v accepted", bad)
+		}
+	}
+	var def cli
+	p, _ := kong.New(&def, kong.Name("shardgate"))
+	if _, err := p.Parse([]string{"serve", "--catalog", "x"}); err != nil || def.Serve.UserSessionMaxTTL != 24*time.Hour {
+		t.Fatalf("default: %v %v", def.Serve.UserSessionMaxTTL, err)
+	}
 }

@@ -42,6 +42,7 @@ type serveFlags struct {
 	Mover            bool          `help:"Run the rebalancing executor here (one instance leads cluster-wide at a time); --no-mover leaves rebalances to other instances." default:"true" negatable:"" env:"SHARDGATE_MOVER"`
 	guardFlags
 	redisFlags
+	userSessionFlags
 }
 
 type serveCmd struct {
@@ -219,6 +220,9 @@ func run(ctx context.Context, log *slog.Logger, listen, catalogDSN string, f ser
 		SweepInterval:      f.sweepInterval(),
 		TombstoneRetention: f.tombstoneRetention(),
 		RunMover:           f.Mover,
+	}
+	if err := f.userSessionFlags.apply(&opts); err != nil {
+		return err
 	}
 	// The events' Redis client: connected now or, if Redis does not answer
 	// yet, by a loop that attaches it once it does; the server serves
