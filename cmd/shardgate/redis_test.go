@@ -29,8 +29,8 @@ import (
 	"github.com/shardgate/shardgate/internal/testenv"
 	pb "github.com/shardgate/shardgate/proto/shardgate/v1"
 	"github.com/shardgate/shardgate/ratelimit"
-	"github.com/shardgate/shardgate/server"
 	"github.com/shardgate/shardgate/router"
+	"github.com/shardgate/shardgate/server"
 )
 
 // testMACKeyFile writes a cache MAC key for serve.
