@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"slices"
 	"sort"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -741,5 +742,35 @@ func TestDialWhileRedisDown(t *testing.T) {
 		}
 		mustGet(t, c, k, s)
 		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// BenchmarkOpen is the MAC check and decode every hit pays: a session, and
+// a namespace list at the 1 MiB cap.
+func BenchmarkOpen(b *testing.B) {
+	m := newMACer(testMACKey)
+	until := time.Now().Add(time.Hour)
+	big := Entry{Found: true}
+	for i := range 1000 {
+		big.List = append(big.List, Entry{Found: true, Key: fmt.Sprintf("key-%04d", i), Value: strings.Repeat("x", 1000), Version: 1})
+	}
+	for _, c := range []struct {
+		name string
+		e    Entry
+	}{
+		{"session", Entry{Found: true, Owner: "bench-user", Value: `{"ip":"10.0.0.7","ua":"bench"}`, Version: 3, ExpiresAt: until}},
+		{"list-1MiB", big},
+	} {
+		s := m.seal("shardgate:s:0123456789abcdef0123456789abcdef", c.e, until)
+		b.Run(c.name, func(b *testing.B) {
+			b.SetBytes(int64(len(s)))
+			b.ReportAllocs()
+			now := time.Now()
+			for b.Loop() {
+				if _, err := m.open("shardgate:s:0123456789abcdef0123456789abcdef", s, now); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
 	}
 }

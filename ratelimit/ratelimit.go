@@ -121,7 +121,8 @@ type Limiter struct {
 	dialing    atomic.Bool                 // a Connect call is under way
 	dialFailed atomic.Bool                 // a Connect call failed (logged once)
 	dialAt     atomic.Int64                // unix nanos: no Connect call before then
-	closed     chan struct{}
+	life       sync.Mutex                  // orders Close against starting a Connect call
+	closed     bool                        // under life
 	dials      sync.WaitGroup
 	degraded   atomic.Bool
 	retryAt    atomic.Int64 // unix nanos: until then, use memory
@@ -148,7 +149,7 @@ func New(o Options) *Limiter {
 	if o.Logger == nil {
 		o.Logger = slog.Default()
 	}
-	l := &Limiter{o: o, mem: map[string]int64{}, leases: map[string]lease{}, closed: make(chan struct{})}
+	l := &Limiter{o: o, mem: map[string]int64{}, leases: map[string]lease{}}
 	l.fallbacks = prometheus.NewCounter(prometheus.CounterOpts{
 		Name: "shardgate_ratelimit_memory_checks_total",
 		Help: "Rate-limit checks answered by the in-memory fallback because Redis failed.",
@@ -169,26 +170,21 @@ func New(o Options) *Limiter {
 type redisClient struct{ rueidis.Client }
 
 // connect calls Options.Connect in the background, unless one call is
-// under way or the last failed less than Retry ago.
+// under way, the last failed less than Retry ago, or the limiter is closed.
 func (l *Limiter) connect() {
 	if l.o.Connect == nil || time.Now().UnixNano() < l.dialAt.Load() || !l.dialing.CompareAndSwap(false, true) {
 		return
 	}
-	select {
-	case <-l.closed:
+	l.life.Lock()
+	defer l.life.Unlock()
+	if l.closed {
 		l.dialing.Store(false)
 		return
-	default:
 	}
 	l.dials.Add(1)
 	go func() {
 		defer l.dials.Done()
 		defer l.dialing.Store(false)
-		select {
-		case <-l.closed:
-			return
-		default:
-		}
 		rc, err := l.o.Connect()
 		if err != nil {
 			l.dialAt.Store(time.Now().Add(l.o.Retry).UnixNano())
@@ -197,28 +193,29 @@ func (l *Limiter) connect() {
 			}
 			return
 		}
-		select {
-		case <-l.closed:
+		l.life.Lock()
+		defer l.life.Unlock()
+		if l.closed {
 			rc.Close()
 			return
-		default:
 		}
 		l.redis.Store(&redisClient{rc})
 		l.o.Logger.Info("rate limiter: connected to Redis; buckets are shared")
 	}()
 }
 
-// Close stops connecting and closes the client Connect made. Options.Redis
-// stays the caller's.
+// Close stops connecting and closes the client Connect made (Options.Redis
+// stays the caller's). Checks after Close use memory only.
 func (l *Limiter) Close() {
-	select {
-	case <-l.closed:
+	l.life.Lock()
+	if l.closed {
+		l.life.Unlock()
 		return
-	default:
 	}
-	close(l.closed)
+	l.closed = true
+	l.life.Unlock()
 	l.dials.Wait()
-	if rc := l.redis.Load(); rc != nil && l.o.Redis == nil {
+	if rc := l.redis.Swap(nil); rc != nil && l.o.Redis == nil {
 		rc.Close()
 	}
 }
