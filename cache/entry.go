@@ -9,6 +9,7 @@ import (
 	"hash"
 	"sync"
 	"time"
+	"unsafe"
 )
 
 // Entry is what the cache holds for one key: a value (a session, a config
@@ -71,15 +72,15 @@ type macer struct{ pool sync.Pool }
 
 type macState struct {
 	h   hash.Hash
-	buf []byte
 	sum []byte
+	n   []byte // the key's length prefix
 }
 
 func newMACer(key []byte) *macer {
 	k := append([]byte(nil), key...)
 	m := &macer{}
 	m.pool.New = func() any {
-		return &macState{h: hmac.New(sha256.New, k), sum: make([]byte, 0, macSize)}
+		return &macState{h: hmac.New(sha256.New, k), sum: make([]byte, 0, macSize), n: make([]byte, 0, binary.MaxVarintLen64)}
 	}
 	return m
 }
@@ -95,16 +96,16 @@ func randomMACKey() []byte {
 // tag appends the MAC of body stored under key to dst.
 func (m *macer) tag(dst []byte, key, body string) []byte {
 	st := m.pool.Get().(*macState)
-	st.buf = binary.AppendUvarint(st.buf[:0], uint64(len(key)))
-	st.buf = append(st.buf, key...)
-	st.buf = append(st.buf, body...)
 	st.h.Reset()
-	st.h.Write(st.buf)
+	st.n = binary.AppendUvarint(st.n[:0], uint64(len(key)))
+	st.h.Write(st.n)
+	// Written in place, not copied: a hash never keeps or changes what
+	// it is given, and a namespace list can be a megabyte.
+	st.h.Write(unsafe.Slice(unsafe.StringData(key), len(key)))
+	st.h.Write(unsafe.Slice(unsafe.StringData(body), len(body)))
 	st.sum = st.h.Sum(st.sum[:0])
 	dst = append(dst, st.sum...)
-	if cap(st.buf) <= 64<<10 { // a huge list's buffer is not kept
-		m.pool.Put(st)
-	}
+	m.pool.Put(st)
 	return dst
 }
 
