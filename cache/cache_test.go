@@ -617,7 +617,7 @@ func TestSealOpen(t *testing.T) {
 	now := time.Now()
 	e := Entry{Found: true, Owner: "bob", Value: `{"role":"user"}`, Version: 3, ExpiresAt: now.Add(time.Hour)}
 	s := m.seal("p:s:aa", e, now.Add(time.Minute))
-	if got, err := m.open("p:s:aa", s, now); err != nil || !entryEqual(got, e) {
+	if got, err := m.open("p:s:aa", s, now, false); err != nil || !entryEqual(got, e) {
 		t.Fatalf("open = %+v, %v", got, err)
 	}
 	other := newMACer([]byte("another key, just as long as one"))
@@ -633,12 +633,50 @@ func TestSealOpen(t *testing.T) {
 		"MAC only":        {"p:s:aa", s[len(s)-macSize:]},
 		"empty":           {"p:s:aa", ""},
 	} {
-		if _, err := m.open(c.key, c.s, now); !errors.Is(err, errBadMAC) {
+		if _, err := m.open(c.key, c.s, now, false); !errors.Is(err, errBadMAC) {
 			t.Errorf("%s: open = %v, want errBadMAC", name, err)
 		}
 	}
-	if _, err := m.open("p:s:aa", s, now.Add(time.Minute+time.Millisecond)); !errors.Is(err, errPastValidity) {
+	if _, err := m.open("p:s:aa", s, now.Add(time.Minute+time.Millisecond), false); !errors.Is(err, errPastValidity) {
 		t.Errorf("past validity: open = %v", err)
+	}
+}
+
+// A memory copy handed out again (the same string) is not checked again;
+// any other string is, even with the same bytes or under the same key.
+func TestOpenRemembersVerifiedCopies(t *testing.T) {
+	m := newMACer(testMACKey)
+	now := time.Now()
+	e := Entry{Found: true, Owner: "bob", Value: `{"role":"user"}`, Version: 3}
+	s := m.seal("p:s:aa", e, now.Add(time.Minute))
+	open := func(key, s string, now time.Time) error {
+		_, err := m.open(key, s, now, true)
+		return err
+	}
+	before := m.computed.Load()
+	for range 3 {
+		if err := open("p:s:aa", s, now); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := m.computed.Load() - before; n != 1 {
+		t.Fatalf("%d MACs computed for one string read three times, want 1", n)
+	}
+	same := strings.Clone(s) // the same bytes, another string
+	before = m.computed.Load()
+	if err := open("p:s:aa", same, now); err != nil || m.computed.Load()-before != 1 {
+		t.Fatalf("a copy of the bytes: %v, %d computed", err, m.computed.Load()-before)
+	}
+	forged := []byte(s)
+	forged[len(forged)-macSize-3] ^= 1
+	if err := open("p:s:aa", string(forged), now); !errors.Is(err, errBadMAC) {
+		t.Fatalf("forged bytes under a remembered key: %v", err)
+	}
+	if err := open("p:s:bb", same, now); !errors.Is(err, errBadMAC) {
+		t.Fatalf("a remembered string under another key: %v", err)
+	}
+	if err := open("p:s:aa", same, now.Add(2*time.Minute)); !errors.Is(err, errPastValidity) {
+		t.Fatalf("a remembered string past its validity: %v", err)
 	}
 }
 
@@ -669,16 +707,21 @@ func FuzzDecode(f *testing.F) {
 	f.Add("\x00lease")
 	m := newMACer(testMACKey)
 	f.Fuzz(func(t *testing.T, s string) {
-		if _, err := m.open("k", s, at); err == nil {
-			if _, err := m.open("k2", s, at); err == nil {
+		if _, err := m.open("k", s, at, false); err == nil {
+			if _, err := m.open("k2", s, at, false); err == nil {
 				t.Fatalf("open accepted %q under two keys", s)
 			}
-			if _, err := newMACer([]byte("another key, just as long as one")).open("k", s, at); err == nil {
+			if _, err := newMACer([]byte("another key, just as long as one")).open("k", s, at, false); err == nil {
 				t.Fatalf("open accepted %q under two MAC keys", s)
 			}
 		}
+		if _, err := m.open("k", s, at, true); err == nil {
+			if _, err := m.open("k2", s, at, true); err == nil {
+				t.Fatalf("open accepted %q under two keys", s)
+			}
+		}
 		sealed := m.seal("k", Entry{Found: true, Value: s}, until)
-		if e, err := m.open("k", sealed, at); err != nil || e.Value != s {
+		if e, err := m.open("k", sealed, at, false); err != nil || e.Value != s {
 			t.Fatalf("sealed %q opens to %+v, %v", s, e, err)
 		}
 		e, v, err := decode(s)
@@ -772,15 +815,21 @@ func BenchmarkOpen(b *testing.B) {
 				}
 			}
 		})
-		b.Run(c.name, func(b *testing.B) {
-			b.SetBytes(int64(len(s)))
-			b.ReportAllocs()
-			now := time.Now()
-			for b.Loop() {
-				if _, err := m.open("shardgate:s:0123456789abcdef0123456789abcdef", s, now); err != nil {
-					b.Fatal(err)
-				}
+		for _, again := range []bool{false, true} {
+			name := c.name // as read from Redis
+			if again {
+				name += "/memory-copy" // the same string handed out again
 			}
-		})
+			b.Run(name, func(b *testing.B) {
+				b.SetBytes(int64(len(s)))
+				b.ReportAllocs()
+				now := time.Now()
+				for b.Loop() {
+					if _, err := m.open("shardgate:s:0123456789abcdef0123456789abcdef", s, now, again); err != nil {
+						b.Fatal(err)
+					}
+				}
+			})
+		}
 	}
 }

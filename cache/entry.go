@@ -7,7 +7,9 @@ import (
 	"encoding/binary"
 	"errors"
 	"hash"
+	"hash/maphash"
 	"sync"
+	"sync/atomic"
 	"time"
 	"unsafe"
 )
@@ -68,7 +70,30 @@ const macSize = sha256.Size
 // macer computes entry MACs: HMAC-SHA256 under the shared key, over the
 // Redis key (length-prefixed) and the encoded entry, so an entry is only
 // good for the key it was written to.
-type macer struct{ pool sync.Pool }
+type macer struct {
+	pool sync.Pool
+	seed maphash.Seed
+	// small and large remember entries whose MAC passed, one per slot by
+	// the key's hash (large: entries over largeEntry bytes, fewer slots so
+	// they pin at most a few MB). rueidis hands a memory copy out as the
+	// very string it read from Redis, into a buffer of its own that nothing
+	// changes, so when the same string is handed out again its MAC need not
+	// be computed again (what a namespace list of a megabyte costs). The
+	// slot holds the string, so its memory cannot be reused for other bytes
+	// while the pointer is compared against.
+	small [smallSlots]atomic.Pointer[verified]
+	large [largeSlots]atomic.Pointer[verified]
+	// computed counts MAC computations (tests).
+	computed atomic.Int64
+}
+
+type verified struct{ key, s string }
+
+const (
+	smallSlots = 4096
+	largeSlots = 16
+	largeEntry = 64 << 10
+)
 
 type macState struct {
 	h   hash.Hash
@@ -78,7 +103,7 @@ type macState struct {
 
 func newMACer(key []byte) *macer {
 	k := append([]byte(nil), key...)
-	m := &macer{}
+	m := &macer{seed: maphash.MakeSeed()}
 	m.pool.New = func() any {
 		return &macState{h: hmac.New(sha256.New, k), sum: make([]byte, 0, macSize), n: make([]byte, 0, binary.MaxVarintLen64)}
 	}
@@ -95,6 +120,7 @@ func randomMACKey() []byte {
 
 // tag appends the MAC of body stored under key to dst.
 func (m *macer) tag(dst []byte, key, body string) []byte {
+	m.computed.Add(1)
 	st := m.pool.Get().(*macState)
 	st.h.Reset()
 	st.n = binary.AppendUvarint(st.n[:0], uint64(len(key)))
@@ -116,15 +142,30 @@ func (m *macer) seal(key string, e Entry, validUntil time.Time) string {
 }
 
 // open verifies and decodes an entry read from key. Strings in the result
-// share s's memory.
-func (m *macer) open(key, s string, now time.Time) (Entry, error) {
+// share s's memory. With remember, s is a string rueidis may hand out
+// again from memory (DoCache): once its MAC passed, the same string is not
+// checked again, only its validity.
+func (m *macer) open(key, s string, now time.Time, remember bool) (Entry, error) {
 	if len(s) < macSize+2 || s[0] != formatByte {
 		return Entry{}, errBadMAC // not of this format: unsigned
 	}
 	body, mac := s[:len(s)-macSize], s[len(s)-macSize:]
-	var want [macSize]byte
-	if !hmac.Equal(m.tag(want[:0], key, body), []byte(mac)) {
-		return Entry{}, errBadMAC
+	var slot *atomic.Pointer[verified]
+	known := false
+	if remember {
+		if len(s) > largeEntry {
+			slot = &m.large[maphash.String(m.seed, key)%largeSlots]
+		} else {
+			slot = &m.small[maphash.String(m.seed, key)%smallSlots]
+		}
+		v := slot.Load()
+		known = v != nil && unsafe.StringData(v.s) == unsafe.StringData(s) && len(v.s) == len(s) && v.key == key
+	}
+	if !known {
+		var want [macSize]byte
+		if !hmac.Equal(m.tag(want[:0], key, body), []byte(mac)) {
+			return Entry{}, errBadMAC
+		}
 	}
 	e, validUntil, err := decode(body)
 	if err != nil {
@@ -132,6 +173,9 @@ func (m *macer) open(key, s string, now time.Time) (Entry, error) {
 	}
 	if now.After(validUntil) {
 		return Entry{}, errPastValidity
+	}
+	if slot != nil && !known {
+		slot.Store(&verified{key: key, s: s})
 	}
 	return e, nil
 }

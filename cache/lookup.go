@@ -100,7 +100,7 @@ func (c *Cache) lookup(ctx context.Context, key string, now time.Time) (Entry, l
 		c.stats.misses.Add(1)
 		return Entry{}, stateMiss, nil
 	}
-	e, err := c.mac.open(key, s, now)
+	e, err := c.mac.open(key, s, now, trust)
 	if err != nil {
 		// Not served: fill replaces it (acquireLua, fillLeased).
 		c.rejected(key, err)
@@ -228,7 +228,7 @@ func (c *Cache) fillLeased(ctx context.Context, key string, ttl time.Duration, l
 		}
 		if len(v) > 0 && v[0] != leaseByte {
 			now := time.Now()
-			e, err := c.mac.open(key, v, now)
+			e, err := c.mac.open(key, v, now, false)
 			if err == nil {
 				c.stats.redisHits.Add(1)
 				return fillResult{e: live(e, now), confirmed: true}

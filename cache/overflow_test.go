@@ -143,7 +143,7 @@ func TestOverflow(t *testing.T) {
 	}
 	for _, k := range append([]string{sk, lk}, keys...) {
 		if v, ok := rawGet(t, raw, k); ok {
-			if e, err := a.mac.open(k, v, time.Now()); err != nil || e.Version != 2 {
+			if e, err := a.mac.open(k, v, time.Now(), false); err != nil || e.Version != 2 {
 				t.Fatalf("%s in Redis after the flush: %q", k, v)
 			}
 		}
