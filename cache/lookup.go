@@ -184,8 +184,8 @@ const (
 	// acquireLua returns the key's value if it holds an entry (of format
 	// 2, see formatByte) or a lease; anything else (not ours, or from an
 	// incompatible version) is overwritten like an empty key, so it cannot
-	// stall readers. Otherwise it
-	// stores the caller's lease (ARGV[1]) for ARGV[2] ms and returns it.
+	// stall readers. Otherwise it stores the caller's lease (ARGV[1]) for
+	// ARGV[2] ms and returns it.
 	acquireLua = `
 local v = redis.call('GET', KEYS[1])
 if v then
@@ -297,16 +297,15 @@ func (c *Cache) releaseLease(ctx context.Context, key, lease string) error {
 // rejected counts an entry read from Redis that may not be served, and
 // warns at most once a minute.
 func (c *Cache) rejected(key string, err error) {
-	reason := "bad MAC"
 	if errors.Is(err, errPastValidity) {
 		c.stats.pastValidity.Add(1)
-		reason = "past its validity"
 	} else {
 		c.stats.rejected.Add(1)
 	}
 	now := time.Now().UnixNano()
 	if last := c.rejectLogged.Load(); now-last > int64(time.Minute) && c.rejectLogged.CompareAndSwap(last, now) {
-		c.opts.Logger.Warn("cache: entry in Redis not served ("+reason+"); reading the database and replacing it. Forged, written by an instance with another --cache-mac-key-file, or replayed", "key", key)
+		c.opts.Logger.Warn("cache: entry in Redis not served; reading the database and replacing it (forged, written with another MAC key or by another version, or replayed)",
+			"key", key, "err", err)
 	}
 }
 
