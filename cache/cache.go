@@ -72,7 +72,8 @@ type Options struct {
 	// Redis connection (default rueidis's, 128 MiB); least recently used
 	// copies go first.
 	LocalCacheBytes int
-	// MACKey (at least MACKeySize bytes) keys the HMAC-SHA256 every entry
+	// MACKey (at least MACKeySize bytes; Dial refuses fewer) keys the
+	// HMAC-SHA256 every entry
 	// carries; every process sharing the cache's keys must use the same
 	// one. An entry that fails it (forged, copied from another key, or
 	// written with another key) is not served: it reads as a miss, is

@@ -28,6 +28,9 @@ func Dial(addr string, opts Options) (*Cache, error) {
 // database, TLS: what rueidis.ParseURL fills in). The cache sets the
 // client's invalidation receiver, timeouts and local cache size itself.
 func DialOptions(base rueidis.ClientOption, opts Options) (*Cache, error) {
+	if opts.MACKey != nil && len(opts.MACKey) < MACKeySize {
+		return nil, fmt.Errorf("cache: MAC key of %d bytes; want at least %d", len(opts.MACKey), MACKeySize)
+	}
 	if opts.Invalidations == nil {
 		opts.Invalidations = new(Invalidations)
 	}
