@@ -73,9 +73,8 @@ type Options struct {
 	// copies go first.
 	LocalCacheBytes int
 	// MACKey (at least MACKeySize bytes; Dial refuses fewer) keys the
-	// HMAC-SHA256 every entry
-	// carries; every process sharing the cache's keys must use the same
-	// one. An entry that fails it (forged, copied from another key, or
+	// HMAC-SHA256 every entry carries; every process sharing the cache's
+	// keys must use the same one. An entry that fails it (forged, copied from another key, or
 	// written with another key) is not served: it reads as a miss, is
 	// replaced, and is counted (Stats.Rejected). Nil: a random key of this
 	// cache's own, so entries written by other processes are rejected
