@@ -72,6 +72,14 @@ type Options struct {
 	// Redis connection (default rueidis's, 128 MiB); least recently used
 	// copies go first.
 	LocalCacheBytes int
+	// MACKey (at least MACKeySize bytes; Dial refuses fewer) keys the
+	// HMAC-SHA256 every entry carries; every process sharing the cache's
+	// keys must use the same one. An entry that fails it (forged, copied from another key, or
+	// written with another key) is not served: it reads as a miss, is
+	// replaced, and is counted (Stats.Rejected). Nil: a random key of this
+	// cache's own, so entries written by other processes are rejected
+	// (fine for one process, such as dev mode or a test).
+	MACKey []byte
 	// Invalidations, if set, is the receiver given to the rueidis client
 	// as ClientOption.OnInvalidations; the cache then counts the
 	// invalidations it receives. Dial sets it up.
@@ -173,6 +181,10 @@ type Cache struct {
 	uncachedUntil atomic.Int64
 
 	stats stats
+	mac   *macer
+	// rejectLogged (Unix ns): the last warning about a rejected entry,
+	// so a flood of forged entries does not flood the log.
+	rejectLogged atomic.Int64
 
 	acquire, store, release *rueidis.Lua
 
@@ -204,6 +216,11 @@ func newCache(opts Options) *Cache {
 		store:   rueidis.NewLuaScript(storeLua),
 		release: rueidis.NewLuaScript(releaseLua),
 	}
+	key := opts.MACKey
+	if key == nil {
+		key = randomMACKey()
+	}
+	c.mac = newMACer(key)
 	c.floors.cur, c.floors.old = make(map[string]floor), make(map[string]floor)
 	if opts.Invalidations != nil {
 		opts.Invalidations.c.Store(c)

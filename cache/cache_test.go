@@ -25,6 +25,9 @@ var quiet = slog.New(slog.NewTextHandler(io.Discard, nil))
 func newTestCache(t testing.TB, addr, prefix string, o Options) *Cache {
 	t.Helper()
 	o.Prefix = prefix
+	if o.MACKey == nil {
+		o.MACKey = testMACKey // shared, as by the instances of one cluster
+	}
 	if o.Logger == nil {
 		o.Logger = quiet
 	}
@@ -584,6 +587,7 @@ func TestBreaker(t *testing.T) {
 
 func TestEncodeRoundTrip(t *testing.T) {
 	at := time.Unix(1700000000, 123456789)
+	until := time.UnixMilli(1700000600123)
 	for _, e := range []Entry{
 		{},
 		{TooLarge: true},
@@ -591,15 +595,88 @@ func TestEncodeRoundTrip(t *testing.T) {
 		{Found: true, Value: `"x"`, Version: 1 << 40},
 		{Found: true, List: []Entry{{Found: true, Key: "a", Value: "1", Version: 1, UpdatedAt: at}, {Found: true, Key: "b", Value: "[]", Version: 2}}},
 	} {
-		got, err := decode(encode(e))
-		if err != nil || !entryEqual(got, e) {
-			t.Fatalf("round trip of %+v = %+v, %v", e, got, err)
+		got, gotUntil, err := decode(string(encode(e, until)))
+		if err != nil || !entryEqual(got, e) || !gotUntil.Equal(until) {
+			t.Fatalf("round trip of %+v = %+v until %v, %v", e, got, gotUntil, err)
 		}
 	}
-	for _, bad := range []string{"", "\x01", "\x02N", "\x01N?", "\x01Z", "\x01V", "\x01V\x02\x00\x00\x05ab", "\x00lease"} {
-		if _, err := decode(bad); err == nil {
+	for _, bad := range []string{"", "\x02", "\x02N", "\x02N\x01?", "\x02Z\x01", "\x02V\x01", "\x02V\x01\x02\x00\x00\x05ab", "\x00lease",
+		"\x01V\x02\x00\x00\x00\x00\x00"} {
+		if _, _, err := decode(bad); err == nil {
 			t.Fatalf("decode(%q) accepted", bad)
 		}
+	}
+}
+
+var testMACKey = []byte("0123456789abcdef0123456789abcdef")
+
+// An entry is served only under the MAC key and Redis key it was sealed
+// with, and only until the validity it was sealed with.
+func TestSealOpen(t *testing.T) {
+	m := newMACer(testMACKey)
+	now := time.Now()
+	e := Entry{Found: true, Owner: "bob", Value: `{"role":"user"}`, Version: 3, ExpiresAt: now.Add(time.Hour)}
+	s := m.seal("p:s:aa", e, now.Add(time.Minute))
+	if got, err := m.open("p:s:aa", s, now, false); err != nil || !entryEqual(got, e) {
+		t.Fatalf("open = %+v, %v", got, err)
+	}
+	other := newMACer([]byte("another key, just as long as one"))
+	forged := Entry{Found: true, Owner: "bob", Value: `{"role":"admin"}`, Version: 3, ExpiresAt: now.Add(time.Hour)}
+	flipped := []byte(s)
+	flipped[len(flipped)-macSize-3] ^= 1
+	for name, c := range map[string]struct{ key, s string }{
+		"other Redis key": {"p:s:bb", s},
+		"other MAC key":   {"p:s:aa", other.seal("p:s:aa", e, now.Add(time.Minute))},
+		"unsigned":        {"p:s:aa", string(encode(forged, now.Add(time.Minute)))},
+		"bit flipped":     {"p:s:aa", string(flipped)},
+		"old format":      {"p:s:aa", "\x01N"},
+		"MAC only":        {"p:s:aa", s[len(s)-macSize:]},
+		"empty":           {"p:s:aa", ""},
+	} {
+		if _, err := m.open(c.key, c.s, now, false); !errors.Is(err, errBadMAC) {
+			t.Errorf("%s: open = %v, want errBadMAC", name, err)
+		}
+	}
+	if _, err := m.open("p:s:aa", s, now.Add(time.Minute+time.Millisecond), false); !errors.Is(err, errPastValidity) {
+		t.Errorf("past validity: open = %v", err)
+	}
+}
+
+// A memory copy handed out again (the same string) is not checked again;
+// any other string is, even with the same bytes or under the same key.
+func TestOpenRemembersVerifiedCopies(t *testing.T) {
+	m := newMACer(testMACKey)
+	now := time.Now()
+	e := Entry{Found: true, Owner: "bob", Value: `{"role":"user"}`, Version: 3}
+	s := m.seal("p:s:aa", e, now.Add(time.Minute))
+	open := func(key, s string, now time.Time) error {
+		_, err := m.open(key, s, now, true)
+		return err
+	}
+	before := m.computed.Load()
+	for range 3 {
+		if err := open("p:s:aa", s, now); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := m.computed.Load() - before; n != 1 {
+		t.Fatalf("%d MACs computed for one string read three times, want 1", n)
+	}
+	same := strings.Clone(s) // the same bytes, another string
+	before = m.computed.Load()
+	if err := open("p:s:aa", same, now); err != nil || m.computed.Load()-before != 1 {
+		t.Fatalf("a copy of the bytes: %v, %d computed", err, m.computed.Load()-before)
+	}
+	forged := []byte(s)
+	forged[len(forged)-macSize-3] ^= 1
+	if err := open("p:s:aa", string(forged), now); !errors.Is(err, errBadMAC) {
+		t.Fatalf("forged bytes under a remembered key: %v", err)
+	}
+	if err := open("p:s:bb", same, now); !errors.Is(err, errBadMAC) {
+		t.Fatalf("a remembered string under another key: %v", err)
+	}
+	if err := open("p:s:aa", same, now.Add(2*time.Minute)); !errors.Is(err, errPastValidity) {
+		t.Fatalf("a remembered string past its validity: %v", err)
 	}
 }
 
@@ -616,25 +693,42 @@ func entryEqual(a, b Entry) bool {
 	return true
 }
 
-// FuzzDecode: no input panics the decoder; what it accepts re-encodes to
-// an equal entry (and, but for varint spellings, to the same bytes). Seeds
-// are also in testdata/fuzz/FuzzDecode.
+// FuzzDecode: no input panics the decoder or the MAC check; what decode
+// accepts re-encodes to an equal entry; what open accepts is good for one
+// Redis key and one MAC key only. Seeds are also in testdata/fuzz/FuzzDecode.
 func FuzzDecode(f *testing.F) {
 	at := time.Unix(1700000000, 5)
-	f.Add(encode(Entry{}))
-	f.Add(encode(Entry{TooLarge: true}))
-	f.Add(encode(Entry{Found: true, Owner: "u", Value: `{}`, Version: 3, UpdatedAt: at, ExpiresAt: at}))
-	f.Add(encode(Entry{Found: true, List: []Entry{{Key: "k", Value: "1", Version: 1}}}))
+	until := time.UnixMilli(1700000600000)
+	f.Add(string(encode(Entry{}, until)))
+	f.Add(string(encode(Entry{TooLarge: true}, until)))
+	f.Add(string(encode(Entry{Found: true, Owner: "u", Value: `{}`, Version: 3, UpdatedAt: at, ExpiresAt: at}, until)))
+	f.Add(string(encode(Entry{Found: true, List: []Entry{{Key: "k", Value: "1", Version: 1}}}, until)))
+	f.Add(newMACer(testMACKey).seal("k", Entry{Found: true, Owner: "u", Value: `{}`}, until))
 	f.Add("\x00lease")
+	m := newMACer(testMACKey)
 	f.Fuzz(func(t *testing.T, s string) {
-		e, err := decode(s)
+		if _, err := m.open("k", s, at, false); err == nil {
+			if _, err := m.open("k2", s, at, false); err == nil {
+				t.Fatalf("open accepted %q under two keys", s)
+			}
+			if _, err := newMACer([]byte("another key, just as long as one")).open("k", s, at, false); err == nil {
+				t.Fatalf("open accepted %q under two MAC keys", s)
+			}
+		}
+		if _, err := m.open("k", s, at, true); err == nil {
+			if _, err := m.open("k2", s, at, true); err == nil {
+				t.Fatalf("open accepted %q under two keys", s)
+			}
+		}
+		sealed := m.seal("k", Entry{Found: true, Value: s}, until)
+		if e, err := m.open("k", sealed, at, false); err != nil || e.Value != s {
+			t.Fatalf("sealed %q opens to %+v, %v", s, e, err)
+		}
+		e, v, err := decode(s)
 		if err != nil {
 			return
 		}
-		if got := encode(e); got != s && !strings.HasPrefix(s, "\x01V") {
-			t.Fatalf("decode(%q) = %+v encodes to %q", s, e, got)
-		}
-		if e2, err := decode(encode(e)); err != nil || !entryEqual(e, e2) {
+		if e2, v2, err := decode(string(encode(e, v))); err != nil || !entryEqual(e, e2) || !v.Equal(v2) {
 			t.Fatalf("re-encoding %+v decodes to %+v, %v", e, e2, err)
 		}
 	})
@@ -691,5 +785,51 @@ func TestDialWhileRedisDown(t *testing.T) {
 		}
 		mustGet(t, c, k, s)
 		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// BenchmarkOpen is the MAC check and decode every hit pays: a session, and
+// a namespace list at the 1 MiB cap.
+func BenchmarkOpen(b *testing.B) {
+	m := newMACer(testMACKey)
+	until := time.Now().Add(time.Hour)
+	big := Entry{Found: true}
+	for i := range 1000 {
+		big.List = append(big.List, Entry{Found: true, Key: fmt.Sprintf("key-%04d", i), Value: strings.Repeat("x", 1000), Version: 1})
+	}
+	for _, c := range []struct {
+		name string
+		e    Entry
+	}{
+		{"session", Entry{Found: true, Owner: "bench-user", Value: `{"ip":"10.0.0.7","ua":"bench"}`, Version: 3, ExpiresAt: until}},
+		{"list-1MiB", big},
+	} {
+		s := m.seal("shardgate:s:0123456789abcdef0123456789abcdef", c.e, until)
+		body := s[:len(s)-macSize]
+		b.Run(c.name+"/decode-only", func(b *testing.B) { // what a hit paid before entries were signed
+			b.SetBytes(int64(len(s)))
+			b.ReportAllocs()
+			for b.Loop() {
+				if _, _, err := decode(body); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+		for _, again := range []bool{false, true} {
+			name := c.name // as read from Redis
+			if again {
+				name += "/memory-copy" // the same string handed out again
+			}
+			b.Run(name, func(b *testing.B) {
+				b.SetBytes(int64(len(s)))
+				b.ReportAllocs()
+				now := time.Now()
+				for b.Loop() {
+					if _, err := m.open("shardgate:s:0123456789abcdef0123456789abcdef", s, now, again); err != nil {
+						b.Fatal(err)
+					}
+				}
+			})
+		}
 	}
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"strings"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -20,18 +21,27 @@ import (
 // queued, so a server can start during a Redis outage. The error is only
 // for options rueidis refuses.
 func Dial(addr string, opts Options) (*Cache, error) {
+	return DialOptions(rueidis.ClientOption{InitAddress: []string{addr}}, opts)
+}
+
+// DialOptions is Dial to the Redis that base describes (address, AUTH,
+// database, TLS: what rueidis.ParseURL fills in). The cache sets the
+// client's invalidation receiver, timeouts and local cache size itself.
+func DialOptions(base rueidis.ClientOption, opts Options) (*Cache, error) {
+	if opts.MACKey != nil && len(opts.MACKey) < MACKeySize {
+		return nil, fmt.Errorf("cache: MAC key of %d bytes; want at least %d", len(opts.MACKey), MACKeySize)
+	}
 	if opts.Invalidations == nil {
 		opts.Invalidations = new(Invalidations)
 	}
 	c := newCache(opts)
 	c.owns = true
-	opt := rueidis.ClientOption{
-		InitAddress:       []string{addr},
-		OnInvalidations:   opts.Invalidations.receive,
-		ConnWriteTimeout:  c.opts.ConnTimeout,
-		CacheSizeEachConn: c.opts.LocalCacheBytes,
-		Dialer:            net.Dialer{Timeout: c.opts.ConnTimeout, KeepAlive: c.opts.ConnTimeout / 2},
-	}
+	opt := base
+	opt.OnInvalidations = opts.Invalidations.receive
+	opt.ConnWriteTimeout = c.opts.ConnTimeout
+	opt.CacheSizeEachConn = c.opts.LocalCacheBytes
+	opt.Dialer = net.Dialer{Timeout: c.opts.ConnTimeout, KeepAlive: c.opts.ConnTimeout / 2}
+	addr := strings.Join(base.InitAddress, ",")
 	client, err := rueidis.NewClient(opt)
 	if err == nil {
 		c.client = client

@@ -12,6 +12,16 @@
 // writer's delete, which removes the lease, makes a loader that read the
 // old value fail to store it.
 //
+// # Signed entries
+//
+// Redis is not trusted: every entry carries an HMAC-SHA256 under
+// Options.MACKey over its Redis key and contents, and the time until which
+// it may be served (its store time plus the TTL it was stored with). An
+// entry that fails either is a miss, is replaced, and is counted
+// (Stats.Rejected, Stats.PastValidity). Binding the key stops a genuine
+// entry being copied under another key; the validity bounds how long a
+// replayed older entry of the same key can be served.
+//
 // # Read-your-writes
 //
 // The process that acknowledged a write never serves an older value

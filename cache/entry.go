@@ -1,9 +1,17 @@
 package cache
 
 import (
+	"crypto/hmac"
+	"crypto/rand"
+	"crypto/sha256"
 	"encoding/binary"
 	"errors"
+	"hash"
+	"hash/maphash"
+	"sync"
+	"sync/atomic"
 	"time"
+	"unsafe"
 )
 
 // Entry is what the cache holds for one key: a value (a session, a config
@@ -24,12 +32,13 @@ type Entry struct {
 	List      []Entry   // a namespace's values, in key order
 }
 
-// Encoded form in Redis: a format byte, a kind byte, then for a value the
-// fields as varints and length-prefixed strings. A lease (a loader's claim
-// on the key) starts with leaseByte instead, so a reader can never mistake
-// one for the other.
+// Encoded form in Redis: a format byte, a kind byte, the time until which
+// the entry may be served (Unix ms, a uvarint), then for a value the fields
+// as varints and length-prefixed strings; last, a MAC (seal). A lease (a
+// loader's claim on the key) starts with leaseByte instead, so a reader
+// can never mistake one for the other.
 const (
-	formatByte = 1
+	formatByte = 2 // 1: before entries carried a MAC and a validity
 	leaseByte  = 0
 
 	kindValue    = 'V'
@@ -41,19 +50,153 @@ const (
 // writes more than MaxListEntries).
 const maxListMembers = 1 << 16
 
-var errCorrupt = errors.New("cache: corrupt entry")
+var (
+	errCorrupt = errors.New("cache: corrupt entry")
+	// errBadMAC: the entry was not written by a process holding the MAC
+	// key, for this key (forged, copied from another key, or written by
+	// an instance with another key or an older version).
+	errBadMAC = errors.New("cache: entry fails its MAC")
+	// errPastValidity: a genuine entry served past the TTL it was stored
+	// with, which Redis should have expired (a replay, or clocks apart).
+	errPastValidity = errors.New("cache: entry past its validity")
+)
 
-// encode returns e's stored form.
-func encode(e Entry) string {
-	b := make([]byte, 0, 32+len(e.Owner)+len(e.Value)+listSize(e.List))
+// MACKeySize is the least MAC key length accepted, in bytes.
+const MACKeySize = 32
+
+// macSize is the length of the HMAC-SHA256 tag at the end of an entry.
+const macSize = sha256.Size
+
+// macer computes entry MACs: HMAC-SHA256 under the shared key, over the
+// Redis key (length-prefixed) and the encoded entry, so an entry is only
+// good for the key it was written to.
+type macer struct {
+	pool sync.Pool
+	seed maphash.Seed
+	// small and large remember entries whose MAC passed, one per slot by
+	// the key's hash (large: entries over largeEntry bytes, fewer slots so
+	// they pin at most a few MB). rueidis hands a memory copy out as the
+	// very string it read from Redis, into a buffer of its own that nothing
+	// changes, so when the same string is handed out again its MAC need not
+	// be computed again (what a namespace list of a megabyte costs). The
+	// slot holds the string, so its memory cannot be reused for other bytes
+	// while the pointer is compared against.
+	small [smallSlots]atomic.Pointer[verified]
+	large [largeSlots]atomic.Pointer[verified]
+	// computed counts MAC computations (tests).
+	computed atomic.Int64
+}
+
+type verified struct{ key, s string }
+
+const (
+	smallSlots = 4096
+	largeSlots = 16
+	largeEntry = 64 << 10
+)
+
+type macState struct {
+	h   hash.Hash
+	sum []byte
+	n   []byte // the key's length prefix
+}
+
+func newMACer(key []byte) *macer {
+	k := append([]byte(nil), key...)
+	m := &macer{seed: maphash.MakeSeed()}
+	m.pool.New = func() any {
+		return &macState{h: hmac.New(sha256.New, k), sum: make([]byte, 0, macSize), n: make([]byte, 0, binary.MaxVarintLen64)}
+	}
+	return m
+}
+
+// randomMACKey is the key of a cache given none: good for its own process
+// only.
+func randomMACKey() []byte {
+	k := make([]byte, MACKeySize)
+	rand.Read(k)
+	return k
+}
+
+// tag appends the MAC of body stored under key to dst.
+func (m *macer) tag(dst []byte, key, body string) []byte {
+	m.computed.Add(1)
+	st := m.pool.Get().(*macState)
+	st.h.Reset()
+	st.n = binary.AppendUvarint(st.n[:0], uint64(len(key)))
+	st.h.Write(st.n)
+	// Written in place, not copied: a hash never keeps or changes what
+	// it is given, and a namespace list can be a megabyte.
+	st.h.Write(unsafe.Slice(unsafe.StringData(key), len(key)))
+	st.h.Write(unsafe.Slice(unsafe.StringData(body), len(body)))
+	st.sum = st.h.Sum(st.sum[:0])
+	dst = append(dst, st.sum...)
+	m.pool.Put(st)
+	return dst
+}
+
+// seal returns e's stored form under key, valid until validUntil.
+func (m *macer) seal(key string, e Entry, validUntil time.Time) string {
+	b := encode(e, validUntil)
+	return string(m.tag(b, key, string(b)))
+}
+
+// open verifies and decodes an entry read from key. Strings in the result
+// share s's memory. With remember, s is a string rueidis may hand out
+// again from memory (DoCache): once its MAC passed, the same string is not
+// checked again, only its validity.
+func (m *macer) open(key, s string, now time.Time, remember bool) (Entry, error) {
+	if len(s) < macSize+2 || s[0] != formatByte {
+		return Entry{}, errBadMAC // not of this format: unsigned
+	}
+	body, mac := s[:len(s)-macSize], s[len(s)-macSize:]
+	var slot *atomic.Pointer[verified]
+	known := false
+	if remember {
+		if len(s) > largeEntry {
+			slot = &m.large[maphash.String(m.seed, key)%largeSlots]
+		} else {
+			slot = &m.small[maphash.String(m.seed, key)%smallSlots]
+		}
+		v := slot.Load()
+		known = v != nil && unsafe.StringData(v.s) == unsafe.StringData(s) && len(v.s) == len(s) && v.key == key
+	}
+	if !known {
+		var want [macSize]byte
+		if !hmac.Equal(m.tag(want[:0], key, body), []byte(mac)) {
+			return Entry{}, errBadMAC
+		}
+	}
+	e, validUntil, err := decode(body)
+	if err != nil {
+		return Entry{}, err
+	}
+	if now.After(validUntil) {
+		return Entry{}, errPastValidity
+	}
+	if slot != nil && !known {
+		slot.Store(&verified{key: key, s: s})
+	}
+	return e, nil
+}
+
+// encode returns e's stored form without its MAC, valid until validUntil
+// (rounded down to the millisecond).
+func encode(e Entry, validUntil time.Time) []byte {
+	b := make([]byte, 0, 40+macSize+len(e.Owner)+len(e.Value)+listSize(e.List))
 	b = append(b, formatByte)
 	switch {
 	case e.TooLarge:
-		return string(append(b, kindTooLarge))
+		b = append(b, kindTooLarge)
 	case !e.Found:
-		return string(append(b, kindNotFound))
+		b = append(b, kindNotFound)
+	default:
+		b = append(b, kindValue)
 	}
-	b = append(b, kindValue)
+	b = binary.AppendUvarint(b, uint64(max(0, validUntil.UnixMilli())))
+	if e.TooLarge || !e.Found {
+		return b
+	}
 	b = binary.AppendVarint(b, e.Version)
 	b = appendTime(b, e.UpdatedAt)
 	b = appendTime(b, e.ExpiresAt)
@@ -66,7 +209,7 @@ func encode(e Entry) string {
 		b = binary.AppendVarint(b, m.Version)
 		b = appendTime(b, m.UpdatedAt)
 	}
-	return string(b)
+	return b
 }
 
 func listSize(l []Entry) int {
@@ -90,27 +233,40 @@ func appendTime(b []byte, t time.Time) []byte {
 	return binary.AppendVarint(b, t.UnixNano())
 }
 
-// decode parses a stored entry. Strings in the result share s's memory.
-func decode(s string) (Entry, error) {
+// decode parses an entry without its MAC, and the time until which it is
+// valid. Strings in the result share s's memory.
+func decode(s string) (Entry, time.Time, error) {
 	if len(s) < 2 || s[0] != formatByte {
-		return Entry{}, errCorrupt
+		return Entry{}, time.Time{}, errCorrupt
 	}
-	switch s[1] {
-	case kindNotFound:
-		if len(s) != 2 {
-			return Entry{}, errCorrupt
-		}
-		return Entry{}, nil
-	case kindTooLarge:
-		if len(s) != 2 {
-			return Entry{}, errCorrupt
-		}
-		return Entry{TooLarge: true}, nil
-	case kindValue:
+	kind := s[1]
+	switch kind {
+	case kindNotFound, kindTooLarge, kindValue:
 	default:
-		return Entry{}, errCorrupt
+		return Entry{}, time.Time{}, errCorrupt
 	}
 	d := decoder{s: s, i: 2}
+	ms := d.uvarint()
+	if ms > 1<<62 {
+		d.bad = true
+	}
+	validUntil := time.UnixMilli(int64(ms))
+	var e Entry
+	switch kind {
+	case kindNotFound:
+	case kindTooLarge:
+		e.TooLarge = true
+	case kindValue:
+		e = d.value(len(s))
+	}
+	if d.bad || d.i != len(s) {
+		return Entry{}, time.Time{}, errCorrupt
+	}
+	return e, validUntil, nil
+}
+
+// value reads a value entry's fields.
+func (d *decoder) value(size int) Entry {
 	e := Entry{Found: true}
 	e.Version = d.varint()
 	e.UpdatedAt = d.time()
@@ -118,8 +274,9 @@ func decode(s string) (Entry, error) {
 	e.Owner = d.string()
 	e.Value = d.string()
 	n := d.uvarint()
-	if n > maxListMembers || n > uint64(len(s)) {
-		return Entry{}, errCorrupt
+	if n > maxListMembers || n > uint64(size) {
+		d.bad = true
+		return Entry{}
 	}
 	if n > 0 {
 		e.List = make([]Entry, n)
@@ -132,10 +289,7 @@ func decode(s string) (Entry, error) {
 			m.UpdatedAt = d.time()
 		}
 	}
-	if d.bad || d.i != len(s) {
-		return Entry{}, errCorrupt
-	}
-	return e, nil
+	return e
 }
 
 // decoder reads fields off s; after the first error every read returns

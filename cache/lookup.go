@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"sync"
 	"time"
@@ -99,10 +100,10 @@ func (c *Cache) lookup(ctx context.Context, key string, now time.Time) (Entry, l
 		c.stats.misses.Add(1)
 		return Entry{}, stateMiss, nil
 	}
-	e, err := decode(s)
+	e, err := c.mac.open(key, s, now, trust)
 	if err != nil {
-		// Not ours or from an incompatible version: reload over it.
-		c.opts.Logger.Warn("cache: undecodable entry; reloading", "key", key)
+		// Not served: fill replaces it (acquireLua, fillLeased).
+		c.rejected(key, err)
 		c.stats.misses.Add(1)
 		return Entry{}, stateMiss, nil
 	}
@@ -180,15 +181,16 @@ func (c *Cache) fill(ctx context.Context, key string, ttl time.Duration, load Lo
 
 // The Lua that makes a load safe across processes.
 const (
-	// acquireLua returns the key's value if it holds an entry or a lease;
-	// anything else (not ours, or from an incompatible version) is
-	// overwritten like an empty key, so it cannot stall readers. Otherwise it
-	// stores the caller's lease (ARGV[1]) for ARGV[2] ms and returns it.
+	// acquireLua returns the key's value if it holds an entry (of format
+	// 2, see formatByte) or a lease; anything else (not ours, or from an
+	// incompatible version) is overwritten like an empty key, so it cannot
+	// stall readers. Otherwise it stores the caller's lease (ARGV[1]) for
+	// ARGV[2] ms and returns it.
 	acquireLua = `
 local v = redis.call('GET', KEYS[1])
 if v then
   local b = string.byte(v, 1)
-  if b == 1 or (b == 0 and string.len(v) == string.len(ARGV[1])) then return v end
+  if b == 2 or (b == 0 and string.len(v) == string.len(ARGV[1])) then return v end
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return ARGV[1]`
@@ -225,11 +227,18 @@ func (c *Cache) fillLeased(ctx context.Context, key string, ttl time.Duration, l
 			break // ours: load
 		}
 		if len(v) > 0 && v[0] != leaseByte {
-			if e, err := decode(v); err == nil {
+			now := time.Now()
+			e, err := c.mac.open(key, v, now, false)
+			if err == nil {
 				c.stats.redisHits.Add(1)
-				return fillResult{e: live(e, time.Now()), confirmed: true}
+				return fillResult{e: live(e, now), confirmed: true}
 			}
-			// A corrupt entry of our format: wait it out like a lease.
+			// Not to be served, nor waited out: delete it unless it
+			// changed meanwhile, and take the lease.
+			c.rejected(key, err)
+			if c.releaseLease(ctx, key, v) == nil && time.Now().Before(giveUp) {
+				continue
+			}
 		}
 		// Another process is loading: wait for its value.
 		if time.Now().After(giveUp) {
@@ -267,7 +276,7 @@ func (c *Cache) fillLeased(ctx context.Context, key string, ttl time.Duration, l
 	if ttl >= time.Millisecond {
 		n, err := c.redisInt(ctx, func(ctx context.Context) (int64, error) {
 			return c.store.Exec(ctx, c.client, []string{key},
-				[]string{lease, encode(e), fmt.Sprint(ttl.Milliseconds())}).AsInt64()
+				[]string{lease, c.mac.seal(key, e, now.Add(ttl)), fmt.Sprint(ttl.Milliseconds())}).AsInt64()
 		})
 		stored = err == nil && n == 1
 	} else {
@@ -276,11 +285,28 @@ func (c *Cache) fillLeased(ctx context.Context, key string, ttl time.Duration, l
 	return fillResult{e: e, confirmed: stored}
 }
 
-// releaseLease deletes key's lease if it is still the caller's.
-func (c *Cache) releaseLease(ctx context.Context, key, lease string) {
-	c.redis(ctx, func(ctx context.Context) (string, error) {
+// releaseLease deletes key's lease (or any value) if it is still the
+// caller's.
+func (c *Cache) releaseLease(ctx context.Context, key, lease string) error {
+	_, err := c.redis(ctx, func(ctx context.Context) (string, error) {
 		return "", c.release.Exec(ctx, c.client, []string{key}, []string{lease}).Error()
 	})
+	return err
+}
+
+// rejected counts an entry read from Redis that may not be served, and
+// warns at most once a minute.
+func (c *Cache) rejected(key string, err error) {
+	if errors.Is(err, errPastValidity) {
+		c.stats.pastValidity.Add(1)
+	} else {
+		c.stats.rejected.Add(1)
+	}
+	now := time.Now().UnixNano()
+	if last := c.rejectLogged.Load(); now-last > int64(time.Minute) && c.rejectLogged.CompareAndSwap(last, now) {
+		c.opts.Logger.Warn("cache: entry in Redis not served; reading the database and replacing it (forged, written with another MAC key or by another version, or replayed)",
+			"key", key, "err", err)
+	}
 }
 
 func newLease() string {

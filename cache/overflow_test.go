@@ -115,8 +115,8 @@ func TestOverflow(t *testing.T) {
 			t.Fatalf("invalidate %s in overflow: %v", k, err)
 		}
 	}
-	stale := encode(Entry{Found: true, Value: `"old"`, Version: 1})
 	for _, k := range append([]string{sk, lk}, keys...) {
+		stale := a.mac.seal(k, Entry{Found: true, Value: `"old"`, Version: 1}, time.Now().Add(time.Hour))
 		if err := raw.Do(ctx, raw.B().Set().Key(k).Value(stale).Build()).Error(); err != nil {
 			t.Fatal(err)
 		}
@@ -143,7 +143,7 @@ func TestOverflow(t *testing.T) {
 	}
 	for _, k := range append([]string{sk, lk}, keys...) {
 		if v, ok := rawGet(t, raw, k); ok {
-			if e, err := decode(v); err != nil || e.Version != 2 {
+			if e, err := a.mac.open(k, v, time.Now(), false); err != nil || e.Version != 2 {
 				t.Fatalf("%s in Redis after the flush: %q", k, v)
 			}
 		}
@@ -259,8 +259,8 @@ func TestOverflowBypassesAReachableRedis(t *testing.T) {
 			t.Fatalf("invalidate with a 1 ns timeout: %v", err)
 		}
 	}
-	stale := encode(Entry{Found: true, Value: `"old"`, Version: 1})
 	for _, k := range keys {
+		stale := a.mac.seal(k, Entry{Found: true, Value: `"old"`, Version: 1}, time.Now().Add(time.Hour))
 		if err := raw.Do(ctx, raw.B().Set().Key(k).Value(stale).Build()).Error(); err != nil {
 			t.Fatal(err)
 		}

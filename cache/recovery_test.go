@@ -28,7 +28,7 @@ func TestForeignValueIsReplaced(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if e, err := decode(v); err != nil || e.Value != `1` {
+	if e, err := c.mac.open(k, v, time.Now(), false); err != nil || e.Value != `1` {
 		t.Fatalf("Redis holds %q after a load, want the loaded entry", v)
 	}
 }

@@ -8,12 +8,19 @@ type Stats struct {
 	// Predated counts memory copies fetched before this process's own
 	// later write to the key (its invalidation push not yet arrived): the
 	// read went to Redis instead and counts as a Redis hit or miss.
-	Predated    int64
-	RedisHits   int64 // answered by Redis
-	Misses      int64 // neither had the key (or a loader held it)
-	Loads       int64 // database reads made for the cache (including bypasses)
-	Bypassed    int64 // reads sent to the database because of the breaker, a pending invalidation or an overflow
-	RedisErrors int64 // Redis calls that failed or timed out
+	Predated  int64
+	RedisHits int64 // answered by Redis
+	Misses    int64 // neither had the key (or a loader held it)
+	// Rejected counts entries read from Redis that failed their MAC
+	// (forged, copied from another key, or written with another MAC key
+	// or an older version); PastValidity those read after the TTL they
+	// were stored with (replayed, or clocks apart). Neither is served:
+	// the read counts as a miss and the entry is replaced.
+	Rejected     int64
+	PastValidity int64
+	Loads        int64 // database reads made for the cache (including bypasses)
+	Bypassed     int64 // reads sent to the database because of the breaker, a pending invalidation or an overflow
+	RedisErrors  int64 // Redis calls that failed or timed out
 	// Invalidations counts keys this process invalidated;
 	// InvalidationsReceived those Redis pushed to it; Flushes the times
 	// rueidis dropped its local cache with a connection.
@@ -37,7 +44,7 @@ type Stats struct {
 type stats struct {
 	localHits, redisHits, misses, loads, bypassed, redisErrors atomic.Int64
 	invalidations, invalidationsReceived, flushes, retried     atomic.Int64
-	dropped, prefixFlushes, predated                           atomic.Int64
+	dropped, prefixFlushes, predated, rejected, pastValidity   atomic.Int64
 }
 
 // Stats returns the counters.
@@ -47,6 +54,8 @@ func (c *Cache) Stats() Stats {
 		Predated:              c.stats.predated.Load(),
 		RedisHits:             c.stats.redisHits.Load(),
 		Misses:                c.stats.misses.Load(),
+		Rejected:              c.stats.rejected.Load(),
+		PastValidity:          c.stats.pastValidity.Load(),
 		Loads:                 c.stats.loads.Load(),
 		Bypassed:              c.stats.bypassed.Load(),
 		RedisErrors:           c.stats.redisErrors.Load(),

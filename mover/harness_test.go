@@ -155,7 +155,7 @@ func (h *harness) startInstance(o harnessOptions) *instance {
 	mo.Holder = fmt.Sprintf("instance-%d", len(h.instances))
 	var c *cache.Cache
 	if o.Cache {
-		if c, err = cache.Dial(h.redisAddr, cache.Options{Prefix: h.prefix, Logger: logger}); err != nil {
+		if c, err = cache.Dial(h.redisAddr, cache.Options{Prefix: h.prefix, MACKey: []byte("mover test cache MAC key, 32 bytes+"), Logger: logger}); err != nil {
 			h.t.Fatal(err)
 		}
 		h.t.Cleanup(c.Close) // registered before the instance's stop, so runs after it

@@ -87,8 +87,15 @@ func ParseRate(spec string) (Rate, error) {
 // Options configure a Limiter.
 type Options struct {
 	// Redis holds the buckets, shared by all instances. Nil: in-memory
-	// buckets only (each instance limits on its own).
+	// buckets only (each instance limits on its own), unless Connect is set.
 	Redis rueidis.Client
+	// Connect, used when Redis is nil, makes the Redis client. The limiter
+	// calls it in the background at New and then at most once per Retry
+	// while checks fall back to memory, until it succeeds; Close closes
+	// the client it made. So a Redis that is down at start is picked up
+	// when it comes back (rueidis reconnects a client it made by itself,
+	// but cannot be made without a first connection).
+	Connect func() (rueidis.Client, error)
 	// Prefix starts every Redis key (default "shardgate:rl:").
 	Prefix string
 	// Rates per class; a class without one is not limited.
@@ -109,13 +116,20 @@ type Options struct {
 // Redis fails the limiter degrades to per-instance buckets in memory,
 // logging each switch and exporting shardgate_ratelimit_degraded.
 type Limiter struct {
-	o         Options
-	degraded  atomic.Bool
-	retryAt   atomic.Int64 // unix nanos: until then, use memory
-	mu        sync.Mutex
-	mem       map[string]int64 // key → theoretical arrival time (unix µs)
-	leases    map[string]lease // key → tokens taken from Redis ahead of time
-	lastSweep time.Time
+	o          Options
+	redis      atomic.Pointer[redisClient] // nil until Options.Redis or Connect gives one
+	dialing    atomic.Bool                 // a Connect call is under way
+	dialFailed atomic.Bool                 // a Connect call failed (logged once)
+	dialAt     atomic.Int64                // unix nanos: no Connect call before then
+	life       sync.Mutex                  // orders Close against starting a Connect call
+	closed     bool                        // under life
+	dials      sync.WaitGroup
+	degraded   atomic.Bool
+	retryAt    atomic.Int64 // unix nanos: until then, use memory
+	mu         sync.Mutex
+	mem        map[string]int64 // key → theoretical arrival time (unix µs)
+	leases     map[string]lease // key → tokens taken from Redis ahead of time
+	lastSweep  time.Time
 
 	fallbacks prometheus.Counter
 	limited   *prometheus.CounterVec
@@ -144,10 +158,66 @@ func New(o Options) *Limiter {
 		Name: "shardgate_ratelimit_limited_total",
 		Help: "Calls refused with ResourceExhausted, by method class.",
 	}, []string{"class"})
-	if o.Redis == nil {
+	if o.Redis != nil {
+		l.redis.Store(&redisClient{o.Redis})
+	} else {
 		l.degraded.Store(true)
+		l.connect()
 	}
 	return l
+}
+
+type redisClient struct{ rueidis.Client }
+
+// connect calls Options.Connect in the background, unless one call is
+// under way, the last failed less than Retry ago, or the limiter is closed.
+func (l *Limiter) connect() {
+	if l.o.Connect == nil || time.Now().UnixNano() < l.dialAt.Load() || !l.dialing.CompareAndSwap(false, true) {
+		return
+	}
+	l.life.Lock()
+	defer l.life.Unlock()
+	if l.closed {
+		l.dialing.Store(false)
+		return
+	}
+	l.dials.Add(1)
+	go func() {
+		defer l.dials.Done()
+		defer l.dialing.Store(false)
+		rc, err := l.o.Connect()
+		if err != nil {
+			l.dialAt.Store(time.Now().Add(l.o.Retry).UnixNano())
+			if !l.dialFailed.Swap(true) {
+				l.o.Logger.Warn("rate limiter: cannot reach Redis; limiting in this instance's memory until it answers", "err", err)
+			}
+			return
+		}
+		l.life.Lock()
+		defer l.life.Unlock()
+		if l.closed {
+			rc.Close()
+			return
+		}
+		l.redis.Store(&redisClient{rc})
+		l.o.Logger.Info("rate limiter: connected to Redis; buckets are shared")
+	}()
+}
+
+// Close stops connecting and closes the client Connect made (Options.Redis
+// stays the caller's). Checks after Close use memory only.
+func (l *Limiter) Close() {
+	l.life.Lock()
+	if l.closed {
+		l.life.Unlock()
+		return
+	}
+	l.closed = true
+	l.life.Unlock()
+	l.dials.Wait()
+	if rc := l.redis.Swap(nil); rc != nil && l.o.Redis == nil {
+		rc.Close()
+	}
 }
 
 // Collectors are the limiter's metrics.
@@ -220,13 +290,17 @@ func (l *Limiter) Allow(ctx context.Context, class Class, key string) (bool, tim
 	}
 	k := l.o.Prefix + string(class) + ":" + key
 	interval, tolerance := gcraParams(r)
-	if l.o.Redis != nil && time.Now().UnixNano() >= l.retryAt.Load() {
+	rc := l.redis.Load()
+	if rc == nil {
+		l.connect()
+	}
+	if rc != nil && time.Now().UnixNano() >= l.retryAt.Load() {
 		want := leaseSize(r)
 		if want > 1 && l.takeLeased(k) {
 			return true, 0
 		}
 		rctx, cancel := context.WithTimeout(ctx, l.o.RedisTimeout)
-		res, err := gcraScript.Exec(rctx, l.o.Redis, []string{k}, []string{
+		res, err := gcraScript.Exec(rctx, rc.Client, []string{k}, []string{
 			strconv.FormatInt(interval, 10), strconv.FormatInt(tolerance, 10), strconv.FormatInt(want, 10)}).ToArray()
 		cancel()
 		if err == nil && len(res) == 2 {
@@ -255,7 +329,7 @@ func (l *Limiter) Allow(ctx context.Context, class Class, key string) (bool, tim
 			l.o.Logger.Warn("rate limiter: Redis unavailable; limiting in this instance's memory", "err", err)
 		}
 	}
-	if l.o.Redis != nil {
+	if rc != nil || l.o.Connect != nil {
 		l.fallbacks.Inc()
 	}
 	return l.allowMemory(k, interval, tolerance)

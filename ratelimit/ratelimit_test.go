@@ -70,3 +70,47 @@ func FuzzParseRates(f *testing.F) {
 		}
 	})
 }
+
+// A Redis that is down when the limiter starts is used once it answers:
+// limits are shared again, not per instance for good.
+func TestLimiterConnectsWhenRedisComesUp(t *testing.T) {
+	redis := testenv.NewRedisServer(t)
+	redis.Kill()
+	opt := rueidis.ClientOption{InitAddress: []string{redis.Addr()}, DisableCache: true}
+	prefix := "sgtest:" + testenv.RandomHex(6) + ":"
+	lim := New(Options{Connect: func() (rueidis.Client, error) { return rueidis.NewClient(opt) },
+		Prefix: prefix, Rates: map[Class]Rate{ClassWrite: {PerSecond: 1, Burst: 1}}, Retry: 50 * time.Millisecond,
+		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	t.Cleanup(lim.Close)
+	ctx := context.Background()
+	if ok, _ := lim.Allow(ctx, ClassWrite, "p"); !ok || !lim.degraded.Load() {
+		t.Fatal("first call with Redis down: want allowed from memory, degraded")
+	}
+
+	redis.Start()
+	client, err := rueidis.NewClient(opt)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(client.Close)
+	key := prefix + string(ClassWrite) + ":q"
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		lim.Allow(ctx, ClassWrite, "q")
+		if n, err := client.Do(ctx, client.B().Exists().Key(key).Build()).AsInt64(); err == nil && n == 1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the limiter never used Redis after it came up")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if lim.degraded.Load() {
+		t.Fatal("still degraded with Redis answering")
+	}
+	// The bucket is Redis's now: another limiter sharing it is refused.
+	other := New(Options{Redis: client, Prefix: prefix, Rates: map[Class]Rate{ClassWrite: {PerSecond: 1, Burst: 1}}})
+	if ok, _ := other.Allow(ctx, ClassWrite, "q"); ok {
+		t.Fatal("a second instance got a token the first had taken: buckets not shared")
+	}
+}

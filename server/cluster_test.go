@@ -96,12 +96,19 @@ type testServer struct {
 
 type serverOption func(*Options)
 
+// testCacheMACKey is the cache MAC key of every test server, as the
+// instances of one cluster share theirs.
+var testCacheMACKey = []byte("shardgate test cache MAC key, 32+")
+
 // withCache gives the server a cache of its own (its own rueidis client)
 // on the Redis at addr under prefix; servers given the same prefix share
 // cached keys, as routers sharing one Redis do.
 func withCache(t testing.TB, addr, prefix string, o cache.Options) serverOption {
 	return func(opts *Options) {
 		o.Prefix = prefix
+		if o.MACKey == nil {
+			o.MACKey = testCacheMACKey
+		}
 		if o.Logger == nil {
 			o.Logger = opts.Logger
 		}

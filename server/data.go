@@ -6,6 +6,7 @@ import (
 	"crypto/sha256"
 	"encoding/base64"
 	"encoding/hex"
+	"errors"
 	"strconv"
 	"time"
 
@@ -130,6 +131,9 @@ func hashToken(tok string) []byte {
 func (d *DataService) CreateSession(ctx context.Context, req *pb.CreateSessionRequest) (*pb.CreateSessionResponse, error) {
 	data := storedJSON(req.GetDataJson(), true)
 	ttl := time.Duration(req.GetTtlSeconds()) * time.Second
+	if err := d.s.checkUserSession(ctx, ttl, data); err != nil {
+		return nil, err
+	}
 	var (
 		tok  string
 		hash []byte
@@ -149,6 +153,28 @@ func (d *DataService) CreateSession(ctx context.Context, req *pb.CreateSessionRe
 		return nil, err
 	}
 	return &pb.CreateSessionResponse{Token: tok, ExpiresAt: timestamppb.New(sess.ExpiresAt)}, nil
+}
+
+// checkUserSession holds a user principal's own sessions to what the
+// operator allows users: a TTL of at most UserSessionMaxTTL and, when
+// creating (data non-nil), data matching UserSessionSchema.
+func (s *Server) checkUserSession(ctx context.Context, ttl time.Duration, data []byte) error {
+	if p, ok := auth.PrincipalFrom(ctx); !ok || p.Role != auth.RoleUser {
+		return nil
+	}
+	if max := s.opts.UserSessionMaxTTL; ttl > max {
+		return invalid("ttl_seconds", "at most %d (%v) for a session a user creates or extends itself; a service may give longer", int64(max/time.Second), max)
+	}
+	if data != nil && s.userSessionSchema != nil {
+		if err := checkValue(s.userSessionSchema, "data_json", data); err != nil {
+			var fe *fieldError
+			if errors.As(err, &fe) {
+				return invalid("data_json", "does not match the user session schema (sessions a user creates itself): %s", fe.msg)
+			}
+			return err
+		}
+	}
+	return nil
 }
 
 // onToken runs fn on the shard of a session token's partition.
@@ -254,6 +280,9 @@ func (d *DataService) invalidateToken(ctx context.Context, tok string) {
 // TouchSession extends a live session.
 func (d *DataService) TouchSession(ctx context.Context, req *pb.TouchSessionRequest) (*pb.TouchSessionResponse, error) {
 	ttl := time.Duration(req.GetTtlSeconds()) * time.Second
+	if err := d.s.checkUserSession(ctx, ttl, nil); err != nil {
+		return nil, err
+	}
 	var sess shards.Session
 	err := d.onTokenWrite(ctx, req.GetToken(), func(sh *shards.Shard, p int32, hash []byte) (err error) {
 		if err := userOwnsSession(ctx, sh, p, hash); err != nil {

@@ -145,13 +145,15 @@ var (
 		"Failed invalidations dropped instead of queued, because the retry queue overflowed (a prefix flush covers them).", nil, nil)
 	cachePrefixFlushesDesc = prometheus.NewDesc("shardgate_cache_prefix_flushes_total",
 		"Flushes of every cache key under the prefix in Redis, each ending an overflow.", nil, nil)
+	cacheRejectedDesc = prometheus.NewDesc("shardgate_cache_rejected_entries_total",
+		"Entries read from Redis and not served, by reason: mac (failed its MAC: forged, copied from another key, or written with another MAC key or an older version) or validity (read past the TTL it was stored with: replayed, or clocks apart).", []string{"reason"}, nil)
 	cachePredatedDesc = prometheus.NewDesc("shardgate_cache_predated_total",
 		"Memory copies not served because they were fetched before this server's own later write to the key (its invalidation push not yet in); the read went to Redis.", nil, nil)
 )
 
 func (c cacheCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{cacheReadsDesc, cacheLoadsDesc, cacheBypassedDesc, cacheInvalidationsDesc, cacheRedisErrorsDesc, cachePendingDesc, cacheBreakerDesc,
-		cacheOverflowDesc, cacheDroppedDesc, cachePrefixFlushesDesc, cachePredatedDesc} {
+		cacheOverflowDesc, cacheDroppedDesc, cachePrefixFlushesDesc, cachePredatedDesc, cacheRejectedDesc} {
 		ch <- d
 	}
 }
@@ -176,4 +178,6 @@ func (c cacheCollector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(cacheDroppedDesc, prometheus.CounterValue, float64(st.Dropped))
 	ch <- prometheus.MustNewConstMetric(cachePrefixFlushesDesc, prometheus.CounterValue, float64(st.PrefixFlushes))
 	ch <- prometheus.MustNewConstMetric(cachePredatedDesc, prometheus.CounterValue, float64(st.Predated))
+	ch <- prometheus.MustNewConstMetric(cacheRejectedDesc, prometheus.CounterValue, float64(st.Rejected), "mac")
+	ch <- prometheus.MustNewConstMetric(cacheRejectedDesc, prometheus.CounterValue, float64(st.PastValidity), "validity")
 }

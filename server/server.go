@@ -5,6 +5,7 @@ package server
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
 	"maps"
 	"sync"
@@ -14,6 +15,7 @@ import (
 	grpcprom "github.com/grpc-ecosystem/go-grpc-middleware/providers/prometheus"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/redis/rueidis"
+	"github.com/santhosh-tekuri/jsonschema/v6"
 
 	"github.com/shardgate/shardgate/cache"
 	"github.com/shardgate/shardgate/catalog"
@@ -90,7 +92,21 @@ type Options struct {
 	// Mover tunes the executor; its CatalogDSN and Logger are the
 	// server's.
 	Mover mover.ExecutorOptions
+
+	// UserSessionMaxTTL caps the ttl_seconds a user principal may give
+	// CreateSession and TouchSession (default DefaultUserSessionMaxTTL),
+	// so a short-lived token cannot become a long-lived session. Services
+	// and admins keep the API's limit of a year.
+	UserSessionMaxTTL time.Duration
+	// UserSessionSchema, if set, is a JSON Schema (draft 2020-12, no
+	// external references) that the data_json of a session created by a
+	// user principal must match, so a user cannot write attributes other
+	// services trust. Services and admins write any JSON object.
+	UserSessionSchema string
 }
+
+// DefaultUserSessionMaxTTL is Options.UserSessionMaxTTL's default.
+const DefaultUserSessionMaxTTL = 24 * time.Hour
 
 func (o Options) withDefaults() Options {
 	if o.MaxJSONBytes <= 0 {
@@ -113,6 +129,9 @@ func (o Options) withDefaults() Options {
 	}
 	if o.TombstoneRetention == 0 {
 		o.TombstoneRetention = DefaultTombstoneRetention
+	}
+	if o.UserSessionMaxTTL <= 0 {
+		o.UserSessionMaxTTL = DefaultUserSessionMaxTTL
 	}
 	return o
 }
@@ -148,6 +167,8 @@ type Server struct {
 	watchesCtx context.Context
 	endWatches context.CancelCauseFunc
 	schemas    schemaCache // compiled config schemas
+	// userSessionSchema is Options.UserSessionSchema compiled; nil: none.
+	userSessionSchema *jsonschema.Schema
 
 	// The session sweeper (sweep.go): set by New, nil when it is off.
 	stopSweep     context.CancelFunc
@@ -172,6 +193,13 @@ type Server struct {
 // also prunes tombstones), which runs until ctx ends or Close.
 func New(ctx context.Context, catalogDSN string, opts Options) (*Server, error) {
 	opts = opts.withDefaults()
+	var userSchema *jsonschema.Schema
+	if opts.UserSessionSchema != "" {
+		var err error
+		if userSchema, err = compileSchema(opts.UserSessionSchema); err != nil {
+			return nil, fmt.Errorf("user session schema: not a valid JSON Schema: %s", schemaCompileReason(err))
+		}
+	}
 	cat, err := catalog.Open(ctx, catalogDSN)
 	if err != nil {
 		return nil, err
@@ -182,6 +210,8 @@ func New(ctx context.Context, catalogDSN string, opts Options) (*Server, error) 
 		catalogDSN: catalogDSN,
 		router:     &router.Router{},
 		shards:     make(map[string]shardPool),
+
+		userSessionSchema: userSchema,
 	}
 	s.metrics = s.newRegistry()
 	s.watchesCtx, s.endWatches = context.WithCancelCause(context.Background())

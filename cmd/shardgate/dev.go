@@ -2,14 +2,18 @@ package main
 
 import (
 	"context"
+	"crypto/rand"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net/url"
+	"os"
+	"path/filepath"
 	"time"
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/shardgate/shardgate/cache"
 	"github.com/shardgate/shardgate/catalog"
 	"github.com/shardgate/shardgate/router"
 )
@@ -40,7 +44,7 @@ func (c *devCmd) Run(ctx context.Context, log *slog.Logger) error {
 	if err := env.ensurePostgres(ctx, c.PGAdmin); err != nil {
 		return err
 	}
-	if c.Redis != "" { // --redis '' runs without the cache
+	if c.Redis != "" && c.RedisURL == "" { // --redis '' runs without the cache; a URL's Redis is the user's
 		if err := env.ensureRedis(ctx, c.Redis); err != nil {
 			return err
 		}
@@ -73,13 +77,41 @@ func (c *devCmd) Run(ctx context.Context, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
+	macKey, err := devMACKey(c.CacheMACKeyFile)
+	if err != nil {
+		return err
+	}
 	// Rate limits stay off unless --limit-redis is given: load tests run
 	// against dev mode, and anonymous calls share one bucket per IP.
 	log.Warn("dev mode: loopback only, no TLS; calls without a token act as admin, tokens that are sent are verified and enforced", "listen", c.Listen)
 	log.Info("try it", "list", "grpcurl -plaintext "+c.Listen+" list", "topology", "go run ./cmd/shardctl --addr "+c.Listen+" topology")
 	log.Info("mint a token", "user", "go run ./cmd/shardctl token mint --key "+c.DevKey+" --role user --sub alice",
 		"use", "SHARDGATE_TOKEN=<token> go run ./cmd/shardctl topology")
-	return run(ctx, log, c.Listen, catalogDSN, c.serveFlags, security{auth: auth}, c.Drain)
+	return run(ctx, log, c.Listen, catalogDSN, c.serveFlags, security{auth: auth, cacheMACKey: macKey}, c.Drain)
+}
+
+// devMACKey reads the cache MAC key from path or, if none is given, from
+// the dev key directory, creating it (0600) on first use: kept across runs
+// so entries cached by an earlier run are not rejected as forged.
+func devMACKey(path string) ([]byte, error) {
+	if path != "" {
+		return readMACKey(path)
+	}
+	path = filepath.Join(filepath.Dir(devKeyPath()), "dev-cache-mac.key")
+	if b, err := os.ReadFile(path); err == nil && len(b) >= cache.MACKeySize {
+		return b, nil
+	} else if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("dev cache MAC key: %w", err)
+	}
+	b := make([]byte, cache.MACKeySize)
+	rand.Read(b)
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return nil, err
+	}
+	if err := os.WriteFile(path, b, 0o600); err != nil {
+		return nil, fmt.Errorf("dev cache MAC key: %w", err)
+	}
+	return b, nil
 }
 
 // createDatabases creates the catalog and shard databases if missing and

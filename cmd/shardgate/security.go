@@ -89,6 +89,8 @@ type guardFlags struct {
 type security struct {
 	tls  *tls.Config
 	auth *auth.Verifier
+	// cacheMACKey keys the MAC of cache entries (nil: none given).
+	cacheMACKey []byte
 }
 
 func (f securityFlags) build(ctx context.Context, log *slog.Logger) (security, error) {
@@ -188,30 +190,26 @@ func checkJWKSURL(raw string) error {
 	return fmt.Errorf("--jwt-jwks-url must be https (http only to a loopback host): %s", u.Redacted())
 }
 
-// limiter builds the rate limiter, or nil when --limit-redis is empty. A
-// Redis that is down at start is not fatal: the limiter starts in memory.
-func (f guardFlags) limiter(log *slog.Logger) (*ratelimit.Limiter, func(), error) {
-	if f.LimitRedis == "" {
-		log.Info("rate limits off (no --limit-redis)")
+// limiter builds the rate limiter on the Redis rc, or nil when no Redis
+// is given for it. A Redis that is down at start is not fatal: the limiter
+// starts in memory and connects once Redis answers.
+func (f guardFlags) limiter(rc redisConn, log *slog.Logger) (*ratelimit.Limiter, func(), error) {
+	if rc.name == "" {
+		log.Info("rate limits off (no --limit-redis or --limit-redis-url)")
 		return nil, func() {}, nil
 	}
 	rates, err := ratelimit.ParseRates(f.Limits)
 	if err != nil {
 		return nil, nil, fmt.Errorf("--limits: %w", err)
 	}
-	var client rueidis.Client
-	client, err = rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{f.LimitRedis}, DisableCache: true})
-	if err != nil {
-		log.Warn("rate limiter: Redis unreachable at start; limiting in this instance's memory only", "err", err)
-		client = nil
-	}
-	lim := ratelimit.New(ratelimit.Options{Redis: client, Prefix: f.LimitPrefix, Rates: rates, Logger: log})
-	log.Info("rate limits on", "limits", f.Limits, "redis", f.LimitRedis)
-	return lim, func() {
-		if client != nil {
-			client.Close()
-		}
-	}, nil
+	opt := rc.opt
+	opt.DisableCache = true
+	lim := ratelimit.New(ratelimit.Options{
+		Connect: func() (rueidis.Client, error) { return rueidis.NewClient(opt) },
+		Prefix:  f.LimitPrefix, Rates: rates, Logger: log,
+	})
+	log.Info("rate limits on", "limits", f.Limits, "redis", rc.name, "tls", opt.TLSConfig != nil, "auth", opt.Password != "")
+	return lim, lim.Close, nil
 }
 
 // devKeyPath is where dev mode keeps its token signing key unless told.

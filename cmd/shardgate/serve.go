@@ -32,7 +32,7 @@ type serveFlags struct {
 	Grace            time.Duration `help:"How long in-flight calls may run after SIGTERM." default:"15s" env:"SHARDGATE_GRACE"`
 	MetricsListen    string        `help:"Address to serve Prometheus metrics on (HTTP, /metrics); empty turns them off." default:"127.0.0.1:9464" env:"SHARDGATE_METRICS_LISTEN"`
 	Pprof            bool          `help:"Also serve Go's profiler (/debug/pprof/) on the metrics address; keep that address private." env:"SHARDGATE_PPROF"`
-	Redis            string        `help:"Redis address (host:port) for the session and config cache and the change events; empty turns both off." default:"127.0.0.1:6379" env:"SHARDGATE_REDIS"`
+	Redis            string        `help:"Redis address (host:port, plaintext) for the session and config cache and the change events, unless --redis-url is given; empty (and no --redis-url) turns both off." default:"127.0.0.1:6379" env:"SHARDGATE_REDIS"`
 	Events           bool          `help:"Publish change events to Redis Streams (outbox relays) and serve Watch; --no-events runs without Redis." default:"true" negatable:"" env:"SHARDGATE_EVENTS"`
 	EventsPrefix     string        `name:"events-prefix" help:"Prefix of the event streams' Redis keys." default:"shardgate:" env:"SHARDGATE_EVENTS_PREFIX"`
 	CachePrefix      string        `name:"cache-prefix" help:"Prefix of the cache's Redis keys, ending with ':'; clusters sharing one Redis need different ones." default:"shardgate:" env:"SHARDGATE_CACHE_PREFIX"`
@@ -43,6 +43,8 @@ type serveFlags struct {
 	TombstoneTTL     time.Duration `name:"tombstone-retention" help:"How long the tombstones of deleted users, items and config values are kept; older ones are pruned each session sweep round. A key created again after its tombstone was pruned continues above its partition's version floor. 0 keeps them for good." default:"168h" env:"SHARDGATE_TOMBSTONE_RETENTION"`
 	Mover            bool          `help:"Run the rebalancing executor here (one instance leads cluster-wide at a time); --no-mover leaves rebalances to other instances." default:"true" negatable:"" env:"SHARDGATE_MOVER"`
 	guardFlags
+	redisFlags
+	userSessionFlags
 }
 
 type serveCmd struct {
@@ -79,6 +81,11 @@ func (c *serveCmd) Run(ctx context.Context, log *slog.Logger) error {
 	sec, err := c.securityFlags.build(ctx, log)
 	if err != nil {
 		return err
+	}
+	if c.CacheMACKeyFile != "" {
+		if sec.cacheMACKey, err = readMACKey(c.CacheMACKeyFile); err != nil {
+			return err
+		}
 	}
 	if !loopback && sec.tls == nil {
 		log.Warn("PLAINTEXT (--allow-plaintext): serving on a non-loopback address without TLS; tokens and data cross the network in the clear", "listen", c.Listen)
@@ -178,12 +185,12 @@ func (f serveFlags) tombstoneRetention() time.Duration {
 }
 
 // eventsClient connects to Redis for the change events.
-func (f serveFlags) eventsClient() (rueidis.Client, error) {
-	return rueidis.NewClient(rueidis.ClientOption{
-		InitAddress: []string{f.Redis}, DisableCache: true,
-		// One blocking XREAD per watcher, plus room for the relays' pipelines.
-		BlockingPoolSize: max(rueidis.DefaultPoolSize, f.MaxWatchers+16),
-	})
+func (f serveFlags) eventsClient(rc redisConn) (rueidis.Client, error) {
+	opt := rc.opt
+	opt.DisableCache = true
+	// One blocking XREAD per watcher, plus room for the relays' pipelines.
+	opt.BlockingPoolSize = max(rueidis.DefaultPoolSize, f.MaxWatchers+16)
+	return rueidis.NewClient(opt)
 }
 
 // lateClient is a Redis client that may connect after the server started.
@@ -208,7 +215,7 @@ func (l *lateClient) close() {
 
 // connect retries every second until Redis answers, then hands the client
 // to the server, or until ctx ends.
-func (l *lateClient) connect(ctx context.Context, f serveFlags, s *server.Server, log *slog.Logger) {
+func (l *lateClient) connect(ctx context.Context, f serveFlags, redis redisConn, s *server.Server, log *slog.Logger) {
 	t := time.NewTicker(time.Second)
 	defer t.Stop()
 	for {
@@ -217,7 +224,7 @@ func (l *lateClient) connect(ctx context.Context, f serveFlags, s *server.Server
 			return
 		case <-t.C:
 		}
-		rc, err := f.eventsClient()
+		rc, err := f.eventsClient(redis)
 		if err != nil {
 			continue
 		}
@@ -226,7 +233,7 @@ func (l *lateClient) connect(ctx context.Context, f serveFlags, s *server.Server
 			return
 		}
 		l.set(rc)
-		log.Info("change events on: Redis answered", "redis", f.Redis, "prefix", f.EventsPrefix, "stream_maxlen", f.StreamMaxLen)
+		log.Info("change events on: Redis answered", "redis", redis.name, "prefix", f.EventsPrefix, "stream_maxlen", f.StreamMaxLen)
 		return
 	}
 }
@@ -245,17 +252,30 @@ func checkCachePrefix(p string) error {
 // run serves until ctx ends: health turns NOT_SERVING, calls are still
 // taken for drain, then in-flight calls get up to f.Grace.
 func run(ctx context.Context, log *slog.Logger, listen, catalogDSN string, f serveFlags, sec security, drain time.Duration) error {
+	redis, redisOn, err := f.cacheRedis()
+	if err != nil {
+		return err
+	}
+	limitRedis, _, err := f.limitRedis()
+	if err != nil {
+		return err
+	}
+	if err := f.checkTLSUsed(redis, limitRedis); err != nil {
+		return err
+	}
 	var c *cache.Cache
-	if f.Redis != "" {
+	if redisOn {
 		if err := checkCachePrefix(f.CachePrefix); err != nil {
 			return err
 		}
-		var err error
-		if c, err = cache.Dial(f.Redis, cache.Options{Prefix: f.CachePrefix, Logger: log}); err != nil {
-			return fmt.Errorf("cache (--redis; empty turns it off): %w", err)
+		if sec.cacheMACKey == nil {
+			return errNoMACKey
+		}
+		if c, err = cache.DialOptions(redis.opt, cache.Options{Prefix: f.CachePrefix, MACKey: sec.cacheMACKey, Logger: log}); err != nil {
+			return fmt.Errorf("cache (--redis-url or --redis; empty turns it off): %w", err)
 		}
 		defer c.Close() // after the server: its last writes still invalidate
-		log.Info("cache on", "redis", f.Redis)
+		log.Info("cache on", "redis", redis.name, "tls", redis.opt.TLSConfig != nil, "auth", redis.opt.Password != "")
 	} else {
 		log.Warn("cache off (--redis is empty): every read goes to PostgreSQL")
 	}
@@ -273,6 +293,9 @@ func run(ctx context.Context, log *slog.Logger, listen, catalogDSN string, f ser
 		TombstoneRetention: f.tombstoneRetention(),
 		RunMover:           f.Mover,
 	}
+	if err := f.userSessionFlags.apply(&opts); err != nil {
+		return err
+	}
 	// The events' Redis client: connected now or, if Redis does not answer
 	// yet, by a loop that attaches it once it does; the server serves
 	// meanwhile (Watch answers UNAVAILABLE).
@@ -283,19 +306,19 @@ func run(ctx context.Context, log *slog.Logger, listen, catalogDSN string, f ser
 	switch {
 	case !f.Events:
 		log.Warn("change events off (--no-events): no relay runs here and Watch answers FAILED_PRECONDITION; " + piling)
-	case f.Redis == "":
+	case !redisOn:
 		log.Warn("change events off (--redis is empty): no relay runs and Watch answers FAILED_PRECONDITION; " + piling)
 	case f.Events:
 		opts.RunRelays = true
-		rc, err := f.eventsClient()
+		rc, err := f.eventsClient(redis)
 		if err != nil {
-			log.Warn("change events wait for Redis: relays start and Watch opens once it answers", "redis", f.Redis, "err", err)
+			log.Warn("change events wait for Redis: relays start and Watch opens once it answers", "redis", redis.name, "err", err)
 			connectLater = true
 			break
 		}
 		opts.Redis = rc
 		evRedis.set(rc)
-		log.Info("change events on", "redis", f.Redis, "prefix", f.EventsPrefix, "stream_maxlen", f.StreamMaxLen)
+		log.Info("change events on", "redis", redis.name, "prefix", f.EventsPrefix, "stream_maxlen", f.StreamMaxLen)
 	}
 	s, err := server.New(ctx, catalogDSN, opts)
 	if err != nil {
@@ -311,7 +334,7 @@ func run(ctx context.Context, log *slog.Logger, listen, catalogDSN string, f ser
 	if connectLater {
 		loopCtx, stopLoop := context.WithCancel(ctx)
 		var loop sync.WaitGroup
-		loop.Go(func() { evRedis.connect(loopCtx, f, s, log) })
+		loop.Go(func() { evRedis.connect(loopCtx, f, redis, s, log) })
 		defer loop.Wait()
 		defer stopLoop()
 	}
@@ -325,7 +348,7 @@ func run(ctx context.Context, log *slog.Logger, listen, catalogDSN string, f ser
 	watch.Go(func() { s.WatchTopology(watchCtx) })
 	defer watch.Wait()
 	defer stopWatch()
-	lim, closeLimiter, err := f.limiter(log)
+	lim, closeLimiter, err := f.limiter(limitRedis, log)
 	if err != nil {
 		return err
 	}

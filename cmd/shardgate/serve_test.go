@@ -30,11 +30,19 @@ func serve(t *testing.T, args ...string) pb.DataServiceClient {
 	return startServe(t, nil, nil, append([]string{"--no-auth"}, args...)...)
 }
 
-// startServe starts `shardgate serve` with args on a free loopback port,
-// logging to log (nil: nowhere) after setup adjusted the parsed command,
-// and returns a client of it; the server stops when the test ends.
+// serveTo is serve logging to w.
+func serveTo(t *testing.T, w io.Writer, args ...string) pb.DataServiceClient {
+	t.Helper()
+	return startServe(t, slog.New(slog.NewTextHandler(w, nil)), nil, append([]string{"--no-auth"}, args...)...)
+}
+
+// startServe starts `shardgate serve` with args (and a cache MAC key) on a
+// free loopback port, logging to log (nil: nowhere) after setup adjusted
+// the parsed command, and returns a client of it; the server stops when
+// the test ends.
 func startServe(t *testing.T, log *slog.Logger, setup func(*serveCmd), args ...string) pb.DataServiceClient {
 	t.Helper()
+	args = append([]string{"--cache-mac-key-file", testMACKeyFile(t)}, args...)
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)

@@ -15,6 +15,7 @@ import (
 type RedisServer struct {
 	t    testing.TB
 	port int
+	args []string // extra redis-server arguments
 
 	mu  sync.Mutex
 	cmd *exec.Cmd
@@ -24,10 +25,19 @@ type RedisServer struct {
 // there is none.
 func NewRedisServer(t testing.TB) *RedisServer {
 	t.Helper()
+	return NewRedisServerWith(t)
+}
+
+// NewRedisServerWith is NewRedisServer with extra redis-server arguments,
+// such as "--requirepass", "pw" or a TLS setup. With "--tls-port", "PORT"
+// the server's one port (Addr) speaks TLS: PORT is replaced by it, and the
+// plaintext port is off.
+func NewRedisServerWith(t testing.TB, args ...string) *RedisServer {
+	t.Helper()
 	if _, err := exec.LookPath("redis-server"); err != nil {
 		t.Fatalf("testenv: redis-server is required on PATH: %v", err)
 	}
-	r := &RedisServer{t: t, port: freePort(t)}
+	r := &RedisServer{t: t, port: freePort(t), args: args}
 	r.Start()
 	t.Cleanup(r.Kill)
 	return r
@@ -45,8 +55,15 @@ func (r *RedisServer) Start() {
 	if r.cmd != nil {
 		return
 	}
-	cmd := exec.Command("redis-server", "--port", fmt.Sprint(r.port), "--bind", "127.0.0.1",
-		"--save", "", "--appendonly", "no", "--daemonize", "no")
+	port := fmt.Sprint(r.port)
+	args := []string{"--port", port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--daemonize", "no"}
+	for i, a := range r.args {
+		if a == "PORT" && i > 0 && r.args[i-1] == "--tls-port" {
+			args[1], a = "0", port
+		}
+		args = append(args, a)
+	}
+	cmd := exec.Command("redis-server", args...)
 	if err := cmd.Start(); err != nil {
 		r.t.Fatalf("testenv: start redis-server: %v", err)
 	}
