@@ -93,13 +93,13 @@ func (s *syncBuffer) String() string {
 // none it would have to trust whatever Redis holds.
 func TestServeRefusesCacheWithoutMACKey(t *testing.T) {
 	rs := testenv.NewRedisServer(t)
-	err := runServe(t, io.Discard, "--catalog", "postgres://127.0.0.1:1/none", "--redis", rs.Addr())
+	err := runServe(t, io.Discard, "--no-auth", "--catalog", "postgres://127.0.0.1:1/none", "--redis", rs.Addr())
 	if !errors.Is(err, errNoMACKey) {
 		t.Fatalf("serve without --cache-mac-key-file: %v", err)
 	}
 	short := filepath.Join(t.TempDir(), "short.key")
 	os.WriteFile(short, []byte("too short"), 0o600)
-	err = runServe(t, io.Discard, "--catalog", "postgres://127.0.0.1:1/none", "--redis", rs.Addr(), "--cache-mac-key-file", short)
+	err = runServe(t, io.Discard, "--no-auth", "--catalog", "postgres://127.0.0.1:1/none", "--redis", rs.Addr(), "--cache-mac-key-file", short)
 	if err == nil || !strings.Contains(err.Error(), "at least 32") {
 		t.Fatalf("serve with a short key: %v", err)
 	}
@@ -142,7 +142,7 @@ func TestRedisURLWithACLUser(t *testing.T) {
 	// A wrong password fails the start, and says so without the password.
 	var logs2 syncBuffer
 	wrong := "redis://sg:wrong-" + redisSecret + "@" + rs.Addr() + "/3"
-	err = runServe(t, &logs2, "--catalog", catalogDSN, "--redis-url", wrong, "--cache-mac-key-file", testMACKeyFile(t))
+	err = runServe(t, &logs2, "--no-auth", "--catalog", catalogDSN, "--redis-url", wrong, "--cache-mac-key-file", testMACKeyFile(t))
 	if err == nil || strings.Contains(err.Error(), redisSecret) || strings.Contains(logs2.String(), redisSecret) {
 		t.Fatalf("serve with a wrong password: %v\n%s", err, logs2.String())
 	}
