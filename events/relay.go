@@ -206,7 +206,15 @@ type Relay struct {
 	leading atomic.Bool
 	wake    chan struct{} // a wake-up waiting for the relay's next wait
 	reads   atomic.Int64  // outbox reads while leading
+	// published counts events delivered (in Redis and out of the outbox).
+	published atomic.Int64
 }
+
+// Published counts the events this relay delivered.
+func (r *Relay) Published() int64 { return r.published.Load() }
+
+// Leading reports whether this relay holds its database's lock.
+func (r *Relay) Leading() bool { return r.leading.Load() }
 
 // Reads counts the relay's reads of its outbox (each a query or a few,
 // one per stretch between quarantined partitions).
@@ -411,7 +419,11 @@ func (r *Relay) deliver(ctx context.Context, conn *pgx.Conn, evs []Event) error 
 			return fmt.Errorf("invalidate: %w", err)
 		}
 	}
-	return r.src.outbox.trim(ctx, conn, evs)
+	if err := r.src.outbox.trim(ctx, conn, evs); err != nil {
+		return err
+	}
+	r.published.Add(int64(len(evs)))
+	return nil
 }
 
 // publishScript XADDs a batch of entries to one stream (KEYS[1]) in order

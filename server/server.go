@@ -136,6 +136,7 @@ type Server struct {
 
 	metrics     *prometheus.Registry
 	grpcMetrics *grpcprom.ServerMetrics
+	observer    *observer // the operator's view (observe.go)
 
 	relays    *events.Manager                 // under mu; nil until events are attached, or without Options.RunRelays
 	relayDSNs map[string]string               // under mu; the expanded DSN each shard's relay uses
@@ -182,6 +183,7 @@ func New(ctx context.Context, catalogDSN string, opts Options) (*Server, error) 
 		catalogDSN: catalogDSN,
 		router:     &router.Router{},
 		shards:     make(map[string]shardPool),
+		observer:   newObserver(),
 	}
 	s.metrics = s.newRegistry()
 	s.watchesCtx, s.endWatches = context.WithCancelCause(context.Background())
