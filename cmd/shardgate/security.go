@@ -53,6 +53,9 @@ type guardFlags struct {
 type security struct {
 	tls  *tls.Config
 	auth *auth.Verifier
+	// insecure: --insecure, non-loopback addresses may go without TLS or
+	// auth.
+	insecure bool
 }
 
 func (f securityFlags) build(ctx context.Context, log *slog.Logger) (security, error) {

@@ -15,6 +15,7 @@ import (
 	"github.com/redis/rueidis"
 
 	"github.com/shardgate/shardgate/cache"
+	"github.com/shardgate/shardgate/dashboard"
 	"github.com/shardgate/shardgate/server"
 	"github.com/shardgate/shardgate/shards"
 )
@@ -61,6 +62,7 @@ func (c *serveCmd) Run(ctx context.Context, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
+	sec.insecure = c.Insecure
 	if err := checkExposure(c.Listen, loopback, sec, c.Insecure); err != nil {
 		return err
 	}
@@ -271,7 +273,7 @@ func run(ctx context.Context, log *slog.Logger, listen, catalogDSN string, f ser
 		return err
 	}
 	if f.MetricsListen != "" {
-		stop, err := serveMetrics(f.MetricsListen, s.MetricsHandler(), f.Pprof, log)
+		stop, err := serveMetrics(f.MetricsListen, adminSurface{metrics: s.MetricsHandler(), status: s.ClusterStatus, pprof: f.Pprof}, sec, log)
 		if err != nil {
 			lis.Close()
 			return err
@@ -285,28 +287,71 @@ func run(ctx context.Context, log *slog.Logger, listen, catalogDSN string, f ser
 	return err
 }
 
-// serveMetrics serves /metrics on addr until stop is called.
-func serveMetrics(addr string, h http.Handler, withPprof bool, log *slog.Logger) (stop func(), err error) {
+// adminSurface is what the metrics address serves.
+type adminSurface struct {
+	metrics http.Handler
+	status  dashboard.StatusFunc
+	pprof   bool
+}
+
+// serveMetrics serves /metrics and the dashboard (/, /api/status) on addr
+// until stop is called. On a loopback address anyone on the machine may
+// look, as before. Beyond loopback it takes what the gRPC address takes:
+// TLS and an admin bearer token (JWT) on everything but the dashboard's
+// static files, unless --insecure.
+func serveMetrics(addr string, a adminSurface, sec security, log *slog.Logger) (stop func(), err error) {
+	loopback, err := isLoopback(addr)
+	if err != nil {
+		return nil, fmt.Errorf("--metrics-listen: %w", err)
+	}
+	if !loopback {
+		if err := checkExposure(addr, false, sec, sec.insecure); err != nil {
+			return nil, fmt.Errorf("metrics and dashboard (--metrics-listen): %w", err)
+		}
+	}
 	lis, err := net.Listen("tcp", addr)
 	if err != nil {
 		return nil, fmt.Errorf("metrics listener (--metrics-listen, empty to turn off): %w", err)
 	}
 	mux := http.NewServeMux()
-	mux.Handle("/metrics", h)
-	if withPprof {
+	mux.Handle("/metrics", a.metrics)
+	dashboard.Register(mux, a.status)
+	if a.pprof {
 		mux.HandleFunc("/debug/pprof/", pprof.Index)
 		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
 		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
 		mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
 		// Not /debug/pprof/cmdline: flags may hold a DSN with a password.
 	}
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	var h http.Handler = mux
+	guarded := !loopback && sec.auth != nil
+	if guarded {
+		h = dashboard.Guard(sec.auth, dashboard.StaticPath, mux)
+	}
+	srv := &http.Server{Handler: h, ReadHeaderTimeout: 5 * time.Second}
+	scheme := "http"
+	useTLS := !loopback && sec.tls != nil
+	if useTLS {
+		srv.TLSConfig = sec.tls.Clone()
+		scheme = "https"
+	}
+	if !loopback && (!useTLS || !guarded) {
+		log.Warn("INSECURE: metrics and dashboard on a non-loopback address without TLS or without an admin token (--insecure)",
+			"listen", addr, "tls", useTLS, "auth", guarded)
+	}
 	go func() {
-		if err := srv.Serve(lis); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		var err error
+		if useTLS {
+			err = srv.ServeTLS(lis, "", "")
+		} else {
+			err = srv.Serve(lis)
+		}
+		if err != nil && !errors.Is(err, http.ErrServerClosed) {
 			log.Error("metrics server failed", "err", err)
 		}
 	}()
-	log.Info("metrics", "url", "http://"+lis.Addr().String()+"/metrics")
+	base := scheme + "://" + lis.Addr().String()
+	log.Info("metrics and dashboard", "metrics", base+"/metrics", "dashboard", base+"/", "admin_token_required", guarded)
 	return func() { srv.Close() }, nil
 }
 
