@@ -16,6 +16,9 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/redis/rueidis"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/trace"
 
 	"github.com/shardgate/shardgate/catalog"
 	"github.com/shardgate/shardgate/internal/pglock"
@@ -56,6 +59,8 @@ type RelayOptions struct {
 	// published (deduplicated by Redis) and handed over again after a pause.
 	Invalidate func(ctx context.Context, evs []Event) error
 	Logger     *slog.Logger
+	// Tracer, if set, records a span per delivered batch; nil: none.
+	Tracer trace.Tracer
 }
 
 func (o RelayOptions) withDefaults() RelayOptions {
@@ -389,7 +394,19 @@ func (r *Relay) fetch(ctx context.Context, conn *pgx.Conn, after Position) ([]Ev
 // in Redis. A stream that clashes with the outbox clock is quarantined: its
 // event at the clashing tick and every later one stay in the outbox,
 // unpublished and not handed to Invalidate; the rest of the batch goes on.
-func (r *Relay) deliver(ctx context.Context, conn *pgx.Conn, evs []Event) error {
+func (r *Relay) deliver(ctx context.Context, conn *pgx.Conn, evs []Event) (err error) {
+	if r.opts.Tracer != nil {
+		var span trace.Span
+		ctx, span = r.opts.Tracer.Start(ctx, "relay.publish", trace.WithAttributes(
+			attribute.String("shardgate.relay", r.name), attribute.Int("shardgate.events", len(evs))))
+		defer func() {
+			if err != nil {
+				span.RecordError(err)
+				span.SetStatus(codes.Error, "")
+			}
+			span.End()
+		}()
+	}
 	clashes, err := r.publish(ctx, evs)
 	if err != nil {
 		return err

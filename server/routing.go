@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"go.opentelemetry.io/otel/trace"
 
 	"github.com/shardgate/shardgate/catalog"
 	"github.com/shardgate/shardgate/router"
@@ -161,6 +162,7 @@ func (s *Server) userPartition(userID string) (int32, error) {
 func (s *Server) onOwner(ctx context.Context, p int32, fn func(*shards.Shard) error) (string, error) {
 	backoff := time.Millisecond
 	giveUp := time.Now().Add(s.opts.MoveWait)
+	attempt := 0
 	for {
 		t := s.router.Table()
 		if t == nil {
@@ -175,9 +177,20 @@ func (s *Server) onOwner(ctx context.Context, p int32, fn func(*shards.Shard) er
 			return name, fmt.Errorf("shard %s: %w", name, errShardNotOpen)
 		}
 		sh := pool.sh
+		attempt++
+		var span trace.Span
+		if s.tracer != nil {
+			var traced bool
+			if _, span, traced = s.startSpan(ctx, "shard.query"); traced {
+				span.SetAttributes(attrShard.String(name), attrPartition.Int(int(p)), attrAttempt.Int(attempt))
+			}
+		}
 		start := time.Now()
 		err := fn(sh)
 		pool.query.Observe(time.Since(start).Seconds())
+		if span != nil {
+			endSpan(span, err)
+		}
 		if shards.IsClosed(err) && time.Now().Before(giveUp) {
 			if cur, ok := s.shard(name); ok && cur != sh {
 				continue // its pool was replaced under us; nothing was sent

@@ -14,6 +14,7 @@ import (
 	grpcprom "github.com/grpc-ecosystem/go-grpc-middleware/providers/prometheus"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/redis/rueidis"
+	"go.opentelemetry.io/otel/trace"
 
 	"github.com/shardgate/shardgate/cache"
 	"github.com/shardgate/shardgate/catalog"
@@ -90,6 +91,10 @@ type Options struct {
 	// Mover tunes the executor; its CatalogDSN and Logger are the
 	// server's.
 	Mover mover.ExecutorOptions
+	// TracerProvider, if set, traces calls (otelgrpc), cache lookups and
+	// loads, shard queries and relay publishes; nil traces nothing, at no
+	// cost.
+	TracerProvider trace.TracerProvider
 }
 
 func (o Options) withDefaults() Options {
@@ -136,7 +141,8 @@ type Server struct {
 
 	metrics     *prometheus.Registry
 	grpcMetrics *grpcprom.ServerMetrics
-	observer    *observer // the operator's view (observe.go)
+	observer    *observer    // the operator's view (observe.go)
+	tracer      trace.Tracer // nil: tracing off (tracing.go)
 
 	relays    *events.Manager                 // under mu; nil until events are attached, or without Options.RunRelays
 	relayDSNs map[string]string               // under mu; the expanded DSN each shard's relay uses
@@ -184,6 +190,9 @@ func New(ctx context.Context, catalogDSN string, opts Options) (*Server, error) 
 		router:     &router.Router{},
 		shards:     make(map[string]shardPool),
 		observer:   newObserver(),
+	}
+	if opts.TracerProvider != nil {
+		s.tracer = opts.TracerProvider.Tracer(tracerName)
 	}
 	s.metrics = s.newRegistry()
 	s.watchesCtx, s.endWatches = context.WithCancelCause(context.Background())
@@ -244,6 +253,7 @@ func (s *Server) AttachRedis(rc rueidis.Client) bool {
 			MaxLen:     s.opts.StreamMaxLen,
 			Invalidate: s.invalidateEvents,
 			Logger:     s.opts.Logger,
+			Tracer:     s.relayTracer(),
 		})
 		s.relays.StartConfig(s.catalogDSN)
 		s.relays.Sync(maps.Clone(s.relayDSNs))

@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/pprof"
+	"os"
 	"strings"
 	"sync"
 	"time"
@@ -227,6 +228,18 @@ func run(ctx context.Context, log *slog.Logger, listen, catalogDSN string, f ser
 		evRedis.set(rc)
 		log.Info("change events on", "redis", f.Redis, "prefix", f.EventsPrefix, "stream_maxlen", f.StreamMaxLen)
 	}
+	tp, stopTracing, err := tracingFromEnv(ctx, os.Getenv, log)
+	if err != nil {
+		return err
+	}
+	defer func() { // after the server: its last spans are flushed
+		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+		defer cancel()
+		if err := stopTracing(sctx); err != nil {
+			log.Warn("flushing traces failed", "err", err)
+		}
+	}()
+	opts.TracerProvider = tp
 	s, err := server.New(ctx, catalogDSN, opts)
 	if err != nil {
 		return err
