@@ -66,4 +66,3 @@ func tracingFromEnv(ctx context.Context, getenv func(string) string, log *slog.L
 	log.Info("tracing on (OTLP)", "protocol", cmp.Or(protocol, "http/protobuf"), "sampler", cmp.Or(getenv("OTEL_TRACES_SAMPLER"), "parentbased_always_on"))
 	return p, p.Shutdown, nil
 }
-
