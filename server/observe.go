@@ -111,6 +111,9 @@ func (s *Server) look(ctx context.Context) dbSample {
 	if o.sample.present && now.Sub(o.sample.at) < sampleMaxAge {
 		return o.sample
 	}
+	// The sample serves every viewer for a second: one caller giving up
+	// must not make the shards look unreachable to the others.
+	ctx = context.WithoutCancel(ctx)
 	topo := s.watcher.Topology()
 	smp := dbSample{at: now, shards: make(map[string]shardSample, len(topo.Shards)), present: true}
 	var (

@@ -206,3 +206,18 @@ func TestStatusShardUnreachable(t *testing.T) {
 		t.Errorf("shard_up: %v %v", m[`shardgate_shard_up{shard="shard-0"}`], m[`shardgate_shard_up{shard="shard-1"}`])
 	}
 }
+
+// GetClusterStatus's threshold is checked like every field: 0 (default)
+// or 1 s to a day.
+func TestClusterStatusRequestRule(t *testing.T) {
+	v := &validator{maxJSON: 1 << 16, partitions: func() int { return 4096 }}
+	for n, ok := range map[int32]bool{0: true, 1: true, 86400: true, -1: false, 86401: false} {
+		err := v.check(&pb.GetClusterStatusRequest{MaxBacklogAgeSeconds: n})
+		if (err == nil) != ok {
+			t.Errorf("max_backlog_age_seconds %d: err %v, want ok %v", n, err, ok)
+		}
+		if err != nil && !strings.Contains(err.Error(), "max_backlog_age_seconds") {
+			t.Errorf("error %q does not name the field", err)
+		}
+	}
+}
