@@ -2,14 +2,15 @@ package server
 
 import (
 	"context"
+	"strings"
 	"testing"
-	"time"
 
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/propagation"
 	sdktrace "go.opentelemetry.io/otel/sdk/trace"
 	"go.opentelemetry.io/otel/sdk/trace/tracetest"
 	"go.opentelemetry.io/otel/trace"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/metadata"
 
 	"github.com/shardgate/shardgate/cache"
@@ -115,10 +116,28 @@ func TestTraceNotSampledMakesNoSpans(t *testing.T) {
 	if _, err := ts.data.PutUser(octx, &pb.PutUserRequest{UserId: "una"}); err != nil {
 		t.Fatal(err)
 	}
-	time.Sleep(50 * time.Millisecond)
+	// Load balancers' health probes make none either, sampled or not.
+	if _, err := healthpb.NewHealthClient(ts.conn).Check(ctx, &healthpb.HealthCheckRequest{}); err != nil {
+		t.Fatal(err)
+	}
+	// A sampled call does, so the recorder is working.
+	if _, err := ts.data.GetUser(ctx, &pb.GetUserRequest{UserId: "una"}); err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, "the sampled GetUser's span", func() bool {
+		for _, s := range rec.Ended() {
+			if s.Name() == "shardgate.v1.DataService/GetUser" {
+				return true
+			}
+		}
+		return false
+	})
 	for _, s := range rec.Ended() {
 		if s.SpanContext().TraceID().String() == "4bf92f3577b34da6a3ce929d0e0e4736" {
 			t.Errorf("span %s recorded in an unsampled trace", s.Name())
+		}
+		if strings.Contains(s.Name(), "grpc.health") {
+			t.Errorf("health check traced: %s", s.Name())
 		}
 	}
 }
