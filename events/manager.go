@@ -101,6 +101,24 @@ func (m *Manager) Reads() int64 {
 	return n
 }
 
+// RelayStat is one relay of a Manager as metrics see it.
+type RelayStat struct {
+	Name      string // the shard's, or "" for the catalog's config relay
+	Leading   bool   // it holds its database's lock
+	Published int64  // events it delivered
+}
+
+// Stats describes the manager's relays, in no particular order.
+func (m *Manager) Stats() []RelayStat {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	out := make([]RelayStat, 0, len(m.relays))
+	for name, r := range m.relays {
+		out = append(out, RelayStat{Name: name, Leading: r.relay.Leading(), Published: r.relay.Published()})
+	}
+	return out
+}
+
 // QuarantinedStreams returns how many streams (partitions, and the config
 // stream) the relays of this manager hold back because they clash with
 // their outbox clock (see Relay.Quarantined).

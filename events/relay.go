@@ -16,6 +16,9 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/redis/rueidis"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/trace"
 
 	"github.com/shardgate/shardgate/catalog"
 	"github.com/shardgate/shardgate/internal/pglock"
@@ -56,6 +59,8 @@ type RelayOptions struct {
 	// published (deduplicated by Redis) and handed over again after a pause.
 	Invalidate func(ctx context.Context, evs []Event) error
 	Logger     *slog.Logger
+	// Tracer, if set, records a span per delivered batch; nil: none.
+	Tracer trace.Tracer
 }
 
 func (o RelayOptions) withDefaults() RelayOptions {
@@ -206,7 +211,15 @@ type Relay struct {
 	leading atomic.Bool
 	wake    chan struct{} // a wake-up waiting for the relay's next wait
 	reads   atomic.Int64  // outbox reads while leading
+	// published counts events delivered (in Redis and out of the outbox).
+	published atomic.Int64
 }
+
+// Published counts the events this relay delivered.
+func (r *Relay) Published() int64 { return r.published.Load() }
+
+// Leading reports whether this relay holds its database's lock.
+func (r *Relay) Leading() bool { return r.leading.Load() }
 
 // Reads counts the relay's reads of its outbox (each a query or a few,
 // one per stretch between quarantined partitions).
@@ -381,7 +394,19 @@ func (r *Relay) fetch(ctx context.Context, conn *pgx.Conn, after Position) ([]Ev
 // in Redis. A stream that clashes with the outbox clock is quarantined: its
 // event at the clashing tick and every later one stay in the outbox,
 // unpublished and not handed to Invalidate; the rest of the batch goes on.
-func (r *Relay) deliver(ctx context.Context, conn *pgx.Conn, evs []Event) error {
+func (r *Relay) deliver(ctx context.Context, conn *pgx.Conn, evs []Event) (err error) {
+	if r.opts.Tracer != nil {
+		var span trace.Span
+		ctx, span = r.opts.Tracer.Start(ctx, "relay.publish", trace.WithAttributes(
+			attribute.String("shardgate.relay", r.name), attribute.Int("shardgate.events", len(evs))))
+		defer func() {
+			if err != nil {
+				span.RecordError(err)
+				span.SetStatus(codes.Error, "")
+			}
+			span.End()
+		}()
+	}
 	clashes, err := r.publish(ctx, evs)
 	if err != nil {
 		return err
@@ -411,7 +436,11 @@ func (r *Relay) deliver(ctx context.Context, conn *pgx.Conn, evs []Event) error 
 			return fmt.Errorf("invalidate: %w", err)
 		}
 	}
-	return r.src.outbox.trim(ctx, conn, evs)
+	if err := r.src.outbox.trim(ctx, conn, evs); err != nil {
+		return err
+	}
+	r.published.Add(int64(len(evs)))
+	return nil
 }
 
 // publishScript XADDs a batch of entries to one stream (KEYS[1]) in order

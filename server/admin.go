@@ -108,3 +108,8 @@ func migrationStatus(ctx context.Context, log *slog.Logger, name, dsn string, ki
 	}
 	return &pb.DatabaseMigration{Name: name, AppliedVersion: st.Applied, LatestVersion: st.Latest, PendingVersions: st.Pending}
 }
+
+// GetClusterStatus summarises the cluster for operators.
+func (a *AdminService) GetClusterStatus(ctx context.Context, req *pb.GetClusterStatusRequest) (*pb.GetClusterStatusResponse, error) {
+	return a.s.ClusterStatus(ctx, time.Duration(req.GetMaxBacklogAgeSeconds())*time.Second)
+}

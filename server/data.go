@@ -241,17 +241,31 @@ func (d *DataService) GetSession(ctx context.Context, req *pb.GetSessionRequest)
 // the session's shard.
 func (d *DataService) getSessionCached(ctx context.Context, c *cache.Cache, tok string) (*pb.GetSessionResponse, error) {
 	p, hash := tokenPartition(tok), hashToken(tok)
+	ctx, span, traced := d.s.startSpan(ctx, "cache.get_session")
+	if traced {
+		span.SetAttributes(attrPartition.Int(int(p)))
+	}
 	e, err := c.GetSession(ctx, hash, func(ctx context.Context) (cache.Entry, error) {
+		ctx, span, traced := d.s.startSpan(ctx, "cache.load_session")
+		if traced {
+			span.SetAttributes(attrPartition.Int(int(p)))
+		}
 		var sess shards.Session
 		err := d.s.onPartition(ctx, p, func(sh *shards.Shard) (err error) {
 			sess, err = sh.GetSession(ctx, p, hash)
 			return err
 		})
+		if traced {
+			endSpan(span, err)
+		}
 		if err != nil {
 			return notFoundEntry(err)
 		}
 		return sessionEntry(sess), nil
 	})
+	if traced {
+		endSpan(span, err)
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -426,13 +440,21 @@ func (d *DataService) ListItems(ctx context.Context, req *pb.ListItemsRequest) (
 func (d *DataService) GetConfig(ctx context.Context, req *pb.GetConfigRequest) (*pb.GetConfigResponse, error) {
 	ns, key := req.GetNamespace(), req.GetKey()
 	if c := d.s.readCache(ctx); c != nil {
+		ctx, span, traced := d.s.startSpan(ctx, "cache.get_config")
 		e, err := c.GetConfig(ctx, ns, key, func(ctx context.Context) (cache.Entry, error) {
+			ctx, span, traced := d.s.startSpan(ctx, "cache.load_config")
 			ce, err := d.s.catalog.GetConfig(ctx, ns, key)
+			if traced {
+				endSpan(span, err)
+			}
 			if err != nil {
 				return notFoundEntry(err)
 			}
 			return configEntry(ce), nil
 		})
+		if traced {
+			endSpan(span, err)
+		}
 		if err != nil {
 			return nil, err
 		}

@@ -66,6 +66,8 @@ func (s *Server) newRegistry() *prometheus.Registry {
 			return float64(relays.QuarantinedStreams())
 		}),
 		poolCollector{s},
+		s.observer.shardQuery,
+		statusCollector{s},
 	)
 	if s.opts.Cache != nil {
 		reg.MustRegister(cacheCollector{s.opts.Cache})

@@ -8,6 +8,9 @@ import (
 	"slices"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"go.opentelemetry.io/otel/trace"
+
 	"github.com/shardgate/shardgate/catalog"
 	"github.com/shardgate/shardgate/router"
 	"github.com/shardgate/shardgate/shards"
@@ -19,8 +22,9 @@ import (
 
 // shardPool is an open shard and the catalog DSN it was opened from.
 type shardPool struct {
-	dsn string
-	sh  *shards.Shard
+	dsn   string
+	sh    *shards.Shard
+	query prometheus.Observer // the shard's query latencies
 }
 
 // poolRetireDelay is how long a replaced or removed pool stays open, so
@@ -81,7 +85,7 @@ func (s *Server) syncPools(ctx context.Context, topo catalog.Topology) error {
 			s.opts.Logger.Error("cannot open shard pool", "shard", rec.Name, "kept_old_pool", ok, "err", err)
 			continue
 		}
-		s.shards[rec.Name] = shardPool{dsn: rec.DSN, sh: sh}
+		s.shards[rec.Name] = shardPool{dsn: rec.DSN, sh: sh, query: s.observer.shardQuery.WithLabelValues(rec.Name)}
 		if ok {
 			s.opts.Logger.Info("shard DSN changed; pool reopened", "shard", rec.Name)
 			s.retire(old.sh)
@@ -90,6 +94,7 @@ func (s *Server) syncPools(ctx context.Context, topo catalog.Topology) error {
 	for name, p := range s.shards {
 		if !keep[name] {
 			delete(s.shards, name)
+			s.shardRemoved(name)
 			s.retire(p.sh)
 		}
 	}
@@ -97,10 +102,15 @@ func (s *Server) syncPools(ctx context.Context, topo catalog.Topology) error {
 }
 
 func (s *Server) shard(name string) (*shards.Shard, bool) {
+	p, ok := s.pool(name)
+	return p.sh, ok
+}
+
+func (s *Server) pool(name string) (shardPool, bool) {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
 	p, ok := s.shards[name]
-	return p.sh, ok
+	return p, ok
 }
 
 // errNoTable is returned before the first topology load (never after New).
@@ -152,20 +162,35 @@ func (s *Server) userPartition(userID string) (int32, error) {
 func (s *Server) onOwner(ctx context.Context, p int32, fn func(*shards.Shard) error) (string, error) {
 	backoff := time.Millisecond
 	giveUp := time.Now().Add(s.opts.MoveWait)
+	attempt := 0
 	for {
 		t := s.router.Table()
 		if t == nil {
 			return "", errNoTable
 		}
 		name := t.Owner(p)
-		sh, ok := s.shard(name)
+		pool, ok := s.pool(name)
 		if !ok {
 			if s.router.Table() != t {
 				continue // the map changed under us
 			}
 			return name, fmt.Errorf("shard %s: %w", name, errShardNotOpen)
 		}
+		sh := pool.sh
+		attempt++
+		var span trace.Span
+		if s.tracer != nil {
+			var traced bool
+			if _, span, traced = s.startSpan(ctx, "shard.query"); traced {
+				span.SetAttributes(attrShard.String(name), attrPartition.Int(int(p)), attrAttempt.Int(attempt))
+			}
+		}
+		start := time.Now()
 		err := fn(sh)
+		pool.query.Observe(time.Since(start).Seconds())
+		if span != nil {
+			endSpan(span, err)
+		}
 		if shards.IsClosed(err) && time.Now().Before(giveUp) {
 			if cur, ok := s.shard(name); ok && cur != sh {
 				continue // its pool was replaced under us; nothing was sent

@@ -48,7 +48,11 @@ const (
 	ruleDSN                           // a non-empty DSN, at most maxDSN bytes, no control characters
 	ruleWeight                        // 0 (default 1) or 1-64
 	ruleFreezeBudget                  // 0 (default) or 1-1000 ms
+	ruleBacklogAge                    // 0 (default) or 1-86400 s
 )
+
+// maxBacklogAgeSeconds bounds GetClusterStatus's backlog threshold: a day.
+const maxBacklogAgeSeconds = 86400
 
 // maxDSN bounds a shard DSN.
 const maxDSN = 4096
@@ -81,26 +85,27 @@ var requestRules = map[protoreflect.FullName][]fieldRule{
 	"shardgate.v1.DeleteItemRequest": {{"user_id", ruleUserID}, {"collection", ruleName}, {"key", ruleKey}, {"expected_version", ruleExpected}},
 	"shardgate.v1.ListItemsRequest": {{"user_id", ruleUserID}, {"collection", ruleName}, {"prefix", rulePrefix},
 		{"page_size", rulePageSize}, {"page_token", rulePageToken}},
-	"shardgate.v1.GetConfigRequest":       {{"namespace", ruleName}, {"key", ruleKey}},
-	"shardgate.v1.SetConfigRequest":       {{"namespace", ruleName}, {"key", ruleKey}, {"value_json", ruleJSONValue}, {"expected_version", ruleExpected}},
-	"shardgate.v1.DeleteConfigRequest":    {{"namespace", ruleName}, {"key", ruleKey}, {"expected_version", ruleExpected}},
-	"shardgate.v1.ListConfigRequest":      {{"namespace", ruleName}, {"page_size", rulePageSize}, {"page_token", rulePageToken}},
-	"shardgate.v1.WatchRequest":           {{"user_ids", ruleUserIDList}, {"partitions", rulePartitionList}, {"cursor", ruleCursor}},
-	"shardgate.v1.GetTopologyRequest":     {},
-	"shardgate.v1.LocateUserRequest":      {{"user_id", ruleUserID}},
-	"shardgate.v1.MigrationStatusRequest": {},
-	"shardgate.v1.SetConfigSchemaRequest": {{"namespace", ruleName}, {"schema_json", ruleJSONOptional}},
-	"shardgate.v1.GetConfigSchemaRequest": {{"namespace", ruleName}},
-	"shardgate.v1.AddShardRequest":        {{"name", ruleShardName}, {"dsn", ruleDSN}, {"weight", ruleWeight}},
-	"shardgate.v1.DrainShardRequest":      {{"name", ruleShardName}},
-	"shardgate.v1.ActivateShardRequest":   {{"name", ruleShardName}},
-	"shardgate.v1.RemoveShardRequest":     {{"name", ruleShardName}},
-	"shardgate.v1.PlanRebalanceRequest":   {{"max_parallel", ruleMaxParallel}},
-	"shardgate.v1.StartRebalanceRequest":  {{"max_parallel", ruleMaxParallel}, {"freeze_budget_ms", ruleFreezeBudget}},
-	"shardgate.v1.GetRebalanceRequest":    {},
-	"shardgate.v1.WatchRebalanceRequest":  {},
-	"shardgate.v1.CancelRebalanceRequest": {},
-	"shardgate.v1.VerifyPartitionRequest": {{"partition", rulePartition}},
+	"shardgate.v1.GetConfigRequest":        {{"namespace", ruleName}, {"key", ruleKey}},
+	"shardgate.v1.SetConfigRequest":        {{"namespace", ruleName}, {"key", ruleKey}, {"value_json", ruleJSONValue}, {"expected_version", ruleExpected}},
+	"shardgate.v1.DeleteConfigRequest":     {{"namespace", ruleName}, {"key", ruleKey}, {"expected_version", ruleExpected}},
+	"shardgate.v1.ListConfigRequest":       {{"namespace", ruleName}, {"page_size", rulePageSize}, {"page_token", rulePageToken}},
+	"shardgate.v1.WatchRequest":            {{"user_ids", ruleUserIDList}, {"partitions", rulePartitionList}, {"cursor", ruleCursor}},
+	"shardgate.v1.GetTopologyRequest":      {},
+	"shardgate.v1.LocateUserRequest":       {{"user_id", ruleUserID}},
+	"shardgate.v1.MigrationStatusRequest":  {},
+	"shardgate.v1.SetConfigSchemaRequest":  {{"namespace", ruleName}, {"schema_json", ruleJSONOptional}},
+	"shardgate.v1.GetConfigSchemaRequest":  {{"namespace", ruleName}},
+	"shardgate.v1.AddShardRequest":         {{"name", ruleShardName}, {"dsn", ruleDSN}, {"weight", ruleWeight}},
+	"shardgate.v1.DrainShardRequest":       {{"name", ruleShardName}},
+	"shardgate.v1.ActivateShardRequest":    {{"name", ruleShardName}},
+	"shardgate.v1.RemoveShardRequest":      {{"name", ruleShardName}},
+	"shardgate.v1.PlanRebalanceRequest":    {{"max_parallel", ruleMaxParallel}},
+	"shardgate.v1.StartRebalanceRequest":   {{"max_parallel", ruleMaxParallel}, {"freeze_budget_ms", ruleFreezeBudget}},
+	"shardgate.v1.GetRebalanceRequest":     {},
+	"shardgate.v1.WatchRebalanceRequest":   {},
+	"shardgate.v1.CancelRebalanceRequest":  {},
+	"shardgate.v1.VerifyPartitionRequest":  {{"partition", rulePartition}},
+	"shardgate.v1.GetClusterStatusRequest": {{"max_backlog_age_seconds", ruleBacklogAge}},
 }
 
 type compiledRule struct {
@@ -254,6 +259,10 @@ func (v *validator) checkField(msg protoreflect.Message, r compiledRule) error {
 	case ruleFreezeBudget:
 		if n := val.Int(); n < 0 || n > mover.MaxFreezeBudget.Milliseconds() {
 			return invalid(name, "%d is outside 1..%d", n, mover.MaxFreezeBudget.Milliseconds())
+		}
+	case ruleBacklogAge:
+		if n := val.Int(); n < 0 || n > maxBacklogAgeSeconds {
+			return invalid(name, "%d is outside 1..%d (seconds)", n, maxBacklogAgeSeconds)
 		}
 	}
 	return nil

@@ -16,6 +16,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/redis/rueidis"
 	"github.com/santhosh-tekuri/jsonschema/v6"
+	"go.opentelemetry.io/otel/trace"
 
 	"github.com/shardgate/shardgate/cache"
 	"github.com/shardgate/shardgate/catalog"
@@ -103,6 +104,11 @@ type Options struct {
 	// user principal must match, so a user cannot write attributes other
 	// services trust. Services and admins write any JSON object.
 	UserSessionSchema string
+
+	// TracerProvider, if set, traces calls (otelgrpc), cache lookups and
+	// loads, shard queries and relay publishes; nil traces nothing, at no
+	// cost.
+	TracerProvider trace.TracerProvider
 }
 
 // DefaultUserSessionMaxTTL is Options.UserSessionMaxTTL's default.
@@ -155,6 +161,8 @@ type Server struct {
 
 	metrics     *prometheus.Registry
 	grpcMetrics *grpcprom.ServerMetrics
+	observer    *observer    // the operator's view (observe.go)
+	tracer      trace.Tracer // nil: tracing off (tracing.go)
 
 	relays    *events.Manager                 // under mu; nil until events are attached, or without Options.RunRelays
 	relayDSNs map[string]string               // under mu; the expanded DSN each shard's relay uses
@@ -212,6 +220,10 @@ func New(ctx context.Context, catalogDSN string, opts Options) (*Server, error) 
 		shards:     make(map[string]shardPool),
 
 		userSessionSchema: userSchema,
+		observer:          newObserver(),
+	}
+	if opts.TracerProvider != nil {
+		s.tracer = opts.TracerProvider.Tracer(tracerName)
 	}
 	s.metrics = s.newRegistry()
 	s.watchesCtx, s.endWatches = context.WithCancelCause(context.Background())
@@ -272,6 +284,7 @@ func (s *Server) AttachRedis(rc rueidis.Client) bool {
 			MaxLen:     s.opts.StreamMaxLen,
 			Invalidate: s.invalidateEvents,
 			Logger:     s.opts.Logger,
+			Tracer:     s.relayTracer(),
 		})
 		s.relays.StartConfig(s.catalogDSN)
 		s.relays.Sync(maps.Clone(s.relayDSNs))

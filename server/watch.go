@@ -101,7 +101,11 @@ func (d *DataService) Watch(req *pb.WatchRequest, stream pb.DataService_WatchSer
 		defer release()
 	}
 	emit := func(e *events.Event, cur events.Cursor) error {
-		return stream.Send(&pb.WatchResponse{Kind: &pb.WatchResponse_Event{Event: changeEvent(e, cur)}})
+		if err := stream.Send(&pb.WatchResponse{Kind: &pb.WatchResponse_Event{Event: changeEvent(e, cur)}}); err != nil {
+			return err
+		}
+		d.s.observer.eventsSent.Add(1)
+		return nil
 	}
 	heartbeat := func(cur events.Cursor) error {
 		return stream.Send(&pb.WatchResponse{Kind: &pb.WatchResponse_Heartbeat{Heartbeat: &pb.Heartbeat{

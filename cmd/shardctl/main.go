@@ -14,6 +14,7 @@
 //	shardctl rebalance status         the running or last rebalance, per move
 //	shardctl rebalance cancel         roll back moves not yet cut over
 //	shardctl verify PARTITION         checksums of a partition wherever it has rows
+//	shardctl status [--max-backlog-age D]   cluster summary; exit 1 when unhealthy
 //
 // --token (or SHARDGATE_TOKEN) is sent as "authorization: Bearer …" on
 // every call; it needs TLS (--tls, --ca-file) unless the address is loopback.
@@ -84,6 +85,7 @@ type cli struct {
 		Cancel rebalanceCancelCmd `cmd:"" help:"Cancel the running rebalance: moves not yet cut over roll back."`
 	} `cmd:"" help:"Move partitions between shards online."`
 	Verify verifyCmd `cmd:"" help:"Checksum a partition on its owner and on any other shard holding rows of it; exit 1 on a problem."`
+	Status statusCmd `cmd:"" help:"Summarise the cluster: shards, load, events, cache, the rebalance; exit 1 when unhealthy (a shard unreachable, an old relay backlog, a failed move)."`
 }
 
 func main() {

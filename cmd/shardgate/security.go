@@ -91,6 +91,9 @@ type security struct {
 	auth *auth.Verifier
 	// cacheMACKey keys the MAC of cache entries (nil: none given).
 	cacheMACKey []byte
+	// allowPlaintext: --allow-plaintext, non-loopback addresses may go
+	// without TLS (never without auth).
+	allowPlaintext bool
 }
 
 func (f securityFlags) build(ctx context.Context, log *slog.Logger) (security, error) {

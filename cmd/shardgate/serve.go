@@ -17,6 +17,7 @@ import (
 	"github.com/redis/rueidis"
 
 	"github.com/shardgate/shardgate/cache"
+	"github.com/shardgate/shardgate/dashboard"
 	"github.com/shardgate/shardgate/server"
 	"github.com/shardgate/shardgate/shards"
 )
@@ -87,6 +88,7 @@ func (c *serveCmd) Run(ctx context.Context, log *slog.Logger) error {
 			return err
 		}
 	}
+	sec.allowPlaintext = c.AllowPlaintext
 	if !loopback && sec.tls == nil {
 		log.Warn("PLAINTEXT (--allow-plaintext): serving on a non-loopback address without TLS; tokens and data cross the network in the clear", "listen", c.Listen)
 	}
@@ -320,6 +322,18 @@ func run(ctx context.Context, log *slog.Logger, listen, catalogDSN string, f ser
 		evRedis.set(rc)
 		log.Info("change events on", "redis", redis.name, "prefix", f.EventsPrefix, "stream_maxlen", f.StreamMaxLen)
 	}
+	tp, stopTracing, err := tracingFromEnv(ctx, os.Getenv, log)
+	if err != nil {
+		return err
+	}
+	defer func() { // after the server: its last spans are flushed
+		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+		defer cancel()
+		if err := stopTracing(sctx); err != nil {
+			log.Warn("flushing traces failed", "err", err)
+		}
+	}()
+	opts.TracerProvider = tp
 	s, err := server.New(ctx, catalogDSN, opts)
 	if err != nil {
 		return err
@@ -366,7 +380,7 @@ func run(ctx context.Context, log *slog.Logger, listen, catalogDSN string, f ser
 		return err
 	}
 	if f.MetricsListen != "" {
-		stop, err := serveMetrics(f.MetricsListen, s.MetricsHandler(), f.Pprof, log)
+		stop, err := serveMetrics(f.MetricsListen, adminSurface{metrics: s.MetricsHandler(), status: s.ClusterStatus, pprof: f.Pprof}, sec, log)
 		if err != nil {
 			lis.Close()
 			return err
@@ -380,28 +394,70 @@ func run(ctx context.Context, log *slog.Logger, listen, catalogDSN string, f ser
 	return err
 }
 
-// serveMetrics serves /metrics on addr until stop is called.
-func serveMetrics(addr string, h http.Handler, withPprof bool, log *slog.Logger) (stop func(), err error) {
+// adminSurface is what the metrics address serves.
+type adminSurface struct {
+	metrics http.Handler
+	status  dashboard.StatusFunc
+	pprof   bool
+}
+
+// serveMetrics serves /metrics and the dashboard (/, /api/status) on addr
+// until stop is called. On a loopback address anyone on the machine may
+// look, as before. Beyond loopback it takes what the gRPC address takes:
+// TLS and an admin bearer token (JWT) on everything but the dashboard's
+// static files; --allow-plaintext waives TLS, nothing waives the token.
+func serveMetrics(addr string, a adminSurface, sec security, log *slog.Logger) (stop func(), err error) {
+	loopback, err := isLoopback(addr)
+	if err != nil {
+		return nil, fmt.Errorf("--metrics-listen: %w", err)
+	}
+	if !loopback {
+		if err := checkExposure(addr, false, sec.tls != nil, sec.auth != nil, sec.allowPlaintext, sec.auth == nil); err != nil {
+			return nil, fmt.Errorf("metrics and dashboard (--metrics-listen): %w", err)
+		}
+	}
 	lis, err := net.Listen("tcp", addr)
 	if err != nil {
 		return nil, fmt.Errorf("metrics listener (--metrics-listen, empty to turn off): %w", err)
 	}
 	mux := http.NewServeMux()
-	mux.Handle("/metrics", h)
-	if withPprof {
+	mux.Handle("/metrics", a.metrics)
+	dashboard.Register(mux, a.status)
+	if a.pprof {
 		mux.HandleFunc("/debug/pprof/", pprof.Index)
 		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
 		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
 		mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
 		// Not /debug/pprof/cmdline: flags may hold a DSN with a password.
 	}
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	var h http.Handler = mux
+	guarded := !loopback && sec.auth != nil
+	if guarded {
+		h = dashboard.Guard(sec.auth, dashboard.StaticPath, mux)
+	}
+	srv := &http.Server{Handler: h, ReadHeaderTimeout: 5 * time.Second}
+	scheme := "http"
+	useTLS := !loopback && sec.tls != nil
+	if useTLS {
+		srv.TLSConfig = sec.tls.Clone()
+		scheme = "https"
+	}
+	if !loopback && !useTLS {
+		log.Warn("PLAINTEXT (--allow-plaintext): metrics and dashboard on a non-loopback address without TLS; admin tokens cross the network in the clear", "listen", addr)
+	}
 	go func() {
-		if err := srv.Serve(lis); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		var err error
+		if useTLS {
+			err = srv.ServeTLS(lis, "", "")
+		} else {
+			err = srv.Serve(lis)
+		}
+		if err != nil && !errors.Is(err, http.ErrServerClosed) {
 			log.Error("metrics server failed", "err", err)
 		}
 	}()
-	log.Info("metrics", "url", "http://"+lis.Addr().String()+"/metrics")
+	base := scheme + "://" + lis.Addr().String()
+	log.Info("metrics and dashboard", "metrics", base+"/metrics", "dashboard", base+"/", "admin_token_required", guarded)
 	return func() { srv.Close() }, nil
 }
 

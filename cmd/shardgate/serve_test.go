@@ -6,6 +6,8 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/http"
+	"strings"
 	"testing"
 	"time"
 
@@ -16,6 +18,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 
+	"github.com/shardgate/shardgate/auth"
 	"github.com/shardgate/shardgate/catalog"
 	"github.com/shardgate/shardgate/internal/testenv"
 	pb "github.com/shardgate/shardgate/proto/shardgate/v1"
@@ -263,4 +266,30 @@ func TestCachePrefixMustEndWithColon(t *testing.T) {
 			t.Errorf("checkCachePrefix(%q) = %v", p, err)
 		}
 	}
+}
+
+// The metrics address beyond loopback takes TLS and an admin token, like
+// the gRPC one: --allow-plaintext waives TLS, nothing waives the token.
+func TestMetricsExposure(t *testing.T) {
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	a := adminSurface{metrics: http.NotFoundHandler(), status: nil}
+	if _, err := serveMetrics("0.0.0.0:0", a, security{}, log); err == nil || !strings.Contains(err.Error(), "--metrics-listen") {
+		t.Fatalf("exposed without TLS and auth: err %v", err)
+	}
+	if _, err := serveMetrics("0.0.0.0:0", a, security{auth: &auth.Verifier{}}, log); err == nil {
+		t.Fatal("exposed with auth but no TLS: no error")
+	}
+	if _, err := serveMetrics("0.0.0.0:0", a, security{allowPlaintext: true}, log); err == nil {
+		t.Fatal("exposed without auth under --allow-plaintext: no error")
+	}
+	stop, err := serveMetrics("0.0.0.0:0", a, security{auth: &auth.Verifier{}, allowPlaintext: true}, log)
+	if err != nil {
+		t.Fatalf("--allow-plaintext with auth: %v", err)
+	}
+	stop()
+	stop, err = serveMetrics("127.0.0.1:0", a, security{}, log)
+	if err != nil {
+		t.Fatalf("loopback: %v", err)
+	}
+	stop()
 }

@@ -29,12 +29,23 @@ type Cluster struct {
 // free loopback port until the test ends. A nil Logger in opts discards logs.
 func Start(t testing.TB, shardCount int, opts server.Options, gopts server.GRPCOptions) *Cluster {
 	t.Helper()
+	dsns := make([]string, shardCount)
+	for i := range dsns {
+		dsns[i] = testenv.NewDatabase(t)
+	}
+	return StartOn(t, dsns, opts, gopts)
+}
+
+// StartOn is Start with the shards' databases given: shard-i is at
+// shardDSNs[i] (a database of a testenv.PGCluster, say, to stop it).
+func StartOn(t testing.TB, shardDSNs []string, opts server.Options, gopts server.GRPCOptions) *Cluster {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
 	catalogDSN := testenv.NewDatabase(t)
 	var specs []catalog.ShardSpec
-	for i := range shardCount {
-		specs = append(specs, catalog.ShardSpec{Name: fmt.Sprintf("shard-%d", i), DSN: testenv.NewDatabase(t)})
+	for i, dsn := range shardDSNs {
+		specs = append(specs, catalog.ShardSpec{Name: fmt.Sprintf("shard-%d", i), DSN: dsn})
 	}
 	if err := catalog.CreateCluster(ctx, catalogDSN, router.RingConfig{}, specs); err != nil {
 		t.Fatal(err)

@@ -2366,6 +2366,545 @@ func (x *TableChecksum) GetHash() string {
 	return ""
 }
 
+type GetClusterStatusRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// A relay backlog whose oldest event is older than this is a problem
+	// (0: 60 s; at most a day).
+	MaxBacklogAgeSeconds int32 `protobuf:"varint,1,opt,name=max_backlog_age_seconds,json=maxBacklogAgeSeconds" json:"max_backlog_age_seconds,omitempty"`
+	unknownFields        protoimpl.UnknownFields
+	sizeCache            protoimpl.SizeCache
+}
+
+func (x *GetClusterStatusRequest) Reset() {
+	*x = GetClusterStatusRequest{}
+	mi := &file_shardgate_v1_admin_proto_msgTypes[38]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetClusterStatusRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetClusterStatusRequest) ProtoMessage() {}
+
+func (x *GetClusterStatusRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_shardgate_v1_admin_proto_msgTypes[38]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetClusterStatusRequest.ProtoReflect.Descriptor instead.
+func (*GetClusterStatusRequest) Descriptor() ([]byte, []int) {
+	return file_shardgate_v1_admin_proto_rawDescGZIP(), []int{38}
+}
+
+func (x *GetClusterStatusRequest) GetMaxBacklogAgeSeconds() int32 {
+	if x != nil {
+		return x.MaxBacklogAgeSeconds
+	}
+	return 0
+}
+
+type GetClusterStatusResponse struct {
+	state           protoimpl.MessageState `protogen:"open.v1"`
+	Time            *timestamppb.Timestamp `protobuf:"bytes,1,opt,name=time" json:"time,omitempty"`
+	TopologyVersion int64                  `protobuf:"varint,2,opt,name=topology_version,json=topologyVersion" json:"topology_version,omitempty"`
+	PartitionCount  int32                  `protobuf:"varint,3,opt,name=partition_count,json=partitionCount" json:"partition_count,omitempty"`
+	Shards          []*ShardStatus         `protobuf:"bytes,4,rep,name=shards" json:"shards,omitempty"`
+	// owners[p] indexes shards: partition p's owner in the actual map.
+	Owners []uint32 `protobuf:"varint,5,rep,packed,name=owners" json:"owners,omitempty"`
+	// Partitions of moves not yet ended, and of those frozen for writes now.
+	MovingPartitions []int32 `protobuf:"varint,6,rep,packed,name=moving_partitions,json=movingPartitions" json:"moving_partitions,omitempty"`
+	FrozenPartitions []int32 `protobuf:"varint,7,rep,packed,name=frozen_partitions,json=frozenPartitions" json:"frozen_partitions,omitempty"`
+	// The running or last rebalance; unset if there never was one.
+	Rebalance *Rebalance   `protobuf:"bytes,8,opt,name=rebalance" json:"rebalance,omitempty"`
+	Events    *EventFlow   `protobuf:"bytes,9,opt,name=events" json:"events,omitempty"`
+	Cache     *CacheStatus `protobuf:"bytes,10,opt,name=cache" json:"cache,omitempty"`
+	// Empty when healthy: each is one thing an operator should look at (a
+	// shard unreachable, a relay backlog too old, a failed move).
+	Problems      []string `protobuf:"bytes,11,rep,name=problems" json:"problems,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetClusterStatusResponse) Reset() {
+	*x = GetClusterStatusResponse{}
+	mi := &file_shardgate_v1_admin_proto_msgTypes[39]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetClusterStatusResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetClusterStatusResponse) ProtoMessage() {}
+
+func (x *GetClusterStatusResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_shardgate_v1_admin_proto_msgTypes[39]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetClusterStatusResponse.ProtoReflect.Descriptor instead.
+func (*GetClusterStatusResponse) Descriptor() ([]byte, []int) {
+	return file_shardgate_v1_admin_proto_rawDescGZIP(), []int{39}
+}
+
+func (x *GetClusterStatusResponse) GetTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Time
+	}
+	return nil
+}
+
+func (x *GetClusterStatusResponse) GetTopologyVersion() int64 {
+	if x != nil {
+		return x.TopologyVersion
+	}
+	return 0
+}
+
+func (x *GetClusterStatusResponse) GetPartitionCount() int32 {
+	if x != nil {
+		return x.PartitionCount
+	}
+	return 0
+}
+
+func (x *GetClusterStatusResponse) GetShards() []*ShardStatus {
+	if x != nil {
+		return x.Shards
+	}
+	return nil
+}
+
+func (x *GetClusterStatusResponse) GetOwners() []uint32 {
+	if x != nil {
+		return x.Owners
+	}
+	return nil
+}
+
+func (x *GetClusterStatusResponse) GetMovingPartitions() []int32 {
+	if x != nil {
+		return x.MovingPartitions
+	}
+	return nil
+}
+
+func (x *GetClusterStatusResponse) GetFrozenPartitions() []int32 {
+	if x != nil {
+		return x.FrozenPartitions
+	}
+	return nil
+}
+
+func (x *GetClusterStatusResponse) GetRebalance() *Rebalance {
+	if x != nil {
+		return x.Rebalance
+	}
+	return nil
+}
+
+func (x *GetClusterStatusResponse) GetEvents() *EventFlow {
+	if x != nil {
+		return x.Events
+	}
+	return nil
+}
+
+func (x *GetClusterStatusResponse) GetCache() *CacheStatus {
+	if x != nil {
+		return x.Cache
+	}
+	return nil
+}
+
+func (x *GetClusterStatusResponse) GetProblems() []string {
+	if x != nil {
+		return x.Problems
+	}
+	return nil
+}
+
+type ShardStatus struct {
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	Name       string                 `protobuf:"bytes,1,opt,name=name" json:"name,omitempty"`
+	State      ShardState             `protobuf:"varint,2,opt,name=state,enum=shardgate.v1.ShardState" json:"state,omitempty"`
+	Weight     int32                  `protobuf:"varint,3,opt,name=weight" json:"weight,omitempty"`
+	Partitions int32                  `protobuf:"varint,4,opt,name=partitions" json:"partitions,omitempty"`
+	// partitions / partition_count.
+	Share     float64 `protobuf:"fixed64,5,opt,name=share" json:"share,omitempty"`
+	Reachable bool    `protobuf:"varint,6,opt,name=reachable" json:"reachable,omitempty"`
+	// Why it is unreachable (no DSN or password in it).
+	Error string `protobuf:"bytes,7,opt,name=error" json:"error,omitempty"`
+	// Estimated live rows (users, sessions, items) and database bytes,
+	// sampled at most every 15 s.
+	Rows  int64 `protobuf:"varint,8,opt,name=rows" json:"rows,omitempty"`
+	Bytes int64 `protobuf:"varint,9,opt,name=bytes" json:"bytes,omitempty"`
+	// This instance's queries to the shard: per second and their p99 over
+	// the last few seconds.
+	Qps   float64 `protobuf:"fixed64,10,opt,name=qps" json:"qps,omitempty"`
+	P99Ms float64 `protobuf:"fixed64,11,opt,name=p99_ms,json=p99Ms" json:"p99_ms,omitempty"`
+	// This instance's pool: connections in use and the limit.
+	PoolAcquired int32 `protobuf:"varint,12,opt,name=pool_acquired,json=poolAcquired" json:"pool_acquired,omitempty"`
+	PoolMax      int32 `protobuf:"varint,13,opt,name=pool_max,json=poolMax" json:"pool_max,omitempty"`
+	// Undelivered events in its outbox and the age of the oldest.
+	Backlog               int64   `protobuf:"varint,14,opt,name=backlog" json:"backlog,omitempty"`
+	OldestEventAgeSeconds float64 `protobuf:"fixed64,15,opt,name=oldest_event_age_seconds,json=oldestEventAgeSeconds" json:"oldest_event_age_seconds,omitempty"`
+	// Whether this instance leads the shard's relay, and its publish rate.
+	RelayLeading       bool    `protobuf:"varint,16,opt,name=relay_leading,json=relayLeading" json:"relay_leading,omitempty"`
+	PublishedPerSecond float64 `protobuf:"fixed64,17,opt,name=published_per_second,json=publishedPerSecond" json:"published_per_second,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
+}
+
+func (x *ShardStatus) Reset() {
+	*x = ShardStatus{}
+	mi := &file_shardgate_v1_admin_proto_msgTypes[40]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ShardStatus) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ShardStatus) ProtoMessage() {}
+
+func (x *ShardStatus) ProtoReflect() protoreflect.Message {
+	mi := &file_shardgate_v1_admin_proto_msgTypes[40]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ShardStatus.ProtoReflect.Descriptor instead.
+func (*ShardStatus) Descriptor() ([]byte, []int) {
+	return file_shardgate_v1_admin_proto_rawDescGZIP(), []int{40}
+}
+
+func (x *ShardStatus) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *ShardStatus) GetState() ShardState {
+	if x != nil {
+		return x.State
+	}
+	return ShardState_SHARD_STATE_UNSPECIFIED
+}
+
+func (x *ShardStatus) GetWeight() int32 {
+	if x != nil {
+		return x.Weight
+	}
+	return 0
+}
+
+func (x *ShardStatus) GetPartitions() int32 {
+	if x != nil {
+		return x.Partitions
+	}
+	return 0
+}
+
+func (x *ShardStatus) GetShare() float64 {
+	if x != nil {
+		return x.Share
+	}
+	return 0
+}
+
+func (x *ShardStatus) GetReachable() bool {
+	if x != nil {
+		return x.Reachable
+	}
+	return false
+}
+
+func (x *ShardStatus) GetError() string {
+	if x != nil {
+		return x.Error
+	}
+	return ""
+}
+
+func (x *ShardStatus) GetRows() int64 {
+	if x != nil {
+		return x.Rows
+	}
+	return 0
+}
+
+func (x *ShardStatus) GetBytes() int64 {
+	if x != nil {
+		return x.Bytes
+	}
+	return 0
+}
+
+func (x *ShardStatus) GetQps() float64 {
+	if x != nil {
+		return x.Qps
+	}
+	return 0
+}
+
+func (x *ShardStatus) GetP99Ms() float64 {
+	if x != nil {
+		return x.P99Ms
+	}
+	return 0
+}
+
+func (x *ShardStatus) GetPoolAcquired() int32 {
+	if x != nil {
+		return x.PoolAcquired
+	}
+	return 0
+}
+
+func (x *ShardStatus) GetPoolMax() int32 {
+	if x != nil {
+		return x.PoolMax
+	}
+	return 0
+}
+
+func (x *ShardStatus) GetBacklog() int64 {
+	if x != nil {
+		return x.Backlog
+	}
+	return 0
+}
+
+func (x *ShardStatus) GetOldestEventAgeSeconds() float64 {
+	if x != nil {
+		return x.OldestEventAgeSeconds
+	}
+	return 0
+}
+
+func (x *ShardStatus) GetRelayLeading() bool {
+	if x != nil {
+		return x.RelayLeading
+	}
+	return false
+}
+
+func (x *ShardStatus) GetPublishedPerSecond() float64 {
+	if x != nil {
+		return x.PublishedPerSecond
+	}
+	return 0
+}
+
+type EventFlow struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Events this instance's relays published, per second and in all.
+	PublishedPerSecond float64 `protobuf:"fixed64,1,opt,name=published_per_second,json=publishedPerSecond" json:"published_per_second,omitempty"`
+	PublishedTotal     int64   `protobuf:"varint,2,opt,name=published_total,json=publishedTotal" json:"published_total,omitempty"`
+	// Undelivered events over all outboxes (config included) and the age of
+	// the oldest.
+	Backlog               int64   `protobuf:"varint,3,opt,name=backlog" json:"backlog,omitempty"`
+	OldestEventAgeSeconds float64 `protobuf:"fixed64,4,opt,name=oldest_event_age_seconds,json=oldestEventAgeSeconds" json:"oldest_event_age_seconds,omitempty"`
+	// Open Watch streams on this instance and the events it sent them.
+	WatchStreams    int64 `protobuf:"varint,5,opt,name=watch_streams,json=watchStreams" json:"watch_streams,omitempty"`
+	WatchEventsSent int64 `protobuf:"varint,6,opt,name=watch_events_sent,json=watchEventsSent" json:"watch_events_sent,omitempty"`
+	// Whether this instance leads the config relay.
+	ConfigRelayLeading bool `protobuf:"varint,7,opt,name=config_relay_leading,json=configRelayLeading" json:"config_relay_leading,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
+}
+
+func (x *EventFlow) Reset() {
+	*x = EventFlow{}
+	mi := &file_shardgate_v1_admin_proto_msgTypes[41]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *EventFlow) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*EventFlow) ProtoMessage() {}
+
+func (x *EventFlow) ProtoReflect() protoreflect.Message {
+	mi := &file_shardgate_v1_admin_proto_msgTypes[41]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use EventFlow.ProtoReflect.Descriptor instead.
+func (*EventFlow) Descriptor() ([]byte, []int) {
+	return file_shardgate_v1_admin_proto_rawDescGZIP(), []int{41}
+}
+
+func (x *EventFlow) GetPublishedPerSecond() float64 {
+	if x != nil {
+		return x.PublishedPerSecond
+	}
+	return 0
+}
+
+func (x *EventFlow) GetPublishedTotal() int64 {
+	if x != nil {
+		return x.PublishedTotal
+	}
+	return 0
+}
+
+func (x *EventFlow) GetBacklog() int64 {
+	if x != nil {
+		return x.Backlog
+	}
+	return 0
+}
+
+func (x *EventFlow) GetOldestEventAgeSeconds() float64 {
+	if x != nil {
+		return x.OldestEventAgeSeconds
+	}
+	return 0
+}
+
+func (x *EventFlow) GetWatchStreams() int64 {
+	if x != nil {
+		return x.WatchStreams
+	}
+	return 0
+}
+
+func (x *EventFlow) GetWatchEventsSent() int64 {
+	if x != nil {
+		return x.WatchEventsSent
+	}
+	return 0
+}
+
+func (x *EventFlow) GetConfigRelayLeading() bool {
+	if x != nil {
+		return x.ConfigRelayLeading
+	}
+	return false
+}
+
+type CacheStatus struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Enabled bool                   `protobuf:"varint,1,opt,name=enabled" json:"enabled,omitempty"`
+	// (local + redis hits) / cached reads, since this instance started.
+	HitRatio  float64 `protobuf:"fixed64,2,opt,name=hit_ratio,json=hitRatio" json:"hit_ratio,omitempty"`
+	LocalHits int64   `protobuf:"varint,3,opt,name=local_hits,json=localHits" json:"local_hits,omitempty"`
+	RedisHits int64   `protobuf:"varint,4,opt,name=redis_hits,json=redisHits" json:"redis_hits,omitempty"`
+	Misses    int64   `protobuf:"varint,5,opt,name=misses" json:"misses,omitempty"`
+	// closed, open or half-open.
+	Breaker       string `protobuf:"bytes,6,opt,name=breaker" json:"breaker,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CacheStatus) Reset() {
+	*x = CacheStatus{}
+	mi := &file_shardgate_v1_admin_proto_msgTypes[42]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CacheStatus) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CacheStatus) ProtoMessage() {}
+
+func (x *CacheStatus) ProtoReflect() protoreflect.Message {
+	mi := &file_shardgate_v1_admin_proto_msgTypes[42]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CacheStatus.ProtoReflect.Descriptor instead.
+func (*CacheStatus) Descriptor() ([]byte, []int) {
+	return file_shardgate_v1_admin_proto_rawDescGZIP(), []int{42}
+}
+
+func (x *CacheStatus) GetEnabled() bool {
+	if x != nil {
+		return x.Enabled
+	}
+	return false
+}
+
+func (x *CacheStatus) GetHitRatio() float64 {
+	if x != nil {
+		return x.HitRatio
+	}
+	return 0
+}
+
+func (x *CacheStatus) GetLocalHits() int64 {
+	if x != nil {
+		return x.LocalHits
+	}
+	return 0
+}
+
+func (x *CacheStatus) GetRedisHits() int64 {
+	if x != nil {
+		return x.RedisHits
+	}
+	return 0
+}
+
+func (x *CacheStatus) GetMisses() int64 {
+	if x != nil {
+		return x.Misses
+	}
+	return 0
+}
+
+func (x *CacheStatus) GetBreaker() string {
+	if x != nil {
+		return x.Breaker
+	}
+	return ""
+}
+
 var File_shardgate_v1_admin_proto protoreflect.FileDescriptor
 
 const file_shardgate_v1_admin_proto_rawDesc = "" +
@@ -2531,7 +3070,60 @@ const file_shardgate_v1_admin_proto_rawDesc = "" +
 	"\rTableChecksum\x12\x14\n" +
 	"\x05table\x18\x01 \x01(\tR\x05table\x12\x12\n" +
 	"\x04rows\x18\x02 \x01(\x03R\x04rows\x12\x12\n" +
-	"\x04hash\x18\x03 \x01(\tR\x04hash*[\n" +
+	"\x04hash\x18\x03 \x01(\tR\x04hash\"P\n" +
+	"\x17GetClusterStatusRequest\x125\n" +
+	"\x17max_backlog_age_seconds\x18\x01 \x01(\x05R\x14maxBacklogAgeSeconds\"\xf8\x03\n" +
+	"\x18GetClusterStatusResponse\x12.\n" +
+	"\x04time\x18\x01 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12)\n" +
+	"\x10topology_version\x18\x02 \x01(\x03R\x0ftopologyVersion\x12'\n" +
+	"\x0fpartition_count\x18\x03 \x01(\x05R\x0epartitionCount\x121\n" +
+	"\x06shards\x18\x04 \x03(\v2\x19.shardgate.v1.ShardStatusR\x06shards\x12\x16\n" +
+	"\x06owners\x18\x05 \x03(\rR\x06owners\x12+\n" +
+	"\x11moving_partitions\x18\x06 \x03(\x05R\x10movingPartitions\x12+\n" +
+	"\x11frozen_partitions\x18\a \x03(\x05R\x10frozenPartitions\x125\n" +
+	"\trebalance\x18\b \x01(\v2\x17.shardgate.v1.RebalanceR\trebalance\x12/\n" +
+	"\x06events\x18\t \x01(\v2\x17.shardgate.v1.EventFlowR\x06events\x12/\n" +
+	"\x05cache\x18\n" +
+	" \x01(\v2\x19.shardgate.v1.CacheStatusR\x05cache\x12\x1a\n" +
+	"\bproblems\x18\v \x03(\tR\bproblems\"\x90\x04\n" +
+	"\vShardStatus\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12.\n" +
+	"\x05state\x18\x02 \x01(\x0e2\x18.shardgate.v1.ShardStateR\x05state\x12\x16\n" +
+	"\x06weight\x18\x03 \x01(\x05R\x06weight\x12\x1e\n" +
+	"\n" +
+	"partitions\x18\x04 \x01(\x05R\n" +
+	"partitions\x12\x14\n" +
+	"\x05share\x18\x05 \x01(\x01R\x05share\x12\x1c\n" +
+	"\treachable\x18\x06 \x01(\bR\treachable\x12\x14\n" +
+	"\x05error\x18\a \x01(\tR\x05error\x12\x12\n" +
+	"\x04rows\x18\b \x01(\x03R\x04rows\x12\x14\n" +
+	"\x05bytes\x18\t \x01(\x03R\x05bytes\x12\x10\n" +
+	"\x03qps\x18\n" +
+	" \x01(\x01R\x03qps\x12\x15\n" +
+	"\x06p99_ms\x18\v \x01(\x01R\x05p99Ms\x12#\n" +
+	"\rpool_acquired\x18\f \x01(\x05R\fpoolAcquired\x12\x19\n" +
+	"\bpool_max\x18\r \x01(\x05R\apoolMax\x12\x18\n" +
+	"\abacklog\x18\x0e \x01(\x03R\abacklog\x127\n" +
+	"\x18oldest_event_age_seconds\x18\x0f \x01(\x01R\x15oldestEventAgeSeconds\x12#\n" +
+	"\rrelay_leading\x18\x10 \x01(\bR\frelayLeading\x120\n" +
+	"\x14published_per_second\x18\x11 \x01(\x01R\x12publishedPerSecond\"\xbc\x02\n" +
+	"\tEventFlow\x120\n" +
+	"\x14published_per_second\x18\x01 \x01(\x01R\x12publishedPerSecond\x12'\n" +
+	"\x0fpublished_total\x18\x02 \x01(\x03R\x0epublishedTotal\x12\x18\n" +
+	"\abacklog\x18\x03 \x01(\x03R\abacklog\x127\n" +
+	"\x18oldest_event_age_seconds\x18\x04 \x01(\x01R\x15oldestEventAgeSeconds\x12#\n" +
+	"\rwatch_streams\x18\x05 \x01(\x03R\fwatchStreams\x12*\n" +
+	"\x11watch_events_sent\x18\x06 \x01(\x03R\x0fwatchEventsSent\x120\n" +
+	"\x14config_relay_leading\x18\a \x01(\bR\x12configRelayLeading\"\xb4\x01\n" +
+	"\vCacheStatus\x12\x18\n" +
+	"\aenabled\x18\x01 \x01(\bR\aenabled\x12\x1b\n" +
+	"\thit_ratio\x18\x02 \x01(\x01R\bhitRatio\x12\x1d\n" +
+	"\n" +
+	"local_hits\x18\x03 \x01(\x03R\tlocalHits\x12\x1d\n" +
+	"\n" +
+	"redis_hits\x18\x04 \x01(\x03R\tredisHits\x12\x16\n" +
+	"\x06misses\x18\x05 \x01(\x03R\x06misses\x12\x18\n" +
+	"\abreaker\x18\x06 \x01(\tR\abreaker*[\n" +
 	"\n" +
 	"ShardState\x12\x1b\n" +
 	"\x17SHARD_STATE_UNSPECIFIED\x10\x00\x12\x16\n" +
@@ -2542,8 +3134,7 @@ const file_shardgate_v1_admin_proto_rawDesc = "" +
 	"\x17REBALANCE_STATE_RUNNING\x10\x01\x12\x18\n" +
 	"\x14REBALANCE_STATE_DONE\x10\x02\x12\x1a\n" +
 	"\x16REBALANCE_STATE_FAILED\x10\x03\x12\x1d\n" +
-	"\x19REBALANCE_STATE_CANCELLED\x10\x042\xca\n" +
-	"\n" +
+	"\x19REBALANCE_STATE_CANCELLED\x10\x042\xad\v\n" +
 	"\fAdminService\x12R\n" +
 	"\vGetTopology\x12 .shardgate.v1.GetTopologyRequest\x1a!.shardgate.v1.GetTopologyResponse\x12O\n" +
 	"\n" +
@@ -2561,7 +3152,8 @@ const file_shardgate_v1_admin_proto_rawDesc = "" +
 	"\fGetRebalance\x12!.shardgate.v1.GetRebalanceRequest\x1a\".shardgate.v1.GetRebalanceResponse\x12]\n" +
 	"\x0eWatchRebalance\x12#.shardgate.v1.WatchRebalanceRequest\x1a$.shardgate.v1.WatchRebalanceResponse0\x01\x12^\n" +
 	"\x0fCancelRebalance\x12$.shardgate.v1.CancelRebalanceRequest\x1a%.shardgate.v1.CancelRebalanceResponse\x12^\n" +
-	"\x0fVerifyPartition\x12$.shardgate.v1.VerifyPartitionRequest\x1a%.shardgate.v1.VerifyPartitionResponseBFZ=github.com/shardgate/shardgate/proto/shardgate/v1;shardgatev1\x92\x03\x04\b\x02 \x03b\beditionsp\xe8\a"
+	"\x0fVerifyPartition\x12$.shardgate.v1.VerifyPartitionRequest\x1a%.shardgate.v1.VerifyPartitionResponse\x12a\n" +
+	"\x10GetClusterStatus\x12%.shardgate.v1.GetClusterStatusRequest\x1a&.shardgate.v1.GetClusterStatusResponseBFZ=github.com/shardgate/shardgate/proto/shardgate/v1;shardgatev1\x92\x03\x04\b\x02 \x03b\beditionsp\xe8\a"
 
 var (
 	file_shardgate_v1_admin_proto_rawDescOnce sync.Once
@@ -2576,111 +3168,124 @@ func file_shardgate_v1_admin_proto_rawDescGZIP() []byte {
 }
 
 var file_shardgate_v1_admin_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_shardgate_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 38)
+var file_shardgate_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 43)
 var file_shardgate_v1_admin_proto_goTypes = []any{
-	(ShardState)(0),                 // 0: shardgate.v1.ShardState
-	(RebalanceState)(0),             // 1: shardgate.v1.RebalanceState
-	(*GetTopologyRequest)(nil),      // 2: shardgate.v1.GetTopologyRequest
-	(*GetTopologyResponse)(nil),     // 3: shardgate.v1.GetTopologyResponse
-	(*ShardInfo)(nil),               // 4: shardgate.v1.ShardInfo
-	(*LocateUserRequest)(nil),       // 5: shardgate.v1.LocateUserRequest
-	(*LocateUserResponse)(nil),      // 6: shardgate.v1.LocateUserResponse
-	(*MigrationStatusRequest)(nil),  // 7: shardgate.v1.MigrationStatusRequest
-	(*MigrationStatusResponse)(nil), // 8: shardgate.v1.MigrationStatusResponse
-	(*DatabaseMigration)(nil),       // 9: shardgate.v1.DatabaseMigration
-	(*SetConfigSchemaRequest)(nil),  // 10: shardgate.v1.SetConfigSchemaRequest
-	(*SetConfigSchemaResponse)(nil), // 11: shardgate.v1.SetConfigSchemaResponse
-	(*GetConfigSchemaRequest)(nil),  // 12: shardgate.v1.GetConfigSchemaRequest
-	(*GetConfigSchemaResponse)(nil), // 13: shardgate.v1.GetConfigSchemaResponse
-	(*AddShardRequest)(nil),         // 14: shardgate.v1.AddShardRequest
-	(*AddShardResponse)(nil),        // 15: shardgate.v1.AddShardResponse
-	(*DrainShardRequest)(nil),       // 16: shardgate.v1.DrainShardRequest
-	(*DrainShardResponse)(nil),      // 17: shardgate.v1.DrainShardResponse
-	(*ActivateShardRequest)(nil),    // 18: shardgate.v1.ActivateShardRequest
-	(*ActivateShardResponse)(nil),   // 19: shardgate.v1.ActivateShardResponse
-	(*RemoveShardRequest)(nil),      // 20: shardgate.v1.RemoveShardRequest
-	(*RemoveShardResponse)(nil),     // 21: shardgate.v1.RemoveShardResponse
-	(*PlanRebalanceRequest)(nil),    // 22: shardgate.v1.PlanRebalanceRequest
-	(*PlanRebalanceResponse)(nil),   // 23: shardgate.v1.PlanRebalanceResponse
-	(*PlannedMove)(nil),             // 24: shardgate.v1.PlannedMove
-	(*ShardPlan)(nil),               // 25: shardgate.v1.ShardPlan
-	(*StartRebalanceRequest)(nil),   // 26: shardgate.v1.StartRebalanceRequest
-	(*StartRebalanceResponse)(nil),  // 27: shardgate.v1.StartRebalanceResponse
-	(*GetRebalanceRequest)(nil),     // 28: shardgate.v1.GetRebalanceRequest
-	(*GetRebalanceResponse)(nil),    // 29: shardgate.v1.GetRebalanceResponse
-	(*WatchRebalanceRequest)(nil),   // 30: shardgate.v1.WatchRebalanceRequest
-	(*WatchRebalanceResponse)(nil),  // 31: shardgate.v1.WatchRebalanceResponse
-	(*CancelRebalanceRequest)(nil),  // 32: shardgate.v1.CancelRebalanceRequest
-	(*CancelRebalanceResponse)(nil), // 33: shardgate.v1.CancelRebalanceResponse
-	(*Rebalance)(nil),               // 34: shardgate.v1.Rebalance
-	(*Move)(nil),                    // 35: shardgate.v1.Move
-	(*VerifyPartitionRequest)(nil),  // 36: shardgate.v1.VerifyPartitionRequest
-	(*VerifyPartitionResponse)(nil), // 37: shardgate.v1.VerifyPartitionResponse
-	(*PartitionCopy)(nil),           // 38: shardgate.v1.PartitionCopy
-	(*TableChecksum)(nil),           // 39: shardgate.v1.TableChecksum
-	(*timestamppb.Timestamp)(nil),   // 40: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),     // 41: google.protobuf.Duration
+	(ShardState)(0),                  // 0: shardgate.v1.ShardState
+	(RebalanceState)(0),              // 1: shardgate.v1.RebalanceState
+	(*GetTopologyRequest)(nil),       // 2: shardgate.v1.GetTopologyRequest
+	(*GetTopologyResponse)(nil),      // 3: shardgate.v1.GetTopologyResponse
+	(*ShardInfo)(nil),                // 4: shardgate.v1.ShardInfo
+	(*LocateUserRequest)(nil),        // 5: shardgate.v1.LocateUserRequest
+	(*LocateUserResponse)(nil),       // 6: shardgate.v1.LocateUserResponse
+	(*MigrationStatusRequest)(nil),   // 7: shardgate.v1.MigrationStatusRequest
+	(*MigrationStatusResponse)(nil),  // 8: shardgate.v1.MigrationStatusResponse
+	(*DatabaseMigration)(nil),        // 9: shardgate.v1.DatabaseMigration
+	(*SetConfigSchemaRequest)(nil),   // 10: shardgate.v1.SetConfigSchemaRequest
+	(*SetConfigSchemaResponse)(nil),  // 11: shardgate.v1.SetConfigSchemaResponse
+	(*GetConfigSchemaRequest)(nil),   // 12: shardgate.v1.GetConfigSchemaRequest
+	(*GetConfigSchemaResponse)(nil),  // 13: shardgate.v1.GetConfigSchemaResponse
+	(*AddShardRequest)(nil),          // 14: shardgate.v1.AddShardRequest
+	(*AddShardResponse)(nil),         // 15: shardgate.v1.AddShardResponse
+	(*DrainShardRequest)(nil),        // 16: shardgate.v1.DrainShardRequest
+	(*DrainShardResponse)(nil),       // 17: shardgate.v1.DrainShardResponse
+	(*ActivateShardRequest)(nil),     // 18: shardgate.v1.ActivateShardRequest
+	(*ActivateShardResponse)(nil),    // 19: shardgate.v1.ActivateShardResponse
+	(*RemoveShardRequest)(nil),       // 20: shardgate.v1.RemoveShardRequest
+	(*RemoveShardResponse)(nil),      // 21: shardgate.v1.RemoveShardResponse
+	(*PlanRebalanceRequest)(nil),     // 22: shardgate.v1.PlanRebalanceRequest
+	(*PlanRebalanceResponse)(nil),    // 23: shardgate.v1.PlanRebalanceResponse
+	(*PlannedMove)(nil),              // 24: shardgate.v1.PlannedMove
+	(*ShardPlan)(nil),                // 25: shardgate.v1.ShardPlan
+	(*StartRebalanceRequest)(nil),    // 26: shardgate.v1.StartRebalanceRequest
+	(*StartRebalanceResponse)(nil),   // 27: shardgate.v1.StartRebalanceResponse
+	(*GetRebalanceRequest)(nil),      // 28: shardgate.v1.GetRebalanceRequest
+	(*GetRebalanceResponse)(nil),     // 29: shardgate.v1.GetRebalanceResponse
+	(*WatchRebalanceRequest)(nil),    // 30: shardgate.v1.WatchRebalanceRequest
+	(*WatchRebalanceResponse)(nil),   // 31: shardgate.v1.WatchRebalanceResponse
+	(*CancelRebalanceRequest)(nil),   // 32: shardgate.v1.CancelRebalanceRequest
+	(*CancelRebalanceResponse)(nil),  // 33: shardgate.v1.CancelRebalanceResponse
+	(*Rebalance)(nil),                // 34: shardgate.v1.Rebalance
+	(*Move)(nil),                     // 35: shardgate.v1.Move
+	(*VerifyPartitionRequest)(nil),   // 36: shardgate.v1.VerifyPartitionRequest
+	(*VerifyPartitionResponse)(nil),  // 37: shardgate.v1.VerifyPartitionResponse
+	(*PartitionCopy)(nil),            // 38: shardgate.v1.PartitionCopy
+	(*TableChecksum)(nil),            // 39: shardgate.v1.TableChecksum
+	(*GetClusterStatusRequest)(nil),  // 40: shardgate.v1.GetClusterStatusRequest
+	(*GetClusterStatusResponse)(nil), // 41: shardgate.v1.GetClusterStatusResponse
+	(*ShardStatus)(nil),              // 42: shardgate.v1.ShardStatus
+	(*EventFlow)(nil),                // 43: shardgate.v1.EventFlow
+	(*CacheStatus)(nil),              // 44: shardgate.v1.CacheStatus
+	(*timestamppb.Timestamp)(nil),    // 45: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),      // 46: google.protobuf.Duration
 }
 var file_shardgate_v1_admin_proto_depIdxs = []int32{
 	4,  // 0: shardgate.v1.GetTopologyResponse.shards:type_name -> shardgate.v1.ShardInfo
 	0,  // 1: shardgate.v1.ShardInfo.state:type_name -> shardgate.v1.ShardState
 	9,  // 2: shardgate.v1.MigrationStatusResponse.catalog:type_name -> shardgate.v1.DatabaseMigration
 	9,  // 3: shardgate.v1.MigrationStatusResponse.shards:type_name -> shardgate.v1.DatabaseMigration
-	40, // 4: shardgate.v1.GetConfigSchemaResponse.updated_at:type_name -> google.protobuf.Timestamp
+	45, // 4: shardgate.v1.GetConfigSchemaResponse.updated_at:type_name -> google.protobuf.Timestamp
 	4,  // 5: shardgate.v1.AddShardResponse.shard:type_name -> shardgate.v1.ShardInfo
 	24, // 6: shardgate.v1.PlanRebalanceResponse.moves:type_name -> shardgate.v1.PlannedMove
 	25, // 7: shardgate.v1.PlanRebalanceResponse.shards:type_name -> shardgate.v1.ShardPlan
-	41, // 8: shardgate.v1.PlanRebalanceResponse.estimate:type_name -> google.protobuf.Duration
+	46, // 8: shardgate.v1.PlanRebalanceResponse.estimate:type_name -> google.protobuf.Duration
 	0,  // 9: shardgate.v1.ShardPlan.state:type_name -> shardgate.v1.ShardState
 	23, // 10: shardgate.v1.StartRebalanceResponse.plan:type_name -> shardgate.v1.PlanRebalanceResponse
 	34, // 11: shardgate.v1.GetRebalanceResponse.rebalance:type_name -> shardgate.v1.Rebalance
 	34, // 12: shardgate.v1.WatchRebalanceResponse.rebalance:type_name -> shardgate.v1.Rebalance
 	1,  // 13: shardgate.v1.Rebalance.state:type_name -> shardgate.v1.RebalanceState
-	40, // 14: shardgate.v1.Rebalance.created_at:type_name -> google.protobuf.Timestamp
-	40, // 15: shardgate.v1.Rebalance.finished_at:type_name -> google.protobuf.Timestamp
+	45, // 14: shardgate.v1.Rebalance.created_at:type_name -> google.protobuf.Timestamp
+	45, // 15: shardgate.v1.Rebalance.finished_at:type_name -> google.protobuf.Timestamp
 	35, // 16: shardgate.v1.Rebalance.moves:type_name -> shardgate.v1.Move
-	40, // 17: shardgate.v1.Move.started_at:type_name -> google.protobuf.Timestamp
-	40, // 18: shardgate.v1.Move.updated_at:type_name -> google.protobuf.Timestamp
-	40, // 19: shardgate.v1.Move.finished_at:type_name -> google.protobuf.Timestamp
-	41, // 20: shardgate.v1.Move.eta:type_name -> google.protobuf.Duration
+	45, // 17: shardgate.v1.Move.started_at:type_name -> google.protobuf.Timestamp
+	45, // 18: shardgate.v1.Move.updated_at:type_name -> google.protobuf.Timestamp
+	45, // 19: shardgate.v1.Move.finished_at:type_name -> google.protobuf.Timestamp
+	46, // 20: shardgate.v1.Move.eta:type_name -> google.protobuf.Duration
 	38, // 21: shardgate.v1.VerifyPartitionResponse.copies:type_name -> shardgate.v1.PartitionCopy
 	35, // 22: shardgate.v1.VerifyPartitionResponse.move:type_name -> shardgate.v1.Move
 	39, // 23: shardgate.v1.PartitionCopy.tables:type_name -> shardgate.v1.TableChecksum
-	2,  // 24: shardgate.v1.AdminService.GetTopology:input_type -> shardgate.v1.GetTopologyRequest
-	5,  // 25: shardgate.v1.AdminService.LocateUser:input_type -> shardgate.v1.LocateUserRequest
-	7,  // 26: shardgate.v1.AdminService.MigrationStatus:input_type -> shardgate.v1.MigrationStatusRequest
-	10, // 27: shardgate.v1.AdminService.SetConfigSchema:input_type -> shardgate.v1.SetConfigSchemaRequest
-	12, // 28: shardgate.v1.AdminService.GetConfigSchema:input_type -> shardgate.v1.GetConfigSchemaRequest
-	14, // 29: shardgate.v1.AdminService.AddShard:input_type -> shardgate.v1.AddShardRequest
-	16, // 30: shardgate.v1.AdminService.DrainShard:input_type -> shardgate.v1.DrainShardRequest
-	18, // 31: shardgate.v1.AdminService.ActivateShard:input_type -> shardgate.v1.ActivateShardRequest
-	20, // 32: shardgate.v1.AdminService.RemoveShard:input_type -> shardgate.v1.RemoveShardRequest
-	22, // 33: shardgate.v1.AdminService.PlanRebalance:input_type -> shardgate.v1.PlanRebalanceRequest
-	26, // 34: shardgate.v1.AdminService.StartRebalance:input_type -> shardgate.v1.StartRebalanceRequest
-	28, // 35: shardgate.v1.AdminService.GetRebalance:input_type -> shardgate.v1.GetRebalanceRequest
-	30, // 36: shardgate.v1.AdminService.WatchRebalance:input_type -> shardgate.v1.WatchRebalanceRequest
-	32, // 37: shardgate.v1.AdminService.CancelRebalance:input_type -> shardgate.v1.CancelRebalanceRequest
-	36, // 38: shardgate.v1.AdminService.VerifyPartition:input_type -> shardgate.v1.VerifyPartitionRequest
-	3,  // 39: shardgate.v1.AdminService.GetTopology:output_type -> shardgate.v1.GetTopologyResponse
-	6,  // 40: shardgate.v1.AdminService.LocateUser:output_type -> shardgate.v1.LocateUserResponse
-	8,  // 41: shardgate.v1.AdminService.MigrationStatus:output_type -> shardgate.v1.MigrationStatusResponse
-	11, // 42: shardgate.v1.AdminService.SetConfigSchema:output_type -> shardgate.v1.SetConfigSchemaResponse
-	13, // 43: shardgate.v1.AdminService.GetConfigSchema:output_type -> shardgate.v1.GetConfigSchemaResponse
-	15, // 44: shardgate.v1.AdminService.AddShard:output_type -> shardgate.v1.AddShardResponse
-	17, // 45: shardgate.v1.AdminService.DrainShard:output_type -> shardgate.v1.DrainShardResponse
-	19, // 46: shardgate.v1.AdminService.ActivateShard:output_type -> shardgate.v1.ActivateShardResponse
-	21, // 47: shardgate.v1.AdminService.RemoveShard:output_type -> shardgate.v1.RemoveShardResponse
-	23, // 48: shardgate.v1.AdminService.PlanRebalance:output_type -> shardgate.v1.PlanRebalanceResponse
-	27, // 49: shardgate.v1.AdminService.StartRebalance:output_type -> shardgate.v1.StartRebalanceResponse
-	29, // 50: shardgate.v1.AdminService.GetRebalance:output_type -> shardgate.v1.GetRebalanceResponse
-	31, // 51: shardgate.v1.AdminService.WatchRebalance:output_type -> shardgate.v1.WatchRebalanceResponse
-	33, // 52: shardgate.v1.AdminService.CancelRebalance:output_type -> shardgate.v1.CancelRebalanceResponse
-	37, // 53: shardgate.v1.AdminService.VerifyPartition:output_type -> shardgate.v1.VerifyPartitionResponse
-	39, // [39:54] is the sub-list for method output_type
-	24, // [24:39] is the sub-list for method input_type
-	24, // [24:24] is the sub-list for extension type_name
-	24, // [24:24] is the sub-list for extension extendee
-	0,  // [0:24] is the sub-list for field type_name
+	45, // 24: shardgate.v1.GetClusterStatusResponse.time:type_name -> google.protobuf.Timestamp
+	42, // 25: shardgate.v1.GetClusterStatusResponse.shards:type_name -> shardgate.v1.ShardStatus
+	34, // 26: shardgate.v1.GetClusterStatusResponse.rebalance:type_name -> shardgate.v1.Rebalance
+	43, // 27: shardgate.v1.GetClusterStatusResponse.events:type_name -> shardgate.v1.EventFlow
+	44, // 28: shardgate.v1.GetClusterStatusResponse.cache:type_name -> shardgate.v1.CacheStatus
+	0,  // 29: shardgate.v1.ShardStatus.state:type_name -> shardgate.v1.ShardState
+	2,  // 30: shardgate.v1.AdminService.GetTopology:input_type -> shardgate.v1.GetTopologyRequest
+	5,  // 31: shardgate.v1.AdminService.LocateUser:input_type -> shardgate.v1.LocateUserRequest
+	7,  // 32: shardgate.v1.AdminService.MigrationStatus:input_type -> shardgate.v1.MigrationStatusRequest
+	10, // 33: shardgate.v1.AdminService.SetConfigSchema:input_type -> shardgate.v1.SetConfigSchemaRequest
+	12, // 34: shardgate.v1.AdminService.GetConfigSchema:input_type -> shardgate.v1.GetConfigSchemaRequest
+	14, // 35: shardgate.v1.AdminService.AddShard:input_type -> shardgate.v1.AddShardRequest
+	16, // 36: shardgate.v1.AdminService.DrainShard:input_type -> shardgate.v1.DrainShardRequest
+	18, // 37: shardgate.v1.AdminService.ActivateShard:input_type -> shardgate.v1.ActivateShardRequest
+	20, // 38: shardgate.v1.AdminService.RemoveShard:input_type -> shardgate.v1.RemoveShardRequest
+	22, // 39: shardgate.v1.AdminService.PlanRebalance:input_type -> shardgate.v1.PlanRebalanceRequest
+	26, // 40: shardgate.v1.AdminService.StartRebalance:input_type -> shardgate.v1.StartRebalanceRequest
+	28, // 41: shardgate.v1.AdminService.GetRebalance:input_type -> shardgate.v1.GetRebalanceRequest
+	30, // 42: shardgate.v1.AdminService.WatchRebalance:input_type -> shardgate.v1.WatchRebalanceRequest
+	32, // 43: shardgate.v1.AdminService.CancelRebalance:input_type -> shardgate.v1.CancelRebalanceRequest
+	36, // 44: shardgate.v1.AdminService.VerifyPartition:input_type -> shardgate.v1.VerifyPartitionRequest
+	40, // 45: shardgate.v1.AdminService.GetClusterStatus:input_type -> shardgate.v1.GetClusterStatusRequest
+	3,  // 46: shardgate.v1.AdminService.GetTopology:output_type -> shardgate.v1.GetTopologyResponse
+	6,  // 47: shardgate.v1.AdminService.LocateUser:output_type -> shardgate.v1.LocateUserResponse
+	8,  // 48: shardgate.v1.AdminService.MigrationStatus:output_type -> shardgate.v1.MigrationStatusResponse
+	11, // 49: shardgate.v1.AdminService.SetConfigSchema:output_type -> shardgate.v1.SetConfigSchemaResponse
+	13, // 50: shardgate.v1.AdminService.GetConfigSchema:output_type -> shardgate.v1.GetConfigSchemaResponse
+	15, // 51: shardgate.v1.AdminService.AddShard:output_type -> shardgate.v1.AddShardResponse
+	17, // 52: shardgate.v1.AdminService.DrainShard:output_type -> shardgate.v1.DrainShardResponse
+	19, // 53: shardgate.v1.AdminService.ActivateShard:output_type -> shardgate.v1.ActivateShardResponse
+	21, // 54: shardgate.v1.AdminService.RemoveShard:output_type -> shardgate.v1.RemoveShardResponse
+	23, // 55: shardgate.v1.AdminService.PlanRebalance:output_type -> shardgate.v1.PlanRebalanceResponse
+	27, // 56: shardgate.v1.AdminService.StartRebalance:output_type -> shardgate.v1.StartRebalanceResponse
+	29, // 57: shardgate.v1.AdminService.GetRebalance:output_type -> shardgate.v1.GetRebalanceResponse
+	31, // 58: shardgate.v1.AdminService.WatchRebalance:output_type -> shardgate.v1.WatchRebalanceResponse
+	33, // 59: shardgate.v1.AdminService.CancelRebalance:output_type -> shardgate.v1.CancelRebalanceResponse
+	37, // 60: shardgate.v1.AdminService.VerifyPartition:output_type -> shardgate.v1.VerifyPartitionResponse
+	41, // 61: shardgate.v1.AdminService.GetClusterStatus:output_type -> shardgate.v1.GetClusterStatusResponse
+	46, // [46:62] is the sub-list for method output_type
+	30, // [30:46] is the sub-list for method input_type
+	30, // [30:30] is the sub-list for extension type_name
+	30, // [30:30] is the sub-list for extension extendee
+	0,  // [0:30] is the sub-list for field type_name
 }
 
 func init() { file_shardgate_v1_admin_proto_init() }
@@ -2694,7 +3299,7 @@ func file_shardgate_v1_admin_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_shardgate_v1_admin_proto_rawDesc), len(file_shardgate_v1_admin_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   38,
+			NumMessages:   43,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

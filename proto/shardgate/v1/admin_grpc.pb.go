@@ -19,21 +19,22 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	AdminService_GetTopology_FullMethodName     = "/shardgate.v1.AdminService/GetTopology"
-	AdminService_LocateUser_FullMethodName      = "/shardgate.v1.AdminService/LocateUser"
-	AdminService_MigrationStatus_FullMethodName = "/shardgate.v1.AdminService/MigrationStatus"
-	AdminService_SetConfigSchema_FullMethodName = "/shardgate.v1.AdminService/SetConfigSchema"
-	AdminService_GetConfigSchema_FullMethodName = "/shardgate.v1.AdminService/GetConfigSchema"
-	AdminService_AddShard_FullMethodName        = "/shardgate.v1.AdminService/AddShard"
-	AdminService_DrainShard_FullMethodName      = "/shardgate.v1.AdminService/DrainShard"
-	AdminService_ActivateShard_FullMethodName   = "/shardgate.v1.AdminService/ActivateShard"
-	AdminService_RemoveShard_FullMethodName     = "/shardgate.v1.AdminService/RemoveShard"
-	AdminService_PlanRebalance_FullMethodName   = "/shardgate.v1.AdminService/PlanRebalance"
-	AdminService_StartRebalance_FullMethodName  = "/shardgate.v1.AdminService/StartRebalance"
-	AdminService_GetRebalance_FullMethodName    = "/shardgate.v1.AdminService/GetRebalance"
-	AdminService_WatchRebalance_FullMethodName  = "/shardgate.v1.AdminService/WatchRebalance"
-	AdminService_CancelRebalance_FullMethodName = "/shardgate.v1.AdminService/CancelRebalance"
-	AdminService_VerifyPartition_FullMethodName = "/shardgate.v1.AdminService/VerifyPartition"
+	AdminService_GetTopology_FullMethodName      = "/shardgate.v1.AdminService/GetTopology"
+	AdminService_LocateUser_FullMethodName       = "/shardgate.v1.AdminService/LocateUser"
+	AdminService_MigrationStatus_FullMethodName  = "/shardgate.v1.AdminService/MigrationStatus"
+	AdminService_SetConfigSchema_FullMethodName  = "/shardgate.v1.AdminService/SetConfigSchema"
+	AdminService_GetConfigSchema_FullMethodName  = "/shardgate.v1.AdminService/GetConfigSchema"
+	AdminService_AddShard_FullMethodName         = "/shardgate.v1.AdminService/AddShard"
+	AdminService_DrainShard_FullMethodName       = "/shardgate.v1.AdminService/DrainShard"
+	AdminService_ActivateShard_FullMethodName    = "/shardgate.v1.AdminService/ActivateShard"
+	AdminService_RemoveShard_FullMethodName      = "/shardgate.v1.AdminService/RemoveShard"
+	AdminService_PlanRebalance_FullMethodName    = "/shardgate.v1.AdminService/PlanRebalance"
+	AdminService_StartRebalance_FullMethodName   = "/shardgate.v1.AdminService/StartRebalance"
+	AdminService_GetRebalance_FullMethodName     = "/shardgate.v1.AdminService/GetRebalance"
+	AdminService_WatchRebalance_FullMethodName   = "/shardgate.v1.AdminService/WatchRebalance"
+	AdminService_CancelRebalance_FullMethodName  = "/shardgate.v1.AdminService/CancelRebalance"
+	AdminService_VerifyPartition_FullMethodName  = "/shardgate.v1.AdminService/VerifyPartition"
+	AdminService_GetClusterStatus_FullMethodName = "/shardgate.v1.AdminService/GetClusterStatus"
 )
 
 // AdminServiceClient is the client API for AdminService service.
@@ -100,6 +101,12 @@ type AdminServiceClient interface {
 	// shard that holds rows of it. ok is false when another shard holds rows
 	// of it outside a move in flight.
 	VerifyPartition(ctx context.Context, in *VerifyPartitionRequest, opts ...grpc.CallOption) (*VerifyPartitionResponse, error)
+	// GetClusterStatus summarises the cluster for operators (shardctl status,
+	// the dashboard): shards with their reachability, size and load, the
+	// partition map, the latest rebalance, event flow and cache. Shards are
+	// asked in parallel; one that cannot be reached is reported, not an
+	// error. Rates and latencies are this instance's view of its own calls.
+	GetClusterStatus(ctx context.Context, in *GetClusterStatusRequest, opts ...grpc.CallOption) (*GetClusterStatusResponse, error)
 }
 
 type adminServiceClient struct {
@@ -269,6 +276,16 @@ func (c *adminServiceClient) VerifyPartition(ctx context.Context, in *VerifyPart
 	return out, nil
 }
 
+func (c *adminServiceClient) GetClusterStatus(ctx context.Context, in *GetClusterStatusRequest, opts ...grpc.CallOption) (*GetClusterStatusResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(GetClusterStatusResponse)
+	err := c.cc.Invoke(ctx, AdminService_GetClusterStatus_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AdminServiceServer is the server API for AdminService service.
 // All implementations must embed UnimplementedAdminServiceServer
 // for forward compatibility.
@@ -333,6 +350,12 @@ type AdminServiceServer interface {
 	// shard that holds rows of it. ok is false when another shard holds rows
 	// of it outside a move in flight.
 	VerifyPartition(context.Context, *VerifyPartitionRequest) (*VerifyPartitionResponse, error)
+	// GetClusterStatus summarises the cluster for operators (shardctl status,
+	// the dashboard): shards with their reachability, size and load, the
+	// partition map, the latest rebalance, event flow and cache. Shards are
+	// asked in parallel; one that cannot be reached is reported, not an
+	// error. Rates and latencies are this instance's view of its own calls.
+	GetClusterStatus(context.Context, *GetClusterStatusRequest) (*GetClusterStatusResponse, error)
 	mustEmbedUnimplementedAdminServiceServer()
 }
 
@@ -387,6 +410,9 @@ func (UnimplementedAdminServiceServer) CancelRebalance(context.Context, *CancelR
 }
 func (UnimplementedAdminServiceServer) VerifyPartition(context.Context, *VerifyPartitionRequest) (*VerifyPartitionResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method VerifyPartition not implemented")
+}
+func (UnimplementedAdminServiceServer) GetClusterStatus(context.Context, *GetClusterStatusRequest) (*GetClusterStatusResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetClusterStatus not implemented")
 }
 func (UnimplementedAdminServiceServer) mustEmbedUnimplementedAdminServiceServer() {}
 func (UnimplementedAdminServiceServer) testEmbeddedByValue()                      {}
@@ -672,6 +698,24 @@ func _AdminService_VerifyPartition_Handler(srv interface{}, ctx context.Context,
 	return interceptor(ctx, in, info, handler)
 }
 
+func _AdminService_GetClusterStatus_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetClusterStatusRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServiceServer).GetClusterStatus(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AdminService_GetClusterStatus_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServiceServer).GetClusterStatus(ctx, req.(*GetClusterStatusRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // AdminService_ServiceDesc is the grpc.ServiceDesc for AdminService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -734,6 +778,10 @@ var AdminService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "VerifyPartition",
 			Handler:    _AdminService_VerifyPartition_Handler,
+		},
+		{
+			MethodName: "GetClusterStatus",
+			Handler:    _AdminService_GetClusterStatus_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

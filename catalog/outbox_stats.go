@@ -1,0 +1,26 @@
+package catalog
+
+import (
+	"context"
+	"fmt"
+	"time"
+)
+
+// ConfigOutboxBacklog reports the config outbox's undelivered events: how
+// many (counted up to limit) and when the oldest committed (zero when
+// none waits). The one place that defines "undelivered" for the config
+// outbox: every row in it is, as the relay deletes a row once it is in
+// Redis.
+func (c *Catalog) ConfigOutboxBacklog(ctx context.Context, limit int64) (rows int64, oldest time.Time, err error) {
+	var t *time.Time
+	err = c.pool.QueryRow(ctx, `
+		SELECT (SELECT count(*) FROM (SELECT 1 FROM config_outbox LIMIT $1) o),
+		       (SELECT min(committed_at) FROM config_outbox)`, limit).Scan(&rows, &t)
+	if err != nil {
+		return 0, time.Time{}, fmt.Errorf("config outbox backlog: %w", err)
+	}
+	if t != nil {
+		oldest = *t
+	}
+	return rows, oldest, nil
+}
