@@ -14,6 +14,7 @@
 //	shardctl rebalance status         the running or last rebalance, per move
 //	shardctl rebalance cancel         roll back moves not yet cut over
 //	shardctl verify PARTITION         checksums of a partition wherever it has rows
+//	shardctl import check --mapping F --from DSN   dry run of an import (docs/migrating.md)
 //
 // --token (or SHARDGATE_TOKEN) is sent as "authorization: Bearer …" on
 // every call; it needs TLS (--tls, --ca-file) unless the address is loopback.
@@ -84,6 +85,9 @@ type cli struct {
 		Cancel rebalanceCancelCmd `cmd:"" help:"Cancel the running rebalance: moves not yet cut over roll back."`
 	} `cmd:"" help:"Move partitions between shards online."`
 	Verify verifyCmd `cmd:"" help:"Checksum a partition on its owner and on any other shard holding rows of it; exit 1 on a problem."`
+	Import struct {
+		Check importCheckCmd `cmd:"" help:"Validate a mapping against the source and show what an import would write (dry run)."`
+	} `cmd:"" help:"Import one unsharded PostgreSQL database (see docs/migrating.md)."`
 }
 
 func main() {
