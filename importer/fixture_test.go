@@ -11,11 +11,12 @@ import (
 	"github.com/shardgate/shardgate/internal/testenv"
 )
 
-// legacy creates the legacy source database of the tests: n accounts
+// legacy creates the legacy source database of the tests on a PostgreSQL
+// server of its own (logical decoding needs wal_level=logical): n accounts
 // (id 1..n) with one setting each, so 2n rows. Its DSN is returned.
 func legacy(t testing.TB, n int) string {
 	t.Helper()
-	dsn := testenv.NewDatabase(t)
+	dsn := testenv.NewPGCluster(t).CreateDatabase("legacy")
 	ctx := context.Background()
 	conn, err := pgx.Connect(ctx, dsn)
 	if err != nil {

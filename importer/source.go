@@ -84,8 +84,10 @@ func describe(ctx context.Context, q querier, t *Table) (*sourceTable, error) {
 		}
 		st.keyTypes = append(st.keyTypes, typ)
 	}
-	// Resolved here so every later use (reads, checkpoints, follow) agrees.
-	t.PrimaryKey = key
+	// Resolved on a copy: the mapping (and its hash) stays as written.
+	resolved := *t
+	resolved.PrimaryKey = key
+	st.Table = &resolved
 	return st, nil
 }
 
@@ -126,11 +128,13 @@ func (t *Table) profileExpr() string {
 	return strings.Join(parts, " || ")
 }
 
-// keyList is the quoted key columns, comma-separated.
+// keyList is the key columns, qualified by the table's alias (a bare name
+// in ORDER BY would pick an output column of that name: the key as text),
+// comma-separated.
 func (st *sourceTable) keyList() string {
 	q := make([]string, len(st.PrimaryKey))
 	for i, c := range st.PrimaryKey {
-		q[i] = pgx.Identifier{c}.Sanitize()
+		q[i] = st.alias + "." + pgx.Identifier{c}.Sanitize()
 	}
 	return strings.Join(q, ", ")
 }
@@ -140,15 +144,15 @@ func (st *sourceTable) keyList() string {
 // after the key given as $1.. (text) are read.
 func (st *sourceTable) selectSQL(after bool) string {
 	var cols []string
-	for _, c := range st.PrimaryKey {
-		cols = append(cols, pgx.Identifier{c}.Sanitize()+"::text")
+	for i, c := range st.PrimaryKey {
+		cols = append(cols, fmt.Sprintf("%s.%s::text AS sg_k%d", st.alias, pgx.Identifier{c}.Sanitize(), i))
 	}
 	fe := st.fieldExprs()
 	for i, e := range fe {
 		if i == len(fe)-1 { // the JSON field
 			e = "(" + e + ")::text"
 		}
-		cols = append(cols, e)
+		cols = append(cols, fmt.Sprintf("%s AS sg_f%d", e, i))
 	}
 	var b strings.Builder
 	fmt.Fprintf(&b, "SELECT %s FROM %s AS %s", strings.Join(cols, ", "), st.ident, st.alias)
@@ -287,4 +291,27 @@ func clip(s string) string {
 		return s[:77] + "..."
 	}
 	return s
+}
+
+// connectSource connects to the source with the session settings mapped
+// values depend on: times in JSON are printed in UTC whoever runs the import.
+func connectSource(ctx context.Context, dsn string) (*pgx.Conn, error) {
+	cfg, err := pgx.ParseConfig(dsn)
+	if err != nil {
+		return nil, fmt.Errorf("source DSN: %w", err)
+	}
+	cfg.RuntimeParams["timezone"] = "UTC"
+	if _, ok := cfg.RuntimeParams["application_name"]; !ok {
+		cfg.RuntimeParams["application_name"] = "shardgate-import"
+	}
+	conn, err := pgx.ConnectConfig(ctx, cfg)
+	if err != nil {
+		return nil, fmt.Errorf("source: %w", err)
+	}
+	return conn, nil
+}
+
+// ConnectSource connects to the source database as the import does.
+func ConnectSource(ctx context.Context, dsn string) (*pgx.Conn, error) {
+	return connectSource(ctx, dsn)
 }

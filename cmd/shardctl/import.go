@@ -5,12 +5,16 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/signal"
 	"strings"
+	"sync"
 	"syscall"
+	"time"
 
-	"github.com/jackc/pgx/v5"
+	"github.com/vbauerster/mpb/v8"
+	"github.com/vbauerster/mpb/v8/decor"
 
 	"github.com/shardgate/shardgate/catalog"
 	"github.com/shardgate/shardgate/importer"
@@ -66,7 +70,7 @@ func (c importCheckCmd) Run(g *globals) error {
 		}
 		opts.Partitions, opts.Owner = topo.PartitionCount, topo.Table.Owner
 	}
-	src, err := pgx.Connect(ctx, c.From)
+	src, err := importer.ConnectSource(ctx, c.From)
 	if err != nil {
 		return fmt.Errorf("source: %w", err)
 	}
@@ -115,4 +119,140 @@ func printCheck(g *globals, rep *importer.CheckReport) {
 	if rep.OK {
 		fmt.Fprintln(g.out, "\nthe mapping imports cleanly (dry run: nothing was written)")
 	}
+}
+
+type importTarget struct {
+	Catalog string `required:"" help:"Catalog database DSN of the Shardgate cluster." env:"SHARDGATE_CATALOG"`
+	Name    string `help:"Import name (one import per name at a time)." default:"default"`
+}
+
+func (t importTarget) open(ctx context.Context, maxConns int32) (*importer.Cluster, error) {
+	return importer.OpenCluster(ctx, t.Catalog, maxConns)
+}
+
+type importStartCmd struct {
+	importSource
+	importTarget
+	Parallel     int    `help:"Batches written at once per shard." default:"2"`
+	BatchRows    int    `name:"batch-rows" help:"Rows per batch to one shard." default:"5000"`
+	Events       bool   `help:"Publish a change event for every imported row (off: imported rows publish none)."`
+	SkipInvalid  bool   `name:"skip-invalid" help:"Count rows that do not map to a valid entity and write them to --rejects instead of stopping."`
+	Rejects      string `help:"File the rejected rows are appended to (NDJSON), with --skip-invalid."`
+	MaxJSONBytes int    `name:"max-json-bytes" help:"Largest JSON value accepted (the servers' --max-json-bytes)." default:"65536"`
+}
+
+func (c importStartCmd) Run(g *globals) error {
+	m, err := c.load()
+	if err != nil {
+		return err
+	}
+	if c.SkipInvalid != (c.Rejects != "") {
+		return errors.New("--skip-invalid and --rejects FILE go together")
+	}
+	if c.Parallel < 1 || c.Parallel > 64 {
+		return fmt.Errorf("--parallel %d: want 1-64", c.Parallel)
+	}
+	ctx, cancel := signalContext()
+	defer cancel()
+	cl, err := c.open(ctx, int32(c.Parallel)+1)
+	if err != nil {
+		return err
+	}
+	defer cl.Close()
+	opts := importer.Options{
+		Name: c.Name, Parallel: c.Parallel, BatchRows: c.BatchRows, Events: c.Events,
+		SkipInvalid: c.SkipInvalid, MaxJSONBytes: c.MaxJSONBytes,
+	}
+	if c.Rejects != "" {
+		f, err := os.OpenFile(c.Rejects, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o600)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		opts.Rejects = f
+	}
+	start := time.Now()
+	var view *importBars
+	if g.JSON {
+		enc := json.NewEncoder(g.out)
+		var mu sync.Mutex
+		opts.Progress = func(p importer.Progress) {
+			mu.Lock()
+			defer mu.Unlock()
+			enc.Encode(p)
+		}
+	} else {
+		view = newImportBars(g.out)
+		opts.Progress = view.update
+	}
+	err = importer.Start(ctx, cl, m, c.From, opts)
+	if view != nil {
+		view.done(err == nil)
+	}
+	if err != nil {
+		return err
+	}
+	rec, tables, err := cl.Catalog.GetImport(ctx, c.Name)
+	if err != nil {
+		return err
+	}
+	var rows, rejected int64
+	for _, t := range tables {
+		rows += t.RowsCopied
+		rejected += t.RowsRejected
+	}
+	if g.JSON {
+		return json.NewEncoder(g.out).Encode(map[string]any{"import": rec.Name, "state": rec.State, "rows": rows,
+			"rejected": rejected, "seconds": time.Since(start).Seconds(), "start_lsn": rec.StartLSN})
+	}
+	fmt.Fprintf(g.out, "bulk phase done: %d rows (%d rejected) in %s; the source's changes since LSN %s wait in slot %s\n"+
+		"next: 'shardctl import follow' to apply them, then 'shardctl import verify' and 'shardctl import cutover'\n",
+		rows, rejected, time.Since(start).Round(time.Millisecond), rec.StartLSN, rec.Slot)
+	return nil
+}
+
+// importBars draws a bar per table: rows, rate, ETA.
+type importBars struct {
+	mu   sync.Mutex
+	p    *mpb.Progress
+	bars map[string]*mpb.Bar
+}
+
+func newImportBars(out io.Writer) *importBars {
+	return &importBars{
+		p:    mpb.New(mpb.WithOutput(out), mpb.WithWidth(32), mpb.WithRefreshRate(200*time.Millisecond)),
+		bars: map[string]*mpb.Bar{},
+	}
+}
+
+func (v *importBars) update(p importer.Progress) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	bar, ok := v.bars[p.Table]
+	if !ok {
+		bar = v.p.AddBar(max(p.Total, 1),
+			mpb.PrependDecorators(decor.Name(fmt.Sprintf("%s (%s)", p.Table, p.Entity), decor.WCSyncSpaceR)),
+			mpb.AppendDecorators(
+				decor.CountersNoUnit("%d/%d rows", decor.WCSyncSpace),
+				decor.AverageSpeed(0, "  %.0f rows/s", decor.WCSyncSpace),
+				decor.OnComplete(decor.AverageETA(decor.ET_STYLE_GO, decor.WCSyncSpace), "  done"),
+			))
+		v.bars[p.Table] = bar
+	}
+	bar.SetTotal(max(p.Total, p.Copied+p.Rejected, 1), false)
+	bar.SetCurrent(p.Copied + p.Rejected)
+	if p.Done {
+		bar.SetTotal(-1, true)
+	}
+}
+
+func (v *importBars) done(ok bool) {
+	v.mu.Lock()
+	for _, b := range v.bars {
+		if !b.Completed() {
+			b.Abort(false)
+		}
+	}
+	v.mu.Unlock()
+	v.p.Wait()
 }

@@ -15,6 +15,7 @@
 //	shardctl rebalance cancel         roll back moves not yet cut over
 //	shardctl verify PARTITION         checksums of a partition wherever it has rows
 //	shardctl import check --mapping F --from DSN   dry run of an import (docs/migrating.md)
+//	shardctl import start --mapping F --from DSN --catalog DSN   bulk copy (resumable)
 //
 // --token (or SHARDGATE_TOKEN) is sent as "authorization: Bearer …" on
 // every call; it needs TLS (--tls, --ca-file) unless the address is loopback.
@@ -87,6 +88,7 @@ type cli struct {
 	Verify verifyCmd `cmd:"" help:"Checksum a partition on its owner and on any other shard holding rows of it; exit 1 on a problem."`
 	Import struct {
 		Check importCheckCmd `cmd:"" help:"Validate a mapping against the source and show what an import would write (dry run)."`
+		Start importStartCmd `cmd:"" help:"Copy a consistent snapshot of the source into the shards (resumable: run again after a failure)."`
 	} `cmd:"" help:"Import one unsharded PostgreSQL database (see docs/migrating.md)."`
 }
 

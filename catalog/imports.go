@@ -1,0 +1,284 @@
+package catalog
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/shardgate/shardgate/internal/versioning"
+)
+
+// Import states, as stored in the catalog.
+const (
+	ImportBulk      = "bulk"      // copying the snapshot
+	ImportFollowing = "following" // snapshot copied; source changes are applied
+	ImportCutOver   = "cut_over"  // done: following stopped, slot dropped
+	ImportCancelled = "cancelled"
+)
+
+// ErrNoImport means the catalog has no import of that name.
+var ErrNoImport = errors.New("no such import")
+
+// ImportRecord is an import as the catalog records it.
+type ImportRecord struct {
+	Name             string
+	State            string
+	MappingHash      string
+	SourceID         string
+	Publication      string
+	Slot             string
+	StartLSN         string // "" until the slot exists
+	AppliedLSN       string // "" until the follower confirmed something
+	AppliedAt        time.Time
+	Events           bool
+	CutoverRequested bool
+	Error            string
+	CreatedAt        time.Time
+	UpdatedAt        time.Time
+}
+
+// ImportTable is one mapped table's progress.
+type ImportTable struct {
+	Name         string
+	Position     int
+	TotalRows    int64
+	LastKey      []string // nil: nothing copied yet
+	RowsCopied   int64
+	RowsRejected int64
+	Done         bool
+	Inserts      int64
+	Updates      int64
+	Deletes      int64
+	PendingSince time.Time // zero: nothing pending
+	PendingLSN   string
+}
+
+// CreateImport records a new import and its tables (in mapping order). An
+// import of that name that exists is an error, unless it was cancelled or
+// cut over, in which case it is replaced.
+func (c *Catalog) CreateImport(ctx context.Context, rec ImportRecord, tables []string) error {
+	err := pgx.BeginFunc(ctx, c.pool, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, `DELETE FROM imports WHERE name = $1 AND state IN ('cancelled', 'cut_over')`, rec.Name); err != nil {
+			return err
+		}
+		tag, err := tx.Exec(ctx, `
+			INSERT INTO imports (name, mapping_hash, source_id, publication, slot, events)
+			VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (name) DO NOTHING`,
+			rec.Name, rec.MappingHash, rec.SourceID, rec.Publication, rec.Slot, rec.Events)
+		if err != nil {
+			return err
+		}
+		if tag.RowsAffected() == 0 {
+			return fmt.Errorf("import %s exists", rec.Name)
+		}
+		for i, t := range tables {
+			if _, err := tx.Exec(ctx, `INSERT INTO import_tables (import, name, position) VALUES ($1, $2, $3)`, rec.Name, t, i); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("create import: %w", err)
+	}
+	return nil
+}
+
+// GetImport reads an import and its tables; ErrNoImport if there is none.
+func (c *Catalog) GetImport(ctx context.Context, name string) (ImportRecord, []ImportTable, error) {
+	var (
+		r       ImportRecord
+		tables  []ImportTable
+		start   *string
+		applied *string
+		at      *time.Time
+		errText *string
+	)
+	err := pgx.BeginTxFunc(ctx, c.pool, pgx.TxOptions{IsoLevel: pgx.RepeatableRead, AccessMode: pgx.ReadOnly}, func(tx pgx.Tx) error {
+		err := tx.QueryRow(ctx, `
+			SELECT name, state, mapping_hash, source_id, publication, slot, start_lsn, applied_lsn, applied_at,
+			       events, cutover_requested, error, created_at, updated_at
+			FROM imports WHERE name = $1`, name).Scan(&r.Name, &r.State, &r.MappingHash, &r.SourceID, &r.Publication,
+			&r.Slot, &start, &applied, &at, &r.Events, &r.CutoverRequested, &errText, &r.CreatedAt, &r.UpdatedAt)
+		if err != nil {
+			return err
+		}
+		rows, err := tx.Query(ctx, `
+			SELECT name, position, total_rows, last_key, rows_copied, rows_rejected, done,
+			       inserts, updates, deletes, coalesce(pending_since, 'epoch'), coalesce(pending_lsn, '')
+			FROM import_tables WHERE import = $1 ORDER BY position`, name)
+		if err != nil {
+			return err
+		}
+		tables, err = pgx.CollectRows(rows, pgx.RowToStructByPos[ImportTable])
+		return err
+	})
+	if errors.Is(err, pgx.ErrNoRows) {
+		return ImportRecord{}, nil, fmt.Errorf("import %s: %w", name, ErrNoImport)
+	}
+	if err != nil {
+		return ImportRecord{}, nil, fmt.Errorf("get import: %w", err)
+	}
+	for i := range tables {
+		if tables[i].PendingSince.Equal(time.Unix(0, 0)) {
+			tables[i].PendingSince = time.Time{}
+		}
+	}
+	if start != nil {
+		r.StartLSN = *start
+	}
+	if applied != nil {
+		r.AppliedLSN = *applied
+	}
+	if at != nil {
+		r.AppliedAt = *at
+	}
+	if errText != nil {
+		r.Error = *errText
+	}
+	return r, tables, nil
+}
+
+// SetImportStart records the LSN the import's slot was created at.
+func (c *Catalog) SetImportStart(ctx context.Context, name, lsn string) error {
+	return c.execImport(ctx, "set import start", `UPDATE imports SET start_lsn = $2, updated_at = now() WHERE name = $1`, name, lsn)
+}
+
+// SetImportState moves an import to state; errText ("" for none) is kept
+// as its last error.
+func (c *Catalog) SetImportState(ctx context.Context, name, state, errText string) error {
+	return c.execImport(ctx, "set import state", `
+		UPDATE imports SET state = $2, error = nullif($3, ''), updated_at = now() WHERE name = $1`, name, state, errText)
+}
+
+// SetImportError records the error that stopped an import ("" clears it).
+func (c *Catalog) SetImportError(ctx context.Context, name, errText string) error {
+	return c.execImport(ctx, "set import error", `UPDATE imports SET error = nullif($2, ''), updated_at = now() WHERE name = $1`, name, errText)
+}
+
+// RequestCutover asks the import's follower to stop once caught up.
+func (c *Catalog) RequestCutover(ctx context.Context, name string) error {
+	return c.execImport(ctx, "request cutover", `UPDATE imports SET cutover_requested = true, updated_at = now() WHERE name = $1`, name)
+}
+
+// SetImportTableTotal records how many rows a table has to copy.
+func (c *Catalog) SetImportTableTotal(ctx context.Context, name, table string, total int64) error {
+	return c.execImport(ctx, "set import table total", `
+		UPDATE import_tables SET total_rows = $3 WHERE import = $1 AND name = $2`, name, table, total)
+}
+
+// CheckpointImportTable records that every source row of table up to
+// lastKey is written (rows copied and rejected so far, in total), and with
+// done that the table is copied.
+func (c *Catalog) CheckpointImportTable(ctx context.Context, name, table string, lastKey []string, copied, rejected int64, done bool) error {
+	return c.execImport(ctx, "checkpoint import", `
+		UPDATE import_tables SET last_key = coalesce($3, last_key), rows_copied = $4, rows_rejected = $5, done = $6
+		WHERE import = $1 AND name = $2`, name, table, lastKey, copied, rejected, done)
+}
+
+// FollowTableProgress is what a follower adds to a table's counters.
+type FollowTableProgress struct {
+	Name                      string
+	Inserts, Updates, Deletes int64
+	PendingSince              time.Time // zero: nothing pending
+	PendingLSN                string
+}
+
+// RecordFollow records the follower's confirmed position and per-table
+// progress in one transaction.
+func (c *Catalog) RecordFollow(ctx context.Context, name, appliedLSN string, appliedAt time.Time, tables []FollowTableProgress) error {
+	err := pgx.BeginFunc(ctx, c.pool, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, `UPDATE imports SET applied_lsn = $2, applied_at = $3, updated_at = now() WHERE name = $1`,
+			name, appliedLSN, appliedAt); err != nil {
+			return err
+		}
+		for _, t := range tables {
+			var since *time.Time
+			if !t.PendingSince.IsZero() {
+				since = &t.PendingSince
+			}
+			if _, err := tx.Exec(ctx, `
+				UPDATE import_tables SET inserts = inserts + $3, updates = updates + $4, deletes = deletes + $5,
+				       pending_since = $6, pending_lsn = nullif($7, '')
+				WHERE import = $1 AND name = $2`, name, t.Name, t.Inserts, t.Updates, t.Deletes, since, t.PendingLSN); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("record follow: %w", err)
+	}
+	return nil
+}
+
+// DeleteImport removes an import's records.
+func (c *Catalog) DeleteImport(ctx context.Context, name string) error {
+	return c.execImport(ctx, "delete import", `DELETE FROM imports WHERE name = $1`, name)
+}
+
+func (c *Catalog) execImport(ctx context.Context, op, sql string, args ...any) error {
+	tag, err := c.pool.Exec(ctx, sql, args...)
+	if err != nil {
+		return fmt.Errorf("%s: %w", op, err)
+	}
+	if tag.RowsAffected() == 0 {
+		return fmt.Errorf("%s: import %v: %w", op, args[0], ErrNoImport)
+	}
+	return nil
+}
+
+// ImportConfigEntry is one config value of a bulk import.
+type ImportConfigEntry struct {
+	Namespace string
+	Key       string
+	Value     []byte // JSON
+}
+
+// importConfigSQL upserts config values (the last of a key wins) with
+// PutConfig's version rules; an unchanged value keeps its version. Unlike
+// user data, config always writes its events: they are what invalidates the
+// routers' cached copies.
+const importConfigSQL = `
+WITH src AS (
+    SELECT DISTINCT ON (namespace, key) namespace, key, value
+    FROM unnest($1::text[], $2::text[], $3::jsonb[]) WITH ORDINALITY AS s (namespace, key, value, seq)
+    ORDER BY namespace, key, seq DESC
+), up AS (
+    INSERT INTO config AS c (namespace, key, value, version)
+    SELECT * FROM (
+        SELECT s.namespace, s.key, s.value,
+               greatest(t.version, (SELECT version_floor FROM config_outbox_clock), 0) + 1
+        FROM src AS s LEFT JOIN config_tombstones AS t ON t.namespace = s.namespace AND t.key = s.key
+    ) AS n
+    ON CONFLICT (namespace, key) DO UPDATE
+        SET value = EXCLUDED.value, version = c.version + 1, updated_at = now()
+        WHERE c.value IS DISTINCT FROM EXCLUDED.value
+    RETURNING c.namespace, c.key, c.version, c.value
+), ev AS (
+    INSERT INTO config_outbox (namespace, key, op, version, payload)
+    SELECT namespace, key, 'upsert', version, value FROM up ORDER BY namespace, key
+)
+SELECT count(*) FROM up`
+
+// ImportConfig writes a batch of config values in one transaction and
+// returns how many it inserted or changed.
+func (c *Catalog) ImportConfig(ctx context.Context, entries []ImportConfigEntry) (int64, error) {
+	ns := make([]string, len(entries))
+	keys := make([]string, len(entries))
+	vals := make([]string, len(entries))
+	for i, e := range entries {
+		ns[i], keys[i], vals[i] = e.Namespace, e.Key, string(e.Value)
+	}
+	var n int64
+	err := versioning.RetryBelowTombstone(func() error {
+		return c.pool.QueryRow(ctx, importConfigSQL, ns, keys, vals).Scan(&n)
+	})
+	if err != nil {
+		return 0, fmt.Errorf("import config: %w", err)
+	}
+	return n, nil
+}

@@ -1,0 +1,270 @@
+package shards
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/shardgate/shardgate/internal/versioning"
+)
+
+// Bulk imports (package importer) write a batch of rows in one transaction:
+// COPY into a temporary staging table, then one set-based upsert. Each batch
+// is fenced like every write (FOR SHARE on the ownership rows of its
+// partitions) and keeps the per-key version rules: a new row starts above
+// its tombstone and the partition's version floor, a changed row gets the
+// next version, and a row written again unchanged keeps its version and
+// emits nothing, so a resumed import that writes a batch twice doubles
+// nothing. Change events are written only when asked for.
+
+// ImportUser is one user of a bulk import.
+type ImportUser struct {
+	Partition int32
+	UserID    string
+	Profile   []byte // a JSON object
+}
+
+// ImportItem is one item of a bulk import.
+type ImportItem struct {
+	Partition  int32
+	UserID     string
+	Collection string
+	Key        string
+	Value      []byte // JSON
+}
+
+// ImportResult says what a bulk import batch did.
+type ImportResult struct {
+	// Written counts rows inserted or changed; rows that were already as
+	// given are not counted.
+	Written int64
+	// MissingUsers lists the users (partition, user ID) of items that were
+	// not written because the user does not exist (only when the batch was
+	// allowed to skip them).
+	MissingUsers []UserRef
+}
+
+// UserRef names a user.
+type UserRef struct {
+	Partition int32
+	UserID    string
+}
+
+// WrongShardError is a batch refused because some of its partitions are not
+// owned by the shard; it wraps ErrWrongShard. Nothing of the batch was
+// written.
+type WrongShardError struct {
+	Partitions []int32
+}
+
+func (e *WrongShardError) Error() string {
+	return fmt.Sprintf("partitions %v: %v", e.Partitions, ErrWrongShard)
+}
+
+func (e *WrongShardError) Unwrap() error { return ErrWrongShard }
+
+// MissingUsersError is an item batch refused because some items' users do
+// not exist. Nothing of the batch was written.
+type MissingUsersError struct {
+	Users []UserRef
+}
+
+func (e *MissingUsersError) Error() string {
+	return fmt.Sprintf("%d items' users do not exist (first: %q)", len(e.Users), e.Users[0].UserID)
+}
+
+// Unwrap lets errors.Is(err, ErrUserNotFound) match.
+func (e *MissingUsersError) Unwrap() error { return ErrUserNotFound }
+
+// Temporary staging tables live as long as the connection; ON COMMIT DELETE
+// ROWS empties them after each batch.
+const (
+	createUserStageSQL = `CREATE TEMP TABLE IF NOT EXISTS sg_import_user_stage (
+    seq integer, partition integer, user_id text, profile jsonb) ON COMMIT DELETE ROWS`
+	createItemStageSQL = `CREATE TEMP TABLE IF NOT EXISTS sg_import_item_stage (
+    seq integer, partition integer, user_id text, collection text, key text COLLATE "C", value jsonb) ON COMMIT DELETE ROWS`
+	lockOwnedSQL = `SELECT partition FROM ownership WHERE partition = ANY($1::integer[]) AND state = 'owned' ORDER BY partition FOR SHARE`
+)
+
+// importUsersSQL upserts the staged users (the last of a key wins) and,
+// with $1, writes their events.
+const importUsersSQL = `
+WITH src AS (
+    SELECT DISTINCT ON (partition, user_id) partition, user_id, profile
+    FROM sg_import_user_stage ORDER BY partition, user_id, seq DESC
+), up AS (
+    INSERT INTO users AS u (partition, user_id, profile, version)
+    SELECT * FROM (
+        SELECT s.partition, s.user_id, s.profile, greatest(t.version, c.version_floor, 0) + 1
+        FROM src AS s
+        LEFT JOIN user_tombstones AS t ON t.partition = s.partition AND t.user_id = s.user_id
+        LEFT JOIN outbox_clock AS c ON c.partition = s.partition
+    ) AS n
+    ON CONFLICT (partition, user_id) DO UPDATE
+        SET profile = EXCLUDED.profile, version = u.version + 1, updated_at = now()
+        WHERE u.profile IS DISTINCT FROM EXCLUDED.profile
+    RETURNING u.partition, u.user_id, u.version, u.profile
+), ev AS (
+    INSERT INTO outbox (partition, user_id, entity, key, op, version, payload)
+    SELECT partition, user_id, 'user', user_id, 'upsert', version, profile FROM up
+    WHERE $1::boolean ORDER BY partition, user_id
+)
+SELECT count(*) FROM up`
+
+const missingUsersSQL = `
+SELECT DISTINCT s.partition, s.user_id FROM sg_import_item_stage AS s
+WHERE NOT EXISTS (SELECT 1 FROM users AS u WHERE u.partition = s.partition AND u.user_id = s.user_id)
+ORDER BY 1, 2`
+
+// importItemsSQL upserts the staged items whose user exists (the last of a
+// key wins) and, with $1, writes their events. FOR KEY SHARE on the users
+// keeps a concurrent DeleteUser from leaving items behind.
+const importItemsSQL = `
+WITH src AS (
+    SELECT DISTINCT ON (partition, user_id, collection, key) partition, user_id, collection, key, value
+    FROM sg_import_item_stage ORDER BY partition, user_id, collection, key, seq DESC
+), usr AS (
+    SELECT s.partition, s.user_id, s.collection, s.key, s.value
+    FROM src AS s JOIN users AS u ON u.partition = s.partition AND u.user_id = s.user_id
+    FOR KEY SHARE OF u
+), up AS (
+    INSERT INTO items AS i (partition, user_id, collection, key, value, version)
+    SELECT * FROM (
+        SELECT s.partition, s.user_id, s.collection, s.key, s.value, greatest(t.version, c.version_floor, 0) + 1
+        FROM usr AS s
+        LEFT JOIN item_tombstones AS t ON t.partition = s.partition AND t.user_id = s.user_id
+            AND t.collection = s.collection AND t.key = s.key
+        LEFT JOIN outbox_clock AS c ON c.partition = s.partition
+    ) AS n
+    ON CONFLICT (partition, user_id, collection, key) DO UPDATE
+        SET value = EXCLUDED.value, version = i.version + 1, updated_at = now()
+        WHERE i.value IS DISTINCT FROM EXCLUDED.value
+    RETURNING i.partition, i.user_id, i.collection, i.key, i.version, i.value
+), ev AS (
+    INSERT INTO outbox (partition, user_id, entity, key, op, version, payload)
+    SELECT partition, user_id, 'item', collection || '/' || key, 'upsert', version, value FROM up
+    WHERE $1::boolean ORDER BY partition, user_id, collection, key
+)
+SELECT count(*) FROM up`
+
+// ImportUsers writes a batch of users in one transaction. A *WrongShardError
+// if any partition is not owned; nothing is written then.
+func (s *Shard) ImportUsers(ctx context.Context, rows []ImportUser, events bool) (ImportResult, error) {
+	parts := make([]int32, 0, len(rows))
+	for _, r := range rows {
+		parts = append(parts, r.Partition)
+	}
+	var res ImportResult
+	err := s.importBatch(ctx, parts, createUserStageSQL, func(tx pgx.Tx) error {
+		_, err := tx.CopyFrom(ctx, pgx.Identifier{"sg_import_user_stage"}, []string{"seq", "partition", "user_id", "profile"},
+			pgx.CopyFromSlice(len(rows), func(i int) ([]any, error) {
+				r := &rows[i]
+				return []any{int32(i), r.Partition, r.UserID, r.Profile}, nil
+			}))
+		if err != nil {
+			return err
+		}
+		return tx.QueryRow(ctx, importUsersSQL, events).Scan(&res.Written)
+	})
+	if err != nil {
+		return ImportResult{}, s.wrap("import users", err)
+	}
+	return res, nil
+}
+
+// ImportItems writes a batch of items in one transaction. Items whose user
+// does not exist make the batch fail with a *MissingUsersError, or, with
+// skipMissing, are left out and listed in the result. A *WrongShardError if
+// any partition is not owned. Either error writes nothing.
+func (s *Shard) ImportItems(ctx context.Context, rows []ImportItem, events, skipMissing bool) (ImportResult, error) {
+	parts := make([]int32, 0, len(rows))
+	for _, r := range rows {
+		parts = append(parts, r.Partition)
+	}
+	var res ImportResult
+	err := s.importBatch(ctx, parts, createItemStageSQL, func(tx pgx.Tx) error {
+		res = ImportResult{}
+		_, err := tx.CopyFrom(ctx, pgx.Identifier{"sg_import_item_stage"}, []string{"seq", "partition", "user_id", "collection", "key", "value"},
+			pgx.CopyFromSlice(len(rows), func(i int) ([]any, error) {
+				r := &rows[i]
+				return []any{int32(i), r.Partition, r.UserID, r.Collection, r.Key, r.Value}, nil
+			}))
+		if err != nil {
+			return err
+		}
+		missing, err := tx.Query(ctx, missingUsersSQL)
+		if err != nil {
+			return err
+		}
+		res.MissingUsers, err = pgx.CollectRows(missing, pgx.RowToStructByPos[UserRef])
+		if err != nil {
+			return err
+		}
+		if len(res.MissingUsers) > 0 && !skipMissing {
+			return &MissingUsersError{Users: res.MissingUsers}
+		}
+		return tx.QueryRow(ctx, importItemsSQL, events).Scan(&res.Written)
+	})
+	if err != nil {
+		return ImportResult{}, s.wrap("import items", err)
+	}
+	return res, nil
+}
+
+// importBatch runs write in a transaction after making the staging table
+// and locking the ownership of parts, which must all be owned. A statement
+// refused for a version below a tombstone or floor that moved meanwhile is
+// run again, as PutUser does.
+func (s *Shard) importBatch(ctx context.Context, parts []int32, createStage string, write func(pgx.Tx) error) error {
+	slices.Sort(parts)
+	parts = slices.Compact(parts)
+	c, err := s.acquire(ctx)
+	if err != nil {
+		return err
+	}
+	defer c.Release()
+	return versioning.RetryBelowTombstone(func() error {
+		return pgx.BeginFunc(ctx, c, func(tx pgx.Tx) error {
+			var b pgx.Batch
+			b.Queue(createStage)
+			b.Queue(lockOwnedSQL, parts)
+			br := tx.SendBatch(ctx, &b)
+			_, err := br.Exec()
+			var owned []int32
+			if err == nil {
+				var rows pgx.Rows
+				if rows, err = br.Query(); err == nil {
+					owned, err = pgx.CollectRows(rows, pgx.RowTo[int32])
+				}
+			}
+			if cerr := br.Close(); err == nil {
+				err = cerr
+			}
+			if err != nil {
+				return err
+			}
+			if len(owned) != len(parts) {
+				var not []int32
+				for _, p := range parts {
+					if _, found := slices.BinarySearch(owned, p); !found {
+						not = append(not, p)
+					}
+				}
+				return &WrongShardError{Partitions: not}
+			}
+			return write(tx)
+		})
+	})
+}
+
+// IsWrongShardBatch returns the partitions a bulk batch found not owned.
+func IsWrongShardBatch(err error) ([]int32, bool) {
+	var ws *WrongShardError
+	if errors.As(err, &ws) {
+		return ws.Partitions, true
+	}
+	return nil, false
+}
