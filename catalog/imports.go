@@ -282,3 +282,60 @@ func (c *Catalog) ImportConfig(ctx context.Context, entries []ImportConfigEntry)
 	}
 	return n, nil
 }
+
+// LookupConfig returns the values of those of the keys (namespace, key
+// pairs) that exist.
+func (c *Catalog) LookupConfig(ctx context.Context, namespaces, keys []string) (map[[2]string][]byte, error) {
+	rows, err := c.pool.Query(ctx, `
+		SELECT c.namespace, c.key, c.value FROM unnest($1::text[], $2::text[]) AS k (namespace, key)
+		JOIN config AS c ON c.namespace = k.namespace AND c.key = k.key`, namespaces, keys)
+	if err != nil {
+		return nil, fmt.Errorf("lookup config: %w", err)
+	}
+	out := map[[2]string][]byte{}
+	var (
+		ns, k string
+		v     []byte
+	)
+	_, err = pgx.ForEachRow(rows, []any{&ns, &k, &v}, func() error {
+		out[[2]string{ns, k}] = v
+		v = nil
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("lookup config: %w", err)
+	}
+	return out, nil
+}
+
+// CountConfig counts the config values of the given namespaces.
+func (c *Catalog) CountConfig(ctx context.Context, namespaces []string) (int64, error) {
+	var n int64
+	if err := c.pool.QueryRow(ctx, `SELECT count(*) FROM config WHERE namespace = ANY($1)`, namespaces).Scan(&n); err != nil {
+		return 0, fmt.Errorf("count config: %w", err)
+	}
+	return n, nil
+}
+
+// PurgeConfig deletes config values, with tombstones and delete events.
+func (c *Catalog) PurgeConfig(ctx context.Context, namespaces, keys []string) (int64, error) {
+	var n int64
+	err := c.pool.QueryRow(ctx, `
+		WITH k AS (SELECT DISTINCT namespace, key FROM unnest($1::text[], $2::text[]) AS k (namespace, key)),
+		del AS (
+			DELETE FROM config AS c USING k WHERE c.namespace = k.namespace AND c.key = k.key
+			RETURNING c.namespace, c.key, c.version
+		), tomb AS (
+			INSERT INTO config_tombstones AS t (namespace, key, version)
+			SELECT namespace, key, version + 1 FROM del
+			ON CONFLICT (namespace, key) DO UPDATE SET version = greatest(t.version, EXCLUDED.version), deleted_at = now()
+		), ev AS (
+			INSERT INTO config_outbox (namespace, key, op, version)
+			SELECT namespace, key, 'delete', version + 1 FROM del ORDER BY namespace, key
+		)
+		SELECT count(*) FROM del`, namespaces, keys).Scan(&n)
+	if err != nil {
+		return 0, fmt.Errorf("purge config: %w", err)
+	}
+	return n, nil
+}

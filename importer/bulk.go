@@ -12,7 +12,6 @@ import (
 	"regexp"
 	"strings"
 	"sync"
-	"time"
 
 	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5"
@@ -549,38 +548,12 @@ func (r *tableRun) write(ctx context.Context, recs []Record) (missing int64, err
 		_, err := r.Catalog().ImportConfig(ctx, entries)
 		return 0, err
 	}
-	for attempt := 0; ; attempt++ {
-		groups := map[*shards.Shard][]Record{}
-		for _, rec := range recs {
-			sh := r.cl.Owner(rec.Partition)
-			groups[sh] = append(groups[sh], rec)
-		}
-		var moved []Record
-		for sh, batch := range groups {
-			n, err := r.writeShard(ctx, sh, batch)
-			if _, ok := shards.IsWrongShardBatch(err); ok && attempt < 20 {
-				moved = append(moved, batch...)
-				continue
-			}
-			if err != nil {
-				return missing, err
-			}
-			missing += n
-		}
-		if len(moved) == 0 {
-			return missing, nil
-		}
-		// A partition moved: route by the new map.
-		select {
-		case <-time.After(time.Duration(attempt+1) * 20 * time.Millisecond):
-		case <-ctx.Done():
-			return missing, ctx.Err()
-		}
-		if err := r.cl.Reload(ctx); err != nil {
-			return missing, err
-		}
-		recs = moved
-	}
+	err = r.cl.route(ctx, recs, func(sh *shards.Shard, batch []Record) error {
+		n, err := r.writeShard(ctx, sh, batch)
+		missing += n
+		return err
+	})
+	return missing, err
 }
 
 func (r *tableRun) writeShard(ctx context.Context, sh *shards.Shard, recs []Record) (missing int64, err error) {

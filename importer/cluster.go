@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"sync"
+	"time"
 
 	"github.com/shardgate/shardgate/catalog"
 	"github.com/shardgate/shardgate/router"
@@ -106,4 +107,40 @@ func (c *Cluster) Close() {
 		sh.Close()
 	}
 	c.Catalog.Close()
+}
+
+// route calls fn with the records of recs grouped by the shard that owns
+// their partitions now; records a shard refuses because a partition moved
+// are routed again by the reloaded map.
+func (c *Cluster) route(ctx context.Context, recs []Record, fn func(*shards.Shard, []Record) error) error {
+	for attempt := 0; ; attempt++ {
+		groups := map[*shards.Shard][]Record{}
+		for _, rec := range recs {
+			sh := c.Owner(rec.Partition)
+			groups[sh] = append(groups[sh], rec)
+		}
+		var moved []Record
+		for sh, batch := range groups {
+			err := fn(sh, batch)
+			if _, ok := shards.IsWrongShardBatch(err); ok && attempt < 20 {
+				moved = append(moved, batch...)
+				continue
+			}
+			if err != nil {
+				return err
+			}
+		}
+		if len(moved) == 0 {
+			return nil
+		}
+		select {
+		case <-time.After(time.Duration(attempt+1) * 20 * time.Millisecond):
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+		if err := c.Reload(ctx); err != nil {
+			return err
+		}
+		recs = moved
+	}
 }

@@ -287,8 +287,8 @@ func (st *sourceTable) mapValues(r Record, f []pgtype.Text, maxJSON int) (Record
 }
 
 func clip(s string) string {
-	if len(s) > 80 {
-		return s[:77] + "..."
+	if len(s) > 160 {
+		return s[:157] + "..."
 	}
 	return s
 }

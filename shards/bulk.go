@@ -292,3 +292,224 @@ func IsWrongShardBatch(err error) ([]int32, bool) {
 	}
 	return nil, false
 }
+
+// ItemRef names an item.
+type ItemRef struct {
+	Partition  int32
+	UserID     string
+	Collection string
+	Key        string
+}
+
+// unreadableSQL lists the partitions of $1 this shard may not read.
+const unreadableSQL = `
+SELECT array_agg(p ORDER BY p) FROM (SELECT DISTINCT p FROM unnest($1::integer[]) AS p) AS ps
+WHERE NOT EXISTS (SELECT 1 FROM ownership AS o WHERE o.partition = ps.p AND o.state IN ('owned', 'frozen'))`
+
+const lookupUsersSQL = `
+SELECT u.partition, u.user_id, u.profile
+FROM unnest($1::integer[], $2::text[]) AS k (partition, user_id)
+JOIN users AS u ON u.partition = k.partition AND u.user_id = k.user_id`
+
+const lookupItemsSQL = `
+SELECT i.partition, i.user_id, i.collection, i.key, i.value
+FROM unnest($1::integer[], $2::text[], $3::text[], $4::text[]) AS k (partition, user_id, collection, key)
+JOIN items AS i ON i.partition = k.partition AND i.user_id = k.user_id AND i.collection = k.collection AND i.key = k.key`
+
+// readFenced runs read in a repeatable-read transaction after checking
+// that every partition of parts is readable here (owned or frozen);
+// otherwise a *WrongShardError.
+func (s *Shard) readFenced(ctx context.Context, parts []int32, read func(pgx.Tx) error) error {
+	c, err := s.acquire(ctx)
+	if err != nil {
+		return err
+	}
+	defer c.Release()
+	return pgx.BeginTxFunc(ctx, c, pgx.TxOptions{IsoLevel: pgx.RepeatableRead, AccessMode: pgx.ReadOnly}, func(tx pgx.Tx) error {
+		var not []int32
+		if err := tx.QueryRow(ctx, unreadableSQL, parts).Scan(&not); err != nil {
+			return err
+		}
+		if len(not) > 0 {
+			return &WrongShardError{Partitions: not}
+		}
+		return read(tx)
+	})
+}
+
+// LookupUsers returns the profiles of those of users that exist, by key. A
+// *WrongShardError if a partition is not readable here.
+func (s *Shard) LookupUsers(ctx context.Context, users []UserRef) (map[UserRef][]byte, error) {
+	parts := make([]int32, len(users))
+	ids := make([]string, len(users))
+	for i, u := range users {
+		parts[i], ids[i] = u.Partition, u.UserID
+	}
+	out := make(map[UserRef][]byte, len(users))
+	err := s.readFenced(ctx, parts, func(tx pgx.Tx) error {
+		rows, err := tx.Query(ctx, lookupUsersSQL, parts, ids)
+		if err != nil {
+			return err
+		}
+		var (
+			k UserRef
+			v []byte
+		)
+		_, err = pgx.ForEachRow(rows, []any{&k.Partition, &k.UserID, &v}, func() error {
+			out[k] = v
+			v = nil
+			return nil
+		})
+		return err
+	})
+	if err != nil {
+		return nil, s.wrap("lookup users", err)
+	}
+	return out, nil
+}
+
+// LookupItems returns the values of those of items that exist, by key. A
+// *WrongShardError if a partition is not readable here.
+func (s *Shard) LookupItems(ctx context.Context, items []ItemRef) (map[ItemRef][]byte, error) {
+	parts := make([]int32, len(items))
+	ids := make([]string, len(items))
+	cols := make([]string, len(items))
+	keys := make([]string, len(items))
+	for i, it := range items {
+		parts[i], ids[i], cols[i], keys[i] = it.Partition, it.UserID, it.Collection, it.Key
+	}
+	out := make(map[ItemRef][]byte, len(items))
+	err := s.readFenced(ctx, parts, func(tx pgx.Tx) error {
+		rows, err := tx.Query(ctx, lookupItemsSQL, parts, ids, cols, keys)
+		if err != nil {
+			return err
+		}
+		var (
+			k ItemRef
+			v []byte
+		)
+		_, err = pgx.ForEachRow(rows, []any{&k.Partition, &k.UserID, &k.Collection, &k.Key, &v}, func() error {
+			out[k] = v
+			v = nil
+			return nil
+		})
+		return err
+	})
+	if err != nil {
+		return nil, s.wrap("lookup items", err)
+	}
+	return out, nil
+}
+
+// CountData counts the users and items of the partitions this shard serves
+// (owned or frozen: a partition mid-move is counted on its source only).
+func (s *Shard) CountData(ctx context.Context) (users, items int64, err error) {
+	c, err := s.acquire(ctx)
+	if err != nil {
+		return 0, 0, s.wrap("count data", err)
+	}
+	defer c.Release()
+	err = c.QueryRow(ctx, `
+		WITH o AS (SELECT partition FROM ownership WHERE state IN ('owned', 'frozen'))
+		SELECT (SELECT count(*) FROM users WHERE partition IN (SELECT partition FROM o)),
+		       (SELECT count(*) FROM items WHERE partition IN (SELECT partition FROM o))`).Scan(&users, &items)
+	if err != nil {
+		return 0, 0, s.wrap("count data", err)
+	}
+	return users, items, nil
+}
+
+// purgeUsersSQL deletes users with their sessions and items, leaving
+// tombstones (versions keep rising if they come back) and delete events,
+// which make caches and watchers drop what they hold.
+const purgeUsersSQL = `
+WITH k AS (
+    SELECT DISTINCT partition, user_id FROM unnest($1::integer[], $2::text[]) AS k (partition, user_id)
+), du AS (
+    DELETE FROM users AS u USING k WHERE u.partition = k.partition AND u.user_id = k.user_id
+    RETURNING u.partition, u.user_id, u.version
+), ds AS (
+    DELETE FROM sessions AS s USING du WHERE s.partition = du.partition AND s.user_id = du.user_id
+    RETURNING s.partition, s.user_id, s.token_hash, s.version
+), di AS (
+    DELETE FROM items AS i USING du WHERE i.partition = du.partition AND i.user_id = du.user_id
+    RETURNING i.partition, i.user_id, i.collection, i.key, i.version
+), tu AS (
+    INSERT INTO user_tombstones AS t (partition, user_id, version)
+    SELECT partition, user_id, version + 1 FROM du
+    ON CONFLICT (partition, user_id) DO UPDATE SET version = greatest(t.version, EXCLUDED.version), deleted_at = now()
+), ti AS (
+    INSERT INTO item_tombstones AS t (partition, user_id, collection, key, version)
+    SELECT partition, user_id, collection, key, version + 1 FROM di
+    ON CONFLICT (partition, user_id, collection, key) DO UPDATE
+        SET version = greatest(t.version, EXCLUDED.version), deleted_at = now()
+), ev AS (
+    INSERT INTO outbox (partition, user_id, entity, key, op, version, payload)
+    SELECT partition, user_id, entity, key, 'delete', version, NULL::jsonb FROM (
+        SELECT partition, user_id, 1 AS ord, 'session' AS entity, encode(token_hash, 'hex') AS key, version + 1 AS version FROM ds
+        UNION ALL
+        SELECT partition, user_id, 2, 'item', collection || '/' || key, version + 1 FROM di
+        UNION ALL
+        SELECT partition, user_id, 3, 'user', user_id, version + 1 FROM du
+    ) AS e ORDER BY partition, user_id, ord, key
+)
+SELECT count(*) FROM du`
+
+// PurgeUsers deletes users (with their sessions and items) in one fenced
+// transaction and returns how many it deleted. A *WrongShardError if a
+// partition is not owned.
+func (s *Shard) PurgeUsers(ctx context.Context, users []UserRef) (int64, error) {
+	parts := make([]int32, len(users))
+	ids := make([]string, len(users))
+	for i, u := range users {
+		parts[i], ids[i] = u.Partition, u.UserID
+	}
+	var n int64
+	err := s.importBatch(ctx, append([]int32(nil), parts...), "SELECT 1", func(tx pgx.Tx) error {
+		return tx.QueryRow(ctx, purgeUsersSQL, parts, ids).Scan(&n)
+	})
+	if err != nil {
+		return 0, s.wrap("purge users", err)
+	}
+	return n, nil
+}
+
+const purgeItemsSQL = `
+WITH k AS (
+    SELECT DISTINCT partition, user_id, collection, key
+    FROM unnest($1::integer[], $2::text[], $3::text[], $4::text[]) AS k (partition, user_id, collection, key)
+), di AS (
+    DELETE FROM items AS i USING k
+    WHERE i.partition = k.partition AND i.user_id = k.user_id AND i.collection = k.collection AND i.key = k.key
+    RETURNING i.partition, i.user_id, i.collection, i.key, i.version
+), ti AS (
+    INSERT INTO item_tombstones AS t (partition, user_id, collection, key, version)
+    SELECT partition, user_id, collection, key, version + 1 FROM di
+    ON CONFLICT (partition, user_id, collection, key) DO UPDATE
+        SET version = greatest(t.version, EXCLUDED.version), deleted_at = now()
+), ev AS (
+    INSERT INTO outbox (partition, user_id, entity, key, op, version, payload)
+    SELECT partition, user_id, 'item', collection || '/' || key, 'delete', version + 1, NULL::jsonb FROM di
+    ORDER BY partition, user_id, collection, key
+)
+SELECT count(*) FROM di`
+
+// PurgeItems deletes items in one fenced transaction, with tombstones and
+// delete events, and returns how many it deleted.
+func (s *Shard) PurgeItems(ctx context.Context, items []ItemRef) (int64, error) {
+	parts := make([]int32, len(items))
+	ids := make([]string, len(items))
+	cols := make([]string, len(items))
+	keys := make([]string, len(items))
+	for i, it := range items {
+		parts[i], ids[i], cols[i], keys[i] = it.Partition, it.UserID, it.Collection, it.Key
+	}
+	var n int64
+	err := s.importBatch(ctx, append([]int32(nil), parts...), "SELECT 1", func(tx pgx.Tx) error {
+		return tx.QueryRow(ctx, purgeItemsSQL, parts, ids, cols, keys).Scan(&n)
+	})
+	if err != nil {
+		return 0, s.wrap("purge items", err)
+	}
+	return n, nil
+}

@@ -256,3 +256,99 @@ func (v *importBars) done(ok bool) {
 	v.mu.Unlock()
 	v.p.Wait()
 }
+
+type importVerifyCmd struct {
+	importSource
+	importTarget
+	MaxJSONBytes int `name:"max-json-bytes" help:"Largest JSON value accepted (the servers' --max-json-bytes)." default:"65536"`
+}
+
+func (c importVerifyCmd) Run(g *globals) error {
+	m, err := c.load()
+	if err != nil {
+		return err
+	}
+	ctx, cancel := signalContext()
+	defer cancel()
+	cl, err := c.open(ctx, 4)
+	if err != nil {
+		return err
+	}
+	defer cl.Close()
+	rep, err := importer.Verify(ctx, cl, m, c.From, importer.VerifyOptions{MaxJSONBytes: c.MaxJSONBytes})
+	if err != nil {
+		return err
+	}
+	if err := printVerify(g, rep); err != nil {
+		return err
+	}
+	if !rep.OK {
+		return errors.New("verify found differences (see above)")
+	}
+	return nil
+}
+
+func printVerify(g *globals, rep *importer.VerifyReport) error {
+	if g.JSON {
+		enc := json.NewEncoder(g.out)
+		enc.SetIndent("", "  ")
+		return enc.Encode(rep)
+	}
+	w := g.table("TABLE", "ENTITY", "ROWS", "MATCHED", "MISSING", "DIFFERENT", "SOURCE HASH", "SHARDGATE HASH")
+	for _, t := range rep.Tables {
+		fmt.Fprintf(w, "%s\t%s\t%d\t%d\t%d\t%d\t%s\t%s\n", t.Name, t.Entity, t.Rows, t.Matched, t.Missing, t.Different, t.SourceHash, t.TargetHash)
+	}
+	w.Flush()
+	for _, t := range rep.Tables {
+		for _, d := range t.Diffs {
+			fmt.Fprintf(g.out, "%s: %s\n", t.Name, d)
+		}
+	}
+	for e, n := range rep.Extra {
+		fmt.Fprintf(g.out, "Shardgate holds %d %s rows the source does not map (deleted at the source and not followed, or written through the API)\n", n, e)
+	}
+	if rep.OK {
+		fmt.Fprintln(g.out, "\nverified: every mapped row of the source is in Shardgate, as mapped")
+	}
+	return nil
+}
+
+type importCancelCmd struct {
+	importTarget
+	From    string `required:"" help:"Source database DSN (its slot and publication are dropped)." env:"SHARDGATE_IMPORT_FROM"`
+	Mapping string `type:"existingfile" help:"Mapping file, needed with --purge."`
+	Purge   bool   `help:"Also delete from Shardgate every row the source's rows map to."`
+}
+
+func (c importCancelCmd) Run(g *globals) error {
+	var m *importer.Mapping
+	if c.Purge {
+		if c.Mapping == "" {
+			return errors.New("--purge needs --mapping")
+		}
+		var err error
+		if m, err = (importSource{Mapping: c.Mapping}).load(); err != nil {
+			return err
+		}
+	}
+	ctx, cancel := signalContext()
+	defer cancel()
+	cl, err := c.open(ctx, 4)
+	if err != nil {
+		return err
+	}
+	defer cl.Close()
+	res, err := importer.Cancel(ctx, cl, m, c.From, c.Name, c.Purge)
+	if err != nil {
+		return err
+	}
+	if g.JSON {
+		return json.NewEncoder(g.out).Encode(res)
+	}
+	fmt.Fprintf(g.out, "import %s cancelled: slot dropped %v, checkpoints removed", c.Name, res.SlotDropped)
+	if c.Purge {
+		fmt.Fprintf(g.out, ", purged %d users, %d items, %d config values", res.Purged[importer.EntityUser], res.Purged[importer.EntityItem], res.Purged[importer.EntityConfig])
+	}
+	fmt.Fprintln(g.out)
+	return nil
+}

@@ -116,6 +116,11 @@ func TestImportCommands(t *testing.T) {
 		t.Fatalf("item %s", it.GetItem().GetValueJson())
 	}
 
+	out = run(t, g, importVerifyCmd{importSource: source, importTarget: target, MaxJSONBytes: 65536})
+	if !strings.Contains(out, "verified: every mapped row") || !strings.Contains(out, "account_settings  item") {
+		t.Fatalf("verify:\n%s", out)
+	}
+
 	// A bad mapping fails the check with the table and field named.
 	bad := filepath.Join(t.TempDir(), "bad.yaml")
 	os.WriteFile(bad, []byte(strings.Replace(legacyMapping, "email: email", "email: emial", 1)), 0o600)

@@ -16,6 +16,7 @@
 //	shardctl verify PARTITION         checksums of a partition wherever it has rows
 //	shardctl import check --mapping F --from DSN   dry run of an import (docs/migrating.md)
 //	shardctl import start --mapping F --from DSN --catalog DSN   bulk copy (resumable)
+//	shardctl import verify|cancel [--purge]        compare source and Shardgate; stop an import
 //
 // --token (or SHARDGATE_TOKEN) is sent as "authorization: Bearer …" on
 // every call; it needs TLS (--tls, --ca-file) unless the address is loopback.
@@ -87,8 +88,10 @@ type cli struct {
 	} `cmd:"" help:"Move partitions between shards online."`
 	Verify verifyCmd `cmd:"" help:"Checksum a partition on its owner and on any other shard holding rows of it; exit 1 on a problem."`
 	Import struct {
-		Check importCheckCmd `cmd:"" help:"Validate a mapping against the source and show what an import would write (dry run)."`
-		Start importStartCmd `cmd:"" help:"Copy a consistent snapshot of the source into the shards (resumable: run again after a failure)."`
+		Check  importCheckCmd  `cmd:"" help:"Validate a mapping against the source and show what an import would write (dry run)."`
+		Start  importStartCmd  `cmd:"" help:"Copy a consistent snapshot of the source into the shards (resumable: run again after a failure)."`
+		Verify importVerifyCmd `cmd:"" help:"Compare every mapped source row with Shardgate: counts, content hashes, first differing keys."`
+		Cancel importCancelCmd `cmd:"" help:"Stop an import: drop its slot and checkpoints (--purge: and the imported rows)."`
 	} `cmd:"" help:"Import one unsharded PostgreSQL database (see docs/migrating.md)."`
 }
 
