@@ -139,6 +139,7 @@ type importStartCmd struct {
 	SkipInvalid  bool   `name:"skip-invalid" help:"Count rows that do not map to a valid entity and write them to --rejects instead of stopping."`
 	Rejects      string `help:"File the rejected rows are appended to (NDJSON), with --skip-invalid."`
 	MaxJSONBytes int    `name:"max-json-bytes" help:"Largest JSON value accepted (the servers' --max-json-bytes)." default:"65536"`
+	Follow       bool   `help:"After the bulk phase, follow the source's changes in this process (as 'shardctl import follow') until interrupted or cut over."`
 }
 
 func (c importStartCmd) Run(g *globals) error {
@@ -202,13 +203,19 @@ func (c importStartCmd) Run(g *globals) error {
 		rejected += t.RowsRejected
 	}
 	if g.JSON {
-		return json.NewEncoder(g.out).Encode(map[string]any{"import": rec.Name, "state": rec.State, "rows": rows,
+		err = json.NewEncoder(g.out).Encode(map[string]any{"import": rec.Name, "state": rec.State, "rows": rows,
 			"rejected": rejected, "seconds": time.Since(start).Seconds(), "start_lsn": rec.StartLSN})
+	} else {
+		fmt.Fprintf(g.out, "bulk phase done: %d rows (%d rejected) in %s; the source's changes since LSN %s wait in slot %s\n",
+			rows, rejected, time.Since(start).Round(time.Millisecond), rec.StartLSN, rec.Slot)
+		if !c.Follow {
+			fmt.Fprintln(g.out, "next: 'shardctl import follow' to apply them, then 'shardctl import cutover'")
+		}
 	}
-	fmt.Fprintf(g.out, "bulk phase done: %d rows (%d rejected) in %s; the source's changes since LSN %s wait in slot %s\n"+
-		"next: 'shardctl import follow' to apply them, then 'shardctl import verify' and 'shardctl import cutover'\n",
-		rows, rejected, time.Since(start).Round(time.Millisecond), rec.StartLSN, rec.Slot)
-	return nil
+	if err != nil || !c.Follow {
+		return err
+	}
+	return runFollow(ctx, g, cl, m, c.From, c.Name, c.SkipInvalid, c.Rejects, c.MaxJSONBytes)
 }
 
 // importBars draws a bar per table: rows, rate, ETA.
@@ -350,5 +357,147 @@ func (c importCancelCmd) Run(g *globals) error {
 		fmt.Fprintf(g.out, ", purged %d users, %d items, %d config values", res.Purged[importer.EntityUser], res.Purged[importer.EntityItem], res.Purged[importer.EntityConfig])
 	}
 	fmt.Fprintln(g.out)
+	return nil
+}
+
+type importFollowCmd struct {
+	importSource
+	importTarget
+	SkipInvalid  bool   `name:"skip-invalid" help:"Write changes that do not map to a valid entity to --rejects instead of stopping."`
+	Rejects      string `help:"File rejected changes are appended to (NDJSON), with --skip-invalid."`
+	MaxJSONBytes int    `name:"max-json-bytes" help:"Largest JSON value accepted (the servers' --max-json-bytes)." default:"65536"`
+}
+
+func (c importFollowCmd) Run(g *globals) error {
+	m, err := c.load()
+	if err != nil {
+		return err
+	}
+	if c.SkipInvalid != (c.Rejects != "") {
+		return errors.New("--skip-invalid and --rejects FILE go together")
+	}
+	ctx, cancel := signalContext()
+	defer cancel()
+	cl, err := c.open(ctx, 4)
+	if err != nil {
+		return err
+	}
+	defer cl.Close()
+	return runFollow(ctx, g, cl, m, c.From, c.Name, c.SkipInvalid, c.Rejects, c.MaxJSONBytes)
+}
+
+// runFollow applies the source's changes until interrupted or cut over.
+func runFollow(ctx context.Context, g *globals, cl *importer.Cluster, m *importer.Mapping, from, name string, skip bool, rejects string, maxJSON int) error {
+	opts := importer.FollowOptions{SkipInvalid: skip, MaxJSONBytes: maxJSON}
+	if rejects != "" {
+		f, err := os.OpenFile(rejects, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o600)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		opts.Rejects = f
+	}
+	if !g.JSON {
+		fmt.Fprintf(g.out, "following the source's changes for import %s; 'shardctl import status' shows the lag, Ctrl-C stops (run again to continue)\n", name)
+	}
+	if err := importer.Follow(ctx, cl, m, from, name, opts); err != nil {
+		return err
+	}
+	rec, _, err := cl.Catalog.GetImport(context.Background(), name)
+	if err == nil && !g.JSON {
+		fmt.Fprintf(g.out, "stopped at %s (import %s)\n", rec.AppliedLSN, rec.State)
+	}
+	return nil
+}
+
+type importStatusCmd struct {
+	importTarget
+	From string `help:"Source database DSN, for the lag." env:"SHARDGATE_IMPORT_FROM"`
+}
+
+func (c importStatusCmd) Run(g *globals) error {
+	ctx, cancel := signalContext()
+	defer cancel()
+	cl, err := c.open(ctx, 1)
+	if err != nil {
+		return err
+	}
+	defer cl.Close()
+	st, err := importer.GetStatus(ctx, cl, c.From, c.Name)
+	if err != nil {
+		return err
+	}
+	if g.JSON {
+		enc := json.NewEncoder(g.out)
+		enc.SetIndent("", "  ")
+		return enc.Encode(st)
+	}
+	fmt.Fprintf(g.out, "import %s: %s, slot %s (active %v), applied %s, source at %s, lag %s",
+		st.Name, st.State, st.Slot, st.SlotActive, dash(st.AppliedLSN), dash(st.SourceLSN), bytesText(st.LagBytes))
+	if st.Heartbeat > 0 {
+		fmt.Fprintf(g.out, ", follower last seen %s ago", st.Heartbeat.Round(time.Millisecond))
+	}
+	fmt.Fprintln(g.out)
+	if st.Error != "" {
+		fmt.Fprintf(g.out, "last error: %s\n", st.Error)
+	}
+	fmt.Fprintln(g.out)
+	w := g.table("TABLE", "COPIED", "TOTAL", "REJECTED", "BULK", "INSERTS", "UPDATES", "DELETES", "LAG BYTES", "LAG SECONDS")
+	for _, t := range st.Tables {
+		bulk := "copying"
+		if t.Done {
+			bulk = "done"
+		}
+		fmt.Fprintf(w, "%s\t%d\t%d\t%d\t%s\t%d\t%d\t%d\t%d\t%.1f\n", t.Name, t.Copied, t.Total, t.Rejected, bulk,
+			t.Inserts, t.Updates, t.Deletes, t.LagBytes, t.LagSeconds)
+	}
+	return w.Flush()
+}
+
+func dash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
+type importCutoverCmd struct {
+	importSource
+	importTarget
+	Timeout      time.Duration `help:"Longest wait for zero lag." default:"5m"`
+	MaxJSONBytes int           `name:"max-json-bytes" help:"Largest JSON value accepted (the servers' --max-json-bytes)." default:"65536"`
+}
+
+func (c importCutoverCmd) Run(g *globals) error {
+	m, err := c.load()
+	if err != nil {
+		return err
+	}
+	ctx, cancel := signalContext()
+	defer cancel()
+	cl, err := c.open(ctx, 4)
+	if err != nil {
+		return err
+	}
+	defer cl.Close()
+	if !g.JSON {
+		fmt.Fprintln(g.out, "waiting for zero lag (writes to the source must have stopped)...")
+	}
+	res, err := importer.Cutover(ctx, cl, m, c.From, c.Name, importer.CutoverOptions{Timeout: c.Timeout,
+		Verify: importer.VerifyOptions{MaxJSONBytes: c.MaxJSONBytes}})
+	if res != nil && res.Verify != nil && !g.JSON {
+		printVerify(g, res.Verify)
+	}
+	if err != nil {
+		return err
+	}
+	if g.JSON {
+		return json.NewEncoder(g.out).Encode(res)
+	}
+	fmt.Fprintf(g.out, "\ncut over at %s (lag reached zero after %s); following stopped, slot and publication dropped.\nNext:\n",
+		res.AppliedLSN, res.Waited.Round(time.Millisecond))
+	for i, s := range res.Steps {
+		fmt.Fprintf(g.out, "  %d. %s\n", i+1, s)
+	}
 	return nil
 }

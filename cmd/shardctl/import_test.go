@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"io"
 	"os"
 	"path/filepath"
 	"strings"
@@ -119,6 +120,35 @@ func TestImportCommands(t *testing.T) {
 	out = run(t, g, importVerifyCmd{importSource: source, importTarget: target, MaxJSONBytes: 65536})
 	if !strings.Contains(out, "verified: every mapped row") || !strings.Contains(out, "account_settings  item") {
 		t.Fatalf("verify:\n%s", out)
+	}
+
+	statusCmd := importStatusCmd{importTarget: target, From: src}
+	if out := run(t, g, statusCmd); !strings.Contains(out, "import default: following") || !strings.Contains(out, "account_settings") {
+		t.Fatalf("status:\n%s", out)
+	}
+	// Follow in the background, change the source, cut over.
+	followed := make(chan error, 1)
+	go func() {
+		followed <- importFollowCmd{importSource: source, importTarget: target, MaxJSONBytes: 65536}.Run(&globals{out: io.Discard})
+	}()
+	sconn, err := pgx.Connect(ctx, src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sconn.Close(context.Background())
+	if _, err := sconn.Exec(ctx, `UPDATE accounts SET name = 'Followed' WHERE id = 7`); err != nil {
+		t.Fatal(err)
+	}
+	out = run(t, g, importCutoverCmd{importSource: source, importTarget: target, Timeout: 30 * time.Second, MaxJSONBytes: 65536})
+	if !strings.Contains(out, "cut over at") || !strings.Contains(out, "sessions are not imported") {
+		t.Fatalf("cutover:\n%s", out)
+	}
+	if err := <-followed; err != nil {
+		t.Fatalf("follow: %v", err)
+	}
+	u, err = data.GetUser(ctx, &pb.GetUserRequest{UserId: "acct-7"})
+	if err != nil || u.GetProfileJson() != `{"name": "Followed", "email": "user7@example.com"}` {
+		t.Fatalf("followed user %s %v", u.GetProfileJson(), err)
 	}
 
 	// A bad mapping fails the check with the table and field named.

@@ -1,0 +1,509 @@
+package importer
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"strings"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgproto3"
+	"github.com/jackc/pgx/v5/pgtype"
+
+	"github.com/shardgate/shardgate/catalog"
+	"github.com/shardgate/shardgate/internal/versioning"
+	"github.com/shardgate/shardgate/router"
+	"github.com/shardgate/shardgate/shards"
+)
+
+// FollowOptions tunes Follow.
+type FollowOptions struct {
+	MaxJSONBytes int // 0: DefaultMaxJSONBytes
+	// SkipInvalid writes changes that do not map to a valid entity to
+	// Rejects instead of stopping.
+	SkipInvalid bool
+	Rejects     io.Writer
+	// RecordEvery is how often progress is written to the catalog (and the
+	// import's state checked); default 200ms.
+	RecordEvery time.Duration
+	// OnApply, if set, is called after each change is applied with the time
+	// since its transaction committed on the source.
+	OnApply func(table string, lag time.Duration)
+}
+
+// ErrNotFollowing means the import is not in its follow phase.
+var ErrNotFollowing = errors.New("the import is not following (run 'shardctl import start' first)")
+
+// Follow applies the source's changes since the bulk phase's snapshot,
+// read from the import's slot by logical decoding (pgoutput), through the
+// same mapping: inserts and updates write the mapped entity (with change
+// events, as any write), deletes delete it. It returns when ctx ends (nil)
+// or when the import leaves the follow phase (cutover or cancel). Stopped
+// and started again, it continues from the last position it confirmed:
+// changes after it are applied again, which converges to the same state.
+func Follow(ctx context.Context, cl *Cluster, m *Mapping, sourceDSN, name string, opts FollowOptions) error {
+	if opts.MaxJSONBytes <= 0 {
+		opts.MaxJSONBytes = DefaultMaxJSONBytes
+	}
+	if opts.RecordEvery <= 0 {
+		opts.RecordEvery = 200 * time.Millisecond
+	}
+	if opts.SkipInvalid && opts.Rejects == nil {
+		return errors.New("skipping invalid changes needs a rejects file")
+	}
+	rec, _, err := cl.Catalog.GetImport(ctx, name)
+	if err != nil {
+		return err
+	}
+	if rec.State != catalog.ImportFollowing {
+		return fmt.Errorf("import %s is %s: %w", name, rec.State, ErrNotFollowing)
+	}
+	if rec.MappingHash != MappingHash(m) {
+		return fmt.Errorf("import %s was started with another mapping", name)
+	}
+	src, err := connectSource(ctx, sourceDSN)
+	if err != nil {
+		return err
+	}
+	defer src.Close(context.Background())
+	f := &follower{cl: cl, opts: opts, name: name, src: src, byRel: map[string][]*sourceTable{},
+		rels: map[uint32]*pglogrepl.RelationMessage{}, stats: map[string]*catalog.FollowTableProgress{},
+		bulk: &bulk{opts: Options{Rejects: opts.Rejects}}}
+	for i := range m.Tables {
+		st, err := describe(ctx, src, &m.Tables[i])
+		if err != nil {
+			return err
+		}
+		rel := st.schema + "." + st.relname
+		f.byRel[rel] = append(f.byRel[rel], st)
+		f.stats[st.Name] = &catalog.FollowTableProgress{Name: st.Name}
+	}
+	start := rec.AppliedLSN
+	if start == "" {
+		start = rec.StartLSN
+	}
+	if f.applied, err = pglogrepl.ParseLSN(start); err != nil {
+		return fmt.Errorf("import %s: position %q: %w", name, start, err)
+	}
+	repl, err := replicationConn(ctx, sourceDSN)
+	if err != nil {
+		return err
+	}
+	defer repl.Close(context.Background())
+	err = pglogrepl.StartReplication(ctx, repl, rec.Slot, f.applied, pglogrepl.StartReplicationOptions{
+		PluginArgs: []string{"proto_version '1'", "publication_names " + sqlString(rec.Publication)}})
+	if err != nil {
+		return fmt.Errorf("source: start replication from slot %s: %w", rec.Slot, err)
+	}
+	return f.run(ctx, repl)
+}
+
+type follower struct {
+	cl    *Cluster
+	opts  FollowOptions
+	name  string
+	src   *pgx.Conn
+	byRel map[string][]*sourceTable
+	rels  map[uint32]*pglogrepl.RelationMessage
+	stats map[string]*catalog.FollowTableProgress
+	bulk  *bulk // for its rejects writer
+
+	applied    pglogrepl.LSN // every change up to here is applied
+	inTx       bool
+	commitTime time.Time
+}
+
+func (f *follower) run(ctx context.Context, repl *pgconn.PgConn) error {
+	const standbyEvery = time.Second
+	nextStandby := time.Now().Add(standbyEvery)
+	nextRecord := time.Now().Add(f.opts.RecordEvery)
+	for {
+		if ctx.Err() != nil {
+			f.record(context.Background())
+			return nil
+		}
+		now := time.Now()
+		if !now.Before(nextRecord) {
+			stop, err := f.record(ctx)
+			if err != nil || stop {
+				return err
+			}
+			nextRecord = now.Add(f.opts.RecordEvery)
+		}
+		if !now.Before(nextStandby) {
+			if err := f.confirm(ctx, repl); err != nil {
+				return err
+			}
+			nextStandby = now.Add(standbyEvery)
+		}
+		deadline := nextRecord
+		if nextStandby.Before(deadline) {
+			deadline = nextStandby
+		}
+		rctx, cancel := context.WithDeadline(ctx, deadline)
+		raw, err := repl.ReceiveMessage(rctx)
+		cancel()
+		if err != nil {
+			if pgconn.Timeout(err) || ctx.Err() != nil {
+				continue
+			}
+			return fmt.Errorf("source: receive: %w", err)
+		}
+		switch msg := raw.(type) {
+		case *pgproto3.ErrorResponse:
+			return fmt.Errorf("source: replication: %s", msg.Message)
+		case *pgproto3.CopyData:
+			switch msg.Data[0] {
+			case pglogrepl.PrimaryKeepaliveMessageByteID:
+				ka, err := pglogrepl.ParsePrimaryKeepaliveMessage(msg.Data[1:])
+				if err != nil {
+					return fmt.Errorf("source: keepalive: %w", err)
+				}
+				// Between transactions, everything up to the server's WAL
+				// end has been sent and applied.
+				if !f.inTx && ka.ServerWALEnd > f.applied {
+					f.applied = ka.ServerWALEnd
+				}
+				if ka.ReplyRequested {
+					nextStandby = time.Time{}
+				}
+			case pglogrepl.XLogDataByteID:
+				xld, err := pglogrepl.ParseXLogData(msg.Data[1:])
+				if err != nil {
+					return fmt.Errorf("source: xlog data: %w", err)
+				}
+				if err := f.handle(ctx, xld.WALData); err != nil {
+					f.record(context.Background())
+					return err
+				}
+			}
+		}
+	}
+}
+
+// confirm tells the source what is applied, so the slot releases the WAL
+// before it.
+func (f *follower) confirm(ctx context.Context, repl *pgconn.PgConn) error {
+	if err := pglogrepl.SendStandbyStatusUpdate(ctx, repl, pglogrepl.StandbyStatusUpdate{WALWritePosition: f.applied}); err != nil {
+		return fmt.Errorf("source: standby status: %w", err)
+	}
+	return nil
+}
+
+// record writes progress to the catalog and reports whether the import
+// left the follow phase.
+func (f *follower) record(ctx context.Context) (stop bool, err error) {
+	var tables []catalog.FollowTableProgress
+	for _, s := range f.stats {
+		tables = append(tables, *s)
+	}
+	if err := f.cl.Catalog.RecordFollow(ctx, f.name, f.applied.String(), time.Now(), tables); err != nil {
+		return false, err
+	}
+	for _, s := range f.stats {
+		s.Inserts, s.Updates, s.Deletes = 0, 0, 0
+	}
+	rec, _, err := f.cl.Catalog.GetImport(ctx, f.name)
+	if err != nil {
+		return false, err
+	}
+	return rec.State != catalog.ImportFollowing, nil
+}
+
+func (f *follower) handle(ctx context.Context, data []byte) error {
+	msg, err := pglogrepl.Parse(data)
+	if err != nil {
+		return fmt.Errorf("source: decode: %w", err)
+	}
+	switch m := msg.(type) {
+	case *pglogrepl.RelationMessage:
+		f.rels[m.RelationID] = m
+	case *pglogrepl.BeginMessage:
+		f.inTx, f.commitTime = true, m.CommitTime
+		for _, s := range f.stats {
+			s.PendingSince, s.PendingLSN = time.Time{}, ""
+		}
+	case *pglogrepl.CommitMessage:
+		f.inTx = false
+		f.applied = m.TransactionEndLSN
+		for _, s := range f.stats {
+			s.PendingSince, s.PendingLSN = time.Time{}, ""
+		}
+	case *pglogrepl.InsertMessage:
+		return f.change(ctx, m.RelationID, nil, m.Tuple, 'i')
+	case *pglogrepl.UpdateMessage:
+		return f.change(ctx, m.RelationID, m.OldTuple, m.NewTuple, 'u')
+	case *pglogrepl.DeleteMessage:
+		return f.change(ctx, m.RelationID, m.OldTuple, nil, 'd')
+	case *pglogrepl.TruncateMessage:
+		return errors.New("source: a mapped table was truncated; the follow phase cannot apply a TRUNCATE (cancel with --purge and import again)")
+	}
+	return nil
+}
+
+// change applies one row change to every mapping of its table.
+func (f *follower) change(ctx context.Context, relID uint32, old, new *pglogrepl.TupleData, op byte) error {
+	rel, ok := f.rels[relID]
+	if !ok {
+		return fmt.Errorf("source: change for unknown relation %d", relID)
+	}
+	for _, st := range f.byRel[rel.Namespace+"."+rel.RelationName] {
+		s := f.stats[st.Name]
+		if s.PendingSince.IsZero() {
+			s.PendingSince, s.PendingLSN = f.commitTime, f.applied.String()
+		}
+		if err := f.apply(ctx, st, rel, old, new, op); err != nil {
+			var bad *RowError
+			if errors.As(err, &bad) && f.opts.SkipInvalid {
+				if err := f.bulk.reject(bad); err != nil {
+					return err
+				}
+				continue
+			}
+			return err
+		}
+		switch op {
+		case 'i':
+			s.Inserts++
+		case 'u':
+			s.Updates++
+		default:
+			s.Deletes++
+		}
+		if f.opts.OnApply != nil {
+			f.opts.OnApply(st.Name, time.Since(f.commitTime))
+		}
+	}
+	return nil
+}
+
+func (f *follower) apply(ctx context.Context, st *sourceTable, rel *pglogrepl.RelationMessage, old, new *pglogrepl.TupleData, op byte) error {
+	var oldID *Record
+	if old != nil {
+		r, found, err := f.eval(ctx, st, rel, old, true)
+		if err != nil {
+			return err
+		}
+		if found {
+			oldID = &r
+		}
+	}
+	if op == 'd' {
+		if oldID == nil {
+			return nil
+		}
+		return f.delete(ctx, st, oldID)
+	}
+	r, inFilter, err := f.eval(ctx, st, rel, new, false)
+	if err != nil {
+		return err
+	}
+	if !inFilter {
+		if op == 'u' {
+			// The row left the mapping's filter.
+			return f.deleteIfPresent(ctx, st, &r)
+		}
+		return nil
+	}
+	if oldID != nil && recordKey(st.Entity, oldID) != recordKey(st.Entity, &r) {
+		if err := f.delete(ctx, st, oldID); err != nil {
+			return err
+		}
+	}
+	return f.upsert(ctx, st, &r)
+}
+
+// evalSQL evaluates the mapping on a row given as text ($1.. in the
+// relation's column order, cast to the columns' types).
+func (st *sourceTable) evalSQL(rel *pglogrepl.RelationMessage) string {
+	cols := make([]string, len(rel.Columns))
+	for i, c := range rel.Columns {
+		typ, ok := st.types[c.Name]
+		if !ok {
+			typ = "text"
+		}
+		cols[i] = fmt.Sprintf("$%d::text::%s AS %s", i+1, typ, pgx.Identifier{c.Name}.Sanitize())
+	}
+	return st.evalFrom("(SELECT " + strings.Join(cols, ", ") + ")")
+}
+
+// evalFrom selects the key, the fields and whether the row passes the
+// mapping's filter from rows given by from.
+func (st *sourceTable) evalFrom(from string) string {
+	var out []string
+	for i, c := range st.PrimaryKey {
+		out = append(out, fmt.Sprintf("%s.%s::text AS sg_k%d", st.alias, pgx.Identifier{c}.Sanitize(), i))
+	}
+	fe := st.fieldExprs()
+	for i, e := range fe {
+		if i == len(fe)-1 {
+			e = "(" + e + ")::text"
+		}
+		out = append(out, fmt.Sprintf("%s AS sg_f%d", e, i))
+	}
+	where := "true"
+	if st.Where != "" {
+		where = "coalesce((" + st.Where + "), false)"
+	}
+	out = append(out, where+" AS sg_in")
+	return fmt.Sprintf("SELECT %s FROM %s AS %s", strings.Join(out, ", "), from, st.alias)
+}
+
+// eval maps a decoded row. With identity, only the fields naming the
+// entity must be valid (a delete carries the key columns alone). It
+// reports whether the row passes the filter (always, for identity).
+func (f *follower) eval(ctx context.Context, st *sourceTable, rel *pglogrepl.RelationMessage, tup *pglogrepl.TupleData, identity bool) (Record, bool, error) {
+	args := make([]any, len(rel.Columns))
+	toast := false
+	for i := range rel.Columns {
+		if i >= len(tup.Columns) {
+			break
+		}
+		switch c := tup.Columns[i]; c.DataType {
+		case pglogrepl.TupleDataTypeText:
+			args[i] = string(c.Data)
+		case pglogrepl.TupleDataTypeToast:
+			toast = true
+		}
+	}
+	sql := st.evalSQL(rel)
+	if toast && !identity {
+		// An unchanged TOASTed value is not in the change: read the row as
+		// it is now (a later change brings anything newer).
+		keyArgs := make([]any, len(st.PrimaryKey))
+		conds := make([]string, len(st.PrimaryKey))
+		for i, k := range st.PrimaryKey {
+			for j, c := range rel.Columns {
+				if c.Name == k {
+					keyArgs[i] = args[j]
+				}
+			}
+			conds[i] = fmt.Sprintf("%s.%s = $%d::text::%s", st.alias, pgx.Identifier{k}.Sanitize(), i+1, st.keyTypes[i])
+		}
+		sql = st.evalFrom(st.ident) + " WHERE " + strings.Join(conds, " AND ")
+		args = keyArgs
+	}
+	nk := len(st.PrimaryKey)
+	vals := make([]pgtype.Text, nk+len(st.fieldExprs()))
+	ptrs := make([]any, len(vals)+1)
+	for i := range vals {
+		ptrs[i] = &vals[i]
+	}
+	var in bool
+	ptrs[len(vals)] = &in
+	err := f.src.QueryRow(ctx, sql, args...).Scan(ptrs...)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return Record{}, false, nil // gone since; its delete follows
+	}
+	if err != nil {
+		return Record{}, false, fmt.Errorf("table %s: map change: %w", st.Name, err)
+	}
+	r := Record{Key: make([]string, nk)}
+	for i := range nk {
+		r.Key[i] = vals[i].String
+	}
+	if identity {
+		r, bad := st.mapIdentity(r, vals[nk:])
+		if bad != nil {
+			return r, false, bad
+		}
+		return r, true, nil
+	}
+	if !in {
+		r, bad := st.mapIdentity(r, vals[nk:])
+		if bad != nil {
+			return r, false, bad
+		}
+		return r, false, nil
+	}
+	r, bad := st.mapValues(r, vals[nk:], f.opts.MaxJSONBytes)
+	if bad != nil {
+		return r, false, bad
+	}
+	if st.Entity != EntityConfig {
+		r.Partition = router.Partition(r.UserID, f.cl.Partitions())
+	}
+	return r, true, nil
+}
+
+// mapIdentity validates only the fields that name the entity.
+func (st *sourceTable) mapIdentity(r Record, f []pgtype.Text) (Record, *RowError) {
+	last := len(f) - 1
+	fake := append([]pgtype.Text(nil), f...)
+	fake[last] = pgtype.Text{String: "{}", Valid: true}
+	r, bad := st.mapValues(r, fake, DefaultMaxJSONBytes)
+	if bad != nil && bad.Msg == "is NULL" {
+		bad.Msg += " in a delete: the mapping names the entity with columns the source does not log for deletes (ALTER TABLE " + st.Source + " REPLICA IDENTITY FULL)"
+	}
+	r.JSON = ""
+	if bad == nil && st.Entity != EntityConfig {
+		r.Partition = -1
+	}
+	return r, bad
+}
+
+// retryMoved runs write until no partition has moved under it.
+func (f *follower) retryMoved(ctx context.Context, write func() error) error {
+	for attempt := 0; ; attempt++ {
+		err := write()
+		if !errors.Is(err, shards.ErrWrongShard) || attempt >= 20 {
+			return err
+		}
+		select {
+		case <-time.After(time.Duration(attempt+1) * 20 * time.Millisecond):
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+		if err := f.cl.Reload(ctx); err != nil {
+			return err
+		}
+	}
+}
+
+func (f *follower) upsert(ctx context.Context, st *sourceTable, r *Record) error {
+	err := f.retryMoved(ctx, func() error {
+		var err error
+		switch st.Entity {
+		case EntityUser:
+			_, err = f.cl.Owner(r.Partition).PutUser(ctx, r.Partition, r.UserID, []byte(r.JSON), nil)
+		case EntityItem:
+			_, err = f.cl.Owner(r.Partition).PutItem(ctx, r.Partition, r.UserID, r.Collection, r.ItemKey, []byte(r.JSON), nil)
+		default:
+			_, err = f.cl.Catalog.SetConfig(ctx, r.Namespace, r.ItemKey, []byte(r.JSON), nil)
+		}
+		return err
+	})
+	if errors.Is(err, shards.ErrUserNotFound) {
+		return &RowError{Table: st.Name, KeyCols: st.PrimaryKey, Key: r.Key, Field: "user_id", Msg: fmt.Sprintf("user %q does not exist in Shardgate", r.UserID)}
+	}
+	return err
+}
+
+func (f *follower) delete(ctx context.Context, st *sourceTable, r *Record) error {
+	if st.Entity != EntityConfig {
+		r.Partition = router.Partition(r.UserID, f.cl.Partitions())
+	}
+	err := f.retryMoved(ctx, func() error {
+		switch st.Entity {
+		case EntityUser:
+			_, err := f.cl.Owner(r.Partition).DeleteUser(ctx, r.Partition, r.UserID, nil)
+			return err
+		case EntityItem:
+			return f.cl.Owner(r.Partition).DeleteItem(ctx, r.Partition, r.UserID, r.Collection, r.ItemKey, nil)
+		default:
+			return f.cl.Catalog.DeleteConfig(ctx, r.Namespace, r.ItemKey, nil)
+		}
+	})
+	if errors.Is(err, versioning.ErrNotFound) {
+		return nil // already gone: a change replayed, or never imported
+	}
+	return err
+}
+
+func (f *follower) deleteIfPresent(ctx context.Context, st *sourceTable, r *Record) error {
+	return f.delete(ctx, st, r)
+}
