@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/jackc/pglogrepl"
@@ -13,6 +14,7 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgproto3"
 	"github.com/jackc/pgx/v5/pgtype"
+	"golang.org/x/sync/errgroup"
 
 	"github.com/shardgate/shardgate/catalog"
 	"github.com/shardgate/shardgate/internal/versioning"
@@ -113,8 +115,10 @@ type follower struct {
 	bulk  *bulk // for its rejects writer
 
 	applied    pglogrepl.LSN // every change up to here is applied
+	committed  pglogrepl.LSN // the end of the last transaction received
 	inTx       bool
 	commitTime time.Time
+	pending    []pendingChange
 }
 
 func (f *follower) run(ctx context.Context, repl *pgconn.PgConn) error {
@@ -144,11 +148,22 @@ func (f *follower) run(ctx context.Context, repl *pgconn.PgConn) error {
 		if nextStandby.Before(deadline) {
 			deadline = nextStandby
 		}
+		if len(f.pending) > 0 {
+			// Apply as soon as the stream pauses.
+			deadline = now.Add(2 * time.Millisecond)
+		}
 		rctx, cancel := context.WithDeadline(ctx, deadline)
 		raw, err := repl.ReceiveMessage(rctx)
 		cancel()
 		if err != nil {
-			if pgconn.Timeout(err) || ctx.Err() != nil {
+			if pgconn.Timeout(err) && ctx.Err() == nil {
+				if err := f.flush(ctx); err != nil {
+					f.record(context.Background())
+					return err
+				}
+				continue
+			}
+			if ctx.Err() != nil {
 				continue
 			}
 			return fmt.Errorf("source: receive: %w", err)
@@ -165,7 +180,7 @@ func (f *follower) run(ctx context.Context, repl *pgconn.PgConn) error {
 				}
 				// Between transactions, everything up to the server's WAL
 				// end has been sent and applied.
-				if !f.inTx && ka.ServerWALEnd > f.applied {
+				if !f.inTx && len(f.pending) == 0 && ka.ServerWALEnd > f.applied {
 					f.applied = ka.ServerWALEnd
 				}
 				if ka.ReplyRequested {
@@ -224,14 +239,11 @@ func (f *follower) handle(ctx context.Context, data []byte) error {
 		f.rels[m.RelationID] = m
 	case *pglogrepl.BeginMessage:
 		f.inTx, f.commitTime = true, m.CommitTime
-		for _, s := range f.stats {
-			s.PendingSince, s.PendingLSN = time.Time{}, ""
-		}
 	case *pglogrepl.CommitMessage:
 		f.inTx = false
-		f.applied = m.TransactionEndLSN
-		for _, s := range f.stats {
-			s.PendingSince, s.PendingLSN = time.Time{}, ""
+		f.committed = m.TransactionEndLSN
+		if len(f.pending) == 0 {
+			f.applied = max(f.applied, f.committed)
 		}
 	case *pglogrepl.InsertMessage:
 		return f.change(ctx, m.RelationID, nil, m.Tuple, 'i')
@@ -240,12 +252,16 @@ func (f *follower) handle(ctx context.Context, data []byte) error {
 	case *pglogrepl.DeleteMessage:
 		return f.change(ctx, m.RelationID, m.OldTuple, nil, 'd')
 	case *pglogrepl.TruncateMessage:
+		if len(f.byRel) == 0 {
+			return nil
+		}
 		return errors.New("source: a mapped table was truncated; the follow phase cannot apply a TRUNCATE (cancel with --purge and import again)")
 	}
 	return nil
 }
 
-// change applies one row change to every mapping of its table.
+// change queues one row change for every mapping of its table; flush
+// applies what is queued.
 func (f *follower) change(ctx context.Context, relID uint32, old, new *pglogrepl.TupleData, op byte) error {
 	rel, ok := f.rels[relID]
 	if !ok {
@@ -256,17 +272,154 @@ func (f *follower) change(ctx context.Context, relID uint32, old, new *pglogrepl
 		if s.PendingSince.IsZero() {
 			s.PendingSince, s.PendingLSN = f.commitTime, f.applied.String()
 		}
-		if err := f.apply(ctx, st, rel, old, new, op); err != nil {
-			var bad *RowError
-			if errors.As(err, &bad) && f.opts.SkipInvalid {
-				if err := f.bulk.reject(bad); err != nil {
-					return err
-				}
+		pc := pendingChange{st: st, op: op, commit: f.commitTime}
+		if old != nil {
+			req := st.evalRequest(rel, old, true)
+			pc.old = &req
+		}
+		if new != nil {
+			req := st.evalRequest(rel, new, false)
+			pc.new = &req
+		}
+		f.pending = append(f.pending, pc)
+	}
+	if len(f.pending) >= maxPending {
+		return f.flush(ctx)
+	}
+	return nil
+}
+
+// maxPending bounds the changes applied together.
+const maxPending = 2000
+
+// pendingChange is a row change received and not yet applied.
+type pendingChange struct {
+	st       *sourceTable
+	op       byte // 'i', 'u', 'd'
+	commit   time.Time
+	old, new *evalReq
+}
+
+// write is one write a change makes in Shardgate.
+type write struct {
+	st     *sourceTable
+	delete bool
+	rec    Record
+}
+
+// flush applies the queued changes: their mappings are evaluated by the
+// source in one round trip, then the writes of different users run in
+// parallel, each user's in order (a user before its items, a delete after
+// the write before it). Changes up to the last commit received are then
+// applied.
+func (f *follower) flush(ctx context.Context) error {
+	if len(f.pending) == 0 {
+		f.applied = max(f.applied, f.committed)
+		return nil
+	}
+	var b pgx.Batch
+	for _, pc := range f.pending {
+		for _, req := range []*evalReq{pc.old, pc.new} {
+			if req != nil {
+				b.Queue(req.sql, req.args...)
+			}
+		}
+	}
+	br := f.src.SendBatch(ctx, &b)
+	groups := map[string][]write{}
+	var order []string
+	add := func(w write) {
+		k := "\x00config"
+		if w.st.Entity != EntityConfig {
+			k = w.rec.UserID
+		}
+		if _, ok := groups[k]; !ok {
+			order = append(order, k)
+		}
+		groups[k] = append(groups[k], w)
+	}
+	var evalErr error
+	for _, pc := range f.pending {
+		var old, new *Record
+		var inFilter bool
+		for _, req := range []*evalReq{pc.old, pc.new} {
+			if req == nil || evalErr != nil {
 				continue
 			}
-			return err
+			r, in, found, err := f.evalResult(pc.st, br.QueryRow(), req.identity)
+			if err != nil {
+				var bad *RowError
+				if errors.As(err, &bad) && f.opts.SkipInvalid {
+					if err := f.bulk.reject(bad); err != nil {
+						evalErr = err
+					}
+					continue
+				}
+				evalErr = err
+				continue
+			}
+			if !found {
+				continue
+			}
+			if req.identity {
+				old = &r
+			} else {
+				new, inFilter = &r, in
+			}
 		}
-		switch op {
+		switch {
+		case pc.op == 'd':
+			if old != nil {
+				add(write{st: pc.st, delete: true, rec: *old})
+			}
+		case new == nil:
+			// Gone from the source since (a TOASTed row read back); its
+			// delete follows.
+		case !inFilter:
+			if pc.op == 'u' {
+				add(write{st: pc.st, delete: true, rec: *new}) // it left the filter
+			}
+		default:
+			if old != nil && recordKey(pc.st.Entity, old) != recordKey(pc.st.Entity, new) {
+				add(write{st: pc.st, delete: true, rec: *old})
+			}
+			add(write{st: pc.st, rec: *new})
+		}
+	}
+	if err := br.Close(); evalErr == nil && err != nil {
+		evalErr = fmt.Errorf("source: map changes: %w", err)
+	}
+	if evalErr != nil {
+		return evalErr
+	}
+
+	g, gctx := errgroup.WithContext(ctx)
+	g.SetLimit(16)
+	var rejectMu sync.Mutex
+	for _, k := range order {
+		ws := groups[k]
+		g.Go(func() error {
+			for _, w := range ws {
+				err := f.applyWrite(gctx, w)
+				var bad *RowError
+				if errors.As(err, &bad) && f.opts.SkipInvalid {
+					rejectMu.Lock()
+					err = f.bulk.reject(bad)
+					rejectMu.Unlock()
+				}
+				if err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+	}
+	if err := g.Wait(); err != nil {
+		return err
+	}
+	for _, pc := range f.pending {
+		s := f.stats[pc.st.Name]
+		switch pc.op {
 		case 'i':
 			s.Inserts++
 		case 'u':
@@ -274,47 +427,21 @@ func (f *follower) change(ctx context.Context, relID uint32, old, new *pglogrepl
 		default:
 			s.Deletes++
 		}
+		s.PendingSince, s.PendingLSN = time.Time{}, ""
 		if f.opts.OnApply != nil {
-			f.opts.OnApply(st.Name, time.Since(f.commitTime))
+			f.opts.OnApply(pc.st.Name, time.Since(pc.commit))
 		}
 	}
+	f.pending = f.pending[:0]
+	f.applied = max(f.applied, f.committed)
 	return nil
 }
 
-func (f *follower) apply(ctx context.Context, st *sourceTable, rel *pglogrepl.RelationMessage, old, new *pglogrepl.TupleData, op byte) error {
-	var oldID *Record
-	if old != nil {
-		r, found, err := f.eval(ctx, st, rel, old, true)
-		if err != nil {
-			return err
-		}
-		if found {
-			oldID = &r
-		}
+func (f *follower) applyWrite(ctx context.Context, w write) error {
+	if w.delete {
+		return f.delete(ctx, w.st, &w.rec)
 	}
-	if op == 'd' {
-		if oldID == nil {
-			return nil
-		}
-		return f.delete(ctx, st, oldID)
-	}
-	r, inFilter, err := f.eval(ctx, st, rel, new, false)
-	if err != nil {
-		return err
-	}
-	if !inFilter {
-		if op == 'u' {
-			// The row left the mapping's filter.
-			return f.deleteIfPresent(ctx, st, &r)
-		}
-		return nil
-	}
-	if oldID != nil && recordKey(st.Entity, oldID) != recordKey(st.Entity, &r) {
-		if err := f.delete(ctx, st, oldID); err != nil {
-			return err
-		}
-	}
-	return f.upsert(ctx, st, &r)
+	return f.upsert(ctx, w.st, &w.rec)
 }
 
 // evalSQL evaluates the mapping on a row given as text ($1.. in the
@@ -353,10 +480,17 @@ func (st *sourceTable) evalFrom(from string) string {
 	return fmt.Sprintf("SELECT %s FROM %s AS %s", strings.Join(out, ", "), from, st.alias)
 }
 
-// eval maps a decoded row. With identity, only the fields naming the
-// entity must be valid (a delete carries the key columns alone). It
-// reports whether the row passes the filter (always, for identity).
-func (f *follower) eval(ctx context.Context, st *sourceTable, rel *pglogrepl.RelationMessage, tup *pglogrepl.TupleData, identity bool) (Record, bool, error) {
+// evalReq is the query that maps one decoded row.
+type evalReq struct {
+	sql      string
+	args     []any
+	identity bool
+}
+
+// evalRequest builds the query that maps a decoded row. With identity,
+// only the fields naming the entity will be checked (a delete carries the
+// key columns alone).
+func (st *sourceTable) evalRequest(rel *pglogrepl.RelationMessage, tup *pglogrepl.TupleData, identity bool) evalReq {
 	args := make([]any, len(rel.Columns))
 	toast := false
 	for i := range rel.Columns {
@@ -370,64 +504,59 @@ func (f *follower) eval(ctx context.Context, st *sourceTable, rel *pglogrepl.Rel
 			toast = true
 		}
 	}
-	sql := st.evalSQL(rel)
-	if toast && !identity {
-		// An unchanged TOASTed value is not in the change: read the row as
-		// it is now (a later change brings anything newer).
-		keyArgs := make([]any, len(st.PrimaryKey))
-		conds := make([]string, len(st.PrimaryKey))
-		for i, k := range st.PrimaryKey {
-			for j, c := range rel.Columns {
-				if c.Name == k {
-					keyArgs[i] = args[j]
-				}
-			}
-			conds[i] = fmt.Sprintf("%s.%s = $%d::text::%s", st.alias, pgx.Identifier{k}.Sanitize(), i+1, st.keyTypes[i])
-		}
-		sql = st.evalFrom(st.ident) + " WHERE " + strings.Join(conds, " AND ")
-		args = keyArgs
+	if !toast || identity {
+		return evalReq{sql: st.evalSQL(rel), args: args, identity: identity}
 	}
+	// An unchanged TOASTed value is not in the change: read the row as it
+	// is now (a later change brings anything newer).
+	keyArgs := make([]any, len(st.PrimaryKey))
+	conds := make([]string, len(st.PrimaryKey))
+	for i, k := range st.PrimaryKey {
+		for j, c := range rel.Columns {
+			if c.Name == k {
+				keyArgs[i] = args[j]
+			}
+		}
+		conds[i] = fmt.Sprintf("%s.%s = $%d::text::%s", st.alias, pgx.Identifier{k}.Sanitize(), i+1, st.keyTypes[i])
+	}
+	return evalReq{sql: st.evalFrom(st.ident) + " WHERE " + strings.Join(conds, " AND "), args: keyArgs}
+}
+
+// evalResult reads what an evalRequest's query returned: the mapped row,
+// whether it passes the filter, and whether there was a row at all.
+func (f *follower) evalResult(st *sourceTable, row pgx.Row, identity bool) (r Record, in, found bool, err error) {
 	nk := len(st.PrimaryKey)
 	vals := make([]pgtype.Text, nk+len(st.fieldExprs()))
 	ptrs := make([]any, len(vals)+1)
 	for i := range vals {
 		ptrs[i] = &vals[i]
 	}
-	var in bool
 	ptrs[len(vals)] = &in
-	err := f.src.QueryRow(ctx, sql, args...).Scan(ptrs...)
+	err = row.Scan(ptrs...)
 	if errors.Is(err, pgx.ErrNoRows) {
-		return Record{}, false, nil // gone since; its delete follows
+		return Record{}, false, false, nil
 	}
 	if err != nil {
-		return Record{}, false, fmt.Errorf("table %s: map change: %w", st.Name, err)
+		return Record{}, false, false, fmt.Errorf("table %s: map change: %w", st.Name, err)
 	}
-	r := Record{Key: make([]string, nk)}
+	r = Record{Key: make([]string, nk)}
 	for i := range nk {
 		r.Key[i] = vals[i].String
 	}
-	if identity {
-		r, bad := st.mapIdentity(r, vals[nk:])
-		if bad != nil {
-			return r, false, bad
-		}
-		return r, true, nil
+	var bad *RowError
+	switch {
+	case identity || !in:
+		r, bad = st.mapIdentity(r, vals[nk:])
+	default:
+		r, bad = st.mapValues(r, vals[nk:], f.opts.MaxJSONBytes)
 	}
-	if !in {
-		r, bad := st.mapIdentity(r, vals[nk:])
-		if bad != nil {
-			return r, false, bad
-		}
-		return r, false, nil
-	}
-	r, bad := st.mapValues(r, vals[nk:], f.opts.MaxJSONBytes)
 	if bad != nil {
-		return r, false, bad
+		return r, false, true, bad
 	}
 	if st.Entity != EntityConfig {
 		r.Partition = router.Partition(r.UserID, f.cl.Partitions())
 	}
-	return r, true, nil
+	return r, in || identity, true, nil
 }
 
 // mapIdentity validates only the fields that name the entity.

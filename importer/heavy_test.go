@@ -2,11 +2,17 @@ package importer
 
 import (
 	"context"
+	"fmt"
+	"math/rand/v2"
 	"os"
+	"slices"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"golang.org/x/sync/errgroup"
 
 	"github.com/shardgate/shardgate/internal/testenv"
 )
@@ -95,4 +101,73 @@ func copyBaseline(t *testing.T, src string, m *Mapping) float64 {
 		rows += n
 	}
 	return float64(rows) / time.Since(start).Seconds()
+}
+
+// TestImportHeavyFollowLag follows 1k source changes/s (updates of random
+// accounts, in single-row transactions) for 10 s after a 200k-row import and
+// reports the apply lag (commit on the source to applied in Shardgate).
+func TestImportHeavyFollowLag(t *testing.T) {
+	heavy(t)
+	ctx := context.Background()
+	const n = 100_000
+	src := legacy(t, n)
+	cl, _, _ := newCluster(t)
+	m := legacyMapping(t)
+	if err := Start(ctx, cl, m, src, Options{}); err != nil {
+		t.Fatal(err)
+	}
+	fctx, stop := context.WithCancel(ctx)
+	defer stop()
+	var (
+		mu   sync.Mutex
+		lags []time.Duration
+	)
+	done := make(chan error, 1)
+	go func() {
+		done <- Follow(fctx, cl, m, src, "default", FollowOptions{OnApply: func(_ string, lag time.Duration) {
+			mu.Lock()
+			lags = append(lags, lag)
+			mu.Unlock()
+		}})
+	}()
+	pool, err := pgxpool.New(ctx, src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pool.Close()
+	const rate, seconds = 1000, 10
+	tick := time.NewTicker(time.Second / rate)
+	defer tick.Stop()
+	var g errgroup.Group
+	g.SetLimit(16)
+	for i := range rate * seconds {
+		<-tick.C
+		g.Go(func() error {
+			_, err := pool.Exec(ctx, `UPDATE accounts SET name = $2 WHERE id = $1`, rand.IntN(n)+1, fmt.Sprint("name ", i))
+			return err
+		})
+	}
+	if err := g.Wait(); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		mu.Lock()
+		got := len(lags)
+		mu.Unlock()
+		if got >= rate*seconds {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d of %d changes applied", got, rate*seconds)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	stop()
+	<-done
+	mu.Lock()
+	defer mu.Unlock()
+	slices.Sort(lags)
+	q := func(f float64) time.Duration { return lags[int(f*float64(len(lags)-1))].Round(time.Millisecond) }
+	t.Logf("follow lag over %d changes at %d/s: p50 %s, p99 %s, max %s", len(lags), rate, q(0.5), q(0.99), lags[len(lags)-1].Round(time.Millisecond))
 }
