@@ -339,3 +339,19 @@ func (c *Catalog) PurgeConfig(ctx context.Context, namespaces, keys []string) (i
 	}
 	return n, nil
 }
+
+// ExportConfig hands every config value to fn, in (namespace, key) order,
+// from one snapshot.
+func (c *Catalog) ExportConfig(ctx context.Context, fn func(ConfigEntry) error) error {
+	rows, err := c.pool.Query(ctx, `SELECT namespace, key, value, version, updated_at FROM config ORDER BY namespace, key`)
+	if err != nil {
+		return fmt.Errorf("export config: %w", err)
+	}
+	var e ConfigEntry
+	if _, err := pgx.ForEachRow(rows, []any{&e.Namespace, &e.Key, &e.Value, &e.Version, &e.UpdatedAt}, func() error {
+		return fn(e)
+	}); err != nil {
+		return fmt.Errorf("export config: %w", err)
+	}
+	return nil
+}

@@ -144,3 +144,33 @@ func (c *Cluster) route(ctx context.Context, recs []Record, fn func(*shards.Shar
 		recs = moved
 	}
 }
+
+// routeUsers is route for bulk user rows.
+func (c *Cluster) routeUsers(ctx context.Context, rows []shards.ImportUser, fn func(*shards.Shard, []shards.ImportUser) error) error {
+	recs := make([]Record, len(rows))
+	for i, r := range rows {
+		recs[i] = Record{Partition: r.Partition, UserID: r.UserID, JSON: string(r.Profile)}
+	}
+	return c.route(ctx, recs, func(sh *shards.Shard, batch []Record) error {
+		out := make([]shards.ImportUser, len(batch))
+		for i, r := range batch {
+			out[i] = shards.ImportUser{Partition: r.Partition, UserID: r.UserID, Profile: []byte(r.JSON)}
+		}
+		return fn(sh, out)
+	})
+}
+
+// routeItems is route for bulk item rows.
+func (c *Cluster) routeItems(ctx context.Context, rows []shards.ImportItem, fn func(*shards.Shard, []shards.ImportItem) error) error {
+	recs := make([]Record, len(rows))
+	for i, r := range rows {
+		recs[i] = Record{Partition: r.Partition, UserID: r.UserID, Collection: r.Collection, ItemKey: r.Key, JSON: string(r.Value)}
+	}
+	return c.route(ctx, recs, func(sh *shards.Shard, batch []Record) error {
+		out := make([]shards.ImportItem, len(batch))
+		for i, r := range batch {
+			out[i] = shards.ImportItem{Partition: r.Partition, UserID: r.UserID, Collection: r.Collection, Key: r.ItemKey, Value: []byte(r.JSON)}
+		}
+		return fn(sh, out)
+	})
+}

@@ -101,6 +101,7 @@ var requestRules = map[protoreflect.FullName][]fieldRule{
 	"shardgate.v1.WatchRebalanceRequest":  {},
 	"shardgate.v1.CancelRebalanceRequest": {},
 	"shardgate.v1.VerifyPartitionRequest": {{"partition", rulePartition}},
+	"shardgate.v1.ExportDataRequest":      {{"partitions", rulePartitionList}},
 }
 
 type compiledRule struct {

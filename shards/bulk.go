@@ -7,6 +7,7 @@ import (
 	"slices"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgtype"
 
 	"github.com/shardgate/shardgate/internal/versioning"
 )
@@ -512,4 +513,66 @@ func (s *Shard) PurgeItems(ctx context.Context, items []ItemRef) (int64, error) 
 		return 0, s.wrap("purge items", err)
 	}
 	return n, nil
+}
+
+// ExportSink receives a partition's rows from ExportPartition, users first.
+type ExportSink struct {
+	User func(User) error
+	Item func(Item) error
+}
+
+// exportPartitionSQL reads a partition in one statement (so in one
+// snapshot): first the partition's ownership state, then, if it may be
+// read here, its users and its items, each in key order.
+const exportPartitionSQL = `
+WITH o AS (SELECT state FROM ownership WHERE partition = $1)
+SELECT 0 AS kind, coalesce((SELECT state FROM o), '') AS user_id, NULL::text AS collection, NULL::text AS key,
+       NULL::jsonb AS value, NULL::bigint AS version
+UNION ALL
+SELECT 1, user_id, NULL, NULL, profile, version FROM users
+WHERE partition = $1 AND EXISTS (SELECT 1 FROM o WHERE state IN ('owned', 'frozen'))
+UNION ALL
+SELECT 2, user_id, collection, key, value, version FROM items
+WHERE partition = $1 AND EXISTS (SELECT 1 FROM o WHERE state IN ('owned', 'frozen'))
+ORDER BY kind, user_id, collection, key`
+
+// ExportPartition reads every user and item of a partition in one
+// snapshot, users in user_id order then items in (user_id, collection, key)
+// order, and hands them to sink. The partition must be readable here
+// (owned or frozen) in that snapshot, else ErrWrongShard before any row:
+// the snapshot holds the partition whole even if it moves on afterwards.
+func (s *Shard) ExportPartition(ctx context.Context, partition int32, sink ExportSink) error {
+	c, err := s.acquire(ctx)
+	if err != nil {
+		return s.wrap("export partition", err)
+	}
+	defer c.Release()
+	rows, err := c.Query(ctx, exportPartitionSQL, partition)
+	if err != nil {
+		return s.wrap("export partition", err)
+	}
+	var (
+		kind            int
+		user            string
+		collection, key pgtype.Text
+		value           []byte
+		version         pgtype.Int8
+	)
+	_, err = pgx.ForEachRow(rows, []any{&kind, &user, &collection, &key, &value, &version}, func() error {
+		switch kind {
+		case 0:
+			if !readable(user) {
+				return wrongShard(partition)
+			}
+			return nil
+		case 1:
+			return sink.User(User{UserID: user, Partition: partition, Profile: value, Version: version.Int64})
+		default:
+			return sink.Item(Item{UserID: user, Partition: partition, Collection: collection.String, Key: key.String, Value: value, Version: version.Int64})
+		}
+	})
+	if err != nil {
+		return s.wrap("export partition", err)
+	}
+	return nil
 }

@@ -131,7 +131,9 @@ func (t importTarget) open(ctx context.Context, maxConns int32) (*importer.Clust
 }
 
 type importStartCmd struct {
-	importSource
+	Mapping    string `type:"existingfile" help:"Mapping file (YAML): which source table becomes which entity, and how."`
+	From       string `help:"Source database DSN (the unsharded PostgreSQL)." env:"SHARDGATE_IMPORT_FROM"`
+	FromNDJSON string `name:"from-ndjson" type:"existingdir" help:"Load a 'shardctl export' directory instead of a source database (run again to finish an interrupted load)."`
 	importTarget
 	Parallel     int    `help:"Batches written at once per shard." default:"2"`
 	BatchRows    int    `name:"batch-rows" help:"Rows per batch to one shard." default:"5000"`
@@ -143,7 +145,16 @@ type importStartCmd struct {
 }
 
 func (c importStartCmd) Run(g *globals) error {
-	m, err := c.load()
+	if c.FromNDJSON != "" {
+		if c.Mapping != "" || c.From != "" || c.Follow {
+			return errors.New("--from-ndjson loads an export: no --mapping, --from or --follow")
+		}
+		return c.runNDJSON(g)
+	}
+	if c.Mapping == "" || c.From == "" {
+		return errors.New("give --mapping and --from (a source database), or --from-ndjson DIR")
+	}
+	m, err := (importSource{Mapping: c.Mapping, From: c.From}).load()
 	if err != nil {
 		return err
 	}
@@ -499,5 +510,28 @@ func (c importCutoverCmd) Run(g *globals) error {
 	for i, s := range res.Steps {
 		fmt.Fprintf(g.out, "  %d. %s\n", i+1, s)
 	}
+	return nil
+}
+
+func (c importStartCmd) runNDJSON(g *globals) error {
+	ctx, cancel := signalContext()
+	defer cancel()
+	cl, err := c.open(ctx, int32(c.Parallel)+1)
+	if err != nil {
+		return err
+	}
+	defer cl.Close()
+	start := time.Now()
+	res, err := importer.ImportNDJSON(ctx, cl, c.FromNDJSON, c.BatchRows, c.Events)
+	if err != nil {
+		return err
+	}
+	took := time.Since(start)
+	if g.JSON {
+		return json.NewEncoder(g.out).Encode(map[string]any{"users": res.Users, "items": res.Items, "config": res.Config,
+			"written": res.Written, "seconds": took.Seconds()})
+	}
+	fmt.Fprintf(g.out, "loaded %d users, %d items, %d config values (%d written, the rest already as exported) in %s\n",
+		res.Users, res.Items, res.Config, res.Written, took.Round(time.Millisecond))
 	return nil
 }

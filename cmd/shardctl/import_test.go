@@ -80,7 +80,7 @@ func TestImportCommands(t *testing.T) {
 	}
 	gj := g
 	gj.JSON = true
-	out = run(t, gj, importStartCmd{importSource: source, importTarget: target, Parallel: 2, BatchRows: 100, MaxJSONBytes: 65536})
+	out = run(t, gj, importStartCmd{Mapping: mapping, From: src, importTarget: target, Parallel: 2, BatchRows: 100, MaxJSONBytes: 65536})
 	lines := strings.Split(strings.TrimSpace(out), "\n")
 	var last struct {
 		State string `json:"state"`

@@ -17,6 +17,7 @@
 //	shardctl import check --mapping F --from DSN   dry run of an import (docs/migrating.md)
 //	shardctl import start --mapping F --from DSN --catalog DSN   bulk copy (resumable)
 //	shardctl import follow | status | cutover      follow changes, show lag, finish
+//	shardctl export --out DIR [--partitions 0-511] NDJSON + manifest; import start --from-ndjson DIR
 //	shardctl import verify | cancel [--purge]      compare source and Shardgate; stop an import
 //
 // --token (or SHARDGATE_TOKEN) is sent as "authorization: Bearer …" on
@@ -88,6 +89,7 @@ type cli struct {
 		Cancel rebalanceCancelCmd `cmd:"" help:"Cancel the running rebalance: moves not yet cut over roll back."`
 	} `cmd:"" help:"Move partitions between shards online."`
 	Verify verifyCmd `cmd:"" help:"Checksum a partition on its owner and on any other shard holding rows of it; exit 1 on a problem."`
+	Export exportCmd `cmd:"" help:"Write every user, item and config value as NDJSON files with a manifest (resumable); 'import start --from-ndjson' loads them."`
 	Import struct {
 		Check   importCheckCmd   `cmd:"" help:"Validate a mapping against the source and show what an import would write (dry run)."`
 		Start   importStartCmd   `cmd:"" help:"Copy a consistent snapshot of the source into the shards (resumable: run again after a failure)."`
