@@ -61,7 +61,9 @@ type TableReport struct {
 // CheckReport is Check's answer; OK means the import can start.
 type CheckReport struct {
 	Tables []TableReport `json:"tables"`
-	OK     bool          `json:"ok"`
+	// Problems of the source as a whole (its settings, the role's rights).
+	Problems []string `json:"problems,omitempty"`
+	OK       bool     `json:"ok"`
 }
 
 // Check validates m against the source database q (which it only reads,
@@ -78,6 +80,7 @@ func Check(ctx context.Context, conn *pgx.Conn, m *Mapping, opts CheckOptions) (
 	defer tx.Rollback(ctx)
 
 	rep := &CheckReport{OK: true}
+	rep.Problems = sourceProblems(ctx, tx)
 	tables := make([]*sourceTable, len(m.Tables))
 	for i := range m.Tables {
 		t := &m.Tables[i]
@@ -115,7 +118,47 @@ func Check(ctx context.Context, conn *pgx.Conn, m *Mapping, opts CheckOptions) (
 			rep.OK = false
 		}
 	}
+	if len(rep.Problems) > 0 {
+		rep.OK = false
+	}
 	return rep, nil
+}
+
+// sourceProblems checks what the bulk and follow phases need of the source
+// server: logical decoding, a free replication slot and sender, and a role
+// that may replicate and create publications.
+func sourceProblems(ctx context.Context, tx pgx.Tx) []string {
+	var (
+		walLevel              string
+		slotsFree, sendersMax int
+		replicate, create     bool
+	)
+	err := tx.QueryRow(ctx, `
+		SELECT current_setting('wal_level'),
+		       current_setting('max_replication_slots')::int - (SELECT count(*) FROM pg_replication_slots),
+		       current_setting('max_wal_senders')::int,
+		       (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user),
+		       has_database_privilege(current_database(), 'CREATE')`).Scan(&walLevel, &slotsFree, &sendersMax, &replicate, &create)
+	if err != nil {
+		return []string{fmt.Sprintf("source settings: %v", err)}
+	}
+	var out []string
+	if walLevel != "logical" {
+		out = append(out, fmt.Sprintf("the source's wal_level is %s: following changes needs logical (ALTER SYSTEM SET wal_level = logical, then restart the source)", walLevel))
+	}
+	if slotsFree < 1 {
+		out = append(out, "the source has no free replication slot (raise max_replication_slots)")
+	}
+	if sendersMax < 1 {
+		out = append(out, "the source allows no WAL sender (raise max_wal_senders)")
+	}
+	if !replicate {
+		out = append(out, "the source role may not replicate (ALTER ROLE ... REPLICATION)")
+	}
+	if !create {
+		out = append(out, "the source role may not create a publication in the database (GRANT CREATE ON DATABASE ...)")
+	}
+	return out
 }
 
 // followWarnings says what the follow phase cannot see in this table.

@@ -4,6 +4,8 @@ import (
 	"context"
 	"strings"
 	"testing"
+
+	"github.com/shardgate/shardgate/internal/testenv"
 )
 
 func TestCheck(t *testing.T) {
@@ -20,7 +22,7 @@ func TestCheck(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !rep.OK || len(rep.Tables) != 2 {
+	if !rep.OK || len(rep.Tables) != 2 || len(rep.Problems) != 0 {
 		t.Fatalf("report %+v", rep)
 	}
 	for _, tr := range rep.Tables {
@@ -92,5 +94,29 @@ tables:
 		if rep.OK || !strings.Contains(all(rep.Tables[0]), tc.want) {
 			t.Errorf("%s: %+v, want %q", tc.yaml, rep.Tables[0], tc.want)
 		}
+	}
+}
+
+// A source without logical decoding is reported before anything is copied.
+func TestCheckSourceSettings(t *testing.T) {
+	conn := connect(t, testenv.NewDatabase(t)) // the shared server: wal_level may be replica
+	var level string
+	if err := conn.QueryRow(context.Background(), `SHOW wal_level`).Scan(&level); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := conn.Exec(context.Background(), `CREATE TABLE accounts (id bigint PRIMARY KEY, email text)`); err != nil {
+		t.Fatal(err)
+	}
+	m, err := ParseMapping([]byte("tables:\n- source: accounts\n  entity: user\n  user_id: \"'a' || id\"\n  profile: {email: email}"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rep, err := Check(context.Background(), conn, m, CheckOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	problem := strings.Contains(strings.Join(rep.Problems, "\n"), "wal_level is "+level)
+	if level != "logical" && (rep.OK || !problem) || level == "logical" && (!rep.OK || problem) {
+		t.Fatalf("wal_level %s: %+v", level, rep)
 	}
 }

@@ -116,6 +116,9 @@ func printCheck(g *globals, rep *importer.CheckReport) {
 			fmt.Fprintf(g.out, "warning: %s: %s\n", t.Name, e)
 		}
 	}
+	for _, p := range rep.Problems {
+		fmt.Fprintf(g.out, "error: %s\n", p)
+	}
 	if rep.OK {
 		fmt.Fprintln(g.out, "\nthe mapping imports cleanly (dry run: nothing was written)")
 	}
