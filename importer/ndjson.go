@@ -11,6 +11,9 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
+
+	"golang.org/x/sync/errgroup"
 
 	"github.com/shardgate/shardgate/catalog"
 	"github.com/shardgate/shardgate/router"
@@ -180,8 +183,9 @@ type NDJSONResult struct {
 // items, checking every file against the manifest first. Rows get this
 // cluster's partitions and versions (a row already as exported keeps its
 // version), so running it again after an interruption finishes the job
-// and doubles nothing. Change events are written with events.
-func ImportNDJSON(ctx context.Context, cl *Cluster, dir string, batchRows int, events bool) (NDJSONResult, error) {
+// and doubles nothing. Change events are written with events; parallel
+// ranges load at once.
+func ImportNDJSON(ctx context.Context, cl *Cluster, dir string, batchRows, parallel int, events bool) (NDJSONResult, error) {
 	var res NDJSONResult
 	m, err := ReadManifest(dir)
 	if err != nil {
@@ -206,38 +210,58 @@ func ImportNDJSON(ctx context.Context, cl *Cluster, dir string, batchRows int, e
 		batchRows = 5000
 	}
 	partitions := cl.Partitions()
-	for _, r := range m.Ranges {
-		var batch []shards.ImportUser
-		flush := func() error {
-			err := cl.routeUsers(ctx, batch, func(sh *shards.Shard, b []shards.ImportUser) error {
-				w, err := sh.ImportUsers(ctx, b, events)
-				res.Written += w.Written
-				return err
-			})
-			batch = batch[:0]
-			return err
+	var mu sync.Mutex
+	count := func(written int64, users, items *int64, n int64) {
+		mu.Lock()
+		defer mu.Unlock()
+		res.Written += written
+		if users != nil {
+			*users += n
 		}
-		err := eachLine(dir, r.Users.Name, func(line []byte) error {
-			var u UserLine
-			if err := json.Unmarshal(line, &u); err != nil {
+		if items != nil {
+			*items += n
+		}
+	}
+	// Ranges load in parallel: they hold different partitions.
+	g, gctx := errgroup.WithContext(ctx)
+	g.SetLimit(max(parallel, 1))
+	for _, r := range m.Ranges {
+		g.Go(func() error {
+			var batch []shards.ImportUser
+			flush := func() error {
+				err := cl.routeUsers(gctx, batch, func(sh *shards.Shard, b []shards.ImportUser) error {
+					w, err := sh.ImportUsers(gctx, b, events)
+					count(w.Written, &res.Users, nil, int64(len(b)))
+					return err
+				})
+				batch = batch[:0]
 				return err
 			}
-			if err := ValidUserID(u.UserID); err != nil {
-				return fmt.Errorf("user_id %q: %v", u.UserID, err)
+			err := eachLine(dir, r.Users.Name, func(line []byte) error {
+				var u UserLine
+				if err := json.Unmarshal(line, &u); err != nil {
+					return err
+				}
+				if err := ValidUserID(u.UserID); err != nil {
+					return fmt.Errorf("user_id %q: %v", u.UserID, err)
+				}
+				batch = append(batch, shards.ImportUser{Partition: router.Partition(u.UserID, partitions), UserID: u.UserID, Profile: u.Profile})
+				if len(batch) >= batchRows {
+					return flush()
+				}
+				return nil
+			})
+			if err == nil && len(batch) > 0 {
+				err = flush()
 			}
-			batch = append(batch, shards.ImportUser{Partition: router.Partition(u.UserID, partitions), UserID: u.UserID, Profile: u.Profile})
-			res.Users++
-			if len(batch) >= batchRows {
-				return flush()
+			if err != nil {
+				return fmt.Errorf("%s: %w", r.Users.Name, err)
 			}
 			return nil
 		})
-		if err == nil && len(batch) > 0 {
-			err = flush()
-		}
-		if err != nil {
-			return res, fmt.Errorf("%s: %w", r.Users.Name, err)
-		}
+	}
+	if err := g.Wait(); err != nil {
+		return res, err
 	}
 	if m.Config != nil {
 		var entries []catalog.ImportConfigEntry
@@ -265,39 +289,46 @@ func ImportNDJSON(ctx context.Context, cl *Cluster, dir string, batchRows int, e
 			return res, fmt.Errorf("%s: %w", m.Config.Name, err)
 		}
 	}
+	g, gctx = errgroup.WithContext(ctx)
+	g.SetLimit(max(parallel, 1))
 	for _, r := range m.Ranges {
-		var batch []shards.ImportItem
-		flush := func() error {
-			err := cl.routeItems(ctx, batch, func(sh *shards.Shard, b []shards.ImportItem) error {
-				w, err := sh.ImportItems(ctx, b, events, false)
-				res.Written += w.Written
+		g.Go(func() error {
+			var batch []shards.ImportItem
+			flush := func() error {
+				err := cl.routeItems(gctx, batch, func(sh *shards.Shard, b []shards.ImportItem) error {
+					w, err := sh.ImportItems(gctx, b, events, false)
+					count(w.Written, nil, &res.Items, int64(len(b)))
+					return err
+				})
+				batch = batch[:0]
 				return err
+			}
+			err := eachLine(dir, r.Items.Name, func(line []byte) error {
+				var it ItemLine
+				if err := json.Unmarshal(line, &it); err != nil {
+					return err
+				}
+				if err := ValidUserID(it.UserID); err != nil {
+					return fmt.Errorf("user_id %q: %v", it.UserID, err)
+				}
+				batch = append(batch, shards.ImportItem{Partition: router.Partition(it.UserID, partitions), UserID: it.UserID,
+					Collection: it.Collection, Key: it.Key, Value: it.Value})
+				if len(batch) >= batchRows {
+					return flush()
+				}
+				return nil
 			})
-			batch = batch[:0]
-			return err
-		}
-		err := eachLine(dir, r.Items.Name, func(line []byte) error {
-			var it ItemLine
-			if err := json.Unmarshal(line, &it); err != nil {
-				return err
+			if err == nil && len(batch) > 0 {
+				err = flush()
 			}
-			if err := ValidUserID(it.UserID); err != nil {
-				return fmt.Errorf("user_id %q: %v", it.UserID, err)
-			}
-			batch = append(batch, shards.ImportItem{Partition: router.Partition(it.UserID, partitions), UserID: it.UserID,
-				Collection: it.Collection, Key: it.Key, Value: it.Value})
-			res.Items++
-			if len(batch) >= batchRows {
-				return flush()
+			if err != nil {
+				return fmt.Errorf("%s: %w", r.Items.Name, err)
 			}
 			return nil
 		})
-		if err == nil && len(batch) > 0 {
-			err = flush()
-		}
-		if err != nil {
-			return res, fmt.Errorf("%s: %w", r.Items.Name, err)
-		}
+	}
+	if err := g.Wait(); err != nil {
+		return res, err
 	}
 	return res, nil
 }

@@ -525,7 +525,7 @@ func (c importStartCmd) runNDJSON(g *globals) error {
 	}
 	defer cl.Close()
 	start := time.Now()
-	res, err := importer.ImportNDJSON(ctx, cl, c.FromNDJSON, c.BatchRows, c.Events)
+	res, err := importer.ImportNDJSON(ctx, cl, c.FromNDJSON, c.BatchRows, c.Parallel*max(1, len(cl.Shards())), c.Events)
 	if err != nil {
 		return err
 	}
