@@ -8,6 +8,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/shardgate/shardgate/internal/pglock"
 	"github.com/shardgate/shardgate/internal/versioning"
 )
 
@@ -354,4 +355,36 @@ func (c *Catalog) ExportConfig(ctx context.Context, fn func(ConfigEntry) error) 
 		return fmt.Errorf("export config: %w", err)
 	}
 	return nil
+}
+
+// ErrImportBusy means another process runs the import's bulk or follow
+// phase.
+var ErrImportBusy = errors.New("another process is running this import (its bulk or follow phase)")
+
+// LockImport admits one process at a time to an import's bulk or follow
+// phase: it holds a session advisory lock on a catalog connection until
+// release is called (or the process dies). ErrImportBusy if taken.
+func (c *Catalog) LockImport(ctx context.Context, name string) (release func(), err error) {
+	conn, err := c.pool.Acquire(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("lock import: %w", err)
+	}
+	var ok bool
+	if err := conn.QueryRow(ctx, `SELECT pg_try_advisory_lock($1, hashtext($2))`, pglock.ClassImport, name).Scan(&ok); err != nil {
+		conn.Release()
+		return nil, fmt.Errorf("lock import: %w", err)
+	}
+	if !ok {
+		conn.Release()
+		return nil, fmt.Errorf("import %s: %w", name, ErrImportBusy)
+	}
+	return func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if _, err := conn.Exec(ctx, `SELECT pg_advisory_unlock($1, hashtext($2))`, pglock.ClassImport, name); err != nil {
+			// A lock left on a pooled connection would outlive us: drop it.
+			conn.Conn().Close(ctx)
+		}
+		conn.Release()
+	}, nil
 }

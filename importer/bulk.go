@@ -121,6 +121,11 @@ func Start(ctx context.Context, cl *Cluster, m *Mapping, sourceDSN string, opts 
 	if opts.SkipInvalid && opts.Rejects == nil {
 		return errors.New("skipping invalid rows needs a rejects file")
 	}
+	release, err := cl.Catalog.LockImport(ctx, opts.Name)
+	if err != nil {
+		return err
+	}
+	defer release()
 	hash := MappingHash(m)
 	src, err := connectSource(ctx, sourceDSN)
 	if err != nil {

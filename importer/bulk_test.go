@@ -93,6 +93,18 @@ func TestImportBulk(t *testing.T) {
 	if string(it.Value) != `{"dark": true, "size": 0}` {
 		t.Fatalf("item %s", it.Value)
 	}
+	// One process at a time runs an import.
+	release, err := cl.Catalog.LockImport(ctx, "default")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := Start(ctx, cl, m, src, Options{}); !errors.Is(err, catalog.ErrImportBusy) {
+		t.Fatalf("a second process: %v", err)
+	}
+	if err := Follow(ctx, cl, m, src, "default", FollowOptions{}); !errors.Is(err, catalog.ErrImportBusy) {
+		t.Fatalf("a second follower: %v", err)
+	}
+	release()
 	// A second start has nothing left to do.
 	if err := Start(ctx, cl, m, src, Options{}); err != nil {
 		t.Fatal(err)

@@ -57,6 +57,11 @@ func Follow(ctx context.Context, cl *Cluster, m *Mapping, sourceDSN, name string
 	if opts.SkipInvalid && opts.Rejects == nil {
 		return errors.New("skipping invalid changes needs a rejects file")
 	}
+	release, err := cl.Catalog.LockImport(ctx, name)
+	if err != nil {
+		return err
+	}
+	defer release()
 	rec, _, err := cl.Catalog.GetImport(ctx, name)
 	if err != nil {
 		return err
@@ -631,8 +636,4 @@ func (f *follower) delete(ctx context.Context, st *sourceTable, r *Record) error
 		return nil // already gone: a change replayed, or never imported
 	}
 	return err
-}
-
-func (f *follower) deleteIfPresent(ctx context.Context, st *sourceTable, r *Record) error {
-	return f.delete(ctx, st, r)
 }
