@@ -30,7 +30,7 @@ func newCluster(t testing.TB) (*Cluster, string, []string) {
 	if err := catalog.CreateCluster(ctx, catalogDSN, router.RingConfig{}, specs); err != nil {
 		t.Fatal(err)
 	}
-	cl, err := OpenCluster(ctx, catalogDSN, 8)
+	cl, err := OpenCluster(ctx, catalogDSN, 3)
 	if err != nil {
 		t.Fatal(err)
 	}

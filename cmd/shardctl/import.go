@@ -478,7 +478,7 @@ func dash(s string) string {
 type importCutoverCmd struct {
 	importSource
 	importTarget
-	Timeout      time.Duration `help:"Longest wait for zero lag." default:"5m"`
+	MaxWait      time.Duration `name:"max-wait" help:"Longest wait for zero lag." default:"5m"`
 	MaxJSONBytes int           `name:"max-json-bytes" help:"Largest JSON value accepted (the servers' --max-json-bytes)." default:"65536"`
 }
 
@@ -497,7 +497,7 @@ func (c importCutoverCmd) Run(g *globals) error {
 	if !g.JSON {
 		fmt.Fprintln(g.out, "waiting for zero lag (writes to the source must have stopped)...")
 	}
-	res, err := importer.Cutover(ctx, cl, m, c.From, c.Name, importer.CutoverOptions{Timeout: c.Timeout,
+	res, err := importer.Cutover(ctx, cl, m, c.From, c.Name, importer.CutoverOptions{Timeout: c.MaxWait,
 		Verify: importer.VerifyOptions{MaxJSONBytes: c.MaxJSONBytes}})
 	if res != nil && res.Verify != nil && !g.JSON {
 		printVerify(g, res.Verify)

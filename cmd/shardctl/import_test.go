@@ -139,7 +139,7 @@ func TestImportCommands(t *testing.T) {
 	if _, err := sconn.Exec(ctx, `UPDATE accounts SET name = 'Followed' WHERE id = 7`); err != nil {
 		t.Fatal(err)
 	}
-	out = run(t, g, importCutoverCmd{importSource: source, importTarget: target, Timeout: 30 * time.Second, MaxJSONBytes: 65536})
+	out = run(t, g, importCutoverCmd{importSource: source, importTarget: target, MaxWait: 30 * time.Second, MaxJSONBytes: 65536})
 	if !strings.Contains(out, "cut over at") || !strings.Contains(out, "sessions are not imported") {
 		t.Fatalf("cutover:\n%s", out)
 	}
