@@ -55,3 +55,4 @@ fuzz:
 	$(GO) test ./shards -run '^$$' -fuzz '^FuzzConninfo$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./shards -run '^$$' -fuzz '^FuzzParseMoveObjectName$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./router -run '^$$' -fuzz '^FuzzPlace$$' -fuzztime $(FUZZTIME)
+	$(GO) test ./importer -run '^$$' -fuzz '^FuzzParseMapping$$' -fuzztime $(FUZZTIME)

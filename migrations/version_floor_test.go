@@ -3,6 +3,10 @@ package migrations
 import (
 	"context"
 	"fmt"
+	"io/fs"
+	"slices"
+	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -45,7 +49,6 @@ func TestVersionFloorMigrationsDown(t *testing.T) {
 		probe, probed string
 		work          []string
 		refused       string
-		reapplied     string
 	}{
 		{
 			kind: Shard, clock: "outbox_clock",
@@ -58,8 +61,7 @@ func TestVersionFloorMigrationsDown(t *testing.T) {
 				`INSERT INTO users (partition, user_id, profile, version) VALUES (1, 'u', '{}', 1)`,
 				`INSERT INTO items (partition, user_id, collection, key, value, version) VALUES (1, 'u', 'c', 'k', '1', 1)`,
 			},
-			refused:   `INSERT INTO outbox_clock (partition, tick) VALUES (3, 0)`,
-			reapplied: "[6 7 8 9]",
+			refused: `INSERT INTO outbox_clock (partition, tick) VALUES (3, 0)`,
 		},
 		{
 			kind: Catalog, clock: "config_outbox_clock",
@@ -70,8 +72,7 @@ func TestVersionFloorMigrationsDown(t *testing.T) {
 			work: []string{
 				`INSERT INTO config (namespace, key, value, version) VALUES ('ns', 'k', '1', 1)`,
 			},
-			refused:   `SELECT version_floor FROM config_outbox_clock`,
-			reapplied: "[6 7 8]",
+			refused: `SELECT version_floor FROM config_outbox_clock`,
 		},
 	} {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
@@ -110,8 +111,8 @@ func TestVersionFloorMigrationsDown(t *testing.T) {
 			t.Fatalf("%s after Down: %s worked", c.kind, c.refused)
 		}
 		applied, err := Up(ctx, dsn, c.kind)
-		if err != nil || fmt.Sprint(applied) != c.reapplied {
-			t.Fatalf("%s: Up again applied %v, %v; want %s", c.kind, applied, err, c.reapplied)
+		if want := fmt.Sprint(versionsFrom(t, c.kind, 6)); err != nil || fmt.Sprint(applied) != want {
+			t.Fatalf("%s: Up again applied %v, %v; want %s", c.kind, applied, err, want)
 		}
 		if got := schemaFacts(t, ctx, conn, c.clock); got != c.up {
 			t.Fatalf("%s after Up again: %s; want %s", c.kind, got, c.up)
@@ -182,4 +183,25 @@ SELECT 'ns', $1, 'upsert', version FROM c`},
 			}
 		}
 	}
+}
+
+// versionsFrom lists the kind's migration versions from first on, in order.
+func versionsFrom(t *testing.T, kind Kind, first int64) []int64 {
+	t.Helper()
+	entries, err := fs.ReadDir(files, string(kind))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []int64
+	for _, e := range entries {
+		v, err := strconv.ParseInt(strings.SplitN(e.Name(), "_", 2)[0], 10, 64)
+		if err != nil {
+			t.Fatalf("migration %s: %v", e.Name(), err)
+		}
+		if v >= first {
+			out = append(out, v)
+		}
+	}
+	slices.Sort(out)
+	return out
 }

@@ -106,6 +106,7 @@ var requestRules = map[protoreflect.FullName][]fieldRule{
 	"shardgate.v1.CancelRebalanceRequest":  {},
 	"shardgate.v1.VerifyPartitionRequest":  {{"partition", rulePartition}},
 	"shardgate.v1.GetClusterStatusRequest": {{"max_backlog_age_seconds", ruleBacklogAge}},
+	"shardgate.v1.ExportDataRequest":       {{"partitions", rulePartitionList}},
 }
 
 type compiledRule struct {

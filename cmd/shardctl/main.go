@@ -15,6 +15,11 @@
 //	shardctl rebalance cancel         roll back moves not yet cut over
 //	shardctl verify PARTITION         checksums of a partition wherever it has rows
 //	shardctl status [--max-backlog-age D]   cluster summary; exit 1 when unhealthy
+//	shardctl import check --mapping F --from DSN   dry run of an import (docs/migrating.md)
+//	shardctl import start --mapping F --from DSN --catalog DSN   bulk copy (resumable)
+//	shardctl import follow | status | cutover      follow changes, show lag, finish
+//	shardctl export --out DIR [--partitions 0-511] NDJSON + manifest; import start --from-ndjson DIR
+//	shardctl import verify | cancel [--purge]      compare source and Shardgate; stop an import
 //
 // --token (or SHARDGATE_TOKEN) is sent as "authorization: Bearer …" on
 // every call; it needs TLS (--tls, --ca-file) unless the address is loopback.
@@ -86,6 +91,16 @@ type cli struct {
 	} `cmd:"" help:"Move partitions between shards online."`
 	Verify verifyCmd `cmd:"" help:"Checksum a partition on its owner and on any other shard holding rows of it; exit 1 on a problem."`
 	Status statusCmd `cmd:"" help:"Summarise the cluster: shards, load, events, cache, the rebalance; exit 1 when unhealthy (a shard unreachable, an old relay backlog, a failed move)."`
+	Export exportCmd `cmd:"" help:"Write every user, item and config value as NDJSON files with a manifest (resumable); 'import start --from-ndjson' loads them."`
+	Import struct {
+		Check   importCheckCmd   `cmd:"" help:"Validate a mapping against the source and show what an import would write (dry run)."`
+		Start   importStartCmd   `cmd:"" help:"Copy a consistent snapshot of the source into the shards (resumable: run again after a failure)."`
+		Follow  importFollowCmd  `cmd:"" help:"Apply the source's changes since the bulk snapshot until cutover (long-running; run again to continue)."`
+		Status  importStatusCmd  `cmd:"" help:"Show an import's progress and its lag (bytes and seconds) per table."`
+		Verify  importVerifyCmd  `cmd:"" help:"Compare every mapped source row with Shardgate: counts, content hashes, first differing keys."`
+		Cutover importCutoverCmd `cmd:"" help:"Wait for zero lag, verify, stop following and drop the slot; prints the next steps."`
+		Cancel  importCancelCmd  `cmd:"" help:"Stop an import: drop its slot and checkpoints (--purge: and the imported rows)."`
+	} `cmd:"" help:"Import one unsharded PostgreSQL database (see docs/migrating.md)."`
 }
 
 func main() {

@@ -32,6 +32,11 @@ const (
 	// KeyMoverExecutor elects the executor.
 	KeyMoverExecutor int32 = 1
 
+	// ClassImport: one process at a time runs an import's bulk or follow
+	// phase, held on its own catalog connection while it runs (package
+	// importer); the second key is hashtext(import name).
+	ClassImport int32 = 0x53470004
+
 	// ClassConfigSchema is the first key of the per-namespace lock that
 	// orders SetConfigSchema against SetConfig in the catalog; the second
 	// is hashtext(namespace).

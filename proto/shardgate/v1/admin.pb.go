@@ -2905,6 +2905,463 @@ func (x *CacheStatus) GetBreaker() string {
 	return ""
 }
 
+type ExportDataRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Partitions to export, at most once each; empty: every partition.
+	Partitions    []uint32 `protobuf:"varint,1,rep,packed,name=partitions" json:"partitions,omitempty"`
+	IncludeConfig bool     `protobuf:"varint,2,opt,name=include_config,json=includeConfig" json:"include_config,omitempty"`
+	// Only config: no partition is read.
+	ConfigOnly    bool `protobuf:"varint,3,opt,name=config_only,json=configOnly" json:"config_only,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExportDataRequest) Reset() {
+	*x = ExportDataRequest{}
+	mi := &file_shardgate_v1_admin_proto_msgTypes[43]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExportDataRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExportDataRequest) ProtoMessage() {}
+
+func (x *ExportDataRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_shardgate_v1_admin_proto_msgTypes[43]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExportDataRequest.ProtoReflect.Descriptor instead.
+func (*ExportDataRequest) Descriptor() ([]byte, []int) {
+	return file_shardgate_v1_admin_proto_rawDescGZIP(), []int{43}
+}
+
+func (x *ExportDataRequest) GetPartitions() []uint32 {
+	if x != nil {
+		return x.Partitions
+	}
+	return nil
+}
+
+func (x *ExportDataRequest) GetIncludeConfig() bool {
+	if x != nil {
+		return x.IncludeConfig
+	}
+	return false
+}
+
+func (x *ExportDataRequest) GetConfigOnly() bool {
+	if x != nil {
+		return x.ConfigOnly
+	}
+	return false
+}
+
+type ExportDataResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Types that are valid to be assigned to Record:
+	//
+	//	*ExportDataResponse_User
+	//	*ExportDataResponse_Item
+	//	*ExportDataResponse_Config
+	//	*ExportDataResponse_PartitionDone
+	Record        isExportDataResponse_Record `protobuf_oneof:"record"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExportDataResponse) Reset() {
+	*x = ExportDataResponse{}
+	mi := &file_shardgate_v1_admin_proto_msgTypes[44]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExportDataResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExportDataResponse) ProtoMessage() {}
+
+func (x *ExportDataResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_shardgate_v1_admin_proto_msgTypes[44]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExportDataResponse.ProtoReflect.Descriptor instead.
+func (*ExportDataResponse) Descriptor() ([]byte, []int) {
+	return file_shardgate_v1_admin_proto_rawDescGZIP(), []int{44}
+}
+
+func (x *ExportDataResponse) GetRecord() isExportDataResponse_Record {
+	if x != nil {
+		return x.Record
+	}
+	return nil
+}
+
+func (x *ExportDataResponse) GetUser() *ExportedUser {
+	if x != nil {
+		if x, ok := x.Record.(*ExportDataResponse_User); ok {
+			return x.User
+		}
+	}
+	return nil
+}
+
+func (x *ExportDataResponse) GetItem() *ExportedItem {
+	if x != nil {
+		if x, ok := x.Record.(*ExportDataResponse_Item); ok {
+			return x.Item
+		}
+	}
+	return nil
+}
+
+func (x *ExportDataResponse) GetConfig() *ExportedConfig {
+	if x != nil {
+		if x, ok := x.Record.(*ExportDataResponse_Config); ok {
+			return x.Config
+		}
+	}
+	return nil
+}
+
+func (x *ExportDataResponse) GetPartitionDone() *PartitionDone {
+	if x != nil {
+		if x, ok := x.Record.(*ExportDataResponse_PartitionDone); ok {
+			return x.PartitionDone
+		}
+	}
+	return nil
+}
+
+type isExportDataResponse_Record interface {
+	isExportDataResponse_Record()
+}
+
+type ExportDataResponse_User struct {
+	User *ExportedUser `protobuf:"bytes,1,opt,name=user,oneof"`
+}
+
+type ExportDataResponse_Item struct {
+	Item *ExportedItem `protobuf:"bytes,2,opt,name=item,oneof"`
+}
+
+type ExportDataResponse_Config struct {
+	Config *ExportedConfig `protobuf:"bytes,3,opt,name=config,oneof"`
+}
+
+type ExportDataResponse_PartitionDone struct {
+	PartitionDone *PartitionDone `protobuf:"bytes,4,opt,name=partition_done,json=partitionDone,oneof"`
+}
+
+func (*ExportDataResponse_User) isExportDataResponse_Record() {}
+
+func (*ExportDataResponse_Item) isExportDataResponse_Record() {}
+
+func (*ExportDataResponse_Config) isExportDataResponse_Record() {}
+
+func (*ExportDataResponse_PartitionDone) isExportDataResponse_Record() {}
+
+type ExportedUser struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	UserId        string                 `protobuf:"bytes,1,opt,name=user_id,json=userId" json:"user_id,omitempty"`
+	Partition     int32                  `protobuf:"varint,2,opt,name=partition" json:"partition,omitempty"`
+	ProfileJson   string                 `protobuf:"bytes,3,opt,name=profile_json,json=profileJson" json:"profile_json,omitempty"`
+	Version       int64                  `protobuf:"varint,4,opt,name=version" json:"version,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExportedUser) Reset() {
+	*x = ExportedUser{}
+	mi := &file_shardgate_v1_admin_proto_msgTypes[45]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExportedUser) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExportedUser) ProtoMessage() {}
+
+func (x *ExportedUser) ProtoReflect() protoreflect.Message {
+	mi := &file_shardgate_v1_admin_proto_msgTypes[45]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExportedUser.ProtoReflect.Descriptor instead.
+func (*ExportedUser) Descriptor() ([]byte, []int) {
+	return file_shardgate_v1_admin_proto_rawDescGZIP(), []int{45}
+}
+
+func (x *ExportedUser) GetUserId() string {
+	if x != nil {
+		return x.UserId
+	}
+	return ""
+}
+
+func (x *ExportedUser) GetPartition() int32 {
+	if x != nil {
+		return x.Partition
+	}
+	return 0
+}
+
+func (x *ExportedUser) GetProfileJson() string {
+	if x != nil {
+		return x.ProfileJson
+	}
+	return ""
+}
+
+func (x *ExportedUser) GetVersion() int64 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+type ExportedItem struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	UserId        string                 `protobuf:"bytes,1,opt,name=user_id,json=userId" json:"user_id,omitempty"`
+	Partition     int32                  `protobuf:"varint,2,opt,name=partition" json:"partition,omitempty"`
+	Collection    string                 `protobuf:"bytes,3,opt,name=collection" json:"collection,omitempty"`
+	Key           string                 `protobuf:"bytes,4,opt,name=key" json:"key,omitempty"`
+	ValueJson     string                 `protobuf:"bytes,5,opt,name=value_json,json=valueJson" json:"value_json,omitempty"`
+	Version       int64                  `protobuf:"varint,6,opt,name=version" json:"version,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExportedItem) Reset() {
+	*x = ExportedItem{}
+	mi := &file_shardgate_v1_admin_proto_msgTypes[46]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExportedItem) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExportedItem) ProtoMessage() {}
+
+func (x *ExportedItem) ProtoReflect() protoreflect.Message {
+	mi := &file_shardgate_v1_admin_proto_msgTypes[46]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExportedItem.ProtoReflect.Descriptor instead.
+func (*ExportedItem) Descriptor() ([]byte, []int) {
+	return file_shardgate_v1_admin_proto_rawDescGZIP(), []int{46}
+}
+
+func (x *ExportedItem) GetUserId() string {
+	if x != nil {
+		return x.UserId
+	}
+	return ""
+}
+
+func (x *ExportedItem) GetPartition() int32 {
+	if x != nil {
+		return x.Partition
+	}
+	return 0
+}
+
+func (x *ExportedItem) GetCollection() string {
+	if x != nil {
+		return x.Collection
+	}
+	return ""
+}
+
+func (x *ExportedItem) GetKey() string {
+	if x != nil {
+		return x.Key
+	}
+	return ""
+}
+
+func (x *ExportedItem) GetValueJson() string {
+	if x != nil {
+		return x.ValueJson
+	}
+	return ""
+}
+
+func (x *ExportedItem) GetVersion() int64 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+type ExportedConfig struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Namespace     string                 `protobuf:"bytes,1,opt,name=namespace" json:"namespace,omitempty"`
+	Key           string                 `protobuf:"bytes,2,opt,name=key" json:"key,omitempty"`
+	ValueJson     string                 `protobuf:"bytes,3,opt,name=value_json,json=valueJson" json:"value_json,omitempty"`
+	Version       int64                  `protobuf:"varint,4,opt,name=version" json:"version,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExportedConfig) Reset() {
+	*x = ExportedConfig{}
+	mi := &file_shardgate_v1_admin_proto_msgTypes[47]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExportedConfig) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExportedConfig) ProtoMessage() {}
+
+func (x *ExportedConfig) ProtoReflect() protoreflect.Message {
+	mi := &file_shardgate_v1_admin_proto_msgTypes[47]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExportedConfig.ProtoReflect.Descriptor instead.
+func (*ExportedConfig) Descriptor() ([]byte, []int) {
+	return file_shardgate_v1_admin_proto_rawDescGZIP(), []int{47}
+}
+
+func (x *ExportedConfig) GetNamespace() string {
+	if x != nil {
+		return x.Namespace
+	}
+	return ""
+}
+
+func (x *ExportedConfig) GetKey() string {
+	if x != nil {
+		return x.Key
+	}
+	return ""
+}
+
+func (x *ExportedConfig) GetValueJson() string {
+	if x != nil {
+		return x.ValueJson
+	}
+	return ""
+}
+
+func (x *ExportedConfig) GetVersion() int64 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+// PartitionDone ends a partition's records with their counts.
+type PartitionDone struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Partition     int32                  `protobuf:"varint,1,opt,name=partition" json:"partition,omitempty"`
+	Users         int64                  `protobuf:"varint,2,opt,name=users" json:"users,omitempty"`
+	Items         int64                  `protobuf:"varint,3,opt,name=items" json:"items,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PartitionDone) Reset() {
+	*x = PartitionDone{}
+	mi := &file_shardgate_v1_admin_proto_msgTypes[48]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PartitionDone) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PartitionDone) ProtoMessage() {}
+
+func (x *PartitionDone) ProtoReflect() protoreflect.Message {
+	mi := &file_shardgate_v1_admin_proto_msgTypes[48]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PartitionDone.ProtoReflect.Descriptor instead.
+func (*PartitionDone) Descriptor() ([]byte, []int) {
+	return file_shardgate_v1_admin_proto_rawDescGZIP(), []int{48}
+}
+
+func (x *PartitionDone) GetPartition() int32 {
+	if x != nil {
+		return x.Partition
+	}
+	return 0
+}
+
+func (x *PartitionDone) GetUsers() int64 {
+	if x != nil {
+		return x.Users
+	}
+	return 0
+}
+
+func (x *PartitionDone) GetItems() int64 {
+	if x != nil {
+		return x.Items
+	}
+	return 0
+}
+
 var File_shardgate_v1_admin_proto protoreflect.FileDescriptor
 
 const file_shardgate_v1_admin_proto_rawDesc = "" +
@@ -3123,7 +3580,45 @@ const file_shardgate_v1_admin_proto_rawDesc = "" +
 	"\n" +
 	"redis_hits\x18\x04 \x01(\x03R\tredisHits\x12\x16\n" +
 	"\x06misses\x18\x05 \x01(\x03R\x06misses\x12\x18\n" +
-	"\abreaker\x18\x06 \x01(\tR\abreaker*[\n" +
+	"\abreaker\x18\x06 \x01(\tR\abreaker\"{\n" +
+	"\x11ExportDataRequest\x12\x1e\n" +
+	"\n" +
+	"partitions\x18\x01 \x03(\rR\n" +
+	"partitions\x12%\n" +
+	"\x0einclude_config\x18\x02 \x01(\bR\rincludeConfig\x12\x1f\n" +
+	"\vconfig_only\x18\x03 \x01(\bR\n" +
+	"configOnly\"\x80\x02\n" +
+	"\x12ExportDataResponse\x120\n" +
+	"\x04user\x18\x01 \x01(\v2\x1a.shardgate.v1.ExportedUserH\x00R\x04user\x120\n" +
+	"\x04item\x18\x02 \x01(\v2\x1a.shardgate.v1.ExportedItemH\x00R\x04item\x126\n" +
+	"\x06config\x18\x03 \x01(\v2\x1c.shardgate.v1.ExportedConfigH\x00R\x06config\x12D\n" +
+	"\x0epartition_done\x18\x04 \x01(\v2\x1b.shardgate.v1.PartitionDoneH\x00R\rpartitionDoneB\b\n" +
+	"\x06record\"\x82\x01\n" +
+	"\fExportedUser\x12\x17\n" +
+	"\auser_id\x18\x01 \x01(\tR\x06userId\x12\x1c\n" +
+	"\tpartition\x18\x02 \x01(\x05R\tpartition\x12!\n" +
+	"\fprofile_json\x18\x03 \x01(\tR\vprofileJson\x12\x18\n" +
+	"\aversion\x18\x04 \x01(\x03R\aversion\"\xb0\x01\n" +
+	"\fExportedItem\x12\x17\n" +
+	"\auser_id\x18\x01 \x01(\tR\x06userId\x12\x1c\n" +
+	"\tpartition\x18\x02 \x01(\x05R\tpartition\x12\x1e\n" +
+	"\n" +
+	"collection\x18\x03 \x01(\tR\n" +
+	"collection\x12\x10\n" +
+	"\x03key\x18\x04 \x01(\tR\x03key\x12\x1d\n" +
+	"\n" +
+	"value_json\x18\x05 \x01(\tR\tvalueJson\x12\x18\n" +
+	"\aversion\x18\x06 \x01(\x03R\aversion\"y\n" +
+	"\x0eExportedConfig\x12\x1c\n" +
+	"\tnamespace\x18\x01 \x01(\tR\tnamespace\x12\x10\n" +
+	"\x03key\x18\x02 \x01(\tR\x03key\x12\x1d\n" +
+	"\n" +
+	"value_json\x18\x03 \x01(\tR\tvalueJson\x12\x18\n" +
+	"\aversion\x18\x04 \x01(\x03R\aversion\"Y\n" +
+	"\rPartitionDone\x12\x1c\n" +
+	"\tpartition\x18\x01 \x01(\x05R\tpartition\x12\x14\n" +
+	"\x05users\x18\x02 \x01(\x03R\x05users\x12\x14\n" +
+	"\x05items\x18\x03 \x01(\x03R\x05items*[\n" +
 	"\n" +
 	"ShardState\x12\x1b\n" +
 	"\x17SHARD_STATE_UNSPECIFIED\x10\x00\x12\x16\n" +
@@ -3134,7 +3629,7 @@ const file_shardgate_v1_admin_proto_rawDesc = "" +
 	"\x17REBALANCE_STATE_RUNNING\x10\x01\x12\x18\n" +
 	"\x14REBALANCE_STATE_DONE\x10\x02\x12\x1a\n" +
 	"\x16REBALANCE_STATE_FAILED\x10\x03\x12\x1d\n" +
-	"\x19REBALANCE_STATE_CANCELLED\x10\x042\xad\v\n" +
+	"\x19REBALANCE_STATE_CANCELLED\x10\x042\x80\f\n" +
 	"\fAdminService\x12R\n" +
 	"\vGetTopology\x12 .shardgate.v1.GetTopologyRequest\x1a!.shardgate.v1.GetTopologyResponse\x12O\n" +
 	"\n" +
@@ -3153,7 +3648,9 @@ const file_shardgate_v1_admin_proto_rawDesc = "" +
 	"\x0eWatchRebalance\x12#.shardgate.v1.WatchRebalanceRequest\x1a$.shardgate.v1.WatchRebalanceResponse0\x01\x12^\n" +
 	"\x0fCancelRebalance\x12$.shardgate.v1.CancelRebalanceRequest\x1a%.shardgate.v1.CancelRebalanceResponse\x12^\n" +
 	"\x0fVerifyPartition\x12$.shardgate.v1.VerifyPartitionRequest\x1a%.shardgate.v1.VerifyPartitionResponse\x12a\n" +
-	"\x10GetClusterStatus\x12%.shardgate.v1.GetClusterStatusRequest\x1a&.shardgate.v1.GetClusterStatusResponseBFZ=github.com/shardgate/shardgate/proto/shardgate/v1;shardgatev1\x92\x03\x04\b\x02 \x03b\beditionsp\xe8\a"
+	"\x10GetClusterStatus\x12%.shardgate.v1.GetClusterStatusRequest\x1a&.shardgate.v1.GetClusterStatusResponse\x12Q\n" +
+	"\n" +
+	"ExportData\x12\x1f.shardgate.v1.ExportDataRequest\x1a .shardgate.v1.ExportDataResponse0\x01BFZ=github.com/shardgate/shardgate/proto/shardgate/v1;shardgatev1\x92\x03\x04\b\x02 \x03b\beditionsp\xe8\a"
 
 var (
 	file_shardgate_v1_admin_proto_rawDescOnce sync.Once
@@ -3168,7 +3665,7 @@ func file_shardgate_v1_admin_proto_rawDescGZIP() []byte {
 }
 
 var file_shardgate_v1_admin_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_shardgate_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 43)
+var file_shardgate_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 49)
 var file_shardgate_v1_admin_proto_goTypes = []any{
 	(ShardState)(0),                  // 0: shardgate.v1.ShardState
 	(RebalanceState)(0),              // 1: shardgate.v1.RebalanceState
@@ -3215,77 +3712,89 @@ var file_shardgate_v1_admin_proto_goTypes = []any{
 	(*ShardStatus)(nil),              // 42: shardgate.v1.ShardStatus
 	(*EventFlow)(nil),                // 43: shardgate.v1.EventFlow
 	(*CacheStatus)(nil),              // 44: shardgate.v1.CacheStatus
-	(*timestamppb.Timestamp)(nil),    // 45: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),      // 46: google.protobuf.Duration
+	(*ExportDataRequest)(nil),        // 45: shardgate.v1.ExportDataRequest
+	(*ExportDataResponse)(nil),       // 46: shardgate.v1.ExportDataResponse
+	(*ExportedUser)(nil),             // 47: shardgate.v1.ExportedUser
+	(*ExportedItem)(nil),             // 48: shardgate.v1.ExportedItem
+	(*ExportedConfig)(nil),           // 49: shardgate.v1.ExportedConfig
+	(*PartitionDone)(nil),            // 50: shardgate.v1.PartitionDone
+	(*timestamppb.Timestamp)(nil),    // 51: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),      // 52: google.protobuf.Duration
 }
 var file_shardgate_v1_admin_proto_depIdxs = []int32{
 	4,  // 0: shardgate.v1.GetTopologyResponse.shards:type_name -> shardgate.v1.ShardInfo
 	0,  // 1: shardgate.v1.ShardInfo.state:type_name -> shardgate.v1.ShardState
 	9,  // 2: shardgate.v1.MigrationStatusResponse.catalog:type_name -> shardgate.v1.DatabaseMigration
 	9,  // 3: shardgate.v1.MigrationStatusResponse.shards:type_name -> shardgate.v1.DatabaseMigration
-	45, // 4: shardgate.v1.GetConfigSchemaResponse.updated_at:type_name -> google.protobuf.Timestamp
+	51, // 4: shardgate.v1.GetConfigSchemaResponse.updated_at:type_name -> google.protobuf.Timestamp
 	4,  // 5: shardgate.v1.AddShardResponse.shard:type_name -> shardgate.v1.ShardInfo
 	24, // 6: shardgate.v1.PlanRebalanceResponse.moves:type_name -> shardgate.v1.PlannedMove
 	25, // 7: shardgate.v1.PlanRebalanceResponse.shards:type_name -> shardgate.v1.ShardPlan
-	46, // 8: shardgate.v1.PlanRebalanceResponse.estimate:type_name -> google.protobuf.Duration
+	52, // 8: shardgate.v1.PlanRebalanceResponse.estimate:type_name -> google.protobuf.Duration
 	0,  // 9: shardgate.v1.ShardPlan.state:type_name -> shardgate.v1.ShardState
 	23, // 10: shardgate.v1.StartRebalanceResponse.plan:type_name -> shardgate.v1.PlanRebalanceResponse
 	34, // 11: shardgate.v1.GetRebalanceResponse.rebalance:type_name -> shardgate.v1.Rebalance
 	34, // 12: shardgate.v1.WatchRebalanceResponse.rebalance:type_name -> shardgate.v1.Rebalance
 	1,  // 13: shardgate.v1.Rebalance.state:type_name -> shardgate.v1.RebalanceState
-	45, // 14: shardgate.v1.Rebalance.created_at:type_name -> google.protobuf.Timestamp
-	45, // 15: shardgate.v1.Rebalance.finished_at:type_name -> google.protobuf.Timestamp
+	51, // 14: shardgate.v1.Rebalance.created_at:type_name -> google.protobuf.Timestamp
+	51, // 15: shardgate.v1.Rebalance.finished_at:type_name -> google.protobuf.Timestamp
 	35, // 16: shardgate.v1.Rebalance.moves:type_name -> shardgate.v1.Move
-	45, // 17: shardgate.v1.Move.started_at:type_name -> google.protobuf.Timestamp
-	45, // 18: shardgate.v1.Move.updated_at:type_name -> google.protobuf.Timestamp
-	45, // 19: shardgate.v1.Move.finished_at:type_name -> google.protobuf.Timestamp
-	46, // 20: shardgate.v1.Move.eta:type_name -> google.protobuf.Duration
+	51, // 17: shardgate.v1.Move.started_at:type_name -> google.protobuf.Timestamp
+	51, // 18: shardgate.v1.Move.updated_at:type_name -> google.protobuf.Timestamp
+	51, // 19: shardgate.v1.Move.finished_at:type_name -> google.protobuf.Timestamp
+	52, // 20: shardgate.v1.Move.eta:type_name -> google.protobuf.Duration
 	38, // 21: shardgate.v1.VerifyPartitionResponse.copies:type_name -> shardgate.v1.PartitionCopy
 	35, // 22: shardgate.v1.VerifyPartitionResponse.move:type_name -> shardgate.v1.Move
 	39, // 23: shardgate.v1.PartitionCopy.tables:type_name -> shardgate.v1.TableChecksum
-	45, // 24: shardgate.v1.GetClusterStatusResponse.time:type_name -> google.protobuf.Timestamp
+	51, // 24: shardgate.v1.GetClusterStatusResponse.time:type_name -> google.protobuf.Timestamp
 	42, // 25: shardgate.v1.GetClusterStatusResponse.shards:type_name -> shardgate.v1.ShardStatus
 	34, // 26: shardgate.v1.GetClusterStatusResponse.rebalance:type_name -> shardgate.v1.Rebalance
 	43, // 27: shardgate.v1.GetClusterStatusResponse.events:type_name -> shardgate.v1.EventFlow
 	44, // 28: shardgate.v1.GetClusterStatusResponse.cache:type_name -> shardgate.v1.CacheStatus
 	0,  // 29: shardgate.v1.ShardStatus.state:type_name -> shardgate.v1.ShardState
-	2,  // 30: shardgate.v1.AdminService.GetTopology:input_type -> shardgate.v1.GetTopologyRequest
-	5,  // 31: shardgate.v1.AdminService.LocateUser:input_type -> shardgate.v1.LocateUserRequest
-	7,  // 32: shardgate.v1.AdminService.MigrationStatus:input_type -> shardgate.v1.MigrationStatusRequest
-	10, // 33: shardgate.v1.AdminService.SetConfigSchema:input_type -> shardgate.v1.SetConfigSchemaRequest
-	12, // 34: shardgate.v1.AdminService.GetConfigSchema:input_type -> shardgate.v1.GetConfigSchemaRequest
-	14, // 35: shardgate.v1.AdminService.AddShard:input_type -> shardgate.v1.AddShardRequest
-	16, // 36: shardgate.v1.AdminService.DrainShard:input_type -> shardgate.v1.DrainShardRequest
-	18, // 37: shardgate.v1.AdminService.ActivateShard:input_type -> shardgate.v1.ActivateShardRequest
-	20, // 38: shardgate.v1.AdminService.RemoveShard:input_type -> shardgate.v1.RemoveShardRequest
-	22, // 39: shardgate.v1.AdminService.PlanRebalance:input_type -> shardgate.v1.PlanRebalanceRequest
-	26, // 40: shardgate.v1.AdminService.StartRebalance:input_type -> shardgate.v1.StartRebalanceRequest
-	28, // 41: shardgate.v1.AdminService.GetRebalance:input_type -> shardgate.v1.GetRebalanceRequest
-	30, // 42: shardgate.v1.AdminService.WatchRebalance:input_type -> shardgate.v1.WatchRebalanceRequest
-	32, // 43: shardgate.v1.AdminService.CancelRebalance:input_type -> shardgate.v1.CancelRebalanceRequest
-	36, // 44: shardgate.v1.AdminService.VerifyPartition:input_type -> shardgate.v1.VerifyPartitionRequest
-	40, // 45: shardgate.v1.AdminService.GetClusterStatus:input_type -> shardgate.v1.GetClusterStatusRequest
-	3,  // 46: shardgate.v1.AdminService.GetTopology:output_type -> shardgate.v1.GetTopologyResponse
-	6,  // 47: shardgate.v1.AdminService.LocateUser:output_type -> shardgate.v1.LocateUserResponse
-	8,  // 48: shardgate.v1.AdminService.MigrationStatus:output_type -> shardgate.v1.MigrationStatusResponse
-	11, // 49: shardgate.v1.AdminService.SetConfigSchema:output_type -> shardgate.v1.SetConfigSchemaResponse
-	13, // 50: shardgate.v1.AdminService.GetConfigSchema:output_type -> shardgate.v1.GetConfigSchemaResponse
-	15, // 51: shardgate.v1.AdminService.AddShard:output_type -> shardgate.v1.AddShardResponse
-	17, // 52: shardgate.v1.AdminService.DrainShard:output_type -> shardgate.v1.DrainShardResponse
-	19, // 53: shardgate.v1.AdminService.ActivateShard:output_type -> shardgate.v1.ActivateShardResponse
-	21, // 54: shardgate.v1.AdminService.RemoveShard:output_type -> shardgate.v1.RemoveShardResponse
-	23, // 55: shardgate.v1.AdminService.PlanRebalance:output_type -> shardgate.v1.PlanRebalanceResponse
-	27, // 56: shardgate.v1.AdminService.StartRebalance:output_type -> shardgate.v1.StartRebalanceResponse
-	29, // 57: shardgate.v1.AdminService.GetRebalance:output_type -> shardgate.v1.GetRebalanceResponse
-	31, // 58: shardgate.v1.AdminService.WatchRebalance:output_type -> shardgate.v1.WatchRebalanceResponse
-	33, // 59: shardgate.v1.AdminService.CancelRebalance:output_type -> shardgate.v1.CancelRebalanceResponse
-	37, // 60: shardgate.v1.AdminService.VerifyPartition:output_type -> shardgate.v1.VerifyPartitionResponse
-	41, // 61: shardgate.v1.AdminService.GetClusterStatus:output_type -> shardgate.v1.GetClusterStatusResponse
-	46, // [46:62] is the sub-list for method output_type
-	30, // [30:46] is the sub-list for method input_type
-	30, // [30:30] is the sub-list for extension type_name
-	30, // [30:30] is the sub-list for extension extendee
-	0,  // [0:30] is the sub-list for field type_name
+	47, // 30: shardgate.v1.ExportDataResponse.user:type_name -> shardgate.v1.ExportedUser
+	48, // 31: shardgate.v1.ExportDataResponse.item:type_name -> shardgate.v1.ExportedItem
+	49, // 32: shardgate.v1.ExportDataResponse.config:type_name -> shardgate.v1.ExportedConfig
+	50, // 33: shardgate.v1.ExportDataResponse.partition_done:type_name -> shardgate.v1.PartitionDone
+	2,  // 34: shardgate.v1.AdminService.GetTopology:input_type -> shardgate.v1.GetTopologyRequest
+	5,  // 35: shardgate.v1.AdminService.LocateUser:input_type -> shardgate.v1.LocateUserRequest
+	7,  // 36: shardgate.v1.AdminService.MigrationStatus:input_type -> shardgate.v1.MigrationStatusRequest
+	10, // 37: shardgate.v1.AdminService.SetConfigSchema:input_type -> shardgate.v1.SetConfigSchemaRequest
+	12, // 38: shardgate.v1.AdminService.GetConfigSchema:input_type -> shardgate.v1.GetConfigSchemaRequest
+	14, // 39: shardgate.v1.AdminService.AddShard:input_type -> shardgate.v1.AddShardRequest
+	16, // 40: shardgate.v1.AdminService.DrainShard:input_type -> shardgate.v1.DrainShardRequest
+	18, // 41: shardgate.v1.AdminService.ActivateShard:input_type -> shardgate.v1.ActivateShardRequest
+	20, // 42: shardgate.v1.AdminService.RemoveShard:input_type -> shardgate.v1.RemoveShardRequest
+	22, // 43: shardgate.v1.AdminService.PlanRebalance:input_type -> shardgate.v1.PlanRebalanceRequest
+	26, // 44: shardgate.v1.AdminService.StartRebalance:input_type -> shardgate.v1.StartRebalanceRequest
+	28, // 45: shardgate.v1.AdminService.GetRebalance:input_type -> shardgate.v1.GetRebalanceRequest
+	30, // 46: shardgate.v1.AdminService.WatchRebalance:input_type -> shardgate.v1.WatchRebalanceRequest
+	32, // 47: shardgate.v1.AdminService.CancelRebalance:input_type -> shardgate.v1.CancelRebalanceRequest
+	36, // 48: shardgate.v1.AdminService.VerifyPartition:input_type -> shardgate.v1.VerifyPartitionRequest
+	40, // 49: shardgate.v1.AdminService.GetClusterStatus:input_type -> shardgate.v1.GetClusterStatusRequest
+	45, // 50: shardgate.v1.AdminService.ExportData:input_type -> shardgate.v1.ExportDataRequest
+	3,  // 51: shardgate.v1.AdminService.GetTopology:output_type -> shardgate.v1.GetTopologyResponse
+	6,  // 52: shardgate.v1.AdminService.LocateUser:output_type -> shardgate.v1.LocateUserResponse
+	8,  // 53: shardgate.v1.AdminService.MigrationStatus:output_type -> shardgate.v1.MigrationStatusResponse
+	11, // 54: shardgate.v1.AdminService.SetConfigSchema:output_type -> shardgate.v1.SetConfigSchemaResponse
+	13, // 55: shardgate.v1.AdminService.GetConfigSchema:output_type -> shardgate.v1.GetConfigSchemaResponse
+	15, // 56: shardgate.v1.AdminService.AddShard:output_type -> shardgate.v1.AddShardResponse
+	17, // 57: shardgate.v1.AdminService.DrainShard:output_type -> shardgate.v1.DrainShardResponse
+	19, // 58: shardgate.v1.AdminService.ActivateShard:output_type -> shardgate.v1.ActivateShardResponse
+	21, // 59: shardgate.v1.AdminService.RemoveShard:output_type -> shardgate.v1.RemoveShardResponse
+	23, // 60: shardgate.v1.AdminService.PlanRebalance:output_type -> shardgate.v1.PlanRebalanceResponse
+	27, // 61: shardgate.v1.AdminService.StartRebalance:output_type -> shardgate.v1.StartRebalanceResponse
+	29, // 62: shardgate.v1.AdminService.GetRebalance:output_type -> shardgate.v1.GetRebalanceResponse
+	31, // 63: shardgate.v1.AdminService.WatchRebalance:output_type -> shardgate.v1.WatchRebalanceResponse
+	33, // 64: shardgate.v1.AdminService.CancelRebalance:output_type -> shardgate.v1.CancelRebalanceResponse
+	37, // 65: shardgate.v1.AdminService.VerifyPartition:output_type -> shardgate.v1.VerifyPartitionResponse
+	41, // 66: shardgate.v1.AdminService.GetClusterStatus:output_type -> shardgate.v1.GetClusterStatusResponse
+	46, // 67: shardgate.v1.AdminService.ExportData:output_type -> shardgate.v1.ExportDataResponse
+	51, // [51:68] is the sub-list for method output_type
+	34, // [34:51] is the sub-list for method input_type
+	34, // [34:34] is the sub-list for extension type_name
+	34, // [34:34] is the sub-list for extension extendee
+	0,  // [0:34] is the sub-list for field type_name
 }
 
 func init() { file_shardgate_v1_admin_proto_init() }
@@ -3293,13 +3802,19 @@ func file_shardgate_v1_admin_proto_init() {
 	if File_shardgate_v1_admin_proto != nil {
 		return
 	}
+	file_shardgate_v1_admin_proto_msgTypes[44].OneofWrappers = []any{
+		(*ExportDataResponse_User)(nil),
+		(*ExportDataResponse_Item)(nil),
+		(*ExportDataResponse_Config)(nil),
+		(*ExportDataResponse_PartitionDone)(nil),
+	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_shardgate_v1_admin_proto_rawDesc), len(file_shardgate_v1_admin_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   43,
+			NumMessages:   49,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -35,6 +35,7 @@ const (
 	AdminService_CancelRebalance_FullMethodName  = "/shardgate.v1.AdminService/CancelRebalance"
 	AdminService_VerifyPartition_FullMethodName  = "/shardgate.v1.AdminService/VerifyPartition"
 	AdminService_GetClusterStatus_FullMethodName = "/shardgate.v1.AdminService/GetClusterStatus"
+	AdminService_ExportData_FullMethodName       = "/shardgate.v1.AdminService/ExportData"
 )
 
 // AdminServiceClient is the client API for AdminService service.
@@ -107,6 +108,15 @@ type AdminServiceClient interface {
 	// asked in parallel; one that cannot be reached is reported, not an
 	// error. Rates and latencies are this instance's view of its own calls.
 	GetClusterStatus(ctx context.Context, in *GetClusterStatusRequest, opts ...grpc.CallOption) (*GetClusterStatusResponse, error)
+	// ExportData streams every user and item of the given partitions (all
+	// without any), partition by partition in order, each partition read
+	// from its owner in one snapshot taken under the ownership fence (a
+	// partition that moved is read from its new owner), ending with a
+	// PartitionDone; then, with include_config (or config_only, which skips
+	// the partitions), every config value. Within
+	// a partition, users come in user_id order, then items in (user_id,
+	// collection, key) order.
+	ExportData(ctx context.Context, in *ExportDataRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[ExportDataResponse], error)
 }
 
 type adminServiceClient struct {
@@ -286,6 +296,25 @@ func (c *adminServiceClient) GetClusterStatus(ctx context.Context, in *GetCluste
 	return out, nil
 }
 
+func (c *adminServiceClient) ExportData(ctx context.Context, in *ExportDataRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[ExportDataResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &AdminService_ServiceDesc.Streams[1], AdminService_ExportData_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[ExportDataRequest, ExportDataResponse]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type AdminService_ExportDataClient = grpc.ServerStreamingClient[ExportDataResponse]
+
 // AdminServiceServer is the server API for AdminService service.
 // All implementations must embed UnimplementedAdminServiceServer
 // for forward compatibility.
@@ -356,6 +385,15 @@ type AdminServiceServer interface {
 	// asked in parallel; one that cannot be reached is reported, not an
 	// error. Rates and latencies are this instance's view of its own calls.
 	GetClusterStatus(context.Context, *GetClusterStatusRequest) (*GetClusterStatusResponse, error)
+	// ExportData streams every user and item of the given partitions (all
+	// without any), partition by partition in order, each partition read
+	// from its owner in one snapshot taken under the ownership fence (a
+	// partition that moved is read from its new owner), ending with a
+	// PartitionDone; then, with include_config (or config_only, which skips
+	// the partitions), every config value. Within
+	// a partition, users come in user_id order, then items in (user_id,
+	// collection, key) order.
+	ExportData(*ExportDataRequest, grpc.ServerStreamingServer[ExportDataResponse]) error
 	mustEmbedUnimplementedAdminServiceServer()
 }
 
@@ -413,6 +451,9 @@ func (UnimplementedAdminServiceServer) VerifyPartition(context.Context, *VerifyP
 }
 func (UnimplementedAdminServiceServer) GetClusterStatus(context.Context, *GetClusterStatusRequest) (*GetClusterStatusResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetClusterStatus not implemented")
+}
+func (UnimplementedAdminServiceServer) ExportData(*ExportDataRequest, grpc.ServerStreamingServer[ExportDataResponse]) error {
+	return status.Error(codes.Unimplemented, "method ExportData not implemented")
 }
 func (UnimplementedAdminServiceServer) mustEmbedUnimplementedAdminServiceServer() {}
 func (UnimplementedAdminServiceServer) testEmbeddedByValue()                      {}
@@ -716,6 +757,17 @@ func _AdminService_GetClusterStatus_Handler(srv interface{}, ctx context.Context
 	return interceptor(ctx, in, info, handler)
 }
 
+func _AdminService_ExportData_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(ExportDataRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(AdminServiceServer).ExportData(m, &grpc.GenericServerStream[ExportDataRequest, ExportDataResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type AdminService_ExportDataServer = grpc.ServerStreamingServer[ExportDataResponse]
+
 // AdminService_ServiceDesc is the grpc.ServiceDesc for AdminService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -788,6 +840,11 @@ var AdminService_ServiceDesc = grpc.ServiceDesc{
 		{
 			StreamName:    "WatchRebalance",
 			Handler:       _AdminService_WatchRebalance_Handler,
+			ServerStreams: true,
+		},
+		{
+			StreamName:    "ExportData",
+			Handler:       _AdminService_ExportData_Handler,
 			ServerStreams: true,
 		},
 	},

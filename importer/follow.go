@@ -1,0 +1,639 @@
+package importer
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgproto3"
+	"github.com/jackc/pgx/v5/pgtype"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/shardgate/shardgate/catalog"
+	"github.com/shardgate/shardgate/internal/versioning"
+	"github.com/shardgate/shardgate/router"
+	"github.com/shardgate/shardgate/shards"
+)
+
+// FollowOptions tunes Follow.
+type FollowOptions struct {
+	MaxJSONBytes int // 0: DefaultMaxJSONBytes
+	// SkipInvalid writes changes that do not map to a valid entity to
+	// Rejects instead of stopping.
+	SkipInvalid bool
+	Rejects     io.Writer
+	// RecordEvery is how often progress is written to the catalog (and the
+	// import's state checked); default 200ms.
+	RecordEvery time.Duration
+	// OnApply, if set, is called after each change is applied with the time
+	// since its transaction committed on the source.
+	OnApply func(table string, lag time.Duration)
+}
+
+// ErrNotFollowing means the import is not in its follow phase.
+var ErrNotFollowing = errors.New("the import is not following (run 'shardctl import start' first)")
+
+// Follow applies the source's changes since the bulk phase's snapshot,
+// read from the import's slot by logical decoding (pgoutput), through the
+// same mapping: inserts and updates write the mapped entity (with change
+// events, as any write), deletes delete it. It returns when ctx ends (nil)
+// or when the import leaves the follow phase (cutover or cancel). Stopped
+// and started again, it continues from the last position it confirmed:
+// changes after it are applied again, which converges to the same state.
+func Follow(ctx context.Context, cl *Cluster, m *Mapping, sourceDSN, name string, opts FollowOptions) error {
+	if opts.MaxJSONBytes <= 0 {
+		opts.MaxJSONBytes = DefaultMaxJSONBytes
+	}
+	if opts.RecordEvery <= 0 {
+		opts.RecordEvery = 200 * time.Millisecond
+	}
+	if opts.SkipInvalid && opts.Rejects == nil {
+		return errors.New("skipping invalid changes needs a rejects file")
+	}
+	release, err := cl.Catalog.LockImport(ctx, name)
+	if err != nil {
+		return err
+	}
+	defer release()
+	rec, _, err := cl.Catalog.GetImport(ctx, name)
+	if err != nil {
+		return err
+	}
+	if rec.State != catalog.ImportFollowing {
+		return fmt.Errorf("import %s is %s: %w", name, rec.State, ErrNotFollowing)
+	}
+	if rec.MappingHash != MappingHash(m) {
+		return fmt.Errorf("import %s was started with another mapping", name)
+	}
+	src, err := connectSource(ctx, sourceDSN)
+	if err != nil {
+		return err
+	}
+	defer src.Close(context.Background())
+	f := &follower{cl: cl, opts: opts, name: name, src: src, byRel: map[string][]*sourceTable{},
+		rels: map[uint32]*pglogrepl.RelationMessage{}, stats: map[string]*catalog.FollowTableProgress{},
+		bulk: &bulk{opts: Options{Rejects: opts.Rejects}}}
+	for i := range m.Tables {
+		st, err := describe(ctx, src, &m.Tables[i])
+		if err != nil {
+			return err
+		}
+		rel := st.schema + "." + st.relname
+		f.byRel[rel] = append(f.byRel[rel], st)
+		f.stats[st.Name] = &catalog.FollowTableProgress{Name: st.Name}
+	}
+	start := rec.AppliedLSN
+	if start == "" {
+		start = rec.StartLSN
+	}
+	if f.applied, err = pglogrepl.ParseLSN(start); err != nil {
+		return fmt.Errorf("import %s: position %q: %w", name, start, err)
+	}
+	repl, err := replicationConn(ctx, sourceDSN)
+	if err != nil {
+		return err
+	}
+	defer repl.Close(context.Background())
+	err = pglogrepl.StartReplication(ctx, repl, rec.Slot, f.applied, pglogrepl.StartReplicationOptions{
+		PluginArgs: []string{"proto_version '1'", "publication_names " + sqlString(rec.Publication)}})
+	if err != nil {
+		return fmt.Errorf("source: start replication from slot %s: %w", rec.Slot, err)
+	}
+	return f.run(ctx, repl)
+}
+
+type follower struct {
+	cl    *Cluster
+	opts  FollowOptions
+	name  string
+	src   *pgx.Conn
+	byRel map[string][]*sourceTable
+	rels  map[uint32]*pglogrepl.RelationMessage
+	stats map[string]*catalog.FollowTableProgress
+	bulk  *bulk // for its rejects writer
+
+	applied    pglogrepl.LSN // every change up to here is applied
+	committed  pglogrepl.LSN // the end of the last transaction received
+	inTx       bool
+	commitTime time.Time
+	pending    []pendingChange
+}
+
+func (f *follower) run(ctx context.Context, repl *pgconn.PgConn) error {
+	const standbyEvery = time.Second
+	nextStandby := time.Now().Add(standbyEvery)
+	nextRecord := time.Now().Add(f.opts.RecordEvery)
+	for {
+		if ctx.Err() != nil {
+			f.record(context.Background())
+			return nil
+		}
+		now := time.Now()
+		if !now.Before(nextRecord) {
+			stop, err := f.record(ctx)
+			if err != nil || stop {
+				return err
+			}
+			nextRecord = now.Add(f.opts.RecordEvery)
+		}
+		if !now.Before(nextStandby) {
+			if err := f.confirm(ctx, repl); err != nil {
+				return err
+			}
+			nextStandby = now.Add(standbyEvery)
+		}
+		deadline := nextRecord
+		if nextStandby.Before(deadline) {
+			deadline = nextStandby
+		}
+		if len(f.pending) > 0 {
+			// Apply as soon as the stream pauses.
+			deadline = now.Add(2 * time.Millisecond)
+		}
+		rctx, cancel := context.WithDeadline(ctx, deadline)
+		raw, err := repl.ReceiveMessage(rctx)
+		cancel()
+		if err != nil {
+			if pgconn.Timeout(err) && ctx.Err() == nil {
+				if err := f.flush(ctx); err != nil {
+					f.record(context.Background())
+					return err
+				}
+				continue
+			}
+			if ctx.Err() != nil {
+				continue
+			}
+			return fmt.Errorf("source: receive: %w", err)
+		}
+		switch msg := raw.(type) {
+		case *pgproto3.ErrorResponse:
+			return fmt.Errorf("source: replication: %s", msg.Message)
+		case *pgproto3.CopyData:
+			switch msg.Data[0] {
+			case pglogrepl.PrimaryKeepaliveMessageByteID:
+				ka, err := pglogrepl.ParsePrimaryKeepaliveMessage(msg.Data[1:])
+				if err != nil {
+					return fmt.Errorf("source: keepalive: %w", err)
+				}
+				// Between transactions, everything up to the server's WAL
+				// end has been sent and applied.
+				if !f.inTx && len(f.pending) == 0 && ka.ServerWALEnd > f.applied {
+					f.applied = ka.ServerWALEnd
+				}
+				if ka.ReplyRequested {
+					nextStandby = time.Time{}
+				}
+			case pglogrepl.XLogDataByteID:
+				xld, err := pglogrepl.ParseXLogData(msg.Data[1:])
+				if err != nil {
+					return fmt.Errorf("source: xlog data: %w", err)
+				}
+				if err := f.handle(ctx, xld.WALData); err != nil {
+					f.record(context.Background())
+					return err
+				}
+			}
+		}
+	}
+}
+
+// confirm tells the source what is applied, so the slot releases the WAL
+// before it.
+func (f *follower) confirm(ctx context.Context, repl *pgconn.PgConn) error {
+	if err := pglogrepl.SendStandbyStatusUpdate(ctx, repl, pglogrepl.StandbyStatusUpdate{WALWritePosition: f.applied}); err != nil {
+		return fmt.Errorf("source: standby status: %w", err)
+	}
+	return nil
+}
+
+// record writes progress to the catalog and reports whether the import
+// left the follow phase.
+func (f *follower) record(ctx context.Context) (stop bool, err error) {
+	var tables []catalog.FollowTableProgress
+	for _, s := range f.stats {
+		tables = append(tables, *s)
+	}
+	if err := f.cl.Catalog.RecordFollow(ctx, f.name, f.applied.String(), time.Now(), tables); err != nil {
+		return false, err
+	}
+	for _, s := range f.stats {
+		s.Inserts, s.Updates, s.Deletes = 0, 0, 0
+	}
+	rec, _, err := f.cl.Catalog.GetImport(ctx, f.name)
+	if err != nil {
+		return false, err
+	}
+	return rec.State != catalog.ImportFollowing, nil
+}
+
+func (f *follower) handle(ctx context.Context, data []byte) error {
+	msg, err := pglogrepl.Parse(data)
+	if err != nil {
+		return fmt.Errorf("source: decode: %w", err)
+	}
+	switch m := msg.(type) {
+	case *pglogrepl.RelationMessage:
+		f.rels[m.RelationID] = m
+	case *pglogrepl.BeginMessage:
+		f.inTx, f.commitTime = true, m.CommitTime
+	case *pglogrepl.CommitMessage:
+		f.inTx = false
+		f.committed = m.TransactionEndLSN
+		if len(f.pending) == 0 {
+			f.applied = max(f.applied, f.committed)
+		}
+	case *pglogrepl.InsertMessage:
+		return f.change(ctx, m.RelationID, nil, m.Tuple, 'i')
+	case *pglogrepl.UpdateMessage:
+		return f.change(ctx, m.RelationID, m.OldTuple, m.NewTuple, 'u')
+	case *pglogrepl.DeleteMessage:
+		return f.change(ctx, m.RelationID, m.OldTuple, nil, 'd')
+	case *pglogrepl.TruncateMessage:
+		if len(f.byRel) == 0 {
+			return nil
+		}
+		return errors.New("source: a mapped table was truncated; the follow phase cannot apply a TRUNCATE (cancel with --purge and import again)")
+	}
+	return nil
+}
+
+// change queues one row change for every mapping of its table; flush
+// applies what is queued.
+func (f *follower) change(ctx context.Context, relID uint32, old, new *pglogrepl.TupleData, op byte) error {
+	rel, ok := f.rels[relID]
+	if !ok {
+		return fmt.Errorf("source: change for unknown relation %d", relID)
+	}
+	for _, st := range f.byRel[rel.Namespace+"."+rel.RelationName] {
+		s := f.stats[st.Name]
+		if s.PendingSince.IsZero() {
+			s.PendingSince, s.PendingLSN = f.commitTime, f.applied.String()
+		}
+		pc := pendingChange{st: st, op: op, commit: f.commitTime}
+		if old != nil {
+			req := st.evalRequest(rel, old, true)
+			pc.old = &req
+		}
+		if new != nil {
+			req := st.evalRequest(rel, new, false)
+			pc.new = &req
+		}
+		f.pending = append(f.pending, pc)
+	}
+	if len(f.pending) >= maxPending {
+		return f.flush(ctx)
+	}
+	return nil
+}
+
+// maxPending bounds the changes applied together.
+const maxPending = 2000
+
+// pendingChange is a row change received and not yet applied.
+type pendingChange struct {
+	st       *sourceTable
+	op       byte // 'i', 'u', 'd'
+	commit   time.Time
+	old, new *evalReq
+}
+
+// write is one write a change makes in Shardgate.
+type write struct {
+	st     *sourceTable
+	delete bool
+	rec    Record
+}
+
+// flush applies the queued changes: their mappings are evaluated by the
+// source in one round trip, then the writes of different users run in
+// parallel, each user's in order (a user before its items, a delete after
+// the write before it). Changes up to the last commit received are then
+// applied.
+func (f *follower) flush(ctx context.Context) error {
+	if len(f.pending) == 0 {
+		f.applied = max(f.applied, f.committed)
+		return nil
+	}
+	var b pgx.Batch
+	for _, pc := range f.pending {
+		for _, req := range []*evalReq{pc.old, pc.new} {
+			if req != nil {
+				b.Queue(req.sql, req.args...)
+			}
+		}
+	}
+	br := f.src.SendBatch(ctx, &b)
+	groups := map[string][]write{}
+	var order []string
+	add := func(w write) {
+		k := "\x00config"
+		if w.st.Entity != EntityConfig {
+			k = w.rec.UserID
+		}
+		if _, ok := groups[k]; !ok {
+			order = append(order, k)
+		}
+		groups[k] = append(groups[k], w)
+	}
+	var evalErr error
+	for _, pc := range f.pending {
+		var old, new *Record
+		var inFilter bool
+		for _, req := range []*evalReq{pc.old, pc.new} {
+			if req == nil || evalErr != nil {
+				continue
+			}
+			r, in, found, err := f.evalResult(pc.st, br.QueryRow(), req.identity)
+			if err != nil {
+				var bad *RowError
+				if errors.As(err, &bad) && f.opts.SkipInvalid {
+					if err := f.bulk.reject(bad); err != nil {
+						evalErr = err
+					}
+					continue
+				}
+				evalErr = err
+				continue
+			}
+			if !found {
+				continue
+			}
+			if req.identity {
+				old = &r
+			} else {
+				new, inFilter = &r, in
+			}
+		}
+		switch {
+		case pc.op == 'd':
+			if old != nil {
+				add(write{st: pc.st, delete: true, rec: *old})
+			}
+		case new == nil:
+			// Gone from the source since (a TOASTed row read back); its
+			// delete follows.
+		case !inFilter:
+			if pc.op == 'u' {
+				add(write{st: pc.st, delete: true, rec: *new}) // it left the filter
+			}
+		default:
+			if old != nil && recordKey(pc.st.Entity, old) != recordKey(pc.st.Entity, new) {
+				add(write{st: pc.st, delete: true, rec: *old})
+			}
+			add(write{st: pc.st, rec: *new})
+		}
+	}
+	if err := br.Close(); evalErr == nil && err != nil {
+		evalErr = fmt.Errorf("source: map changes: %w", err)
+	}
+	if evalErr != nil {
+		return evalErr
+	}
+
+	g, gctx := errgroup.WithContext(ctx)
+	g.SetLimit(16)
+	var rejectMu sync.Mutex
+	for _, k := range order {
+		ws := groups[k]
+		g.Go(func() error {
+			for _, w := range ws {
+				err := f.applyWrite(gctx, w)
+				var bad *RowError
+				if errors.As(err, &bad) && f.opts.SkipInvalid {
+					rejectMu.Lock()
+					err = f.bulk.reject(bad)
+					rejectMu.Unlock()
+				}
+				if err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+	}
+	if err := g.Wait(); err != nil {
+		return err
+	}
+	for _, pc := range f.pending {
+		s := f.stats[pc.st.Name]
+		switch pc.op {
+		case 'i':
+			s.Inserts++
+		case 'u':
+			s.Updates++
+		default:
+			s.Deletes++
+		}
+		s.PendingSince, s.PendingLSN = time.Time{}, ""
+		if f.opts.OnApply != nil {
+			f.opts.OnApply(pc.st.Name, time.Since(pc.commit))
+		}
+	}
+	f.pending = f.pending[:0]
+	f.applied = max(f.applied, f.committed)
+	return nil
+}
+
+func (f *follower) applyWrite(ctx context.Context, w write) error {
+	if w.delete {
+		return f.delete(ctx, w.st, &w.rec)
+	}
+	return f.upsert(ctx, w.st, &w.rec)
+}
+
+// evalSQL evaluates the mapping on a row given as text ($1.. in the
+// relation's column order, cast to the columns' types).
+func (st *sourceTable) evalSQL(rel *pglogrepl.RelationMessage) string {
+	cols := make([]string, len(rel.Columns))
+	for i, c := range rel.Columns {
+		typ, ok := st.types[c.Name]
+		if !ok {
+			typ = "text"
+		}
+		cols[i] = fmt.Sprintf("$%d::text::%s AS %s", i+1, typ, pgx.Identifier{c.Name}.Sanitize())
+	}
+	return st.evalFrom("(SELECT " + strings.Join(cols, ", ") + ")")
+}
+
+// evalFrom selects the key, the fields and whether the row passes the
+// mapping's filter from rows given by from.
+func (st *sourceTable) evalFrom(from string) string {
+	var out []string
+	for i, c := range st.PrimaryKey {
+		out = append(out, fmt.Sprintf("%s.%s::text AS sg_k%d", st.alias, pgx.Identifier{c}.Sanitize(), i))
+	}
+	fe := st.fieldExprs()
+	for i, e := range fe {
+		if i == len(fe)-1 {
+			e = "(" + e + ")::text"
+		}
+		out = append(out, fmt.Sprintf("%s AS sg_f%d", e, i))
+	}
+	where := "true"
+	if st.Where != "" {
+		where = "coalesce((" + st.Where + "), false)"
+	}
+	out = append(out, where+" AS sg_in")
+	return fmt.Sprintf("SELECT %s FROM %s AS %s", strings.Join(out, ", "), from, st.alias)
+}
+
+// evalReq is the query that maps one decoded row.
+type evalReq struct {
+	sql      string
+	args     []any
+	identity bool
+}
+
+// evalRequest builds the query that maps a decoded row. With identity,
+// only the fields naming the entity will be checked (a delete carries the
+// key columns alone).
+func (st *sourceTable) evalRequest(rel *pglogrepl.RelationMessage, tup *pglogrepl.TupleData, identity bool) evalReq {
+	args := make([]any, len(rel.Columns))
+	toast := false
+	for i := range rel.Columns {
+		if i >= len(tup.Columns) {
+			break
+		}
+		switch c := tup.Columns[i]; c.DataType {
+		case pglogrepl.TupleDataTypeText:
+			args[i] = string(c.Data)
+		case pglogrepl.TupleDataTypeToast:
+			toast = true
+		}
+	}
+	if !toast || identity {
+		return evalReq{sql: st.evalSQL(rel), args: args, identity: identity}
+	}
+	// An unchanged TOASTed value is not in the change: read the row as it
+	// is now (a later change brings anything newer).
+	keyArgs := make([]any, len(st.PrimaryKey))
+	conds := make([]string, len(st.PrimaryKey))
+	for i, k := range st.PrimaryKey {
+		for j, c := range rel.Columns {
+			if c.Name == k {
+				keyArgs[i] = args[j]
+			}
+		}
+		conds[i] = fmt.Sprintf("%s.%s = $%d::text::%s", st.alias, pgx.Identifier{k}.Sanitize(), i+1, st.keyTypes[i])
+	}
+	return evalReq{sql: st.evalFrom(st.ident) + " WHERE " + strings.Join(conds, " AND "), args: keyArgs}
+}
+
+// evalResult reads what an evalRequest's query returned: the mapped row,
+// whether it passes the filter, and whether there was a row at all.
+func (f *follower) evalResult(st *sourceTable, row pgx.Row, identity bool) (r Record, in, found bool, err error) {
+	nk := len(st.PrimaryKey)
+	vals := make([]pgtype.Text, nk+len(st.fieldExprs()))
+	ptrs := make([]any, len(vals)+1)
+	for i := range vals {
+		ptrs[i] = &vals[i]
+	}
+	ptrs[len(vals)] = &in
+	err = row.Scan(ptrs...)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return Record{}, false, false, nil
+	}
+	if err != nil {
+		return Record{}, false, false, fmt.Errorf("table %s: map change: %w", st.Name, err)
+	}
+	r = Record{Key: make([]string, nk)}
+	for i := range nk {
+		r.Key[i] = vals[i].String
+	}
+	var bad *RowError
+	switch {
+	case identity || !in:
+		r, bad = st.mapIdentity(r, vals[nk:])
+	default:
+		r, bad = st.mapValues(r, vals[nk:], f.opts.MaxJSONBytes)
+	}
+	if bad != nil {
+		return r, false, true, bad
+	}
+	if st.Entity != EntityConfig {
+		r.Partition = router.Partition(r.UserID, f.cl.Partitions())
+	}
+	return r, in || identity, true, nil
+}
+
+// mapIdentity validates only the fields that name the entity.
+func (st *sourceTable) mapIdentity(r Record, f []pgtype.Text) (Record, *RowError) {
+	last := len(f) - 1
+	fake := append([]pgtype.Text(nil), f...)
+	fake[last] = pgtype.Text{String: "{}", Valid: true}
+	r, bad := st.mapValues(r, fake, DefaultMaxJSONBytes)
+	if bad != nil && bad.Msg == "is NULL" {
+		bad.Msg += " in a delete: the mapping names the entity with columns the source does not log for deletes (ALTER TABLE " + st.Source + " REPLICA IDENTITY FULL)"
+	}
+	r.JSON = ""
+	if bad == nil && st.Entity != EntityConfig {
+		r.Partition = -1
+	}
+	return r, bad
+}
+
+// retryMoved runs write until no partition has moved under it.
+func (f *follower) retryMoved(ctx context.Context, write func() error) error {
+	for attempt := 0; ; attempt++ {
+		err := write()
+		if !errors.Is(err, shards.ErrWrongShard) || attempt >= 20 {
+			return err
+		}
+		select {
+		case <-time.After(time.Duration(attempt+1) * 20 * time.Millisecond):
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+		if err := f.cl.Reload(ctx); err != nil {
+			return err
+		}
+	}
+}
+
+func (f *follower) upsert(ctx context.Context, st *sourceTable, r *Record) error {
+	err := f.retryMoved(ctx, func() error {
+		var err error
+		switch st.Entity {
+		case EntityUser:
+			_, err = f.cl.Owner(r.Partition).PutUser(ctx, r.Partition, r.UserID, []byte(r.JSON), nil)
+		case EntityItem:
+			_, err = f.cl.Owner(r.Partition).PutItem(ctx, r.Partition, r.UserID, r.Collection, r.ItemKey, []byte(r.JSON), nil)
+		default:
+			_, err = f.cl.Catalog.SetConfig(ctx, r.Namespace, r.ItemKey, []byte(r.JSON), nil)
+		}
+		return err
+	})
+	if errors.Is(err, shards.ErrUserNotFound) {
+		return &RowError{Table: st.Name, KeyCols: st.PrimaryKey, Key: r.Key, Field: "user_id", Msg: fmt.Sprintf("user %q does not exist in Shardgate", r.UserID)}
+	}
+	return err
+}
+
+func (f *follower) delete(ctx context.Context, st *sourceTable, r *Record) error {
+	if st.Entity != EntityConfig {
+		r.Partition = router.Partition(r.UserID, f.cl.Partitions())
+	}
+	err := f.retryMoved(ctx, func() error {
+		switch st.Entity {
+		case EntityUser:
+			_, err := f.cl.Owner(r.Partition).DeleteUser(ctx, r.Partition, r.UserID, nil)
+			return err
+		case EntityItem:
+			return f.cl.Owner(r.Partition).DeleteItem(ctx, r.Partition, r.UserID, r.Collection, r.ItemKey, nil)
+		default:
+			return f.cl.Catalog.DeleteConfig(ctx, r.Namespace, r.ItemKey, nil)
+		}
+	})
+	if errors.Is(err, versioning.ErrNotFound) {
+		return nil // already gone: a change replayed, or never imported
+	}
+	return err
+}

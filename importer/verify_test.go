@@ -1,0 +1,92 @@
+package importer
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"testing"
+
+	"github.com/shardgate/shardgate/catalog"
+	"github.com/shardgate/shardgate/router"
+	"github.com/shardgate/shardgate/shards"
+)
+
+func TestVerifyAndCancel(t *testing.T) {
+	ctx := context.Background()
+	const n = 1000
+	src := legacy(t, n)
+	cl, _, dsns := newCluster(t)
+	m := legacyMapping(t)
+	if err := Start(ctx, cl, m, src, Options{}); err != nil {
+		t.Fatal(err)
+	}
+	rep, err := Verify(ctx, cl, m, src, VerifyOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !rep.OK || len(rep.Tables) != 2 {
+		t.Fatalf("verify after import: %+v", rep)
+	}
+	for _, vt := range rep.Tables {
+		if vt.Rows != n || vt.Matched != n || vt.SourceHash != vt.TargetHash {
+			t.Fatalf("table %+v", vt)
+		}
+	}
+
+	// Corrupt a user, lose an item, add a user the source does not have.
+	shardOf := func(id string) (int32, string) {
+		p := router.Partition(id, cl.Partitions())
+		return p, dsns[strings.TrimPrefix(cl.Table().Owner(p), "shard-")[0]-'0']
+	}
+	p5, dsn5 := shardOf("acct-5")
+	if _, err := connect(t, dsn5).Exec(ctx, `UPDATE users SET profile = '{"name": "Mallory"}' WHERE partition = $1 AND user_id = 'acct-5'`, p5); err != nil {
+		t.Fatal(err)
+	}
+	p9, dsn9 := shardOf("acct-9")
+	if _, err := connect(t, dsn9).Exec(ctx, `DELETE FROM items WHERE partition = $1 AND user_id = 'acct-9'`, p9); err != nil {
+		t.Fatal(err)
+	}
+	px := router.Partition("stranger", cl.Partitions())
+	if _, err := cl.Owner(px).ImportUsers(ctx, []shards.ImportUser{{Partition: px, UserID: "stranger", Profile: []byte(`{}`)}}, false); err != nil {
+		t.Fatal(err)
+	}
+	rep, err = Verify(ctx, cl, m, src, VerifyOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	u, it := rep.Tables[0], rep.Tables[1]
+	if rep.OK || u.Different != 1 || u.Matched != n-1 || u.SourceHash == u.TargetHash || it.Missing != 1 || rep.Extra[EntityUser] != 1 ||
+		!strings.Contains(strings.Join(u.Diffs, "\n"), `row (id)=(5): user "acct-5" differs: source {"name": "User 5", "email": "user5@example.com", "created_at": "2020-01-01T00:05:00+00:00"}, Shardgate {"name": "Mallory"}`) ||
+		!strings.Contains(strings.Join(it.Diffs, "\n"), `row (account_id,name)=(9,theme): item "acct-9" settings/theme is missing in Shardgate`) {
+		t.Fatalf("verify after corruption: %+v", rep)
+	}
+
+	// Cancel with purge removes what was imported, the slot and the
+	// checkpoints; the stranger stays.
+	res, err := Cancel(ctx, cl, m, src, "default", true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !res.SlotDropped || res.Purged[EntityUser] != n || res.Purged[EntityItem] != n-1 {
+		t.Fatalf("cancel: %+v", res)
+	}
+	users, items, _, _ := shardCounts(t, dsns)
+	if users != 1 || items != 0 {
+		t.Fatalf("after purge: users %d items %d", users, items)
+	}
+	if _, _, err := cl.Catalog.GetImport(ctx, "default"); !errors.Is(err, catalog.ErrNoImport) {
+		t.Fatalf("import record after cancel: %v", err)
+	}
+	var slots int
+	if err := connect(t, src).QueryRow(ctx, `SELECT count(*) FROM pg_replication_slots`).Scan(&slots); err != nil || slots != 0 {
+		t.Fatalf("slots left: %d %v", slots, err)
+	}
+	// A new import starts from nothing and versions keep rising.
+	if err := Start(ctx, cl, m, src, Options{}); err != nil {
+		t.Fatal(err)
+	}
+	p1 := router.Partition("acct-1", cl.Partitions())
+	if got, err := cl.Owner(p1).GetUser(ctx, p1, "acct-1"); err != nil || got.Version != 3 {
+		t.Fatalf("reimported user: %+v %v (want version 3: after its purge's tombstone)", got, err)
+	}
+}
