@@ -231,9 +231,8 @@ func insertEvents(t testing.TB, pool *pgxpool.Pool, evs ...event) {
 }
 
 // repairClock renumbers a partition's undelivered outbox rows (from
-// firstHeld on) to
-// start right after the stream's top, and raises its clock as much: the
-// repair docs/events.md gives operators.
+// firstHeld on) to start right after the stream's top, and raises its
+// clock as much: the repair docs/events.md gives operators.
 func repairClock(t testing.TB, pool *pgxpool.Pool, partition int32, top, firstHeld int64) {
 	t.Helper()
 	ctx := context.Background()
