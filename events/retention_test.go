@@ -107,7 +107,7 @@ func TestRelayPrunesDeliveredEventsPastRetention(t *testing.T) {
 	keys := Keys{prefix}
 	ctx := testCtx(t, 2*time.Minute)
 	seedEntry(t, rc, keys, 2, 1, "someone-else") // quarantines partition 2
-	for i := range 3000 {                          // more than a prune window
+	for i := range 3000 {                        // more than a prune window
 		insertEvents(t, s.pool(), event{int32(1 + i%2), fmt.Sprint("u", i)})
 	}
 	r := NewShardRelay("s", s.dsn, RelayOptions{Redis: rc, Prefix: prefix, Logger: quietLogger(),
