@@ -125,7 +125,10 @@ func (f *Follower) Follow(ctx context.Context, sub Subscription, emit func(*Even
 		ids[i] = entryID(p.Tick)
 	}
 	everyEvent := len(streams) <= PerEventCursorStreams
-	wanted := func(e *Event) bool { return sub.Users == nil || sub.Users[e.UserID] }
+	// Config events come from the config stream only (entries of a
+	// partition stream that claim to be config are dropped), and a user
+	// filter does not apply to them.
+	wanted := func(e *Event) bool { return e.Partition == ConfigStream || sub.Users == nil || sub.Users[e.UserID] }
 	// A first heartbeat at once gives the client a cursor to resume from
 	// even if it disconnects before any event or the next heartbeat.
 	if err := heartbeat(cur); err != nil {
