@@ -427,6 +427,14 @@ func (r *Relay) relay(ctx context.Context, conn *pgx.Conn) error {
 	defer timer.Stop()
 	found := false // the pass from start found events
 	for {
+		// Also while busy: a stream that gets no new events is found
+		// only here.
+		if time.Since(reconciled) >= r.opts.ReconcileInterval {
+			if err := r.reconcile(ctx, conn); err != nil {
+				return err
+			}
+			reconciled = time.Now()
+		}
 		r.reads.Add(1)
 		evs, err := r.fetch(ctx, conn, pos)
 		if err != nil {
@@ -447,12 +455,7 @@ func (r *Relay) relay(ctx context.Context, conn *pgx.Conn) error {
 			pos = start
 			continue
 		}
-		if time.Since(reconciled) >= r.opts.ReconcileInterval {
-			if err := r.reconcile(ctx, conn); err != nil {
-				return err
-			}
-			reconciled = time.Now()
-		}
+
 		if found {
 			poll = r.opts.MinPollInterval
 		} else {
@@ -514,11 +517,15 @@ func (r *Relay) deliver(ctx context.Context, conn *pgx.Conn, evs []Event) error 
 	}
 	if len(resets) > 0 {
 		again := make([]Event, 0, len(evs))
+		n := 0
 		for _, rs := range resets {
-			if err := r.republish(ctx, conn, rs.stream, rs.last); err != nil {
+			k, err := r.republish(ctx, conn, rs.stream, rs.last)
+			if err != nil {
 				return err
 			}
+			n += k
 		}
+		r.logRepublished(len(resets), n)
 		for _, e := range evs {
 			if _, ok := resets[e.Partition]; ok && !slices.Contains(r.Quarantined(), e.Partition) {
 				again = append(again, e)
@@ -595,6 +602,8 @@ func (r *Relay) reconcile(ctx context.Context, conn *pgx.Conn) error {
 	}
 	slices.Sort(streams)
 	const chunk = 500
+	resets, republished := 0, 0
+	defer func() { r.logRepublished(resets, republished) }()
 	for len(streams) > 0 {
 		n := min(chunk, len(streams))
 		part := streams[:n]
@@ -617,19 +626,22 @@ func (r *Relay) reconcile(ctx context.Context, conn *pgx.Conn) error {
 			if err != nil {
 				return fmt.Errorf("check stream %s: %w", r.keys.Stream(part[i]), err)
 			}
-			if err := r.republish(ctx, conn, part[i], last); err != nil {
+			n, err := r.republish(ctx, conn, part[i], last)
+			if err != nil {
 				return err
 			}
+			resets, republished = resets+1, republished+n
 		}
 	}
 	return nil
 }
 
 // republish publishes stream's retained events above its last entry
-// `last` up to its delivered tick again, with their IDs. A stream that
-// lost everything gets at most the last MaxLen of them, which is all the
-// stream would hold; older cursors are served from Postgres.
-func (r *Relay) republish(ctx context.Context, conn *pgx.Conn, stream int32, last int64) error {
+// `last` up to its delivered tick again, with their IDs, and returns how
+// many. A stream that lost everything gets at most the last MaxLen of
+// them, which is all the stream would hold; older cursors are served from
+// Postgres.
+func (r *Relay) republish(ctx context.Context, conn *pgx.Conn, stream int32, last int64) (int, error) {
 	upTo := r.delivered[stream]
 	from := last
 	if last == 0 && upTo-from > r.opts.MaxLen {
@@ -639,14 +651,14 @@ func (r *Relay) republish(ctx context.Context, conn *pgx.Conn, stream int32, las
 	for from < upTo {
 		evs, err := r.src.outbox.retained(ctx, conn, stream, from, upTo, r.opts.BatchSize, r.opts.MaxPayloadBytes, nil)
 		if err != nil {
-			return err
+			return total, err
 		}
 		if len(evs) == 0 {
 			break
 		}
 		clashes, _, err := r.publish(ctx, evs, false)
 		if err != nil {
-			return err
+			return total, err
 		}
 		if len(clashes) > 0 {
 			r.quarantine(clashes[0])
@@ -659,9 +671,18 @@ func (r *Relay) republish(ctx context.Context, conn *pgx.Conn, stream int32, las
 	if total == 0 {
 		r.barren[stream] = upTo
 	}
-	r.opts.Logger.Warn("event relay found a stream behind its delivered events (Redis lost them) and published the retained ones again",
-		"relay", r.name, "stream", r.keys.Stream(stream), "stream_last", last, "delivered", upTo, "republished", total)
-	return nil
+	return total, nil
+}
+
+// logRepublished says, once per round, that streams were found behind
+// their delivered events: after Redis lost everything that is every
+// stream, too many for a line each.
+func (r *Relay) logRepublished(streams, events int) {
+	if streams == 0 {
+		return
+	}
+	r.opts.Logger.Warn("event relay found streams behind their delivered events (Redis lost them) and published the retained ones again",
+		"relay", r.name, "streams", streams, "republished", events)
 }
 
 // pruneLoop deletes delivered events older than the retention every
