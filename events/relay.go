@@ -382,6 +382,11 @@ func (r *Relay) runOnce(ctx context.Context) (bool, error) {
 	// a crash means publishing them again, which Redis refuses as
 	// duplicates; waiting for each delete's WAL flush would only add latency.
 	cfg.RuntimeParams["synchronous_commit"] = "off"
+	// The outbox read goes partition by partition from each one's
+	// delivered tick (shards.ReadOutbox); with a bitmap scan Postgres reads
+	// and sorts each partition's whole backlog before the limit applies,
+	// which cost a draining relay more than half its throughput.
+	cfg.RuntimeParams["enable_bitmapscan"] = "off"
 	conn, err := pgx.ConnectConfig(ctx, cfg)
 	if err != nil {
 		return false, err

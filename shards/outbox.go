@@ -40,21 +40,31 @@ const outboxColumns = `o.partition, o.tick, o.event_id::text, o.user_id, o.entit
 // readOutboxSQL reads the undelivered rows after ($1, $2) and before ($5,
 // $6) in (partition, tick) order, at most $3. Delivered rows stay for the
 // retention window, so it starts from the partitions whose clock is past
-// their delivered tick and reads each from that tick on: the retained
-// rows are never scanned.
+// their delivered tick, in partition order, and reads each from that tick
+// on through the (partition, tick) index: the retained rows are never
+// scanned, and the partitions after the first $3 rows are not read at all.
+// The bounds are on tick alone inside the lateral read, so the index scan
+// stops at the limit (a row comparison there reads the partition's whole
+// backlog and sorts it); the relay's connection turns bitmap scans off for
+// the same reason (see events.Relay).
 const readOutboxSQL = `
 SELECT ` + outboxColumns + `
-FROM outbox_clock AS c
-LEFT JOIN outbox_delivered AS d ON d.partition = c.partition
+FROM (
+    SELECT c.partition, coalesce(d.tick, 0) AS delivered
+    FROM outbox_clock AS c
+    LEFT JOIN outbox_delivered AS d ON d.partition = c.partition
+    WHERE c.tick > coalesce(d.tick, 0) AND c.partition >= $1::integer AND c.partition <= $5::integer
+    ORDER BY c.partition
+) AS c
 CROSS JOIN LATERAL (
     SELECT * FROM outbox AS o
-    WHERE o.partition = c.partition AND o.tick > coalesce(d.tick, 0)
-      AND (o.partition, o.tick) > ($1::integer, $2::bigint) AND (o.partition, o.tick) < ($5::integer, $6::bigint)
+    WHERE o.partition = c.partition
+      AND o.tick > greatest(c.delivered, CASE WHEN c.partition = $1::integer THEN $2::bigint ELSE 0 END)
+      AND o.tick < CASE WHEN c.partition = $5::integer THEN $6::bigint ELSE 9223372036854775807 END
     ORDER BY o.tick
     LIMIT $3
 ) AS o
-WHERE c.tick > coalesce(d.tick, 0) AND c.partition >= $1::integer AND c.partition <= $5::integer
-ORDER BY o.partition, o.tick
+ORDER BY c.partition, o.tick
 LIMIT $3`
 
 func scanOutboxRow(row pgx.CollectableRow) (r OutboxRow, err error) {
