@@ -129,12 +129,7 @@ func (f *Follower) Follow(ctx context.Context, sub Subscription, emit func(*Even
 	// partition stream that claim to be config are dropped), and a user
 	// filter does not apply to them.
 	wanted := func(e *Event) bool { return e.Partition == ConfigStream || sub.Users == nil || sub.Users[e.UserID] }
-	// A first heartbeat at once gives the client a cursor to resume from
-	// even if it disconnects before any event or the next heartbeat.
-	if err := heartbeat(cur); err != nil {
-		return err
-	}
-	lastSent := time.Now()
+	var lastSent time.Time
 	// catchUp serves stream i from the Backlog up to where it ends.
 	catchUp := func(i int) error {
 		sent, err := f.catchUp(ctx, cur, i, readCount, wanted, everyEvent, emit)
@@ -144,15 +139,23 @@ func (f *Follower) Follow(ctx context.Context, sub Subscription, emit func(*Even
 		ids[i], behind[i], anyFirst[i] = entryID(cur[i].Tick), false, false
 		return err
 	}
-	c := f.Redis
-	for {
-		for i := range behind {
-			if behind[i] {
-				if err := catchUp(i); err != nil {
-					return err
-				}
+	// Streams the cursor is behind first, so a cursor older than the
+	// retention ends the watch before anything is sent.
+	for i := range behind {
+		if behind[i] {
+			if err := catchUp(i); err != nil {
+				return err
 			}
 		}
+	}
+	// A first heartbeat at once gives the client a cursor to resume from
+	// even if it disconnects before any event or the next heartbeat.
+	if err := heartbeat(cur); err != nil {
+		return err
+	}
+	lastSent = time.Now()
+	c := f.Redis
+	for {
 		wait := max(time.Millisecond, hb-time.Since(lastSent))
 		res, err := c.Do(ctx, c.B().Xread().Count(perStream).Block(wait.Milliseconds()).Streams().Key(names...).Id(ids...).Build()).AsXRead()
 		if ctx.Err() != nil {
