@@ -531,18 +531,21 @@ func (r *Relay) deliver(ctx context.Context, conn *pgx.Conn, evs []Event) error 
 			n += k
 		}
 		r.logRepublished(len(resets), n)
+		held := r.Quarantined()
 		for _, e := range evs {
-			if _, ok := resets[e.Partition]; ok && !slices.Contains(r.Quarantined(), e.Partition) {
+			if _, ok := resets[e.Partition]; ok && !slices.Contains(held, e.Partition) {
 				again = append(again, e)
 			}
 		}
 		// No check this time: the stream now ends at its delivered tick,
 		// or at what the retention kept of it.
-		more, _, err := r.publish(ctx, again, false)
-		if err != nil {
-			return err
+		if len(again) > 0 {
+			more, _, err := r.publish(ctx, again, false)
+			if err != nil {
+				return err
+			}
+			clashes = append(clashes, more...)
 		}
-		clashes = append(clashes, more...)
 	}
 	if len(clashes) > 0 || len(resets) > 0 {
 		from := make(map[int32]int64, len(clashes)) // stream → first tick held back
@@ -600,8 +603,9 @@ func (r *Relay) reconcile(ctx context.Context, conn *pgx.Conn) error {
 		r.delivered[p] = max(r.delivered[p], t)
 	}
 	streams := make([]int32, 0, len(r.delivered))
+	held := r.Quarantined()
 	for p, t := range r.delivered {
-		if t > 0 && r.barren[p] != t && !slices.Contains(r.Quarantined(), p) {
+		if t > 0 && r.barren[p] != t && !slices.Contains(held, p) {
 			streams = append(streams, p)
 		}
 	}
