@@ -46,6 +46,7 @@ fuzz:
 	$(GO) test ./server -run '^$$' -fuzz '^FuzzPageToken$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./cache -run '^$$' -fuzz '^FuzzDecode$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./events -run '^$$' -fuzz '^FuzzParseCursor$$' -fuzztime $(FUZZTIME)
+	$(GO) test ./events -run '^$$' -fuzz '^FuzzDecodeEntry$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./auth -run '^$$' -fuzz '^FuzzParseBearer$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./auth -run '^$$' -fuzz '^FuzzPrincipalFromClaims$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./auth -run '^$$' -fuzz '^FuzzVerifyToken$$' -fuzztime $(FUZZTIME)

@@ -9,13 +9,16 @@ import (
 // ConfigOutboxBacklog reports the config outbox's undelivered events: how
 // many (counted up to limit) and when the oldest committed (zero when
 // none waits). The one place that defines "undelivered" for the config
-// outbox: every row in it is, as the relay deletes a row once it is in
-// Redis.
+// outbox: the rows above the relay's delivered tick (delivered ones stay
+// for the retention window).
 func (c *Catalog) ConfigOutboxBacklog(ctx context.Context, limit int64) (rows int64, oldest time.Time, err error) {
 	var t *time.Time
 	err = c.pool.QueryRow(ctx, `
-		SELECT (SELECT count(*) FROM (SELECT 1 FROM config_outbox LIMIT $1) o),
-		       (SELECT min(committed_at) FROM config_outbox)`, limit).Scan(&rows, &t)
+		WITH pending AS (
+		    SELECT tick, committed_at FROM config_outbox
+		    WHERE tick > coalesce((SELECT tick FROM config_outbox_delivered), 0))
+		SELECT (SELECT count(*) FROM (SELECT 1 FROM pending LIMIT $1) o),
+		       (SELECT min(committed_at) FROM pending)`, limit).Scan(&rows, &t)
 	if err != nil {
 		return 0, time.Time{}, fmt.Errorf("config outbox backlog: %w", err)
 	}

@@ -10,8 +10,9 @@ import (
 )
 
 // ReadConfigOutbox reads a tick range in order, up to a limit, leaving out
-// payloads over the cap; TrimConfigOutbox deletes exactly the ticks given.
-func TestReadAndTrimConfigOutbox(t *testing.T) {
+// payloads over the cap, passing over what MarkConfigDelivered says is
+// delivered, which stays for ReadConfigRetained and ReadConfigEvents.
+func TestReadAndMarkConfigOutbox(t *testing.T) {
 	t.Parallel()
 	cat := openConfigCatalog(t)
 	ctx := context.Background()
@@ -74,14 +75,28 @@ func TestReadAndTrimConfigOutbox(t *testing.T) {
 		t.Fatalf("limit 1: %d rows, %v", len(one), err)
 	}
 
-	if err := catalog.TrimConfigOutbox(ctx, conn, []int64{rows[0].Tick, rows[2].Tick}); err != nil {
+	if err := catalog.MarkConfigDelivered(ctx, conn, rows[1].Tick); err != nil {
+		t.Fatal(err)
+	}
+	if err := catalog.MarkConfigDelivered(ctx, conn, rows[0].Tick); err != nil { // never down
 		t.Fatal(err)
 	}
 	left, err := catalog.ReadConfigOutbox(ctx, conn, math.MinInt64, math.MaxInt64, 10, 100, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got := keys(left); got != "ns:b/c" {
-		t.Fatalf("after trimming a and d: %s", got)
+	if got := keys(left); got != "other:d" {
+		t.Fatalf("after delivering up to b/c: %s", got)
+	}
+	if d, err := catalog.ConfigDelivered(ctx, conn); err != nil || d != rows[1].Tick {
+		t.Fatalf("delivered tick %d, %v; want %d", d, err, rows[1].Tick)
+	}
+	kept, err := catalog.ReadConfigRetained(ctx, conn, 0, rows[2].Tick, 10, 100, nil)
+	if err != nil || keys(kept) != "ns:a,ns:b/c,other:d" {
+		t.Fatalf("retained: %s, %v", keys(kept), err)
+	}
+	all, delivered, err := cat.ReadConfigEvents(ctx, rows[0].Tick, 10, 100)
+	if err != nil || keys(all) != "ns:b/c,other:d" || delivered != rows[1].Tick {
+		t.Fatalf("events after a: %s, delivered %d, %v", keys(all), delivered, err)
 	}
 }

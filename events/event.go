@@ -33,6 +33,7 @@
 package events
 
 import (
+	"encoding/json"
 	"fmt"
 	"strconv"
 	"strings"
@@ -155,4 +156,89 @@ func decodeEntry(stream int32, id string, fv map[string]string) (Event, error) {
 		return Event{}, fmt.Errorf("stream entry %s: bad committed_at", id)
 	}
 	return e, nil
+}
+
+// checkEvent tells whether a decoded stream entry is a well-formed event of
+// its stream, as a relay writes them: the stream's own partition, an
+// entity that belongs in it (config in the config stream only), a key
+// that fits the entity, a user of that partition (when partitionOf is
+// given), and a payload that is JSON. Anyone who can write to Redis can
+// add entries, so a watcher checks before it delivers.
+func checkEvent(e *Event, fv map[string]string, partitionOf func(string) int32) error {
+	bad := func(what string) error { return fmt.Errorf("stream entry %d-0: %s", e.Tick, what) }
+	if fv[fieldPartition] != strconv.FormatInt(int64(e.Partition), 10) {
+		return bad("partition field " + strconv.Quote(fv[fieldPartition]) + " is not the stream's")
+	}
+	if !isUUID(e.ID) {
+		return bad("event_id is not a UUID")
+	}
+	if e.Op != OpUpsert && e.Op != OpDelete {
+		return bad("unknown op")
+	}
+	if e.Version <= 0 {
+		return bad("version is not positive")
+	}
+	if e.Payload != nil && (e.Omitted || !json.Valid(e.Payload)) {
+		return bad("payload is not JSON")
+	}
+	if e.Partition == ConfigStream {
+		ns, key, ok := strings.Cut(e.Key, "/")
+		switch {
+		case e.Entity != EntityConfig:
+			return bad("entity " + strconv.Quote(e.Entity) + " in the config stream")
+		case e.UserID != "":
+			return bad("a config event with a user")
+		case !ok || ns == "" || key == "":
+			return bad("config key is not namespace/key")
+		}
+		return nil
+	}
+	if e.UserID == "" || len(e.UserID) > 128 {
+		return bad("no valid user_id")
+	}
+	if partitionOf != nil && partitionOf(e.UserID) != e.Partition {
+		return bad("user_id belongs to another partition")
+	}
+	switch e.Entity {
+	case EntityUser:
+		if e.Key != e.UserID {
+			return bad("a user event's key is not its user")
+		}
+	case EntitySession:
+		if len(e.Key) != 64 || strings.Trim(e.Key, "0123456789abcdef") != "" {
+			return bad("a session event's key is not a token hash")
+		}
+		if e.Payload != nil {
+			return bad("a session event with a payload")
+		}
+	case EntityItem:
+		if c, k, ok := strings.Cut(e.Key, "/"); !ok || c == "" || k == "" {
+			return bad("an item event's key is not collection/key")
+		}
+	default:
+		return bad("entity " + strconv.Quote(e.Entity) + " in a partition stream")
+	}
+	return nil
+}
+
+// isUUID tells whether s is a UUID in its canonical text form (as
+// Postgres prints one: lower-case hex).
+func isUUID(s string) bool {
+	if len(s) != 36 {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		switch i {
+		case 8, 13, 18, 23:
+			if c != '-' {
+				return false
+			}
+		default:
+			if (c < '0' || c > '9') && (c < 'a' || c > 'f') {
+				return false
+			}
+		}
+	}
+	return true
 }

@@ -104,10 +104,16 @@ func waitFor(t testing.TB, what string, cond func() bool) {
 	}
 }
 
+// undelivered counts a shard's outbox rows above their partition's
+// delivered tick.
+const undeliveredSQL = `SELECT count(*) FROM outbox AS o
+WHERE o.tick > coalesce((SELECT d.tick FROM outbox_delivered AS d WHERE d.partition = o.partition), 0)`
+
+// outboxCount counts a shard's undelivered outbox rows.
 func outboxCount(t testing.TB, s testShard) int {
 	t.Helper()
 	var n int
-	if err := s.pool().QueryRow(context.Background(), `SELECT count(*) FROM outbox`).Scan(&n); err != nil {
+	if err := s.pool().QueryRow(context.Background(), undeliveredSQL).Scan(&n); err != nil {
 		t.Fatal(err)
 	}
 	return n

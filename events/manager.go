@@ -119,6 +119,29 @@ func (m *Manager) Stats() []RelayStat {
 	return out
 }
 
+// Republished counts the events this manager's relays published again
+// into streams Redis had lost.
+func (m *Manager) Republished() int64 {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var n int64
+	for _, r := range m.relays {
+		n += r.relay.Republished()
+	}
+	return n
+}
+
+// Pruned counts the delivered events this manager's relays pruned.
+func (m *Manager) Pruned() int64 {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var n int64
+	for _, r := range m.relays {
+		n += r.relay.Pruned()
+	}
+	return n
+}
+
 // QuarantinedStreams returns how many streams (partitions, and the config
 // stream) the relays of this manager hold back because they clash with
 // their outbox clock (see Relay.Quarantined).

@@ -230,17 +230,18 @@ func insertEvents(t testing.TB, pool *pgxpool.Pool, evs ...event) {
 	}
 }
 
-// repairClock renumbers a partition's outbox rows from firstHeld on to
-// start right after the stream's top, and raises its clock as much: the
-// repair docs/events.md gives operators.
+// repairClock renumbers a partition's undelivered outbox rows (from
+// firstHeld on) to start right after the stream's top, and raises its
+// clock as much: the repair docs/events.md gives operators.
 func repairClock(t testing.TB, pool *pgxpool.Pool, partition int32, top, firstHeld int64) {
 	t.Helper()
 	ctx := context.Background()
 	err := pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
 		for _, q := range []string{
 			`SELECT tick FROM outbox_clock WHERE partition = $1 FOR UPDATE`,
-			`UPDATE outbox SET tick = -tick WHERE partition = $1`,
-			`UPDATE outbox SET tick = -tick + ($2::bigint + 1 - $3::bigint) WHERE partition = $1`,
+			`UPDATE outbox SET tick = -tick WHERE partition = $1
+			   AND tick > coalesce((SELECT tick FROM outbox_delivered WHERE partition = $1), 0)`,
+			`UPDATE outbox SET tick = -tick + ($2::bigint + 1 - $3::bigint) WHERE partition = $1 AND tick < 0`,
 			`UPDATE outbox_clock SET tick = tick + ($2::bigint + 1 - $3::bigint) WHERE partition = $1`,
 		} {
 			args := []any{partition}
@@ -285,10 +286,11 @@ func seedEntry(t testing.TB, c rueidis.Client, keys Keys, stream int32, tick int
 	}
 }
 
-// outboxTicks lists the ticks of a partition's outbox rows.
+// outboxTicks lists the ticks of a partition's undelivered outbox rows.
 func outboxTicks(t testing.TB, pool *pgxpool.Pool, partition int32) []int64 {
 	t.Helper()
-	rows, _ := pool.Query(context.Background(), `SELECT tick FROM outbox WHERE partition = $1 ORDER BY tick`, partition)
+	rows, _ := pool.Query(context.Background(), `SELECT tick FROM outbox WHERE partition = $1
+		AND tick > coalesce((SELECT tick FROM outbox_delivered WHERE partition = $1), 0) ORDER BY tick`, partition)
 	ticks, err := pgx.CollectRows(rows, pgx.RowTo[int64])
 	if err != nil {
 		t.Fatal(err)

@@ -54,14 +54,33 @@ type RelayOptions struct {
 	// never copy payloads.
 	MaxPayloadBytes int
 	// Invalidate, if set, is called with each batch after it is in Redis
-	// and before its outbox rows are deleted, so the caller can drop cache
-	// entries the changes made stale. An error keeps the rows; the batch is
-	// published (deduplicated by Redis) and handed over again after a pause.
+	// and before it is marked delivered, so the caller can drop cache
+	// entries the changes made stale. An error leaves the batch
+	// undelivered; it is published again (deduplicated by Redis) and
+	// handed over again after a pause.
 	Invalidate func(ctx context.Context, evs []Event) error
-	Logger     *slog.Logger
 	// Tracer, if set, records a span per delivered batch; nil: none.
 	Tracer trace.Tracer
+	// Retention is how long delivered events stay in the outbox (default
+	// DefaultRetention; negative: for good), so a stream Redis lost can be
+	// published again and a Watch cursor older than the stream is served
+	// from Postgres. The leading relay prunes older ones every
+	// PruneInterval (default a minute, or Retention/4 if shorter).
+	Retention     time.Duration
+	PruneInterval time.Duration
+	// ReconcileInterval is how often the leading relay checks every stream
+	// it has delivered to against its delivered tick, publishing the
+	// retained events again into a stream Redis lost (default 5s). A
+	// stream that gets new events is checked as they are published too.
+	ReconcileInterval time.Duration
+	Logger            *slog.Logger
 }
+
+// DefaultMaxPayloadBytes is RelayOptions.MaxPayloadBytes's default.
+const DefaultMaxPayloadBytes = 64 << 10
+
+// DefaultRetention is RelayOptions.Retention's default.
+const DefaultRetention = 24 * time.Hour
 
 func (o RelayOptions) withDefaults() RelayOptions {
 	if o.Prefix == "" {
@@ -84,7 +103,19 @@ func (o RelayOptions) withDefaults() RelayOptions {
 		o.ElectInterval = time.Second
 	}
 	if o.MaxPayloadBytes == 0 {
-		o.MaxPayloadBytes = 64 << 10
+		o.MaxPayloadBytes = DefaultMaxPayloadBytes
+	}
+	if o.Retention == 0 {
+		o.Retention = DefaultRetention
+	}
+	if o.PruneInterval <= 0 {
+		o.PruneInterval = time.Minute
+		if o.Retention > 0 {
+			o.PruneInterval = min(o.PruneInterval, max(o.Retention/4, 10*time.Millisecond))
+		}
+	}
+	if o.ReconcileInterval <= 0 {
+		o.ReconcileInterval = 5 * time.Second
 	}
 	if o.Logger == nil {
 		o.Logger = slog.Default()
@@ -102,14 +133,23 @@ type source struct {
 	outbox  outbox
 }
 
-// outbox reads and deletes a relay's rows; the SQL lives with the
-// database's own package (shards, catalog).
+// outbox reads a relay's rows and records what it delivered; the SQL lives
+// with the database's own package (shards, catalog).
 type outbox interface {
-	// read appends to evs the events after `after` and before end, at most
-	// limit, with payloads capped at maxPayload (see RelayOptions).
+	// read appends to evs the undelivered events after `after` and before
+	// end, at most limit, with payloads capped at maxPayload (see
+	// RelayOptions).
 	read(ctx context.Context, conn *pgx.Conn, after, end Position, limit, maxPayload int, evs []Event) ([]Event, error)
-	// trim deletes delivered events.
-	trim(ctx context.Context, conn *pgx.Conn, evs []Event) error
+	// retained appends to evs the events of stream, delivered or not, with
+	// after < tick <= upTo, at most limit.
+	retained(ctx context.Context, conn *pgx.Conn, stream int32, after, upTo int64, limit, maxPayload int, evs []Event) ([]Event, error)
+	// markDelivered records each stream's delivered tick.
+	markDelivered(ctx context.Context, conn *pgx.Conn, upTo map[int32]int64) error
+	// delivered returns the streams' delivered ticks (those above 0).
+	delivered(ctx context.Context, conn *pgx.Conn) (map[int32]int64, error)
+	// prune deletes delivered events committed before cutoff (see
+	// shards.PruneOutbox).
+	prune(ctx context.Context, conn *pgx.Conn, cutoff time.Time, after int64, window int) (deleted, next int64, err error)
 }
 
 func shardSource() source {
@@ -126,6 +166,20 @@ func configSource() source {
 // relay reads from one goroutine).
 type shardOutbox struct{ rows []shards.OutboxRow }
 
+// ShardEvent is the event of a shard's outbox row.
+func ShardEvent(r *shards.OutboxRow) Event {
+	return Event{ID: r.EventID, Partition: r.Partition, Tick: r.Tick, UserID: r.UserID,
+		Entity: r.Entity, Key: r.Key, Op: r.Op, Version: r.Version,
+		Payload: r.Payload, Omitted: r.Omitted, CommittedAt: r.CommittedAt}
+}
+
+// ConfigEvent is the event of a config outbox row.
+func ConfigEvent(r *catalog.ConfigOutboxRow) Event {
+	return Event{ID: r.EventID, Partition: ConfigStream, Tick: r.Tick,
+		Entity: EntityConfig, Key: r.Namespace + "/" + r.Key, Op: r.Op, Version: r.Version,
+		Payload: r.Payload, Omitted: r.Omitted, CommittedAt: r.CommittedAt}
+}
+
 func (o *shardOutbox) read(ctx context.Context, conn *pgx.Conn, after, end Position, limit, maxPayload int, evs []Event) ([]Event, error) {
 	rows, err := shards.ReadOutbox(ctx, conn, shards.OutboxPos{Partition: after.Stream, Tick: after.Tick},
 		shards.OutboxPos{Partition: end.Stream, Tick: end.Tick}, limit, maxPayload, o.rows[:0])
@@ -133,21 +187,38 @@ func (o *shardOutbox) read(ctx context.Context, conn *pgx.Conn, after, end Posit
 	if err != nil {
 		return nil, err
 	}
-	for _, r := range rows {
-		evs = append(evs, Event{ID: r.EventID, Partition: r.Partition, Tick: r.Tick, UserID: r.UserID,
-			Entity: r.Entity, Key: r.Key, Op: r.Op, Version: r.Version,
-			Payload: r.Payload, Omitted: r.Omitted, CommittedAt: r.CommittedAt})
+	for i := range rows {
+		evs = append(evs, ShardEvent(&rows[i]))
 	}
 	return evs, nil
 }
 
-func (o *shardOutbox) trim(ctx context.Context, conn *pgx.Conn, evs []Event) error {
-	parts := make([]int32, len(evs))
-	ticks := make([]int64, len(evs))
-	for i, e := range evs {
-		parts[i], ticks[i] = e.Partition, e.Tick
+func (o *shardOutbox) retained(ctx context.Context, conn *pgx.Conn, stream int32, after, upTo int64, limit, maxPayload int, evs []Event) ([]Event, error) {
+	rows, err := shards.ReadRetained(ctx, conn, stream, after, upTo, limit, maxPayload, nil)
+	if err != nil {
+		return nil, err
 	}
-	return shards.TrimOutbox(ctx, conn, parts, ticks)
+	for i := range rows {
+		evs = append(evs, ShardEvent(&rows[i]))
+	}
+	return evs, nil
+}
+
+func (o *shardOutbox) markDelivered(ctx context.Context, conn *pgx.Conn, upTo map[int32]int64) error {
+	parts := make([]int32, 0, len(upTo))
+	ticks := make([]int64, 0, len(upTo))
+	for p, t := range upTo {
+		parts, ticks = append(parts, p), append(ticks, t)
+	}
+	return shards.MarkDelivered(ctx, conn, parts, ticks)
+}
+
+func (o *shardOutbox) delivered(ctx context.Context, conn *pgx.Conn) (map[int32]int64, error) {
+	return shards.DeliveredTicks(ctx, conn)
+}
+
+func (o *shardOutbox) prune(ctx context.Context, conn *pgx.Conn, cutoff time.Time, after int64, window int) (int64, int64, error) {
+	return shards.PruneOutbox(ctx, conn, cutoff, after, window)
 }
 
 // configOutbox is the catalog's config outbox; rows as in shardOutbox.
@@ -170,20 +241,37 @@ func (o *configOutbox) read(ctx context.Context, conn *pgx.Conn, after, end Posi
 	if err != nil {
 		return nil, err
 	}
-	for _, r := range rows {
-		evs = append(evs, Event{ID: r.EventID, Partition: ConfigStream, Tick: r.Tick,
-			Entity: EntityConfig, Key: r.Namespace + "/" + r.Key, Op: r.Op, Version: r.Version,
-			Payload: r.Payload, Omitted: r.Omitted, CommittedAt: r.CommittedAt})
+	for i := range rows {
+		evs = append(evs, ConfigEvent(&rows[i]))
 	}
 	return evs, nil
 }
 
-func (o *configOutbox) trim(ctx context.Context, conn *pgx.Conn, evs []Event) error {
-	ticks := make([]int64, len(evs))
-	for i, e := range evs {
-		ticks[i] = e.Tick
+func (o *configOutbox) retained(ctx context.Context, conn *pgx.Conn, stream int32, after, upTo int64, limit, maxPayload int, evs []Event) ([]Event, error) {
+	rows, err := catalog.ReadConfigRetained(ctx, conn, after, upTo, limit, maxPayload, nil)
+	if err != nil {
+		return nil, err
 	}
-	return catalog.TrimConfigOutbox(ctx, conn, ticks)
+	for i := range rows {
+		evs = append(evs, ConfigEvent(&rows[i]))
+	}
+	return evs, nil
+}
+
+func (o *configOutbox) markDelivered(ctx context.Context, conn *pgx.Conn, upTo map[int32]int64) error {
+	return catalog.MarkConfigDelivered(ctx, conn, upTo[ConfigStream])
+}
+
+func (o *configOutbox) delivered(ctx context.Context, conn *pgx.Conn) (map[int32]int64, error) {
+	t, err := catalog.ConfigDelivered(ctx, conn)
+	if err != nil || t == 0 {
+		return map[int32]int64{}, err
+	}
+	return map[int32]int64{ConfigStream: t}, nil
+}
+
+func (o *configOutbox) prune(ctx context.Context, conn *pgx.Conn, cutoff time.Time, after int64, window int) (int64, int64, error) {
+	return catalog.PruneConfigOutbox(ctx, conn, cutoff, after, window)
 }
 
 // Relay publishes one database's outbox to Redis Streams. Run it on every
@@ -208,10 +296,21 @@ type Relay struct {
 	mu          sync.Mutex
 	quarantined map[int32]bool // under mu; streams held back while leading
 
+	// Owned by the leading relay's goroutine, reset each term: each
+	// stream's delivered tick as far as this term knows (never above the
+	// database's), and the delivered tick up to which a reset stream had
+	// no retained events left to publish again (not checked again until
+	// its delivered tick moves).
+	delivered map[int32]int64
+	barren    map[int32]int64
+
+	republished atomic.Int64 // events published again into reset streams
+	pruned      atomic.Int64 // delivered events pruned past the retention
+
 	leading atomic.Bool
 	wake    chan struct{} // a wake-up waiting for the relay's next wait
 	reads   atomic.Int64  // outbox reads while leading
-	// published counts events delivered (in Redis and out of the outbox).
+	// published counts events delivered (in Redis and marked delivered).
 	published atomic.Int64
 }
 
@@ -220,6 +319,13 @@ func (r *Relay) Published() int64 { return r.published.Load() }
 
 // Leading reports whether this relay holds its database's lock.
 func (r *Relay) Leading() bool { return r.leading.Load() }
+
+// Republished counts the events this relay published again into streams
+// Redis had lost.
+func (r *Relay) Republished() int64 { return r.republished.Load() }
+
+// Pruned counts the delivered events this relay pruned past the retention.
+func (r *Relay) Pruned() int64 { return r.pruned.Load() }
 
 // Reads counts the relay's reads of its outbox (each a query or a few,
 // one per stretch between quarantined partitions).
@@ -289,6 +395,11 @@ func (r *Relay) runOnce(ctx context.Context) (bool, error) {
 	// a crash means publishing them again, which Redis refuses as
 	// duplicates; waiting for each delete's WAL flush would only add latency.
 	cfg.RuntimeParams["synchronous_commit"] = "off"
+	// The outbox read goes partition by partition from each one's
+	// delivered tick (shards.ReadOutbox); with a bitmap scan Postgres reads
+	// and sorts each partition's whole backlog before the limit applies,
+	// which cost a draining relay more than half its throughput.
+	cfg.RuntimeParams["enable_bitmapscan"] = "off"
 	conn, err := pgx.ConnectConfig(ctx, cfg)
 	if err != nil {
 		return false, err
@@ -300,6 +411,13 @@ func (r *Relay) runOnce(ctx context.Context) (bool, error) {
 	r.opts.Logger.Info("event relay elected", "relay", r.name)
 	r.leading.Store(true)
 	defer r.leading.Store(false)
+	if r.opts.Retention > 0 {
+		pctx, stop := context.WithCancel(ctx)
+		var wg sync.WaitGroup
+		wg.Go(func() { r.pruneLoop(pctx) })
+		defer wg.Wait()
+		defer stop()
+	}
 	return true, r.relay(ctx, conn)
 }
 
@@ -315,6 +433,11 @@ func (r *Relay) relay(ctx context.Context, conn *pgx.Conn) error {
 	// meanwhile flows again; a follower holds nothing back.
 	r.clearQuarantine()
 	defer r.clearQuarantine()
+	r.delivered, r.barren = map[int32]int64{}, map[int32]int64{}
+	if err := r.reconcile(ctx, conn); err != nil {
+		return err
+	}
+	reconciled := time.Now()
 	start := Position{Stream: -2}
 	pos := start
 	poll := r.opts.MinPollInterval
@@ -322,6 +445,14 @@ func (r *Relay) relay(ctx context.Context, conn *pgx.Conn) error {
 	defer timer.Stop()
 	found := false // the pass from start found events
 	for {
+		// Also while busy: a stream that gets no new events is found
+		// only here.
+		if time.Since(reconciled) >= r.opts.ReconcileInterval {
+			if err := r.reconcile(ctx, conn); err != nil {
+				return err
+			}
+			reconciled = time.Now()
+		}
 		r.reads.Add(1)
 		evs, err := r.fetch(ctx, conn, pos)
 		if err != nil {
@@ -342,6 +473,7 @@ func (r *Relay) relay(ctx context.Context, conn *pgx.Conn) error {
 			pos = start
 			continue
 		}
+
 		if found {
 			poll = r.opts.MinPollInterval
 		} else {
@@ -390,10 +522,12 @@ func (r *Relay) fetch(ctx context.Context, conn *pgx.Conn, after Position) ([]Ev
 }
 
 // deliver puts evs into their streams, hands them to Invalidate, then
-// deletes them from the outbox: an event leaves the outbox only once it is
-// in Redis. A stream that clashes with the outbox clock is quarantined: its
-// event at the clashing tick and every later one stay in the outbox,
+// marks them delivered: an event counts as delivered only once it is in
+// Redis. A stream that clashes with the outbox clock is quarantined: its
+// event at the clashing tick and every later one stay undelivered,
 // unpublished and not handed to Invalidate; the rest of the batch goes on.
+// A stream found reset (Redis lost events it had delivered) first gets
+// its retained events again.
 func (r *Relay) deliver(ctx context.Context, conn *pgx.Conn, evs []Event) (err error) {
 	if r.opts.Tracer != nil {
 		var span trace.Span
@@ -407,15 +541,47 @@ func (r *Relay) deliver(ctx context.Context, conn *pgx.Conn, evs []Event) (err e
 			span.End()
 		}()
 	}
-	clashes, err := r.publish(ctx, evs)
+	clashes, resets, err := r.publish(ctx, evs, true)
 	if err != nil {
 		return err
 	}
-	if len(clashes) > 0 {
+	if len(resets) > 0 {
+		again := make([]Event, 0, len(evs))
+		n := 0
+		for _, rs := range resets {
+			k, err := r.republish(ctx, conn, rs.stream, rs.last)
+			if err != nil {
+				return err
+			}
+			n += k
+		}
+		r.logRepublished(len(resets), n)
+		held := r.Quarantined()
+		for _, e := range evs {
+			if _, ok := resets[e.Partition]; ok && !slices.Contains(held, e.Partition) {
+				again = append(again, e)
+			}
+		}
+		// No check this time: the stream now ends at its delivered tick,
+		// or at what the retention kept of it.
+		if len(again) > 0 {
+			more, _, err := r.publish(ctx, again, false)
+			if err != nil {
+				return err
+			}
+			clashes = append(clashes, more...)
+		}
+	}
+	if len(clashes) > 0 || len(resets) > 0 {
 		from := make(map[int32]int64, len(clashes)) // stream → first tick held back
 		for _, c := range clashes {
 			r.quarantine(c)
 			from[c.ev.Partition] = c.ev.Tick
+		}
+		for _, p := range r.Quarantined() { // quarantined while republishing
+			if _, ok := from[p]; !ok {
+				from[p] = 0
+			}
 		}
 		// A new slice: the caller pages on with evs.
 		kept := make([]Event, 0, len(evs))
@@ -436,18 +602,208 @@ func (r *Relay) deliver(ctx context.Context, conn *pgx.Conn, evs []Event) (err e
 			return fmt.Errorf("invalidate: %w", err)
 		}
 	}
-	if err := r.src.outbox.trim(ctx, conn, evs); err != nil {
+	upTo := make(map[int32]int64, 8)
+	for _, e := range evs {
+		upTo[e.Partition] = max(upTo[e.Partition], e.Tick)
+	}
+	if err := r.src.outbox.markDelivered(ctx, conn, upTo); err != nil {
 		return err
 	}
 	r.published.Add(int64(len(evs)))
+	for p, t := range upTo {
+		r.delivered[p] = max(r.delivered[p], t)
+	}
 	return nil
 }
+
+// reconcile checks every stream with a delivered tick: one whose last
+// entry is below it (missing, emptied or behind: Redis restarted without
+// persistence, was flushed, or failed over to a stale replica) gets the
+// retained events above its last entry again, with the same IDs.
+func (r *Relay) reconcile(ctx context.Context, conn *pgx.Conn) error {
+	marks, err := r.src.outbox.delivered(ctx, conn)
+	if err != nil {
+		return err
+	}
+	for p, t := range marks {
+		r.delivered[p] = max(r.delivered[p], t)
+	}
+	streams := make([]int32, 0, len(r.delivered))
+	held := r.Quarantined()
+	for p, t := range r.delivered {
+		if t > 0 && r.barren[p] != t && !slices.Contains(held, p) {
+			streams = append(streams, p)
+		}
+	}
+	slices.Sort(streams)
+	const chunk = 500
+	resets, republished := 0, 0
+	defer func() { r.logRepublished(resets, republished) }()
+	for len(streams) > 0 {
+		n := min(chunk, len(streams))
+		part := streams[:n]
+		streams = streams[n:]
+		results, err := r.evalAll(ctx, checkLua, len(part), func(i int) (string, []string) {
+			return r.keys.Stream(part[i]), []string{strconv.FormatInt(r.delivered[part[i]], 10)}
+		})
+		if err != nil {
+			return err
+		}
+		for i, res := range results {
+			got, err := res.AsStrSlice()
+			if err != nil {
+				return fmt.Errorf("check stream %s: %w", r.keys.Stream(part[i]), err)
+			}
+			if len(got) == 0 {
+				continue
+			}
+			last, err := resetReply(got)
+			if err != nil {
+				return fmt.Errorf("check stream %s: %w", r.keys.Stream(part[i]), err)
+			}
+			n, err := r.republish(ctx, conn, part[i], last)
+			if err != nil {
+				return err
+			}
+			resets, republished = resets+1, republished+n
+		}
+	}
+	return nil
+}
+
+// republish publishes stream's retained events above its last entry
+// `last` up to its delivered tick again, with their IDs, and returns how
+// many. A stream that lost everything gets at most the last MaxLen of
+// them, which is all the stream would hold; older cursors are served from
+// Postgres.
+func (r *Relay) republish(ctx context.Context, conn *pgx.Conn, stream int32, last int64) (int, error) {
+	upTo := r.delivered[stream]
+	from := last
+	if last == 0 && upTo-from > r.opts.MaxLen {
+		from = upTo - r.opts.MaxLen
+	}
+	total := 0
+	for from < upTo {
+		evs, err := r.src.outbox.retained(ctx, conn, stream, from, upTo, r.opts.BatchSize, r.opts.MaxPayloadBytes, nil)
+		if err != nil {
+			return total, err
+		}
+		if len(evs) == 0 {
+			break
+		}
+		clashes, _, err := r.publish(ctx, evs, false)
+		if err != nil {
+			return total, err
+		}
+		if len(clashes) > 0 {
+			r.quarantine(clashes[0])
+			break
+		}
+		total += len(evs)
+		from = evs[len(evs)-1].Tick
+	}
+	r.republished.Add(int64(total))
+	if total == 0 {
+		r.barren[stream] = upTo
+	}
+	return total, nil
+}
+
+// logRepublished says, once per round, that streams were found behind
+// their delivered events: after Redis lost everything that is every
+// stream, too many for a line each.
+func (r *Relay) logRepublished(streams, events int) {
+	if streams == 0 {
+		return
+	}
+	r.opts.Logger.Warn("event relay found streams behind their delivered events (Redis lost them) and published the retained ones again",
+		"relay", r.name, "streams", streams, "republished", events)
+}
+
+// pruneLoop deletes delivered events older than the retention every
+// PruneInterval while the relay leads, on a connection of its own so that
+// publishing never waits for it.
+func (r *Relay) pruneLoop(ctx context.Context) {
+	t := time.NewTicker(r.opts.PruneInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		if err := r.pruneOnce(ctx); err != nil && ctx.Err() == nil {
+			r.opts.Logger.Warn("event relay could not prune delivered events; retrying next round", "relay", r.name, "err", err)
+		}
+	}
+}
+
+// pruneWindow is how many outbox rows one prune statement looks at.
+const pruneWindow = 2000
+
+func (r *Relay) pruneOnce(ctx context.Context) error {
+	cfg, err := pgx.ParseConfig(r.dsn)
+	if err != nil {
+		return err
+	}
+	cfg.RuntimeParams["application_name"] = RelayApplicationName + "-prune"
+	// Losing the last deletes in a crash only means pruning them again.
+	cfg.RuntimeParams["synchronous_commit"] = "off"
+	conn, err := pgx.ConnectConfig(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	defer conn.Close(context.Background())
+	cutoff := time.Now().Add(-r.opts.Retention)
+	var after int64
+	for {
+		n, next, err := r.src.outbox.prune(ctx, conn, cutoff, after, pruneWindow)
+		r.pruned.Add(n)
+		if err != nil || next == 0 {
+			return err
+		}
+		after = next
+	}
+}
+
+// luaPrelude holds what the scripts share. behind(D) tells whether the
+// stream KEYS[1] ends below tick D (decimal; '0' checks nothing): missing,
+// emptied or behind, as when Redis restarted without persistence or was
+// flushed. It returns the tick of its last entry then; an emptied stream
+// is deleted, since its last ID would refuse the entries published again.
+const luaPrelude = `
+local function lt(x, y) -- decimal strings without leading zeros
+  if #x ~= #y then return #x < #y end
+  return x < y
+end
+local function behind(d)
+  if d == '0' then return nil end
+  local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+  local tick = '0'
+  if #last > 0 then tick = string.match(last[1][1], '^(%d+)-') or '0' end
+  if not lt(tick, d) then return nil end
+  if #last == 0 and redis.call('EXISTS', KEYS[1]) == 1 then redis.call('DEL', KEYS[1]) end
+  return tick
+end
+`
+
+// checkScript answers {'reset', the last entry's tick} when the stream
+// KEYS[1] ends below the delivered tick ARGV[1], else {}.
+const checkScript = luaPrelude + `
+local last = behind(ARGV[1])
+if last then return {'reset', last} end
+return {}`
 
 // publishScript XADDs a batch of entries to one stream (KEYS[1]) in order
 // and stops at the first failure, so a stream never gets a later event
 // without the ones before it: a failed XADD (out of memory, say) followed
 // by a successful one would leave a hole that no retry could fill, since an
 // ID below the top is refused.
+//
+// First, given the stream's delivered tick (ARGV[3], '0' to skip), it
+// checks that the stream still ends at or above it; if not it adds nothing
+// and returns {'reset', the last entry's tick}, and the relay publishes
+// the retained events again before this batch.
 //
 // An ID at or below the top is refused by Redis. The script checks it on
 // the spot, before adding anything after it and with no trimming in
@@ -458,13 +814,9 @@ func (r *Relay) deliver(ctx context.Context, conn *pgx.Conn, evs []Event) (err e
 // returning {ID, 'other', the event_id found, the stream's top} or {ID,
 // 'hole', the stream's first ID, its top}; it returns {} when all is in.
 //
-// ARGV: MAXLEN, the event_id field's name, then per entry its ID, its
-// number of fields and the field-value pairs.
-const publishScript = `
-local function lt(x, y) -- decimal strings without leading zeros
-  if #x ~= #y then return #x < #y end
-  return x < y
-end
+// ARGV: MAXLEN, the event_id field's name, the delivered tick, then per
+// entry its ID, its number of fields and the field-value pairs.
+const publishScript = luaPrelude + `
 local function before(a, b) -- stream IDs <ms>-<seq>
   local am, as = string.match(a, '^(%d+)-(%d+)$')
   local bm, bs = string.match(b, '^(%d+)-(%d+)$')
@@ -481,7 +833,9 @@ local function top()
   local info = redis.call('XINFO', 'STREAM', KEYS[1])
   return field(info, 1, #info, 'last-generated-id') or ''
 end
-local i = 3
+local last = behind(ARGV[3])
+if last then return {'reset', last} end
+local i = 4
 while i <= #ARGV do
   local id, nf = ARGV[i], tonumber(ARGV[i + 1])
   local args = {'XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], id}
@@ -518,7 +872,10 @@ func newScript(body string) script {
 	return script{body: body, sha: hex.EncodeToString(h[:])}
 }
 
-var publishLua = newScript(publishScript)
+var (
+	publishLua = newScript(publishScript)
+	checkLua   = newScript(checkScript)
+)
 
 // A clash is an entry a stream refused that is not a copy of the outbox's
 // event: the stream holds another event at its tick, or none though the
@@ -532,11 +889,52 @@ type clash struct {
 	top   string // the stream's last ID
 }
 
+// A reset is a stream that ends below its delivered tick.
+type reset struct {
+	stream int32
+	last   int64 // the tick of its last entry, 0 if none
+}
+
+// resetReply parses a script's {'reset', last tick}.
+func resetReply(got []string) (int64, error) {
+	if len(got) != 2 || got[0] != "reset" {
+		return 0, fmt.Errorf("script answered %q", got)
+	}
+	return strconv.ParseInt(got[1], 10, 64)
+}
+
+// evalAll runs sc on n streams in one pipeline, the i-th with key and
+// arguments from arg, loading the script first if Redis lacks it.
+func (r *Relay) evalAll(ctx context.Context, sc script, n int, arg func(i int) (string, []string)) ([]rueidis.RedisResult, error) {
+	c := r.opts.Redis
+	// Commands are built per send: rueidis recycles a command once sent.
+	send := func() []rueidis.RedisResult {
+		cmds := make(rueidis.Commands, n)
+		for i := range n {
+			key, args := arg(i)
+			cmds[i] = c.B().Evalsha().Sha1(sc.sha).Numkeys(1).Key(key).Arg(args...).Build()
+		}
+		return c.DoMulti(ctx, cmds...)
+	}
+	results := send()
+	for _, res := range results {
+		if re, ok := rueidis.IsRedisErr(res.Error()); ok && re.IsNoScript() {
+			// First use on this Redis (or after a restart): load and redo.
+			// Streams that did get their entries report them as copies.
+			if err := c.Do(ctx, c.B().ScriptLoad().Script(sc.body).Build()).Error(); err != nil {
+				return nil, fmt.Errorf("load script: %w", err)
+			}
+			return send(), nil
+		}
+	}
+	return results, nil
+}
+
 // publish appends evs to their streams: one script call per stream, all
 // in one pipeline. It reports the streams that clash with the outbox
-// clock; their entries from the clash on were not added.
-func (r *Relay) publish(ctx context.Context, evs []Event) ([]clash, error) {
-	c := r.opts.Redis
+// clock (their entries from the clash on were not added) and, if check,
+// those that end below their delivered tick (nothing was added to them).
+func (r *Relay) publish(ctx context.Context, evs []Event, check bool) ([]clash, map[int32]reset, error) {
 	maxLen := strconv.FormatInt(r.opts.MaxLen, 10)
 	var (
 		order  []int32
@@ -550,50 +948,54 @@ func (r *Relay) publish(ctx context.Context, evs []Event) ([]clash, error) {
 	}
 	args := make([][]string, len(order))
 	for g, p := range order {
-		args[g] = []string{maxLen, fieldID}
+		d := "0"
+		if check {
+			d = strconv.FormatInt(r.delivered[p], 10)
+		}
+		args[g] = []string{maxLen, fieldID, d}
 		for _, i := range groups[p] {
 			f := evs[i].fields()
 			args[g] = append(args[g], entryID(evs[i].Tick), strconv.Itoa(len(f)/2))
 			args[g] = append(args[g], f...)
 		}
 	}
-	// Commands are built per send: rueidis recycles a command once sent.
-	send := func() []rueidis.RedisResult {
-		cmds := make(rueidis.Commands, len(order))
-		for g, p := range order {
-			cmds[g] = c.B().Evalsha().Sha1(r.script.sha).Numkeys(1).Key(r.keys.Stream(p)).Arg(args[g]...).Build()
-		}
-		return c.DoMulti(ctx, cmds...)
+	results, err := r.evalAll(ctx, r.script, len(order), func(g int) (string, []string) {
+		return r.keys.Stream(order[g]), args[g]
+	})
+	if err != nil {
+		return nil, nil, fmt.Errorf("publish: %w", err)
 	}
-	results := send()
-	for _, res := range results {
-		if re, ok := rueidis.IsRedisErr(res.Error()); ok && re.IsNoScript() {
-			// First use on this Redis (or after a restart): load and redo.
-			// Streams that did get their entries report them as copies.
-			if err := c.Do(ctx, c.B().ScriptLoad().Script(r.script.body).Build()).Error(); err != nil {
-				return nil, fmt.Errorf("load publish script: %w", err)
-			}
-			results = send()
-			break
-		}
-	}
-	var clashes []clash
+	var (
+		clashes []clash
+		resets  map[int32]reset
+	)
 	for g, res := range results {
 		stream := r.keys.Stream(order[g])
 		got, err := res.AsStrSlice()
 		if err != nil {
-			return nil, fmt.Errorf("publish to %s: %w", stream, err)
+			return nil, nil, fmt.Errorf("publish to %s: %w", stream, err)
 		}
-		if len(got) == 0 {
+		switch {
+		case len(got) == 0:
+			continue
+		case got[0] == "reset":
+			last, err := resetReply(got)
+			if err != nil {
+				return nil, nil, fmt.Errorf("publish to %s: %w", stream, err)
+			}
+			if resets == nil {
+				resets = map[int32]reset{}
+			}
+			resets[order[g]] = reset{stream: order[g], last: last}
 			continue
 		}
 		cl, err := r.checkClash(evs, groups[order[g]], got)
 		if err != nil {
-			return nil, fmt.Errorf("publish to %s: %w", stream, err)
+			return nil, nil, fmt.Errorf("publish to %s: %w", stream, err)
 		}
 		clashes = append(clashes, cl)
 	}
-	return clashes, nil
+	return clashes, resets, nil
 }
 
 // checkClash turns the script's report of a stream whose refused entry is

@@ -42,7 +42,8 @@ func TestCacheAcrossMove(t *testing.T) {
 	// before the cache is filled: nothing of the partition is in flight.
 	source := h.ownerOf(p)
 	target := h.other(source)
-	for deadline := time.Now().Add(30 * time.Second); h.query(source, `SELECT count(*) FROM outbox WHERE partition = $1`, p) > 0; {
+	for deadline := time.Now().Add(30 * time.Second); h.query(source, `SELECT count(*) FROM outbox WHERE partition = $1
+		AND tick > coalesce((SELECT tick FROM outbox_delivered WHERE partition = $1), 0)`, p) > 0; {
 		if time.Now().After(deadline) {
 			t.Fatal("the partition's events were not relayed within 30 s")
 		}

@@ -325,7 +325,7 @@ func (h *harness) replicationObjectsOn(name string) []string {
 }
 
 // movedTables hold a partition's rows (shards.moveTables).
-var movedTables = []string{"outbox_clock", "users", "sessions", "items", "user_tombstones", "item_tombstones", "outbox"}
+var movedTables = []string{"outbox_clock", "outbox_delivered", "users", "sessions", "items", "user_tombstones", "item_tombstones", "outbox"}
 
 // checkNoStrayRows fails the test if a shard holds rows of a partition it
 // does not own, an ownership row in another state than owned, or a move's

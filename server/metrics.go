@@ -65,6 +65,28 @@ func (s *Server) newRegistry() *prometheus.Registry {
 			}
 			return float64(relays.QuarantinedStreams())
 		}),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "shardgate_watch_dropped_entries_total",
+			Help: "Stream entries Watch dropped because they are not a well-formed event of their stream (written to Redis by someone else); logged at WARN, at most every 10 s.",
+		}, func() float64 { return float64(s.droppedEntries.Load()) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "shardgate_relay_republished_events_total",
+			Help: "Events this server's leading relays published again into streams found behind their delivered events (Redis lost them).",
+		}, func() float64 {
+			if m := s.relayManager(); m != nil {
+				return float64(m.Republished())
+			}
+			return 0
+		}),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "shardgate_relay_pruned_events_total",
+			Help: "Delivered events this server's leading relays pruned from the outboxes past the event retention.",
+		}, func() float64 {
+			if m := s.relayManager(); m != nil {
+				return float64(m.Pruned())
+			}
+			return 0
+		}),
 		poolCollector{s},
 		s.observer.shardQuery,
 		statusCollector{s},

@@ -54,8 +54,14 @@ type Options struct {
 	// events.DefaultPrefix).
 	EventsPrefix string
 	// StreamMaxLen is the approximate number of events each stream keeps
-	// (default 100000); a Watch cursor older than that is OUT_OF_RANGE.
+	// (default 100000); Watch serves older cursors from the outbox.
 	StreamMaxLen int64
+	// EventRetention is how long delivered events stay in the outboxes
+	// (default events.DefaultRetention; negative: for good): a stream
+	// Redis lost is published again from them, and Watch serves a cursor
+	// older than its stream from them. Only an older cursor is
+	// OUT_OF_RANGE.
+	EventRetention time.Duration
 	// RunRelays runs the outbox relays (one per shard, following the
 	// topology, and one for config). Every instance may run them: one per
 	// database is active at a time.
@@ -169,6 +175,10 @@ type Server struct {
 	follower  atomic.Pointer[events.Follower] // nil until events are attached
 	waker     atomic.Pointer[events.Waker]    // nil until events are attached
 	watchers  atomic.Int64                    // open Watch streams
+	// droppedEntries counts stream entries Watch dropped as no event of
+	// their stream; droppedLog rate-limits their WARN.
+	droppedEntries atomic.Int64
+	droppedLog     logLimiter
 	// userWatches counts open Watch streams per user principal.
 	userWatches watchCounts
 	// endWatches ends every Watch stream (shutdown), with its cause.
@@ -282,6 +292,7 @@ func (s *Server) AttachRedis(rc rueidis.Client) bool {
 			Redis:      rc,
 			Prefix:     s.opts.EventsPrefix,
 			MaxLen:     s.opts.StreamMaxLen,
+			Retention:  s.opts.EventRetention,
 			Invalidate: s.invalidateEvents,
 			Logger:     s.opts.Logger,
 			Tracer:     s.relayTracer(),
@@ -289,7 +300,8 @@ func (s *Server) AttachRedis(rc rueidis.Client) bool {
 		s.relays.StartConfig(s.catalogDSN)
 		s.relays.Sync(maps.Clone(s.relayDSNs))
 	}
-	s.follower.Store(&events.Follower{Redis: rc, Prefix: s.opts.EventsPrefix, Heartbeat: s.opts.WatchHeartbeat})
+	s.follower.Store(&events.Follower{Redis: rc, Prefix: s.opts.EventsPrefix, Heartbeat: s.opts.WatchHeartbeat,
+		Backlog: eventLog{s}, PartitionOf: s.partitionOf, Dropped: s.droppedEntry})
 	var local func(string) bool
 	if s.relays != nil {
 		local = s.relays.WakeLocal

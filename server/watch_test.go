@@ -191,8 +191,9 @@ func TestWatchSlowWatcherDoesNotBlockOthers(t *testing.T) {
 		}
 	}
 	wg.Wait()
-	// The stalled one: whatever it gets is in order; if it ends, it is
-	// because it fell behind.
+	// The stalled one: whatever it gets is in order (what its stream
+	// trimmed meanwhile, from Postgres); if it ends, it is because it fell
+	// behind.
 	var prev int64
 	for prev < n {
 		r, err := stalled.stream.Recv()
@@ -212,8 +213,8 @@ func TestWatchSlowWatcherDoesNotBlockOthers(t *testing.T) {
 	}
 }
 
-// Watch validates before it touches Redis, and a cursor behind the retention
-// is OUT_OF_RANGE with advice.
+// Watch validates before it touches Redis, and a cursor behind both its
+// stream and the events Postgres retains is OUT_OF_RANGE with advice.
 func TestWatchErrors(t *testing.T) {
 	t.Parallel()
 	c := newTestCluster(t, 1)
@@ -263,12 +264,19 @@ func TestWatchErrors(t *testing.T) {
 	waitUntil(t, "the ended watch to free its place", func() bool { return one.srv.watchers.Load() == 0 })
 	openWatch(t, one, &pb.WatchRequest{Partitions: []uint32{2}}).live(t)
 
-	// A stream whose oldest entry is tick 291: a cursor at 289 is too old,
-	// one at 290 is just in time.
+	// A stream whose oldest entry is tick 291, of a partition whose events
+	// up to 300 were delivered and then pruned from Postgres: a cursor at
+	// 289 is too old, one at 290 is just in time.
 	rc, keys := on.srv.opts.Redis, events.Keys{Prefix: on.srv.opts.EventsPrefix}
+	user := "u0"
+	for i := 1; router.Partition(user, router.DefaultPartitions) != 7; i++ {
+		user = fmt.Sprint("u", i)
+	}
 	for i := 1; i <= 300; i++ {
 		cmd := rc.B().Xadd().Key(keys.Stream(7)).Id(fmt.Sprintf("%d-0", i)).FieldValue().
-			FieldValue("event_id", fmt.Sprint(i)).FieldValue("version", "1").FieldValue("committed_at", time.Now().UTC().Format(time.RFC3339Nano)).Build()
+			FieldValue("event_id", fmt.Sprintf("00000000-0000-4000-8000-%012d", i)).FieldValue("user_id", user).
+			FieldValue("partition", "7").FieldValue("entity", "user").FieldValue("key", user).FieldValue("op", "upsert").
+			FieldValue("version", fmt.Sprint(i)).FieldValue("committed_at", time.Now().UTC().Format(time.RFC3339Nano)).Build()
 		if err := rc.Do(ctxT(t), cmd).Error(); err != nil {
 			t.Fatal(err)
 		}
@@ -276,6 +284,7 @@ func TestWatchErrors(t *testing.T) {
 	if err := rc.Do(ctxT(t), rc.B().Xtrim().Key(keys.Stream(7)).Maxlen().Threshold("10").Build()).Error(); err != nil {
 		t.Fatal(err)
 	}
+	c.exec(t, c.names[0], `INSERT INTO outbox_delivered (partition, tick) VALUES (7, 300)`)
 	old := events.Cursor{{Stream: 7, Tick: 289}}.String()
 	st, err = on.data.Watch(ctxT(t), &pb.WatchRequest{Partitions: []uint32{7}, Cursor: old})
 	if err == nil {
@@ -286,7 +295,7 @@ func TestWatchErrors(t *testing.T) {
 		t.Fatalf("OUT_OF_RANGE without advice: %v", err)
 	}
 	w := openWatch(t, on, &pb.WatchRequest{Partitions: []uint32{7}, Cursor: events.Cursor{{Stream: 7, Tick: 290}}.String()})
-	if e := w.next(t); e.GetEventId() != "291" {
+	if e := w.next(t); e.GetVersion() != 291 {
 		t.Fatalf("first event after cursor 290: %v", e)
 	}
 }

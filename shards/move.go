@@ -42,12 +42,15 @@ var (
 
 // moveTables hold every row of a partition, copied in this order. The
 // outbox's seq is left out: the target numbers its own (see shard
-// migration 00008).
-var moveTables = []string{"outbox_clock", "users", "sessions", "items", "user_tombstones", "item_tombstones", "outbox"}
+// migration 00008). The outbox carries its retained tail and
+// outbox_delivered the relay's delivered tick, so the target's relay
+// neither publishes the tail again nor loses it.
+var moveTables = []string{"outbox_clock", "outbox_delivered", "users", "sessions", "items", "user_tombstones", "item_tombstones", "outbox"}
 
 // verifyTables are checksummed to verify a move: every moved table but the
-// outbox, which both shards' relays drain while the move runs.
-var verifyTables = moveTables[:len(moveTables)-1]
+// outbox and its delivered ticks, which both shards' relays publish (and
+// prune) while the move runs.
+var verifyTables = []string{"outbox_clock", "users", "sessions", "items", "user_tombstones", "item_tombstones"}
 
 // MoveObjectName names the publication, replication slot and subscription
 // of one move: the cluster's prefix (slots are server-wide, so clusters
@@ -134,6 +137,14 @@ func (s *Shard) CreateMovePublication(ctx context.Context, name string, moveID i
 			tables = append(tables, t+" ("+cols+") "+filter)
 		}
 		tables = append(tables, "move_markers WHERE (move_id = "+strconv.FormatInt(moveID, 10)+")")
+		// Every moving partition gets its delivered row before the copy's
+		// snapshot, so the copy carries it and the source only ever
+		// updates it: an insert replicated onto the row the target's relay
+		// made meanwhile would stop the subscription on a conflict.
+		if _, err := tx.Exec(ctx, `INSERT INTO outbox_delivered (partition, tick)
+			SELECT unnest($1::integer[]), 0 ON CONFLICT (partition) DO NOTHING`, partitions); err != nil {
+			return err
+		}
 		ident := pgx.Identifier{name}.Sanitize()
 		if _, err := tx.Exec(ctx, "DROP PUBLICATION IF EXISTS "+ident); err != nil {
 			return err

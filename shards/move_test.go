@@ -132,7 +132,13 @@ func TestMovePartitionsByHand(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	// Delivered events leave the outbox; the delete must travel too.
+	// Both relays mark what they delivered: the source's marks travel
+	// (updates of the row the copy carried), the target's own mark of a
+	// partition is an update too, so the subscription never conflicts.
+	// Pruned events leave the outbox; the delete must travel too.
+	exec(t, src, `UPDATE outbox_delivered SET tick = 5 WHERE partition = 1`)
+	exec(t, tgt, `INSERT INTO outbox_delivered AS d (partition, tick) VALUES (2, 1)
+		ON CONFLICT (partition) DO UPDATE SET tick = EXCLUDED.tick WHERE d.tick < EXCLUDED.tick`)
 	exec(t, src, `DELETE FROM outbox WHERE partition = 1 AND tick <= 5`)
 
 	// Cutover.
@@ -154,6 +160,14 @@ func TestMovePartitionsByHand(t *testing.T) {
 	cancel()
 	if err != nil {
 		t.Fatal(err)
+	}
+	var marks string
+	if err := tgt.pool.QueryRow(ctx, `SELECT string_agg(partition || ':' || tick, ',' ORDER BY partition)
+		FROM outbox_delivered WHERE partition = ANY($1)`, moving).Scan(&marks); err != nil || marks != "1:5,2:1" {
+		t.Fatalf("target's delivered ticks %q, %v; want 1:5,2:1", marks, err)
+	}
+	if running, errs, err := tgt.SubscriptionHealth(ctx, name); err != nil || !running || errs != 0 {
+		t.Fatalf("subscription running %v with %d apply errors, %v", running, errs, err)
 	}
 	if a, b := checksums(t, src, moving), checksums(t, tgt, moving); !slices.Equal(a, b) || len(a) == 0 {
 		t.Fatalf("checksums differ:\nsource %v\ntarget %v", a, b)
@@ -208,7 +222,8 @@ func TestMovePartitionsByHand(t *testing.T) {
 	}
 	var left int
 	if err := src.pool.QueryRow(ctx, `SELECT (SELECT count(*) FROM users WHERE partition <> 3) + (SELECT count(*) FROM items WHERE partition <> 3)
-		+ (SELECT count(*) FROM outbox_clock WHERE partition <> 3) + (SELECT count(*) FROM ownership WHERE partition <> 3)`).Scan(&left); err != nil || left != 0 {
+		+ (SELECT count(*) FROM outbox_clock WHERE partition <> 3) + (SELECT count(*) FROM ownership WHERE partition <> 3)
+		+ (SELECT count(*) FROM outbox_delivered WHERE partition <> 3)`).Scan(&left); err != nil || left != 0 {
 		t.Fatalf("source keeps %d rows of moved partitions (%v)", left, err)
 	}
 	if h, err := src.Holdings(ctx); err != nil || h.Partitions != 1 || h.Rows == 0 {

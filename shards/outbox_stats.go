@@ -20,11 +20,21 @@ type OutboxBacklog struct {
 const BacklogCountCap = 1_000_000
 
 // outboxBacklogSQL counts the undelivered outbox rows (up to $1) and finds
-// the oldest. Every row in the outbox is undelivered: the relay deletes a
-// row once it is in Redis.
+// the oldest. Delivered rows stay for the retention window, so undelivered
+// means above the partition's delivered tick; like the relay's read, it
+// visits only partitions whose clock is past that tick, through the
+// (partition, tick) index.
 const outboxBacklogSQL = `
-SELECT (SELECT count(*) FROM (SELECT 1 FROM outbox LIMIT $1) o),
-       (SELECT min(committed_at) FROM outbox)`
+WITH pending AS (
+    SELECT c.partition, coalesce(d.tick, 0) AS delivered
+    FROM outbox_clock AS c
+    LEFT JOIN outbox_delivered AS d ON d.partition = c.partition
+    WHERE c.tick > coalesce(d.tick, 0)
+)
+SELECT (SELECT count(*) FROM (
+            SELECT 1 FROM pending AS p JOIN outbox AS o ON o.partition = p.partition AND o.tick > p.delivered
+            LIMIT $1) AS x),
+       (SELECT min(o.committed_at) FROM pending AS p JOIN outbox AS o ON o.partition = p.partition AND o.tick > p.delivered)`
 
 // OutboxBacklog reports the shard's undelivered events: how many and how
 // old the oldest is. The one place that defines "undelivered".

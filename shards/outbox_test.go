@@ -143,10 +143,10 @@ func wantIs(err, target error) error {
 	return nil
 }
 
-// ReadOutbox reads a (partition, tick) range in order, up to a limit,
-// leaving out payloads over the cap; TrimOutbox deletes exactly the rows
-// it is given.
-func TestReadAndTrimOutbox(t *testing.T) {
+// ReadOutbox reads the undelivered rows of a (partition, tick) range in
+// order, up to a limit, leaving out payloads over the cap; MarkDelivered
+// moves a partition's delivered tick, and the rows stay for ReadRetained.
+func TestReadAndMarkOutbox(t *testing.T) {
 	t.Parallel()
 	s := newShard(t, 1, 2, 3)
 	ctx := testCtx(t)
@@ -210,7 +210,13 @@ func TestReadAndTrimOutbox(t *testing.T) {
 		t.Fatalf("limit 1: %d rows, %v", len(one), err)
 	}
 
-	if err := TrimOutbox(ctx, conn, []int32{b.Partition, d.Partition}, []int64{b.Tick, d.Tick}); err != nil {
+	// b delivered (c, later in its partition, not) and d: the reads pass
+	// over them, though they stay in the outbox, and a partition's
+	// delivered tick never goes down.
+	if err := MarkDelivered(ctx, conn, []int32{b.Partition, d.Partition}, []int64{b.Tick, d.Tick}); err != nil {
+		t.Fatal(err)
+	}
+	if err := MarkDelivered(ctx, conn, []int32{d.Partition}, []int64{d.Tick - 1}); err != nil {
 		t.Fatal(err)
 	}
 	got = got[:0]
@@ -218,6 +224,14 @@ func TestReadAndTrimOutbox(t *testing.T) {
 		got = append(got, r.UserID)
 	}
 	if strings.Join(got, ",") != "a,c" {
-		t.Fatalf("after trimming b and d: %v", got)
+		t.Fatalf("after delivering b and d: %v", got)
+	}
+	marks, err := DeliveredTicks(ctx, conn)
+	if err != nil || len(marks) != 2 || marks[b.Partition] != b.Tick || marks[d.Partition] != d.Tick {
+		t.Fatalf("delivered ticks %v, %v", marks, err)
+	}
+	kept, err := ReadRetained(ctx, conn, b.Partition, 0, math.MaxInt64, 10, 100, nil)
+	if err != nil || len(kept) != 2 || kept[0].UserID != "b" || kept[1].UserID != "c" {
+		t.Fatalf("retained rows of partition %d: %+v, %v", b.Partition, kept, err)
 	}
 }

@@ -37,7 +37,8 @@ type serveFlags struct {
 	Events           bool          `help:"Publish change events to Redis Streams (outbox relays) and serve Watch; --no-events runs without Redis." default:"true" negatable:"" env:"SHARDGATE_EVENTS"`
 	EventsPrefix     string        `name:"events-prefix" help:"Prefix of the event streams' Redis keys." default:"shardgate:" env:"SHARDGATE_EVENTS_PREFIX"`
 	CachePrefix      string        `name:"cache-prefix" help:"Prefix of the cache's Redis keys, ending with ':'; clusters sharing one Redis need different ones." default:"shardgate:" env:"SHARDGATE_CACHE_PREFIX"`
-	StreamMaxLen     int64         `name:"stream-maxlen" help:"Events each stream keeps, approximately (XADD MAXLEN ~); older Watch cursors are OUT_OF_RANGE." default:"100000" env:"SHARDGATE_STREAM_MAXLEN"`
+	StreamMaxLen     int64         `name:"stream-maxlen" help:"Events each stream keeps, approximately (XADD MAXLEN ~); Watch serves older cursors from the outbox (see --event-retention)." default:"100000" env:"SHARDGATE_STREAM_MAXLEN"`
+	EventRetention   time.Duration `name:"event-retention" help:"How long delivered change events stay in the outboxes: relays publish them again into a stream Redis lost, and Watch serves cursors older than the stream from them; only older cursors are OUT_OF_RANGE. 0 keeps them for good." default:"24h" env:"SHARDGATE_EVENT_RETENTION"`
 	WatchHeartbeat   time.Duration `name:"watch-heartbeat" help:"Longest a Watch stream stays silent before a heartbeat." default:"5s" env:"SHARDGATE_WATCH_HEARTBEAT"`
 	MaxWatchers      int           `name:"max-watchers" help:"Concurrent Watch streams this instance serves; more get RESOURCE_EXHAUSTED. Each holds a Redis connection." default:"1000" env:"SHARDGATE_MAX_WATCHERS"`
 	SessionSweep     time.Duration `name:"session-sweep-interval" help:"How often to delete expired sessions (with a delete event each) from every shard; one instance sweeps a shard at a time. 0 turns it off." default:"1m" env:"SHARDGATE_SESSION_SWEEP_INTERVAL"`
@@ -186,6 +187,15 @@ func (f serveFlags) tombstoneRetention() time.Duration {
 	return f.TombstoneTTL
 }
 
+// eventRetention is --event-retention as server.Options takes it: there 0
+// means the default and a negative value for good.
+func (f serveFlags) eventRetention() time.Duration {
+	if f.EventRetention <= 0 {
+		return -1
+	}
+	return f.EventRetention
+}
+
 // eventsClient connects to Redis for the change events.
 func (f serveFlags) eventsClient(rc redisConn) (rueidis.Client, error) {
 	opt := rc.opt
@@ -289,6 +299,7 @@ func run(ctx context.Context, log *slog.Logger, listen, catalogDSN string, f ser
 		Logger:             log,
 		EventsPrefix:       f.EventsPrefix,
 		StreamMaxLen:       f.StreamMaxLen,
+		EventRetention:     f.eventRetention(),
 		WatchHeartbeat:     f.WatchHeartbeat,
 		MaxWatchers:        f.MaxWatchers,
 		SweepInterval:      f.sweepInterval(),

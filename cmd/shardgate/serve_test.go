@@ -214,6 +214,32 @@ func TestTombstoneRetentionFlag(t *testing.T) {
 	}
 }
 
+// --event-retention (or its variable) reaches the server; 0 keeps
+// delivered events for good, a negative retention in server.Options.
+func TestEventRetentionFlag(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		env  string
+		want time.Duration
+	}{
+		{nil, "", 24 * time.Hour},
+		{[]string{"--event-retention", "2h"}, "", 2 * time.Hour},
+		{[]string{"--event-retention", "0"}, "", -1},
+		{nil, "90m", 90 * time.Minute},
+	} {
+		t.Run(fmt.Sprintf("%v env=%q", tc.args, tc.env), func(t *testing.T) {
+			if tc.env != "" {
+				t.Setenv("SHARDGATE_EVENT_RETENTION", tc.env)
+			}
+			for cmd, f := range serveAndDevFlags(t, tc.args) {
+				if got := f.eventRetention(); got != tc.want {
+					t.Errorf("%s: event retention %v, want %v", cmd, got, tc.want)
+				}
+			}
+		})
+	}
+}
+
 // serve sweeps expired sessions every --session-sweep-interval.
 func TestServeSweepsExpiredSessions(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)

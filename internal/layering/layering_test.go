@@ -16,7 +16,7 @@ import (
 
 // shardTables are the tables of a shard database (migrations/shard).
 var shardTables = []string{
-	"users", "sessions", "items", "outbox", "outbox_clock", "ownership",
+	"users", "sessions", "items", "outbox", "outbox_clock", "outbox_delivered", "ownership",
 	"user_tombstones", "item_tombstones", "move_markers",
 }
 
