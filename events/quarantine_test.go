@@ -1,14 +1,14 @@
 package events
 
 import (
-	"bytes"
 	"context"
-	"log/slog"
 	"slices"
 	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/shardgate/shardgate/internal/testenv"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -30,8 +30,8 @@ func TestRelayQuarantinesAClockThatWentBackwards(t *testing.T) {
 	seedEntry(t, rc, keys, 2, 1, "someone-else")
 	insertEvents(t, s.pool(), event{2, "u"}, event{4, "v"}, event{2, "w"})
 
-	var logs syncBuffer
-	r := NewShardRelay("s", s.dsn, RelayOptions{Redis: rc, Prefix: prefix, Logger: bufLogger(&logs)})
+	var logs testenv.LogBuffer
+	r := NewShardRelay("s", s.dsn, RelayOptions{Redis: rc, Prefix: prefix, Logger: logs.Logger()})
 	runRelay(t, ctx, r)
 	waitFor(t, "partition 4 to be delivered", func() bool {
 		return len(readStream(t, rc, keys, 4)) == 1 && len(outboxTicks(t, s.pool(), 4)) == 0
@@ -87,8 +87,8 @@ func TestRelayQuarantinesAHoleAndResumesAfterRepair(t *testing.T) {
 	}
 	insertEvents(t, s.pool(), event{6, "u"}, event{6, "w"}, event{7, "v"}) // ticks 2, 3; 1
 
-	var logs syncBuffer
-	r := NewShardRelay("s", s.dsn, RelayOptions{Redis: rc, Prefix: prefix, Logger: bufLogger(&logs)})
+	var logs testenv.LogBuffer
+	r := NewShardRelay("s", s.dsn, RelayOptions{Redis: rc, Prefix: prefix, Logger: logs.Logger()})
 	stop := runRelay(t, ctx, r)
 	waitFor(t, "partition 7 to be delivered", func() bool { return len(outboxTicks(t, s.pool(), 7)) == 0 })
 	if q := r.Quarantined(); !slices.Equal(q, []int32{6}) {
@@ -141,8 +141,8 @@ func TestRelayCountsATrimmedEntryAsDelivered(t *testing.T) {
 	}
 	insertEvents(t, s.pool(), event{1, "late"}) // tick 2, below the first entry 5-0
 
-	var logs syncBuffer
-	r := NewShardRelay("s", s.dsn, RelayOptions{Redis: rc, Prefix: prefix, Logger: bufLogger(&logs)})
+	var logs testenv.LogBuffer
+	r := NewShardRelay("s", s.dsn, RelayOptions{Redis: rc, Prefix: prefix, Logger: logs.Logger()})
 	runRelay(t, ctx, r)
 	waitFor(t, "the outbox to drain", func() bool { return outboxCount(t, s) == 0 })
 	if q := r.Quarantined(); len(q) != 0 {
@@ -296,26 +296,4 @@ func outboxTicks(t testing.TB, pool *pgxpool.Pool, partition int32) []int64 {
 		t.Fatal(err)
 	}
 	return ticks
-}
-
-// syncBuffer is a log sink that tests read while relays write.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
-
-func bufLogger(b *syncBuffer) *slog.Logger {
-	return slog.New(slog.NewTextHandler(b, &slog.HandlerOptions{Level: slog.LevelDebug}))
 }

@@ -6,6 +6,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/shardgate/shardgate/internal/testenv"
 )
 
 // streamIDs lists a stream's entries as tick:event_id.
@@ -28,8 +30,8 @@ func TestRelayRepublishesAStreamRedisLost(t *testing.T) {
 	rc, prefix := newRedis(t)
 	keys := Keys{prefix}
 	ctx := testCtx(t, 2*time.Minute)
-	var logs syncBuffer
-	r := NewShardRelay("s", s.dsn, RelayOptions{Redis: rc, Prefix: prefix, Logger: bufLogger(&logs),
+	var logs testenv.LogBuffer
+	r := NewShardRelay("s", s.dsn, RelayOptions{Redis: rc, Prefix: prefix, Logger: logs.Logger(),
 		ReconcileInterval: 50 * time.Millisecond})
 	runRelay(t, ctx, r)
 	for i := range 5 {

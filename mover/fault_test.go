@@ -1,7 +1,6 @@
 package mover_test
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"log/slog"
@@ -9,7 +8,6 @@ import (
 	"os"
 	"slices"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -510,7 +508,7 @@ func TestFaultReaper(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	logs := &lockedBuffer{}
+	logs := &testenv.LogBuffer{}
 	e := mover.NewExecutor(cat, mover.ExecutorOptions{
 		CatalogDSN: h.catalogDSN, Holder: "reaper-test", Interval: 200 * time.Millisecond, ReapInterval: reapInterval,
 		Logger: slog.New(slog.NewTextHandler(logs, nil)),
@@ -623,22 +621,4 @@ func (h *harness) queryRow(name string, dst any, sql string, args ...any) {
 	if err := conn.QueryRow(ctx, sql, args...).Scan(dst); err != nil {
 		h.t.Fatalf("%s: %s: %v", name, sql, err)
 	}
-}
-
-// lockedBuffer is a log's destination that tests read while it is written.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
 }

@@ -5,6 +5,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/shardgate/shardgate/internal/testenv"
+
 	pb "github.com/shardgate/shardgate/proto/shardgate/v1"
 )
 
@@ -18,7 +20,7 @@ func TestMigrationStatusHidesWhereShardsAre(t *testing.T) {
 		"postgres://sg-user-7f3@127.0.0.1:1/hidden_db_4c2?connect_timeout=1", c.names[1])
 	c.exec(t, "catalog", `UPDATE shards SET dsn = $1 WHERE name = $2`,
 		"postgres://sg@db-host-91d.invalid:6543/other_db_e0a?connect_timeout=1", c.names[2])
-	var logs syncBuffer
+	var logs testenv.LogBuffer
 	ts := c.startWith(t, false, GRPCOptions{}, nil, func(o *Options) { o.Logger = slog.New(slog.NewTextHandler(&logs, nil)) })
 	st, err := ts.admin.MigrationStatus(ctxT(t), &pb.MigrationStatusRequest{})
 	if err != nil {

@@ -1,12 +1,12 @@
 package server
 
 import (
-	"bytes"
 	"fmt"
 	"log/slog"
 	"strings"
-	"sync"
 	"testing"
+
+	"github.com/shardgate/shardgate/internal/testenv"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -14,24 +14,6 @@ import (
 	"github.com/shardgate/shardgate/auth/authtest"
 	pb "github.com/shardgate/shardgate/proto/shardgate/v1"
 )
-
-// syncBuffer is a bytes.Buffer safe for concurrent log writes.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
 
 // No token, session token or DSN password reaches the server's logs, the
 // errors callers see, or the metrics, across good and bad calls.
@@ -43,7 +25,7 @@ func TestNoSecretsInLogsErrorsOrMetrics(t *testing.T) {
 	c := newTestCluster(t, 3)
 	c.exec(t, "catalog", `UPDATE shards SET dsn = $1 WHERE name = 'shard-1'`, "postgres://sg:${SG_TEST_SHARD_PW}@127.0.0.1:1/db?connect_timeout=1")
 	c.exec(t, "catalog", `UPDATE shards SET dsn = $1 WHERE name = 'shard-2'`, "postgres://sg:"+literalPassword+"@127.0.0.1:1/db?connect_timeout=1")
-	var logs syncBuffer
+	var logs testenv.LogBuffer
 	logger := slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	ts := c.startWith(t, true, GRPCOptions{Auth: keys.Verifier(t)}, nil, func(o *Options) { o.Logger = logger })
 	ctx := ctxT(t)

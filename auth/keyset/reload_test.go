@@ -1,7 +1,6 @@
 package keyset
 
 import (
-	"bytes"
 	"context"
 	"crypto/ecdsa"
 	"crypto/ed25519"
@@ -21,29 +20,9 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/shardgate/shardgate/internal/testenv"
 )
-
-// logBuffer collects a logger's output; safe for concurrent use.
-type logBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *logBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *logBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
-func (l *logBuffer) logger() *slog.Logger {
-	return slog.New(slog.NewTextHandler(l, &slog.HandlerOptions{Level: slog.LevelDebug}))
-}
 
 // fakeClock is a settable clock, read by fetches in the background too.
 type fakeClock struct{ ns atomic.Int64 }
@@ -221,8 +200,8 @@ func TestJWKSSkipsUnusableKeys(t *testing.T) {
 		{"kty": "PQC", "kid": "future"},
 	}
 	b := newBlockingJWKS(t, setOf(append([]map[string]string{jwkOf(t, "k1", k1.Public())}, odd...)...))
-	var logs logBuffer
-	j := &JWKS{URL: b.srv.URL, Client: b.client(), MinRefetch: time.Nanosecond, Logger: logs.logger()}
+	var logs testenv.LogBuffer
+	j := &JWKS{URL: b.srv.URL, Client: b.client(), MinRefetch: time.Nanosecond, Logger: logs.Logger()}
 	ctx := context.Background()
 	if err := j.Fetch(ctx); err != nil {
 		t.Fatalf("a set with one usable key among odd ones: %v", err)
@@ -263,8 +242,8 @@ func TestJWKSFailsClosedPastMaxAge(t *testing.T) {
 	}))
 	defer srv.Close()
 	clk := newFakeClock()
-	var logs logBuffer
-	j := &JWKS{URL: srv.URL, Refresh: 10 * time.Minute, MinRefetch: 30 * time.Second, MaxAge: time.Hour, Logger: logs.logger(), now: clk.Now}
+	var logs testenv.LogBuffer
+	j := &JWKS{URL: srv.URL, Refresh: 10 * time.Minute, MinRefetch: 30 * time.Second, MaxAge: time.Hour, Logger: logs.Logger(), now: clk.Now}
 	ctx := context.Background()
 	if err := j.Fetch(ctx); err != nil {
 		t.Fatal(err)
@@ -344,8 +323,8 @@ func TestFileReloadsOnChange(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "keys.pem")
 	mtime := time.Now().Add(-time.Hour)
 	writeKeys(t, path, mtime, map[string]any{"a": a.Public()})
-	var logs logBuffer
-	f, err := LoadFile(path, logs.logger())
+	var logs testenv.LogBuffer
+	f, err := LoadFile(path, logs.Logger())
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -18,7 +17,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -71,24 +69,6 @@ func runServe(t *testing.T, w io.Writer, args ...string) error {
 	return c.Serve.Run(ctx, slog.New(slog.NewTextHandler(w, nil)))
 }
 
-// syncBuffer is a log sink the test may read while the server writes.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // With the cache on, serve wants a MAC key shared by the instances: with
 // none it would have to trust whatever Redis holds.
 func TestServeRefusesCacheWithoutMACKey(t *testing.T) {
@@ -113,7 +93,7 @@ func TestRedisURLWithACLUser(t *testing.T) {
 	rs := testenv.NewRedisServerWith(t, "--user", "default", "off", "--user", "sg", "on", ">"+redisSecret, "~*", "&*", "+@all")
 	catalogDSN := newCluster(t)
 	url := "redis://sg:" + redisSecret + "@" + rs.Addr() + "/3"
-	var logs syncBuffer
+	var logs testenv.LogBuffer
 	client := serveTo(t, &logs, "--catalog", catalogDSN, "--redis-url", url, "--limit-redis-url", url,
 		"--limit-redis", "127.0.0.1:1") // the URL wins over the shorthand
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
@@ -140,7 +120,7 @@ func TestRedisURLWithACLUser(t *testing.T) {
 	}
 
 	// A wrong password fails the start, and says so without the password.
-	var logs2 syncBuffer
+	var logs2 testenv.LogBuffer
 	wrong := "redis://sg:wrong-" + redisSecret + "@" + rs.Addr() + "/3"
 	err = runServe(t, &logs2, "--no-auth", "--catalog", catalogDSN, "--redis-url", wrong, "--cache-mac-key-file", testMACKeyFile(t))
 	if err == nil || strings.Contains(err.Error(), redisSecret) || strings.Contains(logs2.String(), redisSecret) {

@@ -11,7 +11,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -25,24 +24,6 @@ import (
 	pb "github.com/shardgate/shardgate/proto/shardgate/v1"
 	"github.com/shardgate/shardgate/router"
 )
-
-// lockedBuffer is a log destination safe for concurrent writes.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
 
 // parseServe parses `shardgate serve` args.
 func parseServe(t *testing.T, args ...string) (*serveCmd, error) {
@@ -127,7 +108,7 @@ func TestNoAuthWarnsWhileServing(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Setenv("SHARDGATE_NO_AUTH", "true")
-	var logs lockedBuffer
+	var logs testenv.LogBuffer
 	log := slog.New(slog.NewTextHandler(&logs, nil))
 	client := startServe(t, log, func(c *serveCmd) { c.noAuthEvery = 20 * time.Millisecond }, "--catalog", catalogDSN, "--redis", "")
 	for {
@@ -203,7 +184,7 @@ func TestTokenFlagsReachTheVerifier(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		var logs lockedBuffer
+		var logs testenv.LogBuffer
 		sec, err := cmd.securityFlags.build(context.Background(), slog.New(slog.NewTextHandler(&logs, nil)))
 		if err != nil || sec.auth == nil {
 			t.Fatalf("%s: %v", c.name, err)
