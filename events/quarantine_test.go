@@ -8,11 +8,11 @@ import (
 	"testing"
 	"time"
 
-	"github.com/shardgate/shardgate/internal/testenv"
-
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/redis/rueidis"
+
+	"github.com/shardgate/shardgate/internal/testenv"
 )
 
 // A stream that already holds a different event at a tick the outbox hands

@@ -6,7 +6,6 @@ import (
 	"testing"
 
 	"github.com/shardgate/shardgate/internal/testenv"
-
 	pb "github.com/shardgate/shardgate/proto/shardgate/v1"
 )
 

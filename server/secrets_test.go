@@ -6,12 +6,11 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/shardgate/shardgate/internal/testenv"
-
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
 	"github.com/shardgate/shardgate/auth/authtest"
+	"github.com/shardgate/shardgate/internal/testenv"
 	pb "github.com/shardgate/shardgate/proto/shardgate/v1"
 )
 
