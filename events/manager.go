@@ -90,15 +90,20 @@ func (m *Manager) start(name, dsn string, r *Relay) {
 	m.wg.Go(func() { r.Run(ctx) })
 }
 
-// Reads counts the outbox reads of this manager's relays.
-func (m *Manager) Reads() int64 {
+// sum adds f over the manager's relays.
+func (m *Manager) sum(f func(*Relay) int64) int64 {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	var n int64
 	for _, r := range m.relays {
-		n += r.relay.Reads()
+		n += f(r.relay)
 	}
 	return n
+}
+
+// Reads counts the outbox reads of this manager's relays.
+func (m *Manager) Reads() int64 {
+	return m.sum((*Relay).Reads)
 }
 
 // RelayStat is one relay of a Manager as metrics see it.
@@ -122,37 +127,19 @@ func (m *Manager) Stats() []RelayStat {
 // Republished counts the events this manager's relays published again
 // into streams Redis had lost.
 func (m *Manager) Republished() int64 {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	var n int64
-	for _, r := range m.relays {
-		n += r.relay.Republished()
-	}
-	return n
+	return m.sum((*Relay).Republished)
 }
 
 // Pruned counts the delivered events this manager's relays pruned.
 func (m *Manager) Pruned() int64 {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	var n int64
-	for _, r := range m.relays {
-		n += r.relay.Pruned()
-	}
-	return n
+	return m.sum((*Relay).Pruned)
 }
 
 // QuarantinedStreams returns how many streams (partitions, and the config
 // stream) the relays of this manager hold back because they clash with
 // their outbox clock (see Relay.Quarantined).
 func (m *Manager) QuarantinedStreams() int {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	n := 0
-	for _, r := range m.relays {
-		n += len(r.relay.Quarantined())
-	}
-	return n
+	return int(m.sum(func(r *Relay) int64 { return int64(len(r.Quarantined())) }))
 }
 
 // Close stops every relay and waits for them to end; their locks go with
