@@ -227,104 +227,65 @@ func ImportNDJSON(ctx context.Context, cl *Cluster, dir string, batchRows, paral
 	g.SetLimit(max(parallel, 1))
 	for _, r := range m.Ranges {
 		g.Go(func() error {
-			var batch []shards.ImportUser
-			flush := func() error {
-				err := cl.routeUsers(gctx, batch, func(sh *shards.Shard, b []shards.ImportUser) error {
+			return loadBatches(dir, r.Users.Name, batchRows, func(line []byte) (shards.ImportUser, error) {
+				var u UserLine
+				if err := json.Unmarshal(line, &u); err != nil {
+					return shards.ImportUser{}, err
+				}
+				if err := ValidUserID(u.UserID); err != nil {
+					return shards.ImportUser{}, fmt.Errorf("user_id %q: %v", u.UserID, err)
+				}
+				return shards.ImportUser{Partition: router.Partition(u.UserID, partitions), UserID: u.UserID, Profile: u.Profile}, nil
+			}, func(batch []shards.ImportUser) error {
+				return cl.routeUsers(gctx, batch, func(sh *shards.Shard, b []shards.ImportUser) error {
 					w, err := sh.ImportUsers(gctx, b, events)
 					count(w.Written, &res.Users, nil, int64(len(b)))
 					return err
 				})
-				batch = batch[:0]
-				return err
-			}
-			err := eachLine(dir, r.Users.Name, func(line []byte) error {
-				var u UserLine
-				if err := json.Unmarshal(line, &u); err != nil {
-					return err
-				}
-				if err := ValidUserID(u.UserID); err != nil {
-					return fmt.Errorf("user_id %q: %v", u.UserID, err)
-				}
-				batch = append(batch, shards.ImportUser{Partition: router.Partition(u.UserID, partitions), UserID: u.UserID, Profile: u.Profile})
-				if len(batch) >= batchRows {
-					return flush()
-				}
-				return nil
 			})
-			if err == nil && len(batch) > 0 {
-				err = flush()
-			}
-			if err != nil {
-				return fmt.Errorf("%s: %w", r.Users.Name, err)
-			}
-			return nil
 		})
 	}
 	if err := g.Wait(); err != nil {
 		return res, err
 	}
 	if m.Config != nil {
-		var entries []catalog.ImportConfigEntry
-		err := eachLine(dir, m.Config.Name, func(line []byte) error {
+		err := loadBatches(dir, m.Config.Name, batchRows, func(line []byte) (catalog.ImportConfigEntry, error) {
 			var c ConfigLine
 			if err := json.Unmarshal(line, &c); err != nil {
-				return err
+				return catalog.ImportConfigEntry{}, err
 			}
-			entries = append(entries, catalog.ImportConfigEntry{Namespace: c.Namespace, Key: c.Key, Value: c.Value})
 			res.Config++
-			if len(entries) >= batchRows {
-				n, err := cl.Catalog.ImportConfig(ctx, entries)
-				res.Written += n
-				entries = entries[:0]
-				return err
-			}
-			return nil
-		})
-		if err == nil && len(entries) > 0 {
-			var n int64
-			n, err = cl.Catalog.ImportConfig(ctx, entries)
+			return catalog.ImportConfigEntry{Namespace: c.Namespace, Key: c.Key, Value: c.Value}, nil
+		}, func(entries []catalog.ImportConfigEntry) error {
+			n, err := cl.Catalog.ImportConfig(ctx, entries)
 			res.Written += n
-		}
+			return err
+		})
 		if err != nil {
-			return res, fmt.Errorf("%s: %w", m.Config.Name, err)
+			return res, err
 		}
 	}
 	g, gctx = errgroup.WithContext(ctx)
 	g.SetLimit(max(parallel, 1))
 	for _, r := range m.Ranges {
 		g.Go(func() error {
-			var batch []shards.ImportItem
-			flush := func() error {
-				err := cl.routeItems(gctx, batch, func(sh *shards.Shard, b []shards.ImportItem) error {
+			return loadBatches(dir, r.Items.Name, batchRows, func(line []byte) (shards.ImportItem, error) {
+				var it ItemLine
+				if err := json.Unmarshal(line, &it); err != nil {
+					return shards.ImportItem{}, err
+				}
+				if err := ValidUserID(it.UserID); err != nil {
+					return shards.ImportItem{}, fmt.Errorf("user_id %q: %v", it.UserID, err)
+				}
+				return shards.ImportItem{Partition: router.Partition(it.UserID, partitions), UserID: it.UserID,
+					Collection: it.Collection, Key: it.Key, Value: it.Value}, nil
+			}, func(batch []shards.ImportItem) error {
+				return cl.routeItems(gctx, batch, func(sh *shards.Shard, b []shards.ImportItem) error {
 					w, err := sh.ImportItems(gctx, b, events, false)
 					count(w.Written, nil, &res.Items, int64(len(b)))
 					return err
 				})
-				batch = batch[:0]
-				return err
-			}
-			err := eachLine(dir, r.Items.Name, func(line []byte) error {
-				var it ItemLine
-				if err := json.Unmarshal(line, &it); err != nil {
-					return err
-				}
-				if err := ValidUserID(it.UserID); err != nil {
-					return fmt.Errorf("user_id %q: %v", it.UserID, err)
-				}
-				batch = append(batch, shards.ImportItem{Partition: router.Partition(it.UserID, partitions), UserID: it.UserID,
-					Collection: it.Collection, Key: it.Key, Value: it.Value})
-				if len(batch) >= batchRows {
-					return flush()
-				}
-				return nil
 			})
-			if err == nil && len(batch) > 0 {
-				err = flush()
-			}
-			if err != nil {
-				return fmt.Errorf("%s: %w", r.Items.Name, err)
-			}
-			return nil
 		})
 	}
 	if err := g.Wait(); err != nil {
@@ -355,6 +316,32 @@ func checkFile(dir string, mf ManifestFile) error {
 
 // eachLine calls fn with every line of a file (lines may be long: JSON
 // values up to the server's limit).
+// loadBatches decodes each line of the file name in dir and hands the
+// records to flush in batches of size (the last one shorter); an error
+// names the file.
+func loadBatches[T any](dir, name string, size int, decode func([]byte) (T, error), flush func([]T) error) error {
+	batch := make([]T, 0, size)
+	err := eachLine(dir, name, func(line []byte) error {
+		rec, err := decode(line)
+		if err != nil {
+			return err
+		}
+		batch = append(batch, rec)
+		if len(batch) >= size {
+			err = flush(batch)
+			batch = batch[:0]
+		}
+		return err
+	})
+	if err == nil && len(batch) > 0 {
+		err = flush(batch)
+	}
+	if err != nil {
+		return fmt.Errorf("%s: %w", name, err)
+	}
+	return nil
+}
+
 func eachLine(dir, name string, fn func([]byte) error) error {
 	f, err := os.Open(filepath.Join(dir, name))
 	if err != nil {
