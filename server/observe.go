@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"math"
 	"slices"
 	"sync"
@@ -117,8 +118,9 @@ func (s *Server) look(ctx context.Context) dbSample {
 	topo := s.watcher.Topology()
 	smp := dbSample{at: now, shards: make(map[string]shardSample, len(topo.Shards)), present: true}
 	var (
-		mu sync.Mutex
-		wg sync.WaitGroup
+		mu    sync.Mutex // guards smp.shards and sizes
+		wg    sync.WaitGroup
+		sizes = map[string]sizeEntry{} // new samples, into o.sizes once all are in
 	)
 	for _, rec := range topo.Shards {
 		needSize := now.Sub(o.sizes[rec.Name].at) >= sizeMaxAge
@@ -133,7 +135,7 @@ func (s *Server) look(ctx context.Context) dbSample {
 				if ss.err == nil && needSize {
 					z, err := sh.SampleSize(qctx)
 					mu.Lock()
-					o.sizes[rec.Name] = sizeEntry{at: now, size: z, ok: err == nil}
+					sizes[rec.Name] = sizeEntry{at: now, size: z, ok: err == nil}
 					mu.Unlock()
 				}
 				cancel()
@@ -150,6 +152,7 @@ func (s *Server) look(ctx context.Context) dbSample {
 		smp.reb, smp.moves, smp.rebErr = s.catalog.LatestRebalance(qctx)
 	})
 	wg.Wait()
+	maps.Copy(o.sizes, sizes)
 	for name := range o.sizes {
 		if _, ok := smp.shards[name]; !ok {
 			delete(o.sizes, name) // a shard that left
