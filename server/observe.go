@@ -102,6 +102,13 @@ type rateMark struct {
 	published map[string]int64 // by shard; "" is the config relay
 }
 
+// sizesNow is a copy of the latest size samples, by shard.
+func (o *observer) sizesNow() map[string]sizeEntry {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return maps.Clone(o.sizes)
+}
+
 // look returns a sample of the databases no older than sampleMaxAge,
 // asking them if need be.
 func (s *Server) look(ctx context.Context) dbSample {
@@ -311,12 +318,7 @@ func (s *Server) ClusterStatus(ctx context.Context, maxBacklogAge time.Duration)
 
 	counts := topo.Table.Counts()
 	index := make(map[string]uint32, len(topo.Shards))
-	s.observer.mu.Lock()
-	sizes := make(map[string]sizeEntry, len(s.observer.sizes))
-	for k, v := range s.observer.sizes {
-		sizes[k] = v
-	}
-	s.observer.mu.Unlock()
+	sizes := s.observer.sizesNow()
 	for i, rec := range topo.Shards {
 		index[rec.Name] = uint32(i)
 		st := &pb.ShardStatus{
@@ -497,12 +499,7 @@ func (c statusCollector) Collect(ch chan<- prometheus.Metric) {
 	if topo.Table != nil {
 		counts = topo.Table.Counts()
 	}
-	s.observer.mu.Lock()
-	sizes := make(map[string]sizeEntry, len(s.observer.sizes))
-	for k, v := range s.observer.sizes {
-		sizes[k] = v
-	}
-	s.observer.mu.Unlock()
+	sizes := s.observer.sizesNow()
 	for _, rec := range topo.Shards {
 		name := rec.Name
 		gauge(shardPartitionsDesc, float64(counts[name]), name)
