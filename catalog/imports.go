@@ -361,22 +361,41 @@ func (c *Catalog) ExportConfig(ctx context.Context, fn func(ConfigEntry) error) 
 // phase.
 var ErrImportBusy = errors.New("another process is running this import (its bulk or follow phase)")
 
+// importLockGrace is how long LockImport keeps trying a taken lock. A
+// process killed a moment ago holds it until Postgres notices that its
+// connection closed, and restarting a killed import at once is the normal
+// thing to do.
+const importLockGrace = 5 * time.Second
+
 // LockImport admits one process at a time to an import's bulk or follow
 // phase: it holds a session advisory lock on a catalog connection until
-// release is called (or the process dies). ErrImportBusy if taken.
+// release is called (or the process dies). ErrImportBusy if it is still
+// taken after importLockGrace.
 func (c *Catalog) LockImport(ctx context.Context, name string) (release func(), err error) {
 	conn, err := c.pool.Acquire(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("lock import: %w", err)
 	}
-	var ok bool
-	if err := conn.QueryRow(ctx, `SELECT pg_try_advisory_lock($1, hashtext($2))`, pglock.ClassImport, name).Scan(&ok); err != nil {
-		conn.Release()
-		return nil, fmt.Errorf("lock import: %w", err)
-	}
-	if !ok {
-		conn.Release()
-		return nil, fmt.Errorf("import %s: %w", name, ErrImportBusy)
+	deadline := time.Now().Add(importLockGrace)
+	for {
+		var ok bool
+		if err := conn.QueryRow(ctx, `SELECT pg_try_advisory_lock($1, hashtext($2))`, pglock.ClassImport, name).Scan(&ok); err != nil {
+			conn.Release()
+			return nil, fmt.Errorf("lock import: %w", err)
+		}
+		if ok {
+			break
+		}
+		if time.Now().After(deadline) {
+			conn.Release()
+			return nil, fmt.Errorf("import %s: %w", name, ErrImportBusy)
+		}
+		select {
+		case <-ctx.Done():
+			conn.Release()
+			return nil, fmt.Errorf("lock import: %w", ctx.Err())
+		case <-time.After(100 * time.Millisecond):
+		}
 	}
 	return func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
