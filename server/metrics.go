@@ -116,10 +116,16 @@ var (
 		"Acquires that had to wait for a connection (the pool was busy).", []string{"shard"}, nil)
 	poolWaitSecondsDesc = prometheus.NewDesc("shardgate_shard_pool_acquire_wait_seconds_total",
 		"Time spent waiting for a connection.", []string{"shard"}, nil)
+	writeBatchesDesc = prometheus.NewDesc("shardgate_shard_write_batches_total",
+		"Transactions group commit flushed to a shard; shardgate_shard_grouped_writes_total over this is the mean batch size.", []string{"shard"}, nil)
+	groupedWritesDesc = prometheus.NewDesc("shardgate_shard_grouped_writes_total",
+		"Writes group commit flushed to a shard.", []string{"shard"}, nil)
+	writeRerunsDesc = prometheus.NewDesc("shardgate_shard_write_reruns_total",
+		"Writes run again alone because a statement of their batch failed.", []string{"shard"}, nil)
 )
 
 func (c poolCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{poolConnsDesc, poolMaxDesc, poolAcquiresDesc, poolWaitsDesc, poolWaitSecondsDesc} {
+	for _, d := range []*prometheus.Desc{poolConnsDesc, poolMaxDesc, poolAcquiresDesc, poolWaitsDesc, poolWaitSecondsDesc, writeBatchesDesc, groupedWritesDesc, writeRerunsDesc} {
 		ch <- d
 	}
 }
@@ -142,6 +148,10 @@ func (c poolCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(poolAcquiresDesc, prometheus.CounterValue, float64(st.AcquireCount()), name)
 		ch <- prometheus.MustNewConstMetric(poolWaitsDesc, prometheus.CounterValue, float64(st.EmptyAcquireCount()), name)
 		ch <- prometheus.MustNewConstMetric(poolWaitSecondsDesc, prometheus.CounterValue, st.EmptyAcquireWaitTime().Seconds(), name)
+		gs := sh.WriteGroupStats()
+		ch <- prometheus.MustNewConstMetric(writeBatchesDesc, prometheus.CounterValue, float64(gs.Batches), name)
+		ch <- prometheus.MustNewConstMetric(groupedWritesDesc, prometheus.CounterValue, float64(gs.Writes), name)
+		ch <- prometheus.MustNewConstMetric(writeRerunsDesc, prometheus.CounterValue, float64(gs.Reruns), name)
 	}
 }
 

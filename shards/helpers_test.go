@@ -18,13 +18,19 @@ import (
 // lists owned as owned.
 func newShard(t testing.TB, owned ...int32) *Shard {
 	t.Helper()
-	dsn := testenv.NewDatabase(t)
+	return newShardAt(t, testenv.NewDatabase(t), PoolOptions{}, owned...)
+}
+
+// newShardAt migrates the database at dsn, opens it as a shard with opts
+// and lists owned as owned.
+func newShardAt(t testing.TB, dsn string, opts PoolOptions, owned ...int32) *Shard {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	if _, err := migrations.Up(ctx, dsn, migrations.Shard); err != nil {
 		t.Fatalf("migrate: %v", err)
 	}
-	s, err := Open(ctx, "test", dsn, PoolOptions{})
+	s, err := Open(ctx, "test", dsn, opts)
 	if err != nil {
 		t.Fatalf("open: %v", err)
 	}

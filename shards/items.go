@@ -9,8 +9,6 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgtype"
-
-	"github.com/shardgate/shardgate/internal/versioning"
 )
 
 // Item is one document of a user: (collection, key) → JSON value.
@@ -116,26 +114,21 @@ func (s *Shard) PutItem(ctx context.Context, partition int32, userID, collection
 	if err := checkExpected(expected); err != nil {
 		return 0, s.wrap("put item", err)
 	}
-	c, err := s.acquire(ctx)
-	if err != nil {
-		return 0, s.wrap("put item", err)
-	}
-	defer c.Release()
-
 	var (
 		owned, userExists bool
 		written, before   pgtype.Int8
+		sql               string
+		args              []any
 	)
-	err = versioning.RetryBelowTombstone(func() error {
-		var row pgx.Row
-		switch {
-		case expected == nil:
-			row = c.QueryRow(ctx, putItemAnySQL, partition, userID, collection, key, value)
-		case *expected == 0:
-			row = c.QueryRow(ctx, putItemCreateSQL, partition, userID, collection, key, value)
-		default:
-			row = c.QueryRow(ctx, putItemUpdateSQL, partition, userID, collection, key, value, *expected)
-		}
+	switch {
+	case expected == nil:
+		sql, args = putItemAnySQL, []any{partition, userID, collection, key, value}
+	case *expected == 0:
+		sql, args = putItemCreateSQL, []any{partition, userID, collection, key, value}
+	default:
+		sql, args = putItemUpdateSQL, []any{partition, userID, collection, key, value, *expected}
+	}
+	err = s.write(ctx, partition, sql, args, func(row pgx.Row) error {
 		return row.Scan(&owned, &userExists, &written, &before)
 	})
 	if err != nil {
@@ -147,7 +140,7 @@ func (s *Shard) PutItem(ctx context.Context, partition int32, userID, collection
 	case !userExists:
 		return 0, s.wrap("put item", ErrUserNotFound)
 	case !written.Valid:
-		return 0, s.wrap("put item", refused(ctx, c, expected, before, false, itemVersionSQL, partition, userID, collection, key))
+		return 0, s.wrap("put item", refused(ctx, s.pool, expected, before, false, itemVersionSQL, partition, userID, collection, key))
 	}
 	return written.Int64, nil
 }
@@ -213,24 +206,20 @@ func (s *Shard) DeleteItem(ctx context.Context, partition int32, userID, collect
 	if err := checkExpected(expected); err != nil {
 		return s.wrap("delete item", err)
 	}
-	c, err := s.acquire(ctx)
-	if err != nil {
-		return s.wrap("delete item", err)
-	}
-	defer c.Release()
 	var (
 		owned           bool
 		deleted, before pgtype.Int8
 	)
-	err = c.QueryRow(ctx, deleteItemSQL, partition, userID, collection, key, expected).
-		Scan(&owned, &deleted, &before)
+	err := s.write(ctx, partition, deleteItemSQL, []any{partition, userID, collection, key, expected}, func(row pgx.Row) error {
+		return row.Scan(&owned, &deleted, &before)
+	})
 	switch {
 	case err != nil:
 		return s.wrap("delete item", err)
 	case !owned:
 		return s.wrap("delete item", wrongShard(partition))
 	case !deleted.Valid:
-		return s.wrap("delete item", refused(ctx, c, expected, before, true, itemVersionSQL, partition, userID, collection, key))
+		return s.wrap("delete item", refused(ctx, s.pool, expected, before, true, itemVersionSQL, partition, userID, collection, key))
 	}
 	return nil
 }

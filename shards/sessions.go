@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgtype"
 
 	"github.com/shardgate/shardgate/internal/versioning"
@@ -69,19 +70,15 @@ func (s *Shard) CreateSession(ctx context.Context, partition int32, userID strin
 	if ttl <= 0 {
 		return Session{}, s.wrap("create session", fmt.Errorf("ttl %v is not positive", ttl))
 	}
-	c, err := s.acquire(ctx)
-	if err != nil {
-		return Session{}, s.wrap("create session", err)
-	}
-	defer c.Release()
 	var (
 		owned            bool
 		version          pgtype.Int8
 		created, expires pgtype.Timestamptz
 		sess             = Session{TokenHash: bytes.Clone(tokenHash), UserID: userID, Partition: partition}
 	)
-	err = c.QueryRow(ctx, createSessionSQL, partition, userID, tokenHash, data, ttl.Seconds()).
-		Scan(&owned, &sess.Data, &created, &expires, &version)
+	err := s.write(ctx, partition, createSessionSQL, []any{partition, userID, tokenHash, data, ttl.Seconds()}, func(row pgx.Row) error {
+		return row.Scan(&owned, &sess.Data, &created, &expires, &version)
+	})
 	switch {
 	case err != nil:
 		return Session{}, s.wrap("create session", err)
@@ -149,11 +146,6 @@ func (s *Shard) TouchSession(ctx context.Context, partition int32, tokenHash []b
 	if ttl <= 0 {
 		return Session{}, s.wrap("touch session", fmt.Errorf("ttl %v is not positive", ttl))
 	}
-	c, err := s.acquire(ctx)
-	if err != nil {
-		return Session{}, s.wrap("touch session", err)
-	}
-	defer c.Release()
 	var (
 		owned            bool
 		userID           pgtype.Text
@@ -161,8 +153,9 @@ func (s *Shard) TouchSession(ctx context.Context, partition int32, tokenHash []b
 		created, expires pgtype.Timestamptz
 		sess             = Session{TokenHash: bytes.Clone(tokenHash), Partition: partition}
 	)
-	err = c.QueryRow(ctx, touchSessionSQL, partition, tokenHash, ttl.Seconds()).
-		Scan(&owned, &userID, &sess.Data, &created, &expires, &version)
+	err := s.write(ctx, partition, touchSessionSQL, []any{partition, tokenHash, ttl.Seconds()}, func(row pgx.Row) error {
+		return row.Scan(&owned, &userID, &sess.Data, &created, &expires, &version)
+	})
 	switch {
 	case err != nil:
 		return Session{}, s.wrap("touch session", err)
@@ -192,13 +185,10 @@ SELECT EXISTS (SELECT 1 FROM own), EXISTS (SELECT 1 FROM del)`
 // already expired (an expired row is left for SweepExpiredSessions);
 // ErrWrongShard if the partition is not owned.
 func (s *Shard) RevokeSession(ctx context.Context, partition int32, tokenHash []byte) error {
-	c, err := s.acquire(ctx)
-	if err != nil {
-		return s.wrap("revoke session", err)
-	}
-	defer c.Release()
 	var owned, deleted bool
-	err = c.QueryRow(ctx, revokeSessionSQL, partition, tokenHash).Scan(&owned, &deleted)
+	err := s.write(ctx, partition, revokeSessionSQL, []any{partition, tokenHash}, func(row pgx.Row) error {
+		return row.Scan(&owned, &deleted)
+	})
 	switch {
 	case err != nil:
 		return s.wrap("revoke session", err)

@@ -27,14 +27,22 @@ type PoolOptions struct {
 	// move, say) does not wait for new connections. 0 keeps the DSN's
 	// pool_min_idle_conns or none.
 	MinIdleConns int32
+	// MaxWriteBatch caps how many concurrent writes share one transaction
+	// (group commit, see groupcommit.go). 0 means 32; 1 turns group commit
+	// off, so every write is its own transaction.
+	MaxWriteBatch int
+	// WriteFlushers caps the connections flushing write batches at once.
+	// 0 means half the pool (at least one), leaving the rest to reads.
+	WriteFlushers int
 }
 
 // Shard is one shard database: a name and a connection pool. It is safe for
 // concurrent use. A zero Shard is closed: every call fails with an error for
 // which IsUnavailable reports true.
 type Shard struct {
-	name string
-	pool *pgxpool.Pool
+	name  string
+	pool  *pgxpool.Pool
+	group *writeGroup // nil: group commit off
 }
 
 // Open prepares a pool for the shard database at dsn. It does not connect:
@@ -43,6 +51,9 @@ type Shard struct {
 // is back). Open fails only on a DSN it cannot parse; the error names the
 // shard but never repeats the DSN, which may hold a password.
 func Open(ctx context.Context, name, dsn string, opts PoolOptions) (*Shard, error) {
+	if opts.MaxWriteBatch < 0 || opts.WriteFlushers < 0 {
+		return nil, fmt.Errorf("open shard %s: MaxWriteBatch %d and WriteFlushers %d must not be negative", name, opts.MaxWriteBatch, opts.WriteFlushers)
+	}
 	cfg, err := pgxpool.ParseConfig(dsn)
 	if err != nil {
 		return nil, &dsnError{shard: name, err: err}
@@ -74,7 +85,17 @@ func Open(ctx context.Context, name, dsn string, opts PoolOptions) (*Shard, erro
 	if err != nil {
 		return nil, fmt.Errorf("open shard %s: %w", name, err)
 	}
-	return &Shard{name: name, pool: pool}, nil
+	sh := &Shard{name: name, pool: pool}
+	if opts.MaxWriteBatch != 1 {
+		sh.group = &writeGroup{maxBatch: opts.MaxWriteBatch, maxFlushers: opts.WriteFlushers}
+		if sh.group.maxBatch <= 0 {
+			sh.group.maxBatch = defaultMaxWriteBatch
+		}
+		if sh.group.maxFlushers <= 0 {
+			sh.group.maxFlushers = defaultWriteFlushers(cfg.MaxConns)
+		}
+	}
+	return sh, nil
 }
 
 // dsnError reports an unparsable DSN. Its message leaves out the parser's

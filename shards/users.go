@@ -6,8 +6,6 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgtype"
-
-	"github.com/shardgate/shardgate/internal/versioning"
 )
 
 // User is a user's row.
@@ -92,26 +90,21 @@ func (s *Shard) PutUser(ctx context.Context, partition int32, userID string, pro
 	if err := checkExpected(expected); err != nil {
 		return 0, s.wrap("put user", err)
 	}
-	c, err := s.acquire(ctx)
-	if err != nil {
-		return 0, s.wrap("put user", err)
-	}
-	defer c.Release()
-
 	var (
 		owned           bool
 		written, before pgtype.Int8
+		sql             string
+		args            []any
 	)
-	err = versioning.RetryBelowTombstone(func() error {
-		var row pgx.Row
-		switch {
-		case expected == nil:
-			row = c.QueryRow(ctx, putUserAnySQL, partition, userID, profile)
-		case *expected == 0:
-			row = c.QueryRow(ctx, putUserCreateSQL, partition, userID, profile)
-		default:
-			row = c.QueryRow(ctx, putUserUpdateSQL, partition, userID, profile, *expected)
-		}
+	switch {
+	case expected == nil:
+		sql, args = putUserAnySQL, []any{partition, userID, profile}
+	case *expected == 0:
+		sql, args = putUserCreateSQL, []any{partition, userID, profile}
+	default:
+		sql, args = putUserUpdateSQL, []any{partition, userID, profile, *expected}
+	}
+	err = s.write(ctx, partition, sql, args, func(row pgx.Row) error {
 		return row.Scan(&owned, &written, &before)
 	})
 	if err != nil {
@@ -121,7 +114,7 @@ func (s *Shard) PutUser(ctx context.Context, partition int32, userID string, pro
 	case !owned:
 		return 0, s.wrap("put user", wrongShard(partition))
 	case !written.Valid:
-		return 0, s.wrap("put user", refused(ctx, c, expected, before, false, userVersionSQL, partition, userID))
+		return 0, s.wrap("put user", refused(ctx, s.pool, expected, before, false, userVersionSQL, partition, userID))
 	}
 	return written.Int64, nil
 }

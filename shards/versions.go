@@ -7,7 +7,6 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgtype"
-	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/shardgate/shardgate/internal/versioning"
 )
@@ -31,7 +30,7 @@ func checkExpected(expected *int64) error {
 // snapshot. When before agrees with expected, another transaction changed
 // the row after the snapshot was taken (the write waited for its lock and
 // found a newer row); reread, run with args, fetches the version it left.
-func refused(ctx context.Context, c *pgxpool.Conn, expected *int64, before pgtype.Int8, isDelete bool, reread string, args ...any) error {
+func refused(ctx context.Context, c querier, expected *int64, before pgtype.Int8, isDelete bool, reread string, args ...any) error {
 	var cur int64
 	if before.Valid {
 		cur = before.Int64
@@ -56,6 +55,11 @@ func refused(ctx context.Context, c *pgxpool.Conn, expected *int64, before pgtyp
 		// refused either way, and Current is informational.
 	}
 	return &versioning.ConflictError{Expected: *expected, Current: cur}
+}
+
+// querier runs one query: a pool or one of its connections.
+type querier interface {
+	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
 }
 
 // readable reports whether a partition in state may serve reads.

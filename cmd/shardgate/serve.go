@@ -29,6 +29,8 @@ type serveFlags struct {
 	DefaultTimeout   time.Duration `help:"Deadline for calls that arrive without one." default:"10s" env:"SHARDGATE_DEFAULT_TIMEOUT"`
 	ShardMaxConns    int32         `help:"Connections per shard pool (0: pgxpool's default, max(4, CPUs))." default:"0" env:"SHARDGATE_SHARD_MAX_CONNS"`
 	ShardMinIdle     int32         `name:"shard-min-idle-conns" help:"Connections each shard pool keeps open and idle, so a burst of calls (a partition arriving with a move) does not wait for new ones; 0: none." default:"2" env:"SHARDGATE_SHARD_MIN_IDLE_CONNS"`
+	ShardWriteBatch  int           `name:"shard-max-write-batch" help:"Most concurrent writes to one shard that share a transaction (group commit); 1 turns group commit off." default:"32" env:"SHARDGATE_SHARD_MAX_WRITE_BATCH"`
+	ShardFlushers    int           `name:"shard-write-flushers" help:"Connections per shard that flush write batches at once (0: half the pool)." default:"0" env:"SHARDGATE_SHARD_WRITE_FLUSHERS"`
 	TopologyInterval time.Duration `help:"How often to check the topology version besides LISTEN/NOTIFY." default:"5s" env:"SHARDGATE_TOPOLOGY_INTERVAL"`
 	Grace            time.Duration `help:"How long in-flight calls may run after SIGTERM." default:"15s" env:"SHARDGATE_GRACE"`
 	MetricsListen    string        `help:"Address to serve Prometheus metrics on (HTTP, /metrics); empty turns them off." default:"127.0.0.1:9464" env:"SHARDGATE_METRICS_LISTEN"`
@@ -264,6 +266,12 @@ func checkCachePrefix(p string) error {
 // run serves until ctx ends: health turns NOT_SERVING, calls are still
 // taken for drain, then in-flight calls get up to f.Grace.
 func run(ctx context.Context, log *slog.Logger, listen, catalogDSN string, f serveFlags, sec security, drain time.Duration) error {
+	if f.ShardWriteBatch < 1 {
+		return fmt.Errorf("--shard-max-write-batch %d: give at least 1 (1 turns group commit off)", f.ShardWriteBatch)
+	}
+	if f.ShardFlushers < 0 {
+		return fmt.Errorf("--shard-write-flushers %d: give 0 (half the pool) or more", f.ShardFlushers)
+	}
 	redis, redisOn, err := f.cacheRedis()
 	if err != nil {
 		return err
@@ -292,8 +300,9 @@ func run(ctx context.Context, log *slog.Logger, listen, catalogDSN string, f ser
 		log.Warn("cache off (--redis is empty): every read goes to PostgreSQL")
 	}
 	opts := server.Options{
-		MaxJSONBytes:       f.MaxJSONBytes,
-		ShardPool:          shards.PoolOptions{MaxConns: f.ShardMaxConns, MinIdleConns: f.ShardMinIdle},
+		MaxJSONBytes: f.MaxJSONBytes,
+		ShardPool: shards.PoolOptions{MaxConns: f.ShardMaxConns, MinIdleConns: f.ShardMinIdle,
+			MaxWriteBatch: f.ShardWriteBatch, WriteFlushers: f.ShardFlushers},
 		TopologyInterval:   f.TopologyInterval,
 		Cache:              c,
 		Logger:             log,

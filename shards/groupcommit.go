@@ -1,0 +1,319 @@
+package shards
+
+import (
+	"context"
+	"errors"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/shardgate/shardgate/internal/versioning"
+)
+
+// Group commit. A write here is one statement that commits on its own (its
+// data row, its outbox row and its partition's clock tick), and on a busy
+// shard most of its cost is the transaction around it, not the statement:
+// the commit record and its WAL flush, the snapshot, the round trip. So
+// concurrent writes to a shard queue up, and a few flushers each take what
+// is queued and send it as one pipelined batch, which PostgreSQL runs as one
+// implicit transaction. A caller's write is acknowledged only after that
+// transaction committed.
+//
+// Nobody waits for a batch to fill: a flusher takes whatever is queued when
+// it is free, so a lone write runs at once, alone, exactly as before, and
+// batches grow only while the flusher is busy. One flusher per shard makes
+// the biggest batches and measured best; more start only while more writes
+// are queued than the running flushers take in one batch each.
+//
+// Each write keeps its own guarantees, because each statement still runs
+// with its own snapshot (READ COMMITTED) and takes its own locks: ownership
+// fencing, versions above tombstones and floors, the per-partition tick
+// order. What a batch adds is that its locks are held until the whole batch
+// commits. Two batches never deadlock on partition clocks: a batch holds at
+// most one write per partition and runs them in partition order, the order
+// in which tombstone pruning and the session sweep take clocks too.
+//
+// If any statement of a batch fails, PostgreSQL rolls the whole batch back,
+// and each of its writes runs again alone, so one bad write (or a version
+// refused below a tombstone, which is retried) never fails its neighbours.
+// If the connection is lost instead, the outcome is unknown, as it is for a
+// single statement, and every write of the batch gets the error.
+
+// Defaults of PoolOptions' group-commit settings.
+const (
+	defaultMaxWriteBatch = 32
+)
+
+// defaultWriteFlushers leaves half of a shard's pool to reads, and allows at
+// least two, so one batch waiting for a lock does not stop the shard's
+// writes (see flushStall).
+func defaultWriteFlushers(maxConns int32) int { return max(2, int(maxConns)/2) }
+
+// groupWrite is one caller's write waiting to be flushed.
+type groupWrite struct {
+	ctx       context.Context
+	partition int32
+	sql       string
+	args      []any
+	scan      func(pgx.Row) error
+	err       error
+	done      chan struct{}
+}
+
+// writeGroup queues a shard's writes for its flushers.
+type writeGroup struct {
+	maxFlushers int
+	maxBatch    int
+
+	mu       sync.Mutex
+	queue    []*groupWrite
+	flushers int
+	progress time.Time // when a flusher last started or finished a batch
+
+	batches, writes, reruns atomic.Int64
+}
+
+// WriteGroupStats counts what group commit did on a shard.
+type WriteGroupStats struct {
+	// Batches is the number of transactions flushed, Writes the writes they
+	// carried (Writes/Batches is the mean batch size).
+	Batches, Writes int64
+	// Reruns counts writes run again alone after their batch failed.
+	Reruns int64
+}
+
+// WriteGroupStats reports group commit's counters (zero when it is off).
+func (s *Shard) WriteGroupStats() WriteGroupStats {
+	if s == nil || s.group == nil {
+		return WriteGroupStats{}
+	}
+	g := s.group
+	return WriteGroupStats{Batches: g.batches.Load(), Writes: g.writes.Load(), Reruns: g.reruns.Load()}
+}
+
+// write runs one single-statement write to partition (sql with args; scan
+// reads its one result row) and returns once it has committed or failed.
+// With group commit on, it may share its transaction with other callers'
+// writes. The statement must be safe to run again after a rollback.
+func (s *Shard) write(ctx context.Context, partition int32, sql string, args []any, scan func(pgx.Row) error) error {
+	if s == nil || s.pool == nil {
+		return &unavailableError{err: errNotOpen}
+	}
+	g := s.group
+	if g == nil {
+		c, err := s.acquire(ctx)
+		if err != nil {
+			return err
+		}
+		defer c.Release()
+		return runAlone(ctx, c, sql, args, scan)
+	}
+	w := &groupWrite{ctx: ctx, partition: partition, sql: sql, args: args, scan: scan, done: make(chan struct{})}
+	g.mu.Lock()
+	g.queue = append(g.queue, w)
+	// One flusher makes the biggest batches; another starts only when more
+	// is queued than the running ones take in one batch each.
+	start := g.flushers == 0 || (g.flushers < g.maxFlushers && len(g.queue) > g.flushers*g.maxBatch)
+	if start {
+		g.startFlusher(s)
+	}
+	g.mu.Unlock()
+	stall := time.NewTimer(flushStall)
+	defer stall.Stop()
+	for {
+		select {
+		case <-w.done:
+			return w.err
+		case <-ctx.Done():
+			if g.remove(w) {
+				return ctx.Err()
+			}
+			// A flusher has it: its scan may still run, so wait for the end.
+			<-w.done
+			return w.err
+		case <-stall.C:
+			g.unstall(s, w)
+			stall.Reset(flushStall)
+		}
+	}
+}
+
+// flushStall is how long the flushers may go without finishing a batch
+// while writes wait before another flusher starts. A batch waiting for a
+// lock (a partition being frozen, a user being deleted) would otherwise hold
+// up the whole shard's writes behind it.
+const flushStall = 20 * time.Millisecond
+
+// startFlusher starts one more flusher; g.mu is held.
+func (g *writeGroup) startFlusher(s *Shard) {
+	g.flushers++
+	g.progress = time.Now()
+	go s.flushLoop()
+}
+
+// unstall starts another flusher if w is still queued and no batch has
+// finished for flushStall.
+func (g *writeGroup) unstall(s *Shard, w *groupWrite) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.flushers < g.maxFlushers && time.Since(g.progress) >= flushStall && slices.Contains(g.queue, w) {
+		g.startFlusher(s)
+	}
+}
+
+// remove takes w out of the queue if no flusher has taken it yet.
+func (g *writeGroup) remove(w *groupWrite) bool {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if i := slices.Index(g.queue, w); i >= 0 {
+		g.queue = slices.Delete(g.queue, i, i+1)
+		return true
+	}
+	return false
+}
+
+// flushLoop flushes batches until the queue is empty.
+func (s *Shard) flushLoop() {
+	g := s.group
+	for {
+		batch := g.take()
+		if batch == nil {
+			return
+		}
+		s.flush(batch)
+		g.mu.Lock()
+		g.progress = time.Now()
+		g.mu.Unlock()
+	}
+}
+
+// take removes the next batch from the queue: the oldest writes, at most one
+// per partition and maxBatch in all, in partition order. A write whose
+// caller gave up is finished here. nil when the queue is empty, in which
+// case the calling flusher is done.
+func (g *writeGroup) take() []*groupWrite {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	var batch []*groupWrite
+	rest := g.queue[:0]
+	for _, w := range g.queue {
+		switch {
+		case w.ctx.Err() != nil:
+			w.err = w.ctx.Err()
+			close(w.done)
+		case len(batch) < g.maxBatch && !slices.ContainsFunc(batch, func(b *groupWrite) bool { return b.partition == w.partition }):
+			batch = append(batch, w)
+		default:
+			rest = append(rest, w)
+		}
+	}
+	clear(g.queue[len(rest):])
+	g.queue = rest
+	if len(batch) == 0 {
+		g.flushers--
+		return nil
+	}
+	slices.SortFunc(batch, func(a, b *groupWrite) int { return int(a.partition) - int(b.partition) })
+	return batch
+}
+
+// flush runs one batch and finishes its writes.
+func (s *Shard) flush(batch []*groupWrite) {
+	g := s.group
+	g.batches.Add(1)
+	g.writes.Add(int64(len(batch)))
+	defer func() {
+		for _, w := range batch {
+			close(w.done)
+		}
+	}()
+	ctx, cancel := batchContext(batch)
+	defer cancel()
+	c, err := s.acquire(ctx)
+	if err != nil {
+		for _, w := range batch {
+			w.err = err
+		}
+		return
+	}
+	defer c.Release()
+	if len(batch) == 1 {
+		w := batch[0]
+		w.err = runAlone(w.ctx, c, w.sql, w.args, w.scan)
+		return
+	}
+	if !runBatch(ctx, c, batch) {
+		return
+	}
+	// PostgreSQL refused a statement and rolled the batch back: run each
+	// write alone, so each gets its own outcome.
+	g.reruns.Add(int64(len(batch)))
+	for _, w := range batch {
+		w.err = runAlone(w.ctx, c, w.sql, w.args, w.scan)
+	}
+}
+
+// runBatch sends the batch as one pipeline (one implicit transaction) and
+// sets each write's error. It reports whether PostgreSQL refused a
+// statement, which means the batch was rolled back and may run again.
+func runBatch(ctx context.Context, c *pgxpool.Conn, batch []*groupWrite) (rolledBack bool) {
+	b := &pgx.Batch{}
+	for _, w := range batch {
+		b.Queue(w.sql, w.args...)
+	}
+	br := c.SendBatch(ctx, b)
+	for _, w := range batch {
+		w.err = w.scan(br.QueryRow())
+	}
+	closeErr := br.Close()
+	var pg *pgconn.PgError
+	for _, w := range batch {
+		if errors.As(w.err, &pg) {
+			rolledBack = true
+		}
+	}
+	if errors.As(closeErr, &pg) {
+		rolledBack = true
+	}
+	if rolledBack || closeErr == nil {
+		return rolledBack
+	}
+	// The commit's outcome is unknown (the connection failed): say so to
+	// every write, as a lone statement would.
+	for _, w := range batch {
+		if w.err == nil {
+			w.err = closeErr
+		}
+	}
+	return false
+}
+
+// runAlone runs one write as its own statement, again if it was refused
+// below a tombstone that committed while it ran.
+func runAlone(ctx context.Context, c *pgxpool.Conn, sql string, args []any, scan func(pgx.Row) error) error {
+	return versioning.RetryBelowTombstone(func() error {
+		return scan(c.QueryRow(ctx, sql, args...))
+	})
+}
+
+// batchContext bounds a batch by the latest deadline among its callers
+// (none if one of them has none); a caller that gives up does not cancel
+// its neighbours' writes.
+func batchContext(batch []*groupWrite) (context.Context, context.CancelFunc) {
+	var latest time.Time
+	for _, w := range batch {
+		d, ok := w.ctx.Deadline()
+		if !ok {
+			return context.WithCancel(context.Background())
+		}
+		if d.After(latest) {
+			latest = d
+		}
+	}
+	return context.WithDeadline(context.Background(), latest)
+}
