@@ -232,7 +232,7 @@ WITH w AS (
 ), del AS (
     DELETE FROM outbox AS o
     USING w JOIN outbox_delivered AS d ON d.partition = w.partition
-    WHERE o.partition = w.partition AND o.tick = w.tick AND w.committed_at < $3 AND w.tick <= d.tick
+    WHERE o.partition = w.partition AND o.seq = w.seq AND w.committed_at < $3 AND w.tick <= d.tick
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM del), coalesce((SELECT max(seq) FROM w), $1),
