@@ -140,6 +140,7 @@ type importStartCmd struct {
 	importTarget
 	Parallel     int    `help:"Batches written at once per shard." default:"2"`
 	BatchRows    int    `name:"batch-rows" help:"Rows per batch to one shard." default:"5000"`
+	Readers      int    `help:"Source connections reading each table at once (ranges of its keys, one snapshot)." default:"2"`
 	Events       bool   `help:"Publish a change event for every imported row (off: imported rows publish none)."`
 	SkipInvalid  bool   `name:"skip-invalid" help:"Count rows that do not map to a valid entity and write them to --rejects instead of stopping."`
 	Rejects      string `help:"File the rejected rows are appended to (NDJSON), with --skip-invalid."`
@@ -167,6 +168,9 @@ func (c importStartCmd) Run(g *globals) error {
 	if c.Parallel < 1 || c.Parallel > 64 {
 		return fmt.Errorf("--parallel %d: want 1-64", c.Parallel)
 	}
+	if c.Readers < 0 || c.Readers > 16 {
+		return fmt.Errorf("--readers %d: want 1-16", c.Readers)
+	}
 	ctx, cancel := signalContext()
 	defer cancel()
 	cl, err := c.open(ctx, int32(c.Parallel)+1)
@@ -175,7 +179,7 @@ func (c importStartCmd) Run(g *globals) error {
 	}
 	defer cl.Close()
 	opts := importer.Options{
-		Name: c.Name, Parallel: c.Parallel, BatchRows: c.BatchRows, Events: c.Events,
+		Name: c.Name, Parallel: c.Parallel, BatchRows: c.BatchRows, Readers: c.Readers, Events: c.Events,
 		SkipInvalid: c.SkipInvalid, MaxJSONBytes: c.MaxJSONBytes,
 	}
 	if c.Rejects != "" {
