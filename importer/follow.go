@@ -32,6 +32,10 @@ type FollowOptions struct {
 	// RecordEvery is how often progress is written to the catalog (and the
 	// import's state checked); default 200ms.
 	RecordEvery time.Duration
+	// MaxBatchWait bounds how long a received change waits for more to be
+	// applied with it; default 10ms. Changes are applied as soon as the
+	// stream pauses, or once the oldest has waited this long.
+	MaxBatchWait time.Duration
 	// OnApply, if set, is called after each change is applied with the time
 	// since its transaction committed on the source.
 	OnApply func(table string, lag time.Duration)
@@ -53,6 +57,9 @@ func Follow(ctx context.Context, cl *Cluster, m *Mapping, sourceDSN, name string
 	}
 	if opts.RecordEvery <= 0 {
 		opts.RecordEvery = 200 * time.Millisecond
+	}
+	if opts.MaxBatchWait <= 0 {
+		opts.MaxBatchWait = 10 * time.Millisecond
 	}
 	if opts.SkipInvalid && opts.Rejects == nil {
 		return errors.New("skipping invalid changes needs a rejects file")
@@ -96,6 +103,7 @@ func Follow(ctx context.Context, cl *Cluster, m *Mapping, sourceDSN, name string
 	if f.applied, err = pglogrepl.ParseLSN(start); err != nil {
 		return fmt.Errorf("import %s: position %q: %w", name, start, err)
 	}
+	f.warm(ctx)
 	repl, err := replicationConn(ctx, sourceDSN)
 	if err != nil {
 		return err
@@ -124,6 +132,7 @@ type follower struct {
 	inTx       bool
 	commitTime time.Time
 	pending    []pendingChange
+	pendingAt  time.Time // when the first pending change was received
 }
 
 func (f *follower) run(ctx context.Context, repl *pgconn.PgConn) error {
@@ -154,8 +163,11 @@ func (f *follower) run(ctx context.Context, repl *pgconn.PgConn) error {
 			deadline = nextStandby
 		}
 		if len(f.pending) > 0 {
-			// Apply as soon as the stream pauses.
+			// Apply as soon as the stream pauses, or the batch is old.
 			deadline = now.Add(2 * time.Millisecond)
+			if full := f.pendingAt.Add(f.opts.MaxBatchWait); full.Before(deadline) {
+				deadline = full
+			}
 		}
 		rctx, cancel := context.WithDeadline(ctx, deadline)
 		raw, err := repl.ReceiveMessage(rctx)
@@ -200,9 +212,30 @@ func (f *follower) run(ctx context.Context, repl *pgconn.PgConn) error {
 					f.record(context.Background())
 					return err
 				}
+				// A stream that never pauses still gets its changes applied
+				// within MaxBatchWait (plus the apply).
+				if len(f.pending) > 0 && time.Since(f.pendingAt) >= f.opts.MaxBatchWait {
+					if err := f.flush(ctx); err != nil {
+						f.record(context.Background())
+						return err
+					}
+				}
 			}
 		}
 	}
+}
+
+// warm opens the shard connections the first changes are applied
+// through, so they do not wait for them (best effort: a shard that does
+// not answer is retried by the apply).
+func (f *follower) warm(ctx context.Context) {
+	var g errgroup.Group
+	for _, sh := range f.cl.Shards() {
+		for range applyParallel {
+			g.Go(func() error { return sh.Ping(ctx) })
+		}
+	}
+	g.Wait()
 }
 
 // confirm tells the source what is applied, so the slot releases the WAL
@@ -286,6 +319,9 @@ func (f *follower) change(ctx context.Context, relID uint32, old, new *pglogrepl
 			req := st.evalRequest(rel, new, false)
 			pc.new = &req
 		}
+		if len(f.pending) == 0 {
+			f.pendingAt = time.Now()
+		}
 		f.pending = append(f.pending, pc)
 	}
 	if len(f.pending) >= maxPending {
@@ -296,6 +332,9 @@ func (f *follower) change(ctx context.Context, relID uint32, old, new *pglogrepl
 
 // maxPending bounds the changes applied together.
 const maxPending = 2000
+
+// applyParallel is how many users' writes a flush applies at once.
+const applyParallel = 16
 
 // pendingChange is a row change received and not yet applied.
 type pendingChange struct {
@@ -399,7 +438,7 @@ func (f *follower) flush(ctx context.Context) error {
 	}
 
 	g, gctx := errgroup.WithContext(ctx)
-	g.SetLimit(16)
+	g.SetLimit(applyParallel)
 	var rejectMu sync.Mutex
 	for _, k := range order {
 		ws := groups[k]
