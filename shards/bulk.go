@@ -420,6 +420,26 @@ func (s *Shard) CountData(ctx context.Context) (users, items int64, err error) {
 	return users, items, nil
 }
 
+// CountKeySpace counts, in the partitions this shard serves (owned or
+// frozen), the users whose ID starts with userPrefix and their items in
+// the given collections.
+func (s *Shard) CountKeySpace(ctx context.Context, userPrefix string, collections []string) (users, items int64, err error) {
+	c, err := s.acquire(ctx)
+	if err != nil {
+		return 0, 0, s.wrap("count key space", err)
+	}
+	defer c.Release()
+	err = c.QueryRow(ctx, `
+		WITH o AS (SELECT partition FROM ownership WHERE state IN ('owned', 'frozen'))
+		SELECT (SELECT count(*) FROM users WHERE partition IN (SELECT partition FROM o) AND starts_with(user_id, $1)),
+		       (SELECT count(*) FROM items WHERE partition IN (SELECT partition FROM o) AND starts_with(user_id, $1)
+		        AND collection = ANY($2::text[]))`, userPrefix, collections).Scan(&users, &items)
+	if err != nil {
+		return 0, 0, s.wrap("count key space", err)
+	}
+	return users, items, nil
+}
+
 // purgeUsersSQL deletes users with their sessions and items, leaving
 // tombstones (versions keep rising if they come back) and delete events,
 // which make caches and watchers drop what they hold.

@@ -330,8 +330,18 @@ func printVerify(g *globals, rep *importer.VerifyReport) error {
 		}
 	}
 	for e, n := range rep.Extra {
-		fmt.Fprintf(g.out, "Shardgate holds %d %s rows the source does not map (deleted at the source and not followed, or written through the API)\n", n, e)
+		fmt.Fprintf(g.out, "Shardgate holds %d %s rows in the import's key space the source does not map (deleted at the source and not followed, or written through the API)\n", n, e)
 	}
+	sc := rep.Scope
+	if sc.UsersChecked {
+		fmt.Fprintf(g.out, "extra rows counted among users whose ID starts with %q and their items in collections %s", sc.UserPrefix, strings.Join(sc.Collections, ", "))
+	} else {
+		fmt.Fprint(g.out, "extra users and items not checked: the mapped user IDs share no prefix")
+	}
+	if len(sc.Namespaces) > 0 {
+		fmt.Fprintf(g.out, "; config in namespaces %s", strings.Join(sc.Namespaces, ", "))
+	}
+	fmt.Fprintln(g.out)
 	if rep.OK {
 		fmt.Fprintln(g.out, "\nverified: every mapped row of the source is in Shardgate, as mapped")
 	}
