@@ -86,7 +86,7 @@ func Follow(ctx context.Context, cl *Cluster, m *Mapping, sourceDSN, name string
 	defer src.Close(context.Background())
 	f := &follower{cl: cl, opts: opts, name: name, src: src, byRel: map[string][]*sourceTable{},
 		rels: map[uint32]*pglogrepl.RelationMessage{}, stats: map[string]*catalog.FollowTableProgress{},
-		bulk: &bulk{opts: Options{Rejects: opts.Rejects}}}
+		bulk: &bulk{opts: Options{Rejects: opts.Rejects}}, events: rec.Events}
 	for i := range m.Tables {
 		st, err := describe(ctx, src, &m.Tables[i])
 		if err != nil {
@@ -126,6 +126,9 @@ type follower struct {
 	rels  map[uint32]*pglogrepl.RelationMessage
 	stats map[string]*catalog.FollowTableProgress
 	bulk  *bulk // for its rejects writer
+	// events: the import's --events, recorded when it started: applied
+	// changes write change events only with it.
+	events bool
 
 	applied    pglogrepl.LSN // every change up to here is applied
 	committed  pglogrepl.LSN // the end of the last transaction received
@@ -373,9 +376,9 @@ func (f *follower) flush(ctx context.Context) error {
 	groups := map[string][]write{}
 	var order []string
 	add := func(w write) {
-		k := "\x00config"
-		if w.st.Entity != EntityConfig {
-			k = w.rec.UserID
+		k := w.rec.UserID
+		if w.st.Entity == EntityConfig {
+			k = "\x00" + w.rec.Namespace + "\x00" + w.rec.ItemKey
 		}
 		if _, ok := groups[k]; !ok {
 			order = append(order, k)
@@ -437,29 +440,22 @@ func (f *follower) flush(ctx context.Context) error {
 		return evalErr
 	}
 
-	g, gctx := errgroup.WithContext(ctx)
-	g.SetLimit(applyParallel)
-	var rejectMu sync.Mutex
-	for _, k := range order {
-		ws := groups[k]
-		g.Go(func() error {
-			for _, w := range ws {
-				err := f.applyWrite(gctx, w)
-				var bad *RowError
-				if errors.As(err, &bad) && f.opts.SkipInvalid {
-					rejectMu.Lock()
-					err = f.bulk.reject(bad)
-					rejectMu.Unlock()
-				}
-				if err != nil {
-					return err
-				}
+	// Round r applies the r-th write of every group: each user's (and
+	// config key's) writes keep their order, and a round's writes, all of
+	// different users, go set-based.
+	for r := 0; ; r++ {
+		var round []write
+		for _, k := range order {
+			if ws := groups[k]; r < len(ws) {
+				round = append(round, ws[r])
 			}
-			return nil
-		})
-	}
-	if err := g.Wait(); err != nil {
-		return err
+		}
+		if len(round) == 0 {
+			break
+		}
+		if err := f.applyRound(ctx, round); err != nil {
+			return err
+		}
 	}
 	for _, pc := range f.pending {
 		s := f.stats[pc.st.Name]
@@ -479,13 +475,6 @@ func (f *follower) flush(ctx context.Context) error {
 	f.pending = f.pending[:0]
 	f.applied = max(f.applied, f.committed)
 	return nil
-}
-
-func (f *follower) applyWrite(ctx context.Context, w write) error {
-	if w.delete {
-		return f.delete(ctx, w.st, &w.rec)
-	}
-	return f.upsert(ctx, w.st, &w.rec)
 }
 
 // evalSQL evaluates the mapping on a row given as text ($1.. in the
@@ -619,60 +608,133 @@ func (st *sourceTable) mapIdentity(r Record, f []pgtype.Text) (Record, *RowError
 	return r, bad
 }
 
-// retryMoved runs write until no partition has moved under it.
-func (f *follower) retryMoved(ctx context.Context, write func() error) error {
-	for attempt := 0; ; attempt++ {
-		err := write()
-		if !errors.Is(err, shards.ErrWrongShard) || attempt >= 20 {
-			return err
+// applyRound applies writes that all concern different users (or config
+// keys), so in any order: per shard one batch each of user deletes, user
+// upserts, item deletes and item upserts, at once (upserts in one
+// statement each: shards.ApplyUsers, ApplyItems), and the config writes.
+// Upserts and deletes follow the bulk phase's rules (an unchanged row
+// keeps its version) and write change events only with the import's
+// --events. Batches refused for a partition that moved are written to its
+// new owner.
+func (f *follower) applyRound(ctx context.Context, round []write) error {
+	var userUp, userDel, itemUp, itemDel []Record
+	itemTable := map[string]*sourceTable{} // by user: one write per user in a round
+	var configUp []catalog.ImportConfigEntry
+	var configDel []Record
+	for _, w := range round {
+		r := w.rec
+		if w.st.Entity != EntityConfig {
+			r.Partition = router.Partition(r.UserID, f.cl.Partitions())
 		}
-		select {
-		case <-time.After(time.Duration(attempt+1) * 20 * time.Millisecond):
-		case <-ctx.Done():
-			return ctx.Err()
-		}
-		if err := f.cl.Reload(ctx); err != nil {
-			return err
+		switch {
+		case w.st.Entity == EntityUser && w.delete:
+			userDel = append(userDel, r)
+		case w.st.Entity == EntityUser:
+			userUp = append(userUp, r)
+		case w.st.Entity == EntityItem && w.delete:
+			itemDel = append(itemDel, r)
+		case w.st.Entity == EntityItem:
+			itemUp = append(itemUp, r)
+			itemTable[r.UserID] = w.st
+		case w.delete:
+			configDel = append(configDel, r)
+		default:
+			configUp = append(configUp, catalog.ImportConfigEntry{Namespace: r.Namespace, Key: r.ItemKey, Value: []byte(r.JSON)})
 		}
 	}
-}
-
-func (f *follower) upsert(ctx context.Context, st *sourceTable, r *Record) error {
-	err := f.retryMoved(ctx, func() error {
-		var err error
-		switch st.Entity {
-		case EntityUser:
-			_, err = f.cl.Owner(r.Partition).PutUser(ctx, r.Partition, r.UserID, []byte(r.JSON), nil)
-		case EntityItem:
-			_, err = f.cl.Owner(r.Partition).PutItem(ctx, r.Partition, r.UserID, r.Collection, r.ItemKey, []byte(r.JSON), nil)
-		default:
-			_, err = f.cl.Catalog.SetConfig(ctx, r.Namespace, r.ItemKey, []byte(r.JSON), nil)
+	var g errgroup.Group
+	perShard := func(recs []Record, fn func(*shards.Shard, []Record) error) {
+		if len(recs) == 0 {
+			return
 		}
+		g.Go(func() error {
+			var sg errgroup.Group
+			groups := map[*shards.Shard][]Record{}
+			for _, rec := range recs {
+				sh := f.cl.Owner(rec.Partition)
+				groups[sh] = append(groups[sh], rec)
+			}
+			for _, batch := range groups {
+				sg.Go(func() error { return f.cl.route(ctx, batch, fn) })
+			}
+			return sg.Wait()
+		})
+	}
+	perShard(userDel, func(sh *shards.Shard, batch []Record) error {
+		refs := make([]shards.UserRef, len(batch))
+		for i, r := range batch {
+			refs[i] = shards.UserRef{Partition: r.Partition, UserID: r.UserID}
+		}
+		_, err := sh.PurgeUsers(ctx, refs, f.events)
 		return err
 	})
-	if errors.Is(err, shards.ErrUserNotFound) {
-		return &RowError{Table: st.Name, KeyCols: st.PrimaryKey, Key: r.Key, Field: "user_id", Msg: fmt.Sprintf("user %q does not exist in Shardgate", r.UserID)}
+	perShard(userUp, func(sh *shards.Shard, batch []Record) error {
+		rows := make([]shards.ImportUser, len(batch))
+		for i, r := range batch {
+			rows[i] = shards.ImportUser{Partition: r.Partition, UserID: r.UserID, Profile: []byte(r.JSON)}
+		}
+		_, err := sh.ApplyUsers(ctx, rows, f.events)
+		return err
+	})
+	perShard(itemDel, func(sh *shards.Shard, batch []Record) error {
+		refs := make([]shards.ItemRef, len(batch))
+		for i, r := range batch {
+			refs[i] = shards.ItemRef{Partition: r.Partition, UserID: r.UserID, Collection: r.Collection, Key: r.ItemKey}
+		}
+		_, err := sh.PurgeItems(ctx, refs, f.events)
+		return err
+	})
+	var rejectMu sync.Mutex
+	perShard(itemUp, func(sh *shards.Shard, batch []Record) error {
+		rows := make([]shards.ImportItem, len(batch))
+		for i, r := range batch {
+			rows[i] = shards.ImportItem{Partition: r.Partition, UserID: r.UserID, Collection: r.Collection, Key: r.ItemKey, Value: []byte(r.JSON)}
+		}
+		res, err := sh.ApplyItems(ctx, rows, f.events)
+		if err != nil || len(res.MissingUsers) == 0 {
+			return err
+		}
+		if !f.opts.SkipInvalid {
+			// The batch's other items are written: applied again when
+			// the follower restarts, they are unchanged.
+			for _, r := range batch {
+				if r.UserID == res.MissingUsers[0].UserID {
+					return missingUser(itemTable[r.UserID], &r)
+				}
+			}
+		}
+		rejectMu.Lock()
+		defer rejectMu.Unlock()
+		for _, u := range res.MissingUsers {
+			for _, r := range batch {
+				if r.UserID == u.UserID {
+					if err := f.bulk.reject(missingUser(itemTable[r.UserID], &r)); err != nil {
+						return err
+					}
+				}
+			}
+		}
+		return nil
+	})
+	if len(configUp) > 0 {
+		g.Go(func() error {
+			_, err := f.cl.Catalog.ImportConfig(ctx, configUp)
+			return err
+		})
 	}
-	return err
+	if len(configDel) > 0 {
+		g.Go(func() error {
+			for _, r := range configDel {
+				if err := f.cl.Catalog.DeleteConfig(ctx, r.Namespace, r.ItemKey, nil); err != nil && !errors.Is(err, versioning.ErrNotFound) {
+					return err
+				}
+			}
+			return nil
+		})
+	}
+	return g.Wait()
 }
 
-func (f *follower) delete(ctx context.Context, st *sourceTable, r *Record) error {
-	if st.Entity != EntityConfig {
-		r.Partition = router.Partition(r.UserID, f.cl.Partitions())
-	}
-	err := f.retryMoved(ctx, func() error {
-		switch st.Entity {
-		case EntityUser:
-			_, err := f.cl.Owner(r.Partition).DeleteUser(ctx, r.Partition, r.UserID, nil)
-			return err
-		case EntityItem:
-			return f.cl.Owner(r.Partition).DeleteItem(ctx, r.Partition, r.UserID, r.Collection, r.ItemKey, nil)
-		default:
-			return f.cl.Catalog.DeleteConfig(ctx, r.Namespace, r.ItemKey, nil)
-		}
-	})
-	if errors.Is(err, versioning.ErrNotFound) {
-		return nil // already gone: a change replayed, or never imported
-	}
-	return err
+func missingUser(st *sourceTable, r *Record) *RowError {
+	return &RowError{Table: st.Name, KeyCols: st.PrimaryKey, Key: r.Key, Field: "user_id", Msg: fmt.Sprintf("user %q does not exist in Shardgate", r.UserID)}
 }

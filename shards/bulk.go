@@ -441,8 +441,8 @@ func (s *Shard) CountKeySpace(ctx context.Context, userPrefix string, collection
 }
 
 // purgeUsersSQL deletes users with their sessions and items, leaving
-// tombstones (versions keep rising if they come back) and delete events,
-// which make caches and watchers drop what they hold.
+// tombstones (versions keep rising if they come back) and, with $3, delete
+// events, which make caches and watchers drop what they hold.
 const purgeUsersSQL = `
 WITH k AS (
     SELECT DISTINCT partition, user_id FROM unnest($1::integer[], $2::text[]) AS k (partition, user_id)
@@ -472,14 +472,14 @@ WITH k AS (
         SELECT partition, user_id, 2, 'item', collection || '/' || key, version + 1 FROM di
         UNION ALL
         SELECT partition, user_id, 3, 'user', user_id, version + 1 FROM du
-    ) AS e ORDER BY partition, user_id, ord, key
+    ) AS e WHERE $3::boolean ORDER BY partition, user_id, ord, key
 )
 SELECT count(*) FROM du`
 
 // PurgeUsers deletes users (with their sessions and items) in one fenced
-// transaction and returns how many it deleted. A *WrongShardError if a
-// partition is not owned.
-func (s *Shard) PurgeUsers(ctx context.Context, users []UserRef) (int64, error) {
+// transaction, with their delete events if events, and returns how many it
+// deleted. A *WrongShardError if a partition is not owned.
+func (s *Shard) PurgeUsers(ctx context.Context, users []UserRef, events bool) (int64, error) {
 	parts := make([]int32, len(users))
 	ids := make([]string, len(users))
 	for i, u := range users {
@@ -487,7 +487,7 @@ func (s *Shard) PurgeUsers(ctx context.Context, users []UserRef) (int64, error) 
 	}
 	var n int64
 	err := s.importBatch(ctx, append([]int32(nil), parts...), "SELECT 1", func(tx pgx.Tx) error {
-		return tx.QueryRow(ctx, purgeUsersSQL, parts, ids).Scan(&n)
+		return tx.QueryRow(ctx, purgeUsersSQL, parts, ids, events).Scan(&n)
 	})
 	if err != nil {
 		return 0, s.wrap("purge users", err)
@@ -511,13 +511,13 @@ WITH k AS (
 ), ev AS (
     INSERT INTO outbox (partition, user_id, entity, key, op, version, payload)
     SELECT partition, user_id, 'item', collection || '/' || key, 'delete', version + 1, NULL::jsonb FROM di
-    ORDER BY partition, user_id, collection, key
+    WHERE $5::boolean ORDER BY partition, user_id, collection, key
 )
 SELECT count(*) FROM di`
 
-// PurgeItems deletes items in one fenced transaction, with tombstones and
-// delete events, and returns how many it deleted.
-func (s *Shard) PurgeItems(ctx context.Context, items []ItemRef) (int64, error) {
+// PurgeItems deletes items in one fenced transaction, with tombstones and,
+// if events, delete events, and returns how many it deleted.
+func (s *Shard) PurgeItems(ctx context.Context, items []ItemRef, events bool) (int64, error) {
 	parts := make([]int32, len(items))
 	ids := make([]string, len(items))
 	cols := make([]string, len(items))
@@ -527,7 +527,7 @@ func (s *Shard) PurgeItems(ctx context.Context, items []ItemRef) (int64, error) 
 	}
 	var n int64
 	err := s.importBatch(ctx, append([]int32(nil), parts...), "SELECT 1", func(tx pgx.Tx) error {
-		return tx.QueryRow(ctx, purgeItemsSQL, parts, ids, cols, keys).Scan(&n)
+		return tx.QueryRow(ctx, purgeItemsSQL, parts, ids, cols, keys, events).Scan(&n)
 	})
 	if err != nil {
 		return 0, s.wrap("purge items", err)

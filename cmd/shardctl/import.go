@@ -141,7 +141,7 @@ type importStartCmd struct {
 	Parallel     int    `help:"Batches written at once per shard." default:"2"`
 	BatchRows    int    `name:"batch-rows" help:"Rows per batch to one shard." default:"5000"`
 	Readers      int    `help:"Source connections reading each table at once (ranges of its keys, one snapshot)." default:"2"`
-	Events       bool   `help:"Publish a change event for every imported row (off: imported rows publish none)."`
+	Events       bool   `help:"Publish a change event for every imported row and every change followed (off: they publish none; config always does). Recorded with the import."`
 	SkipInvalid  bool   `name:"skip-invalid" help:"Count rows that do not map to a valid entity and write them to --rejects instead of stopping."`
 	Rejects      string `help:"File the rejected rows are appended to (NDJSON), with --skip-invalid."`
 	MaxJSONBytes int    `name:"max-json-bytes" help:"Largest JSON value accepted (the servers' --max-json-bytes)." default:"65536"`
