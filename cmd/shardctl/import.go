@@ -460,7 +460,7 @@ func (c importStatusCmd) Run(g *globals) error {
 		enc.SetIndent("", "  ")
 		return enc.Encode(st)
 	}
-	fmt.Fprintf(g.out, "import %s: %s, slot %s (active %v), applied %s, source at %s, lag %s",
+	fmt.Fprintf(g.out, "import %s: %s, slot %s (active %v), applied %s, source at %s, slot lag %s",
 		st.Name, st.State, st.Slot, st.SlotActive, dash(st.AppliedLSN), dash(st.SourceLSN), bytesText(st.LagBytes))
 	if st.Heartbeat > 0 {
 		fmt.Fprintf(g.out, ", follower last seen %s ago", st.Heartbeat.Round(time.Millisecond))
@@ -470,16 +470,24 @@ func (c importStatusCmd) Run(g *globals) error {
 		fmt.Fprintf(g.out, "last error: %s\n", st.Error)
 	}
 	fmt.Fprintln(g.out)
-	w := g.table("TABLE", "COPIED", "TOTAL", "REJECTED", "BULK", "INSERTS", "UPDATES", "DELETES", "LAG BYTES", "LAG SECONDS")
+	w := g.table("TABLE", "COPIED", "TOTAL", "REJECTED", "BULK", "INSERTS", "UPDATES", "DELETES", "PENDING BYTES", "PENDING SECONDS")
 	for _, t := range st.Tables {
 		bulk := "copying"
 		if t.Done {
 			bulk = "done"
 		}
-		fmt.Fprintf(w, "%s\t%d\t%d\t%d\t%s\t%d\t%d\t%d\t%d\t%.1f\n", t.Name, t.Copied, t.Total, t.Rejected, bulk,
-			t.Inserts, t.Updates, t.Deletes, t.LagBytes, t.LagSeconds)
+		lagB, lagS := "-", "-"
+		if t.Pending {
+			lagB, lagS = bytesText(t.LagBytes), fmt.Sprintf("%.1f", t.LagSeconds)
+		}
+		fmt.Fprintf(w, "%s\t%d\t%d\t%d\t%s\t%d\t%d\t%d\t%s\t%s\n", t.Name, t.Copied, t.Total, t.Rejected, bulk,
+			t.Inserts, t.Updates, t.Deletes, lagB, lagS)
 	}
-	return w.Flush()
+	if err := w.Flush(); err != nil {
+		return err
+	}
+	fmt.Fprintln(g.out, "\nslot lag: source WAL not yet applied, for all tables (which tables it touches is known only once decoded);\npending: a table's oldest change received and not yet applied (WAL since, seconds since it committed)")
+	return nil
 }
 
 func dash(s string) string {
