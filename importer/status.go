@@ -34,12 +34,12 @@ type TableStatus struct {
 
 // Status is an import's state, as the catalog and the source report it.
 type Status struct {
-	Name       string        `json:"name"`
-	State      string        `json:"state"`
-	Slot       string        `json:"slot"`
-	StartLSN   string        `json:"start_lsn"`
-	AppliedLSN string        `json:"applied_lsn"`
-	SourceLSN  string        `json:"source_lsn"`
+	Name       string `json:"name"`
+	State      string `json:"state"`
+	Slot       string `json:"slot"`
+	StartLSN   string `json:"start_lsn"`
+	AppliedLSN string `json:"applied_lsn"`
+	SourceLSN  string `json:"source_lsn"`
 	// LagBytes is the slot's lag: the source's WAL not yet applied, for
 	// all tables together (changes apply in commit order).
 	LagBytes   int64         `json:"lag_bytes"`
