@@ -293,12 +293,42 @@ func (f *follower) handle(ctx context.Context, data []byte) error {
 	case *pglogrepl.DeleteMessage:
 		return f.change(ctx, m.RelationID, m.OldTuple, nil, 'd')
 	case *pglogrepl.TruncateMessage:
-		if len(f.byRel) == 0 {
-			return nil
-		}
-		return errors.New("source: a mapped table was truncated; the follow phase cannot apply a TRUNCATE (cancel with --purge and import again)")
+		return f.truncated(ctx, m)
 	}
 	return nil
+}
+
+// ErrTruncated is a TRUNCATE of a mapped table on the source, which the
+// follow phase cannot apply: it does not know which of Shardgate's rows
+// came from the table (a mapping's rows may share their key space with
+// other tables' and with data the cluster held before).
+var ErrTruncated = errors.New("a mapped table was truncated on the source")
+
+// truncated applies what came before a TRUNCATE and stops the follower
+// with an error that names the tables and says what to do, also recorded
+// as the import's error for 'import status'. The follower stops there
+// each time it is started again: the TRUNCATE stays in the slot.
+func (f *follower) truncated(ctx context.Context, m *pglogrepl.TruncateMessage) error {
+	var names []string
+	for _, id := range m.RelationIDs {
+		if rel, ok := f.rels[id]; ok {
+			for _, st := range f.byRel[rel.Namespace+"."+rel.RelationName] {
+				names = append(names, fmt.Sprintf("%s.%s (table %s)", rel.Namespace, rel.RelationName, st.Name))
+			}
+		}
+	}
+	if len(names) == 0 {
+		return nil
+	}
+	if err := f.flush(ctx); err != nil {
+		return err
+	}
+	err := fmt.Errorf("source: TRUNCATE of %s after %s: %w; the follow phase cannot apply it (which of Shardgate's rows came from the table is not known) and stops here every time. "+
+		"Changes before it are applied. To go on, run 'shardctl import cancel' and start the import again; the rows the table had mapped stay in Shardgate "+
+		"(a purge deletes what the source's rows map to now) and 'import verify' counts them as extra: delete them through the API, or purge before the TRUNCATE next time",
+		strings.Join(names, ", "), f.applied, ErrTruncated)
+	f.cl.Catalog.SetImportError(ctx, f.name, err.Error())
+	return err
 }
 
 // change queues one row change for every mapping of its table; flush

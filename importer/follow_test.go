@@ -3,6 +3,7 @@ package importer
 import (
 	"context"
 	"errors"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -171,5 +172,45 @@ func TestFollowEvents(t *testing.T) {
 	}
 	if _, _, outbox, _ := shardCounts(t, dsns); outbox != 2*n+2 {
 		t.Fatalf("events %d, want %d (an upsert and a delete)", outbox, 2*n+2)
+	}
+}
+
+// A TRUNCATE of a mapped table stops the follower after applying what came
+// before it, with an error naming the table, also recorded for status.
+func TestFollowStopsAtTruncate(t *testing.T) {
+	ctx := context.Background()
+	src := legacy(t, 10)
+	cl, _, _ := newCluster(t)
+	m := legacyMapping(t)
+	if err := Start(ctx, cl, m, src, Options{}); err != nil {
+		t.Fatal(err)
+	}
+	sconn := connect(t, src)
+	for _, q := range []string{
+		`UPDATE accounts SET name = 'Before' WHERE id = 2`,
+		`TRUNCATE account_settings`,
+	} {
+		if _, err := sconn.Exec(ctx, q); err != nil {
+			t.Fatal(err)
+		}
+	}
+	fctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	err := Follow(fctx, cl, m, src, "default", FollowOptions{})
+	if !errors.Is(err, ErrTruncated) || !strings.Contains(err.Error(), "public.account_settings (table account_settings)") ||
+		!strings.Contains(err.Error(), "import cancel") {
+		t.Fatalf("follow: %v", err)
+	}
+	p := router.Partition("acct-2", cl.Partitions())
+	if u, err := cl.Owner(p).GetUser(ctx, p, "acct-2"); err != nil || !strings.Contains(string(u.Profile), "Before") {
+		t.Fatalf("the change before the TRUNCATE: %s %v", u.Profile, err)
+	}
+	st, err := GetStatus(ctx, cl, src, "default")
+	if err != nil || !strings.Contains(st.Error, "TRUNCATE of public.account_settings") {
+		t.Fatalf("status error %q, %v", st.Error, err)
+	}
+	// Started again, it stops there again.
+	if err := Follow(fctx, cl, m, src, "default", FollowOptions{}); !errors.Is(err, ErrTruncated) {
+		t.Fatalf("follow again: %v", err)
 	}
 }
