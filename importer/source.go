@@ -235,6 +235,7 @@ type Record struct {
 	ItemKey    string   // item, config
 	JSON       string   // profile (user) or value (item, config), as jsonb prints it
 	Partition  int32    // user, item
+	Version    int64    // an export's version (NDJSON loads only), kept where the rules allow
 }
 
 // RowError is a source row that does not map to a valid entity.

@@ -20,11 +20,11 @@ import (
 // fencedSrc replaces the bulk statements' staging-table source with the
 // statement's arrays, behind the ownership check.
 const fencedSrc = `WITH own AS (
-    SELECT partition FROM ownership WHERE partition = ANY($2::integer[]) AND state = 'owned' ORDER BY partition FOR SHARE
+    SELECT partition FROM ownership WHERE partition = ANY($3::integer[]) AND state = 'owned' ORDER BY partition FOR SHARE
 ), ok AS (
-    SELECT count(*) = cardinality($2::integer[]) AS ok FROM own
+    SELECT count(*) = cardinality($3::integer[]) AS ok FROM own
 ), src AS (
-    SELECT %s FROM unnest(%s) AS s (%s) WHERE (SELECT ok FROM ok)
+    SELECT %s, 0::bigint AS version FROM unnest(%s) AS s (%s) WHERE (SELECT ok FROM ok)
 )`
 
 func fenced(bulkSQL, stageSrc, cols, arrays string) string {
@@ -39,9 +39,9 @@ func fenced(bulkSQL, stageSrc, cols, arrays string) string {
 
 var (
 	applyUsersSQL = fenced(importUsersSQL, "sg_import_user_stage", "partition, user_id, profile",
-		"$3::integer[], $4::text[], $5::jsonb[]")
+		"$4::integer[], $5::text[], $6::jsonb[]")
 	applyItemsSQL = fenced(importItemsSQL, "sg_import_item_stage", "partition, user_id, collection, key, value",
-		"$3::integer[], $4::text[], $5::text[], $6::text[], $7::jsonb[]")
+		"$4::integer[], $5::text[], $6::text[], $7::text[], $8::jsonb[]")
 	missingApplySQL = `
 SELECT DISTINCT k.partition, k.user_id FROM unnest($1::integer[], $2::text[]) AS k (partition, user_id)
 WHERE NOT EXISTS (SELECT 1 FROM users AS u WHERE u.partition = k.partition AND u.user_id = k.user_id)
@@ -73,7 +73,7 @@ func (s *Shard) ApplyUsers(ctx context.Context, rows []ImportUser, events bool) 
 	var res ImportResult
 	err := s.applyFenced(ctx, parts, func(c *pgx.Conn) (bool, error) {
 		var ok bool
-		err := c.QueryRow(ctx, applyUsersSQL, events, parts, ps, ids, profiles).Scan(&ok, &res.Written)
+		err := c.QueryRow(ctx, applyUsersSQL, events, false, parts, ps, ids, profiles).Scan(&ok, &res.Written)
 		return ok, err
 	})
 	if err != nil {
@@ -100,7 +100,7 @@ func (s *Shard) ApplyItems(ctx context.Context, rows []ImportItem, events bool) 
 	var res ImportResult
 	err := s.applyFenced(ctx, parts, func(c *pgx.Conn) (bool, error) {
 		var ok bool
-		if err := c.QueryRow(ctx, applyItemsSQL, events, parts, ps, ids, cols, keys, vals).Scan(&ok, &res.Written); err != nil || !ok {
+		if err := c.QueryRow(ctx, applyItemsSQL, events, false, parts, ps, ids, cols, keys, vals).Scan(&ok, &res.Written); err != nil || !ok {
 			return ok, err
 		}
 		// Written without them: the statement joins the items to their

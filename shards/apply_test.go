@@ -68,3 +68,33 @@ func TestApplyUsersAndItems(t *testing.T) {
 		t.Fatal("a refused batch wrote a row")
 	}
 }
+
+// A version given with an imported row is kept where the rules allow.
+func TestImportKeepsVersions(t *testing.T) {
+	ctx := testCtx(t)
+	s := newShard(t, 1)
+	if _, err := s.ImportUsers(ctx, []ImportUser{{Partition: 1, UserID: "live", Profile: []byte(`{}`)}, {Partition: 1, UserID: "gone", Profile: []byte(`{}`)}}, false); err != nil {
+		t.Fatal(err)
+	}
+	exec(t, s, `INSERT INTO user_tombstones (partition, user_id, version) VALUES (1, 'dead', 9)`)
+	res, err := s.ImportUsers(ctx, []ImportUser{
+		{Partition: 1, UserID: "new", Profile: []byte(`{}`), Version: 7},        // kept
+		{Partition: 1, UserID: "dead", Profile: []byte(`{}`), Version: 4},       // above its tombstone: 10
+		{Partition: 1, UserID: "live", Profile: []byte(`{"a": 1}`), Version: 5}, // changed, above the row: kept
+		{Partition: 1, UserID: "gone", Profile: []byte(`{"a": 1}`), Version: 1}, // changed, below the row: 2
+	}, false)
+	if err != nil || res.Written != 4 {
+		t.Fatalf("import: %+v %v", res, err)
+	}
+	for id, want := range map[string]int64{"new": 7, "dead": 10, "live": 5, "gone": 2} {
+		if u, err := s.GetUser(ctx, 1, id); err != nil || u.Version != want {
+			t.Errorf("%s: version %d %v, want %d", id, u.Version, err, want)
+		}
+	}
+	if _, err := s.ImportItems(ctx, []ImportItem{{Partition: 1, UserID: "new", Collection: "c", Key: "k", Value: []byte(`1`), Version: 12}}, false, false); err != nil {
+		t.Fatal(err)
+	}
+	if it, err := s.GetItem(ctx, 1, "new", "c", "k"); err != nil || it.Version != 12 {
+		t.Fatalf("item %+v %v, want version 12", it, err)
+	}
+}

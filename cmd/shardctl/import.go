@@ -547,16 +547,21 @@ func (c importStartCmd) runNDJSON(g *globals) error {
 	}
 	defer cl.Close()
 	start := time.Now()
-	res, err := importer.ImportNDJSON(ctx, cl, c.FromNDJSON, c.BatchRows, c.Parallel*max(1, len(cl.Shards())), c.Events)
+	res, err := importer.ImportNDJSON(ctx, cl, c.FromNDJSON, importer.NDJSONOptions{
+		Name: c.Name, BatchRows: c.BatchRows, Parallel: c.Parallel * max(1, len(cl.Shards())), Events: c.Events})
 	if err != nil {
 		return err
 	}
 	took := time.Since(start)
 	if g.JSON {
 		return json.NewEncoder(g.out).Encode(map[string]any{"users": res.Users, "items": res.Items, "config": res.Config,
-			"written": res.Written, "seconds": took.Seconds()})
+			"written": res.Written, "resumed": res.Resumed, "seconds": took.Seconds()})
 	}
-	fmt.Fprintf(g.out, "loaded %d users, %d items, %d config values (%d written, the rest already as exported) in %s\n",
-		res.Users, res.Items, res.Config, res.Written, took.Round(time.Millisecond))
+	resumed := ""
+	if res.Resumed {
+		resumed = ", continuing an interrupted load"
+	}
+	fmt.Fprintf(g.out, "loaded %d users, %d items, %d config values (%d written, the rest already as exported%s) in %s\n",
+		res.Users, res.Items, res.Config, res.Written, resumed, took.Round(time.Millisecond))
 	return nil
 }
