@@ -114,7 +114,12 @@ func Follow(ctx context.Context, cl *Cluster, m *Mapping, sourceDSN, name string
 	if err != nil {
 		return fmt.Errorf("source: start replication from slot %s: %w", rec.Slot, err)
 	}
-	return f.run(ctx, repl)
+	if err := f.run(ctx, repl); err != nil && ctx.Err() == nil {
+		return err
+	}
+	// Stopped (ctx ended): whatever failed for it, what is recorded is
+	// applied, so a new follower continues from there.
+	return nil
 }
 
 type follower struct {
