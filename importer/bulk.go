@@ -16,6 +16,7 @@ import (
 	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgtype"
 	"golang.org/x/sync/errgroup"
 
 	"github.com/shardgate/shardgate/catalog"
@@ -29,6 +30,10 @@ type Options struct {
 	Name string
 	// Parallel is the number of batches written at once per shard; default 2.
 	Parallel int
+	// Readers is the number of connections that read each table from the
+	// source at once, each a range of its keys, all in one snapshot;
+	// default 2. Reading was the bulk phase's bottleneck with one.
+	Readers int
 	// BatchRows is the rows of one batch to one shard; default 5000.
 	BatchRows int
 	// Events writes a change event for every row written (off: imported
@@ -54,6 +59,9 @@ func (o *Options) defaults() {
 	}
 	if o.BatchRows <= 0 {
 		o.BatchRows = 5000
+	}
+	if o.Readers <= 0 {
+		o.Readers = 2
 	}
 	if o.MaxJSONBytes <= 0 {
 		o.MaxJSONBytes = DefaultMaxJSONBytes
@@ -172,12 +180,13 @@ func Start(ctx context.Context, cl *Cluster, m *Mapping, sourceDSN string, opts 
 		}
 	}
 
-	// Readers: one transaction per table, all on one snapshot: the slot's,
-	// the first time, so that following from the slot misses nothing.
-	readers := make([]pgx.Tx, len(tables))
+	// Readers: opts.Readers transactions per table, all on one snapshot:
+	// the slot's, the first time, so that following from the slot misses
+	// nothing.
+	readers := make([][]pgx.Tx, len(tables))
 	defer func() {
-		for _, tx := range readers {
-			if tx != nil {
+		for _, txs := range readers {
+			for _, tx := range txs {
 				tx.Rollback(context.Background())
 				tx.Conn().Close(context.Background())
 			}
@@ -199,19 +208,28 @@ func Start(ctx context.Context, cl *Cluster, m *Mapping, sourceDSN string, opts 
 		if progress[i].Done {
 			continue
 		}
-		conn, err := connectSource(ctx, sourceDSN)
-		if err != nil {
-			return fmt.Errorf("source: %w", err)
-		}
-		tx, err := conn.BeginTx(ctx, pgx.TxOptions{IsoLevel: pgx.RepeatableRead, AccessMode: pgx.ReadOnly})
-		if err != nil {
-			conn.Close(context.Background())
-			return fmt.Errorf("source: %w", err)
-		}
-		readers[i] = tx
-		if snapshot != "" {
-			if _, err := tx.Exec(ctx, "SET TRANSACTION SNAPSHOT "+sqlString(snapshot)); err != nil {
-				return fmt.Errorf("source: import snapshot: %w", err)
+		snap := snapshot
+		for range opts.Readers {
+			conn, err := connectSource(ctx, sourceDSN)
+			if err != nil {
+				return fmt.Errorf("source: %w", err)
+			}
+			tx, err := conn.BeginTx(ctx, pgx.TxOptions{IsoLevel: pgx.RepeatableRead, AccessMode: pgx.ReadOnly})
+			if err != nil {
+				conn.Close(context.Background())
+				return fmt.Errorf("source: %w", err)
+			}
+			readers[i] = append(readers[i], tx)
+			if snap != "" {
+				if _, err := tx.Exec(ctx, "SET TRANSACTION SNAPSHOT "+sqlString(snap)); err != nil {
+					return fmt.Errorf("source: import snapshot: %w", err)
+				}
+			} else if opts.Readers > 1 {
+				// A resumed import: the table's readers share a snapshot of
+				// their own (Follow replays every change since the slot's).
+				if err := tx.QueryRow(ctx, "SELECT pg_export_snapshot()").Scan(&snap); err != nil {
+					return fmt.Errorf("source: export snapshot: %w", err)
+				}
 			}
 		}
 	}
@@ -231,8 +249,8 @@ func Start(ctx context.Context, cl *Cluster, m *Mapping, sourceDSN string, opts 
 				continue
 			}
 			run := &tableRun{bulk: b, st: st, copied: progress[i].RowsCopied, rejected: progress[i].RowsRejected, lastKey: progress[i].LastKey}
-			tx := readers[i]
-			g.Go(func() error { return run.copy(gctx, tx) })
+			txs := readers[i]
+			g.Go(func() error { return run.copy(gctx, txs) })
 		}
 		if err := g.Wait(); err != nil {
 			cl.Catalog.SetImportError(context.Background(), rec.Name, err.Error())
@@ -342,21 +360,31 @@ func (b *bulk) reject(e *RowError) error {
 	return err
 }
 
-// tableRun copies one table.
+// tableRun copies one table: its rest after the checkpoint, cut into key
+// ranges read at once.
 type tableRun struct {
 	*bulk
 	st *sourceTable
 
 	mu       sync.Mutex
-	chunks   []*chunk // in flight, in read order
-	copied   int64    // checkpointed
+	ranges   []*keyRange // in key order
+	head     int         // the first range the checkpoint has not passed
+	copied   int64       // checkpointed
 	rejected int64
 	lastKey  []string
+	written  int64 // rows written, checkpointed or not (for progress)
 	total    int64
 }
 
+// keyRange is one reader's part of a table.
+type keyRange struct {
+	chunks []*chunk // in flight, in read order
+	read   bool     // its reader has dispatched its last chunk
+}
+
 // chunk is a run of source rows, written as one batch per shard; the
-// checkpoint passes it once it and every chunk before it are written.
+// checkpoint passes it once it and every chunk before it (in its range and
+// in the ranges before) are written.
 type chunk struct {
 	lastKey  []string
 	rows     int64
@@ -366,52 +394,103 @@ type chunk struct {
 
 func (r *tableRun) report(done bool) {
 	if r.opts.Progress != nil {
-		r.opts.Progress(Progress{Table: r.st.Name, Entity: r.st.Entity, Copied: r.copied, Rejected: r.rejected, Total: r.total, Done: done})
+		r.opts.Progress(Progress{Table: r.st.Name, Entity: r.st.Entity, Copied: r.written, Rejected: r.rejected, Total: r.total, Done: done})
 	}
 }
 
-func (r *tableRun) copy(ctx context.Context, tx pgx.Tx) error {
+func keyArgs(key []string) []any {
+	args := make([]any, len(key))
+	for i, k := range key {
+		args[i] = k
+	}
+	return args
+}
+
+func (r *tableRun) copy(ctx context.Context, txs []pgx.Tx) error {
+	tx := txs[0]
 	if err := tx.QueryRow(ctx, r.st.countSQL()).Scan(&r.total); err != nil {
 		return fmt.Errorf("table %s: count: %w", r.st.Name, err)
 	}
 	r.total += r.copied + r.rejected // rows before the checkpoint were counted then
+	rest := r.total
 	if r.lastKey != nil {
 		// Rows after the checkpoint only.
-		var after int64
-		args := make([]any, len(r.lastKey))
-		for i, k := range r.lastKey {
-			args[i] = k
-		}
 		q := strings.Replace(r.st.selectSQL(true), "SELECT ", "SELECT count(*) FROM (SELECT ", 1) + ") AS rest"
-		if err := tx.QueryRow(ctx, q, args...).Scan(&after); err != nil {
+		if err := tx.QueryRow(ctx, q, keyArgs(r.lastKey)...).Scan(&rest); err != nil {
 			return fmt.Errorf("table %s: count: %w", r.st.Name, err)
 		}
-		r.total = r.copied + r.rejected + after
+		r.total = r.copied + r.rejected + rest
 	}
+	r.written = r.copied
 	if err := r.Catalog().SetImportTableTotal(ctx, r.name, r.st.Name, r.total); err != nil {
 		return err
 	}
 	r.report(false)
 
-	var (
-		rows pgx.Rows
-		err  error
-	)
-	if r.lastKey != nil {
-		args := make([]any, len(r.lastKey))
-		for i, k := range r.lastKey {
-			args[i] = k
+	// Cut the rest into one range per reader (small tables: one range).
+	var cuts [][]string
+	if n := int64(len(txs)); n > 1 && rest >= 2*int64(r.opts.BatchRows) {
+		step := (rest + n - 1) / n
+		args := append(keyArgs(r.lastKey), step, n-1)
+		rows, err := tx.Query(ctx, r.st.splitSQL(r.lastKey != nil), args...)
+		if err != nil {
+			return fmt.Errorf("table %s: split: %w", r.st.Name, err)
 		}
-		rows, err = tx.Query(ctx, r.st.selectSQL(true), args...)
-	} else {
-		rows, err = tx.Query(ctx, r.st.selectSQL(false))
+		cuts, err = pgx.CollectRows(rows, func(row pgx.CollectableRow) ([]string, error) {
+			vals := make([]pgtype.Text, len(r.st.PrimaryKey))
+			ptrs := make([]any, len(vals))
+			for i := range vals {
+				ptrs[i] = &vals[i]
+			}
+			if err := row.Scan(ptrs...); err != nil {
+				return nil, err
+			}
+			key := make([]string, len(vals))
+			for i, v := range vals {
+				key[i] = v.String
+			}
+			return key, nil
+		})
+		if err != nil {
+			return fmt.Errorf("table %s: split: %w", r.st.Name, err)
+		}
 	}
+	r.ranges = make([]*keyRange, len(cuts)+1)
+	for i := range r.ranges {
+		r.ranges[i] = &keyRange{}
+	}
+	g, gctx := errgroup.WithContext(ctx)
+	for i := range r.ranges {
+		lower, upper := r.lastKey, []string(nil)
+		if i > 0 {
+			lower = cuts[i-1]
+		}
+		if i < len(cuts) {
+			upper = cuts[i]
+		}
+		g.Go(func() error { return r.readRange(gctx, g, txs[i], i, lower, upper) })
+	}
+	if err := g.Wait(); err != nil {
+		return err
+	}
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	if err := r.Catalog().CheckpointImportTable(ctx, r.name, r.st.Name, r.lastKey, r.copied, r.rejected, true); err != nil {
+		return err
+	}
+	r.report(true)
+	return nil
+}
+
+// readRange reads the table's rows after lower up to upper (nil: no bound)
+// and dispatches them as range i's chunks.
+func (r *tableRun) readRange(ctx context.Context, g *errgroup.Group, tx pgx.Tx, i int, lower, upper []string) error {
+	rows, err := tx.Query(ctx, r.st.selectRangeSQL(lower != nil, upper != nil), append(keyArgs(lower), keyArgs(upper)...)...)
 	if err != nil {
 		return fmt.Errorf("table %s: read: %w", r.st.Name, err)
 	}
 	defer rows.Close()
-
-	g, gctx := errgroup.WithContext(ctx)
 	chunkRows := r.opts.BatchRows * max(1, len(r.cl.Table().Shards()))
 	var (
 		cur  = &chunk{}
@@ -420,15 +499,13 @@ func (r *tableRun) copy(ctx context.Context, tx pgx.Tx) error {
 	flush := func() {
 		c, batch := cur, recs
 		cur, recs = &chunk{}, nil
-		r.dispatch(gctx, g, c, batch)
+		r.dispatch(ctx, g, i, c, batch)
 	}
 	partitions := r.cl.Partitions()
 	for rows.Next() {
 		rec, bad := r.st.scanRecord(rows, r.opts.MaxJSONBytes)
 		if bad != nil {
 			if !r.opts.SkipInvalid {
-				rows.Close()
-				g.Wait()
 				return bad
 			}
 			if err := r.reject(bad); err != nil {
@@ -446,36 +523,28 @@ func (r *tableRun) copy(ctx context.Context, tx pgx.Tx) error {
 		if len(recs) >= chunkRows {
 			flush()
 		}
-		if gctx.Err() != nil {
-			break
+		if ctx.Err() != nil {
+			return ctx.Err()
 		}
 	}
 	rows.Close()
-	if err := rows.Err(); err != nil && gctx.Err() == nil {
-		g.Wait()
+	if err := rows.Err(); err != nil {
 		return fmt.Errorf("table %s: read: %w", r.st.Name, err)
 	}
-	if gctx.Err() == nil && (len(recs) > 0 || cur.rejected > 0) {
+	if len(recs) > 0 || cur.rejected > 0 {
 		flush()
 	}
-	if err := g.Wait(); err != nil {
-		return err
-	}
-	if err := ctx.Err(); err != nil {
-		return err
-	}
-	if err := r.Catalog().CheckpointImportTable(ctx, r.name, r.st.Name, r.lastKey, r.copied, r.rejected, true); err != nil {
-		return err
-	}
-	r.report(true)
-	return nil
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.ranges[i].read = true
+	return r.advance(ctx)
 }
 
 func (r *tableRun) Catalog() *catalog.Catalog { return r.cl.Catalog }
 
-// dispatch writes a chunk: one batch per shard, each in its own goroutine
-// once the shard has room.
-func (r *tableRun) dispatch(ctx context.Context, g *errgroup.Group, c *chunk, recs []Record) {
+// dispatch writes a chunk of range i: one batch per shard, each in its
+// own goroutine once the shard has room.
+func (r *tableRun) dispatch(ctx context.Context, g *errgroup.Group, i int, c *chunk, recs []Record) {
 	groups := map[string][]Record{}
 	if r.st.Entity == EntityConfig {
 		groups[""] = recs
@@ -489,10 +558,10 @@ func (r *tableRun) dispatch(ctx context.Context, g *errgroup.Group, c *chunk, re
 	c.rows = int64(len(recs))
 	r.mu.Lock()
 	c.pending = len(groups)
-	r.chunks = append(r.chunks, c)
+	r.ranges[i].chunks = append(r.ranges[i].chunks, c)
 	r.mu.Unlock()
 	if len(groups) == 0 {
-		r.finish(ctx, c, 0)
+		g.Go(func() error { return r.finish(ctx, c, 0, 0) })
 		return
 	}
 	for shard, batch := range groups {
@@ -508,29 +577,43 @@ func (r *tableRun) dispatch(ctx context.Context, g *errgroup.Group, c *chunk, re
 			if err != nil {
 				return err
 			}
-			return r.finish(ctx, c, missing)
+			return r.finish(ctx, c, int64(len(batch)), missing)
 		})
 	}
 }
 
-// finish marks one batch of c written (missing rows rejected) and moves
-// the checkpoint past every chunk now complete.
-func (r *tableRun) finish(ctx context.Context, c *chunk, missing int64) error {
+// finish marks one batch of c (n rows) written, missing of them rejected,
+// and moves the checkpoint past every chunk now complete.
+func (r *tableRun) finish(ctx context.Context, c *chunk, n, missing int64) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	c.pending--
 	c.rows -= missing
 	c.rejected += missing
+	r.written += n - missing
+	return r.advance(ctx)
+}
+
+// advance moves the checkpoint past the complete chunks at its head, in
+// key order, and records it. r.mu is held.
+func (r *tableRun) advance(ctx context.Context) error {
 	advanced := false
-	for len(r.chunks) > 0 && r.chunks[0].pending == 0 {
-		done := r.chunks[0]
-		r.chunks = r.chunks[1:]
-		r.copied += done.rows
-		r.rejected += done.rejected
-		if done.lastKey != nil {
-			r.lastKey = done.lastKey
+	for r.head < len(r.ranges) {
+		kr := r.ranges[r.head]
+		for len(kr.chunks) > 0 && kr.chunks[0].pending == 0 {
+			done := kr.chunks[0]
+			kr.chunks = kr.chunks[1:]
+			r.copied += done.rows
+			r.rejected += done.rejected
+			if done.lastKey != nil {
+				r.lastKey = done.lastKey
+			}
+			advanced = true
 		}
-		advanced = true
+		if len(kr.chunks) > 0 || !kr.read {
+			break
+		}
+		r.head++
 	}
 	if !advanced {
 		return nil

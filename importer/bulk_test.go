@@ -139,7 +139,10 @@ func TestImportResume(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if tabs[0].Done || tabs[0].RowsCopied < 1500 || tabs[0].RowsCopied >= n {
+	// Progress counts rows written; the checkpoint only those with every
+	// row before them written (the second reader's range waits for the
+	// first's).
+	if tabs[0].Done || tabs[0].RowsCopied == 0 || tabs[0].RowsCopied >= n {
 		t.Fatalf("checkpoint after the stop: %+v", tabs[0])
 	}
 	// The source changes while the import is down; the new rows are read

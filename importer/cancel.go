@@ -126,13 +126,13 @@ func purgeMapped(ctx context.Context, cl *Cluster, m *Mapping, src *pgx.Conn) (m
 					for i, r := range batch {
 						refs[i] = shards.UserRef{Partition: r.Partition, UserID: r.UserID}
 					}
-					n, err = sh.PurgeUsers(ctx, refs)
+					n, err = sh.PurgeUsers(ctx, refs, true)
 				} else {
 					refs := make([]shards.ItemRef, len(batch))
 					for i, r := range batch {
 						refs[i] = shards.ItemRef{Partition: r.Partition, UserID: r.UserID, Collection: r.Collection, Key: r.ItemKey}
 					}
-					n, err = sh.PurgeItems(ctx, refs)
+					n, err = sh.PurgeItems(ctx, refs, true)
 				}
 				out[st.Entity] += n
 				return err

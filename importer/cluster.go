@@ -149,12 +149,12 @@ func (c *Cluster) route(ctx context.Context, recs []Record, fn func(*shards.Shar
 func (c *Cluster) routeUsers(ctx context.Context, rows []shards.ImportUser, fn func(*shards.Shard, []shards.ImportUser) error) error {
 	recs := make([]Record, len(rows))
 	for i, r := range rows {
-		recs[i] = Record{Partition: r.Partition, UserID: r.UserID, JSON: string(r.Profile)}
+		recs[i] = Record{Partition: r.Partition, UserID: r.UserID, JSON: string(r.Profile), Version: r.Version}
 	}
 	return c.route(ctx, recs, func(sh *shards.Shard, batch []Record) error {
 		out := make([]shards.ImportUser, len(batch))
 		for i, r := range batch {
-			out[i] = shards.ImportUser{Partition: r.Partition, UserID: r.UserID, Profile: []byte(r.JSON)}
+			out[i] = shards.ImportUser{Partition: r.Partition, UserID: r.UserID, Profile: []byte(r.JSON), Version: r.Version}
 		}
 		return fn(sh, out)
 	})
@@ -164,12 +164,12 @@ func (c *Cluster) routeUsers(ctx context.Context, rows []shards.ImportUser, fn f
 func (c *Cluster) routeItems(ctx context.Context, rows []shards.ImportItem, fn func(*shards.Shard, []shards.ImportItem) error) error {
 	recs := make([]Record, len(rows))
 	for i, r := range rows {
-		recs[i] = Record{Partition: r.Partition, UserID: r.UserID, Collection: r.Collection, ItemKey: r.Key, JSON: string(r.Value)}
+		recs[i] = Record{Partition: r.Partition, UserID: r.UserID, Collection: r.Collection, ItemKey: r.Key, JSON: string(r.Value), Version: r.Version}
 	}
 	return c.route(ctx, recs, func(sh *shards.Shard, batch []Record) error {
 		out := make([]shards.ImportItem, len(batch))
 		for i, r := range batch {
-			out[i] = shards.ImportItem{Partition: r.Partition, UserID: r.UserID, Collection: r.Collection, Key: r.ItemKey, Value: []byte(r.JSON)}
+			out[i] = shards.ImportItem{Partition: r.Partition, UserID: r.UserID, Collection: r.Collection, Key: r.ItemKey, Value: []byte(r.JSON), Version: r.Version}
 		}
 		return fn(sh, out)
 	})

@@ -32,6 +32,10 @@ type FollowOptions struct {
 	// RecordEvery is how often progress is written to the catalog (and the
 	// import's state checked); default 200ms.
 	RecordEvery time.Duration
+	// MaxBatchWait bounds how long a received change waits for more to be
+	// applied with it; default 10ms. Changes are applied as soon as the
+	// stream pauses, or once the oldest has waited this long.
+	MaxBatchWait time.Duration
 	// OnApply, if set, is called after each change is applied with the time
 	// since its transaction committed on the source.
 	OnApply func(table string, lag time.Duration)
@@ -53,6 +57,9 @@ func Follow(ctx context.Context, cl *Cluster, m *Mapping, sourceDSN, name string
 	}
 	if opts.RecordEvery <= 0 {
 		opts.RecordEvery = 200 * time.Millisecond
+	}
+	if opts.MaxBatchWait <= 0 {
+		opts.MaxBatchWait = 10 * time.Millisecond
 	}
 	if opts.SkipInvalid && opts.Rejects == nil {
 		return errors.New("skipping invalid changes needs a rejects file")
@@ -79,7 +86,7 @@ func Follow(ctx context.Context, cl *Cluster, m *Mapping, sourceDSN, name string
 	defer src.Close(context.Background())
 	f := &follower{cl: cl, opts: opts, name: name, src: src, byRel: map[string][]*sourceTable{},
 		rels: map[uint32]*pglogrepl.RelationMessage{}, stats: map[string]*catalog.FollowTableProgress{},
-		bulk: &bulk{opts: Options{Rejects: opts.Rejects}}}
+		bulk: &bulk{opts: Options{Rejects: opts.Rejects}}, events: rec.Events}
 	for i := range m.Tables {
 		st, err := describe(ctx, src, &m.Tables[i])
 		if err != nil {
@@ -96,6 +103,7 @@ func Follow(ctx context.Context, cl *Cluster, m *Mapping, sourceDSN, name string
 	if f.applied, err = pglogrepl.ParseLSN(start); err != nil {
 		return fmt.Errorf("import %s: position %q: %w", name, start, err)
 	}
+	f.warm(ctx)
 	repl, err := replicationConn(ctx, sourceDSN)
 	if err != nil {
 		return err
@@ -106,7 +114,12 @@ func Follow(ctx context.Context, cl *Cluster, m *Mapping, sourceDSN, name string
 	if err != nil {
 		return fmt.Errorf("source: start replication from slot %s: %w", rec.Slot, err)
 	}
-	return f.run(ctx, repl)
+	if err := f.run(ctx, repl); err != nil && ctx.Err() == nil {
+		return err
+	}
+	// Stopped (ctx ended): whatever failed for it, what is recorded is
+	// applied, so a new follower continues from there.
+	return nil
 }
 
 type follower struct {
@@ -118,12 +131,16 @@ type follower struct {
 	rels  map[uint32]*pglogrepl.RelationMessage
 	stats map[string]*catalog.FollowTableProgress
 	bulk  *bulk // for its rejects writer
+	// events: the import's --events, recorded when it started: applied
+	// changes write change events only with it.
+	events bool
 
 	applied    pglogrepl.LSN // every change up to here is applied
 	committed  pglogrepl.LSN // the end of the last transaction received
 	inTx       bool
 	commitTime time.Time
 	pending    []pendingChange
+	pendingAt  time.Time // when the first pending change was received
 }
 
 func (f *follower) run(ctx context.Context, repl *pgconn.PgConn) error {
@@ -154,8 +171,11 @@ func (f *follower) run(ctx context.Context, repl *pgconn.PgConn) error {
 			deadline = nextStandby
 		}
 		if len(f.pending) > 0 {
-			// Apply as soon as the stream pauses.
+			// Apply as soon as the stream pauses, or the batch is old.
 			deadline = now.Add(2 * time.Millisecond)
+			if full := f.pendingAt.Add(f.opts.MaxBatchWait); full.Before(deadline) {
+				deadline = full
+			}
 		}
 		rctx, cancel := context.WithDeadline(ctx, deadline)
 		raw, err := repl.ReceiveMessage(rctx)
@@ -200,9 +220,30 @@ func (f *follower) run(ctx context.Context, repl *pgconn.PgConn) error {
 					f.record(context.Background())
 					return err
 				}
+				// A stream that never pauses still gets its changes applied
+				// within MaxBatchWait (plus the apply).
+				if len(f.pending) > 0 && time.Since(f.pendingAt) >= f.opts.MaxBatchWait {
+					if err := f.flush(ctx); err != nil {
+						f.record(context.Background())
+						return err
+					}
+				}
 			}
 		}
 	}
+}
+
+// warm opens the shard connections the first changes are applied
+// through, so they do not wait for them (best effort: a shard that does
+// not answer is retried by the apply).
+func (f *follower) warm(ctx context.Context) {
+	var g errgroup.Group
+	for _, sh := range f.cl.Shards() {
+		for range applyParallel {
+			g.Go(func() error { return sh.Ping(ctx) })
+		}
+	}
+	g.Wait()
 }
 
 // confirm tells the source what is applied, so the slot releases the WAL
@@ -257,12 +298,42 @@ func (f *follower) handle(ctx context.Context, data []byte) error {
 	case *pglogrepl.DeleteMessage:
 		return f.change(ctx, m.RelationID, m.OldTuple, nil, 'd')
 	case *pglogrepl.TruncateMessage:
-		if len(f.byRel) == 0 {
-			return nil
-		}
-		return errors.New("source: a mapped table was truncated; the follow phase cannot apply a TRUNCATE (cancel with --purge and import again)")
+		return f.truncated(ctx, m)
 	}
 	return nil
+}
+
+// ErrTruncated is a TRUNCATE of a mapped table on the source, which the
+// follow phase cannot apply: it does not know which of Shardgate's rows
+// came from the table (a mapping's rows may share their key space with
+// other tables' and with data the cluster held before).
+var ErrTruncated = errors.New("a mapped table was truncated on the source")
+
+// truncated applies what came before a TRUNCATE and stops the follower
+// with an error that names the tables and says what to do, also recorded
+// as the import's error for 'import status'. The follower stops there
+// each time it is started again: the TRUNCATE stays in the slot.
+func (f *follower) truncated(ctx context.Context, m *pglogrepl.TruncateMessage) error {
+	var names []string
+	for _, id := range m.RelationIDs {
+		if rel, ok := f.rels[id]; ok {
+			for _, st := range f.byRel[rel.Namespace+"."+rel.RelationName] {
+				names = append(names, fmt.Sprintf("%s.%s (table %s)", rel.Namespace, rel.RelationName, st.Name))
+			}
+		}
+	}
+	if len(names) == 0 {
+		return nil
+	}
+	if err := f.flush(ctx); err != nil {
+		return err
+	}
+	err := fmt.Errorf("source: TRUNCATE of %s after %s: %w; the follow phase cannot apply it (which of Shardgate's rows came from the table is not known) and stops here every time. "+
+		"Changes before it are applied. To go on, run 'shardctl import cancel' and start the import again; the rows the table had mapped stay in Shardgate "+
+		"(a purge deletes what the source's rows map to now) and 'import verify' counts them as extra: delete them through the API, or purge before the TRUNCATE next time",
+		strings.Join(names, ", "), f.applied, ErrTruncated)
+	f.cl.Catalog.SetImportError(ctx, f.name, err.Error())
+	return err
 }
 
 // change queues one row change for every mapping of its table; flush
@@ -286,6 +357,9 @@ func (f *follower) change(ctx context.Context, relID uint32, old, new *pglogrepl
 			req := st.evalRequest(rel, new, false)
 			pc.new = &req
 		}
+		if len(f.pending) == 0 {
+			f.pendingAt = time.Now()
+		}
 		f.pending = append(f.pending, pc)
 	}
 	if len(f.pending) >= maxPending {
@@ -296,6 +370,9 @@ func (f *follower) change(ctx context.Context, relID uint32, old, new *pglogrepl
 
 // maxPending bounds the changes applied together.
 const maxPending = 2000
+
+// applyParallel is how many users' writes a flush applies at once.
+const applyParallel = 16
 
 // pendingChange is a row change received and not yet applied.
 type pendingChange struct {
@@ -334,9 +411,9 @@ func (f *follower) flush(ctx context.Context) error {
 	groups := map[string][]write{}
 	var order []string
 	add := func(w write) {
-		k := "\x00config"
-		if w.st.Entity != EntityConfig {
-			k = w.rec.UserID
+		k := w.rec.UserID
+		if w.st.Entity == EntityConfig {
+			k = "\x00" + w.rec.Namespace + "\x00" + w.rec.ItemKey
 		}
 		if _, ok := groups[k]; !ok {
 			order = append(order, k)
@@ -398,29 +475,22 @@ func (f *follower) flush(ctx context.Context) error {
 		return evalErr
 	}
 
-	g, gctx := errgroup.WithContext(ctx)
-	g.SetLimit(16)
-	var rejectMu sync.Mutex
-	for _, k := range order {
-		ws := groups[k]
-		g.Go(func() error {
-			for _, w := range ws {
-				err := f.applyWrite(gctx, w)
-				var bad *RowError
-				if errors.As(err, &bad) && f.opts.SkipInvalid {
-					rejectMu.Lock()
-					err = f.bulk.reject(bad)
-					rejectMu.Unlock()
-				}
-				if err != nil {
-					return err
-				}
+	// Round r applies the r-th write of every group: each user's (and
+	// config key's) writes keep their order, and a round's writes, all of
+	// different users, go set-based.
+	for r := 0; ; r++ {
+		var round []write
+		for _, k := range order {
+			if ws := groups[k]; r < len(ws) {
+				round = append(round, ws[r])
 			}
-			return nil
-		})
-	}
-	if err := g.Wait(); err != nil {
-		return err
+		}
+		if len(round) == 0 {
+			break
+		}
+		if err := f.applyRound(ctx, round); err != nil {
+			return err
+		}
 	}
 	for _, pc := range f.pending {
 		s := f.stats[pc.st.Name]
@@ -440,13 +510,6 @@ func (f *follower) flush(ctx context.Context) error {
 	f.pending = f.pending[:0]
 	f.applied = max(f.applied, f.committed)
 	return nil
-}
-
-func (f *follower) applyWrite(ctx context.Context, w write) error {
-	if w.delete {
-		return f.delete(ctx, w.st, &w.rec)
-	}
-	return f.upsert(ctx, w.st, &w.rec)
 }
 
 // evalSQL evaluates the mapping on a row given as text ($1.. in the
@@ -580,60 +643,133 @@ func (st *sourceTable) mapIdentity(r Record, f []pgtype.Text) (Record, *RowError
 	return r, bad
 }
 
-// retryMoved runs write until no partition has moved under it.
-func (f *follower) retryMoved(ctx context.Context, write func() error) error {
-	for attempt := 0; ; attempt++ {
-		err := write()
-		if !errors.Is(err, shards.ErrWrongShard) || attempt >= 20 {
-			return err
+// applyRound applies writes that all concern different users (or config
+// keys), so in any order: per shard one batch each of user deletes, user
+// upserts, item deletes and item upserts, at once (upserts in one
+// statement each: shards.ApplyUsers, ApplyItems), and the config writes.
+// Upserts and deletes follow the bulk phase's rules (an unchanged row
+// keeps its version) and write change events only with the import's
+// --events. Batches refused for a partition that moved are written to its
+// new owner.
+func (f *follower) applyRound(ctx context.Context, round []write) error {
+	var userUp, userDel, itemUp, itemDel []Record
+	itemTable := map[string]*sourceTable{} // by user: one write per user in a round
+	var configUp []catalog.ImportConfigEntry
+	var configDel []Record
+	for _, w := range round {
+		r := w.rec
+		if w.st.Entity != EntityConfig {
+			r.Partition = router.Partition(r.UserID, f.cl.Partitions())
 		}
-		select {
-		case <-time.After(time.Duration(attempt+1) * 20 * time.Millisecond):
-		case <-ctx.Done():
-			return ctx.Err()
-		}
-		if err := f.cl.Reload(ctx); err != nil {
-			return err
+		switch {
+		case w.st.Entity == EntityUser && w.delete:
+			userDel = append(userDel, r)
+		case w.st.Entity == EntityUser:
+			userUp = append(userUp, r)
+		case w.st.Entity == EntityItem && w.delete:
+			itemDel = append(itemDel, r)
+		case w.st.Entity == EntityItem:
+			itemUp = append(itemUp, r)
+			itemTable[r.UserID] = w.st
+		case w.delete:
+			configDel = append(configDel, r)
+		default:
+			configUp = append(configUp, catalog.ImportConfigEntry{Namespace: r.Namespace, Key: r.ItemKey, Value: []byte(r.JSON)})
 		}
 	}
-}
-
-func (f *follower) upsert(ctx context.Context, st *sourceTable, r *Record) error {
-	err := f.retryMoved(ctx, func() error {
-		var err error
-		switch st.Entity {
-		case EntityUser:
-			_, err = f.cl.Owner(r.Partition).PutUser(ctx, r.Partition, r.UserID, []byte(r.JSON), nil)
-		case EntityItem:
-			_, err = f.cl.Owner(r.Partition).PutItem(ctx, r.Partition, r.UserID, r.Collection, r.ItemKey, []byte(r.JSON), nil)
-		default:
-			_, err = f.cl.Catalog.SetConfig(ctx, r.Namespace, r.ItemKey, []byte(r.JSON), nil)
+	var g errgroup.Group
+	perShard := func(recs []Record, fn func(*shards.Shard, []Record) error) {
+		if len(recs) == 0 {
+			return
 		}
+		g.Go(func() error {
+			var sg errgroup.Group
+			groups := map[*shards.Shard][]Record{}
+			for _, rec := range recs {
+				sh := f.cl.Owner(rec.Partition)
+				groups[sh] = append(groups[sh], rec)
+			}
+			for _, batch := range groups {
+				sg.Go(func() error { return f.cl.route(ctx, batch, fn) })
+			}
+			return sg.Wait()
+		})
+	}
+	perShard(userDel, func(sh *shards.Shard, batch []Record) error {
+		refs := make([]shards.UserRef, len(batch))
+		for i, r := range batch {
+			refs[i] = shards.UserRef{Partition: r.Partition, UserID: r.UserID}
+		}
+		_, err := sh.PurgeUsers(ctx, refs, f.events)
 		return err
 	})
-	if errors.Is(err, shards.ErrUserNotFound) {
-		return &RowError{Table: st.Name, KeyCols: st.PrimaryKey, Key: r.Key, Field: "user_id", Msg: fmt.Sprintf("user %q does not exist in Shardgate", r.UserID)}
+	perShard(userUp, func(sh *shards.Shard, batch []Record) error {
+		rows := make([]shards.ImportUser, len(batch))
+		for i, r := range batch {
+			rows[i] = shards.ImportUser{Partition: r.Partition, UserID: r.UserID, Profile: []byte(r.JSON)}
+		}
+		_, err := sh.ApplyUsers(ctx, rows, f.events)
+		return err
+	})
+	perShard(itemDel, func(sh *shards.Shard, batch []Record) error {
+		refs := make([]shards.ItemRef, len(batch))
+		for i, r := range batch {
+			refs[i] = shards.ItemRef{Partition: r.Partition, UserID: r.UserID, Collection: r.Collection, Key: r.ItemKey}
+		}
+		_, err := sh.PurgeItems(ctx, refs, f.events)
+		return err
+	})
+	var rejectMu sync.Mutex
+	perShard(itemUp, func(sh *shards.Shard, batch []Record) error {
+		rows := make([]shards.ImportItem, len(batch))
+		for i, r := range batch {
+			rows[i] = shards.ImportItem{Partition: r.Partition, UserID: r.UserID, Collection: r.Collection, Key: r.ItemKey, Value: []byte(r.JSON)}
+		}
+		res, err := sh.ApplyItems(ctx, rows, f.events)
+		if err != nil || len(res.MissingUsers) == 0 {
+			return err
+		}
+		if !f.opts.SkipInvalid {
+			// The batch's other items are written: applied again when
+			// the follower restarts, they are unchanged.
+			for _, r := range batch {
+				if r.UserID == res.MissingUsers[0].UserID {
+					return missingUser(itemTable[r.UserID], &r)
+				}
+			}
+		}
+		rejectMu.Lock()
+		defer rejectMu.Unlock()
+		for _, u := range res.MissingUsers {
+			for _, r := range batch {
+				if r.UserID == u.UserID {
+					if err := f.bulk.reject(missingUser(itemTable[r.UserID], &r)); err != nil {
+						return err
+					}
+				}
+			}
+		}
+		return nil
+	})
+	if len(configUp) > 0 {
+		g.Go(func() error {
+			_, err := f.cl.Catalog.ImportConfig(ctx, configUp)
+			return err
+		})
 	}
-	return err
+	if len(configDel) > 0 {
+		g.Go(func() error {
+			for _, r := range configDel {
+				if err := f.cl.Catalog.DeleteConfig(ctx, r.Namespace, r.ItemKey, nil); err != nil && !errors.Is(err, versioning.ErrNotFound) {
+					return err
+				}
+			}
+			return nil
+		})
+	}
+	return g.Wait()
 }
 
-func (f *follower) delete(ctx context.Context, st *sourceTable, r *Record) error {
-	if st.Entity != EntityConfig {
-		r.Partition = router.Partition(r.UserID, f.cl.Partitions())
-	}
-	err := f.retryMoved(ctx, func() error {
-		switch st.Entity {
-		case EntityUser:
-			_, err := f.cl.Owner(r.Partition).DeleteUser(ctx, r.Partition, r.UserID, nil)
-			return err
-		case EntityItem:
-			return f.cl.Owner(r.Partition).DeleteItem(ctx, r.Partition, r.UserID, r.Collection, r.ItemKey, nil)
-		default:
-			return f.cl.Catalog.DeleteConfig(ctx, r.Namespace, r.ItemKey, nil)
-		}
-	})
-	if errors.Is(err, versioning.ErrNotFound) {
-		return nil // already gone: a change replayed, or never imported
-	}
-	return err
+func missingUser(st *sourceTable, r *Record) *RowError {
+	return &RowError{Table: st.Name, KeyCols: st.PrimaryKey, Key: r.Key, Field: "user_id", Msg: fmt.Sprintf("user %q does not exist in Shardgate", r.UserID)}
 }

@@ -3,6 +3,7 @@ package importer
 import (
 	"context"
 	"errors"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -16,7 +17,7 @@ func TestFollowAndCutover(t *testing.T) {
 	ctx := context.Background()
 	const n = 500
 	src := legacy(t, n)
-	cl, _, _ := newCluster(t)
+	cl, _, dsns := newCluster(t)
 	m := legacyMapping(t)
 	sconn := connect(t, src)
 
@@ -89,6 +90,11 @@ func TestFollowAndCutover(t *testing.T) {
 	if v, err := item("acct-4", "colour"); err != nil || v != `{"dark": true, "size": 4}` {
 		t.Fatalf("renamed item: %s %v", v, err)
 	}
+	// The import runs without --events: the changes it follows publish
+	// nothing either.
+	if _, _, outbox, _ := shardCounts(t, dsns); outbox != 0 {
+		t.Fatalf("%d change events written without --events", outbox)
+	}
 
 	st, err := GetStatus(ctx, cl, src, "default")
 	if err != nil {
@@ -120,5 +126,91 @@ func TestFollowAndCutover(t *testing.T) {
 	rec, _, _ := cl.Catalog.GetImport(ctx, "default")
 	if rec.State != catalog.ImportCutOver {
 		t.Fatalf("state %s", rec.State)
+	}
+}
+
+// With --events, the follow phase writes a change event for each change
+// it applies, as the bulk phase does for each row.
+func TestFollowEvents(t *testing.T) {
+	ctx := context.Background()
+	const n = 10
+	src := legacy(t, n)
+	cl, _, dsns := newCluster(t)
+	m := legacyMapping(t)
+	if err := Start(ctx, cl, m, src, Options{Events: true}); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, outbox, _ := shardCounts(t, dsns); outbox != 2*n {
+		t.Fatalf("bulk events %d, want %d", outbox, 2*n)
+	}
+	fctx, stop := context.WithCancel(ctx)
+	defer stop()
+	done := make(chan error, 1)
+	var applied atomic.Int64
+	go func() {
+		done <- Follow(fctx, cl, m, src, "default", FollowOptions{OnApply: func(string, time.Duration) { applied.Add(1) }})
+	}()
+	sconn := connect(t, src)
+	for _, q := range []string{
+		`UPDATE accounts SET name = 'Renamed' WHERE id = 2`,
+		`DELETE FROM account_settings WHERE account_id = 3`,
+	} {
+		if _, err := sconn.Exec(ctx, q); err != nil {
+			t.Fatal(err)
+		}
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for applied.Load() < 2 {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d of 2 changes applied", applied.Load())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	stop()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if _, _, outbox, _ := shardCounts(t, dsns); outbox != 2*n+2 {
+		t.Fatalf("events %d, want %d (an upsert and a delete)", outbox, 2*n+2)
+	}
+}
+
+// A TRUNCATE of a mapped table stops the follower after applying what came
+// before it, with an error naming the table, also recorded for status.
+func TestFollowStopsAtTruncate(t *testing.T) {
+	ctx := context.Background()
+	src := legacy(t, 10)
+	cl, _, _ := newCluster(t)
+	m := legacyMapping(t)
+	if err := Start(ctx, cl, m, src, Options{}); err != nil {
+		t.Fatal(err)
+	}
+	sconn := connect(t, src)
+	for _, q := range []string{
+		`UPDATE accounts SET name = 'Before' WHERE id = 2`,
+		`TRUNCATE account_settings`,
+	} {
+		if _, err := sconn.Exec(ctx, q); err != nil {
+			t.Fatal(err)
+		}
+	}
+	fctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	err := Follow(fctx, cl, m, src, "default", FollowOptions{})
+	if !errors.Is(err, ErrTruncated) || !strings.Contains(err.Error(), "public.account_settings (table account_settings)") ||
+		!strings.Contains(err.Error(), "import cancel") {
+		t.Fatalf("follow: %v", err)
+	}
+	p := router.Partition("acct-2", cl.Partitions())
+	if u, err := cl.Owner(p).GetUser(ctx, p, "acct-2"); err != nil || !strings.Contains(string(u.Profile), "Before") {
+		t.Fatalf("the change before the TRUNCATE: %s %v", u.Profile, err)
+	}
+	st, err := GetStatus(ctx, cl, src, "default")
+	if err != nil || !strings.Contains(st.Error, "TRUNCATE of public.account_settings") {
+		t.Fatalf("status error %q, %v", st.Error, err)
+	}
+	// Started again, it stops there again.
+	if err := Follow(fctx, cl, m, src, "default", FollowOptions{}); !errors.Is(err, ErrTruncated) {
+		t.Fatalf("follow again: %v", err)
 	}
 }

@@ -26,36 +26,40 @@ func heavy(t *testing.T) {
 }
 
 // TestImportHeavyBulk imports 200k rows (100k users, 100k items) into four
-// shards and, as the baseline, COPYs the same mapped rows into one table
-// of one PostgreSQL, reporting both rates and their ratio.
+// shards with one reader per table and with the default (two), and before
+// each, as the baseline, COPYs the same mapped rows into one table of one
+// PostgreSQL, reporting the rates and their ratio.
 func TestImportHeavyBulk(t *testing.T) {
 	heavy(t)
 	ctx := context.Background()
 	const n = 100_000
 	src := legacy(t, n)
-	cl, _, dsns := newCluster(t)
 	m := legacyMapping(t)
-
-	base := copyBaseline(t, src, m)
-
-	start := time.Now()
-	var usersDone time.Duration
-	progress := func(p Progress) {
-		if p.Table == "accounts" && p.Done {
-			usersDone = time.Since(start)
+	for _, readers := range []int{1, 0} {
+		base := copyBaseline(t, src, m)
+		cl, _, dsns := newCluster(t)
+		start := time.Now()
+		var usersDone time.Duration
+		progress := func(p Progress) {
+			if p.Table == "accounts" && p.Done {
+				usersDone = time.Since(start)
+			}
 		}
+		if err := Start(ctx, cl, m, src, Options{Parallel: 2, Readers: readers, Progress: progress}); err != nil {
+			t.Fatal(err)
+		}
+		took := time.Since(start)
+		users, items, _, _ := shardCounts(t, dsns)
+		if users != n || items != n {
+			t.Fatalf("users %d items %d", users, items)
+		}
+		if _, err := Cancel(ctx, cl, m, src, "default", false); err != nil {
+			t.Fatal(err)
+		}
+		rate := float64(2*n) / took.Seconds()
+		t.Logf("bulk import (readers %d): %d rows into 4 shards in %s (users %s, items %s): %.0f rows/s; bare COPY into one table: %.0f rows/s; ratio %.2f",
+			readers, 2*n, took.Round(time.Millisecond), usersDone.Round(time.Millisecond), (took - usersDone).Round(time.Millisecond), rate, base, rate/base)
 	}
-	if err := Start(ctx, cl, m, src, Options{Parallel: 2, Progress: progress}); err != nil {
-		t.Fatal(err)
-	}
-	took := time.Since(start)
-	users, items, _, _ := shardCounts(t, dsns)
-	if users != n || items != n {
-		t.Fatalf("users %d items %d", users, items)
-	}
-	rate := float64(2*n) / took.Seconds()
-	t.Logf("bulk import: %d rows into 4 shards in %s (users %s, items %s): %.0f rows/s; bare COPY into one table: %.0f rows/s; ratio %.2f",
-		2*n, took.Round(time.Millisecond), usersDone.Round(time.Millisecond), (took - usersDone).Round(time.Millisecond), rate, base, rate/base)
 }
 
 // copyBaseline reads the mapped rows of every table and COPYs them into a

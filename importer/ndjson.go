@@ -2,14 +2,17 @@ package importer
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 
@@ -176,17 +179,47 @@ func (w *NDJSONWriter) Abort() {
 // NDJSONResult counts what ImportNDJSON wrote.
 type NDJSONResult struct {
 	Users, Items, Config int64
-	Written              int64 // rows inserted or changed (the rest were already as exported)
+	Written              int64 // rows inserted or changed by this run (the rest were already as exported)
+	Resumed              bool  // a load interrupted before was continued
 }
+
+// NDJSONOptions tunes ImportNDJSON. The zero value works.
+type NDJSONOptions struct {
+	// Name names the load in the catalog, where its checkpoints are kept;
+	// default "default".
+	Name      string
+	BatchRows int  // rows per batch; default 5000
+	Parallel  int  // files loaded at once; default 1
+	Events    bool // write a change event for every row written
+}
+
+// SourceNDJSON is the source of an import that loads an export.
+const SourceNDJSON = "ndjson"
 
 // ImportNDJSON loads an export into the cluster: users, then config, then
 // items, checking every file against the manifest first. Rows get this
-// cluster's partitions and versions (a row already as exported keeps its
-// version), so running it again after an interruption finishes the job
-// and doubles nothing. Change events are written with events; parallel
-// ranges load at once.
-func ImportNDJSON(ctx context.Context, cl *Cluster, dir string, batchRows, parallel int, events bool) (NDJSONResult, error) {
+// cluster's partitions; their exported versions are kept where the rules
+// allow (a new row above its tombstone and the partition's floor, a
+// changed row above its current version; a row already as exported is
+// left alone). Progress is checkpointed in the catalog (per file, the
+// lines loaded), so a load killed midway, run again with the same export,
+// continues where it stopped; one process at a time runs it. Change
+// events are written with events.
+func ImportNDJSON(ctx context.Context, cl *Cluster, dir string, opts NDJSONOptions) (NDJSONResult, error) {
 	var res NDJSONResult
+	if opts.Name == "" {
+		opts.Name = "default"
+	}
+	if opts.BatchRows <= 0 {
+		opts.BatchRows = 5000
+	}
+	if !importNameRE.MatchString(opts.Name) {
+		return res, fmt.Errorf("import name %q: want 1-31 characters of [a-z0-9_]", opts.Name)
+	}
+	raw, err := os.ReadFile(filepath.Join(dir, ManifestName))
+	if err != nil {
+		return res, err
+	}
 	m, err := ReadManifest(dir)
 	if err != nil {
 		return res, err
@@ -196,102 +229,152 @@ func ImportNDJSON(ctx context.Context, cl *Cluster, dir string, batchRows, paral
 	}
 	var files []ManifestFile
 	for _, r := range m.Ranges {
-		files = append(files, r.Users, r.Items)
+		files = append(files, r.Users)
 	}
 	if m.Config != nil {
 		files = append(files, *m.Config)
+	}
+	for _, r := range m.Ranges {
+		files = append(files, r.Items)
 	}
 	for _, f := range files {
 		if err := checkFile(dir, f); err != nil {
 			return res, err
 		}
 	}
-	if batchRows <= 0 {
-		batchRows = 5000
+
+	release, err := cl.Catalog.LockImport(ctx, opts.Name)
+	if err != nil {
+		return res, err
 	}
+	defer release()
+	sum := sha256.Sum256(raw)
+	hash := hex.EncodeToString(sum[:])
+	done := map[string]catalog.ImportTable{}
+	rec, progress, err := cl.Catalog.GetImport(ctx, opts.Name)
+	switch {
+	case errors.Is(err, catalog.ErrNoImport) || err == nil && (rec.State == catalog.ImportCancelled || rec.State == catalog.ImportCutOver):
+		names := make([]string, len(files))
+		for i, f := range files {
+			names[i] = f.Name
+		}
+		if err := cl.Catalog.CreateImport(ctx, catalog.ImportRecord{Name: opts.Name, MappingHash: hash, SourceID: SourceNDJSON, Events: opts.Events}, names); err != nil {
+			return res, err
+		}
+	case err != nil:
+		return res, err
+	case rec.SourceID != SourceNDJSON:
+		return res, fmt.Errorf("import %s is an import from a database, not yet finished: give this load another --name", opts.Name)
+	case rec.MappingHash != hash:
+		return res, fmt.Errorf("import %s is loading another export (its manifest differs); finish it or 'shardctl import cancel' it", opts.Name)
+	default:
+		res.Resumed = true
+		opts.Events = rec.Events
+		for _, t := range progress {
+			done[t.Name] = t
+		}
+	}
+
 	partitions := cl.Partitions()
 	var mu sync.Mutex
-	count := func(written int64, users, items *int64, n int64) {
+	count := func(written int64, n *int64, lines int64) {
 		mu.Lock()
 		defer mu.Unlock()
 		res.Written += written
-		if users != nil {
-			*users += n
-		}
-		if items != nil {
-			*items += n
-		}
+		*n += lines
 	}
-	// Ranges load in parallel: they hold different partitions.
-	g, gctx := errgroup.WithContext(ctx)
-	g.SetLimit(max(parallel, 1))
-	for _, r := range m.Ranges {
-		g.Go(func() error {
-			return loadBatches(dir, r.Users.Name, batchRows, func(line []byte) (shards.ImportUser, error) {
-				var u UserLine
-				if err := json.Unmarshal(line, &u); err != nil {
-					return shards.ImportUser{}, err
+
+	// Users, then config, then items (which need their users); the files
+	// of one kind load in parallel: they hold different partitions.
+	loadKind := func(fs []ManifestFile, n *int64, batch func(ctx context.Context, lines [][]byte) (int64, error)) error {
+		g, gctx := errgroup.WithContext(ctx)
+		g.SetLimit(max(opts.Parallel, 1))
+		for _, f := range fs {
+			g.Go(func() error {
+				cp := done[f.Name]
+				count(0, n, cp.RowsCopied)
+				if cp.Done {
+					return nil
 				}
-				if err := ValidUserID(u.UserID); err != nil {
-					return shards.ImportUser{}, fmt.Errorf("user_id %q: %v", u.UserID, err)
-				}
-				return shards.ImportUser{Partition: router.Partition(u.UserID, partitions), UserID: u.UserID, Profile: u.Profile}, nil
-			}, func(batch []shards.ImportUser) error {
-				return cl.routeUsers(gctx, batch, func(sh *shards.Shard, b []shards.ImportUser) error {
-					w, err := sh.ImportUsers(gctx, b, events)
-					count(w.Written, &res.Users, nil, int64(len(b)))
-					return err
+				return loadFile(dir, f.Name, opts.BatchRows, cp.RowsCopied, func(lines [][]byte, through int64) error {
+					written, err := batch(gctx, lines)
+					if err != nil {
+						return err
+					}
+					count(written, n, int64(len(lines)))
+					return cl.Catalog.CheckpointImportTable(gctx, opts.Name, f.Name, []string{strconv.FormatInt(through, 10)}, through, 0, false)
+				}, func(through int64) error {
+					return cl.Catalog.CheckpointImportTable(gctx, opts.Name, f.Name, []string{strconv.FormatInt(through, 10)}, through, 0, true)
 				})
 			})
-		})
+		}
+		return g.Wait()
 	}
-	if err := g.Wait(); err != nil {
-		return res, err
+	var users, items []ManifestFile
+	for _, r := range m.Ranges {
+		users, items = append(users, r.Users), append(items, r.Items)
 	}
-	if m.Config != nil {
-		err := loadBatches(dir, m.Config.Name, batchRows, func(line []byte) (catalog.ImportConfigEntry, error) {
-			var c ConfigLine
-			if err := json.Unmarshal(line, &c); err != nil {
-				return catalog.ImportConfigEntry{}, err
+	err = loadKind(users, &res.Users, func(ctx context.Context, lines [][]byte) (int64, error) {
+		batch := make([]shards.ImportUser, len(lines))
+		for i, line := range lines {
+			var u UserLine
+			if err := json.Unmarshal(line, &u); err != nil {
+				return 0, err
 			}
-			res.Config++
-			return catalog.ImportConfigEntry{Namespace: c.Namespace, Key: c.Key, Value: c.Value}, nil
-		}, func(entries []catalog.ImportConfigEntry) error {
-			n, err := cl.Catalog.ImportConfig(ctx, entries)
-			res.Written += n
+			if err := ValidUserID(u.UserID); err != nil {
+				return 0, fmt.Errorf("user_id %q: %v", u.UserID, err)
+			}
+			batch[i] = shards.ImportUser{Partition: router.Partition(u.UserID, partitions), UserID: u.UserID, Profile: u.Profile, Version: u.Version}
+		}
+		var written int64
+		err := cl.routeUsers(ctx, batch, func(sh *shards.Shard, b []shards.ImportUser) error {
+			w, err := sh.ImportUsers(ctx, b, opts.Events)
+			written += w.Written
 			return err
 		})
-		if err != nil {
-			return res, err
-		}
-	}
-	g, gctx = errgroup.WithContext(ctx)
-	g.SetLimit(max(parallel, 1))
-	for _, r := range m.Ranges {
-		g.Go(func() error {
-			return loadBatches(dir, r.Items.Name, batchRows, func(line []byte) (shards.ImportItem, error) {
-				var it ItemLine
-				if err := json.Unmarshal(line, &it); err != nil {
-					return shards.ImportItem{}, err
+		return written, err
+	})
+	if err == nil && m.Config != nil {
+		err = loadKind([]ManifestFile{*m.Config}, &res.Config, func(ctx context.Context, lines [][]byte) (int64, error) {
+			entries := make([]catalog.ImportConfigEntry, len(lines))
+			for i, line := range lines {
+				var c ConfigLine
+				if err := json.Unmarshal(line, &c); err != nil {
+					return 0, err
 				}
-				if err := ValidUserID(it.UserID); err != nil {
-					return shards.ImportItem{}, fmt.Errorf("user_id %q: %v", it.UserID, err)
-				}
-				return shards.ImportItem{Partition: router.Partition(it.UserID, partitions), UserID: it.UserID,
-					Collection: it.Collection, Key: it.Key, Value: it.Value}, nil
-			}, func(batch []shards.ImportItem) error {
-				return cl.routeItems(gctx, batch, func(sh *shards.Shard, b []shards.ImportItem) error {
-					w, err := sh.ImportItems(gctx, b, events, false)
-					count(w.Written, nil, &res.Items, int64(len(b)))
-					return err
-				})
-			})
+				entries[i] = catalog.ImportConfigEntry{Namespace: c.Namespace, Key: c.Key, Value: c.Value}
+			}
+			return cl.Catalog.ImportConfig(ctx, entries)
 		})
 	}
-	if err := g.Wait(); err != nil {
+	if err == nil {
+		err = loadKind(items, &res.Items, func(ctx context.Context, lines [][]byte) (int64, error) {
+			batch := make([]shards.ImportItem, len(lines))
+			for i, line := range lines {
+				var it ItemLine
+				if err := json.Unmarshal(line, &it); err != nil {
+					return 0, err
+				}
+				if err := ValidUserID(it.UserID); err != nil {
+					return 0, fmt.Errorf("user_id %q: %v", it.UserID, err)
+				}
+				batch[i] = shards.ImportItem{Partition: router.Partition(it.UserID, partitions), UserID: it.UserID,
+					Collection: it.Collection, Key: it.Key, Value: it.Value, Version: it.Version}
+			}
+			var written int64
+			err := cl.routeItems(ctx, batch, func(sh *shards.Shard, b []shards.ImportItem) error {
+				w, err := sh.ImportItems(ctx, b, opts.Events, false)
+				written += w.Written
+				return err
+			})
+			return written, err
+		})
+	}
+	if err != nil {
+		cl.Catalog.SetImportError(context.Background(), opts.Name, err.Error())
 		return res, err
 	}
-	return res, nil
+	return res, cl.Catalog.SetImportState(ctx, opts.Name, catalog.ImportCutOver, "")
 }
 
 // checkFile checks a file against its manifest entry.
@@ -314,27 +397,33 @@ func checkFile(dir string, mf ManifestFile) error {
 	return nil
 }
 
-// eachLine calls fn with every line of a file (lines may be long: JSON
-// values up to the server's limit).
-// loadBatches decodes each line of the file name in dir and hands the
-// records to flush in batches of size (the last one shorter); an error
-// names the file.
-func loadBatches[T any](dir, name string, size int, decode func([]byte) (T, error), flush func([]T) error) error {
-	batch := make([]T, 0, size)
+// loadFile hands the lines of the file name in dir after the first skip
+// to batch in batches of size (the last one shorter), with the number of
+// lines through the batch's last, then calls end with the file's line
+// count; an error names the file and line.
+func loadFile(dir, name string, size int, skip int64, batch func(lines [][]byte, through int64) error, end func(lines int64) error) error {
+	var (
+		lines [][]byte
+		n     int64
+	)
 	err := eachLine(dir, name, func(line []byte) error {
-		rec, err := decode(line)
-		if err != nil {
-			return err
+		n++
+		if n <= skip {
+			return nil
 		}
-		batch = append(batch, rec)
-		if len(batch) >= size {
-			err = flush(batch)
-			batch = batch[:0]
+		lines = append(lines, bytes.Clone(line))
+		if len(lines) < size {
+			return nil
 		}
+		err := batch(lines, n)
+		lines = lines[:0]
 		return err
 	})
-	if err == nil && len(batch) > 0 {
-		err = flush(batch)
+	if err == nil && len(lines) > 0 {
+		err = batch(lines, n)
+	}
+	if err == nil {
+		err = end(n)
 	}
 	if err != nil {
 		return fmt.Errorf("%s: %w", name, err)
@@ -342,6 +431,8 @@ func loadBatches[T any](dir, name string, size int, decode func([]byte) (T, erro
 	return nil
 }
 
+// eachLine calls fn with every line of a file (lines may be long: JSON
+// values up to the server's limit).
 func eachLine(dir, name string, fn func([]byte) error) error {
 	f, err := os.Open(filepath.Join(dir, name))
 	if err != nil {

@@ -143,6 +143,13 @@ func (st *sourceTable) keyList() string {
 // then the fields (see fieldExprs, JSON as text). With after, only rows
 // after the key given as $1.. (text) are read.
 func (st *sourceTable) selectSQL(after bool) string {
+	return st.selectRangeSQL(after, false)
+}
+
+// selectRangeSQL is selectSQL for the rows after the key given as $1..
+// (with after) and up to and including the key given as the next
+// parameters (with upTo).
+func (st *sourceTable) selectRangeSQL(after, upTo bool) string {
 	var cols []string
 	for i, c := range st.PrimaryKey {
 		cols = append(cols, fmt.Sprintf("%s.%s::text AS sg_k%d", st.alias, pgx.Identifier{c}.Sanitize(), i))
@@ -156,22 +163,58 @@ func (st *sourceTable) selectSQL(after bool) string {
 	}
 	var b strings.Builder
 	fmt.Fprintf(&b, "SELECT %s FROM %s AS %s", strings.Join(cols, ", "), st.ident, st.alias)
+	b.WriteString(st.rangeWhere(after, upTo))
+	b.WriteString(" ORDER BY " + st.keyList())
+	return b.String()
+}
+
+// rangeWhere is the WHERE clause (or "") of the mapping's filter and the
+// key bounds of selectRangeSQL.
+func (st *sourceTable) rangeWhere(after, upTo bool) string {
 	var conds []string
 	if st.Where != "" {
 		conds = append(conds, "("+st.Where+")")
 	}
-	if after {
+	n := 0
+	bound := func(op string) {
 		args := make([]string, len(st.PrimaryKey))
 		for i := range st.PrimaryKey {
-			args[i] = fmt.Sprintf("$%d::text::%s", i+1, st.keyTypes[i])
+			n++
+			args[i] = fmt.Sprintf("$%d::text::%s", n, st.keyTypes[i])
 		}
-		conds = append(conds, fmt.Sprintf("(%s) > (%s)", st.keyList(), strings.Join(args, ", ")))
+		conds = append(conds, fmt.Sprintf("(%s) %s (%s)", st.keyList(), op, strings.Join(args, ", ")))
 	}
-	if len(conds) > 0 {
-		b.WriteString(" WHERE " + strings.Join(conds, " AND "))
+	if after {
+		bound(">")
 	}
-	b.WriteString(" ORDER BY " + st.keyList())
-	return b.String()
+	if upTo {
+		bound("<=")
+	}
+	if len(conds) == 0 {
+		return ""
+	}
+	return " WHERE " + strings.Join(conds, " AND ")
+}
+
+// splitSQL returns the keys (as text) of every $n-th row that
+// selectSQL(after) reads, at most $n+1 of them, in key order ($n is the
+// parameter after the key of after): the cuts of ranges of about equal
+// size, found with one scan of the key columns.
+func (st *sourceTable) splitSQL(after bool) string {
+	keys := make([]string, len(st.PrimaryKey))
+	outs := make([]string, len(st.PrimaryKey))
+	for i, c := range st.PrimaryKey {
+		keys[i] = fmt.Sprintf("%s.%s::text AS sg_k%d", st.alias, pgx.Identifier{c}.Sanitize(), i)
+		outs[i] = fmt.Sprintf("sg_k%d", i)
+	}
+	n := 1
+	if after {
+		n += len(st.PrimaryKey)
+	}
+	return fmt.Sprintf(`SELECT %s FROM (
+    SELECT %s, row_number() OVER (ORDER BY %s) AS sg_pos FROM %s AS %s%s
+) AS s WHERE sg_pos %% $%d = 0 ORDER BY sg_pos LIMIT $%d`,
+		strings.Join(outs, ", "), strings.Join(keys, ", "), st.keyList(), st.ident, st.alias, st.rangeWhere(after, false), n, n+1)
 }
 
 // countSQL counts the rows selectSQL(false) reads.
@@ -192,6 +235,7 @@ type Record struct {
 	ItemKey    string   // item, config
 	JSON       string   // profile (user) or value (item, config), as jsonb prints it
 	Partition  int32    // user, item
+	Version    int64    // an export's version (NDJSON loads only), kept where the rules allow
 }
 
 // RowError is a source row that does not map to a valid entity.

@@ -21,22 +21,27 @@ type TableStatus struct {
 	Inserts  int64  `json:"inserts"`
 	Updates  int64  `json:"updates"`
 	Deletes  int64  `json:"deletes"`
-	// Lag: the source's WAL not yet applied (changes are applied in commit
-	// order across tables, so every table waits on the same position) and,
-	// for a table with a change received but not yet applied, how long
-	// ago it committed.
+	// Lag of a table with a change received but not yet applied (Pending):
+	// the source's WAL written since the position the follower had applied
+	// when that change arrived, and how long ago the change committed. A
+	// table with nothing pending shows 0: which tables the WAL not yet
+	// received touches cannot be known before it is decoded, so the
+	// import's LagBytes (per slot) is the bound for every table.
+	Pending    bool    `json:"pending"`
 	LagBytes   int64   `json:"lag_bytes"`
 	LagSeconds float64 `json:"lag_seconds"`
 }
 
 // Status is an import's state, as the catalog and the source report it.
 type Status struct {
-	Name       string        `json:"name"`
-	State      string        `json:"state"`
-	Slot       string        `json:"slot"`
-	StartLSN   string        `json:"start_lsn"`
-	AppliedLSN string        `json:"applied_lsn"`
-	SourceLSN  string        `json:"source_lsn"`
+	Name       string `json:"name"`
+	State      string `json:"state"`
+	Slot       string `json:"slot"`
+	StartLSN   string `json:"start_lsn"`
+	AppliedLSN string `json:"applied_lsn"`
+	SourceLSN  string `json:"source_lsn"`
+	// LagBytes is the slot's lag: the source's WAL not yet applied, for
+	// all tables together (changes apply in commit order).
 	LagBytes   int64         `json:"lag_bytes"`
 	SlotActive bool          `json:"slot_active"`
 	Heartbeat  time.Duration `json:"heartbeat_age_ns"` // since the follower last recorded progress
@@ -78,9 +83,15 @@ func GetStatus(ctx context.Context, cl *Cluster, sourceDSN, name string) (*Statu
 	}
 	for _, t := range tables {
 		ts := TableStatus{Name: t.Name, Total: t.TotalRows, Copied: t.RowsCopied, Rejected: t.RowsRejected, Done: t.Done,
-			Inserts: t.Inserts, Updates: t.Updates, Deletes: t.Deletes, LagBytes: s.LagBytes}
+			Inserts: t.Inserts, Updates: t.Updates, Deletes: t.Deletes}
 		if !t.PendingSince.IsZero() {
+			ts.Pending = true
 			ts.LagSeconds = time.Since(t.PendingSince).Seconds()
+			cur, err1 := pglogrepl.ParseLSN(s.SourceLSN)
+			from, err2 := pglogrepl.ParseLSN(t.PendingLSN)
+			if err1 == nil && err2 == nil && cur > from {
+				ts.LagBytes = int64(cur - from)
+			}
 		}
 		s.Tables = append(s.Tables, ts)
 	}

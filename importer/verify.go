@@ -3,6 +3,8 @@ package importer
 import (
 	"context"
 	"fmt"
+	"slices"
+	"strings"
 
 	"github.com/cespare/xxhash/v2"
 	"github.com/jackc/pgx/v5"
@@ -40,11 +42,40 @@ type VerifyTable struct {
 // VerifyReport is Verify's answer.
 type VerifyReport struct {
 	Tables []VerifyTable `json:"tables"`
-	// Per entity, the rows Shardgate holds beyond those the source maps
-	// (config: in the namespaces the source maps): rows deleted at the
-	// source and not followed, or written through the API.
+	// Per entity, the rows Shardgate holds in the key space of the import
+	// (Scope) beyond those the source maps: rows deleted at the source and
+	// not followed, or written through the API. Data outside the scope
+	// (the cluster's own, from before the import) is not counted.
 	Extra map[Entity]int64 `json:"extra"`
+	Scope VerifyScope      `json:"scope"`
 	OK    bool             `json:"ok"`
+}
+
+// VerifyScope is the key space Verify counts extra rows in: what the
+// mapping, applied to the source's rows, can have written.
+type VerifyScope struct {
+	// UserPrefix is the longest common prefix of the mapped user IDs
+	// (e.g. "acct-" for 'acct-' || id): extra users are the users whose ID
+	// starts with it, extra items their items in Collections. Empty: the
+	// mapped IDs share no prefix, and users and items are not checked
+	// for extras (UsersChecked false).
+	UserPrefix   string   `json:"user_prefix"`
+	UsersChecked bool     `json:"users_checked"`
+	Collections  []string `json:"collections,omitempty"`
+	// Namespaces the source maps config into: extra config entries are
+	// counted in them.
+	Namespaces []string `json:"namespaces,omitempty"`
+}
+
+// commonPrefix is the longest common prefix of a and b.
+func commonPrefix(a, b string) string {
+	n := min(len(a), len(b))
+	for i := 0; i < n; i++ {
+		if a[i] != b[i] {
+			return a[:i]
+		}
+	}
+	return a[:n]
 }
 
 // rowHash hashes a mapped row: its key and its JSON as jsonb prints it.
@@ -80,8 +111,13 @@ func Verify(ctx context.Context, cl *Cluster, m *Mapping, sourceDSN string, opts
 	defer tx.Rollback(context.Background())
 
 	rep := &VerifyReport{OK: true, Extra: map[Entity]int64{}}
-	keys := map[Entity]map[uint64]struct{}{EntityUser: {}, EntityItem: {}, EntityConfig: {}}
-	namespaces := map[string]bool{}
+	// The mapped keys Shardgate holds: what it holds in the key space
+	// beyond them is extra (counting them, not all mapped keys, keeps a
+	// missing row from hiding an extra one).
+	present := map[Entity]map[uint64]struct{}{EntityUser: {}, EntityItem: {}, EntityConfig: {}}
+	namespaces, collections := map[string]bool{}, map[string]bool{}
+	var prefix string
+	havePrefix := false
 	for i := range m.Tables {
 		st, err := describe(ctx, tx, &m.Tables[i])
 		if err != nil {
@@ -97,13 +133,25 @@ func Verify(ctx context.Context, cl *Cluster, m *Mapping, sourceDSN string, opts
 		vt.Invalid, err = eachBatch(ctx, tx, st, opts.MaxJSONBytes, cl.Partitions(), 2000, func(recs []Record) error {
 			for j := range recs {
 				srcSum += rowHash(st.Entity, &recs[j])
-				keys[st.Entity][recordKey(st.Entity, &recs[j])] = struct{}{}
-				if st.Entity == EntityConfig {
-					namespaces[recs[j].Namespace] = true
+				switch r := &recs[j]; st.Entity {
+				case EntityConfig:
+					namespaces[r.Namespace] = true
+				default:
+					if st.Entity == EntityItem {
+						collections[r.Collection] = true
+					}
+					if !havePrefix {
+						prefix, havePrefix = r.UserID, true
+					} else if !strings.HasPrefix(r.UserID, prefix) {
+						prefix = commonPrefix(prefix, r.UserID)
+					}
 				}
 			}
 			vt.Rows += int64(len(recs))
 			return compareBatch(ctx, cl, st.Entity, recs, func(r *Record, got []byte, found bool) {
+				if found {
+					present[st.Entity][recordKey(st.Entity, r)] = struct{}{}
+				}
 				switch {
 				case !found:
 					vt.Missing++
@@ -128,26 +176,39 @@ func Verify(ctx context.Context, cl *Cluster, m *Mapping, sourceDSN string, opts
 		rep.Tables = append(rep.Tables, vt)
 	}
 
-	var users, items int64
-	for _, sh := range cl.Shards() {
-		u, it, err := sh.CountData(ctx)
-		if err != nil {
+	// Extras: rows in the import's key space the source does not map.
+	mapped := map[Entity]int64{}
+	for e, ks := range present {
+		mapped[e] = int64(len(ks))
+	}
+	for c := range collections {
+		rep.Scope.Collections = append(rep.Scope.Collections, c)
+	}
+	for n := range namespaces {
+		rep.Scope.Namespaces = append(rep.Scope.Namespaces, n)
+	}
+	slices.Sort(rep.Scope.Collections)
+	slices.Sort(rep.Scope.Namespaces)
+	rep.Scope.UserPrefix, rep.Scope.UsersChecked = prefix, prefix != ""
+	held := map[Entity]int64{}
+	if rep.Scope.UsersChecked {
+		for _, sh := range cl.Shards() {
+			u, it, err := sh.CountKeySpace(ctx, prefix, rep.Scope.Collections)
+			if err != nil {
+				return nil, err
+			}
+			held[EntityUser] += u
+			held[EntityItem] += it
+		}
+	}
+	if len(rep.Scope.Namespaces) > 0 {
+		if held[EntityConfig], err = cl.Catalog.CountConfig(ctx, rep.Scope.Namespaces); err != nil {
 			return nil, err
 		}
-		users, items = users+u, items+it
 	}
-	var ns []string
-	for n := range namespaces {
-		ns = append(ns, n)
-	}
-	config, err := cl.Catalog.CountConfig(ctx, ns)
-	if err != nil {
-		return nil, err
-	}
-	for e, n := range map[Entity]int64{EntityUser: users, EntityItem: items, EntityConfig: config} {
-		mapped := int64(len(keys[e]))
-		if hasEntity(m, e) && n > mapped {
-			rep.Extra[e] = n - mapped
+	for e, n := range held {
+		if hasEntity(m, e) && n > mapped[e] {
+			rep.Extra[e] = n - mapped[e]
 			rep.OK = false
 		}
 	}

@@ -17,6 +17,15 @@ func TestVerifyAndCancel(t *testing.T) {
 	src := legacy(t, n)
 	cl, _, dsns := newCluster(t)
 	m := legacyMapping(t)
+	// The cluster held data before the import: outside the import's key
+	// space, it is no extra row.
+	px := router.Partition("stranger", cl.Partitions())
+	if _, err := cl.Owner(px).ImportUsers(ctx, []shards.ImportUser{{Partition: px, UserID: "stranger", Profile: []byte(`{}`)}}, false); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := cl.Owner(px).ImportItems(ctx, []shards.ImportItem{{Partition: px, UserID: "stranger", Collection: "settings", Key: "theme", Value: []byte(`1`)}}, false, false); err != nil {
+		t.Fatal(err)
+	}
 	if err := Start(ctx, cl, m, src, Options{}); err != nil {
 		t.Fatal(err)
 	}
@@ -24,7 +33,8 @@ func TestVerifyAndCancel(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !rep.OK || len(rep.Tables) != 2 {
+	if !rep.OK || len(rep.Tables) != 2 || len(rep.Extra) != 0 || rep.Scope.UserPrefix != "acct-" || !rep.Scope.UsersChecked ||
+		len(rep.Scope.Collections) != 1 || rep.Scope.Collections[0] != "settings" {
 		t.Fatalf("verify after import: %+v", rep)
 	}
 	for _, vt := range rep.Tables {
@@ -46,8 +56,14 @@ func TestVerifyAndCancel(t *testing.T) {
 	if _, err := connect(t, dsn9).Exec(ctx, `DELETE FROM items WHERE partition = $1 AND user_id = 'acct-9'`, p9); err != nil {
 		t.Fatal(err)
 	}
-	px := router.Partition("stranger", cl.Partitions())
-	if _, err := cl.Owner(px).ImportUsers(ctx, []shards.ImportUser{{Partition: px, UserID: "stranger", Profile: []byte(`{}`)}}, false); err != nil {
+	pe := router.Partition("acct-extra", cl.Partitions())
+	if _, err := cl.Owner(pe).ImportUsers(ctx, []shards.ImportUser{{Partition: pe, UserID: "acct-extra", Profile: []byte(`{}`)}}, false); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := cl.Owner(pe).ImportItems(ctx, []shards.ImportItem{
+		{Partition: pe, UserID: "acct-extra", Collection: "other", Key: "k", Value: []byte(`1`)}, // another collection: not the import's
+		{Partition: pe, UserID: "acct-extra", Collection: "settings", Key: "theme", Value: []byte(`1`)},
+	}, false, false); err != nil {
 		t.Fatal(err)
 	}
 	rep, err = Verify(ctx, cl, m, src, VerifyOptions{})
@@ -55,14 +71,17 @@ func TestVerifyAndCancel(t *testing.T) {
 		t.Fatal(err)
 	}
 	u, it := rep.Tables[0], rep.Tables[1]
-	if rep.OK || u.Different != 1 || u.Matched != n-1 || u.SourceHash == u.TargetHash || it.Missing != 1 || rep.Extra[EntityUser] != 1 ||
+	// The item in another collection does not count; the lost item does
+	// not hide the extra one.
+	if rep.OK || u.Different != 1 || u.Matched != n-1 || u.SourceHash == u.TargetHash || it.Missing != 1 || rep.Extra[EntityUser] != 1 || rep.Extra[EntityItem] != 1 ||
 		!strings.Contains(strings.Join(u.Diffs, "\n"), `row (id)=(5): user "acct-5" differs: source {"name": "User 5", "email": "user5@example.com", "created_at": "2020-01-01T00:05:00+00:00"}, Shardgate {"name": "Mallory"}`) ||
 		!strings.Contains(strings.Join(it.Diffs, "\n"), `row (account_id,name)=(9,theme): item "acct-9" settings/theme is missing in Shardgate`) {
 		t.Fatalf("verify after corruption: %+v", rep)
 	}
 
 	// Cancel with purge removes what was imported, the slot and the
-	// checkpoints; the stranger stays.
+	// checkpoints; the stranger and acct-extra (which the source does not
+	// map) stay.
 	res, err := Cancel(ctx, cl, m, src, "default", true)
 	if err != nil {
 		t.Fatal(err)
@@ -71,7 +90,7 @@ func TestVerifyAndCancel(t *testing.T) {
 		t.Fatalf("cancel: %+v", res)
 	}
 	users, items, _, _ := shardCounts(t, dsns)
-	if users != 1 || items != 0 {
+	if users != 2 || items != 3 {
 		t.Fatalf("after purge: users %d items %d", users, items)
 	}
 	if _, _, err := cl.Catalog.GetImport(ctx, "default"); !errors.Is(err, catalog.ErrNoImport) {

@@ -26,6 +26,9 @@ type ImportUser struct {
 	Partition int32
 	UserID    string
 	Profile   []byte // a JSON object
+	// Version, if above 0, is the version to keep where the rules allow
+	// (see ImportUsers).
+	Version int64
 }
 
 // ImportItem is one item of a bulk import.
@@ -35,6 +38,7 @@ type ImportItem struct {
 	Collection string
 	Key        string
 	Value      []byte // JSON
+	Version    int64  // as ImportUser.Version
 }
 
 // ImportResult says what a bulk import batch did.
@@ -84,27 +88,31 @@ func (e *MissingUsersError) Unwrap() error { return ErrUserNotFound }
 // ROWS empties them after each batch.
 const (
 	createUserStageSQL = `CREATE TEMP TABLE IF NOT EXISTS sg_import_user_stage (
-    seq integer, partition integer, user_id text, profile jsonb) ON COMMIT DELETE ROWS`
+    seq integer, partition integer, user_id text, profile jsonb, version bigint) ON COMMIT DELETE ROWS`
 	createItemStageSQL = `CREATE TEMP TABLE IF NOT EXISTS sg_import_item_stage (
-    seq integer, partition integer, user_id text, collection text, key text COLLATE "C", value jsonb) ON COMMIT DELETE ROWS`
+    seq integer, partition integer, user_id text, collection text, key text COLLATE "C", value jsonb, version bigint) ON COMMIT DELETE ROWS`
 	lockOwnedSQL = `SELECT partition FROM ownership WHERE partition = ANY($1::integer[]) AND state = 'owned' ORDER BY partition FOR SHARE`
 )
 
 // importUsersSQL upserts the staged users (one per key: ON CONFLICT may
-// not touch a row twice) and, with $1, writes their events.
+// not touch a row twice) and, with $1, writes their events. A staged
+// version (with $2) is kept where the rules allow: a new row gets it if
+// it lies above the tombstone and the floor, a changed row if it lies
+// above the row's.
 const importUsersSQL = `
 WITH src AS (
-    SELECT partition, user_id, profile FROM sg_import_user_stage
+    SELECT partition, user_id, profile, version FROM sg_import_user_stage
 ), up AS (
     INSERT INTO users AS u (partition, user_id, profile, version)
     SELECT * FROM (
-        SELECT s.partition, s.user_id, s.profile, greatest(t.version, c.version_floor, 0) + 1
+        SELECT s.partition, s.user_id, s.profile, greatest(t.version + 1, c.version_floor + 1, 1, s.version)
         FROM src AS s
         LEFT JOIN user_tombstones AS t ON t.partition = s.partition AND t.user_id = s.user_id
         LEFT JOIN outbox_clock AS c ON c.partition = s.partition
     ) AS n
     ON CONFLICT (partition, user_id) DO UPDATE
-        SET profile = EXCLUDED.profile, version = u.version + 1, updated_at = now()
+        SET profile = EXCLUDED.profile, updated_at = now(),
+            version = CASE WHEN $2::boolean THEN greatest(u.version + 1, EXCLUDED.version) ELSE u.version + 1 END
         WHERE u.profile IS DISTINCT FROM EXCLUDED.profile
     RETURNING u.partition, u.user_id, u.version, u.profile
 ), ev AS (
@@ -124,22 +132,23 @@ ORDER BY 1, 2`
 // concurrent DeleteUser from leaving items behind.
 const importItemsSQL = `
 WITH src AS (
-    SELECT partition, user_id, collection, key, value FROM sg_import_item_stage
+    SELECT partition, user_id, collection, key, value, version FROM sg_import_item_stage
 ), usr AS (
-    SELECT s.partition, s.user_id, s.collection, s.key, s.value
+    SELECT s.partition, s.user_id, s.collection, s.key, s.value, s.version
     FROM src AS s JOIN users AS u ON u.partition = s.partition AND u.user_id = s.user_id
     FOR KEY SHARE OF u
 ), up AS (
     INSERT INTO items AS i (partition, user_id, collection, key, value, version)
     SELECT * FROM (
-        SELECT s.partition, s.user_id, s.collection, s.key, s.value, greatest(t.version, c.version_floor, 0) + 1
+        SELECT s.partition, s.user_id, s.collection, s.key, s.value, greatest(t.version + 1, c.version_floor + 1, 1, s.version)
         FROM usr AS s
         LEFT JOIN item_tombstones AS t ON t.partition = s.partition AND t.user_id = s.user_id
             AND t.collection = s.collection AND t.key = s.key
         LEFT JOIN outbox_clock AS c ON c.partition = s.partition
     ) AS n
     ON CONFLICT (partition, user_id, collection, key) DO UPDATE
-        SET value = EXCLUDED.value, version = i.version + 1, updated_at = now()
+        SET value = EXCLUDED.value, updated_at = now(),
+            version = CASE WHEN $2::boolean THEN greatest(i.version + 1, EXCLUDED.version) ELSE i.version + 1 END
         WHERE i.value IS DISTINCT FROM EXCLUDED.value
     RETURNING i.partition, i.user_id, i.collection, i.key, i.version, i.value
 ), ev AS (
@@ -149,8 +158,11 @@ WITH src AS (
 )
 SELECT count(*) FROM up`
 
-// ImportUsers writes a batch of users in one transaction. A *WrongShardError
-// if any partition is not owned; nothing is written then.
+// ImportUsers writes a batch of users in one transaction. A row given a
+// Version keeps it where the rules allow: created above its tombstone and
+// the partition's floor, changed above its current version; otherwise it
+// gets the next version the rules give. A *WrongShardError if any
+// partition is not owned; nothing is written then.
 func (s *Shard) ImportUsers(ctx context.Context, rows []ImportUser, events bool) (ImportResult, error) {
 	rows = lastOfKey(rows, func(r *ImportUser) UserRef { return UserRef{r.Partition, r.UserID} })
 	parts := make([]int32, 0, len(rows))
@@ -159,15 +171,17 @@ func (s *Shard) ImportUsers(ctx context.Context, rows []ImportUser, events bool)
 	}
 	var res ImportResult
 	err := s.importBatch(ctx, parts, createUserStageSQL, func(tx pgx.Tx) error {
-		_, err := tx.CopyFrom(ctx, pgx.Identifier{"sg_import_user_stage"}, []string{"seq", "partition", "user_id", "profile"},
+		versioned := false
+		_, err := tx.CopyFrom(ctx, pgx.Identifier{"sg_import_user_stage"}, []string{"seq", "partition", "user_id", "profile", "version"},
 			pgx.CopyFromSlice(len(rows), func(i int) ([]any, error) {
 				r := &rows[i]
-				return []any{int32(i), r.Partition, r.UserID, r.Profile}, nil
+				versioned = versioned || r.Version > 0
+				return []any{int32(i), r.Partition, r.UserID, r.Profile, r.Version}, nil
 			}))
 		if err != nil {
 			return err
 		}
-		return tx.QueryRow(ctx, importUsersSQL, events).Scan(&res.Written)
+		return tx.QueryRow(ctx, importUsersSQL, events, versioned).Scan(&res.Written)
 	})
 	if err != nil {
 		return ImportResult{}, s.wrap("import users", err)
@@ -188,10 +202,12 @@ func (s *Shard) ImportItems(ctx context.Context, rows []ImportItem, events, skip
 	var res ImportResult
 	err := s.importBatch(ctx, parts, createItemStageSQL, func(tx pgx.Tx) error {
 		res = ImportResult{}
-		_, err := tx.CopyFrom(ctx, pgx.Identifier{"sg_import_item_stage"}, []string{"seq", "partition", "user_id", "collection", "key", "value"},
+		versioned := false
+		_, err := tx.CopyFrom(ctx, pgx.Identifier{"sg_import_item_stage"}, []string{"seq", "partition", "user_id", "collection", "key", "value", "version"},
 			pgx.CopyFromSlice(len(rows), func(i int) ([]any, error) {
 				r := &rows[i]
-				return []any{int32(i), r.Partition, r.UserID, r.Collection, r.Key, r.Value}, nil
+				versioned = versioned || r.Version > 0
+				return []any{int32(i), r.Partition, r.UserID, r.Collection, r.Key, r.Value, r.Version}, nil
 			}))
 		if err != nil {
 			return err
@@ -207,7 +223,7 @@ func (s *Shard) ImportItems(ctx context.Context, rows []ImportItem, events, skip
 		if len(res.MissingUsers) > 0 && !skipMissing {
 			return &MissingUsersError{Users: res.MissingUsers}
 		}
-		return tx.QueryRow(ctx, importItemsSQL, events).Scan(&res.Written)
+		return tx.QueryRow(ctx, importItemsSQL, events, versioned).Scan(&res.Written)
 	})
 	if err != nil {
 		return ImportResult{}, s.wrap("import items", err)
@@ -420,9 +436,29 @@ func (s *Shard) CountData(ctx context.Context) (users, items int64, err error) {
 	return users, items, nil
 }
 
+// CountKeySpace counts, in the partitions this shard serves (owned or
+// frozen), the users whose ID starts with userPrefix and their items in
+// the given collections.
+func (s *Shard) CountKeySpace(ctx context.Context, userPrefix string, collections []string) (users, items int64, err error) {
+	c, err := s.acquire(ctx)
+	if err != nil {
+		return 0, 0, s.wrap("count key space", err)
+	}
+	defer c.Release()
+	err = c.QueryRow(ctx, `
+		WITH o AS (SELECT partition FROM ownership WHERE state IN ('owned', 'frozen'))
+		SELECT (SELECT count(*) FROM users WHERE partition IN (SELECT partition FROM o) AND starts_with(user_id, $1)),
+		       (SELECT count(*) FROM items WHERE partition IN (SELECT partition FROM o) AND starts_with(user_id, $1)
+		        AND collection = ANY($2::text[]))`, userPrefix, collections).Scan(&users, &items)
+	if err != nil {
+		return 0, 0, s.wrap("count key space", err)
+	}
+	return users, items, nil
+}
+
 // purgeUsersSQL deletes users with their sessions and items, leaving
-// tombstones (versions keep rising if they come back) and delete events,
-// which make caches and watchers drop what they hold.
+// tombstones (versions keep rising if they come back) and, with $3, delete
+// events, which make caches and watchers drop what they hold.
 const purgeUsersSQL = `
 WITH k AS (
     SELECT DISTINCT partition, user_id FROM unnest($1::integer[], $2::text[]) AS k (partition, user_id)
@@ -452,14 +488,14 @@ WITH k AS (
         SELECT partition, user_id, 2, 'item', collection || '/' || key, version + 1 FROM di
         UNION ALL
         SELECT partition, user_id, 3, 'user', user_id, version + 1 FROM du
-    ) AS e ORDER BY partition, user_id, ord, key
+    ) AS e WHERE $3::boolean ORDER BY partition, user_id, ord, key
 )
 SELECT count(*) FROM du`
 
 // PurgeUsers deletes users (with their sessions and items) in one fenced
-// transaction and returns how many it deleted. A *WrongShardError if a
-// partition is not owned.
-func (s *Shard) PurgeUsers(ctx context.Context, users []UserRef) (int64, error) {
+// transaction, with their delete events if events, and returns how many it
+// deleted. A *WrongShardError if a partition is not owned.
+func (s *Shard) PurgeUsers(ctx context.Context, users []UserRef, events bool) (int64, error) {
 	parts := make([]int32, len(users))
 	ids := make([]string, len(users))
 	for i, u := range users {
@@ -467,7 +503,7 @@ func (s *Shard) PurgeUsers(ctx context.Context, users []UserRef) (int64, error) 
 	}
 	var n int64
 	err := s.importBatch(ctx, append([]int32(nil), parts...), "SELECT 1", func(tx pgx.Tx) error {
-		return tx.QueryRow(ctx, purgeUsersSQL, parts, ids).Scan(&n)
+		return tx.QueryRow(ctx, purgeUsersSQL, parts, ids, events).Scan(&n)
 	})
 	if err != nil {
 		return 0, s.wrap("purge users", err)
@@ -491,13 +527,13 @@ WITH k AS (
 ), ev AS (
     INSERT INTO outbox (partition, user_id, entity, key, op, version, payload)
     SELECT partition, user_id, 'item', collection || '/' || key, 'delete', version + 1, NULL::jsonb FROM di
-    ORDER BY partition, user_id, collection, key
+    WHERE $5::boolean ORDER BY partition, user_id, collection, key
 )
 SELECT count(*) FROM di`
 
-// PurgeItems deletes items in one fenced transaction, with tombstones and
-// delete events, and returns how many it deleted.
-func (s *Shard) PurgeItems(ctx context.Context, items []ItemRef) (int64, error) {
+// PurgeItems deletes items in one fenced transaction, with tombstones and,
+// if events, delete events, and returns how many it deleted.
+func (s *Shard) PurgeItems(ctx context.Context, items []ItemRef, events bool) (int64, error) {
 	parts := make([]int32, len(items))
 	ids := make([]string, len(items))
 	cols := make([]string, len(items))
@@ -507,7 +543,7 @@ func (s *Shard) PurgeItems(ctx context.Context, items []ItemRef) (int64, error) 
 	}
 	var n int64
 	err := s.importBatch(ctx, append([]int32(nil), parts...), "SELECT 1", func(tx pgx.Tx) error {
-		return tx.QueryRow(ctx, purgeItemsSQL, parts, ids, cols, keys).Scan(&n)
+		return tx.QueryRow(ctx, purgeItemsSQL, parts, ids, cols, keys, events).Scan(&n)
 	})
 	if err != nil {
 		return 0, s.wrap("purge items", err)

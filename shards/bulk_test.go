@@ -90,24 +90,3 @@ func TestImportUsersAndItems(t *testing.T) {
 		t.Fatal("a refused batch wrote a row")
 	}
 }
-
-func BenchmarkImportUsers(b *testing.B) {
-	ctx := testCtx(b)
-	parts := make([]int32, 64)
-	for i := range parts {
-		parts[i] = int32(i)
-	}
-	s := newShard(b, parts...)
-	const batch = 5000
-	rows := make([]ImportUser, batch)
-	b.ResetTimer()
-	for i := range b.N {
-		for j := range rows {
-			rows[j] = ImportUser{Partition: int32(j % 64), UserID: fmt.Sprintf("user-%d-%d", i, j), Profile: []byte(`{"name": "User", "email": "user@example.com"}`)}
-		}
-		if _, err := s.ImportUsers(ctx, rows, false); err != nil {
-			b.Fatal(err)
-		}
-	}
-	b.ReportMetric(float64(b.N*batch)/b.Elapsed().Seconds(), "rows/s")
-}

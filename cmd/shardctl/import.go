@@ -140,7 +140,8 @@ type importStartCmd struct {
 	importTarget
 	Parallel     int    `help:"Batches written at once per shard." default:"2"`
 	BatchRows    int    `name:"batch-rows" help:"Rows per batch to one shard." default:"5000"`
-	Events       bool   `help:"Publish a change event for every imported row (off: imported rows publish none)."`
+	Readers      int    `help:"Source connections reading each table at once (ranges of its keys, one snapshot)." default:"2"`
+	Events       bool   `help:"Publish a change event for every imported row and every change followed (off: they publish none; config always does). Recorded with the import."`
 	SkipInvalid  bool   `name:"skip-invalid" help:"Count rows that do not map to a valid entity and write them to --rejects instead of stopping."`
 	Rejects      string `help:"File the rejected rows are appended to (NDJSON), with --skip-invalid."`
 	MaxJSONBytes int    `name:"max-json-bytes" help:"Largest JSON value accepted (the servers' --max-json-bytes)." default:"65536"`
@@ -167,6 +168,9 @@ func (c importStartCmd) Run(g *globals) error {
 	if c.Parallel < 1 || c.Parallel > 64 {
 		return fmt.Errorf("--parallel %d: want 1-64", c.Parallel)
 	}
+	if c.Readers < 0 || c.Readers > 16 {
+		return fmt.Errorf("--readers %d: want 1-16", c.Readers)
+	}
 	ctx, cancel := signalContext()
 	defer cancel()
 	cl, err := c.open(ctx, int32(c.Parallel)+1)
@@ -175,7 +179,7 @@ func (c importStartCmd) Run(g *globals) error {
 	}
 	defer cl.Close()
 	opts := importer.Options{
-		Name: c.Name, Parallel: c.Parallel, BatchRows: c.BatchRows, Events: c.Events,
+		Name: c.Name, Parallel: c.Parallel, BatchRows: c.BatchRows, Readers: c.Readers, Events: c.Events,
 		SkipInvalid: c.SkipInvalid, MaxJSONBytes: c.MaxJSONBytes,
 	}
 	if c.Rejects != "" {
@@ -326,8 +330,18 @@ func printVerify(g *globals, rep *importer.VerifyReport) error {
 		}
 	}
 	for e, n := range rep.Extra {
-		fmt.Fprintf(g.out, "Shardgate holds %d %s rows the source does not map (deleted at the source and not followed, or written through the API)\n", n, e)
+		fmt.Fprintf(g.out, "Shardgate holds %d %s rows in the import's key space the source does not map (deleted at the source and not followed, or written through the API)\n", n, e)
 	}
+	sc := rep.Scope
+	if sc.UsersChecked {
+		fmt.Fprintf(g.out, "extra rows counted among users whose ID starts with %q and their items in collections %s", sc.UserPrefix, strings.Join(sc.Collections, ", "))
+	} else {
+		fmt.Fprint(g.out, "extra users and items not checked: the mapped user IDs share no prefix")
+	}
+	if len(sc.Namespaces) > 0 {
+		fmt.Fprintf(g.out, "; config in namespaces %s", strings.Join(sc.Namespaces, ", "))
+	}
+	fmt.Fprintln(g.out)
 	if rep.OK {
 		fmt.Fprintln(g.out, "\nverified: every mapped row of the source is in Shardgate, as mapped")
 	}
@@ -446,7 +460,7 @@ func (c importStatusCmd) Run(g *globals) error {
 		enc.SetIndent("", "  ")
 		return enc.Encode(st)
 	}
-	fmt.Fprintf(g.out, "import %s: %s, slot %s (active %v), applied %s, source at %s, lag %s",
+	fmt.Fprintf(g.out, "import %s: %s, slot %s (active %v), applied %s, source at %s, slot lag %s",
 		st.Name, st.State, st.Slot, st.SlotActive, dash(st.AppliedLSN), dash(st.SourceLSN), bytesText(st.LagBytes))
 	if st.Heartbeat > 0 {
 		fmt.Fprintf(g.out, ", follower last seen %s ago", st.Heartbeat.Round(time.Millisecond))
@@ -456,16 +470,24 @@ func (c importStatusCmd) Run(g *globals) error {
 		fmt.Fprintf(g.out, "last error: %s\n", st.Error)
 	}
 	fmt.Fprintln(g.out)
-	w := g.table("TABLE", "COPIED", "TOTAL", "REJECTED", "BULK", "INSERTS", "UPDATES", "DELETES", "LAG BYTES", "LAG SECONDS")
+	w := g.table("TABLE", "COPIED", "TOTAL", "REJECTED", "BULK", "INSERTS", "UPDATES", "DELETES", "PENDING BYTES", "PENDING SECONDS")
 	for _, t := range st.Tables {
 		bulk := "copying"
 		if t.Done {
 			bulk = "done"
 		}
-		fmt.Fprintf(w, "%s\t%d\t%d\t%d\t%s\t%d\t%d\t%d\t%d\t%.1f\n", t.Name, t.Copied, t.Total, t.Rejected, bulk,
-			t.Inserts, t.Updates, t.Deletes, t.LagBytes, t.LagSeconds)
+		lagB, lagS := "-", "-"
+		if t.Pending {
+			lagB, lagS = bytesText(t.LagBytes), fmt.Sprintf("%.1f", t.LagSeconds)
+		}
+		fmt.Fprintf(w, "%s\t%d\t%d\t%d\t%s\t%d\t%d\t%d\t%s\t%s\n", t.Name, t.Copied, t.Total, t.Rejected, bulk,
+			t.Inserts, t.Updates, t.Deletes, lagB, lagS)
 	}
-	return w.Flush()
+	if err := w.Flush(); err != nil {
+		return err
+	}
+	fmt.Fprintln(g.out, "\nslot lag: source WAL not yet applied, for all tables (which tables it touches is known only once decoded);\npending: a table's oldest change received and not yet applied (WAL since, seconds since it committed)")
+	return nil
 }
 
 func dash(s string) string {
@@ -525,16 +547,21 @@ func (c importStartCmd) runNDJSON(g *globals) error {
 	}
 	defer cl.Close()
 	start := time.Now()
-	res, err := importer.ImportNDJSON(ctx, cl, c.FromNDJSON, c.BatchRows, c.Parallel*max(1, len(cl.Shards())), c.Events)
+	res, err := importer.ImportNDJSON(ctx, cl, c.FromNDJSON, importer.NDJSONOptions{
+		Name: c.Name, BatchRows: c.BatchRows, Parallel: c.Parallel * max(1, len(cl.Shards())), Events: c.Events})
 	if err != nil {
 		return err
 	}
 	took := time.Since(start)
 	if g.JSON {
 		return json.NewEncoder(g.out).Encode(map[string]any{"users": res.Users, "items": res.Items, "config": res.Config,
-			"written": res.Written, "seconds": took.Seconds()})
+			"written": res.Written, "resumed": res.Resumed, "seconds": took.Seconds()})
 	}
-	fmt.Fprintf(g.out, "loaded %d users, %d items, %d config values (%d written, the rest already as exported) in %s\n",
-		res.Users, res.Items, res.Config, res.Written, took.Round(time.Millisecond))
+	resumed := ""
+	if res.Resumed {
+		resumed = ", continuing an interrupted load"
+	}
+	fmt.Fprintf(g.out, "loaded %d users, %d items, %d config values (%d written, the rest already as exported%s) in %s\n",
+		res.Users, res.Items, res.Config, res.Written, resumed, took.Round(time.Millisecond))
 	return nil
 }
