@@ -81,45 +81,14 @@ func NewGRPCServer(s *Server, o GRPCOptions) (*grpc.Server, *health.Server) {
 	if o.StreamWorkers == 0 {
 		o.StreamWorkers = 8 * runtime.GOMAXPROCS(0)
 	}
-	log := s.opts.Logger
-	onPanic := recovery.WithRecoveryHandlerContext(func(ctx context.Context, p any) error {
-		log.Error("panic in handler", "panic", p)
-		return status.Error(codes.Internal, "internal error")
-	})
-	// Security runs before any handler: who is calling (auth), how often
-	// (limits), then what they sent (validation, inside errorCodes so a
-	// bad field becomes InvalidArgument).
-	v := &validator{maxJSON: s.opts.MaxJSONBytes, partitions: s.partitionCount}
-	unary := []grpc.UnaryServerInterceptor{
-		s.grpcMetrics.UnaryServerInterceptor(),
-		logUnary(log),
-		recovery.UnaryServerInterceptor(onPanic),
-		defaultDeadline(o.DefaultTimeout, o.MaxTimeout),
-		auth.UnaryServerInterceptor(o.Auth),
-	}
-	stream := []grpc.StreamServerInterceptor{
-		s.grpcMetrics.StreamServerInterceptor(),
-		logStream(log),
-		recovery.StreamServerInterceptor(onPanic),
-		auth.StreamServerInterceptor(o.Auth),
-	}
-	if o.bare {
-		unary, stream = unary[:len(unary)-1], stream[:len(stream)-1]
-	}
+	unary, stream := s.interceptors(o)
 	for _, c := range o.Auth.Collectors() {
 		s.metrics.MustRegister(c)
 	}
 	if o.Limiter != nil {
-		unary = append(unary, ratelimit.UnaryServerInterceptor(o.Limiter, auth.LimitKey))
-		stream = append(stream, ratelimit.StreamServerInterceptor(o.Limiter, auth.LimitKey))
 		for _, c := range o.Limiter.Collectors() {
 			s.metrics.MustRegister(c)
 		}
-	}
-	unary = append(unary, errorCodes(log))
-	if !o.bare {
-		unary = append(unary, validateUnary(v))
-		stream = append(stream, validateStream(v))
 	}
 	opts := []grpc.ServerOption{
 		grpc.MaxRecvMsgSize(o.MaxRecvMsgBytes),
@@ -154,6 +123,46 @@ func NewGRPCServer(s *Server, o GRPCOptions) (*grpc.Server, *health.Server) {
 	reflection.Register(g)
 	s.grpcMetrics.InitializeMetrics(g)
 	return g, hs
+}
+
+// interceptors returns the unary and stream interceptor chains, in order,
+// for o with its defaults filled in.
+func (s *Server) interceptors(o GRPCOptions) ([]grpc.UnaryServerInterceptor, []grpc.StreamServerInterceptor) {
+	log := s.opts.Logger
+	onPanic := recovery.WithRecoveryHandlerContext(func(ctx context.Context, p any) error {
+		log.Error("panic in handler", "panic", p)
+		return status.Error(codes.Internal, "internal error")
+	})
+	// Security runs before any handler: who is calling (auth), how often
+	// (limits), then what they sent (validation, inside errorCodes so a
+	// bad field becomes InvalidArgument).
+	v := &validator{maxJSON: s.opts.MaxJSONBytes, partitions: s.partitionCount}
+	unary := []grpc.UnaryServerInterceptor{
+		s.grpcMetrics.UnaryServerInterceptor(),
+		logUnary(log),
+		recovery.UnaryServerInterceptor(onPanic),
+		defaultDeadline(o.DefaultTimeout, o.MaxTimeout),
+		auth.UnaryServerInterceptor(o.Auth),
+	}
+	stream := []grpc.StreamServerInterceptor{
+		s.grpcMetrics.StreamServerInterceptor(),
+		logStream(log),
+		recovery.StreamServerInterceptor(onPanic),
+		auth.StreamServerInterceptor(o.Auth),
+	}
+	if o.bare {
+		unary, stream = unary[:len(unary)-1], stream[:len(stream)-1]
+	}
+	if o.Limiter != nil {
+		unary = append(unary, ratelimit.UnaryServerInterceptor(o.Limiter, auth.LimitKey))
+		stream = append(stream, ratelimit.StreamServerInterceptor(o.Limiter, auth.LimitKey))
+	}
+	unary = append(unary, errorCodes(log))
+	if !o.bare {
+		unary = append(unary, validateUnary(v))
+		stream = append(stream, validateStream(v))
+	}
+	return unary, stream
 }
 
 // defaultDeadline gives a call without a deadline one, and shortens one
