@@ -21,6 +21,7 @@ import (
 	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/reflection"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/shardgate/shardgate/auth"
 	pb "github.com/shardgate/shardgate/proto/shardgate/v1"
@@ -133,19 +134,21 @@ func NewGRPCServer(s *Server, o GRPCOptions) (*grpc.Server, *health.Server) {
 // for o with its defaults filled in.
 func (s *Server) interceptors(o GRPCOptions) ([]grpc.UnaryServerInterceptor, []grpc.StreamServerInterceptor) {
 	log := s.opts.Logger
-	onPanic := recovery.WithRecoveryHandlerContext(func(ctx context.Context, p any) error {
+	handlePanic := func(ctx context.Context, p any) error {
 		log.Error("panic in handler", "panic", p)
 		return status.Error(codes.Internal, "internal error")
-	})
+	}
+	onPanic := recovery.WithRecoveryHandlerContext(handlePanic)
 	// Security runs before any handler: who is calling (auth), how often
 	// (limits), then what they sent (validation, inside errorCodes so a
 	// bad field becomes InvalidArgument).
+	// The unary chain is the stream chain's stages with neighbours merged
+	// into one interceptor each (guardUnary, checkUnary): every level of a
+	// grpc chain costs each call a closure and a call.
 	v := &validator{maxJSON: s.opts.MaxJSONBytes, partitions: s.partitionCount}
 	unary := []grpc.UnaryServerInterceptor{
 		s.grpcMetrics.UnaryServerInterceptor(),
-		logUnary(log),
-		recovery.UnaryServerInterceptor(onPanic),
-		defaultDeadline(o.DefaultTimeout, o.MaxTimeout),
+		guardUnary(log, handlePanic, o.DefaultTimeout, o.MaxTimeout),
 		auth.UnaryServerInterceptor(o.Auth),
 	}
 	stream := []grpc.StreamServerInterceptor{
@@ -161,12 +164,59 @@ func (s *Server) interceptors(o GRPCOptions) ([]grpc.UnaryServerInterceptor, []g
 		unary = append(unary, ratelimit.UnaryServerInterceptor(o.Limiter, auth.LimitKey))
 		stream = append(stream, ratelimit.StreamServerInterceptor(o.Limiter, auth.LimitKey))
 	}
-	unary = append(unary, errorCodes(log))
-	if !o.bare {
-		unary = append(unary, validateUnary(v))
+	if o.bare {
+		unary = append(unary, errorCodes(log))
+	} else {
+		unary = append(unary, checkUnary(log, v))
 		stream = append(stream, validateStream(v))
 	}
 	return unary, stream
+}
+
+// guardUnary is logUnary, recovery (onPanic) and defaultDeadline in one
+// interceptor, in that order.
+func guardUnary(log *slog.Logger, onPanic func(ctx context.Context, p any) error, d, maxTimeout time.Duration) grpc.UnaryServerInterceptor {
+	return func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (resp any, err error) {
+		start := time.Now()
+		// Deferred calls run last first: a panic becomes err before the
+		// call is logged.
+		defer func() { logCall(ctx, log, info.FullMethod, "unary", start, err) }()
+		defer func() {
+			if p := recover(); p != nil {
+				resp, err = nil, onPanic(ctx, p)
+			}
+		}()
+		hctx := ctx
+		dl, ok := ctx.Deadline()
+		switch {
+		case !ok:
+			var cancel context.CancelFunc
+			hctx, cancel = context.WithTimeout(ctx, min(d, maxTimeout))
+			defer cancel()
+		case time.Until(dl) > maxTimeout:
+			var cancel context.CancelFunc
+			hctx, cancel = context.WithTimeout(ctx, maxTimeout)
+			defer cancel()
+		}
+		return h(hctx, req)
+	}
+}
+
+// checkUnary is errorCodes and validateUnary in one interceptor: a request
+// that fails its rules, or a handler's error, becomes a gRPC status.
+func checkUnary(log *slog.Logger, v *validator) grpc.UnaryServerInterceptor {
+	return func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+		if m, ok := req.(proto.Message); ok {
+			if err := v.check(m); err != nil {
+				return nil, toStatus(ctx, log, info.FullMethod, err)
+			}
+		}
+		resp, err := h(ctx, req)
+		if err != nil {
+			return nil, toStatus(ctx, log, info.FullMethod, err)
+		}
+		return resp, nil
+	}
 }
 
 // defaultDeadline gives a call without a deadline one, and shortens one
