@@ -187,6 +187,8 @@ type Verifier struct {
 	cache map[[32]byte]cachedPrincipal
 
 	throttle *authThrottle // nil: failures are not limited
+
+	peers peerCache
 }
 
 type cachedPrincipal struct {

@@ -3,7 +3,12 @@ package auth
 import (
 	"context"
 	"crypto/sha256"
+	"maps"
+	"net"
+	"net/netip"
 	"strings"
+	"sync"
+	"sync/atomic"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -20,11 +25,11 @@ func (v *Verifier) authenticate(ctx context.Context) (*Principal, error) {
 	if v == nil {
 		return anonymous(ctx), nil
 	}
-	md, _ := metadata.FromIncomingContext(ctx)
-	vals := md.Get("authorization")
+	// One header read, not a copy of all of them (FromIncomingContext).
+	vals := metadata.ValueFromIncomingContext(ctx, "authorization")
 	if len(vals) == 0 {
 		if v.opts.AllowAnonymous {
-			return anonymous(ctx), nil
+			return v.peers.get(ctx).anon, nil
 		}
 		return nil, status.Error(codes.Unauthenticated, "missing bearer token")
 	}
@@ -42,7 +47,7 @@ func (v *Verifier) authenticate(ctx context.Context) (*Principal, error) {
 		}
 		return p, nil
 	}
-	host := PeerHost(ctx)
+	host := v.peers.get(ctx).host
 	if wait, blocked := v.throttle.blocked(host); blocked {
 		// Tokens verified before still work; nothing new is checked.
 		if p, ok := v.cached(ctx, sha256.Sum256([]byte(raw)), v.now()); ok {
@@ -80,6 +85,62 @@ func anonymous(ctx context.Context) *Principal {
 		key = "anon:" + host
 	}
 	return &Principal{Role: RoleAdmin, Anonymous: true, Subject: "", key: key}
+}
+
+// peerCache remembers, per caller IP, its PeerHost and its anonymous
+// principal (immutable, like the verified-token cache's principals), so a
+// call neither formats its peer's address nor allocates a principal again:
+// together most of an anonymous call's authentication. Readers take no
+// lock: the map is replaced, never changed, and holds at most maxPeers
+// callers (others are served as before, without it).
+type peerCache struct {
+	mu sync.Mutex // serializes writers
+	m  atomic.Pointer[map[netip.Addr]*peerEntry]
+}
+
+type peerEntry struct {
+	host string     // PeerHost
+	anon *Principal // anonymous
+}
+
+const maxPeers = 4096
+
+func (c *peerCache) get(ctx context.Context) *peerEntry {
+	pr, _ := peer.FromContext(ctx)
+	var tcp *net.TCPAddr
+	if pr != nil {
+		tcp, _ = pr.Addr.(*net.TCPAddr)
+	}
+	ip, ok := netip.Addr{}, false
+	if tcp != nil && tcp.Zone == "" {
+		ip, ok = netip.AddrFromSlice(tcp.IP)
+	}
+	if !ok { // not TCP (a pipe in tests, a Unix socket): not cached
+		return newPeerEntry(ctx)
+	}
+	if m := c.m.Load(); m != nil {
+		if e, ok := (*m)[ip]; ok {
+			return e
+		}
+	}
+	e := newPeerEntry(ctx)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	old := c.m.Load()
+	if old != nil && len(*old) >= maxPeers {
+		return e
+	}
+	m := make(map[netip.Addr]*peerEntry, 1)
+	if old != nil {
+		m = maps.Clone(*old)
+	}
+	m[ip] = e
+	c.m.Store(&m)
+	return e
+}
+
+func newPeerEntry(ctx context.Context) *peerEntry {
+	return &peerEntry{host: PeerHost(ctx), anon: anonymous(ctx)}
 }
 
 // Methods reachable without any principal: load balancers probe health.

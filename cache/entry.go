@@ -87,7 +87,15 @@ type macer struct {
 	computed atomic.Int64
 }
 
-type verified struct{ key, s string }
+// verified is an entry whose MAC passed, with its decoded form: the
+// string cannot change, so neither can what it decodes to. Callers only
+// read an Entry (its List included), so one decoded copy can be handed to
+// all of them.
+type verified struct {
+	key, s     string
+	e          Entry
+	validUntil time.Time
+}
 
 const (
 	smallSlots = 4096
@@ -151,21 +159,24 @@ func (m *macer) open(key, s string, now time.Time, remember bool) (Entry, error)
 	}
 	body, mac := s[:len(s)-macSize], s[len(s)-macSize:]
 	var slot *atomic.Pointer[verified]
-	known := false
 	if remember {
 		if len(s) > largeEntry {
 			slot = &m.large[maphash.String(m.seed, key)%largeSlots]
 		} else {
 			slot = &m.small[maphash.String(m.seed, key)%smallSlots]
 		}
-		v := slot.Load()
-		known = v != nil && unsafe.StringData(v.s) == unsafe.StringData(s) && len(v.s) == len(s) && v.key == key
-	}
-	if !known {
-		var want [macSize]byte
-		if !hmac.Equal(m.tag(want[:0], key, body), []byte(mac)) {
-			return Entry{}, errBadMAC
+		if v := slot.Load(); v != nil && unsafe.StringData(v.s) == unsafe.StringData(s) && len(v.s) == len(s) && v.key == key {
+			// Checked and decoded before: only its validity may have
+			// run out since.
+			if now.After(v.validUntil) {
+				return Entry{}, errPastValidity
+			}
+			return v.e, nil
 		}
+	}
+	var want [macSize]byte
+	if !hmac.Equal(m.tag(want[:0], key, body), []byte(mac)) {
+		return Entry{}, errBadMAC
 	}
 	e, validUntil, err := decode(body)
 	if err != nil {
@@ -174,8 +185,8 @@ func (m *macer) open(key, s string, now time.Time, remember bool) (Entry, error)
 	if now.After(validUntil) {
 		return Entry{}, errPastValidity
 	}
-	if slot != nil && !known {
-		slot.Store(&verified{key: key, s: s})
+	if slot != nil {
+		slot.Store(&verified{key: key, s: s, e: e, validUntil: validUntil})
 	}
 	return e, nil
 }

@@ -10,8 +10,10 @@ import (
 
 // SessionKey is the key of the session whose token hashes to tokenHash.
 func (c *Cache) SessionKey(tokenHash []byte) string {
-	b := make([]byte, 0, len(c.opts.Prefix)+2+hex.EncodedLen(len(tokenHash)))
-	b = append(b, c.opts.Prefix...)
+	// Built on the stack (for prefixes up to 62 bytes): one allocation,
+	// the string's.
+	var buf [128]byte
+	b := append(buf[:0], c.opts.Prefix...)
 	b = append(b, "s:"...)
 	b = hex.AppendEncode(b, tokenHash)
 	return string(b)

@@ -3,6 +3,7 @@ package server
 import (
 	"context"
 	"fmt"
+	"net"
 	"slices"
 	"sync"
 	"testing"
@@ -10,9 +11,14 @@ import (
 
 	"github.com/redis/rueidis"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/peer"
 
+	"github.com/shardgate/shardgate/auth"
+	"github.com/shardgate/shardgate/auth/authtest"
+	"github.com/shardgate/shardgate/auth/keyset"
 	"github.com/shardgate/shardgate/cache"
 	"github.com/shardgate/shardgate/events"
 	"github.com/shardgate/shardgate/internal/testenv"
@@ -342,4 +348,86 @@ func BenchmarkWideWatch(b *testing.B) {
 	b.StopTimer()
 	b.ReportMetric(float64(r.events)/r.took.Seconds(), "events/s")
 	b.ReportMetric(float64(r.cursorBytes)/float64(max(1, r.events)), "cursor-bytes/event")
+}
+
+// BenchmarkUnaryChain is a call's whole server side past the transport:
+// the interceptor chain as NewGRPCServer builds it (auth as in dev mode:
+// anonymous calls allowed), then the handler, for the health check (the
+// noop baseline), GetSession served from this process's cache, and
+// GetUser (a shard query). allocs/op is the figure to compare; the chain
+// is composed the way grpc.ChainUnaryInterceptor composes it.
+func BenchmarkUnaryChain(b *testing.B) {
+	c := newTestCluster(b, 1)
+	addr, prefix := testenv.Redis(b)
+	ts := c.start(b, false, withCache(b, addr, prefix, cache.Options{}))
+	ctx := context.Background()
+	if _, err := ts.data.PutUser(ctx, &pb.PutUserRequest{UserId: "bench", ProfileJson: `{"name":"bench user","plan":"free"}`}); err != nil {
+		b.Fatal(err)
+	}
+	s, err := ts.data.CreateSession(ctx, &pb.CreateSessionRequest{UserId: "bench", DataJson: `{"device":"bench","scopes":["read","write"]}`, TtlSeconds: 3600})
+	if err != nil {
+		b.Fatal(err)
+	}
+	keys := authtest.NewKeys(b)
+	v, err := auth.NewVerifier(auth.Options{Keys: keyset.Static{"ed": {Alg: "EdDSA", Verify: keys.Ed.Public()}}, AllowAnonymous: true, AnyIssuer: true, AnyAudience: true})
+	if err != nil {
+		b.Fatal(err)
+	}
+	unary, _ := ts.srv.interceptors(GRPCOptions{Auth: v, DefaultTimeout: 10 * time.Second, MaxTimeout: time.Minute})
+	d := NewDataService(ts.srv)
+	hs := health.NewServer()
+	// What a call's context holds when the chain starts: its peer,
+	// deadline and headers.
+	cctx := peer.NewContext(ctx, &peer.Peer{Addr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 40123}})
+	cctx = metadata.NewIncomingContext(cctx, metadata.Pairs(":authority", "127.0.0.1:7070", "content-type", "application/grpc", "user-agent", "grpc-go/1.85.0"))
+	cctx, cancel := context.WithTimeout(cctx, 50*time.Second) // under MaxTimeout: kept as is
+	defer cancel()
+	cases := []struct {
+		name, method string
+		req          any
+		h            grpc.UnaryHandler
+	}{
+		{"health", healthpb.Health_Check_FullMethodName, &healthpb.HealthCheckRequest{},
+			func(ctx context.Context, req any) (any, error) {
+				return hs.Check(ctx, req.(*healthpb.HealthCheckRequest))
+			}},
+		{"GetSession", pb.DataService_GetSession_FullMethodName, &pb.GetSessionRequest{Token: s.Token},
+			func(ctx context.Context, req any) (any, error) { return d.GetSession(ctx, req.(*pb.GetSessionRequest)) }},
+		{"GetUser", pb.DataService_GetUser_FullMethodName, &pb.GetUserRequest{UserId: "bench"},
+			func(ctx context.Context, req any) (any, error) { return d.GetUser(ctx, req.(*pb.GetUserRequest)) }},
+	}
+	time.Sleep(1100 * time.Millisecond) // past the writer's floor window: local copies count
+	for _, bc := range cases {
+		info := &grpc.UnaryServerInfo{FullMethod: bc.method}
+		call := func() {
+			if _, err := chainUnary(unary)(cctx, bc.req, info, bc.h); err != nil {
+				b.Fatal(err)
+			}
+		}
+		for range 3 {
+			call()
+		}
+		b.Run(bc.name, func(b *testing.B) {
+			b.ReportAllocs()
+			for b.Loop() {
+				call()
+			}
+		})
+	}
+}
+
+// chainUnary composes interceptors as grpc.ChainUnaryInterceptor does.
+func chainUnary(interceptors []grpc.UnaryServerInterceptor) grpc.UnaryServerInterceptor {
+	return func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+		var next func(i int) grpc.UnaryHandler
+		next = func(i int) grpc.UnaryHandler {
+			if i == len(interceptors)-1 {
+				return h
+			}
+			return func(ctx context.Context, req any) (any, error) {
+				return interceptors[i+1](ctx, req, info, next(i+1))
+			}
+		}
+		return interceptors[0](ctx, req, info, next(0))
+	}
 }

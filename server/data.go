@@ -9,6 +9,7 @@ import (
 	"errors"
 	"strconv"
 	"time"
+	"unsafe"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -58,15 +59,26 @@ func (d *DataService) GetUser(ctx context.Context, req *pb.GetUserRequest) (*pb.
 	if err != nil {
 		return nil, err
 	}
-	return &pb.GetUserResponse{
-		UserId:      u.UserID,
-		ProfileJson: string(u.Profile),
-		Version:     u.Version,
-		Partition:   u.Partition,
-		CreatedAt:   timestamppb.New(u.CreatedAt),
-		UpdatedAt:   timestamppb.New(u.UpdatedAt),
-	}, nil
+	// One allocation for the response and its two timestamps.
+	r := &struct {
+		resp             pb.GetUserResponse
+		created, updated timestamppb.Timestamp
+	}{}
+	r.created.Seconds, r.created.Nanos = unixParts(u.CreatedAt)
+	r.updated.Seconds, r.updated.Nanos = unixParts(u.UpdatedAt)
+	r.resp.UserId, r.resp.ProfileJson, r.resp.Version, r.resp.Partition = u.UserID, bytesString(u.Profile), u.Version, u.Partition
+	r.resp.CreatedAt, r.resp.UpdatedAt = &r.created, &r.updated
+	return &r.resp, nil
 }
+
+// unixParts is t as a protobuf Timestamp's fields (timestamppb.New
+// without its allocation).
+func unixParts(t time.Time) (int64, int32) { return t.Unix(), int32(t.Nanosecond()) }
+
+// bytesString is b as a string without copying it. b must not change
+// afterwards: it is a value just scanned for this call, handed to the
+// response and forgotten.
+func bytesString(b []byte) string { return unsafe.String(unsafe.SliceData(b), len(b)) }
 
 // DeleteUser removes a user with all their sessions and items.
 func (d *DataService) DeleteUser(ctx context.Context, req *pb.DeleteUserRequest) (*pb.DeleteUserResponse, error) {
@@ -123,8 +135,14 @@ func newToken(p int32) (string, []byte) {
 }
 
 func hashToken(tok string) []byte {
-	h := sha256.Sum256([]byte(tok))
+	h := tokenHash(tok)
 	return h[:]
+}
+
+// tokenHash is hashToken as an array, which stays on the caller's stack.
+func tokenHash(tok string) [sha256.Size]byte {
+	// Sum256 only reads its argument: no copy of tok needed.
+	return sha256.Sum256(unsafe.Slice(unsafe.StringData(tok), len(tok)))
 }
 
 // CreateSession opens a session for an existing user.
@@ -240,16 +258,17 @@ func (d *DataService) GetSession(ctx context.Context, req *pb.GetSessionRequest)
 // getSessionCached answers GetSession from the cache, loading a miss from
 // the session's shard.
 func (d *DataService) getSessionCached(ctx context.Context, c *cache.Cache, tok string) (*pb.GetSessionResponse, error) {
-	p, hash := tokenPartition(tok), hashToken(tok)
+	p, sum := tokenPartition(tok), tokenHash(tok)
 	ctx, span, traced := d.s.startSpan(ctx, "cache.get_session")
 	if traced {
 		span.SetAttributes(attrPartition.Int(int(p)))
 	}
-	e, err := c.GetSession(ctx, hash, func(ctx context.Context) (cache.Entry, error) {
+	e, err := c.GetSession(ctx, sum[:], func(ctx context.Context) (cache.Entry, error) {
 		ctx, span, traced := d.s.startSpan(ctx, "cache.load_session")
 		if traced {
 			span.SetAttributes(attrPartition.Int(int(p)))
 		}
+		hash := hashToken(tok) // a miss: a shard query follows anyway
 		var sess shards.Session
 		err := d.s.onPartition(ctx, p, func(sh *shards.Shard) (err error) {
 			sess, err = sh.GetSession(ctx, p, hash)
@@ -276,12 +295,14 @@ func (d *DataService) getSessionCached(ctx context.Context, c *cache.Cache, tok 
 	if err := ownSession(ctx, e.Owner); err != nil {
 		return nil, err
 	}
-	return &pb.GetSessionResponse{
-		UserId:    e.Owner,
-		DataJson:  e.Value,
-		ExpiresAt: timestamppb.New(e.ExpiresAt),
-		Version:   e.Version,
-	}, nil
+	// One allocation for the response and its timestamp.
+	r := &struct {
+		resp    pb.GetSessionResponse
+		expires timestamppb.Timestamp
+	}{}
+	r.expires.Seconds, r.expires.Nanos = unixParts(e.ExpiresAt)
+	r.resp.UserId, r.resp.DataJson, r.resp.ExpiresAt, r.resp.Version = e.Owner, e.Value, &r.expires, e.Version
+	return &r.resp, nil
 }
 
 // invalidateToken drops a session from the cache after a write to it.

@@ -12,7 +12,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	grpcprom "github.com/grpc-ecosystem/go-grpc-middleware/providers/prometheus"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/redis/rueidis"
 	"github.com/santhosh-tekuri/jsonschema/v6"
@@ -166,7 +165,7 @@ type Server struct {
 	wrongShardRetries atomic.Int64
 
 	metrics     *prometheus.Registry
-	grpcMetrics *grpcprom.ServerMetrics
+	grpcMetrics *grpcMetrics
 	observer    *observer    // the operator's view (observe.go)
 	tracer      trace.Tracer // nil: tracing off (tracing.go)
 

@@ -24,6 +24,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"runtime/pprof"
 	"sort"
 	"strings"
 	"text/tabwriter"
@@ -48,6 +49,7 @@ type config struct {
 	Token       string
 	Keep        bool
 	PG          string
+	CPUProfile  string
 }
 
 func parseFlags(args []string, stderr io.Writer) (config, error) {
@@ -65,6 +67,7 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	fs.DurationVar(&c.Timeout, "timeout", 5*time.Second, "deadline of each call")
 	fs.StringVar(&c.Token, "token", os.Getenv("SHARDGATE_TOKEN"), "bearer token sent with every call (default $SHARDGATE_TOKEN)")
 	fs.BoolVar(&c.Keep, "keep", false, "keep the data the run created")
+	fs.StringVar(&c.CPUProfile, "cpuprofile", "", "write the load tool's own CPU profile to this file (is the client the bottleneck?)")
 	fs.StringVar(&c.PG, "pg", "", "PostgreSQL DSN (a shard database, or any other) for pg-insert and pg-get's scratch table")
 	fs.Usage = func() {
 		fmt.Fprintf(stderr, "usage: shardbench -scenario NAME [flags]\n\nscenarios:\n")
@@ -139,7 +142,20 @@ func main() {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
 	defer stop()
+	if c.CPUProfile != "" {
+		f, err := os.Create(c.CPUProfile)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "shardbench:", err)
+			os.Exit(2)
+		}
+		if err := pprof.StartCPUProfile(f); err != nil {
+			fmt.Fprintln(os.Stderr, "shardbench: -cpuprofile:", err)
+			os.Exit(2)
+		}
+		defer f.Close()
+	}
 	results, err := run(ctx, c, os.Stderr)
+	pprof.StopCPUProfile() // before any os.Exit below
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "shardbench:", err)
 		os.Exit(1)
