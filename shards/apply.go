@@ -3,7 +3,6 @@ package shards
 import (
 	"context"
 	"slices"
-	"strings"
 
 	"github.com/jackc/pgx/v5"
 
@@ -17,36 +16,34 @@ import (
 // ownership rows of its partitions (FOR SHARE, as every write) before it
 // reads a row, and writes nothing unless all of them are owned.
 
-// fencedSrc replaces the bulk statements' staging-table source with the
-// statement's arrays, behind the ownership check.
-const fencedSrc = `WITH own AS (
+// fencedHead locks the ownership rows of partitions $3 and says whether
+// all of them are owned; the src that follows it yields nothing otherwise.
+const fencedHead = `
+WITH own AS (
     SELECT partition FROM ownership WHERE partition = ANY($3::integer[]) AND state = 'owned' ORDER BY partition FOR SHARE
 ), ok AS (
     SELECT count(*) = cardinality($3::integer[]) AS ok FROM own
-), src AS (
-    SELECT %s, 0::bigint AS version FROM unnest(%s) AS s (%s) WHERE (SELECT ok FROM ok)
 )`
 
-func fenced(bulkSQL, stageSrc, cols, arrays string) string {
-	i := strings.Index(bulkSQL, "), ")
-	head := strings.Replace(strings.Replace(strings.Replace(fencedSrc, "%s", cols, 1), "%s", arrays, 1), "%s", cols, 1)
-	sql := head + bulkSQL[i+1:]
-	if !strings.Contains(bulkSQL[:i], stageSrc) {
-		panic("shards: bulk statement changed: " + stageSrc)
-	}
-	return strings.Replace(sql, "SELECT count(*) FROM up", "SELECT (SELECT ok FROM ok), (SELECT count(*) FROM up)", 1)
-}
+// The bulk upserts (importUsersTail, importItemsTail) over rows given as
+// arrays instead of a staging table, behind fencedHead.
+const (
+	applyUsersSQL = fencedHead + `, src AS (
+    SELECT partition, user_id, profile, 0::bigint AS version
+    FROM unnest($4::integer[], $5::text[], $6::jsonb[]) AS s (partition, user_id, profile)
+    WHERE (SELECT ok FROM ok)
+)` + importUsersTail + `SELECT (SELECT ok FROM ok), (SELECT count(*) FROM up)`
+	applyItemsSQL = fencedHead + `, src AS (
+    SELECT partition, user_id, collection, key, value, 0::bigint AS version
+    FROM unnest($4::integer[], $5::text[], $6::text[], $7::text[], $8::jsonb[]) AS s (partition, user_id, collection, key, value)
+    WHERE (SELECT ok FROM ok)
+)` + importItemsTail + `SELECT (SELECT ok FROM ok), (SELECT count(*) FROM up)`
+)
 
-var (
-	applyUsersSQL = fenced(importUsersSQL, "sg_import_user_stage", "partition, user_id, profile",
-		"$4::integer[], $5::text[], $6::jsonb[]")
-	applyItemsSQL = fenced(importItemsSQL, "sg_import_item_stage", "partition, user_id, collection, key, value",
-		"$4::integer[], $5::text[], $6::text[], $7::text[], $8::jsonb[]")
-	missingApplySQL = `
+const missingApplySQL = `
 SELECT DISTINCT k.partition, k.user_id FROM unnest($1::integer[], $2::text[]) AS k (partition, user_id)
 WHERE NOT EXISTS (SELECT 1 FROM users AS u WHERE u.partition = k.partition AND u.user_id = k.user_id)
 ORDER BY 1, 2`
-)
 
 // distinctPartitions returns the partitions of rows, sorted, once each.
 func distinctPartitions[R any](rows []R, part func(*R) int32) []int32 {

@@ -102,7 +102,11 @@ const (
 const importUsersSQL = `
 WITH src AS (
     SELECT partition, user_id, profile, version FROM sg_import_user_stage
-), up AS (
+)` + importUsersTail + `SELECT count(*) FROM up`
+
+// importUsersTail upserts the users of CTE src and writes their events;
+// ApplyUsers puts it after its own src.
+const importUsersTail = `, up AS (
     INSERT INTO users AS u (partition, user_id, profile, version)
     SELECT * FROM (
         SELECT s.partition, s.user_id, s.profile, greatest(t.version + 1, c.version_floor + 1, 1, s.version)
@@ -120,7 +124,7 @@ WITH src AS (
     SELECT partition, user_id, 'user', user_id, 'upsert', version, profile FROM up
     WHERE $1::boolean ORDER BY partition, user_id
 )
-SELECT count(*) FROM up`
+`
 
 const missingUsersSQL = `
 SELECT DISTINCT s.partition, s.user_id FROM sg_import_item_stage AS s
@@ -133,7 +137,11 @@ ORDER BY 1, 2`
 const importItemsSQL = `
 WITH src AS (
     SELECT partition, user_id, collection, key, value, version FROM sg_import_item_stage
-), usr AS (
+)` + importItemsTail + `SELECT count(*) FROM up`
+
+// importItemsTail upserts the items of CTE src whose user exists and
+// writes their events; ApplyItems puts it after its own src.
+const importItemsTail = `, usr AS (
     SELECT s.partition, s.user_id, s.collection, s.key, s.value, s.version
     FROM src AS s JOIN users AS u ON u.partition = s.partition AND u.user_id = s.user_id
     FOR KEY SHARE OF u
@@ -156,7 +164,7 @@ WITH src AS (
     SELECT partition, user_id, 'item', collection || '/' || key, 'upsert', version, value FROM up
     WHERE $1::boolean ORDER BY partition, user_id, collection, key
 )
-SELECT count(*) FROM up`
+`
 
 // ImportUsers writes a batch of users in one transaction. A row given a
 // Version keeps it where the rules allow: created above its tombstone and
