@@ -33,10 +33,17 @@ import (
 // Each write keeps its own guarantees, because each statement still runs
 // with its own snapshot (READ COMMITTED) and takes its own locks: ownership
 // fencing, versions above tombstones and floors, the per-partition tick
-// order. What a batch adds is that its locks are held until the whole batch
-// commits. Two batches never deadlock on partition clocks: a batch holds at
+// order. What a batch adds is that it holds its locks until the whole batch
+// commits, across partitions, which no lone write did. So a batch holds at
 // most one write per partition and runs them in partition order, the order
-// in which tombstone pruning and the session sweep take clocks too.
+// in which every statement that spans partitions (tombstone pruning, the
+// session sweep) takes partition clocks; and only writes that lock nothing
+// such a statement may hold before its clocks join a batch: the upserts
+// (PutUser, PutItem) and CreateSession, whose rows are new or not ones the
+// sweep or the pruner lock. TouchSession, RevokeSession and DeleteItem lock
+// a session or tombstone row the sweep or the pruner may hold while it
+// waits for a clock a batch holds, so they run alone (writeAlone): batched,
+// they deadlocked with the sweep.
 //
 // If any statement of a batch fails, PostgreSQL rolls the whole batch back,
 // and each of its writes runs again alone, so one bad write (or a version
@@ -99,19 +106,16 @@ func (s *Shard) WriteGroupStats() WriteGroupStats {
 // write runs one single-statement write to partition (sql with args; scan
 // reads its one result row) and returns once it has committed or failed.
 // With group commit on, it may share its transaction with other callers'
-// writes. The statement must be safe to run again after a rollback.
+// writes. The statement must be safe to run again after a rollback, and
+// lock no row that a statement spanning partitions may hold while it waits
+// for a partition clock.
 func (s *Shard) write(ctx context.Context, partition int32, sql string, args []any, scan func(pgx.Row) error) error {
 	if s == nil || s.pool == nil {
 		return &unavailableError{err: errNotOpen}
 	}
 	g := s.group
 	if g == nil {
-		c, err := s.acquire(ctx)
-		if err != nil {
-			return err
-		}
-		defer c.Release()
-		return runAlone(ctx, c, sql, args, scan)
+		return s.writeAlone(ctx, sql, args, scan)
 	}
 	w := &groupWrite{ctx: ctx, partition: partition, sql: sql, args: args, scan: scan, done: make(chan struct{})}
 	g.mu.Lock()
@@ -164,6 +168,17 @@ func (g *writeGroup) unstall(s *Shard, w *groupWrite) {
 	if g.flushers < g.maxFlushers && time.Since(g.progress) >= flushStall && slices.Contains(g.queue, w) {
 		g.startFlusher(s)
 	}
+}
+
+// writeAlone runs one single-statement write as its own transaction, never
+// in a batch (see above for which writes must not be batched).
+func (s *Shard) writeAlone(ctx context.Context, sql string, args []any, scan func(pgx.Row) error) error {
+	c, err := s.acquire(ctx)
+	if err != nil {
+		return err
+	}
+	defer c.Release()
+	return runAlone(ctx, c, sql, args, scan)
 }
 
 // remove takes w out of the queue if no flusher has taken it yet.

@@ -210,7 +210,7 @@ func (s *Shard) DeleteItem(ctx context.Context, partition int32, userID, collect
 		owned           bool
 		deleted, before pgtype.Int8
 	)
-	err := s.write(ctx, partition, deleteItemSQL, []any{partition, userID, collection, key, expected}, func(row pgx.Row) error {
+	err := s.writeAlone(ctx, deleteItemSQL, []any{partition, userID, collection, key, expected}, func(row pgx.Row) error {
 		return row.Scan(&owned, &deleted, &before)
 	})
 	switch {

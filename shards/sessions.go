@@ -153,7 +153,7 @@ func (s *Shard) TouchSession(ctx context.Context, partition int32, tokenHash []b
 		created, expires pgtype.Timestamptz
 		sess             = Session{TokenHash: bytes.Clone(tokenHash), Partition: partition}
 	)
-	err := s.write(ctx, partition, touchSessionSQL, []any{partition, tokenHash, ttl.Seconds()}, func(row pgx.Row) error {
+	err := s.writeAlone(ctx, touchSessionSQL, []any{partition, tokenHash, ttl.Seconds()}, func(row pgx.Row) error {
 		return row.Scan(&owned, &userID, &sess.Data, &created, &expires, &version)
 	})
 	switch {
@@ -186,7 +186,7 @@ SELECT EXISTS (SELECT 1 FROM own), EXISTS (SELECT 1 FROM del)`
 // ErrWrongShard if the partition is not owned.
 func (s *Shard) RevokeSession(ctx context.Context, partition int32, tokenHash []byte) error {
 	var owned, deleted bool
-	err := s.write(ctx, partition, revokeSessionSQL, []any{partition, tokenHash}, func(row pgx.Row) error {
+	err := s.writeAlone(ctx, revokeSessionSQL, []any{partition, tokenHash}, func(row pgx.Row) error {
 		return row.Scan(&owned, &deleted)
 	})
 	switch {
