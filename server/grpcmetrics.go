@@ -109,15 +109,7 @@ func (m *grpcMetrics) Collect(ch chan<- prometheus.Metric) {
 func (m *grpcMetrics) InitializeMetrics(g *grpc.Server) {
 	for service, info := range g.GetServiceInfo() {
 		for _, mi := range info.Methods {
-			typ := grpcUnary
-			switch {
-			case mi.IsClientStream && mi.IsServerStream:
-				typ = grpcBidiStream
-			case mi.IsClientStream:
-				typ = grpcClientStream
-			case mi.IsServerStream:
-				typ = grpcServerStream
-			}
+			typ := grpcType(mi.IsClientStream, mi.IsServerStream)
 			mm := m.resolve(typ, service, mi.Name)
 			for c := range mm.handled {
 				mm.handled[c] = m.handled.WithLabelValues(typ, service, mi.Name, codes.Code(c).String())
@@ -193,21 +185,25 @@ func (m *grpcMetrics) UnaryServerInterceptor() grpc.UnaryServerInterceptor {
 	}
 }
 
+// grpcType is the grpc_type label of a method that streams as said.
+func grpcType(clientStream, serverStream bool) string {
+	switch {
+	case clientStream && serverStream:
+		return grpcBidiStream
+	case clientStream:
+		return grpcClientStream
+	case serverStream:
+		return grpcServerStream
+	}
+	return grpcUnary
+}
+
 // StreamServerInterceptor counts streams like unary calls, with every
 // message received and sent.
 func (m *grpcMetrics) StreamServerInterceptor() grpc.StreamServerInterceptor {
 	return func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) error {
 		start := time.Now()
-		typ := grpcUnary
-		switch {
-		case info.IsClientStream && info.IsServerStream:
-			typ = grpcBidiStream
-		case info.IsClientStream:
-			typ = grpcClientStream
-		case info.IsServerStream:
-			typ = grpcServerStream
-		}
-		mm := m.method(info.FullMethod, typ)
+		mm := m.method(info.FullMethod, grpcType(info.IsClientStream, info.IsServerStream))
 		mm.started.Inc()
 		err := h(srv, &countedStream{ServerStream: ss, mm: mm})
 		m.done(mm, err, start)
