@@ -19,15 +19,6 @@ import (
 // logging interceptor builds some fifteen fields for every call whatever
 // the level: 15% of the server's CPU on cached session reads.)
 
-func logUnary(log *slog.Logger) grpc.UnaryServerInterceptor {
-	return func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
-		start := time.Now()
-		resp, err := h(ctx, req)
-		logCall(ctx, log, info.FullMethod, "unary", start, err)
-		return resp, err
-	}
-}
-
 func logStream(log *slog.Logger) grpc.StreamServerInterceptor {
 	return func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) error {
 		start := time.Now()

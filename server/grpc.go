@@ -173,8 +173,8 @@ func (s *Server) interceptors(o GRPCOptions) ([]grpc.UnaryServerInterceptor, []g
 	return unary, stream
 }
 
-// guardUnary is logUnary, recovery (onPanic) and defaultDeadline in one
-// interceptor, in that order.
+// guardUnary logs the call (logCall), turns a panic into an error
+// (onPanic) and bounds its deadline (callDeadline), in one interceptor.
 func guardUnary(log *slog.Logger, onPanic func(ctx context.Context, p any) error, d, maxTimeout time.Duration) grpc.UnaryServerInterceptor {
 	return func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (resp any, err error) {
 		start := time.Now()
@@ -186,18 +186,8 @@ func guardUnary(log *slog.Logger, onPanic func(ctx context.Context, p any) error
 				resp, err = nil, onPanic(ctx, p)
 			}
 		}()
-		hctx := ctx
-		dl, ok := ctx.Deadline()
-		switch {
-		case !ok:
-			var cancel context.CancelFunc
-			hctx, cancel = context.WithTimeout(ctx, min(d, maxTimeout))
-			defer cancel()
-		case time.Until(dl) > maxTimeout:
-			var cancel context.CancelFunc
-			hctx, cancel = context.WithTimeout(ctx, maxTimeout)
-			defer cancel()
-		}
+		hctx, cancel := callDeadline(ctx, d, maxTimeout)
+		defer cancel()
 		return h(hctx, req)
 	}
 }
@@ -219,24 +209,18 @@ func checkUnary(log *slog.Logger, v *validator) grpc.UnaryServerInterceptor {
 	}
 }
 
-// defaultDeadline gives a call without a deadline one, and shortens one
+// callDeadline gives a call without a deadline one (d), and shortens one
 // past maxTimeout, so no request can hold a connection (or a database
 // connection) for long.
-func defaultDeadline(d, maxTimeout time.Duration) grpc.UnaryServerInterceptor {
-	return func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
-		dl, ok := ctx.Deadline()
-		switch {
-		case !ok:
-			var cancel context.CancelFunc
-			ctx, cancel = context.WithTimeout(ctx, min(d, maxTimeout))
-			defer cancel()
-		case time.Until(dl) > maxTimeout:
-			var cancel context.CancelFunc
-			ctx, cancel = context.WithTimeout(ctx, maxTimeout)
-			defer cancel()
-		}
-		return h(ctx, req)
+func callDeadline(ctx context.Context, d, maxTimeout time.Duration) (context.Context, context.CancelFunc) {
+	dl, ok := ctx.Deadline()
+	switch {
+	case !ok:
+		return context.WithTimeout(ctx, min(d, maxTimeout))
+	case time.Until(dl) > maxTimeout:
+		return context.WithTimeout(ctx, maxTimeout)
 	}
+	return ctx, func() {}
 }
 
 // errorCodes turns handler errors into gRPC statuses (see toStatus).

@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"log/slog"
 	"testing"
 	"time"
 
@@ -79,7 +80,7 @@ func TestValidationRunsBeforeHandler(t *testing.T) {
 }
 
 func TestDeadlineCap(t *testing.T) {
-	intercept := defaultDeadline(10*time.Second, time.Second)
+	intercept := guardUnary(slog.New(slog.DiscardHandler), nil, 10*time.Second, time.Second)
 	info := &grpc.UnaryServerInfo{FullMethod: "/x/y"}
 	check := func(ctx context.Context, max time.Duration) {
 		t.Helper()
