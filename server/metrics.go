@@ -119,10 +119,14 @@ var (
 		"Writes group commit flushed to a shard.", []string{"shard"}, nil)
 	writeRerunsDesc = prometheus.NewDesc("shardgate_shard_write_reruns_total",
 		"Writes run again alone because a statement of their batch failed.", []string{"shard"}, nil)
+	readBatchesDesc = prometheus.NewDesc("shardgate_shard_read_batches_total",
+		"Statements that answered two or more concurrent point reads (GetUser, GetItem) at once (read batching).", []string{"shard"}, nil)
+	batchedReadsDesc = prometheus.NewDesc("shardgate_shard_batched_reads_total",
+		"Point reads answered by read-batching statements.", []string{"shard"}, nil)
 )
 
 func (c poolCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{poolConnsDesc, poolMaxDesc, poolAcquiresDesc, poolWaitsDesc, poolWaitSecondsDesc, writeBatchesDesc, groupedWritesDesc, writeRerunsDesc} {
+	for _, d := range []*prometheus.Desc{poolConnsDesc, poolMaxDesc, poolAcquiresDesc, poolWaitsDesc, poolWaitSecondsDesc, writeBatchesDesc, groupedWritesDesc, writeRerunsDesc, readBatchesDesc, batchedReadsDesc} {
 		ch <- d
 	}
 }
@@ -149,6 +153,9 @@ func (c poolCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(writeBatchesDesc, prometheus.CounterValue, float64(gs.Batches), name)
 		ch <- prometheus.MustNewConstMetric(groupedWritesDesc, prometheus.CounterValue, float64(gs.Writes), name)
 		ch <- prometheus.MustNewConstMetric(writeRerunsDesc, prometheus.CounterValue, float64(gs.Reruns), name)
+		rs := sh.ReadBatchStats()
+		ch <- prometheus.MustNewConstMetric(readBatchesDesc, prometheus.CounterValue, float64(rs.Batches), name)
+		ch <- prometheus.MustNewConstMetric(batchedReadsDesc, prometheus.CounterValue, float64(rs.Reads), name)
 	}
 }
 

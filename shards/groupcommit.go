@@ -247,7 +247,7 @@ func (s *Shard) flush(batch []*groupWrite) {
 			close(w.done)
 		}
 	}()
-	ctx, cancel := batchContext(batch)
+	ctx, cancel := batchContext(batch, func(w *groupWrite) context.Context { return w.ctx })
 	defer cancel()
 	c, err := s.acquire(ctx)
 	if err != nil {
@@ -316,13 +316,13 @@ func runAlone(ctx context.Context, c *pgxpool.Conn, sql string, args []any, scan
 	})
 }
 
-// batchContext bounds a batch by the latest deadline among its callers
-// (none if one of them has none); a caller that gives up does not cancel
-// its neighbours' writes.
-func batchContext(batch []*groupWrite) (context.Context, context.CancelFunc) {
+// batchContext bounds a batch by the latest deadline among its callers'
+// contexts (none if one of them has none); a caller that gives up does not
+// cancel its neighbours' statements.
+func batchContext[T any](batch []T, callerCtx func(T) context.Context) (context.Context, context.CancelFunc) {
 	var latest time.Time
 	for _, w := range batch {
-		d, ok := w.ctx.Deadline()
+		d, ok := callerCtx(w).Deadline()
 		if !ok {
 			return context.WithCancel(context.Background())
 		}

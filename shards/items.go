@@ -9,6 +9,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgtype"
+	"github.com/jackc/pgx/v5/pgxpool"
 )
 
 // Item is one document of a user: (collection, key) → JSON value.
@@ -152,27 +153,85 @@ LEFT JOIN items AS i
     ON i.partition = o.partition AND i.user_id = $2 AND i.collection = $3 AND i.key = $4
 WHERE o.partition = $1`
 
+// getItemsSQL is getItemSQL for many keys at once, like getUsersSQL.
+const getItemsSQL = `
+SELECT q.i, o.state, it.value, it.version, it.created_at, it.updated_at
+FROM unnest($1::integer[], $2::text[], $3::text[], $4::text[]) WITH ORDINALITY AS q(partition, user_id, collection, key, i)
+LEFT JOIN LATERAL (SELECT state FROM ownership WHERE partition = q.partition) AS o ON true
+LEFT JOIN LATERAL (
+    SELECT value, version, created_at, updated_at FROM items
+    WHERE partition = q.partition AND user_id = q.user_id AND collection = q.collection AND key = q.key
+) AS it ON true`
+
 // GetItem returns the item. versioning.ErrNotFound if it does not exist; ErrWrongShard
-// unless the partition is owned or frozen.
+// unless the partition is owned or frozen. Concurrent calls may be answered
+// by one statement (readbatch.go).
 func (s *Shard) GetItem(ctx context.Context, partition int32, userID, collection, key string) (Item, error) {
+	k := itemKey{partition, userID, collection, key}
+	if s != nil && s.items != nil {
+		return s.items.read(ctx, k)
+	}
 	c, err := s.acquire(ctx)
 	if err != nil {
 		return Item{}, s.wrap("get item", err)
 	}
 	defer c.Release()
+	r := &pendingRead[itemKey, Item]{key: k}
+	if err := s.getItem(ctx, c, r); err != nil {
+		return Item{}, s.wrap("get item", err)
+	}
+	return r.res, r.err
+}
+
+// itemKey addresses an item for a point read.
+type itemKey struct {
+	partition               int32
+	userID, collection, key string
+}
+
+// getItem answers one item read with getItemSQL.
+func (s *Shard) getItem(ctx context.Context, c *pgxpool.Conn, r *pendingRead[itemKey, Item]) error {
 	var (
 		state            string
-		it               = Item{UserID: userID, Collection: collection, Key: key, Partition: partition}
+		k                = r.key
+		it               = Item{UserID: k.userID, Collection: k.collection, Key: k.key, Partition: k.partition}
 		version          pgtype.Int8
 		created, updated pgtype.Timestamptz
 	)
-	err = c.QueryRow(ctx, getItemSQL, partition, userID, collection, key).
+	err := c.QueryRow(ctx, getItemSQL, k.partition, k.userID, k.collection, k.key).
 		Scan(&state, &it.Value, &version, &created, &updated)
-	if err := s.fencedRead("get item", partition, err, state, version.Valid); err != nil {
-		return Item{}, err
+	if r.err = s.fencedRead("get item", k.partition, err, state, version.Valid); r.err == nil {
+		it.Version, it.CreatedAt, it.UpdatedAt = version.Int64, created.Time, updated.Time
+		r.res = it
 	}
-	it.Version, it.CreatedAt, it.UpdatedAt = version.Int64, created.Time, updated.Time
-	return it, nil
+	return nil
+}
+
+// getItems answers a batch of item reads with getItemsSQL.
+func (s *Shard) getItems(ctx context.Context, c *pgxpool.Conn, batch []*pendingRead[itemKey, Item]) error {
+	parts := make([]int32, len(batch))
+	users, colls, keys := make([]string, len(batch)), make([]string, len(batch)), make([]string, len(batch))
+	for i, r := range batch {
+		parts[i], users[i], colls[i], keys[i] = r.key.partition, r.key.userID, r.key.collection, r.key.key
+	}
+	rows, err := c.Query(ctx, getItemsSQL, parts, users, colls, keys)
+	if err != nil {
+		return err
+	}
+	var (
+		i                int64
+		state            pgtype.Text
+		value            []byte
+		version          pgtype.Int8
+		created, updated pgtype.Timestamptz
+	)
+	return answerRows(rows, len(batch), []any{&i, &state, &value, &version, &created, &updated}, func(k int) {
+		r, key := batch[k], batch[k].key
+		if r.err = s.fencedRead("get item", key.partition, noOwnerRow(state), state.String, version.Valid); r.err == nil {
+			r.res = Item{UserID: key.userID, Collection: key.collection, Key: key.key, Partition: key.partition,
+				Value: value, Version: version.Int64, CreatedAt: created.Time, UpdatedAt: updated.Time}
+		}
+	})
 }
 
 // deleteItemSQL deletes the item if $5 is NULL or its version.

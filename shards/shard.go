@@ -32,8 +32,15 @@ type PoolOptions struct {
 	// off, so every write is its own transaction.
 	MaxWriteBatch int
 	// WriteFlushers caps the connections flushing write batches at once.
-	// 0 means half the pool (at least one), leaving the rest to reads.
+	// 0 means half the pool (at least two), leaving the rest to reads.
 	WriteFlushers int
+	// MaxReadBatch caps how many concurrent point reads of one kind
+	// (GetUser, GetItem) one statement answers (read batching, see
+	// readbatch.go). 0 means 32; 1 turns read batching off.
+	MaxReadBatch int
+	// ReadFlushers caps the connections answering batched reads of one
+	// kind at once. 0 means half the pool (at least two).
+	ReadFlushers int
 }
 
 // Shard is one shard database: a name and a connection pool. It is safe for
@@ -43,6 +50,10 @@ type Shard struct {
 	name  string
 	pool  *pgxpool.Pool
 	group *writeGroup // nil: group commit off
+	// Read batching; all nil when it is off.
+	users *readGroup[userKey, User]
+	items *readGroup[itemKey, Item]
+	reads *readStats
 }
 
 // Open prepares a pool for the shard database at dsn. It does not connect:
@@ -51,8 +62,9 @@ type Shard struct {
 // is back). Open fails only on a DSN it cannot parse; the error names the
 // shard but never repeats the DSN, which may hold a password.
 func Open(ctx context.Context, name, dsn string, opts PoolOptions) (*Shard, error) {
-	if opts.MaxWriteBatch < 0 || opts.WriteFlushers < 0 {
-		return nil, fmt.Errorf("open shard %s: MaxWriteBatch %d and WriteFlushers %d must not be negative", name, opts.MaxWriteBatch, opts.WriteFlushers)
+	if opts.MaxWriteBatch < 0 || opts.WriteFlushers < 0 || opts.MaxReadBatch < 0 || opts.ReadFlushers < 0 {
+		return nil, fmt.Errorf("open shard %s: MaxWriteBatch %d, WriteFlushers %d, MaxReadBatch %d and ReadFlushers %d must not be negative",
+			name, opts.MaxWriteBatch, opts.WriteFlushers, opts.MaxReadBatch, opts.ReadFlushers)
 	}
 	cfg, err := pgxpool.ParseConfig(dsn)
 	if err != nil {
@@ -94,6 +106,20 @@ func Open(ctx context.Context, name, dsn string, opts PoolOptions) (*Shard, erro
 		if sh.group.maxFlushers <= 0 {
 			sh.group.maxFlushers = defaultWriteFlushers(cfg.MaxConns)
 		}
+	}
+	if opts.MaxReadBatch != 1 {
+		batch, flushers := opts.MaxReadBatch, opts.ReadFlushers
+		if batch == 0 {
+			batch = defaultMaxReadBatch
+		}
+		if flushers == 0 {
+			flushers = defaultReadFlushers(cfg.MaxConns)
+		}
+		sh.reads = &readStats{}
+		sh.users = &readGroup[userKey, User]{s: sh, op: "get user", maxBatch: batch, maxFlushers: flushers,
+			one: sh.getUser, many: sh.getUsers, stats: sh.reads}
+		sh.items = &readGroup[itemKey, Item]{s: sh, op: "get item", maxBatch: batch, maxFlushers: flushers,
+			one: sh.getItem, many: sh.getItems, stats: sh.reads}
 	}
 	return sh, nil
 }

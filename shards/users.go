@@ -6,6 +6,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgtype"
+	"github.com/jackc/pgx/v5/pgxpool"
 )
 
 // User is a user's row.
@@ -125,27 +126,84 @@ FROM ownership AS o
 LEFT JOIN users AS u ON u.partition = o.partition AND u.user_id = $2
 WHERE o.partition = $1`
 
+// getUsersSQL is getUserSQL for many keys at once (read batching): a row
+// per key, numbered from 1 in i, with a NULL state where the partition has
+// no ownership row. The lateral joins keep it to index lookups per key.
+const getUsersSQL = `
+SELECT q.i, o.state, u.profile, u.version, u.created_at, u.updated_at
+FROM unnest($1::integer[], $2::text[]) WITH ORDINALITY AS q(partition, user_id, i)
+LEFT JOIN LATERAL (SELECT state FROM ownership WHERE partition = q.partition) AS o ON true
+LEFT JOIN LATERAL (
+    SELECT profile, version, created_at, updated_at FROM users
+    WHERE partition = q.partition AND user_id = q.user_id
+) AS u ON true`
+
 // GetUser returns the user. It reads partitions that are owned or frozen,
 // and returns ErrWrongShard for any other, versioning.ErrNotFound if there is no such
-// user.
+// user. Concurrent calls may be answered by one statement (readbatch.go).
 func (s *Shard) GetUser(ctx context.Context, partition int32, userID string) (User, error) {
+	if s != nil && s.users != nil {
+		return s.users.read(ctx, userKey{partition, userID})
+	}
 	c, err := s.acquire(ctx)
 	if err != nil {
 		return User{}, s.wrap("get user", err)
 	}
 	defer c.Release()
+	r := &pendingRead[userKey, User]{key: userKey{partition, userID}}
+	if err := s.getUser(ctx, c, r); err != nil {
+		return User{}, s.wrap("get user", err)
+	}
+	return r.res, r.err
+}
+
+// userKey addresses a user for a point read.
+type userKey struct {
+	partition int32
+	userID    string
+}
+
+// getUser answers one user read with getUserSQL.
+func (s *Shard) getUser(ctx context.Context, c *pgxpool.Conn, r *pendingRead[userKey, User]) error {
 	var (
 		state            string
-		u                = User{UserID: userID, Partition: partition}
+		u                = User{UserID: r.key.userID, Partition: r.key.partition}
 		version          pgtype.Int8
 		created, updated pgtype.Timestamptz
 	)
-	err = c.QueryRow(ctx, getUserSQL, partition, userID).Scan(&state, &u.Profile, &version, &created, &updated)
-	if err := s.fencedRead("get user", partition, err, state, version.Valid); err != nil {
-		return User{}, err
+	err := c.QueryRow(ctx, getUserSQL, r.key.partition, r.key.userID).Scan(&state, &u.Profile, &version, &created, &updated)
+	if r.err = s.fencedRead("get user", r.key.partition, err, state, version.Valid); r.err == nil {
+		u.Version, u.CreatedAt, u.UpdatedAt = version.Int64, created.Time, updated.Time
+		r.res = u
 	}
-	u.Version, u.CreatedAt, u.UpdatedAt = version.Int64, created.Time, updated.Time
-	return u, nil
+	return nil
+}
+
+// getUsers answers a batch of user reads with getUsersSQL.
+func (s *Shard) getUsers(ctx context.Context, c *pgxpool.Conn, batch []*pendingRead[userKey, User]) error {
+	parts := make([]int32, len(batch))
+	ids := make([]string, len(batch))
+	for i, r := range batch {
+		parts[i], ids[i] = r.key.partition, r.key.userID
+	}
+	rows, err := c.Query(ctx, getUsersSQL, parts, ids)
+	if err != nil {
+		return err
+	}
+	var (
+		i                int64
+		state            pgtype.Text
+		profile          []byte
+		version          pgtype.Int8
+		created, updated pgtype.Timestamptz
+	)
+	return answerRows(rows, len(batch), []any{&i, &state, &profile, &version, &created, &updated}, func(k int) {
+		r := batch[k]
+		if r.err = s.fencedRead("get user", r.key.partition, noOwnerRow(state), state.String, version.Valid); r.err == nil {
+			r.res = User{UserID: r.key.userID, Partition: r.key.partition, Profile: profile,
+				Version: version.Int64, CreatedAt: created.Time, UpdatedAt: updated.Time}
+		}
+	})
 }
 
 // DeleteUserResult counts what DeleteUser removed besides the user.

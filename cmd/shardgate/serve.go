@@ -31,6 +31,8 @@ type serveFlags struct {
 	ShardMinIdle     int32         `name:"shard-min-idle-conns" help:"Connections each shard pool keeps open and idle, so a burst of calls (a partition arriving with a move) does not wait for new ones; 0: none." default:"2" env:"SHARDGATE_SHARD_MIN_IDLE_CONNS"`
 	ShardWriteBatch  int           `name:"shard-max-write-batch" help:"Most concurrent writes to one shard that share a transaction (group commit); 1 turns group commit off." default:"32" env:"SHARDGATE_SHARD_MAX_WRITE_BATCH"`
 	ShardFlushers    int           `name:"shard-write-flushers" help:"Connections per shard that flush write batches at once (0: half the pool)." default:"0" env:"SHARDGATE_SHARD_WRITE_FLUSHERS"`
+	ShardReadBatch   int           `name:"shard-max-read-batch" help:"Most concurrent point reads (GetUser, GetItem) of one shard that one statement answers (read batching); 1 turns read batching off." default:"32" env:"SHARDGATE_SHARD_MAX_READ_BATCH"`
+	ShardReaders     int           `name:"shard-read-flushers" help:"Connections per shard and kind of read that answer batched reads at once (0: half the pool)." default:"0" env:"SHARDGATE_SHARD_READ_FLUSHERS"`
 	TopologyInterval time.Duration `help:"How often to check the topology version besides LISTEN/NOTIFY." default:"5s" env:"SHARDGATE_TOPOLOGY_INTERVAL"`
 	Grace            time.Duration `help:"How long in-flight calls may run after SIGTERM." default:"15s" env:"SHARDGATE_GRACE"`
 	MetricsListen    string        `help:"Address to serve Prometheus metrics on (HTTP, /metrics); empty turns them off." default:"127.0.0.1:9464" env:"SHARDGATE_METRICS_LISTEN"`
@@ -272,6 +274,12 @@ func run(ctx context.Context, log *slog.Logger, listen, catalogDSN string, f ser
 	if f.ShardFlushers < 0 {
 		return fmt.Errorf("--shard-write-flushers %d: give 0 (half the pool) or more", f.ShardFlushers)
 	}
+	if f.ShardReadBatch < 1 {
+		return fmt.Errorf("--shard-max-read-batch %d: give at least 1 (1 turns read batching off)", f.ShardReadBatch)
+	}
+	if f.ShardReaders < 0 {
+		return fmt.Errorf("--shard-read-flushers %d: give 0 (half the pool) or more", f.ShardReaders)
+	}
 	redis, redisOn, err := f.cacheRedis()
 	if err != nil {
 		return err
@@ -302,7 +310,8 @@ func run(ctx context.Context, log *slog.Logger, listen, catalogDSN string, f ser
 	opts := server.Options{
 		MaxJSONBytes: f.MaxJSONBytes,
 		ShardPool: shards.PoolOptions{MaxConns: f.ShardMaxConns, MinIdleConns: f.ShardMinIdle,
-			MaxWriteBatch: f.ShardWriteBatch, WriteFlushers: f.ShardFlushers},
+			MaxWriteBatch: f.ShardWriteBatch, WriteFlushers: f.ShardFlushers,
+			MaxReadBatch: f.ShardReadBatch, ReadFlushers: f.ShardReaders},
 		TopologyInterval:   f.TopologyInterval,
 		Cache:              c,
 		Logger:             log,
