@@ -53,7 +53,7 @@ func TestImportHeavyBulk(t *testing.T) {
 		if users != n || items != n {
 			t.Fatalf("users %d items %d", users, items)
 		}
-		if _, err := Cancel(ctx, cl, m, src, "default", false); err != nil {
+		if _, err := Cancel(ctx, cl, "default", CancelOptions{SourceDSN: src}); err != nil {
 			t.Fatal(err)
 		}
 		rate := float64(2*n) / took.Seconds()

@@ -4,9 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"testing"
 	"time"
 
+	"github.com/shardgate/shardgate/catalog"
 	"github.com/shardgate/shardgate/router"
 )
 
@@ -99,5 +101,71 @@ func TestImportNDJSONResumes(t *testing.T) {
 	res, err = ImportNDJSON(context.Background(), cl, dir, NDJSONOptions{})
 	if err != nil || res.Resumed || res.Written != 0 || res.Users != n {
 		t.Fatalf("load again: %+v %v", res, err)
+	}
+}
+
+// A load of an export stopped midway is cancelled without a source
+// database; with --purge every row it wrote is removed, and a cancel
+// given another export purges nothing.
+func TestCancelNDJSONLoad(t *testing.T) {
+	const n = 1000
+	dir := writeExport(t, n)
+	other := writeExport(t, 10)
+	cl, _, dsns := newCluster(t)
+
+	ctx, stop := context.WithCancel(context.Background())
+	defer stop()
+	// Stop once the users are in and some items are.
+	go func() {
+		for ctx.Err() == nil {
+			_, tabs, err := cl.Catalog.GetImport(context.Background(), "default")
+			for _, tab := range tabs {
+				if err == nil && strings.HasPrefix(tab.Name, "items-") && tab.RowsCopied >= 100 {
+					stop()
+					return
+				}
+			}
+			time.Sleep(2 * time.Millisecond)
+		}
+	}()
+	if _, err := ImportNDJSON(ctx, cl, dir, NDJSONOptions{BatchRows: 10}); !errors.Is(err, context.Canceled) {
+		t.Fatalf("first load: %v", err)
+	}
+	users, items, _, _ := shardCounts(t, dsns)
+	if users == 0 || items == 0 {
+		t.Fatalf("after the stop: %d users, %d items; want some of each", users, items)
+	}
+
+	bg := context.Background()
+	if _, err := Cancel(bg, cl, "default", CancelOptions{ExportDir: other, Purge: true}); err == nil || !strings.Contains(err.Error(), "not the export") {
+		t.Fatalf("cancel with another export: %v", err)
+	}
+	if _, err := Cancel(bg, cl, "default", CancelOptions{Purge: true}); err == nil || !strings.Contains(err.Error(), "export's directory") {
+		t.Fatalf("purge without the export: %v", err)
+	}
+	if u, i, _, _ := shardCounts(t, dsns); u != users || i != items {
+		t.Fatalf("a refused cancel changed the shards: %d/%d users, %d/%d items", u, users, i, items)
+	}
+	res, err := Cancel(bg, cl, "default", CancelOptions{ExportDir: dir, Purge: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Purged[EntityUser] != users || res.Purged[EntityItem] > items {
+		t.Fatalf("purged %+v; the load had written %d users, %d items", res.Purged, users, items)
+	}
+	if u, i, _, _ := shardCounts(t, dsns); u != 0 || i != 0 {
+		t.Fatalf("after the purge: %d users, %d items left", u, i)
+	}
+	if _, _, err := cl.Catalog.GetImport(bg, "default"); !errors.Is(err, catalog.ErrNoImport) {
+		t.Fatalf("import record after cancel: %v", err)
+	}
+	// Loading again starts from nothing and loads everything.
+	res2, err := ImportNDJSON(bg, cl, dir, NDJSONOptions{})
+	if err != nil || res2.Resumed || res2.Users != n || res2.Items != n {
+		t.Fatalf("load after cancel: %+v %v", res2, err)
+	}
+	// A finished load is live data: it cannot be cancelled.
+	if _, err := Cancel(bg, cl, "default", CancelOptions{ExportDir: dir, Purge: true}); err == nil || !strings.Contains(err.Error(), "live data") {
+		t.Fatalf("cancel after the load finished: %v", err)
 	}
 }

@@ -82,7 +82,7 @@ func TestVerifyAndCancel(t *testing.T) {
 	// Cancel with purge removes what was imported, the slot and the
 	// checkpoints; the stranger and acct-extra (which the source does not
 	// map) stay.
-	res, err := Cancel(ctx, cl, m, src, "default", true)
+	res, err := Cancel(ctx, cl, "default", CancelOptions{SourceDSN: src, Mapping: m, Purge: true})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -350,16 +350,17 @@ func printVerify(g *globals, rep *importer.VerifyReport) error {
 
 type importCancelCmd struct {
 	importTarget
-	From    string `required:"" help:"Source database DSN (its slot and publication are dropped)." env:"SHARDGATE_IMPORT_FROM"`
-	Mapping string `type:"existingfile" help:"Mapping file, needed with --purge."`
-	Purge   bool   `help:"Also delete from Shardgate every row the source's rows map to."`
+	From       string `help:"Source database DSN of an import from a database (its slot and publication are dropped)." env:"SHARDGATE_IMPORT_FROM"`
+	Mapping    string `type:"existingfile" help:"Mapping file, needed with --purge for an import from a database."`
+	FromNDJSON string `name:"from-ndjson" type:"existingdir" help:"Export directory of a load of an export, needed with --purge."`
+	Purge      bool   `help:"Also delete from Shardgate every row the source's rows map to (or, for a load of an export, every row the export holds)."`
 }
 
 func (c importCancelCmd) Run(g *globals) error {
 	var m *importer.Mapping
-	if c.Purge {
+	if c.Purge && c.FromNDJSON == "" {
 		if c.Mapping == "" {
-			return errors.New("--purge needs --mapping")
+			return errors.New("--purge needs --mapping (an import from a database) or --from-ndjson (a load of an export)")
 		}
 		var err error
 		if m, err = (importSource{Mapping: c.Mapping}).load(); err != nil {
@@ -373,14 +374,17 @@ func (c importCancelCmd) Run(g *globals) error {
 		return err
 	}
 	defer cl.Close()
-	res, err := importer.Cancel(ctx, cl, m, c.From, c.Name, c.Purge)
+	res, err := importer.Cancel(ctx, cl, c.Name, importer.CancelOptions{SourceDSN: c.From, Mapping: m, ExportDir: c.FromNDJSON, Purge: c.Purge})
 	if err != nil {
 		return err
 	}
 	if g.JSON {
 		return json.NewEncoder(g.out).Encode(res)
 	}
-	fmt.Fprintf(g.out, "import %s cancelled: slot dropped %v, checkpoints removed", c.Name, res.SlotDropped)
+	fmt.Fprintf(g.out, "import %s cancelled: checkpoints removed", c.Name)
+	if c.From != "" {
+		fmt.Fprintf(g.out, ", slot dropped %v", res.SlotDropped)
+	}
 	if c.Purge {
 		fmt.Fprintf(g.out, ", purged %d users, %d items, %d config values", res.Purged[importer.EntityUser], res.Purged[importer.EntityItem], res.Purged[importer.EntityConfig])
 	}
