@@ -40,7 +40,8 @@ type Options struct {
 	LeaseWait time.Duration
 	// BreakerThreshold consecutive Redis failures open the breaker
 	// (default 5) for BreakerCooldown (default 1s): while open, reads go
-	// straight to the database.
+	// straight to the database. Calls that failed while in flight together
+	// count as one failure (see breaker).
 	BreakerThreshold int
 	BreakerCooldown  time.Duration
 	// FloorWindow is how long this process serves nothing from its own

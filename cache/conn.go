@@ -120,10 +120,11 @@ func (c *Cache) redisOK() {
 	}
 }
 
-func (c *Cache) redisFailed(err error) {
+// redisFailed records a Redis call, begun at start, that failed.
+func (c *Cache) redisFailed(err error, start time.Time) {
 	c.stats.redisErrors.Add(1)
 	prev := c.br.current()
-	c.br.failure(time.Now())
+	c.br.failure(start, time.Now())
 	if prev != BreakerOpen && c.br.current() == BreakerOpen {
 		c.opts.Logger.Warn("cache: Redis failing; breaker open, reading the database", "err", err)
 	}
@@ -131,11 +132,12 @@ func (c *Cache) redisFailed(err error) {
 
 // redis runs one Redis call under RedisTimeout and feeds the breaker.
 func (c *Cache) redis(ctx context.Context, fn func(context.Context) (string, error)) (string, error) {
+	start := time.Now()
 	rctx, cancel := context.WithTimeout(ctx, c.opts.RedisTimeout)
 	defer cancel()
 	v, err := fn(rctx)
 	if err != nil && !rueidis.IsRedisNil(err) {
-		c.redisFailed(err)
+		c.redisFailed(err, start)
 		return v, err
 	}
 	c.redisOK()

@@ -87,7 +87,7 @@ func (c *Cache) lookup(ctx context.Context, key string, now time.Time) (Entry, l
 	}
 	if err != nil {
 		if ctx.Err() == nil { // the caller giving up says nothing about Redis
-			c.redisFailed(err)
+			c.redisFailed(err, now)
 		} else {
 			c.br.abandon() // but frees the probe slot it may hold
 		}
