@@ -181,6 +181,9 @@ type Cache struct {
 	// process's memory, after a failed invalidation or a Redis outage.
 	uncachedUntil atomic.Int64
 
+	// memo answers local hits without rueidis; only when this cache
+	// receives the client's invalidations (Dial), else nil.
+	memo  *memo
 	stats stats
 	mac   *macer
 	// rejectLogged (Unix ns): the last warning about a rejected entry,

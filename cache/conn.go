@@ -36,6 +36,7 @@ func DialOptions(base rueidis.ClientOption, opts Options) (*Cache, error) {
 	}
 	c := newCache(opts)
 	c.owns = true
+	c.memo = newMemo() // the client below reports its invalidations to c
 	opt := base
 	opt.OnInvalidations = opts.Invalidations.receive
 	opt.ConnWriteTimeout = c.opts.ConnTimeout
@@ -97,16 +98,37 @@ func (i *Invalidations) receive(msgs []rueidis.RedisMessage) {
 	if c == nil {
 		return
 	}
-	if msgs == nil { // the connection dropped: rueidis flushed its cache
+	if msgs == nil { // the connection dropped (or a flush): rueidis dropped its copies
+		if c.memo != nil {
+			c.memo.invalidate(nil)
+		}
 		c.stats.flushes.Add(1)
 		return
 	}
 	c.stats.invalidationsReceived.Add(int64(len(msgs)))
-	if fn := c.opts.OnInvalidation; fn != nil {
-		for _, m := range msgs {
-			if k, err := m.ToString(); err == nil {
-				fn(k)
-			}
+	fn := c.opts.OnInvalidation
+	if c.memo == nil && fn == nil {
+		return
+	}
+	keys := make([]string, 0, len(msgs))
+	unreadable := false
+	for _, m := range msgs {
+		if k, err := m.ToString(); err == nil {
+			keys = append(keys, k)
+		} else {
+			unreadable = true
+		}
+	}
+	if c.memo != nil {
+		if unreadable {
+			c.memo.invalidate(nil) // cannot tell which key: drop them all
+		} else {
+			c.memo.invalidate(keys)
+		}
+	}
+	if fn != nil {
+		for _, k := range keys {
+			fn(k)
 		}
 	}
 }

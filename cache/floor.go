@@ -4,8 +4,6 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
-
-	"github.com/redis/rueidis"
 )
 
 // trustLocal reports whether local copies may answer (not while
@@ -26,10 +24,16 @@ func (c *Cache) trustLocal(key string, now time.Time) (bool, floor) {
 	return true, fl
 }
 
-// copyStart is when the fetch that made a local copy began (Unix ms), or
-// earlier; why that holds is in doc.go, Read-your-writes.
-func (c *Cache) copyStart(res rueidis.RedisResult) int64 {
-	pxat := res.CachePXAT()
+// predates reports whether the memory copy stamped pxat (its CachePXAT)
+// may have been fetched before floor fl, and was not found equal to
+// Redis's value since: it must not answer without asking Redis.
+func (c *Cache) predates(pxat int64, fl floor) bool {
+	return c.copyStart(pxat) <= fl.at.UnixMilli() && pxat != fl.verified
+}
+
+// copyStart is when the fetch that made the local copy stamped pxat began
+// (Unix ms), or earlier; why that holds is in doc.go, Read-your-writes.
+func (c *Cache) copyStart(pxat int64) int64 {
 	if pxat <= 0 {
 		return 0
 	}
