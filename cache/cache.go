@@ -225,7 +225,7 @@ func newCache(opts Options) *Cache {
 		key = randomMACKey()
 	}
 	c.mac = newMACer(key)
-	c.floors.cur, c.floors.old = make(map[string]floor), make(map[string]floor)
+	c.floors.init()
 	if opts.Invalidations != nil {
 		opts.Invalidations.c.Store(c)
 	}

@@ -401,7 +401,12 @@ func TestCopiesFromBeforeAnOverflowsEndAreChecked(t *testing.T) {
 // the two answer).
 func TestFloorsNeverMoveBack(t *testing.T) {
 	var f floors
-	f.cur, f.old = map[string]floor{}, map[string]floor{}
+	f.init()
+	// Generations turn over per shard: "other" must share k's.
+	other := "other"
+	for i := 0; f.shard(other) != f.shard("k"); i++ {
+		other = fmt.Sprint("other", i)
+	}
 	t0 := time.Now()
 	f.set("k", 2, t0.Add(time.Second), time.Minute)
 	f.set("k", 1, t0, time.Minute)
@@ -409,11 +414,14 @@ func TestFloorsNeverMoveBack(t *testing.T) {
 		t.Fatalf("floor moved back: %+v", fl)
 	}
 	// Past keep the generation turns over, and the floor is still found.
-	f.set("other", 3, t0.Add(2*time.Minute), time.Minute)
+	f.set(other, 3, t0.Add(2*time.Minute), time.Minute)
 	if fl, ok := f.get("k"); !ok || fl.seq != 2 {
 		t.Fatalf("floor lost one generation later: %+v %v", fl, ok)
 	}
-	f.set("other", 4, t0.Add(4*time.Minute), time.Minute)
+	f.set(other, 4, t0.Add(4*time.Minute), time.Minute)
+	if n := f.n.Load(); n != 2 { // other's, in both generations
+		t.Fatalf("%d floors counted, want 2", n)
+	}
 	if _, ok := f.get("k"); ok {
 		t.Fatal("floor kept two generations later")
 	}
