@@ -31,8 +31,12 @@ func (s BreakerState) String() string {
 
 // breaker opens after threshold consecutive Redis failures, stays open for
 // cooldown, then lets one probe through: its success closes the breaker,
-// its failure opens it again. A pure state machine over the times it is
-// given.
+// its failure opens it again. Failures of calls that were in flight
+// together count once: a call counts only if it began after the last
+// counted failure was recorded. One stall of Redis, or of this process on
+// a busy machine, fails every call in flight at once (32 callers: 32
+// timeouts within a millisecond), which says no more than one timeout.
+// A pure state machine over the times it is given.
 type breaker struct {
 	threshold int
 	cooldown  time.Duration
@@ -45,6 +49,7 @@ type breaker struct {
 	mu       sync.Mutex
 	state    BreakerState
 	failures int
+	lastFail time.Time // when the last counted failure was recorded
 	openedAt time.Time
 	probing  bool
 }
@@ -98,11 +103,16 @@ func (b *breaker) success() (closed bool) {
 	return false
 }
 
-// failure records a call Redis did not answer in time.
-func (b *breaker) failure(now time.Time) {
+// failure records a call, begun at start, that Redis did not answer in
+// time (or at all) by now.
+func (b *breaker) failure(start, now time.Time) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
+	if b.state == BreakerClosed && b.failures > 0 && start.Before(b.lastFail) {
+		return // in flight with the last counted failure: the same stall
+	}
 	b.failures++
+	b.lastFail = now
 	b.failing.Store(true)
 	b.probing = false
 	if b.state == BreakerHalfOpen || b.failures >= b.threshold {

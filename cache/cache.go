@@ -40,7 +40,8 @@ type Options struct {
 	LeaseWait time.Duration
 	// BreakerThreshold consecutive Redis failures open the breaker
 	// (default 5) for BreakerCooldown (default 1s): while open, reads go
-	// straight to the database.
+	// straight to the database. Calls that failed while in flight together
+	// count as one failure (see breaker).
 	BreakerThreshold int
 	BreakerCooldown  time.Duration
 	// FloorWindow is how long this process serves nothing from its own
@@ -180,6 +181,9 @@ type Cache struct {
 	// process's memory, after a failed invalidation or a Redis outage.
 	uncachedUntil atomic.Int64
 
+	// memo answers local hits without rueidis; only when this cache
+	// receives the client's invalidations (Dial), else nil.
+	memo  *memo
 	stats stats
 	mac   *macer
 	// rejectLogged (Unix ns): the last warning about a rejected entry,
@@ -221,7 +225,7 @@ func newCache(opts Options) *Cache {
 		key = randomMACKey()
 	}
 	c.mac = newMACer(key)
-	c.floors.cur, c.floors.old = make(map[string]floor), make(map[string]floor)
+	c.floors.init()
 	if opts.Invalidations != nil {
 		opts.Invalidations.c.Store(c)
 	}

@@ -401,7 +401,12 @@ func TestCopiesFromBeforeAnOverflowsEndAreChecked(t *testing.T) {
 // the two answer).
 func TestFloorsNeverMoveBack(t *testing.T) {
 	var f floors
-	f.cur, f.old = map[string]floor{}, map[string]floor{}
+	f.init()
+	// Generations turn over per shard: "other" must share k's.
+	other := "other"
+	for i := 0; f.shard(other) != f.shard("k"); i++ {
+		other = fmt.Sprint("other", i)
+	}
 	t0 := time.Now()
 	f.set("k", 2, t0.Add(time.Second), time.Minute)
 	f.set("k", 1, t0, time.Minute)
@@ -409,11 +414,14 @@ func TestFloorsNeverMoveBack(t *testing.T) {
 		t.Fatalf("floor moved back: %+v", fl)
 	}
 	// Past keep the generation turns over, and the floor is still found.
-	f.set("other", 3, t0.Add(2*time.Minute), time.Minute)
+	f.set(other, 3, t0.Add(2*time.Minute), time.Minute)
 	if fl, ok := f.get("k"); !ok || fl.seq != 2 {
 		t.Fatalf("floor lost one generation later: %+v %v", fl, ok)
 	}
-	f.set("other", 4, t0.Add(4*time.Minute), time.Minute)
+	f.set(other, 4, t0.Add(4*time.Minute), time.Minute)
+	if n := f.n.Load(); n != 2 { // other's, in both generations
+		t.Fatalf("%d floors counted, want 2", n)
+	}
 	if _, ok := f.get("k"); ok {
 		t.Fatal("floor kept two generations later")
 	}
@@ -554,22 +562,32 @@ func TestListConfigTooLarge(t *testing.T) {
 func TestBreaker(t *testing.T) {
 	b := breaker{threshold: 2, cooldown: time.Second}
 	t0 := time.Unix(1000, 0)
+	ms := time.Millisecond
 	steps := []struct {
-		do    string
-		at    time.Duration
-		allow bool
-		want  BreakerState
+		do       string
+		from, at time.Duration // a failed call's start and end
+		allow    bool
+		want     BreakerState
 	}{
-		{"allow", 0, true, BreakerClosed},
-		{"fail", 0, false, BreakerClosed},
-		{"fail", 0, false, BreakerOpen},
-		{"allow", 500 * time.Millisecond, false, BreakerOpen},
-		{"allow", 1100 * time.Millisecond, true, BreakerHalfOpen},
-		{"allow", 1100 * time.Millisecond, false, BreakerHalfOpen}, // one probe at a time
-		{"fail", 1200 * time.Millisecond, false, BreakerOpen},
-		{"allow", 2300 * time.Millisecond, true, BreakerHalfOpen},
-		{"ok", 2300 * time.Millisecond, false, BreakerClosed},
-		{"allow", 2300 * time.Millisecond, true, BreakerClosed},
+		{"allow", 0, 0, true, BreakerClosed},
+		{"fail", 0, 50 * ms, false, BreakerClosed},
+		// In flight with the failure before: one stall, counted once.
+		{"fail", 10 * ms, 60 * ms, false, BreakerClosed},
+		{"fail", 40 * ms, 90 * ms, false, BreakerClosed},
+		// Begun after it: Redis still failing.
+		{"fail", 60 * ms, 110 * ms, false, BreakerOpen},
+		{"allow", 0, 600 * ms, false, BreakerOpen},
+		{"allow", 0, 1200 * ms, true, BreakerHalfOpen},
+		{"allow", 0, 1200 * ms, false, BreakerHalfOpen}, // one probe at a time
+		{"fail", 1200 * ms, 1250 * ms, false, BreakerOpen},
+		{"allow", 0, 2300 * ms, true, BreakerHalfOpen},
+		{"ok", 0, 2300 * ms, false, BreakerClosed},
+		{"allow", 0, 2300 * ms, true, BreakerClosed},
+		{"fail", 2300 * ms, 2350 * ms, false, BreakerClosed},
+		{"ok", 0, 2360 * ms, false, BreakerClosed}, // a success starts the count over
+		{"fail", 2200 * ms, 2400 * ms, false, BreakerClosed},
+		{"fail", 2300 * ms, 2450 * ms, false, BreakerClosed},
+		{"fail", 2400 * ms, 2500 * ms, false, BreakerOpen},
 	}
 	for i, s := range steps {
 		now := t0.Add(s.at)
@@ -579,7 +597,7 @@ func TestBreaker(t *testing.T) {
 				t.Fatalf("step %d: allow = %v", i, got)
 			}
 		case "fail":
-			b.failure(now)
+			b.failure(t0.Add(s.from), now)
 		case "ok":
 			b.success()
 		}

@@ -36,6 +36,7 @@ func DialOptions(base rueidis.ClientOption, opts Options) (*Cache, error) {
 	}
 	c := newCache(opts)
 	c.owns = true
+	c.memo = newMemo() // the client below reports its invalidations to c
 	opt := base
 	opt.OnInvalidations = opts.Invalidations.receive
 	opt.ConnWriteTimeout = c.opts.ConnTimeout
@@ -97,16 +98,37 @@ func (i *Invalidations) receive(msgs []rueidis.RedisMessage) {
 	if c == nil {
 		return
 	}
-	if msgs == nil { // the connection dropped: rueidis flushed its cache
+	if msgs == nil { // the connection dropped (or a flush): rueidis dropped its copies
+		if c.memo != nil {
+			c.memo.invalidate(nil)
+		}
 		c.stats.flushes.Add(1)
 		return
 	}
 	c.stats.invalidationsReceived.Add(int64(len(msgs)))
-	if fn := c.opts.OnInvalidation; fn != nil {
-		for _, m := range msgs {
-			if k, err := m.ToString(); err == nil {
-				fn(k)
-			}
+	fn := c.opts.OnInvalidation
+	if c.memo == nil && fn == nil {
+		return
+	}
+	keys := make([]string, 0, len(msgs))
+	unreadable := false
+	for _, m := range msgs {
+		if k, err := m.ToString(); err == nil {
+			keys = append(keys, k)
+		} else {
+			unreadable = true
+		}
+	}
+	if c.memo != nil {
+		if unreadable {
+			c.memo.invalidate(nil) // cannot tell which key: drop them all
+		} else {
+			c.memo.invalidate(keys)
+		}
+	}
+	if fn != nil {
+		for _, k := range keys {
+			fn(k)
 		}
 	}
 }
@@ -120,10 +142,11 @@ func (c *Cache) redisOK() {
 	}
 }
 
-func (c *Cache) redisFailed(err error) {
+// redisFailed records a Redis call, begun at start, that failed.
+func (c *Cache) redisFailed(err error, start time.Time) {
 	c.stats.redisErrors.Add(1)
 	prev := c.br.current()
-	c.br.failure(time.Now())
+	c.br.failure(start, time.Now())
 	if prev != BreakerOpen && c.br.current() == BreakerOpen {
 		c.opts.Logger.Warn("cache: Redis failing; breaker open, reading the database", "err", err)
 	}
@@ -131,11 +154,12 @@ func (c *Cache) redisFailed(err error) {
 
 // redis runs one Redis call under RedisTimeout and feeds the breaker.
 func (c *Cache) redis(ctx context.Context, fn func(context.Context) (string, error)) (string, error) {
+	start := time.Now()
 	rctx, cancel := context.WithTimeout(ctx, c.opts.RedisTimeout)
 	defer cancel()
 	v, err := fn(rctx)
 	if err != nil && !rueidis.IsRedisNil(err) {
-		c.redisFailed(err)
+		c.redisFailed(err, start)
 		return v, err
 	}
 	c.redisOK()

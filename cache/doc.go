@@ -47,6 +47,20 @@
 // answer, and later writes will invalidate or floor it, so it may answer
 // again until the next write.
 //
+// # Memo
+//
+// A cache made by Dial keeps the decoded entries of the memory copies it
+// served in a map of its own (memo), so a repeated hit asks rueidis
+// nothing. The memo never outlives a rueidis copy: an entry is added only
+// from a rueidis local hit that passed every check above, keeps that
+// copy's stamp (so floors, LocalTTL and the distrust windows judge it
+// exactly as they judge the copy), and is dropped by the same invalidation
+// push or connection loss that drops the copy (rueidis drops its copy,
+// then reports the push). An entry read before a push but added after it
+// would outlive its copy: each memo shard's generation moves with every
+// push, and an entry is added only if its shard's generation has not
+// moved since before the DoCache that produced it.
+//
 // # Overflow
 //
 // Past Options.MaxPending failed invalidations the cache drops them and

@@ -154,8 +154,15 @@ func (m *macer) seal(key string, e Entry, validUntil time.Time) string {
 // again from memory (DoCache): once its MAC passed, the same string is not
 // checked again, only its validity.
 func (m *macer) open(key, s string, now time.Time, remember bool) (Entry, error) {
+	e, _, err := m.openUntil(key, s, now, remember)
+	return e, err
+}
+
+// openUntil is open that also returns the time until which the entry may
+// be served.
+func (m *macer) openUntil(key, s string, now time.Time, remember bool) (Entry, time.Time, error) {
 	if len(s) < macSize+2 || s[0] != formatByte {
-		return Entry{}, errBadMAC // not of this format: unsigned
+		return Entry{}, time.Time{}, errBadMAC // not of this format: unsigned
 	}
 	body, mac := s[:len(s)-macSize], s[len(s)-macSize:]
 	var slot *atomic.Pointer[verified]
@@ -169,26 +176,26 @@ func (m *macer) open(key, s string, now time.Time, remember bool) (Entry, error)
 			// Checked and decoded before: only its validity may have
 			// run out since.
 			if now.After(v.validUntil) {
-				return Entry{}, errPastValidity
+				return Entry{}, time.Time{}, errPastValidity
 			}
-			return v.e, nil
+			return v.e, v.validUntil, nil
 		}
 	}
 	var want [macSize]byte
 	if !hmac.Equal(m.tag(want[:0], key, body), []byte(mac)) {
-		return Entry{}, errBadMAC
+		return Entry{}, time.Time{}, errBadMAC
 	}
 	e, validUntil, err := decode(body)
 	if err != nil {
-		return Entry{}, err
+		return Entry{}, time.Time{}, err
 	}
 	if now.After(validUntil) {
-		return Entry{}, errPastValidity
+		return Entry{}, time.Time{}, errPastValidity
 	}
 	if slot != nil {
 		slot.Store(&verified{key: key, s: s, e: e, validUntil: validUntil})
 	}
-	return e, nil
+	return e, validUntil, nil
 }
 
 // encode returns e's stored form without its MAC, valid until validUntil

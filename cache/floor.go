@@ -1,11 +1,10 @@
 package cache
 
 import (
+	"hash/maphash"
 	"sync"
 	"sync/atomic"
 	"time"
-
-	"github.com/redis/rueidis"
 )
 
 // trustLocal reports whether local copies may answer (not while
@@ -26,10 +25,16 @@ func (c *Cache) trustLocal(key string, now time.Time) (bool, floor) {
 	return true, fl
 }
 
-// copyStart is when the fetch that made a local copy began (Unix ms), or
-// earlier; why that holds is in doc.go, Read-your-writes.
-func (c *Cache) copyStart(res rueidis.RedisResult) int64 {
-	pxat := res.CachePXAT()
+// predates reports whether the memory copy stamped pxat (its CachePXAT)
+// may have been fetched before floor fl, and was not found equal to
+// Redis's value since: it must not answer without asking Redis.
+func (c *Cache) predates(pxat int64, fl floor) bool {
+	return c.copyStart(pxat) <= fl.at.UnixMilli() && pxat != fl.verified
+}
+
+// copyStart is when the fetch that made the local copy stamped pxat began
+// (Unix ms), or earlier; why that holds is in doc.go, Read-your-writes.
+func (c *Cache) copyStart(pxat int64) int64 {
 	if pxat <= 0 {
 		return 0
 	}
@@ -59,13 +64,24 @@ func (c *Cache) markFloors(keys []string) {
 }
 
 // floors remembers, for keys written here lately, the sequence number and
-// time of the write. Two generations, swapped every keep: a floor lives
-// between keep and twice keep, and forgetting costs no walk of the map.
+// time of the write. Split by key hash: every read looks its key up, and
+// one lock shared by all readers makes its cache line bounce between CPUs.
+// Each shard keeps two generations, swapped every keep: a floor lives
+// between keep and twice keep (longer in a shard no write touches, which
+// only makes older copies ask Redis), and forgetting costs no walk of the
+// map.
 type floors struct {
+	seed   maphash.Seed
+	shards [floorShards]floorShard
+	n      atomic.Int64 // floors held, for the lock-free empty check
+}
+
+const floorShards = 32
+
+type floorShard struct {
 	mu       sync.RWMutex
 	cur, old map[string]floor
 	swapped  time.Time
-	n        atomic.Int64 // len(cur)+len(old), for the lock-free empty check
 }
 
 type floor struct {
@@ -77,17 +93,29 @@ type floor struct {
 	verified int64
 }
 
+func (f *floors) init() {
+	f.seed = maphash.MakeSeed()
+	for i := range f.shards {
+		f.shards[i].cur, f.shards[i].old = make(map[string]floor), make(map[string]floor)
+	}
+}
+
+func (f *floors) shard(key string) *floorShard {
+	return &f.shards[maphash.String(f.seed, key)%floorShards]
+}
+
 // get returns key's floor, if it has one.
 func (f *floors) get(key string) (floor, bool) {
 	if f.n.Load() == 0 {
 		return floor{}, false
 	}
-	f.mu.RLock()
-	defer f.mu.RUnlock()
-	if fl, ok := f.cur[key]; ok {
+	s := f.shard(key)
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	if fl, ok := s.cur[key]; ok {
 		return fl, true
 	}
-	fl, ok := f.old[key]
+	fl, ok := s.old[key]
 	return fl, ok
 }
 
@@ -96,14 +124,16 @@ func (f *floors) get(key string) (floor, bool) {
 // either order. Floors are kept at least keep, which outlasts any local
 // copy and any flight from before the write.
 func (f *floors) set(key string, seq uint64, now time.Time, keep time.Duration) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	if now.Sub(f.swapped) > keep {
-		f.old, f.cur, f.swapped = f.cur, make(map[string]floor), now
+	s := f.shard(key)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	before := len(s.cur) + len(s.old)
+	if now.Sub(s.swapped) > keep {
+		s.old, s.cur, s.swapped = s.cur, make(map[string]floor), now
 	}
-	fl, ok := f.cur[key]
+	fl, ok := s.cur[key]
 	if !ok {
-		fl = f.old[key]
+		fl = s.old[key]
 	}
 	if seq > fl.seq {
 		fl.seq = seq
@@ -112,20 +142,21 @@ func (f *floors) set(key string, seq uint64, now time.Time, keep time.Duration) 
 		fl.at = now
 	}
 	fl.verified = 0
-	f.cur[key] = fl
-	f.n.Store(int64(len(f.cur) + len(f.old)))
+	s.cur[key] = fl
+	f.n.Add(int64(len(s.cur) + len(s.old) - before))
 }
 
 // verify records that key's memory copy stamped pxat matched Redis after
 // the write whose floor has sequence seq (not if a later write came).
 func (f *floors) verify(key string, seq uint64, pxat int64) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	if fl, ok := f.cur[key]; ok && fl.seq == seq {
+	s := f.shard(key)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if fl, ok := s.cur[key]; ok && fl.seq == seq {
 		fl.verified = pxat
-		f.cur[key] = fl
-	} else if fl, ok := f.old[key]; ok && fl.seq == seq {
+		s.cur[key] = fl
+	} else if fl, ok := s.old[key]; ok && fl.seq == seq {
 		fl.verified = pxat
-		f.old[key] = fl
+		s.old[key] = fl
 	}
 }

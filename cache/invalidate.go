@@ -47,10 +47,11 @@ func (c *Cache) Invalidate(ctx context.Context, keys ...string) error {
 }
 
 func (c *Cache) invalidateNow(ctx context.Context, keys []string) error {
+	start := time.Now()
 	ictx, cancel := context.WithTimeout(context.WithoutCancel(ctx), c.opts.InvalidateTimeout)
 	defer cancel()
 	if err := c.del(ictx, keys); err != nil {
-		c.redisFailed(err)
+		c.redisFailed(err, start)
 		return err
 	}
 	c.redisOK()
@@ -177,10 +178,11 @@ func (c *Cache) endOverflow(flush func() (int, error)) {
 	c.pendingMu.Lock()
 	drops := c.drops
 	c.pendingMu.Unlock()
+	start := time.Now()
 	n, err := flush()
 	if err != nil {
 		if !errors.Is(err, errStopping) {
-			c.redisFailed(err)
+			c.redisFailed(err, start)
 			if last := c.flushLogged.Load(); time.Since(time.Unix(0, last)) > 10*time.Second {
 				c.flushLogged.Store(time.Now().UnixNano())
 				c.opts.Logger.Warn("cache: flush to end the overflow failed; reading the database, retrying", "err", err)

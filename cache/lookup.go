@@ -57,13 +57,22 @@ const (
 // lookup reads key from local memory or Redis. A lease (another loader at
 // work) reads as a miss; fill waits for it.
 func (c *Cache) lookup(ctx context.Context, key string, now time.Time) (Entry, lookupState, error) {
+	trust, fl := c.trustLocal(key, now)
+	var gen uint64
+	if trust && c.memo != nil {
+		if m, ok := c.memo.get(key); ok && now.UnixMilli() < m.pxat && !c.predates(m.pxat, fl) && !now.After(m.validUntil) {
+			c.stats.localHits.Add(1)
+			c.stats.memoHits.Add(1)
+			return live(m.e, now), stateHit, nil
+		}
+		gen = c.memo.gen(key) // before DoCache: see memo
+	}
 	rctx := &lazyTimeout{Context: ctx, deadline: now.Add(c.opts.RedisTimeout)}
 	defer rctx.stop()
 	var res rueidis.RedisResult
-	trust, fl := c.trustLocal(key, now)
 	if trust {
 		res = c.client.DoCache(rctx, c.client.B().Get().Key(key).Cache(), c.opts.LocalTTL)
-		if res.IsCacheHit() && c.copyStart(res) <= fl.at.UnixMilli() && res.CachePXAT() != fl.verified {
+		if res.IsCacheHit() && c.predates(res.CachePXAT(), fl) {
 			// A copy fetched before this process's last write to key (or
 			// before the end of an overflow), whose invalidation push has
 			// not arrived yet: ask Redis. If Redis holds the same bytes,
@@ -87,7 +96,7 @@ func (c *Cache) lookup(ctx context.Context, key string, now time.Time) (Entry, l
 	}
 	if err != nil {
 		if ctx.Err() == nil { // the caller giving up says nothing about Redis
-			c.redisFailed(err)
+			c.redisFailed(err, now)
 		} else {
 			c.br.abandon() // but frees the probe slot it may hold
 		}
@@ -100,7 +109,7 @@ func (c *Cache) lookup(ctx context.Context, key string, now time.Time) (Entry, l
 		c.stats.misses.Add(1)
 		return Entry{}, stateMiss, nil
 	}
-	e, err := c.mac.open(key, s, now, trust)
+	e, validUntil, err := c.mac.openUntil(key, s, now, trust)
 	if err != nil {
 		// Not served: fill replaces it (acquireLua, fillLeased).
 		c.rejected(key, err)
@@ -109,6 +118,9 @@ func (c *Cache) lookup(ctx context.Context, key string, now time.Time) (Entry, l
 	}
 	if res.IsCacheHit() {
 		c.stats.localHits.Add(1)
+		if c.memo != nil {
+			c.memo.put(key, gen, memoEntry{e: e, pxat: res.CachePXAT(), validUntil: validUntil}, len(s))
+		}
 	} else {
 		c.stats.redisHits.Add(1)
 	}

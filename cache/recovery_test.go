@@ -42,7 +42,7 @@ func TestAbandonedProbeFreesBreaker(t *testing.T) {
 	k := c.ConfigKey("ns", "b")
 	s.set(k, `1`)
 	for range c.opts.BreakerThreshold {
-		c.br.failure(time.Now())
+		c.br.failure(time.Now(), time.Now()) // one after another: all count
 	}
 	time.Sleep(20 * time.Millisecond) // past the cooldown: the next call probes
 	ctx, cancel := context.WithCancel(context.Background())

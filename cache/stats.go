@@ -5,6 +5,9 @@ import "sync/atomic"
 // Stats are the cache's counters since New.
 type Stats struct {
 	LocalHits int64 // answered from this process's memory
+	// MemoHits counts the local hits answered from the decoded entries in
+	// front of rueidis's copies (see memo), without asking rueidis.
+	MemoHits int64
 	// Predated counts memory copies fetched before this process's own
 	// later write to the key (its invalidation push not yet arrived): the
 	// read went to Redis instead and counts as a Redis hit or miss.
@@ -45,12 +48,14 @@ type stats struct {
 	localHits, redisHits, misses, loads, bypassed, redisErrors atomic.Int64
 	invalidations, invalidationsReceived, flushes, retried     atomic.Int64
 	dropped, prefixFlushes, predated, rejected, pastValidity   atomic.Int64
+	memoHits                                                   atomic.Int64
 }
 
 // Stats returns the counters.
 func (c *Cache) Stats() Stats {
 	return Stats{
 		LocalHits:             c.stats.localHits.Load(),
+		MemoHits:              c.stats.memoHits.Load(),
 		Predated:              c.stats.predated.Load(),
 		RedisHits:             c.stats.redisHits.Load(),
 		Misses:                c.stats.misses.Load(),
