@@ -193,9 +193,11 @@ func TestSessionTTLNeverPastExpiry(t *testing.T) {
 func TestSingleLoaderPerKey(t *testing.T) {
 	t.Parallel()
 	addr, prefix := testenv.Redis(t)
-	// Two processes, eight readers each, one key.
-	a := newTestCache(t, addr, prefix, Options{})
-	b := newTestCache(t, addr, prefix, Options{})
+	// Two processes, eight readers each, one key. A Redis call that times
+	// out reads the database directly (by design), so on a loaded machine
+	// the default 50 ms would count such reads as extra loads.
+	a := newTestCache(t, addr, prefix, Options{RedisTimeout: 2 * time.Second})
+	b := newTestCache(t, addr, prefix, Options{RedisTimeout: 2 * time.Second})
 	s := newSource()
 	k := a.ConfigKey("ns", "hot")
 	s.set(k, `"v"`)
