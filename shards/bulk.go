@@ -88,9 +88,9 @@ func (e *MissingUsersError) Unwrap() error { return ErrUserNotFound }
 // ROWS empties them after each batch.
 const (
 	createUserStageSQL = `CREATE TEMP TABLE IF NOT EXISTS sg_import_user_stage (
-    seq integer, partition integer, user_id text, profile jsonb, version bigint) ON COMMIT DELETE ROWS`
+    partition integer, user_id text, profile jsonb, version bigint) ON COMMIT DELETE ROWS`
 	createItemStageSQL = `CREATE TEMP TABLE IF NOT EXISTS sg_import_item_stage (
-    seq integer, partition integer, user_id text, collection text, key text COLLATE "C", value jsonb, version bigint) ON COMMIT DELETE ROWS`
+    partition integer, user_id text, collection text, key text COLLATE "C", value jsonb, version bigint) ON COMMIT DELETE ROWS`
 	lockOwnedSQL = `SELECT partition FROM ownership WHERE partition = ANY($1::integer[]) AND state = 'owned' ORDER BY partition FOR SHARE`
 )
 
@@ -185,11 +185,13 @@ func (s *Shard) ImportUsers(ctx context.Context, rows []ImportUser, events bool)
 	var res ImportResult
 	err := s.importBatch(ctx, parts, createUserStageSQL, func(tx pgx.Tx) error {
 		versioned := false
-		_, err := tx.CopyFrom(ctx, pgx.Identifier{"sg_import_user_stage"}, []string{"seq", "partition", "user_id", "profile", "version"},
+		vals := make([]any, 4) // pgx encodes a row before asking for the next
+		_, err := tx.CopyFrom(ctx, pgx.Identifier{"sg_import_user_stage"}, []string{"partition", "user_id", "profile", "version"},
 			pgx.CopyFromSlice(len(rows), func(i int) ([]any, error) {
 				r := &rows[i]
 				versioned = versioned || r.Version > 0
-				return []any{int32(i), r.Partition, r.UserID, r.Profile, r.Version}, nil
+				vals[0], vals[1], vals[2], vals[3] = r.Partition, r.UserID, r.Profile, r.Version
+				return vals, nil
 			}))
 		if err != nil {
 			return err
@@ -216,11 +218,13 @@ func (s *Shard) ImportItems(ctx context.Context, rows []ImportItem, events, skip
 	err := s.importBatch(ctx, parts, createItemStageSQL, func(tx pgx.Tx) error {
 		res = ImportResult{}
 		versioned := false
-		_, err := tx.CopyFrom(ctx, pgx.Identifier{"sg_import_item_stage"}, []string{"seq", "partition", "user_id", "collection", "key", "value", "version"},
+		vals := make([]any, 6)
+		_, err := tx.CopyFrom(ctx, pgx.Identifier{"sg_import_item_stage"}, []string{"partition", "user_id", "collection", "key", "value", "version"},
 			pgx.CopyFromSlice(len(rows), func(i int) ([]any, error) {
 				r := &rows[i]
 				versioned = versioned || r.Version > 0
-				return []any{int32(i), r.Partition, r.UserID, r.Collection, r.Key, r.Value, r.Version}, nil
+				vals[0], vals[1], vals[2], vals[3], vals[4], vals[5] = r.Partition, r.UserID, r.Collection, r.Key, r.Value, r.Version
+				return vals, nil
 			}))
 		if err != nil {
 			return err
