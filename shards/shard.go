@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -43,6 +44,8 @@ type Shard struct {
 	name  string
 	pool  *pgxpool.Pool
 	group *writeGroup // nil: group commit off
+
+	importUpserts atomic.Int32 // bulk batches that upsert at once (bulk.go)
 }
 
 // Open prepares a pool for the shard database at dsn. It does not connect:
