@@ -96,13 +96,23 @@ func TestImportUsersAndItems(t *testing.T) {
 // new rows created, changed rows at their next version, unchanged rows
 // left alone, one event per row written, nothing of the failed attempt.
 func TestImportInsertFallsBackToUpsert(t *testing.T) {
+	for _, events := range []bool{true, false} {
+		t.Run(fmt.Sprintf("events=%v", events), func(t *testing.T) { testImportInsertFallsBack(t, events) })
+	}
+}
+
+func testImportInsertFallsBack(t *testing.T, events bool) {
 	ctx := testCtx(t)
 	s := newShard(t, 1, 2)
+	perEvent := int64(0)
+	if events {
+		perEvent = 1
+	}
 	users := []ImportUser{
 		{Partition: 1, UserID: "u1", Profile: []byte(`{"a": 1}`)},
 		{Partition: 2, UserID: "u2", Profile: []byte(`{"a": 2}`)},
 	}
-	if res, err := s.ImportUsers(ctx, users, true); err != nil || res.Written != 2 {
+	if res, err := s.ImportUsers(ctx, users, events); err != nil || res.Written != 2 {
 		t.Fatalf("insert: %+v %v", res, err)
 	}
 	if n := s.importUpserts.Load(); n != 0 {
@@ -112,17 +122,17 @@ func TestImportInsertFallsBackToUpsert(t *testing.T) {
 		{Partition: 1, UserID: "u1", Collection: "c", Key: "k1", Value: []byte(`1`)},
 		{Partition: 2, UserID: "u2", Collection: "c", Key: "k2", Value: []byte(`2`)},
 	}
-	if res, err := s.ImportItems(ctx, items, true, false); err != nil || res.Written != 2 {
+	if res, err := s.ImportItems(ctx, items, events, false); err != nil || res.Written != 2 {
 		t.Fatalf("insert items: %+v %v", res, err)
 	}
 	// The plain INSERT path refuses a batch with a missing user whole.
 	_, err := s.ImportItems(ctx, []ImportItem{{Partition: 1, UserID: "u1", Collection: "c", Key: "new", Value: []byte(`0`)},
-		{Partition: 2, UserID: "nobody", Collection: "c", Key: "k", Value: []byte(`0`)}}, true, false)
+		{Partition: 2, UserID: "nobody", Collection: "c", Key: "k", Value: []byte(`0`)}}, events, false)
 	var mu *MissingUsersError
 	if !errors.As(err, &mu) || len(mu.Users) != 1 || mu.Users[0] != (UserRef{2, "nobody"}) {
 		t.Fatalf("missing user: %v", err)
 	}
-	if c := countRows(t, s); c.Users != 2 || c.Items != 2 || c.Outbox != 4 {
+	if c := countRows(t, s); c.Users != 2 || c.Items != 2 || c.Outbox != 4*perEvent {
 		t.Fatalf("after inserts: %+v", c)
 	}
 
@@ -132,7 +142,7 @@ func TestImportInsertFallsBackToUpsert(t *testing.T) {
 		{Partition: 2, UserID: "u2", Profile: []byte(`{"a": 22}`)},
 		{Partition: 2, UserID: "u3", Profile: []byte(`{"a": 3}`)},
 	}
-	if res, err := s.ImportUsers(ctx, users, true); err != nil || res.Written != 2 {
+	if res, err := s.ImportUsers(ctx, users, events); err != nil || res.Written != 2 {
 		t.Fatalf("upsert: %+v %v", res, err)
 	}
 	if n := s.importUpserts.Load(); n != importUpsertRun {
@@ -144,7 +154,7 @@ func TestImportInsertFallsBackToUpsert(t *testing.T) {
 		{Partition: 2, UserID: "u2", Collection: "c", Key: "k2", Value: []byte(`22`)},
 		{Partition: 2, UserID: "u3", Collection: "c", Key: "k3", Value: []byte(`3`)},
 	}
-	if res, err := s.ImportItems(ctx, items, true, false); err != nil || res.Written != 2 {
+	if res, err := s.ImportItems(ctx, items, events, false); err != nil || res.Written != 2 {
 		t.Fatalf("upsert items: %+v %v", res, err)
 	}
 	if n := s.importUpserts.Load(); n != importUpsertRun {
@@ -169,7 +179,7 @@ func TestImportInsertFallsBackToUpsert(t *testing.T) {
 			t.Fatalf("%s/%s: %s v%d %v, want %s v%d", tc.id, tc.key, it.Value, it.Version, err, tc.val, tc.version)
 		}
 	}
-	if c := countRows(t, s); c.Users != 3 || c.Items != 3 || c.Outbox != 8 {
-		t.Fatalf("after upserts: %+v (want 3 users, 3 items, 8 events)", c)
+	if c := countRows(t, s); c.Users != 3 || c.Items != 3 || c.Outbox != 8*perEvent {
+		t.Fatalf("after upserts: %+v (want 3 users, 3 items, %d events)", c, 8*perEvent)
 	}
 }
