@@ -494,7 +494,7 @@ func (r *tableRun) readRange(ctx context.Context, g *errgroup.Group, tx pgx.Tx, 
 	chunkRows := r.opts.BatchRows * max(1, len(r.cl.Table().Shards()))
 	var (
 		cur  = &chunk{}
-		recs = make([]Record, 0, chunkRows) // grown by append, a chunk's copying was a tenth of the importer's CPU
+		recs = make([]Record, 0, chunkRows) // at its size: growing it by append was a tenth of the importer's CPU
 	)
 	flush := func() {
 		c, batch := cur, recs
