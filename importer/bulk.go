@@ -494,11 +494,11 @@ func (r *tableRun) readRange(ctx context.Context, g *errgroup.Group, tx pgx.Tx, 
 	chunkRows := r.opts.BatchRows * max(1, len(r.cl.Table().Shards()))
 	var (
 		cur  = &chunk{}
-		recs []Record
+		recs = make([]Record, 0, chunkRows) // at its size: growing it by append was a tenth of the importer's CPU
 	)
 	flush := func() {
 		c, batch := cur, recs
-		cur, recs = &chunk{}, nil
+		cur, recs = &chunk{}, make([]Record, 0, chunkRows)
 		r.dispatch(ctx, g, i, c, batch)
 	}
 	partitions := r.cl.Partitions()
@@ -550,8 +550,12 @@ func (r *tableRun) dispatch(ctx context.Context, g *errgroup.Group, i int, c *ch
 		groups[""] = recs
 	} else {
 		t := r.cl.Table()
+		per := len(recs)/max(1, len(t.Shards())) + len(recs)/8 // room for an uneven spread
 		for _, rec := range recs {
 			o := t.Owner(rec.Partition)
+			if groups[o] == nil {
+				groups[o] = make([]Record, 0, per)
+			}
 			groups[o] = append(groups[o], rec)
 		}
 	}

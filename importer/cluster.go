@@ -115,9 +115,13 @@ func (c *Cluster) Close() {
 func (c *Cluster) route(ctx context.Context, recs []Record, fn func(*shards.Shard, []Record) error) error {
 	for attempt := 0; ; attempt++ {
 		groups := map[*shards.Shard][]Record{}
-		for _, rec := range recs {
-			sh := c.Owner(rec.Partition)
-			groups[sh] = append(groups[sh], rec)
+		if sh, ok := c.soleOwner(recs); ok {
+			groups[sh] = recs // the bulk phase's batches: grouped by shard already
+		} else {
+			for _, rec := range recs {
+				sh := c.Owner(rec.Partition)
+				groups[sh] = append(groups[sh], rec)
+			}
 		}
 		var moved []Record
 		for sh, batch := range groups {
@@ -143,6 +147,23 @@ func (c *Cluster) route(ctx context.Context, recs []Record, fn func(*shards.Shar
 		}
 		recs = moved
 	}
+}
+
+// soleOwner returns the shard that owns every partition of recs, if one
+// does (and recs is not empty).
+func (c *Cluster) soleOwner(recs []Record) (*shards.Shard, bool) {
+	if len(recs) == 0 {
+		return nil, false
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	owner := c.table.Owner(recs[0].Partition)
+	for i := range recs {
+		if c.table.Owner(recs[i].Partition) != owner {
+			return nil, false
+		}
+	}
+	return c.shards[owner], true
 }
 
 // routeUsers is route for bulk user rows.

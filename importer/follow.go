@@ -594,7 +594,7 @@ func (st *sourceTable) evalRequest(rel *pglogrepl.RelationMessage, tup *pglogrep
 // whether it passes the filter, and whether there was a row at all.
 func (f *follower) evalResult(st *sourceTable, row pgx.Row, identity bool) (r Record, in, found bool, err error) {
 	nk := len(st.PrimaryKey)
-	vals := make([]pgtype.Text, nk+len(st.fieldExprs()))
+	vals := make([]pgtype.Text, nk+st.fieldCount())
 	ptrs := make([]any, len(vals)+1)
 	for i := range vals {
 		ptrs[i] = &vals[i]

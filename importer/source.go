@@ -96,6 +96,18 @@ func sqlString(s string) string {
 	return "'" + strings.ReplaceAll(s, "'", "''") + "'"
 }
 
+// fieldCount is the number of fieldExprs, without building their SQL.
+func (t *Table) fieldCount() int {
+	switch t.Entity {
+	case EntityUser:
+		return 2
+	case EntityItem:
+		return 4
+	default:
+		return 3
+	}
+}
+
 // fieldExprs returns the SQL of the mapped fields, in the order a Record
 // is scanned: user: user_id, profile; item: user_id, collection, key,
 // value; config: namespace, key, value. JSON fields are jsonb.
@@ -252,22 +264,27 @@ func (e *RowError) Error() string {
 }
 
 // scanRecord reads one row of selectSQL and validates what it maps to.
+// Every column is text, so the raw values are the strings (in text and
+// binary format alike): no scan targets to allocate per row.
 func (st *sourceTable) scanRecord(rows pgx.Rows, maxJSON int) (Record, *RowError) {
 	nk := len(st.PrimaryKey)
-	vals := make([]pgtype.Text, nk+len(st.fieldExprs()))
-	ptrs := make([]any, len(vals))
-	for i := range vals {
-		ptrs[i] = &vals[i]
-	}
+	raw := rows.RawValues()
 	var r Record
-	if err := rows.Scan(ptrs...); err != nil {
-		return r, &RowError{Table: st.Name, KeyCols: st.PrimaryKey, Field: "row", Msg: err.Error()}
+	if len(raw) != nk+st.fieldCount() {
+		return r, &RowError{Table: st.Name, KeyCols: st.PrimaryKey, Field: "row",
+			Msg: fmt.Sprintf("%d columns, want %d", len(raw), nk+st.fieldCount())}
 	}
 	r.Key = make([]string, nk)
 	for i := range nk {
-		r.Key[i] = vals[i].String
+		r.Key[i] = string(raw[i])
 	}
-	return st.mapValues(r, vals[nk:], maxJSON)
+	var f [4]pgtype.Text
+	for i, v := range raw[nk:] {
+		if v != nil {
+			f[i] = pgtype.Text{String: string(v), Valid: true}
+		}
+	}
+	return st.mapValues(r, f[:len(raw)-nk], maxJSON)
 }
 
 // mapValues validates the mapped fields (in fieldExprs order) into r.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -54,6 +55,8 @@ type Shard struct {
 	users *readGroup[userKey, User]
 	items *readGroup[itemKey, Item]
 	reads *readStats
+
+	importUpserts atomic.Int32 // bulk batches that upsert at once (bulk.go)
 }
 
 // Open prepares a pool for the shard database at dsn. It does not connect:
