@@ -6,6 +6,7 @@ import (
 	"slices"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgtype"
@@ -15,7 +16,7 @@ import (
 // Read batching. A point read (GetUser, GetItem) is one index lookup, and on
 // a busy shard most of its cost is around it: a round trip, a statement's
 // bind and execute, a backend woken up, a pooled connection handed over.
-// So concurrent point reads of one kind queue per shard, and a few flushers
+// So concurrent point reads of one kind queue per shard, and flushers
 // each take what is queued and answer it with one statement over arrays of
 // keys. Like group commit (groupcommit.go) nobody waits for a batch to
 // fill: a flusher takes what is queued when it is free, so a lone read runs
@@ -26,12 +27,20 @@ import (
 // partition's ownership state and the row under one snapshot, for every key
 // of the batch, so a key is answered only from a partition that was owned or
 // frozen when its row was read (see doc.go, Fencing).
+//
+// One flusher per kind runs while it keeps up: it makes the biggest
+// batches, and measured best (get-user 18% faster than with two in three
+// alternating rounds). Another starts only while more reads are queued
+// than the running ones take in one batch each, or when no batch has
+// finished for readStall (a statement held up must not hold up every read
+// of the shard).
 
 // Defaults of PoolOptions' read-batching settings.
 const defaultMaxReadBatch = 32
 
-// defaultReadFlushers is half the pool, like the write flushers, and at
-// least two so that a slow batch does not hold up every read of the shard.
+// defaultReadFlushers caps a kind's flushers at half the pool, like the
+// write flushers, and at least two, so that one statement held up does not
+// hold up every read of the shard.
 func defaultReadFlushers(maxConns int32) int { return max(2, int(maxConns)/2) }
 
 // pendingRead is one caller's point read waiting for a flusher.
@@ -57,6 +66,7 @@ type readGroup[K, R any] struct {
 	mu       sync.Mutex
 	queue    []*pendingRead[K, R]
 	flushers int
+	progress time.Time // when a flusher last started or finished a batch
 
 	stats *readStats
 }
@@ -84,21 +94,49 @@ func (g *readGroup[K, R]) read(ctx context.Context, key K) (R, error) {
 	r := &pendingRead[K, R]{ctx: ctx, key: key, done: make(chan struct{})}
 	g.mu.Lock()
 	g.queue = append(g.queue, r)
-	if g.flushers < g.maxFlushers {
-		g.flushers++
-		go g.flushLoop()
+	if g.flushers == 0 || (g.flushers < g.maxFlushers && len(g.queue) > g.flushers*g.maxBatch) {
+		g.startFlusher()
 	}
 	g.mu.Unlock()
-	select {
-	case <-r.done:
-	case <-ctx.Done():
-		if g.remove(r) {
-			var zero R
-			return zero, g.s.wrap(g.op, ctx.Err())
+	stall := time.NewTimer(readStall)
+	defer stall.Stop()
+	for {
+		select {
+		case <-r.done:
+			return r.res, r.err
+		case <-ctx.Done():
+			if g.remove(r) {
+				var zero R
+				return zero, g.s.wrap(g.op, ctx.Err())
+			}
+			<-r.done // a flusher has it: wait for its answer
+			return r.res, r.err
+		case <-stall.C:
+			g.unstall(r)
+			stall.Reset(readStall)
 		}
-		<-r.done // a flusher has it: wait for its answer
 	}
-	return r.res, r.err
+}
+
+// readStall is how long the read flushers may go without finishing a batch
+// while reads wait before another flusher starts.
+const readStall = 20 * time.Millisecond
+
+// startFlusher starts one more flusher; g.mu is held.
+func (g *readGroup[K, R]) startFlusher() {
+	g.flushers++
+	g.progress = time.Now()
+	go g.flushLoop()
+}
+
+// unstall starts another flusher if r is still queued and no batch has
+// finished for readStall.
+func (g *readGroup[K, R]) unstall(r *pendingRead[K, R]) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.flushers < g.maxFlushers && time.Since(g.progress) >= readStall && slices.Contains(g.queue, r) {
+		g.startFlusher()
+	}
 }
 
 // remove takes r out of the queue if no flusher has taken it yet.
@@ -120,6 +158,9 @@ func (g *readGroup[K, R]) flushLoop() {
 			return
 		}
 		g.flush(batch)
+		g.mu.Lock()
+		g.progress = time.Now()
+		g.mu.Unlock()
 	}
 }
 

@@ -194,3 +194,46 @@ func TestReadBatchCallerGivesUp(t *testing.T) {
 		}
 	}
 }
+
+// One flusher runs while it keeps up; when its statement is held up (here
+// by a lock on the table) and reads wait, another starts after readStall.
+func TestReadBatchStalledFlusherGetsHelp(t *testing.T) {
+	t.Parallel()
+	ctx := testCtx(t)
+	dsn := testenv.NewDatabase(t)
+	s := newShardAt(t, dsn, PoolOptions{MaxConns: 4, ReadFlushers: 2}, 1)
+	putUsers(t, s, 1, "a")
+	hold, err := newShardAt(t, dsn, PoolOptions{}, 1).pool.Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer hold.Rollback(context.Background())
+	if _, err := hold.Exec(ctx, `LOCK TABLE users IN ACCESS EXCLUSIVE MODE`); err != nil {
+		t.Fatal(err)
+	}
+	errs := make(chan error, 2)
+	go func() { _, err := s.GetUser(ctx, 1, "a"); errs <- err }()
+	waitTaken(t, s.users)
+	go func() { _, err := s.GetUser(ctx, 1, "a"); errs <- err }()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		s.users.mu.Lock()
+		flushers := s.users.flushers
+		s.users.mu.Unlock()
+		if flushers == 2 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d flushers while the first is held up and a read waits, want 2", flushers)
+		}
+		time.Sleep(time.Millisecond)
+	}
+	if err := hold.Rollback(ctx); err != nil {
+		t.Fatal(err)
+	}
+	for range 2 {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+}

@@ -40,7 +40,8 @@ type PoolOptions struct {
 	// readbatch.go). 0 means 32; 1 turns read batching off.
 	MaxReadBatch int
 	// ReadFlushers caps the connections answering batched reads of one
-	// kind at once. 0 means half the pool (at least two).
+	// kind at once; one runs while it keeps up (see readbatch.go). 0
+	// means half the pool (at least two).
 	ReadFlushers int
 }
 

@@ -32,7 +32,7 @@ type serveFlags struct {
 	ShardWriteBatch  int           `name:"shard-max-write-batch" help:"Most concurrent writes to one shard that share a transaction (group commit); 1 turns group commit off." default:"32" env:"SHARDGATE_SHARD_MAX_WRITE_BATCH"`
 	ShardFlushers    int           `name:"shard-write-flushers" help:"Connections per shard that flush write batches at once (0: half the pool)." default:"0" env:"SHARDGATE_SHARD_WRITE_FLUSHERS"`
 	ShardReadBatch   int           `name:"shard-max-read-batch" help:"Most concurrent point reads (GetUser, GetItem) of one shard that one statement answers (read batching); 1 turns read batching off." default:"32" env:"SHARDGATE_SHARD_MAX_READ_BATCH"`
-	ShardReaders     int           `name:"shard-read-flushers" help:"Connections per shard and kind of read that answer batched reads at once (0: half the pool)." default:"0" env:"SHARDGATE_SHARD_READ_FLUSHERS"`
+	ShardReaders     int           `name:"shard-read-flushers" help:"Connections per shard and kind of read that may answer batched reads at once (0: half the pool)." default:"0" env:"SHARDGATE_SHARD_READ_FLUSHERS"`
 	TopologyInterval time.Duration `help:"How often to check the topology version besides LISTEN/NOTIFY." default:"5s" env:"SHARDGATE_TOPOLOGY_INTERVAL"`
 	Grace            time.Duration `help:"How long in-flight calls may run after SIGTERM." default:"15s" env:"SHARDGATE_GRACE"`
 	MetricsListen    string        `help:"Address to serve Prometheus metrics on (HTTP, /metrics); empty turns them off." default:"127.0.0.1:9464" env:"SHARDGATE_METRICS_LISTEN"`
