@@ -4,9 +4,7 @@ import (
 	"context"
 	"errors"
 	"slices"
-	"sync"
 	"sync/atomic"
-	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
@@ -63,26 +61,32 @@ func defaultWriteFlushers(maxConns int32) int { return max(2, int(maxConns)/2) }
 
 // groupWrite is one caller's write waiting to be flushed.
 type groupWrite struct {
-	ctx       context.Context
+	waiter
 	partition int32
 	sql       string
 	args      []any
 	scan      func(pgx.Row) error
-	err       error
-	done      chan struct{}
 }
 
 // writeGroup queues a shard's writes for its flushers.
 type writeGroup struct {
-	maxFlushers int
-	maxBatch    int
-
-	mu       sync.Mutex
-	queue    []*groupWrite
-	flushers int
-	progress time.Time // when a flusher last started or finished a batch
-
+	flushQueue[*groupWrite]
 	batches, writes, reruns atomic.Int64
+}
+
+// newWriteGroup makes s's write queue: at most one write per partition in
+// a batch (see above).
+func newWriteGroup(s *Shard, maxBatch, maxFlushers int) *writeGroup {
+	g := &writeGroup{}
+	g.flushQueue = flushQueue[*groupWrite]{
+		maxBatch: maxBatch, maxFlushers: maxFlushers,
+		fits: func(batch []*groupWrite, w *groupWrite) bool {
+			return !slices.ContainsFunc(batch, func(b *groupWrite) bool { return b.partition == w.partition })
+		},
+		run:    s.flush,
+		gaveUp: func(err error) error { return err },
+	}
+	return g
 }
 
 // WriteGroupStats counts what group commit did on a shard.
@@ -117,57 +121,7 @@ func (s *Shard) write(ctx context.Context, partition int32, sql string, args []a
 	if g == nil {
 		return s.writeAlone(ctx, sql, args, scan)
 	}
-	w := &groupWrite{ctx: ctx, partition: partition, sql: sql, args: args, scan: scan, done: make(chan struct{})}
-	g.mu.Lock()
-	g.queue = append(g.queue, w)
-	// One flusher makes the biggest batches; another starts only when more
-	// is queued than the running ones take in one batch each.
-	start := g.flushers == 0 || (g.flushers < g.maxFlushers && len(g.queue) > g.flushers*g.maxBatch)
-	if start {
-		g.startFlusher(s)
-	}
-	g.mu.Unlock()
-	stall := time.NewTimer(flushStall)
-	defer stall.Stop()
-	for {
-		select {
-		case <-w.done:
-			return w.err
-		case <-ctx.Done():
-			if g.remove(w) {
-				return ctx.Err()
-			}
-			// A flusher has it: its scan may still run, so wait for the end.
-			<-w.done
-			return w.err
-		case <-stall.C:
-			g.unstall(s, w)
-			stall.Reset(flushStall)
-		}
-	}
-}
-
-// flushStall is how long the flushers may go without finishing a batch
-// while writes wait before another flusher starts. A batch waiting for a
-// lock (a partition being frozen, a user being deleted) would otherwise hold
-// up the whole shard's writes behind it.
-const flushStall = 20 * time.Millisecond
-
-// startFlusher starts one more flusher; g.mu is held.
-func (g *writeGroup) startFlusher(s *Shard) {
-	g.flushers++
-	g.progress = time.Now()
-	go s.flushLoop()
-}
-
-// unstall starts another flusher if w is still queued and no batch has
-// finished for flushStall.
-func (g *writeGroup) unstall(s *Shard, w *groupWrite) {
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	if g.flushers < g.maxFlushers && time.Since(g.progress) >= flushStall && slices.Contains(g.queue, w) {
-		g.startFlusher(s)
-	}
+	return g.submit(&groupWrite{waiter: newWaiter(ctx), partition: partition, sql: sql, args: args, scan: scan})
 }
 
 // writeAlone runs one single-statement write as its own transaction, never
@@ -181,73 +135,14 @@ func (s *Shard) writeAlone(ctx context.Context, sql string, args []any, scan fun
 	return runAlone(ctx, c, sql, args, scan)
 }
 
-// remove takes w out of the queue if no flusher has taken it yet.
-func (g *writeGroup) remove(w *groupWrite) bool {
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	if i := slices.Index(g.queue, w); i >= 0 {
-		g.queue = slices.Delete(g.queue, i, i+1)
-		return true
-	}
-	return false
-}
-
-// flushLoop flushes batches until the queue is empty.
-func (s *Shard) flushLoop() {
-	g := s.group
-	for {
-		batch := g.take()
-		if batch == nil {
-			return
-		}
-		s.flush(batch)
-		g.mu.Lock()
-		g.progress = time.Now()
-		g.mu.Unlock()
-	}
-}
-
-// take removes the next batch from the queue: the oldest writes, at most one
-// per partition and maxBatch in all, in partition order. A write whose
-// caller gave up is finished here. nil when the queue is empty, in which
-// case the calling flusher is done.
-func (g *writeGroup) take() []*groupWrite {
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	var batch []*groupWrite
-	rest := g.queue[:0]
-	for _, w := range g.queue {
-		switch {
-		case w.ctx.Err() != nil:
-			w.err = w.ctx.Err()
-			close(w.done)
-		case len(batch) < g.maxBatch && !slices.ContainsFunc(batch, func(b *groupWrite) bool { return b.partition == w.partition }):
-			batch = append(batch, w)
-		default:
-			rest = append(rest, w)
-		}
-	}
-	clear(g.queue[len(rest):])
-	g.queue = rest
-	if len(batch) == 0 {
-		g.flushers--
-		return nil
-	}
-	slices.SortFunc(batch, func(a, b *groupWrite) int { return int(a.partition) - int(b.partition) })
-	return batch
-}
-
-// flush runs one batch and finishes its writes.
+// flush runs one batch and sets its writes' outcomes.
 func (s *Shard) flush(batch []*groupWrite) {
 	g := s.group
 	g.batches.Add(1)
 	g.writes.Add(int64(len(batch)))
-	defer func() {
-		for _, w := range batch {
-			close(w.done)
-		}
-	}()
-	ctx, cancel := batchContext(batch, func(w *groupWrite) context.Context { return w.ctx })
+	// Partition order: see above.
+	slices.SortFunc(batch, func(a, b *groupWrite) int { return int(a.partition) - int(b.partition) })
+	ctx, cancel := batchContext(batch)
 	defer cancel()
 	c, err := s.acquire(ctx)
 	if err != nil {
@@ -314,21 +209,4 @@ func runAlone(ctx context.Context, c *pgxpool.Conn, sql string, args []any, scan
 	return versioning.RetryBelowTombstone(func() error {
 		return scan(c.QueryRow(ctx, sql, args...))
 	})
-}
-
-// batchContext bounds a batch by the latest deadline among its callers'
-// contexts (none if one of them has none); a caller that gives up does not
-// cancel its neighbours' statements.
-func batchContext[T any](batch []T, callerCtx func(T) context.Context) (context.Context, context.CancelFunc) {
-	var latest time.Time
-	for _, w := range batch {
-		d, ok := callerCtx(w).Deadline()
-		if !ok {
-			return context.WithCancel(context.Background())
-		}
-		if d.After(latest) {
-			latest = d
-		}
-	}
-	return context.WithDeadline(context.Background(), latest)
 }

@@ -3,10 +3,7 @@ package shards
 import (
 	"context"
 	"fmt"
-	"slices"
-	"sync"
 	"sync/atomic"
-	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgtype"
@@ -28,12 +25,10 @@ import (
 // of the batch, so a key is answered only from a partition that was owned or
 // frozen when its row was read (see doc.go, Fencing).
 //
-// One flusher per kind runs while it keeps up: it makes the biggest
-// batches, and measured best (get-user 18% faster than with two in three
-// alternating rounds). Another starts only while more reads are queued
-// than the running ones take in one batch each, or when no batch has
-// finished for readStall (a statement held up must not hold up every read
-// of the shard).
+// The queue and its flushers are group commit's (flushQueue): one flusher
+// per kind runs while it keeps up, which measured best (get-user 18% faster
+// than with two in three alternating rounds), and another starts when
+// reads queue past a batch or a statement is held up (flushStall).
 
 // Defaults of PoolOptions' read-batching settings.
 const defaultMaxReadBatch = 32
@@ -45,30 +40,36 @@ func defaultReadFlushers(maxConns int32) int { return max(2, int(maxConns)/2) }
 
 // pendingRead is one caller's point read waiting for a flusher.
 type pendingRead[K, R any] struct {
-	ctx  context.Context
-	key  K
-	res  R
-	err  error
-	done chan struct{}
+	waiter
+	key K
+	res R
 }
 
 // readGroup queues one kind of point read for a shard's read flushers.
 type readGroup[K, R any] struct {
-	s                     *Shard
-	op                    string // for errors: "get user"
-	maxFlushers, maxBatch int
+	flushQueue[*pendingRead[K, R]]
+	s  *Shard
+	op string // for errors: "get user"
 	// one answers a single read; many answers a batch of two or more,
 	// setting each read's res and err. Either may return an error that
 	// then goes to every read it was given.
 	one  func(ctx context.Context, c *pgxpool.Conn, r *pendingRead[K, R]) error
 	many func(ctx context.Context, c *pgxpool.Conn, batch []*pendingRead[K, R]) error
 
-	mu       sync.Mutex
-	queue    []*pendingRead[K, R]
-	flushers int
-	progress time.Time // when a flusher last started or finished a batch
-
 	stats *readStats
+}
+
+// newReadGroup makes one kind's read queue on s.
+func newReadGroup[K, R any](s *Shard, op string, maxBatch, maxFlushers int,
+	one func(context.Context, *pgxpool.Conn, *pendingRead[K, R]) error,
+	many func(context.Context, *pgxpool.Conn, []*pendingRead[K, R]) error) *readGroup[K, R] {
+	g := &readGroup[K, R]{s: s, op: op, one: one, many: many, stats: s.reads}
+	g.flushQueue = flushQueue[*pendingRead[K, R]]{
+		maxBatch: maxBatch, maxFlushers: maxFlushers,
+		run:    g.flush,
+		gaveUp: func(err error) error { return s.wrap(op, err) },
+	}
+	return g
 }
 
 // readStats counts what read batching did on a shard, over all kinds.
@@ -91,117 +92,14 @@ func (s *Shard) ReadBatchStats() ReadBatchStats {
 
 // read queues a point read and waits for its answer, or for ctx.
 func (g *readGroup[K, R]) read(ctx context.Context, key K) (R, error) {
-	r := &pendingRead[K, R]{ctx: ctx, key: key, done: make(chan struct{})}
-	g.mu.Lock()
-	g.queue = append(g.queue, r)
-	if g.flushers == 0 || (g.flushers < g.maxFlushers && len(g.queue) > g.flushers*g.maxBatch) {
-		g.startFlusher()
-	}
-	g.mu.Unlock()
-	stall := time.NewTimer(readStall)
-	defer stall.Stop()
-	for {
-		select {
-		case <-r.done:
-			return r.res, r.err
-		case <-ctx.Done():
-			if g.remove(r) {
-				var zero R
-				return zero, g.s.wrap(g.op, ctx.Err())
-			}
-			<-r.done // a flusher has it: wait for its answer
-			return r.res, r.err
-		case <-stall.C:
-			g.unstall(r)
-			stall.Reset(readStall)
-		}
-	}
+	r := &pendingRead[K, R]{waiter: newWaiter(ctx), key: key}
+	err := g.submit(r)
+	return r.res, err
 }
 
-// readStall is how long the read flushers may go without finishing a batch
-// while reads wait before another flusher starts.
-const readStall = 20 * time.Millisecond
-
-// startFlusher starts one more flusher; g.mu is held.
-func (g *readGroup[K, R]) startFlusher() {
-	g.flushers++
-	g.progress = time.Now()
-	go g.flushLoop()
-}
-
-// unstall starts another flusher if r is still queued and no batch has
-// finished for readStall.
-func (g *readGroup[K, R]) unstall(r *pendingRead[K, R]) {
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	if g.flushers < g.maxFlushers && time.Since(g.progress) >= readStall && slices.Contains(g.queue, r) {
-		g.startFlusher()
-	}
-}
-
-// remove takes r out of the queue if no flusher has taken it yet.
-func (g *readGroup[K, R]) remove(r *pendingRead[K, R]) bool {
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	if i := slices.Index(g.queue, r); i >= 0 {
-		g.queue = slices.Delete(g.queue, i, i+1)
-		return true
-	}
-	return false
-}
-
-// flushLoop answers batches until the queue is empty.
-func (g *readGroup[K, R]) flushLoop() {
-	for {
-		batch := g.take()
-		if batch == nil {
-			return
-		}
-		g.flush(batch)
-		g.mu.Lock()
-		g.progress = time.Now()
-		g.mu.Unlock()
-	}
-}
-
-// take removes up to maxBatch of the oldest reads from the queue, finishing
-// those whose caller gave up. nil when the queue is empty, in which case the
-// calling flusher is done.
-func (g *readGroup[K, R]) take() []*pendingRead[K, R] {
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	var batch []*pendingRead[K, R]
-	n := 0
-	for _, r := range g.queue {
-		if len(batch) == g.maxBatch {
-			break
-		}
-		n++
-		if err := r.ctx.Err(); err != nil {
-			r.err = g.s.wrap(g.op, err)
-			close(r.done)
-			continue
-		}
-		batch = append(batch, r)
-	}
-	rest := copy(g.queue, g.queue[n:])
-	clear(g.queue[rest:])
-	g.queue = g.queue[:rest]
-	if len(batch) == 0 {
-		g.flushers--
-		return nil
-	}
-	return batch
-}
-
-// flush answers one batch and wakes its callers.
+// flush answers one batch.
 func (g *readGroup[K, R]) flush(batch []*pendingRead[K, R]) {
-	defer func() {
-		for _, r := range batch {
-			close(r.done)
-		}
-	}()
-	ctx, cancel := batchContext(batch, func(r *pendingRead[K, R]) context.Context { return r.ctx })
+	ctx, cancel := batchContext(batch)
 	defer cancel()
 	c, err := g.s.acquire(ctx)
 	if err == nil {

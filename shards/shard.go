@@ -1,6 +1,7 @@
 package shards
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -102,28 +103,17 @@ func Open(ctx context.Context, name, dsn string, opts PoolOptions) (*Shard, erro
 		return nil, fmt.Errorf("open shard %s: %w", name, err)
 	}
 	sh := &Shard{name: name, pool: pool}
+	// Zero options take the defaults (negative ones were refused above).
 	if opts.MaxWriteBatch != 1 {
-		sh.group = &writeGroup{maxBatch: opts.MaxWriteBatch, maxFlushers: opts.WriteFlushers}
-		if sh.group.maxBatch <= 0 {
-			sh.group.maxBatch = defaultMaxWriteBatch
-		}
-		if sh.group.maxFlushers <= 0 {
-			sh.group.maxFlushers = defaultWriteFlushers(cfg.MaxConns)
-		}
+		sh.group = newWriteGroup(sh, cmp.Or(opts.MaxWriteBatch, defaultMaxWriteBatch),
+			cmp.Or(opts.WriteFlushers, defaultWriteFlushers(cfg.MaxConns)))
 	}
 	if opts.MaxReadBatch != 1 {
-		batch, flushers := opts.MaxReadBatch, opts.ReadFlushers
-		if batch == 0 {
-			batch = defaultMaxReadBatch
-		}
-		if flushers == 0 {
-			flushers = defaultReadFlushers(cfg.MaxConns)
-		}
+		batch := cmp.Or(opts.MaxReadBatch, defaultMaxReadBatch)
+		flushers := cmp.Or(opts.ReadFlushers, defaultReadFlushers(cfg.MaxConns))
 		sh.reads = &readStats{}
-		sh.users = &readGroup[userKey, User]{s: sh, op: "get user", maxBatch: batch, maxFlushers: flushers,
-			one: sh.getUser, many: sh.getUsers, stats: sh.reads}
-		sh.items = &readGroup[itemKey, Item]{s: sh, op: "get item", maxBatch: batch, maxFlushers: flushers,
-			one: sh.getItem, many: sh.getItems, stats: sh.reads}
+		sh.users = newReadGroup(sh, "get user", batch, flushers, sh.getUser, sh.getUsers)
+		sh.items = newReadGroup(sh, "get item", batch, flushers, sh.getItem, sh.getItems)
 	}
 	return sh, nil
 }
