@@ -41,19 +41,19 @@ func stuckFlusher(t *testing.T, s *Shard, p int32) (release func(), first <-chan
 	}, done
 }
 
-// waitQueued waits until n writes are queued behind the stuck flusher.
-func waitQueued(t *testing.T, s *Shard, n int) {
+// waitQueued waits until n requests are queued behind q's flushers.
+func waitQueued[T queued](t *testing.T, q *flushQueue[T], n int) {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
 	for {
-		s.group.mu.Lock()
-		got := len(s.group.queue)
-		s.group.mu.Unlock()
+		q.mu.Lock()
+		got := len(q.queue)
+		q.mu.Unlock()
 		if got == n {
 			return
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("%d writes queued, want %d", got, n)
+			t.Fatalf("%d requests queued, want %d", got, n)
 		}
 		time.Sleep(time.Millisecond)
 	}
@@ -83,7 +83,7 @@ func TestGroupCommitSharesOneTransaction(t *testing.T) {
 			puts <- put{p, v, err}
 		}()
 	}
-	waitQueued(t, s, 5)
+	waitQueued(t, &s.group.flushQueue, 5)
 	release()
 	if err := <-first; err != nil {
 		t.Fatal(err)
@@ -136,7 +136,7 @@ func TestGroupCommitFailedWriteRunsItsNeighboursAlone(t *testing.T) {
 	// Not JSON: PostgreSQL refuses the statement, which rolls the batch back.
 	go func() { _, err := s.PutUser(testCtx(t), 3, "b", []byte(`{"broken"`), nil); bad <- err }()
 	go func() { _, err := s.PutItem(testCtx(t), 4, "d", "c", "k", []byte(`2`), ver(7)); conflict <- err }()
-	waitQueued(t, s, 3)
+	waitQueued(t, &s.group.flushQueue, 3)
 	before := s.WriteGroupStats()
 	release()
 	if err := <-first; err != nil {
@@ -175,7 +175,7 @@ func TestGroupCommitCallerGivingUpLeavesTheQueue(t *testing.T) {
 	if _, err := s.PutItem(ctx, 2, "a", "c", "k", []byte(`1`), nil); !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("a put whose caller gave up while queued: %v", err)
 	}
-	waitQueued(t, s, 0)
+	waitQueued(t, &s.group.flushQueue, 0)
 	release()
 	if err := <-first; err != nil {
 		t.Fatal(err)

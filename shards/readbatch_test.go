@@ -34,24 +34,6 @@ func heldPool(t *testing.T, dsn string, owned ...int32) (s *Shard, release func(
 	return s, release
 }
 
-// waitReadsQueued waits until n reads of g are queued behind its flusher.
-func waitReadsQueued[K, R any](t *testing.T, g *readGroup[K, R], n int) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		g.mu.Lock()
-		got := len(g.queue)
-		g.mu.Unlock()
-		if got == n {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%d reads queued, want %d", got, n)
-		}
-		time.Sleep(time.Millisecond)
-	}
-}
-
 // A batch answers every key as a lone read would: found, not found, frozen
 // (still readable), moved and unknown partitions (wrong shard), and the same
 // key twice. The lone answers come from a shard with read batching off.
@@ -103,8 +85,8 @@ func TestReadBatchAnswersLikeLoneReads(t *testing.T) {
 			items[i] <- answer{it: it, err: err}
 		}()
 	}
-	waitReadsQueued(t, s.users, len(keys))
-	waitReadsQueued(t, s.items, len(keys))
+	waitQueued(t, &s.users.flushQueue, len(keys))
+	waitQueued(t, &s.items.flushQueue, len(keys))
 	before := s.ReadBatchStats()
 	release()
 	for range 2 {
@@ -181,12 +163,12 @@ func TestReadBatchCallerGivesUp(t *testing.T) {
 	quitter := make(chan error, 1)
 	go func() { _, err := s.GetUser(gaveUp, 1, "a"); quitter <- err }()
 	go func() { _, err := s.GetUser(ctx, 1, "a"); errs <- err }()
-	waitReadsQueued(t, s.users, 2)
+	waitQueued(t, &s.users.flushQueue, 2)
 	giveUp()
 	if err := <-quitter; !errors.Is(err, context.Canceled) {
 		t.Fatalf("queued read whose caller gave up: %v, want context.Canceled", err)
 	}
-	waitReadsQueued(t, s.users, 1)
+	waitQueued(t, &s.users.flushQueue, 1)
 	release()
 	for range 2 {
 		if err := <-errs; err != nil {
