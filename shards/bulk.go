@@ -235,7 +235,14 @@ func (s *Shard) ImportUsers(ctx context.Context, rows []ImportUser, events bool)
 		parts = append(parts, r.Partition)
 	}
 	var res ImportResult
-	err := s.importBatch(ctx, parts, createUserStageSQL, func(tx pgx.Tx, upsert bool) error {
+	err := s.importBatch(ctx, parts, createUserStageSQL, func(tx pgx.Tx, upsert bool, parts []int32) error {
+		if !events && !upsert {
+			copied, n, err := s.copyNewUsers(ctx, tx, parts, rows)
+			if err != nil || copied {
+				res.Written = n
+				return err
+			}
+		}
 		versioned := false
 		vals := make([]any, 4) // pgx encodes a row before asking for the next
 		_, err := tx.CopyFrom(ctx, pgx.Identifier{"sg_import_user_stage"}, []string{"partition", "user_id", "profile", "version"},
@@ -280,8 +287,15 @@ func (s *Shard) ImportItems(ctx context.Context, rows []ImportItem, events, skip
 		parts = append(parts, r.Partition)
 	}
 	var res ImportResult
-	err := s.importBatch(ctx, parts, createItemStageSQL, func(tx pgx.Tx, upsert bool) error {
+	err := s.importBatch(ctx, parts, createItemStageSQL, func(tx pgx.Tx, upsert bool, parts []int32) error {
 		res = ImportResult{}
+		if !events && !upsert {
+			copied, n, err := s.copyNewItems(ctx, tx, parts, rows)
+			if err != nil || copied {
+				res.Written = n
+				return err
+			}
+		}
 		versioned := false
 		vals := make([]any, 6)
 		_, err := tx.CopyFrom(ctx, pgx.Identifier{"sg_import_item_stage"}, []string{"partition", "user_id", "collection", "key", "value", "version"},
@@ -295,12 +309,10 @@ func (s *Shard) ImportItems(ctx context.Context, rows []ImportItem, events, skip
 			return err
 		}
 		var (
-			parts []int32
-			users []string
-		)
-		var (
-			sql  string
-			args []any
+			missParts []int32
+			missUsers []string
+			sql       string
+			args      []any
 		)
 		switch {
 		case events && upsert:
@@ -312,11 +324,11 @@ func (s *Shard) ImportItems(ctx context.Context, rows []ImportItem, events, skip
 		default:
 			sql = insertItemsQuietSQL
 		}
-		if err := tx.QueryRow(ctx, sql, args...).Scan(&res.Written, &parts, &users); err != nil {
+		if err := tx.QueryRow(ctx, sql, args...).Scan(&res.Written, &missParts, &missUsers); err != nil {
 			return err
 		}
-		for i := range parts {
-			res.MissingUsers = append(res.MissingUsers, UserRef{parts[i], users[i]})
+		for i := range missParts {
+			res.MissingUsers = append(res.MissingUsers, UserRef{missParts[i], missUsers[i]})
 		}
 		if len(res.MissingUsers) > 0 && !skipMissing {
 			// The rest was written: rolling back writes nothing.
@@ -361,7 +373,8 @@ func lastOfKey[R any, K comparable](rows []R, key func(*R) K) []R {
 const importUpsertRun = 8
 
 // importBatch runs write in a transaction after making the staging table
-// and locking the ownership of parts, which must all be owned. A statement
+// and locking the ownership of parts, which must all be owned; write is
+// given them sorted, each once. A statement
 // refused for a version below a tombstone or floor that moved meanwhile is
 // run again, as PutUser does.
 //
@@ -379,7 +392,7 @@ const importUpsertRun = 8
 // the checkpoint passed it, leaving rows missing for good. (Off would need
 // the checkpoint to wait for the shard's WAL flush; one flush per batch of
 // thousands of rows is not where the time goes.)
-func (s *Shard) importBatch(ctx context.Context, parts []int32, createStage string, write func(tx pgx.Tx, upsert bool) error) error {
+func (s *Shard) importBatch(ctx context.Context, parts []int32, createStage string, write func(tx pgx.Tx, upsert bool, parts []int32) error) error {
 	slices.Sort(parts)
 	parts = slices.Compact(parts)
 	c, err := s.acquire(ctx)
@@ -417,7 +430,7 @@ func (s *Shard) importBatch(ctx context.Context, parts []int32, createStage stri
 					}
 					return &WrongShardError{Partitions: not}
 				}
-				return write(tx, upsert)
+				return write(tx, upsert, parts)
 			})
 		})
 	}
@@ -651,7 +664,7 @@ func (s *Shard) PurgeUsers(ctx context.Context, users []UserRef, events bool) (i
 		parts[i], ids[i] = u.Partition, u.UserID
 	}
 	var n int64
-	err := s.importBatch(ctx, append([]int32(nil), parts...), "SELECT 1", func(tx pgx.Tx, _ bool) error {
+	err := s.importBatch(ctx, append([]int32(nil), parts...), "SELECT 1", func(tx pgx.Tx, _ bool, _ []int32) error {
 		return tx.QueryRow(ctx, purgeUsersSQL, parts, ids, events).Scan(&n)
 	})
 	if err != nil {
@@ -691,7 +704,7 @@ func (s *Shard) PurgeItems(ctx context.Context, items []ItemRef, events bool) (i
 		parts[i], ids[i], cols[i], keys[i] = it.Partition, it.UserID, it.Collection, it.Key
 	}
 	var n int64
-	err := s.importBatch(ctx, append([]int32(nil), parts...), "SELECT 1", func(tx pgx.Tx, _ bool) error {
+	err := s.importBatch(ctx, append([]int32(nil), parts...), "SELECT 1", func(tx pgx.Tx, _ bool, _ []int32) error {
 		return tx.QueryRow(ctx, purgeItemsSQL, parts, ids, cols, keys, events).Scan(&n)
 	})
 	if err != nil {

@@ -59,6 +59,7 @@ type Shard struct {
 	reads *readStats
 
 	importUpserts atomic.Int32 // bulk batches that upsert at once (bulk.go)
+	importCopies  atomic.Int64 // bulk batches COPYed straight into their table (bulkcopy.go)
 }
 
 // Open prepares a pool for the shard database at dsn. It does not connect:
