@@ -47,6 +47,7 @@ fuzz:
 	$(GO) test ./cache -run '^$$' -fuzz '^FuzzDecode$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./events -run '^$$' -fuzz '^FuzzParseCursor$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./events -run '^$$' -fuzz '^FuzzDecodeEntry$$' -fuzztime $(FUZZTIME)
+	$(GO) test ./events -run '^$$' -fuzz '^FuzzParseWake$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./auth -run '^$$' -fuzz '^FuzzParseBearer$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./auth -run '^$$' -fuzz '^FuzzPrincipalFromClaims$$' -fuzztime $(FUZZTIME)
 	$(GO) test ./auth -run '^$$' -fuzz '^FuzzVerifyToken$$' -fuzztime $(FUZZTIME)

@@ -36,14 +36,18 @@ func NewManager(opts RelayOptions) *Manager {
 		if log == nil {
 			log = slog.Default()
 		}
-		m.wg.Go(func() { listenWakes(ctx, opts.Redis, opts.Prefix, func(name string) { m.WakeLocal(name) }, log) })
+		m.wg.Go(func() { listenWakes(ctx, opts.Redis, opts.Prefix, func(name string, streams []int32) { m.WakeLocalStreams(name, streams) }, log) })
 	}
 	return m
 }
 
 // WakeLocal wakes this manager's relay of database name (a shard's name
 // or ConfigWake) if it leads, and reports whether it did.
-func (m *Manager) WakeLocal(name string) bool {
+func (m *Manager) WakeLocal(name string) bool { return m.WakeLocalStreams(name, nil) }
+
+// WakeLocalStreams is WakeLocal for new rows in the streams (partitions)
+// named only; nil: any (see Relay.WakeStreams).
+func (m *Manager) WakeLocalStreams(name string, streams []int32) bool {
 	if name == ConfigWake {
 		name = ""
 	} else if name == "" {
@@ -52,7 +56,7 @@ func (m *Manager) WakeLocal(name string) bool {
 	m.mu.Lock()
 	r, ok := m.relays[name]
 	m.mu.Unlock()
-	return ok && r.relay.Wake()
+	return ok && r.relay.WakeStreams(streams)
 }
 
 // StartConfig runs the relay of the catalog's config outbox.

@@ -140,6 +140,9 @@ type outbox interface {
 	// end, at most limit, with payloads capped at maxPayload (see
 	// RelayOptions).
 	read(ctx context.Context, conn *pgx.Conn, after, end Position, limit, maxPayload int, evs []Event) ([]Event, error)
+	// readStreams is read for the undelivered events of streams only (in
+	// stream order, each from its delivered tick), at most limit.
+	readStreams(ctx context.Context, conn *pgx.Conn, streams []int32, limit, maxPayload int, evs []Event) ([]Event, error)
 	// retained appends to evs the events of stream, delivered or not, with
 	// after < tick <= upTo, at most limit.
 	retained(ctx context.Context, conn *pgx.Conn, stream int32, after, upTo int64, limit, maxPayload int, evs []Event) ([]Event, error)
@@ -193,6 +196,18 @@ func (o *shardOutbox) read(ctx context.Context, conn *pgx.Conn, after, end Posit
 	return evs, nil
 }
 
+func (o *shardOutbox) readStreams(ctx context.Context, conn *pgx.Conn, streams []int32, limit, maxPayload int, evs []Event) ([]Event, error) {
+	rows, err := shards.ReadOutboxPartitions(ctx, conn, streams, limit, maxPayload, o.rows[:0])
+	defer func() { o.rows = rows; clear(rows) }()
+	if err != nil {
+		return nil, err
+	}
+	for i := range rows {
+		evs = append(evs, ShardEvent(&rows[i]))
+	}
+	return evs, nil
+}
+
 func (o *shardOutbox) retained(ctx context.Context, conn *pgx.Conn, stream int32, after, upTo int64, limit, maxPayload int, evs []Event) ([]Event, error) {
 	rows, err := shards.ReadRetained(ctx, conn, stream, after, upTo, limit, maxPayload, nil)
 	if err != nil {
@@ -223,6 +238,11 @@ func (o *shardOutbox) prune(ctx context.Context, conn *pgx.Conn, cutoff time.Tim
 
 // configOutbox is the catalog's config outbox; rows as in shardOutbox.
 type configOutbox struct{ rows []catalog.ConfigOutboxRow }
+
+// readStreams reads the one stream there is, whatever streams says.
+func (o *configOutbox) readStreams(ctx context.Context, conn *pgx.Conn, _ []int32, limit, maxPayload int, evs []Event) ([]Event, error) {
+	return o.read(ctx, conn, Position{Stream: math.MinInt32}, Position{Stream: math.MaxInt32, Tick: math.MaxInt64}, limit, maxPayload, evs)
+}
 
 func (o *configOutbox) read(ctx context.Context, conn *pgx.Conn, after, end Position, limit, maxPayload int, evs []Event) ([]Event, error) {
 	// The part of ConfigStream between after and end, in ticks.
@@ -301,14 +321,19 @@ type Relay struct {
 	// database's), and the delivered tick up to which a reset stream had
 	// no retained events left to publish again (not checked again until
 	// its delivered tick moves).
-	delivered map[int32]int64
-	barren    map[int32]int64
+	delivered  map[int32]int64
+	barren     map[int32]int64
+	reconciled time.Time // the last reconcile
 
 	republished atomic.Int64 // events published again into reset streams
 	pruned      atomic.Int64 // delivered events pruned past the retention
 
 	leading atomic.Bool
 	wake    chan struct{} // a wake-up waiting for the relay's next wait
+	// Under mu: the streams wake-ups named since the relay last took
+	// them, and whether one named none (all may have rows).
+	hinted  map[int32]struct{}
+	wakeAll bool
 	reads   atomic.Int64  // outbox reads while leading
 	// published counts events delivered (in Redis and marked delivered).
 	published atomic.Int64
@@ -327,16 +352,50 @@ func (r *Relay) Republished() int64 { return r.republished.Load() }
 // Pruned counts the delivered events this relay pruned past the retention.
 func (r *Relay) Pruned() int64 { return r.pruned.Load() }
 
+// takeWake returns and clears what wake-ups said since the last call: the
+// streams they named, sorted, and whether one named none.
+func (r *Relay) takeWake() (streams []int32, all bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	all, r.wakeAll = r.wakeAll, false
+	if !all && len(r.hinted) > 0 {
+		streams = make([]int32, 0, len(r.hinted))
+		for p := range r.hinted {
+			streams = append(streams, p)
+		}
+		slices.Sort(streams)
+	}
+	clear(r.hinted)
+	return streams, all
+}
+
 // Reads counts the relay's reads of its outbox (each a query or a few,
 // one per stretch between quarantined partitions).
 func (r *Relay) Reads() int64 { return r.reads.Load() }
 
 // Wake tells a leading relay that its outbox has new rows, and reports
 // whether it leads; a relay that does not lead ignores it.
-func (r *Relay) Wake() bool {
+func (r *Relay) Wake() bool { return r.WakeStreams(nil) }
+
+// WakeStreams is Wake for new rows in streams only (a shard's partitions):
+// the relay reads just those, not every stream's clock (see relay). Nil
+// streams: any may have rows.
+func (r *Relay) WakeStreams(streams []int32) bool {
 	if !r.leading.Load() {
 		return false
 	}
+	r.mu.Lock()
+	if streams == nil {
+		r.wakeAll = true
+	} else if !r.wakeAll {
+		if r.hinted == nil {
+			r.hinted = make(map[int32]struct{}, len(streams))
+		}
+		for _, p := range streams {
+			r.hinted[p] = struct{}{}
+		}
+	}
+	r.mu.Unlock()
 	select {
 	case r.wake <- struct{}{}:
 	default: // one is pending already
@@ -421,13 +480,22 @@ func (r *Relay) runOnce(ctx context.Context) (bool, error) {
 	return true, r.relay(ctx, conn)
 }
 
-// relay publishes until an error. It pages through the outbox in
+// relay publishes until an error. A pass pages through the outbox in
 // (partition, tick) order, going round from the start whenever a page comes
-// back short, so a busy partition cannot starve the others; it waits for a
-// wake-up (see Waker) only after a full pass from the start found less than
-// a page, and for at most the poll interval: MinPollInterval after a pass
-// that found events, twice as long after each that found none, up to
-// PollInterval.
+// back short, so a busy partition cannot starve the others. It waits for a
+// wake-up (see Waker) after a pass found less than a page, for at most the
+// poll interval: MinPollInterval after reads that found events, twice as
+// long after each wait whose reads found none, up to PollInterval.
+//
+// A wake-up that names the partitions written (WakeStreams: the instance
+// that acknowledged a write knows its partition) is answered by reading
+// those partitions only. A pass reads every partition's clock row, about a
+// thousand per shard, and a busy relay woken hundreds of times a second
+// spent most of its database time there. A pass still runs when the timer
+// ends a wait, when a wake-up names no partition, after a named read
+// that filled a page, and at least every PollInterval while wake-ups keep
+// coming: a wake-up that named too little (or was lost) delays an event
+// by at most PollInterval, as a lost one always could.
 func (r *Relay) relay(ctx context.Context, conn *pgx.Conn) error {
 	// Each term checks every stream again, so one whose clock was repaired
 	// meanwhile flows again; a follower holds nothing back.
@@ -437,31 +505,86 @@ func (r *Relay) relay(ctx context.Context, conn *pgx.Conn) error {
 	if err := r.reconcile(ctx, conn); err != nil {
 		return err
 	}
-	reconciled := time.Now()
-	start := Position{Stream: -2}
-	pos := start
+	r.reconciled = time.Now()
+	full := true // the next read is a pass
+	var lastPass time.Time
 	poll := r.opts.MinPollInterval
 	timer := time.NewTimer(poll)
 	defer timer.Stop()
-	found := false // the pass from start found events
+	for {
+		read, found := false, false
+		streams, all := r.takeWake()
+		switch {
+		case full || all || time.Since(lastPass) >= r.opts.PollInterval:
+			// What the wake-ups just taken named committed before this
+			// pass starts, so it reads it.
+			n, err := r.pass(ctx, conn)
+			if err != nil {
+				return err
+			}
+			read, found = true, n > 0
+			lastPass, full = time.Now(), false
+		case len(streams) > 0:
+			if err := r.maybeReconcile(ctx, conn); err != nil {
+				return err
+			}
+			r.reads.Add(1)
+			evs, err := r.fetchStreams(ctx, conn, streams)
+			if err != nil {
+				return err
+			}
+			if len(evs) > 0 {
+				if err := r.deliver(ctx, conn, evs); err != nil {
+					return err
+				}
+			}
+			if len(evs) == r.opts.BatchSize {
+				full = true // a backlog: page through it all
+				continue
+			}
+			read, found = true, len(evs) > 0
+		}
+
+		switch {
+		case found:
+			poll = r.opts.MinPollInterval
+		case read:
+			poll = min(2*poll, r.opts.PollInterval)
+		}
+		timer.Reset(poll)
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-r.wake:
+			timer.Stop() // Go 1.23+: no stale tick remains after Stop
+		case <-timer.C:
+			full = true
+		}
+	}
+}
+
+// pass reads and delivers the undelivered events of every stream, a page
+// at a time, until a read from the start comes back short. It returns how
+// many it delivered.
+func (r *Relay) pass(ctx context.Context, conn *pgx.Conn) (int, error) {
+	start := Position{Stream: -2}
+	pos := start
+	n := 0
 	for {
 		// Also while busy: a stream that gets no new events is found
 		// only here.
-		if time.Since(reconciled) >= r.opts.ReconcileInterval {
-			if err := r.reconcile(ctx, conn); err != nil {
-				return err
-			}
-			reconciled = time.Now()
+		if err := r.maybeReconcile(ctx, conn); err != nil {
+			return n, err
 		}
 		r.reads.Add(1)
 		evs, err := r.fetch(ctx, conn, pos)
 		if err != nil {
-			return err
+			return n, err
 		}
 		if len(evs) > 0 {
-			found = true
+			n += len(evs)
 			if err := r.deliver(ctx, conn, evs); err != nil {
-				return err
+				return n, err
 			}
 		}
 		if len(evs) == r.opts.BatchSize {
@@ -473,22 +596,33 @@ func (r *Relay) relay(ctx context.Context, conn *pgx.Conn) error {
 			pos = start
 			continue
 		}
+		return n, nil
+	}
+}
 
-		if found {
-			poll = r.opts.MinPollInterval
-		} else {
-			poll = min(2*poll, r.opts.PollInterval)
-		}
-		found = false
-		timer.Reset(poll)
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-r.wake:
-			timer.Stop() // Go 1.23+: no stale tick remains after Stop
-		case <-timer.C:
+// maybeReconcile reconciles when ReconcileInterval has passed since the
+// last time.
+func (r *Relay) maybeReconcile(ctx context.Context, conn *pgx.Conn) error {
+	if time.Since(r.reconciled) < r.opts.ReconcileInterval {
+		return nil
+	}
+	if err := r.reconcile(ctx, conn); err != nil {
+		return err
+	}
+	r.reconciled = time.Now()
+	return nil
+}
+
+// fetchStreams reads up to BatchSize undelivered events of streams (sorted),
+// passing over quarantined ones.
+func (r *Relay) fetchStreams(ctx context.Context, conn *pgx.Conn, streams []int32) ([]Event, error) {
+	if held := r.Quarantined(); len(held) > 0 {
+		streams = slices.DeleteFunc(streams, func(p int32) bool { return slices.Contains(held, p) })
+		if len(streams) == 0 {
+			return nil, nil
 		}
 	}
+	return r.src.outbox.readStreams(ctx, conn, streams, r.opts.BatchSize, r.opts.MaxPayloadBytes, make([]Event, 0, min(r.opts.BatchSize, 64)))
 }
 
 // fetch reads up to BatchSize events after the position, in (partition,

@@ -3,6 +3,8 @@ package events
 import (
 	"context"
 	"log/slog"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -16,9 +18,11 @@ import (
 // WAL flush), which cost more than half of the write throughput. The
 // writer's instance wakes its own relay in-process when that relay leads,
 // and otherwise publishes the database's name on a Redis channel that every
-// instance's relays listen on. A wake-up that is lost (Redis down, a
-// message dropped) costs latency, not events: relays also poll, quickly
-// after activity and at most PollInterval apart when idle.
+// instance's relays listen on. A wake-up names the partitions written when
+// the writer knows them ("shard-0:12,40"), so the relay reads only those
+// (see Relay.relay); a bare name means any. A wake-up that is lost (Redis
+// down, a message dropped) or names too little costs latency, not events:
+// relays also poll, quickly after activity and at most PollInterval apart.
 
 // ConfigWake is the name a wake-up of the catalog's config outbox carries.
 // It cannot be a shard's name (shard names hold no '#').
@@ -33,11 +37,11 @@ func wakeChannel(prefix string) string { return prefix + "events:wake" }
 type Waker struct {
 	rc      rueidis.Client
 	channel string
-	local   func(name string) bool // wakes a leading relay here; false if none
+	local   func(name string, streams []int32) bool // wakes a leading relay here; false if none
 	log     *slog.Logger
 
 	mu      sync.Mutex
-	pending map[string]bool
+	pending map[string]*pendingWake
 	kick    chan struct{}
 	stop    context.CancelFunc
 	done    chan struct{}
@@ -45,10 +49,17 @@ type Waker struct {
 	published, failed atomic.Int64
 }
 
+// pendingWake is what the wake-ups of one database waiting to be sent say.
+type pendingWake struct {
+	all   bool
+	parts map[int32]struct{}
+}
+
 // NewWaker returns a Waker publishing on rc under prefix (DefaultPrefix if
-// empty). local, if set, is asked first and returns whether a relay of
-// this instance took the wake-up. Close stops it.
-func NewWaker(rc rueidis.Client, prefix string, local func(name string) bool, log *slog.Logger) *Waker {
+// empty). local, if set, is asked first (with the partitions written, nil
+// for any) and returns whether a relay of this instance took the
+// wake-up. Close stops it.
+func NewWaker(rc rueidis.Client, prefix string, local func(name string, streams []int32) bool, log *slog.Logger) *Waker {
 	if prefix == "" {
 		prefix = DefaultPrefix
 	}
@@ -57,7 +68,7 @@ func NewWaker(rc rueidis.Client, prefix string, local func(name string) bool, lo
 	}
 	ctx, stop := context.WithCancel(context.Background())
 	w := &Waker{rc: rc, channel: wakeChannel(prefix), local: local, log: log,
-		pending: map[string]bool{}, kick: make(chan struct{}, 1), stop: stop, done: make(chan struct{})}
+		pending: map[string]*pendingWake{}, kick: make(chan struct{}, 1), stop: stop, done: make(chan struct{})}
 	go w.publish(ctx)
 	return w
 }
@@ -65,15 +76,39 @@ func NewWaker(rc rueidis.Client, prefix string, local func(name string) bool, lo
 // Wake says that the outbox of database name (a shard's name, or
 // ConfigWake) has rows a relay should publish. Call it after the write
 // committed.
-func (w *Waker) Wake(name string) {
+func (w *Waker) Wake(name string) { w.wake(name, -1) }
+
+// WakePartition is Wake for rows of one partition of shard name: the relay
+// reads that partition only.
+func (w *Waker) WakePartition(name string, partition int32) { w.wake(name, partition) }
+
+// wake wakes name's relay for partition, or for any if it is negative.
+func (w *Waker) wake(name string, partition int32) {
 	if w == nil {
 		return
 	}
-	if w.local != nil && w.local(name) {
+	var streams []int32
+	if partition >= 0 {
+		streams = []int32{partition}
+	}
+	if w.local != nil && w.local(name, streams) {
 		return
 	}
 	w.mu.Lock()
-	w.pending[name] = true
+	pw := w.pending[name]
+	if pw == nil {
+		pw = &pendingWake{}
+		w.pending[name] = pw
+	}
+	switch {
+	case partition < 0 || len(pw.parts) >= maxWakePartitions:
+		pw.all, pw.parts = true, nil
+	case !pw.all:
+		if pw.parts == nil {
+			pw.parts = map[int32]struct{}{}
+		}
+		pw.parts[partition] = struct{}{}
+	}
 	w.mu.Unlock()
 	select {
 	case w.kick <- struct{}{}:
@@ -97,15 +132,15 @@ func (w *Waker) publish(ctx context.Context) {
 		case <-w.kick:
 		}
 		w.mu.Lock()
-		names := make([]string, 0, len(w.pending))
-		for n := range w.pending {
-			names = append(names, n)
+		msgs := make([]string, 0, len(w.pending))
+		for n, pw := range w.pending {
+			msgs = append(msgs, formatWake(n, pw))
 		}
 		clear(w.pending)
 		w.mu.Unlock()
-		cmds := make(rueidis.Commands, len(names))
-		for i, n := range names {
-			cmds[i] = w.rc.B().Publish().Channel(w.channel).Message(n).Build()
+		cmds := make(rueidis.Commands, len(msgs))
+		for i, m := range msgs {
+			cmds[i] = w.rc.B().Publish().Channel(w.channel).Message(m).Build()
 		}
 		pctx, cancel := context.WithTimeout(ctx, publishTimeout)
 		for _, res := range w.rc.DoMulti(pctx, cmds...) {
@@ -136,9 +171,48 @@ func (w *Waker) Close() {
 	<-w.done
 }
 
+// maxWakePartitions caps the partitions one wake-up message names; past
+// it, the message names none (any), and the relay reads every partition.
+const maxWakePartitions = 256
+
+// formatWake is the message of a pending wake-up: the name, then ':' and
+// the partitions (a shard name holds no ':', nor does ConfigWake).
+func formatWake(name string, pw *pendingWake) string {
+	if pw.all || len(pw.parts) == 0 {
+		return name
+	}
+	b := make([]byte, 0, len(name)+1+6*len(pw.parts))
+	b = append(b, name...)
+	sep := byte(':')
+	for p := range pw.parts {
+		b = append(b, sep)
+		b = strconv.AppendInt(b, int64(p), 10)
+		sep = ','
+	}
+	return string(b)
+}
+
+// parseWake reads a wake-up message. Anyone who can publish on the channel
+// can send one, so a malformed list reads as "any partition" (a wasted
+// read, never a missed one), and so does one naming too many.
+func parseWake(msg string) (name string, streams []int32) {
+	name, list, ok := strings.Cut(msg, ":")
+	if !ok || list == "" {
+		return name, nil
+	}
+	for f := range strings.SplitSeq(list, ",") {
+		p, err := strconv.ParseInt(f, 10, 32)
+		if err != nil || p < 0 || len(streams) == maxWakePartitions {
+			return name, nil
+		}
+		streams = append(streams, int32(p))
+	}
+	return name, streams
+}
+
 // listenWakes subscribes to the wake-up channel until ctx ends, handing
 // every message to wake; it resubscribes after a lost connection.
-func listenWakes(ctx context.Context, rc rueidis.Client, prefix string, wake func(name string), log *slog.Logger) {
+func listenWakes(ctx context.Context, rc rueidis.Client, prefix string, wake func(name string, streams []int32), log *slog.Logger) {
 	if prefix == "" {
 		prefix = DefaultPrefix
 	}
@@ -146,7 +220,7 @@ func listenWakes(ctx context.Context, rc rueidis.Client, prefix string, wake fun
 	backoff := 100 * time.Millisecond
 	for ctx.Err() == nil {
 		err := rc.Receive(ctx, rc.B().Subscribe().Channel(channel).Build(), func(m rueidis.PubSubMessage) {
-			wake(m.Message)
+			wake(parseWake(m.Message))
 		})
 		if ctx.Err() != nil {
 			return

@@ -131,11 +131,14 @@ func (s *Server) onPartition(ctx context.Context, p int32, fn func(*shards.Shard
 }
 
 // onPartitionWrite is onPartition for a write: once fn succeeded, the
-// relay of the shard it wrote to is woken (its event is in the outbox).
+// relay of the shard it wrote to is woken for partition p (its event is in
+// the outbox).
 func (s *Server) onPartitionWrite(ctx context.Context, p int32, fn func(*shards.Shard) error) error {
 	shard, err := s.onOwner(ctx, p, fn)
 	if err == nil {
-		s.wake(shard)
+		if w := s.waker.Load(); w != nil {
+			w.WakePartition(shard, p)
+		}
 	}
 	return err
 }

@@ -301,9 +301,9 @@ func (s *Server) AttachRedis(rc rueidis.Client) bool {
 	}
 	s.follower.Store(&events.Follower{Redis: rc, Prefix: s.opts.EventsPrefix, Heartbeat: s.opts.WatchHeartbeat,
 		Backlog: eventLog{s}, PartitionOf: s.partitionOf, Dropped: s.droppedEntry})
-	var local func(string) bool
+	var local func(string, []int32) bool
 	if s.relays != nil {
-		local = s.relays.WakeLocal
+		local = s.relays.WakeLocalStreams
 	}
 	s.waker.Store(events.NewWaker(rc, s.opts.EventsPrefix, local, s.opts.Logger))
 	return true
