@@ -36,7 +36,9 @@ func NewManager(opts RelayOptions) *Manager {
 		if log == nil {
 			log = slog.Default()
 		}
-		m.wg.Go(func() { listenWakes(ctx, opts.Redis, opts.Prefix, func(name string, streams []int32) { m.WakeLocalStreams(name, streams) }, log) })
+		m.wg.Go(func() {
+			listenWakes(ctx, opts.Redis, opts.Prefix, func(name string, streams []int32) { m.WakeLocalStreams(name, streams) }, log)
+		})
 	}
 	return m
 }

@@ -334,7 +334,7 @@ type Relay struct {
 	// them, and whether one named none (all may have rows).
 	hinted  map[int32]struct{}
 	wakeAll bool
-	reads   atomic.Int64  // outbox reads while leading
+	reads   atomic.Int64 // outbox reads while leading
 	// published counts events delivered (in Redis and marked delivered).
 	published atomic.Int64
 }
