@@ -95,13 +95,19 @@ func ReadOutbox(ctx context.Context, conn *pgx.Conn, after, end OutboxPos, limit
 // each from its delivered tick: what a relay reads when wake-ups named the
 // partitions written (events.Relay). It reads just their clock rows, where
 // readOutboxSQL reads every partition's, the most of a busy relay's cost.
+// Each partition's rows are looked up by key from the array: as a join
+// (partition = ANY($1)), the generic plan hashed all of outbox_delivered,
+// costing what a whole pass does.
 var readOutboxPartitionsSQL = `
 SELECT ` + strings.ReplaceAll(outboxColumns, "$4", "$3") + `
 FROM (
-    SELECT c.partition, coalesce(d.tick, 0) AS delivered
-    FROM outbox_clock AS c
-    LEFT JOIN outbox_delivered AS d ON d.partition = c.partition
-    WHERE c.partition = ANY($1::integer[]) AND c.tick > coalesce(d.tick, 0)
+    SELECT c.partition, c.delivered FROM (
+        SELECT c.partition, c.tick,
+               coalesce((SELECT d.tick FROM outbox_delivered AS d WHERE d.partition = c.partition), 0) AS delivered
+        FROM unnest($1::integer[]) AS h (partition)
+        JOIN outbox_clock AS c ON c.partition = h.partition
+    ) AS c
+    WHERE c.tick > c.delivered
     ORDER BY c.partition
 ) AS c
 CROSS JOIN LATERAL (
