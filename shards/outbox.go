@@ -135,10 +135,23 @@ func ReadOutboxPartitions(ctx context.Context, conn *pgx.Conn, partitions []int3
 // MarkDelivered records that partition partitions[i] has been delivered
 // up to ticks[i] (one entry per partition). A partition's delivered tick
 // never goes down: an older relay's late write changes nothing.
+//
+// Only partitions whose clock row is here, and not being deleted, are
+// marked. A move that is cancelled or cleaned up deletes a partition's
+// rows table by table, the clock first (DeletePartitions); a relay that
+// read the partition's events before that and marked them after it
+// re-created its delivered row, which then stayed on a shard that no
+// longer holds the partition. The mark takes the clock row FOR KEY SHARE
+// (writers' tick updates do not conflict with it), so a deletion waits for
+// the mark and then deletes its row too; a clock row already being
+// deleted is skipped, not waited for, so the relay never waits on a
+// cleanup. A skipped mark at worst publishes events again, which Redis
+// refuses as copies.
 func MarkDelivered(ctx context.Context, conn *pgx.Conn, partitions []int32, ticks []int64) error {
 	if _, err := conn.Exec(ctx, `
 INSERT INTO outbox_delivered AS d (partition, tick)
-SELECT * FROM unnest($1::integer[], $2::bigint[])
+SELECT u.partition, u.tick FROM unnest($1::integer[], $2::bigint[]) AS u (partition, tick)
+WHERE EXISTS (SELECT FROM outbox_clock AS c WHERE c.partition = u.partition FOR KEY SHARE SKIP LOCKED)
 ON CONFLICT (partition) DO UPDATE SET tick = EXCLUDED.tick WHERE d.tick < EXCLUDED.tick`,
 		partitions, ticks); err != nil {
 		return fmt.Errorf("mark shard outbox delivered: %w", err)

@@ -235,3 +235,53 @@ func TestReadAndMarkOutbox(t *testing.T) {
 		t.Fatalf("retained rows of partition %d: %+v, %v", b.Partition, kept, err)
 	}
 }
+
+// A delivered mark never re-creates the row of a partition whose clock row
+// is gone or being deleted (a cancelled move's cleanup), and never waits
+// for that deletion.
+func TestMarkDeliveredSkipsLeavingPartitions(t *testing.T) {
+	t.Parallel()
+	s := newShard(t, 1, 2, 3)
+	ctx := testCtx(t)
+	for _, p := range []int32{1, 2} {
+		if _, err := s.PutUser(ctx, p, "u", []byte(`{}`), nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	pc, err := s.pool.Acquire(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pc.Release()
+	conn := pc.Conn()
+
+	// Partition 2's clock row is being deleted by a transaction that has
+	// not committed; partition 3 never had one.
+	tx, err := s.pool.Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tx.Rollback(ctx)
+	if _, err := tx.Exec(ctx, `DELETE FROM outbox_clock WHERE partition = 2`); err != nil {
+		t.Fatal(err)
+	}
+	mctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	if err := MarkDelivered(mctx, conn, []int32{1, 2, 3}, []int64{1, 1, 1}); err != nil {
+		t.Fatalf("mark while a clock row is being deleted: %v", err)
+	}
+	if err := tx.Commit(ctx); err != nil {
+		t.Fatal(err)
+	}
+	marks, err := DeliveredTicks(ctx, conn)
+	if err != nil || len(marks) != 1 || marks[1] != 1 {
+		t.Fatalf("delivered ticks %v, %v; want only partition 1's", marks, err)
+	}
+	// After the deletion committed, too.
+	if err := MarkDelivered(ctx, conn, []int32{2}, []int64{1}); err != nil {
+		t.Fatal(err)
+	}
+	if marks, _ := DeliveredTicks(ctx, conn); len(marks) != 1 {
+		t.Fatalf("delivered ticks %v after the clock row was deleted", marks)
+	}
+}
