@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"fmt"
 	"log/slog"
+	"maps"
 	"math"
 	"math/rand/v2"
 	"slices"
@@ -186,18 +187,18 @@ func ConfigEvent(r *catalog.ConfigOutboxRow) Event {
 func (o *shardOutbox) read(ctx context.Context, conn *pgx.Conn, after, end Position, limit, maxPayload int, evs []Event) ([]Event, error) {
 	rows, err := shards.ReadOutbox(ctx, conn, shards.OutboxPos{Partition: after.Stream, Tick: after.Tick},
 		shards.OutboxPos{Partition: end.Stream, Tick: end.Tick}, limit, maxPayload, o.rows[:0])
-	defer func() { o.rows = rows; clear(rows) }() // keep the buffer, not the payloads
-	if err != nil {
-		return nil, err
-	}
-	for i := range rows {
-		evs = append(evs, ShardEvent(&rows[i]))
-	}
-	return evs, nil
+	return o.appendEvents(evs, rows, err)
 }
 
 func (o *shardOutbox) readStreams(ctx context.Context, conn *pgx.Conn, streams []int32, limit, maxPayload int, evs []Event) ([]Event, error) {
 	rows, err := shards.ReadOutboxPartitions(ctx, conn, streams, limit, maxPayload, o.rows[:0])
+	return o.appendEvents(evs, rows, err)
+}
+
+// appendEvents appends the events of rows (a read into o.rows's buffer
+// that returned err) to evs, and keeps the buffer for the next read, not
+// the payloads.
+func (o *shardOutbox) appendEvents(evs []Event, rows []shards.OutboxRow, err error) ([]Event, error) {
 	defer func() { o.rows = rows; clear(rows) }()
 	if err != nil {
 		return nil, err
@@ -330,11 +331,8 @@ type Relay struct {
 
 	leading atomic.Bool
 	wake    chan struct{} // a wake-up waiting for the relay's next wait
-	// Under mu: the streams wake-ups named since the relay last took
-	// them, and whether one named none (all may have rows).
-	hinted  map[int32]struct{}
-	wakeAll bool
-	reads   atomic.Int64 // outbox reads while leading
+	woken   wakeSet       // under mu: what wake-ups said since the relay last took it
+	reads   atomic.Int64  // outbox reads while leading
 	// published counts events delivered (in Redis and marked delivered).
 	published atomic.Int64
 }
@@ -357,15 +355,12 @@ func (r *Relay) Pruned() int64 { return r.pruned.Load() }
 func (r *Relay) takeWake() (streams []int32, all bool) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	all, r.wakeAll = r.wakeAll, false
-	if !all && len(r.hinted) > 0 {
-		streams = make([]int32, 0, len(r.hinted))
-		for p := range r.hinted {
-			streams = append(streams, p)
-		}
-		slices.Sort(streams)
+	all = r.woken.all
+	if !all && len(r.woken.parts) > 0 {
+		streams = slices.Sorted(maps.Keys(r.woken.parts))
 	}
-	clear(r.hinted)
+	r.woken.all = false
+	clear(r.woken.parts) // kept for the next wake-ups
 	return streams, all
 }
 
@@ -385,16 +380,7 @@ func (r *Relay) WakeStreams(streams []int32) bool {
 		return false
 	}
 	r.mu.Lock()
-	if streams == nil {
-		r.wakeAll = true
-	} else if !r.wakeAll {
-		if r.hinted == nil {
-			r.hinted = make(map[int32]struct{}, len(streams))
-		}
-		for _, p := range streams {
-			r.hinted[p] = struct{}{}
-		}
-	}
+	r.woken.add(streams)
 	r.mu.Unlock()
 	select {
 	case r.wake <- struct{}{}:

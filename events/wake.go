@@ -41,7 +41,7 @@ type Waker struct {
 	log     *slog.Logger
 
 	mu      sync.Mutex
-	pending map[string]*pendingWake
+	pending map[string]*wakeSet
 	kick    chan struct{}
 	stop    context.CancelFunc
 	done    chan struct{}
@@ -49,10 +49,27 @@ type Waker struct {
 	published, failed atomic.Int64
 }
 
-// pendingWake is what the wake-ups of one database waiting to be sent say.
-type pendingWake struct {
+// wakeSet is what wake-ups of one database said: the partitions they
+// named, or that any may have rows (all). The Waker keeps one per
+// database until it is sent, a Relay one until its next read.
+type wakeSet struct {
 	all   bool
 	parts map[int32]struct{}
+}
+
+// add records a wake-up for streams; nil means any.
+func (ws *wakeSet) add(streams []int32) {
+	switch {
+	case streams == nil:
+		ws.all, ws.parts = true, nil
+	case !ws.all:
+		if ws.parts == nil {
+			ws.parts = make(map[int32]struct{}, len(streams))
+		}
+		for _, p := range streams {
+			ws.parts[p] = struct{}{}
+		}
+	}
 }
 
 // NewWaker returns a Waker publishing on rc under prefix (DefaultPrefix if
@@ -68,7 +85,7 @@ func NewWaker(rc rueidis.Client, prefix string, local func(name string, streams 
 	}
 	ctx, stop := context.WithCancel(context.Background())
 	w := &Waker{rc: rc, channel: wakeChannel(prefix), local: local, log: log,
-		pending: map[string]*pendingWake{}, kick: make(chan struct{}, 1), stop: stop, done: make(chan struct{})}
+		pending: map[string]*wakeSet{}, kick: make(chan struct{}, 1), stop: stop, done: make(chan struct{})}
 	go w.publish(ctx)
 	return w
 }
@@ -95,19 +112,14 @@ func (w *Waker) wake(name string, partition int32) {
 		return
 	}
 	w.mu.Lock()
-	pw := w.pending[name]
-	if pw == nil {
-		pw = &pendingWake{}
-		w.pending[name] = pw
+	ws := w.pending[name]
+	if ws == nil {
+		ws = &wakeSet{}
+		w.pending[name] = ws
 	}
-	switch {
-	case partition < 0 || len(pw.parts) >= maxWakePartitions:
-		pw.all, pw.parts = true, nil
-	case !pw.all:
-		if pw.parts == nil {
-			pw.parts = map[int32]struct{}{}
-		}
-		pw.parts[partition] = struct{}{}
+	ws.add(streams)
+	if len(ws.parts) > maxWakePartitions {
+		ws.add(nil)
 	}
 	w.mu.Unlock()
 	select {
@@ -177,14 +189,14 @@ const maxWakePartitions = 256
 
 // formatWake is the message of a pending wake-up: the name, then ':' and
 // the partitions (a shard name holds no ':', nor does ConfigWake).
-func formatWake(name string, pw *pendingWake) string {
-	if pw.all || len(pw.parts) == 0 {
+func formatWake(name string, ws *wakeSet) string {
+	if ws.all || len(ws.parts) == 0 {
 		return name
 	}
-	b := make([]byte, 0, len(name)+1+6*len(pw.parts))
+	b := make([]byte, 0, len(name)+1+6*len(ws.parts))
 	b = append(b, name...)
 	sep := byte(':')
-	for p := range pw.parts {
+	for p := range ws.parts {
 		b = append(b, sep)
 		b = strconv.AppendInt(b, int64(p), 10)
 		sep = ','

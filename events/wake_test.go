@@ -199,13 +199,13 @@ func TestFormatParseWake(t *testing.T) {
 			t.Errorf("parseWake(%q) = %q %v, want %q %v", tc.msg, name, got, tc.name, tc.want)
 		}
 	}
-	pw := &pendingWake{parts: map[int32]struct{}{3: {}, 1: {}, 2: {}}}
-	name, got := parseWake(formatWake("s", pw))
+	ws := &wakeSet{parts: map[int32]struct{}{3: {}, 1: {}, 2: {}}}
+	name, got := parseWake(formatWake("s", ws))
 	slices.Sort(got)
 	if name != "s" || !slices.Equal(got, []int32{1, 2, 3}) {
 		t.Fatalf("round trip: %q %v", name, got)
 	}
-	if msg := formatWake("s", &pendingWake{all: true, parts: pw.parts}); msg != "s" {
+	if msg := formatWake("s", &wakeSet{all: true, parts: ws.parts}); msg != "s" {
 		t.Fatalf("a wake-up for any partition: %q", msg)
 	}
 	many := strings.Repeat("1,", maxWakePartitions) + "1"
@@ -236,13 +236,13 @@ func FuzzParseWake(f *testing.F) {
 			}
 		}
 		if len(got) > 0 {
-			pw := &pendingWake{parts: map[int32]struct{}{}}
+			ws := &wakeSet{parts: map[int32]struct{}{}}
 			for _, p := range got {
-				pw.parts[p] = struct{}{}
+				ws.parts[p] = struct{}{}
 			}
-			_, again := parseWake(formatWake(name, pw))
+			_, again := parseWake(formatWake(name, ws))
 			slices.Sort(again)
-			want := slices.Compact(slices.Sorted(maps.Keys(pw.parts)))
+			want := slices.Compact(slices.Sorted(maps.Keys(ws.parts)))
 			if !slices.Equal(again, want) {
 				t.Fatalf("round trip of %v: %v", want, again)
 			}
