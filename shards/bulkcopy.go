@@ -33,17 +33,17 @@ import (
 //
 // What a batch writes is the INSERT's, row for row; only the cost differs.
 
-// new*FloorsSQL say whether $1's partitions hold no tombstone of their
-// table and return those partitions' version floors above 0.
-const (
-	newUserFloorsSQL = `
-SELECT NOT EXISTS (SELECT 1 FROM user_tombstones WHERE partition = ANY($1::integer[])),
+// newRowFloorsSQL says whether $1's partitions hold no row of the
+// tombstone table TOMBSTONES and returns those partitions' version floors
+// above 0; new*FloorsSQL name the table.
+const newRowFloorsSQL = `
+SELECT NOT EXISTS (SELECT 1 FROM TOMBSTONES WHERE partition = ANY($1::integer[])),
        coalesce(array_agg(partition), '{}'), coalesce(array_agg(version_floor), '{}')
 FROM outbox_clock WHERE partition = ANY($1::integer[]) AND version_floor > 0`
-	newItemFloorsSQL = `
-SELECT NOT EXISTS (SELECT 1 FROM item_tombstones WHERE partition = ANY($1::integer[])),
-       coalesce(array_agg(partition), '{}'), coalesce(array_agg(version_floor), '{}')
-FROM outbox_clock WHERE partition = ANY($1::integer[]) AND version_floor > 0`
+
+var (
+	newUserFloorsSQL = strings.Replace(newRowFloorsSQL, "TOMBSTONES", "user_tombstones", 1)
+	newItemFloorsSQL = strings.Replace(newRowFloorsSQL, "TOMBSTONES", "item_tombstones", 1)
 )
 
 // lockItemUsersSQL locks the users ($1, $2: distinct keys) that exist, as
@@ -81,16 +81,12 @@ func (s *Shard) copyNewUsers(ctx context.Context, tx pgx.Tx, parts []int32, rows
 	if err != nil || !ok {
 		return false, 0, err
 	}
-	vals := make([]any, 4)
-	n, err = tx.CopyFrom(ctx, pgx.Identifier{"users"}, []string{"partition", "user_id", "profile", "version"},
-		pgx.CopyFromSlice(len(rows), func(i int) ([]any, error) {
-			r := &rows[i]
-			vals[0], vals[1], vals[2], vals[3] = r.Partition, r.UserID, r.Profile, max(start(r.Partition), r.Version)
-			return vals, nil
-		}))
-	if err == nil {
-		s.importCopies.Add(1)
-	}
+	vals := make([]any, 4) // pgx encodes a row before asking for the next
+	n, err = s.copyNew(ctx, tx, "users", []string{"partition", "user_id", "profile", "version"}, len(rows), func(i int) []any {
+		r := &rows[i]
+		vals[0], vals[1], vals[2], vals[3] = r.Partition, r.UserID, r.Profile, max(start(r.Partition), r.Version)
+		return vals
+	})
 	return true, n, err
 }
 
@@ -117,14 +113,21 @@ func (s *Shard) copyNewItems(ctx context.Context, tx pgx.Tx, parts []int32, rows
 		return false, 0, err
 	}
 	vals := make([]any, 6)
-	n, err = tx.CopyFrom(ctx, pgx.Identifier{"items"}, []string{"partition", "user_id", "collection", "key", "value", "version"},
-		pgx.CopyFromSlice(len(rows), func(i int) ([]any, error) {
-			r := &rows[i]
-			vals[0], vals[1], vals[2], vals[3], vals[4], vals[5] = r.Partition, r.UserID, r.Collection, r.Key, r.Value, max(start(r.Partition), r.Version)
-			return vals, nil
-		}))
+	n, err = s.copyNew(ctx, tx, "items", []string{"partition", "user_id", "collection", "key", "value", "version"}, len(rows), func(i int) []any {
+		r := &rows[i]
+		vals[0], vals[1], vals[2], vals[3], vals[4], vals[5] = r.Partition, r.UserID, r.Collection, r.Key, r.Value, max(start(r.Partition), r.Version)
+		return vals
+	})
+	return true, n, err
+}
+
+// copyNew COPYs n rows (row(i) gives the values of columns) into table
+// and counts the batch in importCopies.
+func (s *Shard) copyNew(ctx context.Context, tx pgx.Tx, table string, columns []string, n int, row func(i int) []any) (int64, error) {
+	copied, err := tx.CopyFrom(ctx, pgx.Identifier{table}, columns,
+		pgx.CopyFromSlice(n, func(i int) ([]any, error) { return row(i), nil }))
 	if err == nil {
 		s.importCopies.Add(1)
 	}
-	return true, n, err
+	return copied, err
 }

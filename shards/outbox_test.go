@@ -9,6 +9,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
+
 	"github.com/shardgate/shardgate/internal/versioning"
 )
 
@@ -159,12 +161,7 @@ func TestReadAndMarkOutbox(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	pc, err := s.pool.Acquire(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer pc.Release()
-	conn := pc.Conn()
+	conn := relayConn(t, s)
 	all := func(t *testing.T, maxPayload int) []OutboxRow {
 		t.Helper()
 		rows, err := ReadOutbox(ctx, conn, OutboxPos{-1, 0}, OutboxPos{math.MaxInt32, math.MaxInt64}, 10, maxPayload, nil)
@@ -248,12 +245,7 @@ func TestMarkDeliveredSkipsLeavingPartitions(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	pc, err := s.pool.Acquire(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer pc.Release()
-	conn := pc.Conn()
+	conn := relayConn(t, s)
 
 	// Partition 2's clock row is being deleted by a transaction that has
 	// not committed; partition 3 never had one.
@@ -284,4 +276,16 @@ func TestMarkDeliveredSkipsLeavingPartitions(t *testing.T) {
 	if marks, _ := DeliveredTicks(ctx, conn); len(marks) != 1 {
 		t.Fatalf("delivered ticks %v after the clock row was deleted", marks)
 	}
+}
+
+// relayConn is a connection of s's pool, as the outbox functions take one
+// (a relay's), given back when the test ends.
+func relayConn(t *testing.T, s *Shard) *pgx.Conn {
+	t.Helper()
+	pc, err := s.pool.Acquire(testCtx(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(pc.Release)
+	return pc.Conn()
 }
